@@ -1,0 +1,1 @@
+"""kvlab: shared wire-level pieces (tokenizer, chat template, block hashes, OpenAI protocol) and the CLI."""

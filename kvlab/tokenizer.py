@@ -1,0 +1,113 @@
+"""A deterministic built-in tokenizer and the fixed chat template shared by router and workers.
+
+Router and workers must agree on token ids so that they agree on block boundaries and hashes.
+Text splits into word pieces of at most 4 characters (a leading space stays with its word), close
+to BPE's ~4 characters per English token; each piece maps to a stable id by hashing. Emulated
+output tokens come from a small fixed vocabulary so that they decode back to readable text.
+A real Hugging Face ``tokenizer.json`` can be used instead (needs the ``tokenizers`` package).
+"""
+from __future__ import annotations
+
+import re
+from typing import Protocol, Sequence
+
+import xxhash
+
+VOCAB_SIZE = 128256          # Llama-3 vocabulary size (meta-llama/Llama-3.1-8B config.json)
+SPECIAL_BASE = 128000        # Llama-3 puts its special tokens at 128000+
+PIECE_CHARS = 4              # ~4 characters per token for English BPE (OpenAI tokenizer guidance)
+_HASHED_RANGE = SPECIAL_BASE - 1024   # ids [1024, SPECIAL_BASE) for hashed pieces; [0, 1024) for output words
+_PIECE = re.compile(r" ?[A-Za-z]{1,4}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]|\s+")
+
+SPECIALS = {
+    "<|begin_of_text|>": SPECIAL_BASE,
+    "<|end_of_text|>": SPECIAL_BASE + 1,
+    "<|start_header_id|>": SPECIAL_BASE + 6,
+    "<|end_header_id|>": SPECIAL_BASE + 7,
+    "<|eot_id|>": SPECIAL_BASE + 9,
+}
+EOS_TOKEN_ID = SPECIALS["<|eot_id|>"]
+
+# Emulated output text: ids 0..len-1 decode to these words.
+OUTPUT_WORDS = (
+    "the of and to in is that it for as with was on be by this are from at or an have not but they "
+    "which one you all were can there their has more when will would if so what about out up into "
+    "them some than other time only new could these two may first then do any like my now over such "
+    "our man me even most made after also did many before must through back years where much your way "
+    "well down should because each just those people how too little state good very make world still "
+    "own see men work long get here between both life being under never day same another know while "
+    "last might us great old year off come since against go came right used take three"
+).split()
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class BuiltinTokenizer:
+    """Deterministic word-piece tokenizer; no files, no downloads."""
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        pos = 0
+        for special in _split_specials(text):
+            if special in SPECIALS:
+                ids.append(SPECIALS[special])
+            else:
+                ids.extend(_piece_id(p) for p in _PIECE.findall(special))
+            pos += len(special)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(token_text(i) for i in ids)
+
+
+def token_text(token_id: int) -> str:
+    if token_id < len(OUTPUT_WORDS):
+        return " " + OUTPUT_WORDS[token_id]
+    for name, value in SPECIALS.items():
+        if value == token_id:
+            return name
+    return f" <{token_id}>"
+
+
+def _piece_id(piece: str) -> int:
+    return 1024 + xxhash.xxh32_intdigest(piece.encode()) % (_HASHED_RANGE)
+
+
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+
+def _split_specials(text: str) -> list[str]:
+    return [part for part in _SPECIAL_SPLIT.split(text) if part]
+
+
+class HuggingFaceTokenizer:
+    """A real tokenizer loaded from a local tokenizer.json file."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError as exc:  # optional dependency
+            raise RuntimeError("a tokenizer file needs the 'tokenizers' package: pip install tokenizers") from exc
+        self._tok = _HF.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+def load_tokenizer(path: str | None = None) -> Tokenizer:
+    return HuggingFaceTokenizer(path) if path else BuiltinTokenizer()
+
+
+def apply_chat_template(messages: Sequence[dict]) -> str:
+    """Llama-3-style template, fixed, so a shared system prompt is a shared token prefix."""
+    parts = ["<|begin_of_text|>"]
+    for message in messages:
+        parts.append(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{message['content']}<|eot_id|>")
+    parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(parts)
