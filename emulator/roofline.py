@@ -112,8 +112,8 @@ def experts_touched(model: Model, tokens: int) -> float:
 def step_weight_bytes(model: Model, dtype: str, tokens: int) -> float:
     """Weights read in one step. Dense models read all; MoE models read only the experts hit."""
     per_layer = model.dense_params_per_layer + experts_touched(model, tokens) * model.expert_params
-    # The lm head is read whole; the embedding table only at the looked-up rows (negligible).
-    params = model.layers * per_layer + model.lm_head_params + tokens * model.hidden
+    # The lm head and final norm are read whole; the embedding table only at the looked-up rows.
+    params = model.layers * per_layer + model.lm_head_params + model.hidden + tokens * model.hidden
     return params * DTYPE_BYTES[dtype]
 
 
