@@ -1,0 +1,123 @@
+"""Invariants of the KV block pool under arbitrary request traffic (hypothesis state machine)."""
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvlab.block_hash import block_hashes
+from workers.block_manager import BlockManager
+
+BS = 4
+PREFIXES = [[p * 100 + i for i in range(4 * BS)] for p in range(3)]
+
+
+class BlockPoolMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.pool = BlockManager(num_blocks=12, block_size=BS)
+        self.live: dict[int, list[int]] = {}   # request -> block ids it references
+        self.next_id = 0
+        self.released_order: list[int] = []    # hashes in the order they became unreferenced
+
+    @rule(prefix=st.sampled_from(PREFIXES), extra=st.integers(0, 2))
+    def start_request(self, prefix, extra):
+        tokens = prefix + [9000 + self.next_id * 10 + i for i in range(extra * BS)]
+        hashes = block_hashes(tokens, BS)
+        hit = self.pool.cached_prefix_length(hashes)
+        hit_ids = [self.pool.block_of(h) for h in hashes[:hit]]
+        evictable = sum(1 for b in hit_ids if self.pool.blocks[b].ref_count == 0)
+        need = len(hashes) - hit
+        if need > self.pool.num_free - evictable:
+            return
+        ids = self.pool.acquire_cached(hashes[:hit], len(tokens))
+        ids += self.pool.allocate(need)
+        for i in range(hit, len(hashes)):
+            self.pool.cache_block(ids[i], hashes[i], hashes[i - 1] if i else None, tokens[i * BS:(i + 1) * BS])
+        self.live[self.next_id] = ids
+        self.next_id += 1
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def finish_request(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        ids = self.live.pop(rid)
+        before = {b for b in ids if self.pool.blocks[b].ref_count == 1}
+        self.pool.free(ids)
+        for b in reversed(ids):
+            if b in before and self.pool.blocks[b].block_hash is not None:
+                self.released_order.append(self.pool.blocks[b].block_hash)
+
+    @rule(count=st.integers(1, 4))
+    def allocate_and_check_lru(self, count):
+        """Evictions take the least recently released unreferenced cached blocks first."""
+        self.pool.take_events()
+        evictable = _dedupe([h for h in self.released_order if self._unreferenced_cached(h)])
+        empty = self.pool.num_free - len(evictable)
+        ids = self.pool.allocate(count)
+        if ids is None:
+            assert count > self.pool.num_free
+            return
+        evicted = [e.block_hashes[0] for e in self.pool.take_events() if type(e).__name__ == "BlockRemoved"]
+        expected = max(0, count - empty)
+        assert evicted == evictable[:expected]
+        self.pool.free(ids)
+
+    def _unreferenced_cached(self, h):
+        if not self.pool.is_cached(h):
+            return False
+        return self.pool.blocks[self.pool.block_of(h)].ref_count == 0
+
+    @invariant()
+    def no_block_is_both_free_and_referenced(self):
+        referenced = {b for ids in self.live.values() for b in ids}
+        assert all(self.pool.blocks[b].ref_count > 0 for b in referenced)
+        free_slots = set(self.pool._empty) | set(getattr(self.pool._evictable, "_order", {}))
+        assert not (free_slots & referenced)
+
+    @invariant()
+    def refcounts_match_references(self):
+        counts = {}
+        for ids in self.live.values():
+            for b in ids:
+                counts[b] = counts.get(b, 0) + 1
+        for block in self.pool.blocks:
+            assert block.ref_count == counts.get(block.block_id, 0) >= 0
+
+    @invariant()
+    def every_block_is_accounted_for(self):
+        assert self.pool.num_used + self.pool.num_free == self.pool.num_blocks
+        assert 0.0 <= self.pool.usage <= 1.0
+
+
+def _dedupe(hashes):
+    """The most recent release of a hash is the one that counts for its LRU position."""
+    last = {h: i for i, h in enumerate(hashes)}
+    return [h for i, h in enumerate(hashes) if last[h] == i]
+
+
+TestBlockPool = BlockPoolMachine.TestCase
+TestBlockPool.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_finished_requests_return_every_block():
+    pool = BlockManager(num_blocks=8, block_size=BS)
+    tokens = list(range(3 * BS))
+    hashes = block_hashes(tokens, BS)
+    ids = pool.allocate(3)
+    for i, b in enumerate(ids):
+        pool.cache_block(b, hashes[i], hashes[i - 1] if i else None, tokens[i * BS:(i + 1) * BS])
+    pool.free(ids)
+    assert pool.num_free == 8 and pool.num_used == 0
+    assert pool.cached_prefix_length(hashes) == 3   # freed but still cached for the next request
+
+
+def test_lfu_evicts_the_least_hit_block_first():
+    pool = BlockManager(num_blocks=2, block_size=BS, eviction="lfu")
+    a, b = ([i] * BS for i in (1, 2))
+    ha, hb = block_hashes(a, BS)[0], block_hashes(b, BS)[0]
+    ida, idb = pool.allocate(2)
+    pool.cache_block(ida, ha, None, a)
+    pool.cache_block(idb, hb, None, b)
+    pool.free([ida, idb])
+    for _ in range(3):                 # `a` is popular
+        pool.free(pool.acquire_cached([ha], BS))
+    pool.allocate(1)
+    assert pool.is_cached(ha) and not pool.is_cached(hb)
