@@ -145,7 +145,7 @@ class Scheduler:
         """Allocate blocks for the request's first chunk; None if the pool cannot hold it."""
         if req.swapped:
             return self._admit_swapped(req, budget, out)
-        if req.remote is not None and req.num_output == 0:
+        if req.remote is not None and req.kv_ready_at is None:
             return self._admit_remote(req)
         # A hit may cover at most num_tokens - 1 tokens: the last one must run to give logits.
         usable = (req.num_tokens - 1) // self.block_size
