@@ -28,6 +28,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
     num_blocks: int | None = None         # override the pool size (tests, small experiments)
     eviction: str = "lru"
+    enable_prefix_caching: bool = True    # vLLM V1 default
     max_model_len: int | None = None      # defaults to the model's context length
     eos_probability: float = 0.0          # worker-wide default EOS chance per token (0: exactly max_tokens)
     hold_timeout_s: float = 60.0          # prefill role: free held KV nobody pulled after this long
@@ -207,7 +208,7 @@ class Engine:
 
     def _cache_computed_blocks(self, req: Request) -> None:
         full = req.num_computed // self.blocks.block_size
-        if full <= req.num_cached_blocks:
+        if full <= req.num_cached_blocks or not self.config.enable_prefix_caching:
             return
         req.extend_hashes(self.blocks.block_size)
         bs = self.blocks.block_size
