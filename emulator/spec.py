@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -20,14 +20,14 @@ from emulator import roofline
 from emulator.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
 
 ROLES = ("both", "prefill", "decode")
-# The router's policy names (issue 3); the router owns their behaviour, the spec only checks the name.
-POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware")
+# The router's policy names (router/policies/registry.py owns them and their settings; when the router
+# is installed the spec asks it directly, this list only serves a build without it).
+POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
 MAX_TP = 8                        # one HGX/DGX node's NVLink domain; TP across nodes is not modelled
 DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM included) listen on by default
 DEFAULT_WORKER_BASE_PORT = 8100   # workers count up from here unless a pool sets base_port
 DEFAULT_KV_TRANSFER_LINK = "InfiniBand-NDR"  # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_HOST_SWAP_LINK = "PCIe-Gen5"         # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
-SettingValue = Union[bool, int, float, str]
 
 
 class SpecError(ValueError):
@@ -76,7 +76,7 @@ class LinksSpec(_Section):
 
 class RouterSpec(_Section):
     policy: str = "prefix_bounded"
-    settings: dict[str, SettingValue] = {}  # policy knobs, e.g. prefix_blocks, eps, kv weights, disagg threshold
+    settings: dict[str, Any] = {}          # the policy's keyword arguments, e.g. prefix_blocks, eps (router docs)
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROUTER_PORT
     admin_token: str | None = None         # None: the admin API is disabled
@@ -430,12 +430,30 @@ def _check_links(spec: ClusterSpec) -> None:
 
 def _check_router(spec: ClusterSpec) -> None:
     r = spec.router
-    _require(r.policy in POLICIES, "router.policy", f"unknown policy {r.policy!r}; known: {', '.join(POLICIES)}")
+    registry = _policy_registry()
+    known = tuple(registry.BUILDERS) if registry else POLICIES
+    _require(r.policy in known, "router.policy", f"unknown policy {r.policy!r}; known: {', '.join(known)}")
+    _require(not spec.disaggregated or r.policy == "pd_pair", "router.policy",
+             f"a disaggregated spec routes with \"pd_pair\" (a prefill and a decode worker), not {r.policy!r}")
+    if registry:
+        try:
+            registry.build_policy(r.policy, r.settings)
+        except ValueError as exc:
+            raise SpecError("router.settings", str(exc)) from None
     for field in ("max_input_tokens", "max_tokens_limit"):
         value = getattr(r, field)
         _positive(value, f"router.{field}")
         _require(value is None or value <= spec.max_model_len, f"router.{field}",
                  f"{value} exceeds the model length {spec.max_model_len}")
+
+
+def _policy_registry():
+    """The router's policy registry when the router is installed, else None (the spec stands alone)."""
+    try:
+        from router.policies import registry
+    except ImportError:
+        return None
+    return registry
 
 
 def _check_tenants(tenants: list[TenantSpec]) -> None:

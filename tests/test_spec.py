@@ -8,6 +8,7 @@ from emulator.spec import SpecError, example_specs, load_spec, parse_spec
 
 BASE = 'model = "Llama-3.1-8B"\ngpu = "H100-SXM"\n'
 ONE_POOL = "[[pools]]\ncount = 1\n"
+PD_ROUTER = '[router]\npolicy = "pd_pair"\n'
 
 
 def test_the_four_example_specs_ship():
@@ -50,7 +51,8 @@ def test_deployment_matches_the_roofline_inputs():
 
 
 def test_per_pool_overrides_change_that_pool_only():
-    spec = parse_spec(BASE + '[[pools]]\nrole = "prefill"\ntp = 2\n[[pools]]\nrole = "decode"\ngpu = "H200"\n')
+    spec = parse_spec(BASE + '[[pools]]\nrole = "prefill"\ntp = 2\n[[pools]]\nrole = "decode"\ngpu = "H200"\n'
+                      + PD_ROUTER)
     assert spec.deployment("prefill").tp == 2 and spec.deployment("prefill").gpu.name == "H100-SXM"
     assert spec.deployment("decode").tp == 1 and spec.deployment("decode").gpu.name == "H200"
 
@@ -64,7 +66,8 @@ def test_ports_count_up_across_pools_unless_set():
 
 def test_yaml_spec_decodes_like_toml():
     pytest.importorskip("yaml")
-    text = "model: Llama-3.1-8B\ngpu: H100-SXM\npools:\n  - {role: prefill}\n  - {role: decode, count: 2}\n"
+    text = ("model: Llama-3.1-8B\ngpu: H100-SXM\npools:\n  - {role: prefill}\n  - {role: decode, count: 2}\n"
+            "router: {policy: pd_pair}\n")
     assert [w.id for w in parse_spec(text, "yaml").worker_list()] == ["prefill-0", "decode-0", "decode-1"]
 
 
@@ -108,6 +111,9 @@ BAD = [
     (BASE + ONE_POOL + "[engine]\ngpu_memory_utilization = 1.5\n", "engine.gpu_memory_utilization", ["(0, 1]"]),
     (BASE + ONE_POOL + '[engine]\npreemption = "drop"\n', "engine.preemption", ["recompute, swap"]),
     (BASE + ONE_POOL + '[router]\npolicy = "random"\n', "router.policy", ["prefix_bounded"]),
+    (BASE + ONE_POOL + '[router]\nsettings = { epz = 0.1 }\n', "router.settings", ["epz"]),
+    (BASE + '[[pools]]\nrole = "prefill"\n[[pools]]\nrole = "decode"\n[router]\npolicy = "kv_aware"\n',
+     "router.policy", ["pd_pair"]),
     (BASE + ONE_POOL + "[router]\nmax_input_tokens = 200000\n", "router.max_input_tokens", ["exceeds"]),
     (BASE + "[[pools]]\nbase_port = 8000\n", "pools[0].base_port", ["taken by the router"]),
     (BASE + ONE_POOL + '[[tenants]]\nname = "a"\napi_keys = ["k"]\n[[tenants]]\nname = "b"\napi_keys = ["k"]\n',
