@@ -133,7 +133,7 @@ class Request(msgspec.Struct, kw_only=True):
 
 @functools.cache
 def vocabulary() -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, their texts as a (VOCAB_WORDS, 5) byte table) of VOCAB_WORDS words that each encode to one distinct token.
+    """Token ids (int32) and texts (a (VOCAB_WORDS, 5) byte table) of words that are one distinct token each.
 
     Words are 4 lowercase letters with a leading space: the built-in tokenizer keeps such a piece whole,
     so a text of n words is exactly n tokens and texts concatenate as their tokens do.
