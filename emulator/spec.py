@@ -10,6 +10,7 @@ Everything here is plain data; the only I/O is reading the spec (and an optional
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -28,6 +29,8 @@ DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM inc
 DEFAULT_WORKER_BASE_PORT = 8100   # workers count up from here unless a pool sets base_port
 DEFAULT_KV_TRANSFER_LINK = "InfiniBand-NDR"  # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_HOST_SWAP_LINK = "PCIe-Gen5"         # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
+# Pool names become worker ids, compose service names and metric labels: keep them to that safe alphabet.
+_POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 class SpecError(ValueError):
@@ -378,6 +381,8 @@ def _check_pools(spec: ClusterSpec) -> None:
     names = [p.name for p in spec.pools]
     for i, pool in enumerate(spec.pools):
         at = f"pools[{i}]"
+        _require(_POOL_NAME.fullmatch(pool.name) is not None, f"{at}.name",
+                 f"{pool.name!r} must be lowercase letters, digits, '-' or '_' (it names workers and services)")
         _require(pool.name not in names[:i], f"{at}.name", f"duplicate pool name {pool.name!r}")
         _require(pool.count >= 1, f"{at}.count", f"must be >= 1 (got {pool.count})")
         if pool.gpu is not None:

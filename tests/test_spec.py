@@ -101,6 +101,7 @@ BAD = [
     (BASE + "[[pools]]\ncoutn = 1\n", "pools[0].coutn", ["unknown field"]),
     (BASE + '[[pools]]\ncount = "two"\n', "pools[0].count", ["expected `int`, got `str`"]),
     (BASE + '[[pools]]\n[[pools]]\n', "pools[1].name", ["duplicate pool name 'both'"]),
+    (BASE + '[[pools]]\nname = "Big Pool"\n', "pools[0].name", ["lowercase"]),
     (BASE, "pools", ["at least one"]),
     ('gpu = "H100-SXM"\n' + ONE_POOL, "model", ["required field missing"]),
     (BASE + 'kv_dtype = "fp4"\n' + ONE_POOL, "kv_dtype", ["unknown dtype 'fp4'"]),
