@@ -83,8 +83,8 @@ class RouterSpec(_Section):
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROUTER_PORT
     admin_token: str | None = None         # None: the admin API is disabled
-    max_input_tokens: int | None = None    # None: max_model_len
-    max_tokens_limit: int | None = None    # None: max_model_len
+    max_input_tokens: int | None = None    # None: no router-side cap (workers still refuse > max_model_len)
+    max_tokens_limit: int | None = None    # None: no router-side cap on max_tokens
     shedding: bool = True                  # Little's-law load shedding against the TTFT SLO
 
 
@@ -115,7 +115,7 @@ class WorkloadSpec(_Section):
     duration_s: float = 60.0
     warmup_s: float = 10.0
     num_requests: int | None = None
-    trace: str | None = None               # a trace file to replay instead of synthetic requests
+    trace: str | None = None               # a trace file to replay instead (relative to the spec's folder)
 
 
 class WorkerSlot(NamedTuple):
@@ -289,12 +289,16 @@ _CHOICES = {"role": ROLES, "preemption": ("recompute", "swap"), "eviction": ("lr
 
 
 def _resolve_names(spec: ClusterSpec, base_dir: str | Path | None) -> ClusterSpec:
-    """Give unnamed pools their role as name; make a relative catalog path absolute."""
+    """Give unnamed pools their role as name; make relative catalog and trace paths absolute."""
     pools = [msgspec.structs.replace(p, name=p.name or p.role) for p in spec.pools]
-    catalog = spec.catalog
-    if catalog is not None and base_dir is not None and not Path(catalog).is_absolute():
-        catalog = str(Path(base_dir) / catalog)
-    return msgspec.structs.replace(spec, pools=pools, catalog=catalog)
+    workload = msgspec.structs.replace(spec.workload, trace=_beside(spec.workload.trace, base_dir))
+    return msgspec.structs.replace(spec, pools=pools, catalog=_beside(spec.catalog, base_dir), workload=workload)
+
+
+def _beside(path: str | None, base_dir: str | Path | None) -> str | None:
+    if path is None or base_dir is None or Path(path).is_absolute():
+        return path
+    return str(Path(base_dir) / path)
 
 
 
