@@ -29,8 +29,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
             return
         ids = self.pool.acquire_cached(hashes[:hit], len(tokens))
         ids += self.pool.allocate(need)
-        for i in range(hit, len(hashes)):
-            self.pool.cache_block(ids[i], hashes[i], hashes[i - 1] if i else None, tokens[i * BS:(i + 1) * BS])
+        self.pool.cache_blocks(ids[hit:], hashes[hit:], hashes[hit - 1] if hit else None, tokens[hit * BS:])
         self.live[self.next_id] = ids
         self.next_id += 1
 
@@ -55,7 +54,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         if ids is None:
             assert count > self.pool.num_free
             return
-        evicted = [e.block_hashes[0] for e in self.pool.take_events() if type(e).__name__ == "BlockRemoved"]
+        evicted = [h for e in self.pool.take_events() if type(e).__name__ == "BlockRemoved" for h in e.block_hashes]
         expected = max(0, count - empty)
         assert evicted == evictable[:expected]
         self.pool.free(ids)
@@ -102,8 +101,7 @@ def test_finished_requests_return_every_block():
     tokens = list(range(3 * BS))
     hashes = block_hashes(tokens, BS)
     ids = pool.allocate(3)
-    for i, b in enumerate(ids):
-        pool.cache_block(b, hashes[i], hashes[i - 1] if i else None, tokens[i * BS:(i + 1) * BS])
+    pool.cache_blocks(ids, hashes, None, tokens)
     pool.free(ids)
     assert pool.num_free == 8 and pool.num_used == 0
     assert pool.cached_prefix_length(hashes) == 3   # freed but still cached for the next request
@@ -114,8 +112,8 @@ def test_lfu_evicts_the_least_hit_block_first():
     a, b = ([i] * BS for i in (1, 2))
     ha, hb = block_hashes(a, BS)[0], block_hashes(b, BS)[0]
     ida, idb = pool.allocate(2)
-    pool.cache_block(ida, ha, None, a)
-    pool.cache_block(idb, hb, None, b)
+    pool.cache_blocks([ida], [ha], None, a)
+    pool.cache_blocks([idb], [hb], None, b)
     pool.free([ida, idb])
     for _ in range(3):                 # `a` is popular
         pool.free(pool.acquire_cached([ha], BS))

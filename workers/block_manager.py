@@ -88,6 +88,7 @@ class BlockManager:
         self._evictable = EVICTION_ORDERS[eviction]()                  # free slots holding cached KV
         self._cached: dict[int, int] = {}                              # block hash -> block id
         self._events: list[KVEvent] = []
+        self._removed: list[int] = []                                  # evicted hashes not yet reported
         self.num_used = 0
         self.prefix_queries = 0   # tokens looked up in the prefix cache (vLLM counts tokens)
         self.prefix_hits = 0      # tokens found
@@ -151,20 +152,44 @@ class BlockManager:
                 else:
                     self._evictable.push(block)
 
-    def cache_block(self, block_id: int, block_hash: int, parent_hash: int | None,
-                    token_ids: Sequence[int]) -> None:
-        """Register a full, computed block under its chain hash (first writer wins)."""
-        block = self.blocks[block_id]
-        if block.block_hash is not None or block_hash in self._cached:
-            return  # already cached, or an identical block is cached elsewhere
-        block.block_hash = block_hash
-        self._cached[block_hash] = block_id
-        self._events.append(BlockStored(block_hashes=[block_hash], parent_block_hash=parent_hash,
-                                        token_ids=list(token_ids), block_size=self.block_size))
+    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[int], parent_hash: int | None,
+                     token_ids: Sequence[int]) -> None:
+        """Register full, computed blocks under their chain hashes: one BlockStored per contiguous run.
+
+        First writer wins: a block whose hash is already cached elsewhere (two requests computed the
+        same prefix at once) stays private and returns to the empty list when freed.
+        """
+        run_start = None
+        for i, (block_id, block_hash) in enumerate(zip(block_ids, hashes)):
+            block = self.blocks[block_id]
+            fresh = block.block_hash is None and block_hash not in self._cached
+            if fresh:
+                block.block_hash = block_hash
+                self._cached[block_hash] = block_id
+                run_start = i if run_start is None else run_start
+            elif run_start is not None:
+                self._stored(run_start, i, hashes, parent_hash, token_ids)
+                run_start = None
+        if run_start is not None:
+            self._stored(run_start, len(hashes), hashes, parent_hash, token_ids)
+
+    def _stored(self, lo: int, hi: int, hashes: Sequence[int], parent_hash: int | None,
+                token_ids: Sequence[int]) -> None:
+        self._flush_removed()  # report evictions that happened first, first
+        bs = self.block_size
+        self._events.append(BlockStored(block_hashes=list(hashes[lo:hi]),
+                                        parent_block_hash=hashes[lo - 1] if lo else parent_hash,
+                                        token_ids=list(token_ids[lo * bs:hi * bs]), block_size=bs))
 
     def take_events(self) -> list[KVEvent]:
+        self._flush_removed()
         events, self._events = self._events, []
         return events
+
+    def _flush_removed(self) -> None:
+        if self._removed:
+            self._events.append(BlockRemoved(block_hashes=self._removed))
+            self._removed = []
 
     # -- internals ---------------------------------------------------------------------------
     def _ref(self, block: Block) -> None:
@@ -188,6 +213,6 @@ class BlockManager:
 
     def _evict(self, block: Block) -> None:
         del self._cached[block.block_hash]
-        self._events.append(BlockRemoved(block_hashes=[block.block_hash]))
+        self._removed.append(block.block_hash)
         block.block_hash = None
         self.evictions += 1

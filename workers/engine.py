@@ -211,10 +211,10 @@ class Engine:
         if full <= req.num_cached_blocks or not self.config.enable_prefix_caching:
             return
         req.extend_hashes(self.blocks.block_size)
-        bs = self.blocks.block_size
-        for i in range(req.num_cached_blocks, full):
-            parent = req.hashes[i - 1] if i else None
-            self.blocks.cache_block(req.block_ids[i], req.hashes[i], parent, req.tokens[i * bs:(i + 1) * bs])
+        bs, first = self.blocks.block_size, req.num_cached_blocks
+        parent = req.hashes[first - 1] if first else None
+        self.blocks.cache_blocks(req.block_ids[first:full], req.hashes[first:full], parent,
+                                 req.tokens[first * bs:full * bs])
         req.num_cached_blocks = full
 
     def _finish(self, req: Request, reason: str, end: float, result: StepResult) -> None:

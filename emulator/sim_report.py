@@ -1,0 +1,119 @@
+"""Per-request latency records and the summary every kvlab measurement reports.
+
+The same summary shape comes out of the simulator, the live cluster's load tests and the planner's
+predictions, so they can be compared field by field. Latencies are emulated seconds.
+"""
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+import msgspec
+
+
+class RequestRecord:
+    __slots__ = ("arrival", "first", "last", "tokens", "prompt_tokens", "cached_tokens", "worker", "done", "error")
+
+    def __init__(self, arrival: float, prompt_tokens: int):
+        self.arrival = arrival
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens = 0
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
+        self.worker = ""
+        self.done = False
+        self.error: str | None = None
+
+
+class Percentiles(msgspec.Struct, kw_only=True):
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    requests: int
+    completed: int
+    rejected: int
+    duration_s: float
+    throughput_rps: float
+    output_tokens_per_s: float
+    ttft: Percentiles
+    itl: Percentiles           # over every gap between consecutive tokens of a request
+    tpot: Percentiles          # per request: (last - first) / (tokens - 1)
+    e2e: Percentiles
+    goodput_rps: float         # completed requests meeting both the TTFT and the ITL SLO, per second
+    slo_attainment: float      # share of all requests meeting the SLO
+    prefix_hit_rate: float     # prefix-cache hit tokens / queried tokens, all workers
+    preemptions: int
+    workers: dict[str, dict]
+
+
+def percentiles(values) -> Percentiles:
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return Percentiles(p50=float("nan"), p90=float("nan"), p99=float("nan"), mean=float("nan"))
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return Percentiles(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()))
+
+
+class LatencyLog:
+    """Collects token times as they happen; inter-token gaps go to a compact float array."""
+
+    def __init__(self):
+        self.records: dict[str, RequestRecord] = {}
+        self.gaps = array("f")
+        self.gap_arrivals = array("d")   # the arrival of each gap's request, to window the gaps
+
+    def arrive(self, request_id: str, arrival: float, prompt_tokens: int) -> RequestRecord:
+        record = RequestRecord(arrival, prompt_tokens)
+        self.records[request_id] = record
+        return record
+
+    def token(self, request_id: str, time: float) -> None:
+        record = self.records[request_id]
+        if record.first is None:
+            record.first = time
+        else:
+            self.gaps.append(time - record.last)
+            self.gap_arrivals.append(record.arrival)
+        record.last = time
+        record.tokens += 1
+
+    def summarize(self, ttft_slo: float, itl_slo: float, window: tuple[float, float] | None = None,
+                  **extra) -> Summary:
+        """Summary over requests arriving inside `window` (warm-up and drain excluded)."""
+        records = [r for r in self.records.values() if window is None or window[0] <= r.arrival < window[1]]
+        done = [r for r in records if r.done and r.first is not None]
+        span = (window[1] - window[0]) if window else _span(done)
+        ttft = [r.first - r.arrival for r in done]
+        tpot = [(r.last - r.first) / (r.tokens - 1) for r in done if r.tokens > 1]
+        good = [r for r in done if r.first - r.arrival <= ttft_slo and _tpot(r) <= itl_slo]
+        return Summary(
+            requests=len(records), completed=len(done), rejected=sum(1 for r in records if r.error),
+            duration_s=span, throughput_rps=len(done) / span if span else 0.0,
+            output_tokens_per_s=sum(r.tokens for r in done) / span if span else 0.0,
+            ttft=percentiles(ttft), itl=percentiles(self._gaps_in(window)),
+            tpot=percentiles(tpot), e2e=percentiles([r.last - r.arrival for r in done]),
+            goodput_rps=len(good) / span if span else 0.0,
+            slo_attainment=len(good) / len(records) if records else 0.0, **extra)
+
+
+    def _gaps_in(self, window: tuple[float, float] | None) -> np.ndarray:
+        gaps = np.frombuffer(self.gaps, dtype=np.float32)
+        if window is None:
+            return gaps
+        arrivals = np.frombuffer(self.gap_arrivals, dtype=np.float64)
+        return gaps[(arrivals >= window[0]) & (arrivals < window[1])]
+
+
+def _tpot(record: RequestRecord) -> float:
+    return (record.last - record.first) / (record.tokens - 1) if record.tokens > 1 else 0.0
+
+
+def _span(records: list[RequestRecord]) -> float:
+    if not records:
+        return 0.0
+    return max(r.last for r in records) - min(r.arrival for r in records)
