@@ -1,0 +1,111 @@
+"""The small interface every routing policy implements: plain data in, a decision out, no I/O.
+
+The caller (HTTP router or simulator) owns the worker snapshots and the in-flight counts:
+after ``choose`` it adds 1 to ``in_flight`` of each worker in ``Decision.charged`` and subtracts 1 when
+that worker's part of the request ends. Load-aware policies read those counts on the next call.
+"""
+from __future__ import annotations
+
+from typing import Literal, Protocol, Sequence
+
+import msgspec
+import numpy as np
+import xxhash
+
+from kvlab.block_hash import DEFAULT_BLOCK_SIZE, root_hash
+from router.policies.lazy_hashes import LazyBlockHashes
+
+Role = Literal["both", "prefill", "decode"]
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No healthy worker can take the request (the HTTP layer answers 503)."""
+
+
+class WorkerView(msgspec.Struct):
+    """A snapshot of one worker as the router sees it; mutable so the caller can update it in place."""
+    id: str
+    role: Role = "both"
+    healthy: bool = True
+    in_flight: int = 0      # requests the router has sent and not yet seen finish (fresh, router-side)
+    running: int = 0        # engine-reported, from the last metrics scrape (stale by up to one scrape)
+    waiting: int = 0
+    kv_usage: float = 0.0   # engine-reported fraction of KV blocks in use, 0..1
+
+
+class RouteRequest(msgspec.Struct):
+    """What a policy may look at: the prompt's block hashes (lazy or a plain list) and its size."""
+    blocks: Sequence[int]
+    prompt_tokens: int
+    policy: str | None = None   # per-request override of the policy name (experiments)
+    short_key: int = 0          # ring key for prompts with no full block: hash of their partial block
+
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[int] | np.ndarray, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                    salt: str | None = None, policy: str | None = None) -> RouteRequest:
+        blocks = LazyBlockHashes(tokens, block_size, salt)
+        short = 0
+        if len(blocks) == 0 and len(tokens):
+            short = xxhash.xxh3_64_intdigest(np.asarray(tokens, dtype="<i4").tobytes(), root_hash(salt))
+        return cls(blocks=blocks, prompt_tokens=len(tokens), policy=policy, short_key=short)
+
+
+class Decision(msgspec.Struct):
+    """Where a request goes, and why (fields for logs, metrics and the dashboard)."""
+    worker: str                          # serves the request (the decode worker under P/D)
+    policy: str
+    prefill_worker: str | None = None    # P/D only: prefills remotely there; None means prefill on `worker`
+    matched_blocks: int | None = None    # cached prefix blocks on `worker` per the KV index; None: unknown
+    overflow_skips: int = 0              # bounded-load: workers passed over because they were at the cap
+    score: float | None = None           # kv_aware: the winning score
+    uncached_tokens: int | None = None   # P/D: prompt tokens the decode worker lacks
+
+    @property
+    def charged(self) -> tuple[str, ...]:
+        """Workers whose in_flight the caller must increment now (and decrement when each part ends)."""
+        if self.prefill_worker is None or self.prefill_worker == self.worker:
+            return (self.worker,)
+        return (self.worker, self.prefill_worker)
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision: ...
+
+    def add_worker(self, worker_id: str) -> None: ...
+
+    def remove_worker(self, worker_id: str) -> None: ...
+
+
+class StatelessPolicy:
+    """Base for policies that keep no per-worker state: membership hooks do nothing."""
+    name = "stateless"
+
+    def add_worker(self, worker_id: str) -> None:
+        pass
+
+    def remove_worker(self, worker_id: str) -> None:
+        pass
+
+
+def healthy(workers: Sequence[WorkerView]) -> list[WorkerView]:
+    """The workers a policy may pick; raises when there are none."""
+    alive = [w for w in workers if w.healthy]
+    if not alive:
+        raise NoWorkerAvailable("no healthy worker")
+    return alive
+
+
+def prefix_key(request: RouteRequest, prefix_blocks: int) -> int:
+    """Ring key: the chained hash of the first `prefix_blocks` blocks, which already covers the whole
+    prefix; shorter prompts key on the blocks they have, block-less prompts on their partial block."""
+    n = len(request.blocks)
+    if n == 0:
+        return request.short_key
+    return request.blocks[min(prefix_blocks, n) - 1]
+
+
+def rendezvous(key: int, worker_id: str) -> int:
+    """Deterministic per-(key, worker) weight: breaks ties the same way for the same prefix."""
+    return xxhash.xxh3_64_intdigest(worker_id.encode(), key)

@@ -1,0 +1,77 @@
+"""Consistent-hash ring with virtual nodes: adding or removing one of N workers moves ~1/N of keys.
+
+Each worker owns `vnodes` points at xxh3 positions of "<id>#<i>"; a key belongs to the first point
+clockwise from it. More virtual nodes even out the shares (the spread of a share falls roughly as
+1/sqrt(vnodes)); lookups are a bisect over the sorted points, O(log(N * vnodes)).
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Iterator
+
+import xxhash
+
+DEFAULT_VNODES = 128
+
+
+class HashRing:
+    def __init__(self, vnodes: int = DEFAULT_VNODES, seed: int = 0) -> None:
+        if vnodes < 1:
+            raise ValueError(f"vnodes must be >= 1, got {vnodes}")
+        self.vnodes = vnodes
+        self.seed = seed
+        self._members: set[str] = set()
+        self._points: list[int] = []   # sorted ring positions
+        self._owners: list[str] = []   # owner of each position
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    @property
+    def members(self) -> frozenset[str]:
+        return frozenset(self._members)
+
+    def add(self, worker_id: str) -> None:
+        if worker_id not in self._members:
+            self._members.add(worker_id)
+            self._rebuild()
+
+    def remove(self, worker_id: str) -> None:
+        if worker_id in self._members:
+            self._members.discard(worker_id)
+            self._rebuild()
+
+    def owner(self, key: int) -> str:
+        """The worker owning `key`: the first point clockwise (wrapping) from it."""
+        if not self._points:
+            raise LookupError("the ring is empty")
+        i = bisect_right(self._points, key)
+        return self._owners[i if i < len(self._owners) else 0]
+
+    def walk(self, key: int) -> Iterator[str]:
+        """Distinct workers in clockwise order from `key`: the owner first, then its successors."""
+        owners = self._owners
+        total = len(owners)
+        if not total:
+            return
+        start = bisect_right(self._points, key)
+        seen: set[str] = set()
+        for step in range(total):
+            owner = owners[(start + step) % total]
+            if owner not in seen:
+                seen.add(owner)
+                yield owner
+                if len(seen) == len(self._members):
+                    return
+
+    def _rebuild(self) -> None:
+        # Membership changes are rare; a full sort keeps the code obvious (10K points sort in ~2 ms).
+        points = sorted((self._position(w, i), w) for w in self._members for i in range(self.vnodes))
+        self._points = [p for p, _ in points]
+        self._owners = [w for _, w in points]
+
+    def _position(self, worker_id: str, vnode: int) -> int:
+        return xxhash.xxh3_64_intdigest(f"{worker_id}#{vnode}".encode(), self.seed)

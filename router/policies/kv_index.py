@@ -1,0 +1,213 @@
+"""Global prefix index fed by the workers' KV events: which workers hold which cached blocks.
+
+Chained block hashes identify whole prefixes, so a flat ``hash -> workers`` dict answers the same
+questions as a radix tree: a worker's cached prefix for a prompt is the run of leading blocks whose
+hashes it holds. Workers are bits in an int mask, so following a prompt through the index is one
+dict lookup and one AND per block, and it stops at the first block no worker holds.
+
+Events use vLLM's format (``kvlab.kv_events``). With ``rehash=True`` the index recomputes our hashes
+from ``BlockStored.token_ids`` (chained from the parent's recomputed hash), so engines whose hash
+differs from ours (vLLM's sha256 or builtin hash) still line up with the router's hashes; engine
+blocks may then be any multiple of our block size. In that mode a block whose parent was never seen
+(the index joined mid-stream) cannot be placed and is skipped, and per-tenant salts cannot be
+recovered from the events (vLLM does not publish them), so salted prompts simply never match.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from kvlab.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
+
+CHUNK_BLOCKS = 32  # blocks fetched per step from a lazy hash sequence (see lazy_hashes)
+DEFAULT_MEDIA = ("GPU", None)  # blocks offloaded to CPU are not a prefix-cache hit on the GPU
+
+
+class KvIndex:
+    def __init__(self, rehash: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                 salt: str | None = None, media: Iterable[str | None] = DEFAULT_MEDIA) -> None:
+        self.rehash = rehash
+        self.block_size = block_size
+        self._root = root_hash(salt)
+        self.media = frozenset(media)
+        self.skipped_blocks = 0                       # rehash mode: stored blocks with an unknown parent
+        self._owners: dict[int, int] = {}             # block hash -> bit mask of worker slots
+        self._refs: dict[str, dict[int, int]] = {}    # worker -> block hash -> copies held
+        self._engine: dict[str, dict[int, tuple[tuple[int, ...], int]]] = {}  # rehash: engine hash -> (ours, copies)
+        self._slot: dict[str, int] = {}
+        self._ids: list[str | None] = []
+
+    # ---- feeding -------------------------------------------------------------------------------
+
+    def apply(self, worker_id: str, batch: KVEventBatch) -> None:
+        for event in batch.events:
+            self.apply_event(worker_id, event)
+
+    def apply_event(self, worker_id: str, event: KVEvent) -> None:
+        if isinstance(event, BlockStored):
+            if event.medium in self.media:
+                self._stored(worker_id, event)
+        elif isinstance(event, BlockRemoved):
+            if event.medium in self.media:
+                self._removed(worker_id, event.block_hashes)
+        elif isinstance(event, AllBlocksCleared):
+            self._clear(worker_id)
+        else:
+            raise TypeError(f"not a KV event: {type(event).__name__}")
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker (it left the cluster or restarted with an empty cache)."""
+        if worker_id in self._slot:
+            self._clear(worker_id)
+            slot = self._slot.pop(worker_id)
+            self._ids[slot] = None
+            del self._refs[worker_id]
+            self._engine.pop(worker_id, None)
+
+    # ---- questions -----------------------------------------------------------------------------
+
+    def match(self, blocks: Sequence[int]) -> dict[str, int]:
+        """Leading blocks of `blocks` each worker holds, for workers holding at least the first.
+
+        Reads `blocks` a chunk at a time, so a lazy hash sequence is hashed only up to the first
+        block that no worker holds.
+        """
+        owners = self._owners.get
+        active = -1  # every bit: all workers are still matching before the first block
+        matched: dict[str, int] = {}
+        total = len(blocks)
+        if not total:
+            return matched
+        for start in range(0, total, CHUNK_BLOCKS):
+            for depth, block in enumerate(blocks[start:start + CHUNK_BLOCKS], start):
+                still = active & owners(block, 0)
+                if still != active and depth:
+                    self._record(active & ~still, depth, matched)
+                active = still
+                if not active:
+                    return matched
+        self._record(active, total, matched)
+        return matched
+
+    def workers_with(self, block_hash: int) -> set[str]:
+        return self._bits_to_ids(self._owners.get(block_hash, 0))
+
+    def block_count(self, worker_id: str) -> int:
+        return len(self._refs.get(worker_id, ()))
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self._slot)
+
+    def __len__(self) -> int:
+        """Distinct cached blocks across the cluster."""
+        return len(self._owners)
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _stored(self, worker_id: str, event: BlockStored) -> None:
+        if self.rehash:
+            groups = self._recompute(worker_id, event)
+        else:
+            groups = [(h, (h,)) for h in event.block_hashes]
+        refs = self._worker_refs(worker_id)
+        bit = 1 << self._slot[worker_id]
+        engine = self._engine.setdefault(worker_id, {}) if self.rehash else None
+        for engine_hash, ours in groups:
+            if engine is not None:
+                _, copies = engine.get(engine_hash, ((), 0))
+                engine[engine_hash] = (ours, copies + 1)
+            for h in ours:
+                count = refs.get(h, 0)
+                refs[h] = count + 1
+                if not count:
+                    self._owners[h] = self._owners.get(h, 0) | bit
+
+    def _recompute(self, worker_id: str, event: BlockStored) -> list[tuple[int, tuple[int, ...]]]:
+        """Our hashes for each engine block of the event: (engine hash, our sub-block hashes)."""
+        size = event.block_size
+        if size % self.block_size:
+            raise ValueError(f"engine block size {size} is not a multiple of the router's {self.block_size}")
+        if len(event.token_ids) != size * len(event.block_hashes):
+            raise ValueError(f"BlockStored has {len(event.token_ids)} token ids for "
+                             f"{len(event.block_hashes)} blocks of {size}")
+        if event.parent_block_hash is None:
+            seed = self._root
+        else:
+            parent = self._engine.get(worker_id, {}).get(event.parent_block_hash)
+            if parent is None:
+                self.skipped_blocks += len(event.block_hashes)
+                return []
+            seed = parent[0][-1]
+        ours = block_hashes(event.token_ids, self.block_size, parent=seed)
+        per = size // self.block_size
+        return [(e, tuple(ours[i * per:(i + 1) * per])) for i, e in enumerate(event.block_hashes)]
+
+    def _removed(self, worker_id: str, hashes: Sequence[int]) -> None:
+        if worker_id not in self._slot:
+            return
+        engine = self._engine.get(worker_id, {})
+        for engine_hash in hashes:
+            if not self.rehash:
+                self._release(worker_id, engine_hash)
+                continue
+            entry = engine.get(engine_hash)
+            if entry is None:
+                continue
+            ours, copies = entry
+            if copies > 1:
+                engine[engine_hash] = (ours, copies - 1)
+            else:
+                del engine[engine_hash]
+            for h in ours:
+                self._release(worker_id, h)
+
+    def _release(self, worker_id: str, h: int) -> None:
+        refs = self._refs[worker_id]
+        count = refs.get(h, 0)
+        if count > 1:
+            refs[h] = count - 1
+        elif count == 1:
+            del refs[h]
+            self._drop_bit(h, 1 << self._slot[worker_id])
+
+    def _clear(self, worker_id: str) -> None:
+        if worker_id not in self._slot:
+            return
+        bit = 1 << self._slot[worker_id]
+        for h in self._refs[worker_id]:
+            self._drop_bit(h, bit)
+        self._refs[worker_id] = {}
+        self._engine.pop(worker_id, None)
+
+    def _drop_bit(self, h: int, bit: int) -> None:
+        mask = self._owners[h] & ~bit
+        if mask:
+            self._owners[h] = mask
+        else:
+            del self._owners[h]
+
+    def _worker_refs(self, worker_id: str) -> dict[int, int]:
+        if worker_id not in self._slot:
+            free = [i for i, w in enumerate(self._ids) if w is None]
+            slot = free[0] if free else len(self._ids)
+            if slot == len(self._ids):
+                self._ids.append(None)
+            self._ids[slot] = worker_id
+            self._slot[worker_id] = slot
+            self._refs[worker_id] = {}
+        return self._refs[worker_id]
+
+    def _record(self, bits: int, depth: int, matched: dict[str, int]) -> None:
+        for worker_id in self._bits_to_ids(bits):
+            matched[worker_id] = depth
+
+    def _bits_to_ids(self, bits: int) -> set[str]:
+        ids = set()
+        while bits:
+            low = bits & -bits
+            worker_id = self._ids[low.bit_length() - 1]
+            if worker_id is not None:
+                ids.add(worker_id)
+            bits ^= low
+        return ids

@@ -1,0 +1,96 @@
+"""Policy names to constructors, and ``PolicySet``: what a router or simulator holds.
+
+    policies = PolicySet.from_settings({
+        "policy": "prefix_bounded",                       # the default
+        "policies": {"prefix_bounded": {"eps": 0.25}, "kv_aware": {"load_weight": 0.5}},
+        "kv_index": {"rehash": False, "block_size": 16},  # the shared index kv_aware and pd_pair read
+    })
+    policies.index.apply(worker_id, batch)                # feed KV events as they arrive
+    decision = policies.choose(request, workers)          # request.policy, if set, overrides the default
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from router.policies.base import Decision, Policy, RouteRequest, WorkerView
+from router.policies.bounded_load import PrefixBounded
+from router.policies.kv_aware import KvAware
+from router.policies.kv_index import KvIndex
+from router.policies.least_loaded import LeastLoaded
+from router.policies.pd_pair import PdPair
+from router.policies.prefix_ring import PrefixRing
+from router.policies.round_robin import RoundRobin
+
+Settings = Mapping[str, Any]
+
+
+def _pd_pair(index: KvIndex, prefill: Settings | None = None, decode: Settings | None = None,
+             **settings: Any) -> PdPair:
+    prefill = dict(prefill or {"policy": "prefix_bounded"})
+    decode = dict(decode or {"policy": "kv_aware"})
+    return PdPair(build_policy(prefill.pop("policy"), prefill, index=index),
+                  build_policy(decode.pop("policy"), decode, index=index), index=index, **settings)
+
+
+BUILDERS: dict[str, Callable[..., Policy]] = {
+    "round_robin": lambda index, **s: RoundRobin(**s),
+    "least_loaded": lambda index, **s: LeastLoaded(**s),
+    "prefix_ring": lambda index, **s: PrefixRing(**s),
+    "prefix_bounded": lambda index, **s: PrefixBounded(**s),
+    "kv_aware": lambda index, **s: KvAware(index, **s),
+    "pd_pair": _pd_pair,
+}
+
+
+def build_policy(name: str, settings: Settings | None = None, *, index: KvIndex | None = None) -> Policy:
+    """A policy from its name and settings; kv_aware and pd_pair read `index` (a fresh one if None)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(BUILDERS)}")
+    try:
+        return BUILDERS[name](index if index is not None else KvIndex(), **dict(settings or {}))
+    except TypeError as exc:  # an unknown or misspelt setting
+        raise ValueError(f"bad settings for policy {name!r}: {exc}") from None
+
+
+class PolicySet:
+    """A default policy plus any named per request; policies are built on first use and share
+    one KV index and the worker membership."""
+    name = "policy_set"
+
+    def __init__(self, default: str, settings: Mapping[str, Settings] | None = None,
+                 index: KvIndex | None = None) -> None:
+        self.index = index if index is not None else KvIndex()
+        self.default = default
+        self._settings = dict(settings or {})
+        self._built: dict[str, Policy] = {}
+        self._members: set[str] = set()
+        self.get(default)  # fail at startup, not on the first request
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PolicySet:
+        index = KvIndex(**settings.get("kv_index", {}))
+        return cls(settings.get("policy", "round_robin"), settings.get("policies"), index)
+
+    def get(self, name: str) -> Policy:
+        policy = self._built.get(name)
+        if policy is None:
+            policy = build_policy(name, self._settings.get(name), index=self.index)
+            for worker_id in sorted(self._members):
+                policy.add_worker(worker_id)
+            self._built[name] = policy
+        return policy
+
+    def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
+        return self.get(request.policy or self.default).choose(request, workers)
+
+    def add_worker(self, worker_id: str) -> None:
+        self._members.add(worker_id)
+        for policy in self._built.values():
+            policy.add_worker(worker_id)
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Take a worker out of every ring and forget its cached blocks."""
+        self._members.discard(worker_id)
+        for policy in self._built.values():
+            policy.remove_worker(worker_id)
+        self.index.remove_worker(worker_id)
