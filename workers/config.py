@@ -1,0 +1,105 @@
+"""One worker's configuration (plain data) and the engine it describes.
+
+The CLI, the launcher and the tests fill a ``WorkerConfig``; ``build_engine`` turns it into an engine
+on a roofline ``Deployment`` looked up in the catalog. Nothing here does I/O beyond reading an
+optional user catalog file.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from emulator import roofline
+from emulator.catalog import Catalog, Link, load_catalog
+from workers.engine import ROLES, Engine, EngineConfig
+from workers.scheduler import SchedulerConfig
+
+DEFAULT_KV_LINK = "InfiniBand-NDR"   # the RDMA fabric of DistServe/Mooncake-style P/D deployments
+DEFAULT_SWAP_LINK = "PCIe-Gen5"      # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
+MiB = 1 << 20
+
+
+class WorkerConfig(msgspec.Struct, kw_only=True):
+    # what is served, on what
+    model: str = "Llama-3.1-8B"
+    gpu: str = "H100-SXM"
+    tp: int = 1
+    tp_link: str | None = None            # None: the GPU's intra-node link (NVLink on HGX boards)
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    catalog: str | None = None            # user catalog file adding or overriding entries
+    # identity and API surface
+    role: str = "both"
+    worker_id: str = "worker-0"
+    served_model_name: str | None = None  # None: the catalog model name
+    model_aliases: list[str] = []         # other names accepted in the request's `model`
+    tokenizer: str | None = None          # a tokenizer.json; None: kvlab's built-in tokenizer
+    advertise_url: str | None = None      # base URL put in kv_transfer_params; None: from the Host header
+    max_body_bytes: int = 8 * MiB
+    completion_max_tokens: int = 16       # OpenAI's documented default for /v1/completions
+    chat_max_tokens: int = 256            # chat has no OpenAI default; keep emulated answers short
+    # engine
+    time_scale: float = 1.0
+    num_blocks: int | None = None         # None: sized from HBM minus weights (roofline)
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_waiting: int = 1024
+    max_model_len: int | None = None
+    eos_probability: float = 0.0
+    eviction: str = "lru"
+    preemption: str = "recompute"
+    swap_link: str | None = None          # None: PCIe Gen5 when preemption is "swap"
+    hold_timeout_s: float = 60.0          # prefill role: KV nobody pulled is freed after this long
+    # P/D handoff and KV events
+    kv_link: str | None = None            # decode role: None means InfiniBand NDR
+    release_timeout_s: float = 5.0        # decode role: POST /v1/kv/release to the prefill worker
+    kv_events_endpoint: str | None = None         # ZMQ PUB address the worker binds, e.g. tcp://127.0.0.1:5557
+    kv_events_replay_endpoint: str | None = None  # optional ZMQ ROUTER address for replay requests
+    kv_events_topic: str = ""
+    kv_events_buffer: int = 4096          # batches kept for replay (ZMQ and HTTP)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def accepted_models(self) -> frozenset[str]:
+        return frozenset([self.model_name, self.model, *self.model_aliases])
+
+
+def validate(cfg: WorkerConfig) -> None:
+    if cfg.role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES} (got {cfg.role!r})")
+    if cfg.time_scale <= 0:
+        raise ValueError("time_scale must be > 0")
+    if cfg.max_body_bytes < 1024:
+        raise ValueError("max_body_bytes must be at least 1024")
+
+
+def deployment(cfg: WorkerConfig, catalog: Catalog) -> roofline.Deployment:
+    gpu = catalog.gpu(cfg.gpu)
+    tp_link = catalog.link(cfg.tp_link or gpu.intra_node_link) if cfg.tp > 1 else None
+    return roofline.Deployment(model=catalog.model(cfg.model), gpu=gpu, tp=cfg.tp, tp_link=tp_link,
+                               weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype)
+
+
+def kv_link(cfg: WorkerConfig, catalog: Catalog) -> Link | None:
+    if cfg.kv_link is not None:
+        return catalog.link(cfg.kv_link)
+    return catalog.link(DEFAULT_KV_LINK) if cfg.role == "decode" else None
+
+
+def engine_config(cfg: WorkerConfig) -> EngineConfig:
+    sched = SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+                            max_waiting=cfg.max_waiting, preemption=cfg.preemption)
+    return EngineConfig(role=cfg.role, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+                        eviction=cfg.eviction, max_model_len=cfg.max_model_len,
+                        eos_probability=cfg.eos_probability, hold_timeout_s=cfg.hold_timeout_s,
+                        scheduler=sched)
+
+
+def build_engine(cfg: WorkerConfig, catalog: Catalog | None = None) -> Engine:
+    validate(cfg)
+    catalog = catalog or load_catalog(cfg.catalog)
+    swap = catalog.link(cfg.swap_link or DEFAULT_SWAP_LINK) if cfg.preemption == "swap" else None
+    return Engine(deployment(cfg, catalog), engine_config(cfg), kv_link=kv_link(cfg, catalog), swap_link=swap)
