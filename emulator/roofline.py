@@ -11,6 +11,7 @@ so prefill is quadratic in the prompt.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Sequence
 
@@ -117,21 +118,59 @@ def step_weight_bytes(model: Model, dtype: str, tokens: int) -> float:
     return params * DTYPE_BYTES[dtype]
 
 
+class _Coefficients(msgspec.Struct, frozen=True):
+    """step_time's terms per unit of each BatchShape field, evaluated once per deployment.
+
+    Every term is linear in the shape (weight reads of a MoE model excepted), so evaluating the
+    readable definitions above at unit inputs gives exact per-unit costs for the hot path.
+    """
+    per_token_s: float        # compute seconds per new token
+    per_pair_s: float         # compute seconds per attention pair
+    per_sample_s: float       # compute seconds per sampled sequence
+    weights_s: float          # memory seconds of the per-step weight read (dense models)
+    per_token_mem_s: float    # memory seconds per new token (KV write, embedding row)
+    per_context_s: float      # memory seconds per cached token read (and per KV token written)
+    inv_bandwidth: float      # seconds per byte of HBM traffic
+    comm_fixed_s: float
+    comm_per_token_s: float
+    overhead_s: float
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficients(dep: Deployment) -> _Coefficients:
+    m, gpu, t = dep.model, dep.gpu, dep.tp
+    inv_compute = 1.0 / (t * gpu.peak_flops(dep.weight_dtype) * gpu.compute_efficiency)
+    inv_bw = 1.0 / (gpu.hbm_bytes_per_s * gpu.bandwidth_efficiency)
+    kv = kv_bytes_per_token_per_gpu(dep)
+    weights0 = step_weight_bytes(m, dep.weight_dtype, 0) / t
+    comm0 = tp_allreduce_time(dep, 0)
+    return _Coefficients(
+        per_token_s=step_flops(m, BatchShape(new_tokens=1)) * inv_compute,
+        per_pair_s=step_flops(m, BatchShape(attention_pairs=1)) * inv_compute,
+        per_sample_s=step_flops(m, BatchShape(sampled=1)) * inv_compute,
+        weights_s=weights0 * inv_bw,
+        per_token_mem_s=((step_weight_bytes(m, dep.weight_dtype, 1) / t - weights0) + kv) * inv_bw,
+        per_context_s=kv * inv_bw, inv_bandwidth=inv_bw,
+        comm_fixed_s=comm0, comm_per_token_s=tp_allreduce_time(dep, 1) - comm0,
+        overhead_s=m.layers * gpu.layer_overhead_us * 1e-6)
+
+
 def step_time(dep: Deployment, shape: BatchShape) -> StepTime:
     """Duration of one engine step on one TP group."""
-    m, gpu, t = dep.model, dep.gpu, dep.tp
-    if shape.new_tokens == 0:
+    n = shape.new_tokens
+    if n == 0:
         return StepTime(seconds=0.0, bound="memory", compute_s=0.0, memory_s=0.0, comm_s=0.0, overhead_s=0.0)
-    compute_s = step_flops(m, shape) / t / (gpu.peak_flops(dep.weight_dtype) * gpu.compute_efficiency)
-    kv_read = shape.context_tokens * kv_bytes_per_token_per_gpu(dep)
-    kv_write = shape.new_tokens * kv_bytes_per_token_per_gpu(dep)
-    weights = step_weight_bytes(m, dep.weight_dtype, shape.new_tokens) / t
-    memory_s = (weights + kv_read + kv_write) / (gpu.hbm_bytes_per_s * gpu.bandwidth_efficiency)
-    comm_s = tp_allreduce_time(dep, shape.new_tokens)
-    overhead_s = m.layers * gpu.layer_overhead_us * 1e-6
+    k = _coefficients(dep)
+    compute_s = n * k.per_token_s + shape.attention_pairs * k.per_pair_s + shape.sampled * k.per_sample_s
+    if dep.model.is_moe:  # the experts touched grow sub-linearly with the batch: no per-token constant
+        weights = step_weight_bytes(dep.model, dep.weight_dtype, n) / dep.tp
+        memory_s = weights * k.inv_bandwidth + (n + shape.context_tokens) * k.per_context_s
+    else:
+        memory_s = k.weights_s + n * k.per_token_mem_s + shape.context_tokens * k.per_context_s
+    comm_s = k.comm_fixed_s + n * k.comm_per_token_s if dep.tp > 1 else 0.0
     bound = "compute" if compute_s >= memory_s else "memory"
-    return StepTime(seconds=max(compute_s, memory_s) + comm_s + overhead_s, bound=bound,
-                    compute_s=compute_s, memory_s=memory_s, comm_s=comm_s, overhead_s=overhead_s)
+    return StepTime(seconds=max(compute_s, memory_s) + comm_s + k.overhead_s, bound=bound,
+                    compute_s=compute_s, memory_s=memory_s, comm_s=comm_s, overhead_s=k.overhead_s)
 
 
 def tp_allreduce_time(dep: Deployment, tokens: int) -> float:
