@@ -72,20 +72,35 @@ class Simulator:
         self._prefill_of: dict[str, str] = {}   # P/D: request -> prefill worker holding its KV
         self.now = 0.0
         self.overflow_skips = 0
+        self._next_arrival = None
 
     # -- the event loop ----------------------------------------------------------------------
     def run(self, requests: Iterable) -> "Simulator":
-        for req in requests:
-            self._push(req.arrival_s, "arrive", req)
-        while self._events:
+        """Replay requests (in arrival order; an iterator is consumed lazily) until every one is done."""
+        arrivals = iter(requests)
+        self._next_arrival = next(arrivals, None)
+        while self._next_arrival is not None or self._events:
+            if self._next_arrival is not None and (not self._events or self._next_arrival.arrival_s <= self._events[0][0]):
+                req, self._next_arrival = self._next_arrival, next(arrivals, None)
+                if self._next_arrival is not None and self._next_arrival.arrival_s < req.arrival_s:
+                    raise ValueError("requests must come in arrival order")
+                self.now = req.arrival_s
+                self._arrive(req)
+                continue
             self.now, _, kind, payload = heapq.heappop(self._events)
-            if kind == "arrive":
-                self._arrive(payload)
-            elif kind == "step":
+            if kind == "step":
                 self._step(self.workers[payload])
             else:
                 self._finish_step(*payload)
         return self
+
+    def _horizon(self) -> float:
+        """The next outside event that could change a worker's course: an arrival (it is routed);
+        with P/D pools also any other worker's event (hand-offs and KV releases cross workers)."""
+        t = self._next_arrival.arrival_s if self._next_arrival is not None else float("inf")
+        if self.spec.disaggregated and self._events:
+            t = min(t, self._events[0][0])
+        return t
 
     def _push(self, time: float, kind: str, payload) -> None:
         heapq.heappush(self._events, (time, next(self._seq), kind, payload))
@@ -130,7 +145,7 @@ class Simulator:
 
     # -- workers -----------------------------------------------------------------------------
     def _step(self, worker: SimWorker) -> None:
-        result = worker.engine.step(self.now)
+        result = worker.engine.step(self.now, until=self._horizon(), quiet_events=not self._feed_index)
         if result.duration > 0:
             self._push(result.end, "end", (worker.id, result))
             return
@@ -143,17 +158,18 @@ class Simulator:
 
     def _finish_step(self, worker_id: str, result: StepResult) -> None:
         worker = self.workers[worker_id]
-        worker.steps += 1
+        worker.steps += result.steps
         worker.busy_prefill += result.prefill_s
         worker.busy_decode += result.decode_s
-        worker.usage_time += worker.engine.blocks.usage * result.duration
+        worker.usage_time += worker.engine.blocks.usage * result.duration   # merged steps: end-of-run usage
         self._deliver(worker, result)
         worker.scheduled = False
         self._wake(worker, self.now)
 
     def _deliver(self, worker: SimWorker, result: StepResult) -> None:
-        for request_id, _token in result.tokens:
-            self.log.token(request_id, result.end)
+        times = result.token_times or [result.end] * len(result.tokens)
+        for (request_id, _token), time in zip(result.tokens, times):
+            self.log.token(request_id, time)
         for fin in result.finished:
             self._on_finished(worker, fin, result)
         for request_id in result.kv_ready:

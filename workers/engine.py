@@ -65,10 +65,35 @@ class StepResult(msgspec.Struct, kw_only=True):
     decode_s: float = 0.0                     # busy time attributed to decode work
     preempted: int = 0
     next_wakeup: float | None = None          # when idle: the next time something becomes ready
+    steps: int = 1                            # engine steps in this result (merged: more than one)
+    token_times: list[float] = []             # merged results: each token's own time (else all at end)
 
     @property
     def end(self) -> float:
         return self.start + self.duration
+
+
+class _Merged:
+    """Accumulates back-to-back steps into one StepResult with per-token times."""
+
+    def __init__(self, first: StepResult):
+        self.result = first
+        first.token_times = [first.end] * len(first.tokens)
+
+    def add(self, step: StepResult) -> None:
+        r = self.result
+        r.duration = step.end - r.start
+        r.bound = step.bound
+        r.tokens.extend(step.tokens)
+        r.token_times.extend([step.end] * len(step.tokens))
+        r.finished, r.kv_ready = step.finished, step.kv_ready
+        r.events.extend(step.events)
+        r.prefill_tokens += step.prefill_tokens
+        r.decode_tokens += step.decode_tokens
+        r.prefill_s += step.prefill_s
+        r.decode_s += step.decode_s
+        r.preempted += step.preempted
+        r.steps += 1
 
 
 class Engine:
@@ -153,7 +178,31 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self, now: float) -> StepResult:
+    def step(self, now: float, until: float | None = None, quiet_events: bool = False) -> StepResult:
+        """One engine step starting at `now`.
+
+        With `until`, back-to-back steps are merged into one result while nothing outside the engine
+        could tell the difference: no request finished, no remote KV arrived, no KV event (unless
+        `quiet_events`: the caller ignores them) and the next step starts before `until`, the caller's
+        next outside event. A discrete-event driver uses this to skip per-step overhead; the numbers
+        are those of single steps (token_times keeps each token's own time).
+        """
+        result = self._single_step(now)
+        if until is None or result.duration == 0.0:
+            return result
+        merged = _Merged(result)
+        while self._can_merge(result, quiet_events) and result.end < until:
+            result = self._single_step(result.end)
+            if result.duration == 0.0:
+                break   # unreachable with the guards in _can_merge; kept so a merge never hides idling
+            merged.add(result)
+        return merged.result
+
+    def _can_merge(self, result: StepResult, quiet_events: bool) -> bool:
+        visible = result.finished or result.kv_ready or (result.events and not quiet_events)
+        return not visible and not self.scheduler.receiving and not self.held and self.has_work()
+
+    def _single_step(self, now: float) -> StepResult:
         self._expire_holds(now)
         sched = self.scheduler.schedule(now)
         self._start_transfers(now)
@@ -164,21 +213,17 @@ class Engine:
         return self._execute(now, sched)
 
     def _execute(self, now: float, sched: SchedulerOutput) -> StepResult:
-        shape, decode_shape = roofline.BatchShape(), roofline.BatchShape()
-        prefill_tokens = decode_tokens = 0
+        shape = roofline.BatchShape()
+        prefill_tokens = 0
         for chunk in sched.chunks:
             req, n = chunk.request, chunk.num_new
-            samples = req.num_computed + n >= req.num_tokens
-            shape.add(n, req.num_computed, samples)
-            if req.is_prefilling:
+            shape.add(n, req.num_computed, req.num_computed + n >= len(req.tokens))
+            if req.num_computed < req.num_prompt:
                 prefill_tokens += n
-            else:
-                decode_tokens += n
-                decode_shape.add(n, req.num_computed, samples)
+        decode_tokens = shape.new_tokens - prefill_tokens
         timing = roofline.step_time(self.dep, shape)
         duration = timing.seconds + self._swap_time(sched)
-        decode_s = roofline.step_time(self.dep, decode_shape).seconds if prefill_tokens and decode_tokens else 0.0
-        decode_s = duration if not prefill_tokens else min(decode_s, duration)
+        decode_s = self._decode_share(sched, duration) if prefill_tokens else duration
         result = StepResult(start=now, duration=duration, bound=timing.bound, tokens=[], finished=[],
                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                             prefill_s=duration - decode_s, decode_s=decode_s,
@@ -189,17 +234,26 @@ class Engine:
         result.events = self.blocks.take_events()
         return result
 
+    def _decode_share(self, sched: SchedulerOutput, duration: float) -> float:
+        """Busy time of a mixed step attributed to decode: what its decodes alone would take."""
+        decodes = roofline.BatchShape()
+        for chunk in sched.chunks:
+            req = chunk.request
+            if req.num_computed >= req.num_prompt:
+                decodes.add(chunk.num_new, req.num_computed, True)
+        return min(roofline.step_time(self.dep, decodes).seconds, duration) if decodes.new_tokens else 0.0
+
     def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
         req.num_computed += num_new
         self._cache_computed_blocks(req)
-        if req.num_computed < req.num_tokens:
+        if req.num_computed < len(req.tokens):
             return  # a prefill chunk that did not reach the end of the prompt
         token, reason = output.sample(req)
         req.tokens.append(token)
         result.tokens.append((req.request_id, token))
         if req.first_token_time is None:
             req.first_token_time = end
-        if reason is None and req.num_tokens >= self.max_model_len:
+        if reason is None and len(req.tokens) >= self.max_model_len:
             reason = "length"
         if self.config.role == "prefill" and reason != "stop":
             reason = "held"  # the first token is ours; the rest is the decode worker's
@@ -254,6 +308,8 @@ class Engine:
         return roofline.kv_transfer_time(tokens * self.kv_per_token_gpu, self.swap_link)
 
     def _expire_holds(self, now: float) -> None:
+        if not self.held:
+            return
         for request_id in [r for r, expiry in self.held.items() if expiry <= now]:
             self.abort(request_id)
 

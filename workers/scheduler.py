@@ -74,7 +74,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed, budget)
+            num_new = min(len(req.tokens) - req.num_computed, budget)
             if self._grow(req, req.num_computed + num_new, out):
                 out.chunks.append(ScheduledChunk(req, num_new))
                 budget -= num_new
@@ -85,7 +85,7 @@ class Scheduler:
 
     def _grow(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Give `req` blocks for `num_tokens`, preempting from the back of the batch if needed."""
-        need = self._blocks_for(num_tokens) - len(req.block_ids)
+        need = -(-num_tokens // self.blocks.block_size) - len(req.block_ids)
         while need > 0:
             new = self.blocks.allocate(need)
             if new is not None:
