@@ -14,12 +14,16 @@ recovered from the events (vLLM does not publish them), so salted prompts simply
 """
 from __future__ import annotations
 
+from bisect import bisect_right
+from functools import reduce
+from itertools import accumulate, repeat
+from operator import and_, neg
 from typing import Iterable, Sequence
 
 from kvlab.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
 from kvlab.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
 
-CHUNK_BLOCKS = 32  # blocks fetched per step from a lazy hash sequence (see lazy_hashes)
+FIRST_CHUNK, MAX_CHUNK = 64, 256  # blocks read per step, doubling: a miss wastes < max(64, matched) hashes
 DEFAULT_MEDIA = ("GPU", None)  # blocks offloaded to CPU are not a prefix-cache hit on the GPU
 
 
@@ -69,26 +73,31 @@ class KvIndex:
     def match(self, blocks: Sequence[int]) -> dict[str, int]:
         """Leading blocks of `blocks` each worker holds, for workers holding at least the first.
 
-        Reads `blocks` a chunk at a time, so a lazy hash sequence is hashed only up to the first
-        block that no worker holds.
+        Reads `blocks` in growing chunks, so a lazy hash sequence is hashed only a little past the
+        first block no worker holds. Per chunk the lookups and the running AND of worker masks run
+        in C (map, accumulate); the running masks only lose bits, so where each worker drops out is
+        found by bisection rather than a Python loop over every block.
         """
-        owners = self._owners.get
-        active = -1  # every bit: all workers are still matching before the first block
-        matched: dict[str, int] = {}
         total = len(blocks)
         if not total:
-            return matched
-        for start in range(0, total, CHUNK_BLOCKS):
-            for depth, block in enumerate(blocks[start:start + CHUNK_BLOCKS], start):
-                still = active & owners(block, 0)
-                if still != active and depth:
-                    self._record(active & ~still, depth, matched)
-                active = still
-                if not active:
-                    return matched
-        self._record(active, total, matched)
+            return {}
+        lookup = self._owners.get
+        active = lookup(blocks[0], 0)
+        matched: dict[str, int] = {}
+        upto = getattr(blocks, "upto", None)  # LazyBlockHashes: extend, then read its list in place
+        start, size = 1, FIRST_CHUNK
+        while active and start < total:
+            end = min(total, start + size)
+            chunk = (upto(end) if upto else blocks)[start:end]
+            last = reduce(and_, map(lookup, chunk, repeat(0)), active)  # fast path: no list built
+            if last != active:
+                running = list(accumulate(map(lookup, chunk, repeat(0)), and_, initial=active))
+                self._record_drops(running, start - 1, matched)
+            active = last
+            start, size = end, min(2 * size, MAX_CHUNK)
+        if active:
+            self._record(active, total, matched)
         return matched
-
     def workers_with(self, block_hash: int) -> set[str]:
         return self._bits_to_ids(self._owners.get(block_hash, 0))
 
@@ -197,6 +206,17 @@ class KvIndex:
             self._slot[worker_id] = slot
             self._refs[worker_id] = {}
         return self._refs[worker_id]
+
+    def _record_drops(self, running: list[int], base: int, matched: dict[str, int]) -> None:
+        """`running[k]` holds the workers with blocks 0..base+k; a worker in running[j-1] but not in
+        running[j] matched base + j blocks. Values never gain bits, so they never increase."""
+        k, current = 0, running[0]
+        while True:
+            k = bisect_right(running, -current, k, key=neg)  # first k with running[k] < current
+            if k == len(running):
+                return
+            self._record(current & ~running[k], base + k, matched)
+            current = running[k]
 
     def _record(self, bits: int, depth: int, matched: dict[str, int]) -> None:
         for worker_id in self._bits_to_ids(bits):

@@ -20,7 +20,7 @@ CHUNK_BLOCKS = 32  # hash this many blocks per step: a miss wastes at most 31 ha
 class LazyBlockHashes(Sequence[int]):
     """Sequence of the full-block hashes of `tokens`; ``len`` is free, items are hashed on first use."""
 
-    __slots__ = ("_tokens", "_block_size", "_count", "_hashes", "_seed")
+    __slots__ = ("_tokens", "_block_size", "_count", "_hashes", "_seed", "_bytes", "_converted")
 
     def __init__(self, tokens: Sequence[int] | np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE,
                  salt: str | None = None, parent: int | None = None):
@@ -31,6 +31,8 @@ class LazyBlockHashes(Sequence[int]):
         self._count = len(tokens) // block_size
         self._hashes: list[int] = []
         self._seed = root_hash(salt) if parent is None else parent
+        self._bytes = b""      # little-endian int32 bytes of the first `_converted` blocks
+        self._converted = 0
 
     def __len__(self) -> int:
         return self._count
@@ -68,13 +70,21 @@ class LazyBlockHashes(Sequence[int]):
         return self._hashes
 
     def _extend(self, start: int, stop: int) -> None:
-        bs = self._block_size
-        # Convert only this span: a list-to-array conversion costs ~15 ns a token.
-        data = np.asarray(self._tokens[start * bs:stop * bs], dtype="<i4").tobytes()
-        width = 4 * bs
+        if stop > self._converted:
+            self._convert(stop)
+        width = 4 * self._block_size
+        data = self._bytes
         h = self._hashes[-1] if self._hashes else self._seed
         append = self._hashes.append
         digest = xxhash.xxh3_64_intdigest
-        for offset in range(0, len(data), width):
+        for offset in range(start * width, stop * width, width):
             h = digest(data[offset:offset + width], h)
             append(h)
+
+    def _convert(self, stop: int) -> None:
+        # Convert tokens to bytes in doubling spans: a list-to-array conversion costs ~15 ns a token,
+        # so a policy that needs 4 blocks converts 4, while a long walk pays ~one conversion in all.
+        upto = min(self._count, max(stop, 2 * self._converted))
+        bs = self._block_size
+        self._bytes += np.asarray(self._tokens[self._converted * bs:upto * bs], dtype="<i4").tobytes()
+        self._converted = upto
