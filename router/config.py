@@ -1,0 +1,95 @@
+"""The router's configuration: plain msgspec data, built from CLI flags, a cluster spec, or code.
+
+Nothing here does I/O except ``from_spec`` (which reads the spec through emulator.spec). The HTTP
+server, worker pool and proxy receive a RouterConfig; none of them reads globals or the environment.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from kvlab.block_hash import DEFAULT_BLOCK_SIZE
+from router.tenants import TenantConfig
+
+Role = Literal["both", "prefill", "decode"]
+
+
+class WorkerConfig(msgspec.Struct, kw_only=True):
+    url: str                        # base URL, e.g. http://127.0.0.1:8100 (no trailing /v1)
+    id: str = ""                    # defaults to the worker's own id from GET /load, else host:port
+    role: Role = "both"
+    kv_events: str | None = None    # ZMQ endpoint of its KV events (tcp://host:port); None: poll HTTP
+
+    def __post_init__(self):
+        self.url = self.url.rstrip("/")
+        if not self.id:
+            self.id = self.url.split("://", 1)[-1]
+
+
+class Timeouts(msgspec.Struct, kw_only=True):
+    """Every upstream call has a bound, so no client request can hang on a stuck worker."""
+    connect_s: float = 2.0          # TCP connect to a worker (loopback/LAN: a dead host fails in ms)
+    first_byte_s: float = 60.0      # request sent -> response headers (covers queueing and prefill)
+    idle_s: float = 30.0            # between two chunks of a stream (a stalled decode is a dead worker)
+    total_s: float = 600.0          # whole non-streaming call
+    health_s: float = 1.0           # one /health or /load probe
+
+
+class Limits(msgspec.Struct, kw_only=True):
+    max_body_bytes: int = 8 << 20           # 8 MiB: a 128K-token prompt as JSON ids is ~1 MB
+    max_input_tokens: int | None = None     # None: no router-side limit (the worker still checks)
+    max_tokens_limit: int | None = None     # cap on a request's max_tokens
+    default_max_tokens: int = 16            # OpenAI's legacy completions default (as the workers)
+    chat_default_max_tokens: int = 256      # the emulated workers' chat default; match your workers
+    max_attempts: int = 3                   # upstream tries per request (first + retries/migrations)
+
+
+class HealthConfig(msgspec.Struct, kw_only=True):
+    interval_s: float = 1.0         # /load poll period; also how fast a recovered worker comes back
+    failures_to_remove: int = 2     # consecutive failed probes before a worker leaves routing
+
+
+class SheddingConfig(msgspec.Struct, kw_only=True):
+    enabled: bool = False
+    ttft_slo_s: float = 1.0         # the TTFT target that the queue-depth threshold derives from
+
+
+class RouterConfig(msgspec.Struct, kw_only=True):
+    workers: list[WorkerConfig] = []
+    policy: str = "prefix_bounded"              # the default; requests may pick another (x-kvlab-policy)
+    policies: dict[str, dict[str, Any]] = {}    # settings by policy name, e.g. {"prefix_bounded": {"eps": 0.25}}
+    kv_index: dict[str, Any] = {}               # KvIndex settings (rehash, media); block_size comes from here
+    tenants: list[TenantConfig] = []
+    limits: Limits = msgspec.field(default_factory=Limits)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    shedding: SheddingConfig = msgspec.field(default_factory=SheddingConfig)
+    admin_token: str | None = None          # None: the admin API answers 403
+    salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process
+    tokenizer: str | None = None            # a tokenizer.json; None: kvlab's built-in tokenizer
+    block_size: int = DEFAULT_BLOCK_SIZE    # must equal the workers' KV block size
+    kv_events: Literal["zmq", "http", "off"] = "http"
+    kv_events_poll_s: float = 0.05          # HTTP polling period of /v1/kv_events
+    models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
+
+
+def from_spec(path: str, base: RouterConfig | None = None) -> RouterConfig:
+    """A RouterConfig from a cluster spec file: its workers, router section, tenants and SLO."""
+    from emulator.spec import load_spec  # optional part: only `--spec` needs it
+    spec = load_spec(path)
+    cfg = base or RouterConfig()
+    workers = [WorkerConfig(url=f"http://127.0.0.1:{slot.port}", id=slot.id, role=slot.role)
+               for slot in spec.worker_list()]
+    r = spec.router
+    limits = msgspec.structs.replace(cfg.limits, max_input_tokens=r.max_input_tokens,
+                                     max_tokens_limit=r.max_tokens_limit)
+    tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
+                            tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
+                            cache_salt=t.cache_salt) for t in spec.tenants]
+    # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
+    slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
+    return msgspec.structs.replace(
+        cfg, workers=cfg.workers or workers, policy=r.policy, policies={r.policy: dict(r.settings)},
+        tenants=tenants, limits=limits, admin_token=r.admin_token, block_size=spec.engine.block_size,
+        shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s), models=[spec.model])

@@ -1,0 +1,53 @@
+"""The router's Prometheus metrics, in a registry of their own (several routers can share a process).
+
+Router-added latency (``kvlab_router_added_latency_seconds``) is defined as the wall time from the
+moment the request handler starts (the HTTP request line and headers have been parsed) to the moment
+the upstream request is handed to the HTTP client for sending. It covers reading the body, decoding
+and validating it, tenant and admission checks, tokenization, block hashing, the policy decision and
+building the upstream body; it excludes the network and everything the worker does. The end-to-end
+difference (through the router minus direct) is measured by benchmarks/router_overhead.py.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Sub-millisecond buckets: the added latency target is < 1 ms at p50.
+_LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6, 750e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter("kvlab_router_decisions", "Routing decisions", ["policy", "worker"], registry=r)
+        self.overflow = Counter("kvlab_router_overflow",
+                                "Workers skipped because they were at the bounded-load cap", ["policy"], registry=r)
+        self.in_flight = Gauge("kvlab_router_in_flight", "Requests routed to a worker and not yet finished",
+                               ["worker"], registry=r)
+        self.healthy = Gauge("kvlab_router_worker_healthy", "1 if the worker takes traffic", ["worker"], registry=r)
+        self.prompt_tokens = Counter("kvlab_router_prompt_tokens", "Prompt tokens routed", ["policy"], registry=r)
+        self.estimated_hit_tokens = Counter(
+            "kvlab_router_estimated_prefix_hit_tokens",
+            "Prompt tokens the router expects the chosen worker to have cached (KV index)", ["policy"], registry=r)
+        self.cached_tokens = Counter("kvlab_router_reported_cached_tokens",
+                                     "Prompt tokens the workers reported as prefix-cache hits (usage)",
+                                     ["policy"], registry=r)
+        self.rejections = Counter("kvlab_router_rejections", "Requests refused by the router",
+                                  ["status", "reason", "tenant"], registry=r)
+        self.requests = Counter("kvlab_router_requests", "Requests answered", ["endpoint", "status"], registry=r)
+        self.retries = Counter("kvlab_router_retries",
+                               "Upstream attempts after a failure: retry (before the first token) or migration",
+                               ["kind"], registry=r)
+        self.worker_failures = Counter("kvlab_router_worker_failures", "Upstream failures by worker",
+                                       ["worker", "reason"], registry=r)
+        self.added_latency = Histogram("kvlab_router_added_latency_seconds",
+                                       "Handler start to upstream send (see module doc)",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.decision_time = Histogram("kvlab_router_decision_seconds", "Tokenize + hash + policy",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def reject(self, status: int, reason: str, tenant: str | None) -> None:
+        self.rejections.labels(str(status), reason, tenant or "-").inc()

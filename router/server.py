@@ -1,0 +1,251 @@
+"""The router's HTTP server: OpenAI-compatible endpoints in front of a pool of workers.
+
+``create_app(config)`` builds a FastAPI app around a ``Router`` (everything one router process
+holds). The two hot endpoints are plain Starlette routes: the raw body is read (bounded) and decoded
+with msgspec, with no per-request pydantic model or dependency injection; the answer is the worker's
+body (non-streaming) or a relayed stream. Every refusal is an OpenAI error body with the right status.
+
+Endpoints
+- POST /v1/completions, /v1/chat/completions   routed and proxied (header x-kvlab-policy overrides the policy)
+- GET  /v1/models, /health, /metrics            union of the workers' models, liveness, Prometheus
+- GET/POST /admin/workers, DELETE /admin/workers/{id}   membership (Authorization: Bearer <admin token>)
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from kvlab.openai_api import ApiError, models_body
+from kvlab.tokenizer import load_tokenizer
+from router.config import RouterConfig, WorkerConfig
+from router.gate import Gate
+from router.intake import POLICY_HEADER, Intake, read_body
+from router.job import Endpoint, Job
+from router.kv_subscriber import KvSubscriber
+from router.metrics import RouterMetrics
+from router.policies.kv_index import KvIndex
+from router.policies.registry import PolicySet
+from router.proxy import Proxy, WorkerRefused
+from router.tokenize import PromptTokenizer
+from router.upstream import Upstream
+from router.worker_pool import Worker, WorkerPool
+
+log = logging.getLogger("kvlab.router")
+
+
+class _PolicyMembership:
+    """Pool listener that keeps every policy's rings (and the KV index) in step with worker health."""
+
+    def __init__(self, policies: PolicySet):
+        self.policies = policies
+
+    def worker_up(self, worker: Worker) -> None:
+        self.policies.add_worker(worker.id)
+
+    def worker_down(self, worker: Worker) -> None:
+        self.policies.remove_worker(worker.id)
+
+    def worker_removed(self, worker: Worker) -> None:
+        pass   # already down
+
+
+class Router:
+    """One router process: pool, policies, KV feed, proxy and front door, built from a RouterConfig."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.metrics = RouterMetrics()
+        # One pooled client for every upstream call; trust_env=False: no proxy variables on the hot path.
+        self.client = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
+            max_connections=4096, max_keepalive_connections=1024, keepalive_expiry=30.0))
+        index = KvIndex(**{"block_size": config.block_size, **config.kv_index})
+        self.policies = PolicySet(config.policy, config.policies, index)
+        self.pool = WorkerPool(self.client, config.health, config.timeouts, self.metrics)
+        self.subscriber = KvSubscriber(index, self.client, config.kv_events, config.kv_events_poll_s,
+                                       config.timeouts.health_s)
+        self.pool.listeners += [_PolicyMembership(self.policies), self.subscriber]
+        self.tokenizer = PromptTokenizer(load_tokenizer(config.tokenizer), config.block_size)
+        self.gate = Gate(config.tenants, config.shedding, self.metrics, self.queue_depth, config.salt_secret)
+        self.intake = Intake(config.limits, self.tokenizer, self.models)
+        self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, config.timeouts),
+                           self.metrics, self.tokenizer, on_finish=self._finished)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self.pool.add(w) for w in self.config.workers))
+        self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        await self.subscriber.stop()
+        await self.client.aclose()
+
+    def models(self) -> list[str]:
+        return self.config.models or self.pool.models()
+
+    def queue_depth(self) -> float:
+        """Cluster-wide waiting requests, as the workers last reported them (for shedding)."""
+        return float(sum(v.waiting for v in self.pool.views() if v.healthy))
+
+    def _finished(self, job: Job, completion_tokens: int, cached_tokens: int) -> None:
+        self.gate.release(job, completion_tokens)
+
+    # -- the request path ------------------------------------------------------------------------
+    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
+        received = time.perf_counter()
+        job = None
+        try:
+            tenant = self.gate.tenant_of(request.headers.get("authorization"))
+            raw = await read_body(request, self.config.limits.max_body_bytes)
+            job = self.intake.job(endpoint, raw, received, request.headers.get(POLICY_HEADER), tenant,
+                                  self.gate.salt(tenant))
+            self.gate.admit(job)
+            response = await (self.proxy.stream(job) if job.stream else self.proxy.complete(job))
+        except ApiError as err:
+            self._refused(job, err.status)
+            return error_response(err)
+        except WorkerRefused as refused:
+            self._refused(job, refused.status)
+            return Response(refused.body, status_code=refused.status, media_type="application/json")
+        except BaseException:
+            self._refused(job, 500)
+            raise
+        self.metrics.requests.labels(endpoint, "200").inc()
+        return response
+
+    def _refused(self, job: Job | None, status: int) -> None:
+        if job is not None:
+            self.gate.release(job, 0)   # admitted but never served: free its slot, refund its tokens
+        self.metrics.requests.labels(job.endpoint if job else "-", str(status)).inc()
+
+
+def error_response(err: ApiError) -> Response:
+    return Response(err.body(), status_code=err.status, headers=err.headers, media_type="application/json")
+
+
+def create_app(config: RouterConfig) -> FastAPI:
+    router = Router(config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    app = FastAPI(title="kvlab router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.router = router
+    _add_hot_routes(app, router)
+    _add_ops_routes(app, router)
+    _add_admin_routes(app, router)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_hot_routes(app: FastAPI, router: Router) -> None:
+    async def completions(request: Request) -> Response:
+        return await router.handle(request, "completions")
+
+    async def chat_completions(request: Request) -> Response:
+        return await router.handle(request, "chat")
+
+    # Starlette routes, not FastAPI path operations: no dependency solving or validation models per request.
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+
+
+def _add_ops_routes(app: FastAPI, router: Router) -> None:
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return _json(models_body(router.models()))
+
+    @app.get("/health")
+    async def health() -> Response:
+        up = router.pool.up_count()
+        body = {"status": "ok" if up else "no healthy worker", "workers_up": up,
+                "workers": len(router.pool.views())}
+        return _json(body, 200 if up else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class _NewWorker(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    id: str = ""
+    role: str = "both"
+    kv_events: str | None = None
+
+
+def _add_admin_routes(app: FastAPI, router: Router) -> None:
+    def authorize(request: Request) -> None:
+        token = router.config.admin_token
+        if token is None:
+            raise ApiError(403, "the admin API is disabled (no admin token configured)", code="admin_disabled")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(401, "a valid admin token is required", code="invalid_admin_token")
+
+    @app.get("/admin/workers")
+    async def list_workers(request: Request) -> Response:
+        authorize(request)
+        return _json([_describe(w) for w in router.pool])
+
+    @app.post("/admin/workers")
+    async def add_worker(request: Request) -> Response:
+        authorize(request)
+        raw = await read_body(request, 64 * 1024)
+        try:
+            spec = msgspec.json.decode(raw, type=_NewWorker)
+            config = WorkerConfig(url=spec.url, id=spec.id, role=spec.role, kv_events=spec.kv_events)
+        except (msgspec.MsgspecError, TypeError) as exc:
+            raise ApiError(400, f"invalid worker: {exc}") from None
+        if router.pool.get(config.id) is not None:
+            raise ApiError(409, f"worker {config.id!r} is already registered", code="worker_exists")
+        worker = await router.pool.add(config)
+        return _json(_describe(worker), 201)
+
+    @app.delete("/admin/workers/{worker_id:path}")
+    async def remove_worker(worker_id: str, request: Request) -> Response:
+        authorize(request)
+        if router.pool.get(worker_id) is None:
+            raise ApiError(404, f"no worker {worker_id!r}", type_="not_found_error", code="worker_not_found")
+        return _json(_describe(router.pool.remove(worker_id)))
+
+
+def _describe(worker: Worker) -> dict:
+    v = worker.view
+    return {"id": worker.id, "url": worker.url, "role": v.role, "up": v.healthy, "in_flight": v.in_flight,
+            "running": v.running, "waiting": v.waiting, "kv_usage": v.kv_usage, "models": worker.models}
+
+
+def _json(payload, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(payload), status_code=status, media_type="application/json")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(ApiError(exc.status_code, str(exc.detail), type_=kind))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(ApiError(500, "internal error in the router", type_="server_error"))

@@ -1,0 +1,88 @@
+"""Server-sent events from an upstream worker: split into events, read the few fields the router needs.
+
+The router relays events byte for byte when it can; it only looks inside them to learn which tokens
+were generated (for migration and usage) and whether the stream ended. Decoding only those fields with
+msgspec costs about a microsecond per event.
+"""
+from __future__ import annotations
+
+import msgspec
+
+DONE = b"[DONE]"
+
+
+class Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class Choice(msgspec.Struct):
+    text: str | None = None                 # completions
+    delta: Delta | None = None              # chat completions
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None      # vLLM >= 0.10.2 with return_token_ids
+
+    def content(self) -> str:
+        if self.text is not None:
+            return self.text
+        return (self.delta.content or "") if self.delta is not None else ""
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: dict | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        details = self.prompt_tokens_details or {}
+        return int(details.get("cached_tokens") or 0)
+
+
+class Chunk(msgspec.Struct):
+    id: str = ""
+    created: int = 0
+    choices: list[Choice] = []
+    usage: Usage | None = None
+    error: dict | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(Chunk)
+
+
+def decode_chunk(data: bytes) -> Chunk:
+    """Raises msgspec.DecodeError on a malformed event (the caller treats the worker as failed)."""
+    return _chunk_decoder.decode(data)
+
+
+def data_of(event: bytes) -> bytes | None:
+    """The payload of a ``data:`` event (None for comments and keep-alives)."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            return line[5:].strip()
+    return None
+
+
+class EventSplitter:
+    """Whole events (each ending in a blank line) from arbitrary byte chunks of a stream."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, part: bytes) -> list[bytes]:
+        buffer = self._buffer + part if self._buffer else part
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = []
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            events.append(buffer[start:end + 2])
+            start = end + 2
+        self._buffer = buffer[start:]
+        return events
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of an unfinished event remain (a stream cut mid-event)."""
+        return bool(self._buffer.strip())

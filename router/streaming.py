@@ -1,0 +1,60 @@
+"""The client side of a relayed stream: an ASGI response with backpressure and disconnect handling.
+
+Backpressure: each chunk is handed to the server's ``send``, which (uvicorn) waits while the
+connection's write buffer is above its high-water mark (64 KiB). While it waits the relay does not
+read from the worker, so the worker's socket fills and its own sends block in turn. Per client the
+router therefore holds at most the transport buffer plus one upstream read and one event: a slow
+client slows its worker's stream down and never grows router memory.
+
+Disconnect: a watcher task waits for ``http.disconnect`` and cancels the relay, whose cleanup closes
+the upstream connection so the worker aborts the request and frees its KV blocks. (Starlette's
+StreamingResponse does the same through an anyio task group; one plain task is cheaper.)
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Awaitable, Callable
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class RelayResponse:
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]] | None = None,
+                 status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
+        self.chunks = chunks
+        self.on_close = on_close
+        self.status = status
+        self.headers = headers or SSE_HEADERS
+
+    async def __call__(self, scope, receive, send) -> None:
+        me = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            me.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            me.uncancel()   # the client left: a normal end for us, not a cancelled server
+        finally:
+            watcher.cancel()
+            await _close(self.chunks)
+            if self.on_close is not None:
+                await self.on_close()
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

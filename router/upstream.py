@@ -1,0 +1,118 @@
+"""One HTTP call to one worker, with a timeout on every wait, and failures sorted by what they mean.
+
+``UpstreamFailure.dead`` separates a worker that is gone (refused, reset, cut mid-stream, silent past
+a timeout: take it out of routing) from one that answered with an error status (5xx: try another
+worker but keep this one; 4xx: the request is at fault, so the client gets the worker's answer).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import httpx
+
+from router.config import Timeouts
+from router.sse import EventSplitter
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, worker_id: str, reason: str, *, dead: bool, status: int | None = None,
+                 body: bytes = b""):
+        super().__init__(f"worker {worker_id}: {reason}")
+        self.worker_id = worker_id
+        self.reason = reason
+        self.dead = dead
+        self.status = status
+        self.body = body
+
+    @property
+    def client_error(self) -> bool:
+        """The worker refused the request itself (4xx other than 408/429): retrying cannot help."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+def _failure(worker_id: str, exc: BaseException) -> UpstreamFailure:
+    reason = "timeout" if isinstance(exc, (httpx.TimeoutException, TimeoutError)) else type(exc).__name__
+    return UpstreamFailure(worker_id, reason, dead=True)
+
+
+class Upstream:
+    """The router's HTTP client side: one pooled httpx client shared by every request."""
+
+    def __init__(self, client: httpx.AsyncClient, timeouts: Timeouts):
+        self.client = client
+        self.timeouts = timeouts
+        # httpx's read timeout bounds each socket read; before the first byte that includes the
+        # worker's queueing and prefill, so it gets the longer first-byte bound. Between stream
+        # chunks UpstreamStream applies the shorter idle bound itself.
+        self.timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.first_byte_s,
+                                     write=timeouts.idle_s, pool=timeouts.connect_s)
+
+    async def post(self, worker_id: str, url: str, body: bytes) -> bytes:
+        """A non-streaming call; the worker's 200 body, or UpstreamFailure."""
+        try:
+            async with asyncio.timeout(self.timeouts.total_s):
+                response = await self.client.post(url, content=body, headers=JSON_HEADERS, timeout=self.timeout)
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            raise _failure(worker_id, exc) from exc
+        if response.status_code != 200:
+            raise UpstreamFailure(worker_id, f"status {response.status_code}", dead=False,
+                                  status=response.status_code, body=response.content)
+        return response.content
+
+    async def open_stream(self, worker_id: str, url: str, body: bytes) -> UpstreamStream:
+        """Send a streaming request and wait for the response headers."""
+        request = self.client.build_request("POST", url, content=body, headers=JSON_HEADERS, timeout=self.timeout)
+        try:
+            response = await self.client.send(request, stream=True)
+        except (httpx.HTTPError, OSError) as exc:
+            raise _failure(worker_id, exc) from exc
+        if response.status_code != 200:
+            try:
+                content = await response.aread()
+            except (httpx.HTTPError, OSError):
+                content = b""
+            finally:
+                await response.aclose()
+            raise UpstreamFailure(worker_id, f"status {response.status_code}", dead=False,
+                                  status=response.status_code, body=content)
+        return UpstreamStream(worker_id, response, self.timeouts)
+
+
+class UpstreamStream:
+    """A worker's SSE response, read one event at a time with first-event and idle timeouts."""
+
+    def __init__(self, worker_id: str, response: httpx.Response, timeouts: Timeouts):
+        self.worker_id = worker_id
+        self.response = response
+        self._parts = response.aiter_raw()
+        self._splitter = EventSplitter()
+        self._ready: deque[bytes] = deque()
+        self._first_s = timeouts.first_byte_s
+        self._idle_s = timeouts.idle_s
+        self._started = False
+
+    async def next_event(self) -> bytes | None:
+        """The next whole SSE event; None when the worker closed the stream cleanly."""
+        while not self._ready:
+            try:
+                async with asyncio.timeout(self._idle_s if self._started else self._first_s):
+                    part = await anext(self._parts)
+            except StopAsyncIteration:
+                if self._splitter.pending:
+                    raise UpstreamFailure(self.worker_id, "stream cut mid-event", dead=True) from None
+                return None
+            except (httpx.HTTPError, TimeoutError, OSError) as exc:
+                raise _failure(self.worker_id, exc) from exc
+            self._ready.extend(self._splitter.feed(part))
+        self._started = True
+        return self._ready.popleft()
+
+    async def aclose(self) -> None:
+        """Close (an unfinished stream's connection is dropped, so the worker aborts the request)."""
+        try:
+            await self.response.aclose()
+        except (httpx.HTTPError, OSError):
+            pass
