@@ -98,6 +98,7 @@ class KvIndex:
         if active:
             self._record(active, total, matched)
         return matched
+
     def workers_with(self, block_hash: int) -> set[str]:
         return self._bits_to_ids(self._owners.get(block_hash, 0))
 
@@ -117,6 +118,9 @@ class KvIndex:
     def _stored(self, worker_id: str, event: BlockStored) -> None:
         if self.rehash:
             groups = self._recompute(worker_id, event)
+        elif event.block_size != self.block_size:
+            raise ValueError(f"engine blocks of {event.block_size} tokens cannot match the router's "
+                             f"{self.block_size}-token hashes; use KvIndex(rehash=True)")
         else:
             groups = [(h, (h,)) for h in event.block_hashes]
         refs = self._worker_refs(worker_id)

@@ -22,12 +22,13 @@ class PdPair:
 
     def __init__(self, prefill: Policy, decode: Policy, index: KvIndex | None = None,
                  local_prefill_tokens: int = DEFAULT_LOCAL_PREFILL_TOKENS,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 block_size: int | None = None) -> None:
         self.prefill = prefill
         self.decode = decode
         self.index = index
         self.local_prefill_tokens = local_prefill_tokens
-        self.block_size = block_size
+        # Matched blocks become tokens at the index's block size, the one the hashes were made with.
+        self.block_size = block_size or (index.block_size if index else DEFAULT_BLOCK_SIZE)
 
     def add_worker(self, worker_id: str) -> None:
         self.prefill.add_worker(worker_id)

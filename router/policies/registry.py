@@ -68,7 +68,10 @@ class PolicySet:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PolicySet:
-        index = KvIndex(**settings.get("kv_index", {}))
+        try:
+            index = KvIndex(**settings.get("kv_index", {}))
+        except TypeError as exc:
+            raise ValueError(f"bad kv_index settings: {exc}") from None
         return cls(settings.get("policy", "round_robin"), settings.get("policies"), index)
 
     def get(self, name: str) -> Policy:
