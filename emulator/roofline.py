@@ -16,6 +16,7 @@ import math
 from typing import Iterable, Sequence
 
 import msgspec
+import numpy as np
 
 from emulator.catalog import DTYPE_BYTES, Gpu, Link, Model
 
@@ -171,6 +172,23 @@ def step_time(dep: Deployment, shape: BatchShape) -> StepTime:
     bound = "compute" if compute_s >= memory_s else "memory"
     return StepTime(seconds=max(compute_s, memory_s) + comm_s + k.overhead_s, bound=bound,
                     compute_s=compute_s, memory_s=memory_s, comm_s=comm_s, overhead_s=k.overhead_s)
+
+
+def decode_run_times(dep: Deployment, batch: int, context_sum: int, steps: int) -> np.ndarray:
+    """Durations of `steps` back-to-back decode steps of a fixed batch whose contexts all grow by one
+    token per step (step j reads context_sum + j x batch cached tokens). Equal to calling step_time for
+    each step; vectorized for drivers that fast-forward a steady decode batch."""
+    k = _coefficients(dep)
+    j = np.arange(steps, dtype=np.float64)
+    context = context_sum + j * batch
+    compute = batch * (k.per_token_s + k.per_sample_s) + (context + batch) * k.per_pair_s
+    if dep.model.is_moe:
+        weights = step_weight_bytes(dep.model, dep.weight_dtype, batch) / dep.tp * k.inv_bandwidth
+        memory = weights + (batch + context) * k.per_context_s
+    else:
+        memory = k.weights_s + batch * k.per_token_mem_s + context * k.per_context_s
+    comm = k.comm_fixed_s + batch * k.comm_per_token_s if dep.tp > 1 else 0.0
+    return np.maximum(compute, memory) + comm + k.overhead_s
 
 
 def tp_allreduce_time(dep: Deployment, tokens: int) -> float:

@@ -54,7 +54,7 @@ class SimWorker:
 
 class Simulator:
     def __init__(self, spec: ClusterSpec, policy: str | None = None, settings: dict | None = None,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, merge_steps: bool = True):
         self.spec = spec
         name = policy or spec.router.policy
         opts = settings if settings is not None else (dict(spec.router.settings) if name == spec.router.policy else {})
@@ -73,6 +73,7 @@ class Simulator:
         self.now = 0.0
         self.overflow_skips = 0
         self._next_arrival = None
+        self.merge_steps = merge_steps   # off: one event per engine step (slower; same numbers)
 
     # -- the event loop ----------------------------------------------------------------------
     def run(self, requests: Iterable) -> "Simulator":
@@ -145,7 +146,8 @@ class Simulator:
 
     # -- workers -----------------------------------------------------------------------------
     def _step(self, worker: SimWorker) -> None:
-        result = worker.engine.step(self.now, until=self._horizon(), quiet_events=not self._feed_index)
+        until = self._horizon() if self.merge_steps else None
+        result = worker.engine.step(self.now, until=until, quiet_events=not self._feed_index)
         if result.duration > 0:
             self._push(result.end, "end", (worker.id, result))
             return

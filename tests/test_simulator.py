@@ -69,3 +69,25 @@ def test_overload_queues_or_rejects_but_accounts_for_every_request():
     s = Simulator(spec).run(reqs).summary()
     assert s.rejected > 0
     assert s.completed + s.rejected == s.requests == 200
+
+
+@pytest.mark.parametrize("policy", ["prefix_bounded", "kv_aware"])
+def test_merged_and_fast_forwarded_steps_give_the_numbers_of_single_steps(policy):
+    reqs = workload.generate(3.0, num_requests=120, mix={"chat": 0.6, "agentic": 0.4}, seed=5)
+    fast = Simulator(TINY, policy=policy).run(reqs)
+    slow = Simulator(TINY, policy=policy, merge_steps=False).run(reqs)
+    assert sum(w.steps for w in fast.workers.values()) == sum(w.steps for w in slow.workers.values())
+    a, b = msgspec.to_builtins(fast.summary()), msgspec.to_builtins(slow.summary())
+    for w in a["workers"]:            # the KV-usage integral samples usage at the end of merged runs
+        a["workers"][w].pop("kv_usage_mean"), b["workers"][w].pop("kv_usage_mean")
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key, value in flat_a.items():  # equal up to float summation order (cumsum vs step by step)
+        assert value == pytest.approx(flat_b[key], rel=1e-9, abs=1e-12), key
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

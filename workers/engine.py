@@ -15,6 +15,7 @@ from emulator.catalog import Link
 from kvlab.kv_events import KVEvent
 from workers import output
 from workers.block_manager import BlockManager
+from workers.fast_forward import fast_forward
 from workers.request import RemotePrefill, Request, SamplingParams, Status
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -78,14 +79,15 @@ class _Merged:
 
     def __init__(self, first: StepResult):
         self.result = first
-        first.token_times = [first.end] * len(first.tokens)
+        if not first.token_times:
+            first.token_times = [first.end] * len(first.tokens)
 
     def add(self, step: StepResult) -> None:
         r = self.result
         r.duration = step.end - r.start
         r.bound = step.bound
         r.tokens.extend(step.tokens)
-        r.token_times.extend([step.end] * len(step.tokens))
+        r.token_times.extend(step.token_times or [step.end] * len(step.tokens))
         r.finished, r.kv_ready = step.finished, step.kv_ready
         r.events.extend(step.events)
         r.prefill_tokens += step.prefill_tokens
@@ -93,7 +95,7 @@ class _Merged:
         r.prefill_s += step.prefill_s
         r.decode_s += step.decode_s
         r.preempted += step.preempted
-        r.steps += 1
+        r.steps += step.steps
 
 
 class Engine:
@@ -187,16 +189,20 @@ class Engine:
         next outside event. A discrete-event driver uses this to skip per-step overhead; the numbers
         are those of single steps (token_times keeps each token's own time).
         """
-        result = self._single_step(now)
+        result = self._single_step(now) if until is None else self._fast_or_single(now, until, quiet_events)
         if until is None or result.duration == 0.0:
             return result
         merged = _Merged(result)
         while self._can_merge(result, quiet_events) and result.end < until:
-            result = self._single_step(result.end)
+            result = self._fast_or_single(result.end, until, quiet_events)
             if result.duration == 0.0:
                 break   # unreachable with the guards in _can_merge; kept so a merge never hides idling
             merged.add(result)
         return merged.result
+
+    def _fast_or_single(self, now: float, until: float, quiet_events: bool) -> StepResult:
+        run = fast_forward(self, now, until) if quiet_events else None
+        return run if run is not None else self._single_step(now)
 
     def _can_merge(self, result: StepResult, quiet_events: bool) -> bool:
         visible = result.finished or result.kv_ready or (result.events and not quiet_events)
