@@ -4,8 +4,11 @@
   a free 127.0.0.1 port; stopped at teardown.
 - ``start_worker(**config) -> RunningWorker``: builds a worker app from ``WorkerConfig`` fields
   (small defaults: Llama-3.1-8B on H100-SXM, 256 KV blocks) and serves it. ``RunningWorker`` has
-  ``url``, ``config``, ``runtime`` (the in-process WorkerRuntime), ``load()`` and ``metric(name)``.
-- ``free_port()``: a currently free loopback TCP port (for ZMQ endpoints or subprocesses).
+  ``url``, ``config``, ``runtime`` (the in-process WorkerRuntime), ``http`` (a persistent
+  ``httpx.Client`` on ``url``: a new client costs tens of ms of TLS setup, so time with this one),
+  ``load()``, ``metrics()`` and ``metric(name)``.
+- ``free_tcp_port()`` (fixture returning ``free_port``): a currently free loopback TCP port, for ZMQ
+  endpoints or subprocesses.
 """
 from __future__ import annotations
 
@@ -66,8 +69,11 @@ class RunningServer:
                 raise RuntimeError(f"server on port {self.port} did not start")
             time.sleep(0.005)
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         self._server.should_exit = True
+
+    def stop(self) -> None:
+        self.request_stop()
         self._thread.join(timeout=10)
         self._sock.close()
 
@@ -78,13 +84,18 @@ class RunningWorker(RunningServer):
         app = create_app(config)
         self.runtime = app.state.runtime
         super().__init__(app)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def request_stop(self) -> None:
+        self.http.close()
+        super().request_stop()
 
     def load(self) -> dict:
-        return httpx.get(self.url + "/load", timeout=5).json()
+        return self.http.get("/load").json()
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics keyed by name (labels dropped; first sample of each name wins)."""
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        text = self.http.get("/metrics").text
         out: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -105,8 +116,7 @@ def serve():
         return server
 
     yield _serve
-    for server in reversed(servers):
-        server.stop()
+    _stop_all(servers)
 
 
 @pytest.fixture
@@ -119,8 +129,19 @@ def start_worker():
         return worker
 
     yield _start
-    for worker in reversed(workers):
-        worker.stop()
+    _stop_all(workers)
+
+
+def _stop_all(servers: list[RunningServer]) -> None:
+    for server in servers:   # all at once: each takes up to a uvicorn tick (0.1 s) to notice
+        server.request_stop()
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
+def free_tcp_port():
+    return free_port
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
 """`kvlab worker`: run one emulated worker under uvicorn (uvloop when installed).
 
+Settings come from flags, or from a cluster spec's worker slot (``--spec FILE --worker-id ID``, as
+`kvlab up` starts workers) with any flag given on the command line taking precedence.
+
 uvicorn handles SIGINT/SIGTERM: it stops accepting, lets open requests finish (up to
 --graceful-shutdown-s), then the app's lifespan stops the engine driver and the KV event sockets.
 """
@@ -15,54 +18,73 @@ from emulator.catalog import CatalogError
 from workers.config import WorkerConfig
 from workers.engine import ROLES, EngineError
 
+DEFAULT_PORT = 8100
+log = logging.getLogger("kvlab.worker")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so that, with --spec, only flags actually given override the spec.
+    d = WorkerConfig()
+    p.add_argument("--spec", default=None, help="cluster spec (file or bundled name); needs --worker-id")
     hw = p.add_argument_group("model and hardware")
-    hw.add_argument("--model", default="Llama-3.1-8B", help="catalog model name")
-    hw.add_argument("--gpu", default="H100-SXM", help="catalog GPU name")
-    hw.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    hw.add_argument("--tp-link", default=None, help="catalog link for TP all-reduces (default: the GPU's)")
-    hw.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
-    hw.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp16", "fp8"])
-    hw.add_argument("--catalog", default=None, help="user catalog TOML adding or overriding entries")
+    hw.add_argument("--model", help=f"catalog model name (default {d.model})")
+    hw.add_argument("--gpu", help=f"catalog GPU name (default {d.gpu})")
+    hw.add_argument("--tp", type=int, help="tensor-parallel degree (default 1)")
+    hw.add_argument("--tp-link", help="catalog link for TP all-reduces (default: the GPU's intra-node link)")
+    hw.add_argument("--weight-dtype", choices=["bf16", "fp16", "fp8"], help="default bf16")
+    hw.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp8"], help="default bf16")
+    hw.add_argument("--catalog", help="user catalog TOML adding or overriding entries")
     srv = p.add_argument_group("server")
-    srv.add_argument("--role", default="both", choices=ROLES)
+    srv.add_argument("--role", choices=ROLES, help="default both")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8100)
-    srv.add_argument("--worker-id", default=None, help="default: <role>-<port>")
-    srv.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
-    srv.add_argument("--model-alias", action="append", default=[], help="another accepted model name (repeatable)")
-    srv.add_argument("--advertise-url", default=None, help="base URL given to decode workers (default: from Host)")
-    srv.add_argument("--tokenizer", default=None, help="tokenizer.json (default: kvlab's built-in tokenizer)")
+    srv.add_argument("--port", type=int, help=f"default {DEFAULT_PORT} (or the spec's)")
+    srv.add_argument("--worker-id", help="default: <role>-<port>")
+    srv.add_argument("--served-model-name", help="name clients send as `model` (default: --model)")
+    srv.add_argument("--model-alias", dest="model_aliases", action="append", help="another accepted name")
+    srv.add_argument("--advertise-url", help="base URL handed to decode workers (default: from Host)")
+    srv.add_argument("--tokenizer", help="tokenizer.json (default: kvlab's built-in tokenizer)")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--graceful-shutdown-s", type=float, default=5.0)
     eng = p.add_argument_group("engine")
-    eng.add_argument("--time-scale", type=float, default=1.0, help="wall seconds per emulated second")
-    eng.add_argument("--num-blocks", type=int, default=None, help="KV pool size (default: from HBM)")
-    eng.add_argument("--max-num-seqs", type=int, default=256)
-    eng.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    eng.add_argument("--max-waiting", type=int, default=1024, help="queued requests before 503")
-    eng.add_argument("--max-model-len", type=int, default=None)
-    eng.add_argument("--eos-probability", type=float, default=0.0)
-    eng.add_argument("--preemption", default="recompute", choices=["recompute", "swap"])
-    eng.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
+    eng.add_argument("--time-scale", type=float, help="wall seconds per emulated second (default 1)")
+    eng.add_argument("--num-blocks", type=int, help="KV pool size in blocks (default: from HBM)")
+    eng.add_argument("--max-num-seqs", type=int, help=f"default {d.max_num_seqs}")
+    eng.add_argument("--max-num-batched-tokens", type=int, help=f"default {d.max_num_batched_tokens}")
+    eng.add_argument("--max-waiting", type=int, help=f"queued requests before 503 (default {d.max_waiting})")
+    eng.add_argument("--max-model-len", type=int, help="default: the model's context length")
+    eng.add_argument("--eos-probability", type=float, help="per-token EOS chance (default 0: exactly max_tokens)")
+    eng.add_argument("--preemption", choices=["recompute", "swap"])
+    eng.add_argument("--eviction", choices=["lru", "lfu"])
     kv = p.add_argument_group("P/D handoff and KV events")
-    kv.add_argument("--kv-link", default=None, help="decode role: link KV arrives over (default InfiniBand-NDR)")
-    kv.add_argument("--kv-events-endpoint", default=None, help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
-    kv.add_argument("--kv-events-replay-endpoint", default=None, help="ZMQ ROUTER address for replay requests")
+    kv.add_argument("--kv-link", help="decode role: link the KV arrives over (default InfiniBand-NDR)")
+    kv.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
+    kv.add_argument("--kv-events-replay-endpoint", help="ZMQ ROUTER address answering replay requests")
 
 
-def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(
-        model=args.model, gpu=args.gpu, tp=args.tp, tp_link=args.tp_link, weight_dtype=args.weight_dtype,
-        kv_dtype=args.kv_dtype, catalog=args.catalog, role=args.role,
-        worker_id=args.worker_id or f"{args.role}-{args.port}", served_model_name=args.served_model_name,
-        model_aliases=list(args.model_alias), advertise_url=args.advertise_url, tokenizer=args.tokenizer,
-        time_scale=args.time_scale, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-        max_model_len=args.max_model_len, eos_probability=args.eos_probability, preemption=args.preemption,
-        eviction=args.eviction, kv_link=args.kv_link, kv_events_endpoint=args.kv_events_endpoint,
-        kv_events_replay_endpoint=args.kv_events_replay_endpoint)
+_CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "catalog", "role", "worker_id",
+                 "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "num_blocks",
+                 "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
+                 "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
+    """The worker's config and port: spec slot (if any), then the flags given."""
+    fields: dict = {}
+    if args.spec:
+        fields = _spec_fields(args.spec, args.worker_id)
+    port = args.port or fields.pop("port", DEFAULT_PORT)
+    fields.update({k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
+    fields.setdefault("worker_id", f"{fields.get('role', 'both')}-{port}")
+    return WorkerConfig(**fields), port
+
+
+def _spec_fields(spec_path: str, worker_id: str | None) -> dict:
+    from emulator.spec import load_spec
+    from workers.spec_config import spec_fields
+
+    if not worker_id:
+        raise ValueError("--spec needs --worker-id")
+    return spec_fields(load_spec(spec_path), worker_id)
 
 
 def event_loop_name() -> str:
@@ -70,14 +92,15 @@ def event_loop_name() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.server import create_app  # FastAPI import deferred: `kvlab --help` stays fast
+    from workers.server import create_app  # deferred: `kvlab --help` need not import FastAPI
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app = create_app(config_from_args(args))
+        config, port = config_from_args(args)
+        app = create_app(config)
     except (CatalogError, EngineError, ValueError, OSError) as exc:
-        logging.getLogger("kvlab.worker").error("cannot start worker: %s", exc)
+        log.error("cannot start worker: %s", exc)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, loop=event_loop_name(), log_level=args.log_level,
+    uvicorn.run(app, host=args.host, port=port, loop=event_loop_name(), log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_shutdown_s)
     return 0

@@ -45,6 +45,9 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     max_num_batched_tokens: int = 8192
     max_waiting: int = 1024
     max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9   # vLLM's default share of HBM (sizes the pool without num_blocks)
+    activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
+    enable_prefix_caching: bool = True    # vLLM V1 default
     eos_probability: float = 0.0
     eviction: str = "lru"
     preemption: str = "recompute"
@@ -93,7 +96,9 @@ def engine_config(cfg: WorkerConfig) -> EngineConfig:
     sched = SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
                             max_waiting=cfg.max_waiting, preemption=cfg.preemption)
     return EngineConfig(role=cfg.role, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                        eviction=cfg.eviction, max_model_len=cfg.max_model_len,
+                        gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        activation_reserve_gb=cfg.activation_reserve_gb, eviction=cfg.eviction,
+                        enable_prefix_caching=cfg.enable_prefix_caching, max_model_len=cfg.max_model_len,
                         eos_probability=cfg.eos_probability, hold_timeout_s=cfg.hold_timeout_s,
                         scheduler=sched)
 

@@ -90,6 +90,11 @@ class KvReleaser:
         self._pending: set[asyncio.Task] = set()
         self.failures = 0
 
+    def open(self) -> None:
+        # Built up front: creating a client loads CA certificates (tens of ms) and would stall the
+        # event loop, and every token stream on it, at the first release.
+        self._client = httpx.AsyncClient(timeout=self._timeout, trust_env=False)
+
     def release(self, source: RemoteSource) -> None:
         if len(self._pending) >= self._max_pending:
             self.failures += 1
@@ -101,7 +106,7 @@ class KvReleaser:
 
     async def _post(self, source: RemoteSource) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
+            self.open()
         try:
             resp = await self._client.post(f"{source.remote_url}/v1/kv/release",
                                            json={"request_id": source.remote_request_id})

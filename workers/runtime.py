@@ -40,6 +40,8 @@ class WorkerRuntime:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.cfg.role == "decode":
+            self.releaser.open()
         if self.cfg.kv_events_endpoint:
             self.publisher = ZmqKvPublisher(self.events, self.cfg.kv_events_endpoint,
                                             self.cfg.kv_events_replay_endpoint, self.cfg.kv_events_topic)

@@ -1,0 +1,26 @@
+"""A cluster spec's worker slot as a WorkerConfig (what `kvlab up` starts with `kvlab worker --spec`)."""
+from __future__ import annotations
+
+from typing import Any
+
+from emulator.spec import ClusterSpec
+
+
+def spec_fields(spec: ClusterSpec, worker_id: str) -> dict[str, Any]:
+    """WorkerConfig fields for the worker `worker_id` of the spec, plus its port."""
+    slots = {slot.id: slot for slot in spec.worker_list()}
+    if worker_id not in slots:
+        raise ValueError(f"no worker {worker_id!r} in spec {spec.name!r}; workers: {', '.join(slots)}")
+    slot = slots[worker_id]
+    pool, e = spec.pool(slot.pool), spec.engine
+    return {
+        "model": spec.model, "gpu": pool.gpu or spec.gpu, "tp": pool.tp or spec.tp, "tp_link": spec.links.tp,
+        "weight_dtype": spec.weight_dtype, "kv_dtype": spec.kv_dtype, "catalog": spec.catalog,
+        "role": slot.role, "worker_id": slot.id, "port": slot.port,
+        "block_size": e.block_size, "max_num_seqs": e.max_num_seqs,
+        "max_num_batched_tokens": e.max_num_batched_tokens, "max_waiting": e.max_waiting,
+        "max_model_len": e.max_model_len, "gpu_memory_utilization": e.gpu_memory_utilization,
+        "activation_reserve_gb": e.activation_reserve_gb, "enable_prefix_caching": e.enable_prefix_caching,
+        "eviction": e.eviction, "preemption": e.preemption, "time_scale": e.time_scale,
+        "kv_link": spec.links.kv_transfer, "swap_link": spec.links.host_swap,
+    }
