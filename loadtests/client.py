@@ -1,0 +1,54 @@
+"""One shared HTTP client per Locust environment: sends workload requests, reports and records them."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import httpx
+
+from loadtests.llm_measure import StreamResult, fire_locust_events, record, stream_request
+from loadtests.options import LoadConfig, load_config
+from loadtests.payloads import body, path_for
+from loadtests.records import RecordWriter
+
+
+# httpx logs every request at INFO: thousands of lines a minute under load, drowning Locust's own output.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class LLMClient:
+    def __init__(self, config: LoadConfig, events):
+        self.config = config
+        self.events = events
+        # One pool for every user and open-loop greenlet: hundreds of concurrent streams are normal near
+        # a cluster's knee, so connections are not capped here (the open loop caps requests instead).
+        self.http = httpx.Client(base_url=config.host, timeout=None,
+                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=2048))
+        self.path = path_for(config.api)
+        self.records = RecordWriter(config.records) if config.records else None
+
+    def send(self, request, name: str | None = None, messages: Sequence[dict[str, str]] | None = None,
+             **extra: Any) -> StreamResult:
+        c = self.config
+        payload = body(request, c.model, c.api, c.ignore_eos, messages)
+        result = stream_request(self.http, self.path, payload, c.keys.headers(request.tenant))
+        fire_locust_events(self.events, result, name or request.archetype, per_gap=c.itl_per_gap)
+        if self.records is not None:
+            self.records.write(record(result, id=request.request_id, archetype=request.archetype,
+                                      tenant=request.tenant, prompt_len=len(request.tokens),
+                                      max_tokens=request.max_tokens, **extra))
+        return result
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.records is not None:
+            self.records.write(row)
+
+
+_clients: dict[int, LLMClient] = {}
+
+
+def client_for(environment) -> LLMClient:
+    client = _clients.get(id(environment))
+    if client is None:
+        client = _clients[id(environment)] = LLMClient(load_config(environment), environment.events)
+    return client

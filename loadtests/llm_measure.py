@@ -1,0 +1,155 @@
+"""The one LLM-specific measurement: send a streaming OpenAI request, time its tokens.
+
+TTFT is the wall time from sending the request to the first content chunk; the inter-token latencies
+(ITL) are the gaps between consecutive content chunks; e2e runs until the stream ends. Servers stream
+one chunk per token (vLLM and kvlab do), so chunks stand in for tokens; the server's usage block, when
+it sends one, gives the exact token counts. Works against any OpenAI-compatible server.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+
+_decode = msgspec.json.Decoder().decode
+
+
+@dataclass
+class StreamResult:
+    """One request's timings in wall seconds (None where the stream never got that far)."""
+    sent_at: float                 # time.time() when the request left: aligns with metrics scrapes
+    status: int = 0                # HTTP status (0: no response at all)
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    chunks: int = 0                # content chunks received
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    text: str = ""                 # the generated text (multi-turn users resend it)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status == 200
+
+    @property
+    def output_tokens(self) -> int:
+        if self.usage and self.usage.get("completion_tokens") is not None:
+            return int(self.usage["completion_tokens"])
+        return self.chunks
+
+    @property
+    def cached_tokens(self) -> int | None:
+        details = (self.usage or {}).get("prompt_tokens_details") or {}
+        return details.get("cached_tokens")
+
+
+def stream_request(client: httpx.Client, path: str, payload: dict, headers: dict | None = None,
+                   timeout: float | None = 600.0) -> StreamResult:
+    """POST `payload` with stream=True to `path` and time every content chunk; never raises."""
+    body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+    result = StreamResult(sent_at=time.time())
+    start = time.perf_counter()
+    try:
+        with client.stream("POST", path, json=body, headers=headers, timeout=timeout) as response:
+            result.status = response.status_code
+            if response.status_code != 200:
+                result.error = _error_message(response.read(), response.status_code)
+                return result
+            _read_events(response, result, start)
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.e2e_s = time.perf_counter() - start
+    return result
+
+
+def _read_events(response: httpx.Response, result: StreamResult, start: float) -> None:
+    parts: list[str] = []
+    last = None
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments and keep-alives
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        event = _decode(data)
+        if "error" in event:
+            result.error = _error_text(event["error"])
+            break
+        if event.get("usage"):
+            result.usage = event["usage"]
+        text = _content(event)
+        if not text:
+            continue  # role-only first deltas and usage chunks carry no token
+        now = time.perf_counter()
+        if last is None:
+            result.ttft_s = now - start
+        else:
+            result.gaps_s.append(now - last)
+        last = now
+        result.chunks += 1
+        parts.append(text)
+    result.text = "".join(parts)
+    if result.error is None and result.chunks == 0:
+        result.error = "stream ended without any token"
+
+
+def _content(event: dict) -> str:
+    choices = event.get("choices") or []
+    if not choices:
+        return ""
+    choice = choices[0]
+    delta = choice.get("delta")
+    if delta is not None:                   # chat completions
+        return delta.get("content") or ""
+    return choice.get("text") or ""         # completions
+
+
+def _error_message(raw: bytes, status: int) -> str:
+    try:
+        return f"HTTP {status}: {_error_text(_decode(raw)['error'])}"
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return f"HTTP {status}: {raw[:200].decode(errors='replace')}"
+
+
+def _error_text(error: Any) -> str:
+    return error.get("message", str(error)) if isinstance(error, dict) else str(error)
+
+
+def fire_locust_events(events, result: StreamResult, name: str, per_gap: bool = True) -> None:
+    """Report one request as Locust metrics of their own: TTFT, ITL, E2E and TOKENS.
+
+    Locust's table then shows TTFT and ITL percentiles beside e2e. The TOKENS row carries the output
+    token count in its "response time" column (Locust has no unit-free metric). A failed request is
+    one E2E failure, so rejections (429, 503) show in Locust's failure count.
+    """
+    if not result.ok:
+        events.request.fire(request_type="E2E", name=name, response_time=(result.e2e_s or 0.0) * 1000,
+                            response_length=0, exception=RuntimeError(result.error or f"HTTP {result.status}"),
+                            context={})
+        return
+    fire = events.request.fire
+    fire(request_type="TTFT", name=name, response_time=result.ttft_s * 1000, response_length=0,
+         exception=None, context={})
+    gaps = result.gaps_s if per_gap else _mean_gap(result)
+    for gap in gaps:
+        fire(request_type="ITL", name=name, response_time=gap * 1000, response_length=0, exception=None,
+             context={})
+    fire(request_type="E2E", name=name, response_time=result.e2e_s * 1000,
+         response_length=result.output_tokens, exception=None, context={})
+    fire(request_type="TOKENS", name=name, response_time=result.output_tokens,
+         response_length=result.output_tokens, exception=None, context={})
+
+
+def _mean_gap(result: StreamResult) -> list[float]:
+    return [sum(result.gaps_s) / len(result.gaps_s)] if result.gaps_s else []
+
+
+def record(result: StreamResult, **extra: Any) -> dict:
+    """The raw per-request record the sweep analyses (wall seconds; JSON-ready)."""
+    return {"sent_at": result.sent_at, "status": result.status, "ttft": result.ttft_s, "e2e": result.e2e_s,
+            "gaps": [round(g, 6) for g in result.gaps_s], "tokens": result.output_tokens,
+            "prompt_tokens": (result.usage or {}).get("prompt_tokens"), "cached_tokens": result.cached_tokens,
+            "error": result.error, **extra}
