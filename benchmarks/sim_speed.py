@@ -4,7 +4,7 @@ The Mooncake conversation trace (12,031 requests) is tiled to the requested coun
 starts where the previous one ended and shifts its block ids, so it behaves as new conversations.
 Prints simulated seconds, CPU seconds, their ratio (x real time) and requests per CPU-second.
 
-    .venv/bin/python benchmarks/sim_speed.py [--requests 50000] [--workers 32] [--speedup 8]
+    .venv/bin/python benchmarks/sim_speed.py [--requests 50000] [--workers 32] [--speedup 1]
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=32)
-    parser.add_argument("--speedup", type=float, default=8.0,
-                        help="divide trace timestamps by this (8x the trace's 3.4 req/s loads 32 8B workers)")
+    parser.add_argument("--speedup", type=float, default=1.0,
+                        help="divide trace timestamps by this (1: the trace's own 3.4 requests/s)")
     parser.add_argument("--policy", default="prefix_bounded")
     args = parser.parse_args()
     base = open(example_spec_path("colocated-8b-h100")).read()

@@ -137,7 +137,21 @@ class BlockManager:
         """`count` fresh blocks, or None (and nothing taken) if the pool cannot supply them."""
         if count > self.num_free:
             return None
-        return [self._take_free() for _ in range(count)]
+        empty = self._empty
+        from_empty = min(count, len(empty))
+        ids = empty[len(empty) - from_empty:][::-1]   # the same order as popping one at a time
+        del empty[len(empty) - from_empty:]
+        for _ in range(count - from_empty):
+            block_id = self._evictable.pop()
+            self._evict(self.blocks[block_id])
+            ids.append(block_id)
+        blocks = self.blocks
+        for block_id in ids:
+            block = blocks[block_id]
+            block.ref_count = 1
+            block.hits = 0
+        self.num_used += count
+        return ids
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference from each block; tail blocks first so they are evicted first."""
@@ -198,18 +212,6 @@ class BlockManager:
             self.num_used += 1
         block.ref_count += 1
         block.hits += 1
-
-    def _take_free(self) -> int:
-        if self._empty:
-            block_id = self._empty.pop()
-        else:
-            block_id = self._evictable.pop()
-            self._evict(self.blocks[block_id])
-        block = self.blocks[block_id]
-        block.ref_count = 1
-        block.hits = 0
-        self.num_used += 1
-        return block_id
 
     def _evict(self, block: Block) -> None:
         del self._cached[block.block_hash]
