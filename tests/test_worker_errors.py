@@ -79,7 +79,9 @@ def test_huge_body_is_413_and_the_server_keeps_serving(start_worker):
 
 def test_unknown_route_and_wrong_method_are_openai_errors(worker):
     assert _error(httpx.get(worker.url + "/v1/nothing"), 404)["type"] == "not_found_error"
-    _error(httpx.get(worker.url + "/v1/completions"), 405)
+    r = httpx.get(worker.url + "/v1/completions")
+    _error(r, 405)
+    assert r.headers["allow"] == "POST"
 
 
 def test_handoff_params_on_the_wrong_role_are_400(worker):
@@ -96,3 +98,12 @@ def test_full_waiting_queue_answers_503_with_retry_after(start_worker):
     r = httpx.post(w.url + "/v1/completions", json=OK)
     err = _error(r, 503)
     assert err["code"] == "queue_full" and r.headers["retry-after"] == "1"
+
+
+def test_a_bug_in_the_worker_is_an_openai_500_not_a_crash(worker, monkeypatch):
+    def broken():
+        raise RuntimeError("boom")
+    monkeypatch.setattr(worker.runtime, "load", broken)
+    err = _error(httpx.get(worker.url + "/load"), 500)
+    assert err["type"] == "server_error" and "boom" not in err["message"]
+    assert httpx.post(worker.url + "/v1/completions", json=OK).status_code == 200

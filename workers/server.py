@@ -123,13 +123,24 @@ def _add_handoff_routes(app: FastAPI, rt: WorkerRuntime) -> None:
         return json_response({"request_id": body.request_id, "released": rt.release(body.request_id)})
 
     @app.get("/v1/kv_events")
-    async def kv_events(after: int = -1, format: str = "json") -> Response:
+    async def kv_events(request: Request) -> Response:
+        after, fmt = _int_query(request, "after", -1), request.query_params.get("format", "json")
         batches = rt.events.since(after)
         headers = {"X-KV-Events-First-Seq": str(rt.events.first_seq),
                    "X-KV-Events-Next-Seq": str(rt.events.next_seq)}
-        if format == "msgpack":
+        if fmt == "msgpack":
             return Response(msgspec.msgpack.encode(batches), headers=headers, media_type="application/msgpack")
         return json_response(batches, headers=headers)
+
+
+def _int_query(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name} must be an integer", param=name) from None
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -145,7 +156,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type_=kind))
+        return _error_response(ApiError(exc.status_code, str(exc.detail), type_=kind, headers=exc.headers))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
