@@ -59,7 +59,8 @@ def test_request_larger_than_the_whole_kv_pool_is_400(start_worker):
 def test_chat_errors_empty_messages_and_wrong_types(worker):
     url = worker.url + "/v1/chat/completions"
     assert _error(httpx.post(url, json={"model": MODEL, "messages": []}), 400)["param"] == "messages"
-    assert _error(httpx.post(url, json={"model": MODEL, "messages": [{"content": "x"}]}), 400)["param"].startswith("messages[0]")
+    no_role = _error(httpx.post(url, json={"model": MODEL, "messages": [{"content": "x"}]}), 400)
+    assert no_role["param"].startswith("messages[0]")
     assert _error(httpx.post(url, json={"model": MODEL, "messages": "hi"}), 400)["param"] == "messages"
     assert _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                         "max_completion_tokens": 0}), 400)["param"] == "max_tokens"

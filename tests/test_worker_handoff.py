@@ -53,7 +53,8 @@ def test_prefill_then_decode_hands_over_the_kv_and_releases_it(pair):
     prefill, decode = pair
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 10}
     t0 = time.perf_counter()
-    answer = prefill.http.post("/v1/completions", json={**body, "kv_transfer_params": {"do_remote_decode": True}}).json()
+    ask = {**body, "kv_transfer_params": {"do_remote_decode": True}}
+    answer = prefill.http.post("/v1/completions", json=ask).json()
     prefill_elapsed = time.perf_counter() - t0
     params = answer["kv_transfer_params"]
     assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -36,7 +37,7 @@ class KvEventLog:
     def __init__(self, capacity: int = 4096):
         self._buffer: deque[tuple[int, KVEventBatch, bytes]] = deque(maxlen=max(1, capacity))
         self.next_seq = 0
-        self.listeners: list = []   # called with (seq, payload) for each new batch
+        self.listeners: list[Callable[[int, bytes], None]] = []   # told (seq, payload) of each new batch
 
     def append(self, events: list[KVEvent]) -> int:
         batch = KVEventBatch(ts=time.time(), events=events)
