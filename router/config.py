@@ -74,22 +74,20 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
 
 
-def from_spec(path: str, base: RouterConfig | None = None) -> RouterConfig:
-    """A RouterConfig from a cluster spec file: its workers, router section, tenants and SLO."""
+def from_spec(path: str, worker_host: str = "127.0.0.1") -> tuple[RouterConfig, int, str]:
+    """(config, port, listen host) from a cluster spec: its workers, router section, tenants and SLO."""
     from emulator.spec import load_spec  # optional part: only `--spec` needs it
     spec = load_spec(path)
-    cfg = base or RouterConfig()
-    workers = [WorkerConfig(url=f"http://127.0.0.1:{slot.port}", id=slot.id, role=slot.role)
+    workers = [WorkerConfig(url=f"http://{worker_host}:{slot.port}", id=slot.id, role=slot.role)
                for slot in spec.worker_list()]
     r = spec.router
-    limits = msgspec.structs.replace(cfg.limits, max_input_tokens=r.max_input_tokens,
-                                     max_tokens_limit=r.max_tokens_limit)
+    limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit)
     tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
                             tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
                             cache_salt=t.cache_salt) for t in spec.tenants]
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
-    return msgspec.structs.replace(
-        cfg, workers=cfg.workers or workers, policy=r.policy, policies={r.policy: dict(r.settings)},
-        tenants=tenants, limits=limits, admin_token=r.admin_token, block_size=spec.engine.block_size,
-        shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s), models=[spec.model])
+    config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
+                          limits=limits, admin_token=r.admin_token, block_size=spec.engine.block_size,
+                          shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s), models=[spec.model])
+    return config, r.port, r.host

@@ -44,7 +44,8 @@ class RunningRouter:
 
 
 def router_app(workers, **fields):
-    declared = [WorkerConfig(url=w.url, id=w.config.worker_id, role=w.config.role) for w in workers]
+    declared = [WorkerConfig(url=w.url, id=w.config.worker_id, role=w.config.role,
+                             kv_events=w.config.kv_events_endpoint) for w in workers]
     fields.setdefault("health", HealthConfig(interval_s=0.2, failures_to_remove=1))
     return create_app(RouterConfig(workers=declared, **fields))
 

@@ -1,0 +1,113 @@
+"""`kvlab router`: run the router under uvicorn on uvloop.
+
+Settings come from a cluster spec (``--spec``: its workers, router section, tenants and SLO), from a
+router config file (``--config``: a RouterConfig as JSON or TOML), and from flags, in that order,
+later ones winning. Workers are ``URL``, ``ID=URL`` or ``ID=URL#ROLE``, comma-separated:
+
+    kvlab router --workers http://127.0.0.1:8100,http://127.0.0.1:8101 --policy prefix_bounded
+    kvlab router --workers p0=http://h:8100#prefill,d0=http://h:8101#decode --policy pd_pair
+    kvlab router --spec default            # what `kvlab up` runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import msgspec
+import uvicorn
+
+from router.config import RouterConfig, WorkerConfig, from_spec
+from router.policies.registry import BUILDERS
+
+DEFAULT_PORT = 8000   # the port OpenAI-compatible servers (vLLM included) listen on by default
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="cluster spec (file or bundled example name)")
+    p.add_argument("--config", help="router config file (JSON or TOML RouterConfig)")
+    p.add_argument("--host", default=None, help="listen address (default: the spec's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help=f"default: the spec's, else {DEFAULT_PORT}")
+    p.add_argument("--workers", help="URL | ID=URL | ID=URL#ROLE, comma-separated")
+    p.add_argument("--policy", choices=sorted(BUILDERS), help="default routing policy")
+    p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the default policy (value parsed as JSON when it can be), repeatable")
+    p.add_argument("--admin-token", help="enables POST/DELETE /admin/workers with this Bearer token")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: kvlab's built-in tokenizer, as the workers)")
+    p.add_argument("--block-size", type=int, help="KV block size in tokens (must match the workers')")
+    p.add_argument("--kv-events", choices=["http", "zmq", "off"], help="how to follow the workers' KV events")
+    p.add_argument("--max-input-tokens", type=int)
+    p.add_argument("--max-tokens-limit", type=int)
+    p.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, str, int]:
+    host = args.host or "127.0.0.1"
+    config, port = RouterConfig(), None
+    if args.spec:
+        spec_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        config, spec_port, spec_listen = from_spec(args.spec, spec_host)
+        port, host = spec_port, args.host or spec_listen
+    if args.config:
+        config = _read_config(args.config)
+    config = _apply_flags(config, args)
+    return config, host, args.port or port or DEFAULT_PORT
+
+
+def _read_config(path: str) -> RouterConfig:
+    raw = Path(path).read_bytes()
+    decode = msgspec.toml.decode if path.endswith(".toml") else msgspec.json.decode
+    return decode(raw, type=RouterConfig)
+
+
+def _apply_flags(config: RouterConfig, args: argparse.Namespace) -> RouterConfig:
+    changes: dict = {}
+    if args.workers:
+        changes["workers"] = [_worker(item) for item in args.workers.split(",") if item.strip()]
+    if args.policy:
+        changes["policy"] = args.policy
+    if args.policy_setting:
+        name = args.policy or config.policy
+        settings = dict(config.policies.get(name, {}))
+        settings.update(_setting(item) for item in args.policy_setting)
+        changes["policies"] = {**config.policies, name: settings}
+    for flag in ("admin_token", "tokenizer", "block_size", "kv_events"):
+        if getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag)
+    limits = {k: getattr(args, k) for k in ("max_input_tokens", "max_tokens_limit") if getattr(args, k) is not None}
+    if limits:
+        changes["limits"] = msgspec.structs.replace(config.limits, **limits)
+    return msgspec.structs.replace(config, **changes)
+
+
+def _worker(item: str) -> WorkerConfig:
+    item, _, role = item.strip().partition("#")
+    worker_id, _, url = item.rpartition("=") if "=" in item else ("", "", item)
+    return WorkerConfig(url=url, id=worker_id, role=role or "both")
+
+
+def _setting(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, host, port = config_from_args(args)
+        from router.server import create_app
+        app = create_app(config)
+    except (ValueError, OSError, msgspec.MsgspecError) as exc:
+        print(f"kvlab router: {exc}", file=sys.stderr)
+        return 2
+    if not config.workers:
+        logging.getLogger("kvlab.router").warning("no workers configured: add some with POST /admin/workers")
+    # uvloop + httptools: the fastest stack uvicorn offers; no access log on the hot path.
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level=args.log_level,
+                access_log=False, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,51 @@
+"""The KV-aware policy follows the workers' KV events (HTTP polling or ZMQ) into the router's index."""
+import time
+
+import httpx
+import pytest
+
+from conftest import free_port
+from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
+
+SYSTEM = list(range(20_000, 20_000 + 160))   # ten full blocks shared by every request below
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("transport", ["http", "zmq"])
+def test_kv_aware_routes_to_the_worker_whose_cache_holds_the_prefix(start_worker, start_router, transport):
+    extra = (lambda: {"kv_events_endpoint": f"tcp://127.0.0.1:{free_port()}"}) if transport == "zmq" else dict
+    workers = [start_worker(worker_id=f"w{i}", **extra()) for i in range(3)]
+    router = start_router(workers, policy="kv_aware", kv_events=transport, kv_events_poll_s=0.02)
+    index = router.router.policies.index
+
+    def send(suffix):
+        r = httpx.post(router.url + "/v1/completions", timeout=10,
+                       json={"model": MODEL, "prompt": SYSTEM + [suffix], "max_tokens": 2})
+        assert r.status_code == 200
+        return r.headers["x-kvlab-worker"]
+
+    if transport == "zmq":
+        time.sleep(0.3)   # a SUB socket misses what is published before it has connected (ZMQ's slow joiner)
+    home = send(1)
+    assert wait_for(lambda: len(index) >= 10), "the router's index never saw the worker's stored blocks"
+    assert {send(s) for s in range(2, 8)} == {home}   # the cached prefix wins over equal loads
+    assert router.router.subscriber.batches > 0
+    assert router.metric("kvlab_router_estimated_prefix_hit_tokens_total", policy="kv_aware") >= 6 * 160
+
+
+def test_a_worker_that_goes_down_is_forgotten_by_the_index(start_worker, start_router):
+    from router_fixtures import kill
+    workers = [start_worker(worker_id=f"w{i}") for i in range(2)]
+    router = start_router(workers, policy="kv_aware", kv_events_poll_s=0.02)
+    index = router.router.policies.index
+    r = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": SYSTEM, "max_tokens": 1})
+    home = r.headers["x-kvlab-worker"]
+    assert wait_for(lambda: index.block_count(home) >= 10)
+    kill(next(w for w in workers if w.config.worker_id == home))
+    assert wait_for(lambda: not router.workers()[home] and index.block_count(home) == 0)

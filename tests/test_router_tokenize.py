@@ -1,0 +1,46 @@
+"""The router tokenizes exactly as the workers do: same ids, same blocks, so its hashes match their cache."""
+from hypothesis import given, settings, strategies as st
+
+from kvlab.openai_api import ChatCompletionRequest, ChatMessage, CompletionRequest
+from kvlab.tokenizer import OUTPUT_WORDS, BuiltinTokenizer, apply_chat_template, token_text
+from router.tokenize import MEMO_MIN_CHARS, PromptTokenizer
+
+# Text with special tokens inside it, where segment-wise encoding could go wrong.
+text_st = st.lists(st.sampled_from(list("ab Z9.,\n<|>_-") + ["<|eot_id|>", "<|start_header_id|>", " word"]),
+                   max_size=30).map("".join)
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), text_st), min_size=1, max_size=4),
+       st.integers(0, 3))
+def test_chat_prompts_encode_exactly_as_the_worker_encodes_them(turns, repeat):
+    tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    long = "Long shared system prompt. " * (MEMO_MIN_CHARS // 20)
+    messages = [{"role": "system", "content": long}] + [{"role": r, "content": c} for r, c in turns]
+    request = ChatCompletionRequest(model="m", messages=[ChatMessage(**m) for m in messages])
+    expected = BuiltinTokenizer().encode(apply_chat_template(messages))
+    for _ in range(repeat + 1):   # first encode, then memoized
+        assert tok.chat(request) == expected
+
+
+def test_a_repeated_long_system_prompt_is_memoized():
+    tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    system = "You are a careful assistant. " * 100
+    for user in ("one", "two", "three"):
+        tok.chat(ChatCompletionRequest(model="m", messages=[ChatMessage(role="system", content=system),
+                                                            ChatMessage(role="user", content=user)]))
+    assert tok.memo.hits == 2
+
+
+def test_token_id_prompts_pass_through_and_output_words_map_back_to_their_ids():
+    tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    assert tok.completion(CompletionRequest(model="m", prompt=[5, 6, 7])) == [5, 6, 7]
+    ids = list(range(len(OUTPUT_WORDS)))
+    assert tok.output_ids("".join(token_text(i) for i in ids)) == ids
+
+
+def test_route_requests_hash_with_the_salt():
+    tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    tokens = list(range(1000, 1064))
+    plain, salted = tok.route_request(tokens, None, None), tok.route_request(tokens, "s", None)
+    assert len(plain.blocks) == 4 and plain.blocks[0] != salted.blocks[0]
