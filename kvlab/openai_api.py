@@ -115,7 +115,9 @@ _decoders: dict[type, msgspec.json.Decoder] = {}
 
 def decode_request(raw: bytes, kind: type) -> Any:
     """Decode a request body; malformed JSON or wrong types become a 400 naming the field."""
-    decoder = _decoders.setdefault(kind, msgspec.json.Decoder(kind))
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:

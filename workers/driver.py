@@ -97,9 +97,14 @@ class EngineDriver:
         self._wake.set()
         return stream
 
+    def wake(self) -> None:
+        """Something outside a step changed the engine (blocks freed, KV released): look again now."""
+        self._wake.set()
+
     def abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         self.engine.abort(request_id)
+        self.wake()
         if stream is not None and stream.finished is None:
             stream.queue.put_nowait(Finished(request_id=request_id, reason="abort", prompt_tokens=0,
                                              output_tokens=0, cached_tokens=0))
@@ -129,12 +134,17 @@ class EngineDriver:
                 self._deliver(result)
                 await self._idle(result.next_wakeup)
                 continue
-            delay = self._wall_at(result.end) - self.clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self.lag.record(max(0.0, self.clock() - self._wall_at(result.end)))
+            await self._sleep_until(self._wall_at(result.end))
+            self.lag.record(self.clock() - self._wall_at(result.end))
             self._virtual = result.end
             self._deliver(result)
+
+    async def _sleep_until(self, wall: float) -> None:
+        """Sleep to a wall time; loop timers may fire early (libuv: 1 ms resolution), so top up.
+        Always yields once, so a driver behind schedule never starves the server."""
+        await asyncio.sleep(max(0.0, wall - self.clock()))
+        while (left := wall - self.clock()) > 0:
+            await asyncio.sleep(left)
 
     async def _idle(self, next_wakeup: float | None) -> None:
         self._wake.clear()

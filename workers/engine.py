@@ -129,6 +129,9 @@ class Engine:
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, now: float,
                     priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None) -> Request:
         self._validate(prompt, params)
+        if remote is not None and params.max_tokens < 2:
+            raise EngineError("a remote-prefill request needs max_tokens >= 2: its first token came from "
+                              "the prefill worker")
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
             raise QueueFull(f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
         if params.eos_probability == 0.0 and self.config.eos_probability:

@@ -89,19 +89,13 @@ class WorkerRuntime:
         source = self._sources.pop(request_id, None)
         if source is not None:
             self.releaser.release(source)   # the prefill worker need not hold KV nobody will use
-        self._wake()
 
     def release(self, request_id: str) -> bool:
         """Prefill role: a decode worker has the KV of this held request."""
         released = self.engine.release(request_id)
         if released:
-            self._wake()
+            self.driver.wake()   # freed blocks may admit a waiting request now
         return released
-
-    def _wake(self) -> None:
-        # Freed blocks may admit waiting requests, but the driver sleeps until a submit or its next
-        # wakeup (up to a hold timeout away); EngineDriver has no public wake, so poke its event.
-        self.driver._wake.set()
 
     # -- every step --------------------------------------------------------------------------
     def _on_step(self, result: StepResult) -> None:
