@@ -1,0 +1,183 @@
+"""The planner's entry points: capacity (C_max), curve, and plan (fleet size and cost).
+
+Each takes names and numbers (PlanRequest, Workload, Slo) and returns msgspec Structs, so results
+encode to JSON as they are. Infeasible inputs raise PlannerError with the reason.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from emulator import roofline
+from emulator.catalog import Catalog
+from emulator.planner import context, cost, curve as curves, decode, prefill, sizing
+from emulator.planner.errors import PlannerError
+from emulator.planner.inputs import PlanRequest, Slo, Workload
+from emulator.planner.operating import Cluster, evaluate
+
+
+class Limit(msgspec.Struct, frozen=True, kw_only=True):
+    constraint: str
+    rate: float
+
+
+class Capacity(msgspec.Struct, frozen=True, kw_only=True):
+    cluster: Cluster
+    gpus: int
+    max_rate: float              # C_max: the largest rate (requests/s) meeting every SLO
+    usable_rate: float           # max_rate / headroom: what to load it with
+    concurrency: float           # requests in flight at max_rate (Little's law: rate x mean e2e)
+    binding: str                 # the constraint that fails first above max_rate
+    resource: str                # the roofline ceiling behind it: compute or bandwidth (or kv_memory...)
+    limits: list[Limit]          # the rate each constraint alone allows, tightest first
+    at_max: curves.CurvePoint
+
+
+class PoolPlan(msgspec.Struct, frozen=True, kw_only=True):
+    role: str                    # "colocated", "prefill" or "decode"
+    workers: int                 # spares included
+    spares: int
+    gpus: int
+    max_rate_per_worker: float   # C_max of one worker of this pool
+    usable_rate_per_worker: float
+    binding: str
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    gpu: str
+    tp: int
+    mode: str
+    target_rate: float
+    sized_rate: float            # target x headroom
+    headroom: float
+    redundancy: int
+    pools: list[PoolPlan]
+    gpus: int
+    prefill_to_decode: float | None  # disaggregated: prefill workers per decode worker (serving, no spares)
+    predicted: curves.CurvePoint     # the serving cluster (no spares) at the target rate
+    cost: cost.Cost
+    kv_pool_tokens: int              # per worker
+    notes: list[str]
+
+
+def capacity(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster | None = None,
+             catalog: Catalog | None = None) -> Capacity:
+    """C_max of `cluster` (default: one worker, or one prefill + one decode worker)."""
+    ctx = context.build(req, workload, catalog)
+    check_feasible(ctx, slo)
+    cluster = cluster or (Cluster(workers=1) if req.mode == "colocated" else Cluster(prefill=1, decode=1))
+    _check_cluster(req, cluster)
+    best = sizing.max_rate(ctx, slo, cluster)
+    if best <= 0:
+        raise PlannerError("no positive rate meets the SLOs on this cluster")
+    op = evaluate(ctx, cluster, best, slo)
+    saturation = sizing.max_rate(ctx, None, cluster, only=sizing.CEILINGS)
+    at_max = curves.point(ctx, op, saturation)
+    bind = sizing.binding(ctx, slo, cluster, best)
+    lims = [Limit(constraint=lim.constraint, rate=float(lim.rate)) for lim in sizing.limits(ctx, slo, cluster)]
+    return Capacity(cluster=cluster, gpus=cluster.gpus(req.tp), max_rate=float(best),
+                    usable_rate=float(best / req.headroom), concurrency=float(best * mean_latency(ctx, op)),
+                    binding=bind, resource=resource(ctx, bind, best, cluster), limits=lims, at_max=at_max)
+
+
+def curve(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster, rates: list[float] | None = None,
+          catalog: Catalog | None = None) -> curves.Curve:
+    """Predicted TTFT/ITL percentiles, throughput and goodput of `cluster` at each rate."""
+    ctx = context.build(req, workload, catalog)
+    _check_cluster(req, cluster)
+    return curves.curve(ctx, slo, cluster, rates)
+
+
+def plan(req: PlanRequest, workload: Workload, slo: Slo, catalog: Catalog | None = None) -> Plan:
+    """Workers and GPUs per pool for workload.rate under the SLOs, with headroom, spares and cost."""
+    ctx = context.build(req, workload, catalog)
+    check_feasible(ctx, slo)
+    sized = sizing.size(ctx, slo, workload.rate)
+    per = sizing.per_worker(ctx, slo)
+    pools = _pools(ctx, slo, sized, per)
+    gpus = sized.cluster.gpus(req.tp)
+    saturation = sizing.max_rate(ctx, None, sized.serving, only=sizing.CEILINGS)
+    predicted = curves.point(ctx, sized.point, saturation)
+    ratio = sized.serving.prefill / sized.serving.decode if req.mode == "disaggregated" else None
+    bill = cost.cost(gpus, req.price_per_gpu_hour, workload.rate, ctx.prompts.mean(), ctx.outputs.mean())
+    return Plan(model=req.model, gpu=req.gpu, tp=req.tp, mode=req.mode, target_rate=workload.rate,
+                sized_rate=float(sized.rate), headroom=req.headroom, redundancy=req.redundancy, pools=pools, gpus=gpus,
+                prefill_to_decode=ratio, predicted=predicted, cost=bill, kv_pool_tokens=ctx.pool_tokens,
+                notes=_notes(ctx))
+
+
+def _pools(ctx, slo, sized, per) -> list[PoolPlan]:
+    req = ctx.req
+    if req.mode == "colocated":
+        roles = [("colocated", sized.cluster.workers)]
+    else:
+        roles = [("prefill", sized.cluster.prefill), ("decode", sized.cluster.decode)]
+    out = []
+    for role, workers in roles:
+        one = Cluster(workers=1) if role == "colocated" else (
+            Cluster(prefill=1, decode=sizing.MAX_WORKERS) if role == "prefill" else Cluster(prefill=sizing.MAX_WORKERS, decode=1))
+        bind = sizing.binding(ctx, slo, one, per[role]) if per[role] > 0 else "infeasible"
+        out.append(PoolPlan(role=role, workers=workers, spares=req.redundancy, gpus=workers * req.tp,
+                            max_rate_per_worker=float(per[role]), usable_rate_per_worker=float(per[role] / req.headroom),
+                            binding=bind))
+    return out
+
+
+def mean_latency(ctx: context.Context, op) -> float:
+    """Time in system (median TTFT + mean decode time) at an operating point, for Little's law."""
+    return op.ttft_p50 + ctx.decode_tokens * op.itl_mean
+
+
+def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) -> str:
+    """The hardware limit behind a binding constraint: the roofline bound of the steps it depends on."""
+    if binding in ("kv_memory", "max_num_seqs", "kv_link", "compute", "bandwidth"):
+        return {"max_num_seqs": "max_num_seqs"}.get(binding, binding if binding != "kv_memory" else "kv_memory")
+    if binding in ("ttft_slo", "e2e_slo"):
+        return prefill.profile(ctx, 0).full_step.bound
+    op = evaluate(ctx, cluster, rate)
+    return decode.step(ctx, max(1, round(1 + op.decode_batch))).bound
+
+
+def check_feasible(ctx: context.Context, slo: Slo) -> None:
+    """SLOs below what a worker with nothing else to do achieves have no answer: say so."""
+    idle = evaluate(ctx, _idle_cluster(ctx), 1e-9)
+    prompt_p99 = ctx.prompts.quantile(0.99)
+    if idle.ttft_p99 > slo.ttft_p99:
+        raise PlannerError(
+            f"TTFT SLO {slo.ttft_p99:.3g} s is below the minimum possible p99 TTFT of {idle.ttft_p99:.3g} s: "
+            f"with no queue at all, the p99 prompt (~{prompt_p99:.0f} tokens, {ctx.workload.prefix_reuse:.0%} "
+            f"cached) takes that long to prefill on {ctx.dep.tp} x {ctx.dep.gpu.name}; raise tp, use faster "
+            "GPUs, or relax the SLO")
+    if idle.itl_p99 > slo.itl_p99:
+        one = decode.step(ctx, 1)
+        raise PlannerError(
+            f"ITL SLO {slo.itl_p99 * 1e3:.3g} ms is below the minimum possible p99 ITL of {idle.itl_p99 * 1e3:.3g} ms: "
+            f"a decode step of a single sequence takes {one.seconds * 1e3:.3g} ms ({one.bound}-bound) on "
+            f"{ctx.dep.tp} x {ctx.dep.gpu.name}")
+    if slo.e2e_p99 is not None and idle.e2e_p99 > slo.e2e_p99:
+        raise PlannerError(f"e2e SLO {slo.e2e_p99:.3g} s is below the minimum possible p99 of "
+                           f"{idle.e2e_p99:.3g} s (prefill plus one decode step per output token, unloaded)")
+
+
+def _idle_cluster(ctx: context.Context) -> Cluster:
+    return Cluster(workers=1) if ctx.mode == "colocated" else Cluster(prefill=1, decode=1)
+
+
+def _check_cluster(req: PlanRequest, cluster: Cluster) -> None:
+    if req.mode == "colocated" and cluster.workers < 1:
+        raise PlannerError("a colocated cluster needs workers >= 1")
+    if req.mode == "disaggregated" and (cluster.prefill < 1 or cluster.decode < 1):
+        raise PlannerError("a disaggregated cluster needs prefill >= 1 and decode >= 1 workers")
+
+
+def _notes(ctx: context.Context) -> list[str]:
+    req = ctx.req
+    notes = [f"sized for {ctx.workload.rate:g} x headroom {req.headroom:g} requests/s"
+             + (f", plus {req.redundancy} spare worker(s) per pool (N+{req.redundancy})" if req.redundancy else ""),
+             f"KV pool per worker: {ctx.pool_tokens:,} tokens "
+             f"({roofline.kv_bytes_per_token(ctx.dep.model, ctx.dep.kv_dtype):,} B/token over {ctx.dep.tp} GPU(s))",
+             f"dispatch model: {req.dispatch}"]
+    if req.mode == "disaggregated":
+        notes.append("first token from the prefill worker; the KV handoff is in the first inter-token gap"
+                     if not req.first_token_after_transfer else "first token after the KV handoff (decode worker)")
+    return notes

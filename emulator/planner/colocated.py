@@ -1,0 +1,149 @@
+"""A colocated ("both") worker: decodes and chunked prefills share every step.
+
+Each step carries every running decode (one token each) plus queued prompt tokens up to the budget
+(vLLM V1 schedules running requests first, then waiting ones FCFS). Decode tokens therefore see two
+kinds of steps: decode-only steps, and mixed steps that also carry a prefill chunk and take longer.
+That is the chunked-prefill interference: with `busy` the share of time the engine has prefill work,
+a running sequence's mean ITL is the harmonic mix
+
+    ITL(b) = 1 / (busy / E[mixed step] + (1 - busy) / decode_step(1 + b))
+
+and the batch is the fixed point b = per-worker rate x E[out - 1] x ITL(b). The prefill queue sees
+mixed steps as its service (their decode part included), so decodes slow prefill down too.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from emulator.planner import decode, dist, prefill
+from emulator.planner.context import Context
+
+
+@dataclass(frozen=True)
+class ColocatedPoint:
+    rate: float               # per worker
+    batch: float              # mean running decodes (time average)
+    itl_mean: float
+    mixed_share: float        # share of a decode's steps that carry prefill
+    queue: prefill.PrefillQueue
+    mixed_steps: dist.Points  # durations of steps that carry prefill
+    stable: bool
+    limit: str                # what saturates when unstable: "compute" or "bandwidth" (else "")
+
+
+def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
+    """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time."""
+    prof = prefill.profile(ctx, int(round(b)))
+    per_worker = rate / workers
+    if per_worker * prof.mean_share(ctx) >= 1:
+        return math.inf
+    t_dec = decode.step_seconds(ctx, 1.0 + b)
+    packed, busy = prefill.packing(ctx, prof, per_worker, before=decode.step_seconds(ctx, max(b, 1.0)))
+    if busy >= 1:
+        return math.inf
+    t_mixed = _packed_step(ctx, prof, packed)
+    return 1.0 / (busy / t_mixed + (1.0 - busy) / t_dec)
+
+
+def _packed_step(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> float:
+    ch = prof.chunks
+    cached = int(round(float(ch.cached @ (ch.weight / ch.weight.sum()))))
+    blocks = ctx.limits.block_size
+    return prefill.step_with(ctx, prof.decodes, max(1, int(round(packed / blocks)) * blocks), cached, True).seconds
+
+
+def _queue_at(ctx: Context, rate: float, workers: int, b: float) -> prefill.PrefillQueue:
+    """The prefill queue with b decodes running: when it has no prefill work the engine still runs
+    decode-only steps (vacations, in queueing terms), unless no decode is running (Poisson: e^-b)."""
+    prof = prefill.profile(ctx, int(round(b)))
+    vacation = (1.0 - math.exp(-b), decode.step_seconds(ctx, max(b, 1.0)))
+    return prefill.queue(ctx, prof, rate, workers, vacation)
+
+
+def _mixed_steps(ctx: Context, prof: prefill.PrefillProfile, q: prefill.PrefillQueue) -> dist.Points:
+    """Durations of prefill-carrying steps: each chunk, with queued prompts packed behind it."""
+    ch = prof.chunks
+    values = [prefill.with_packing(ctx, prof, n, c, bool(f), s, q.packed)
+              for n, c, f, s in zip(ch.tokens, ch.cached, ch.final, ch.seconds)]
+    return dist.Points(values, ch.weight)
+
+
+def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
+    """A pool of `workers` colocated workers at pool rate `rate` (each gets rate / workers)."""
+    per_worker = rate / workers
+    tokens = ctx.decode_tokens
+    cap = float(ctx.limits.max_num_seqs)
+
+    def h(b: float) -> float:
+        itl = _mean_itl(ctx, rate, workers, b)
+        return b - per_worker * tokens * itl if math.isfinite(itl) else -math.inf
+
+    b = decode.solve_batch(h, cap, tol=1e-3)
+    stable = b is not None
+    b = cap if b is None else b
+    q = _queue_at(ctx, rate, workers, b)
+    prof = prefill.profile(ctx, int(round(b)))
+    mixed = _mixed_steps(ctx, prof, q)
+    itl = _mean_itl(ctx, rate, workers, b)
+    share = q.busy / _packed_step(ctx, prof, q.packed) * itl if math.isfinite(itl) else 1.0
+    limit = "" if stable else _limit(ctx, q, b)
+    return ColocatedPoint(rate=per_worker, batch=b, itl_mean=itl, mixed_share=min(1.0, share), queue=q,
+                          mixed_steps=mixed, stable=stable, limit=limit)
+
+
+def _limit(ctx: Context, q: prefill.PrefillQueue, b: float) -> str:
+    """Which roofline ceiling saturates: the prefill steps' when prefill is overloaded, else the decode step's."""
+    step = prefill.profile(ctx, int(round(b))).full_step if not q.stable else decode.step(ctx, max(1, round(1 + b)))
+    return "compute" if step.bound == "compute" else "bandwidth"
+
+
+def gaps(ctx: Context, point: ColocatedPoint) -> dist.Points:
+    """All inter-token gaps: decode-only steps (over the batch sizes a token sees) and mixed steps."""
+    steady = decode.decode_only_gaps(ctx, point.batch)
+    mixed = _mixed_spread(ctx, point) if point.stable else point.mixed_steps
+    return dist.mixture([(1.0 - point.mixed_share, steady), (point.mixed_share, mixed)])
+
+
+def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
+    """Mixed-step durations with the packing random, as in `prefill.packing`: a step carries K >= 1
+    chunks (zero-truncated Poisson: chunks that arrived during the step before, a decode-only step
+    for the first of a run, a prefill step after that), each a draw from the chunk sizes. The tail of
+    this is the colocated ITL p99."""
+    prof = prefill.profile(ctx, int(round(point.batch)))
+    ch = prof.chunks
+    chunk_rate = point.rate * float(ch.weight.sum() / ctx.prompts.weights.sum())
+    mu_run = chunk_rate * _packed_step(ctx, prof, point.queue.packed)
+    mu_start = chunk_rate * decode.step_seconds(ctx, max(point.batch, 1.0))
+    first = math.exp(-min(mu_run, 50.0))                        # share of steps that start a run
+    counts = [first * a + (1 - first) * b for a, b in zip(_ztp(mu_start), _ztp(mu_run))]
+    sizes = dist.Points(ch.tokens, ch.weight)
+    total, parts = sizes, []
+    for k, p_k in enumerate(counts):
+        if k:
+            total = dist.outer_sum(total, sizes)
+        parts.append((p_k, total))
+    tokens = dist.mixture(parts)
+    cached = int(round(float(ch.cached @ (ch.weight / ch.weight.sum()))))
+    blocks = ctx.limits.block_size
+    return tokens.map(lambda n: prefill.step_with(
+        ctx, prof.decodes, max(blocks, int(min(prof.budget, n) // blocks * blocks)), cached, True).seconds)
+
+
+def _ztp(mu: float, k_max: int = 4) -> list[float]:
+    """P(K = 1..k_max) of a zero-truncated Poisson(mu), the last entry lumping K >= k_max."""
+    if mu < 1e-9:
+        return [1.0] + [0.0] * (k_max - 1)
+    pmf = [math.exp(-mu) * mu ** k / math.factorial(k) for k in range(1, k_max)]
+    norm = -math.expm1(-mu)
+    pmf = [p / norm for p in pmf]
+    return pmf + [max(0.0, 1.0 - sum(pmf))]
+
+
+def mean_prefilling(ctx: Context, point: ColocatedPoint) -> float:
+    """KV tokens held by prompts being prefilled (their blocks are allocated chunk by chunk)."""
+    prof = prefill.profile(ctx, int(round(point.batch)))
+    in_service = point.rate * prof.mean_alone(ctx)
+    return min(1.0, in_service) * float(np.dot(ctx.prompts.values, ctx.prompts.weights))

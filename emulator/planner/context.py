@@ -1,0 +1,93 @@
+"""Everything about a plan that does not depend on the rate: the deployment, its KV pool, the
+length distributions turned into per-request token counts. Built once, reused at every rate."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator import roofline
+from emulator.catalog import Catalog, CatalogError, Link, builtin_catalog
+from emulator.planner import dist
+from emulator.planner.errors import PlannerError
+from emulator.planner.inputs import EngineLimits, PlanRequest, Workload
+
+
+@dataclass
+class Context:
+    req: PlanRequest
+    workload: Workload
+    dep: roofline.Deployment
+    kv_link: Link | None
+    limits: EngineLimits
+    prompts: dist.Points           # prompt tokens per request point
+    cached: np.ndarray             # prompt tokens served from the prefix cache, per prompt point
+    outputs: dist.Points           # output tokens (first included)
+    pool_tokens: int               # KV pool of one worker, tokens
+    memo: dict = field(default_factory=dict)  # rate-independent results keyed by name and arguments
+
+    @property
+    def ca2(self) -> float:
+        return self.workload.burstiness ** 2
+
+    @property
+    def new_tokens(self) -> np.ndarray:
+        return self.prompts.values - self.cached
+
+    @property
+    def decode_tokens(self) -> float:
+        """Tokens each request leaves to decode steps: all but the first (made by the prefill step)."""
+        return self.outputs.mean() - 1.0
+
+    @property
+    def mode(self) -> str:
+        return self.req.mode
+
+
+def build(req: PlanRequest, workload: Workload, catalog: Catalog | None = None) -> Context:
+    cat = catalog or builtin_catalog()
+    try:
+        model, gpu = cat.model(req.model), cat.gpu(req.gpu)
+        tp_link = cat.link(req.tp_link or gpu.intra_node_link) if req.tp > 1 else None
+        kv_link = cat.link(req.kv_link) if req.mode == "disaggregated" else None
+    except CatalogError as exc:
+        raise PlannerError(str(exc)) from None
+    try:
+        dep = roofline.Deployment(model=model, gpu=gpu, tp=req.tp, tp_link=tp_link,
+                                  weight_dtype=req.weight_dtype, kv_dtype=req.kv_dtype)
+    except ValueError as exc:
+        raise PlannerError(str(exc)) from None
+    limits = req.engine
+    prompts, outputs = workload.prompt.points(), workload.output.points()
+    prompts = dist.Points(np.round(prompts.values), prompts.weights)
+    outputs = dist.Points(np.round(outputs.values), outputs.weights)
+    pool = _check_fit(dep, limits, prompts, outputs)
+    cached = _cached_tokens(prompts.values, workload.prefix_reuse, limits.block_size)
+    return Context(req=req, workload=workload, dep=dep, kv_link=kv_link, limits=limits, prompts=prompts,
+                   cached=cached, outputs=outputs, pool_tokens=pool)
+
+
+def _cached_tokens(prompts: np.ndarray, reuse: float, block: int) -> np.ndarray:
+    """Whole blocks only, and never the last prompt token (it must run to give logits), as in vLLM."""
+    hit = np.minimum(reuse * prompts, prompts - 1)
+    return np.floor(hit / block) * block
+
+
+def _check_fit(dep: roofline.Deployment, limits: EngineLimits, prompts: dist.Points, outputs: dist.Points) -> int:
+    where = f"{dep.model.name} ({dep.weight_dtype}) on {dep.tp} x {dep.gpu.name}"
+    pool_bytes = roofline.kv_pool_bytes_per_gpu(dep, limits.gpu_memory_utilization, limits.activation_reserve_gb)
+    if pool_bytes <= 0:
+        weights = roofline.weight_bytes_per_gpu(dep) / 1e9
+        budget = dep.gpu.hbm_gb * limits.gpu_memory_utilization - limits.activation_reserve_gb
+        raise PlannerError(f"{where} does not fit: the weights need {weights:.1f} GB per GPU but only "
+                           f"{budget:.1f} GB is usable; raise tp, use fp8 weights or a larger GPU")
+    pool = roofline.kv_capacity_tokens(dep, limits.gpu_memory_utilization, limits.activation_reserve_gb)
+    longest = int(prompts.values.max() + outputs.values.max())
+    if longest > dep.model.max_context:
+        raise PlannerError(f"the longest requests ({longest} tokens) exceed {dep.model.name}'s context "
+                           f"of {dep.model.max_context} tokens")
+    if math.ceil(longest / limits.block_size) * limits.block_size > pool:
+        raise PlannerError(f"{where} leaves KV room for {pool} tokens per worker, less than the longest "
+                           f"requests need ({longest} tokens); raise tp or shorten the requests")
+    return pool

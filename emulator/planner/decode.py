@@ -1,0 +1,159 @@
+"""Decode: the running batch as a fixed point of Little's law, and inter-token latency from step time.
+
+Every running sequence advances one token per engine step, so a sequence's time in decode is
+(output tokens - 1) x ITL, and Little's law gives the batch:  b = rate x (E[output] - 1) x ITL(b).
+ITL(b) is the roofline step time of a batch holding the tagged sequence plus b others (b is the
+time-average number running, and a Poisson arrival's view of an infinite-server queue is 1 + that).
+The batch b is the smallest root of h(b) = b - rate x E[out - 1] x ITL(b); h is concave (step time
+is a max of affine functions in b), so there is one root below the batch cap or none (saturated).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from emulator import roofline
+from emulator.planner import dist, queueing
+from emulator.planner.context import Context
+
+
+@dataclass(frozen=True)
+class DecodeProfile:
+    """Time-averaged view of one running decode sequence (weights: the number of steps it runs)."""
+    context: float        # mean cached tokens it attends over
+    resident: float       # mean tokens of KV it holds, block rounding included
+    resident2: float      # second moment of the same (for the pool's variance)
+
+
+def profile(ctx: Context) -> DecodeProfile:
+    if "decode_profile" not in ctx.memo:
+        ctx.memo["decode_profile"] = _profile(ctx)
+    return ctx.memo["decode_profile"]
+
+
+def _profile(ctx: Context) -> DecodeProfile:
+    p = ctx.prompts.values[:, None]
+    m = np.maximum(ctx.outputs.values[None, :] - 1.0, 0.0)      # decode steps per request
+    w = ctx.prompts.weights[:, None] * ctx.outputs.weights[None, :] * m
+    if w.sum() <= 0:
+        return DecodeProfile(context=float(ctx.prompts.mean()), resident=float(ctx.prompts.mean()),
+                             resident2=float(ctx.prompts.moment2()))
+    w = w / w.sum()
+    context = p + (m - 1.0) / 2.0                                # step k reads P + k - 1 cached tokens
+    resident = p + (m + 1.0) / 2.0                               # and holds P + k tokens of KV
+    # sum_{k=1..m} (P + k)^2 = m P^2 + P m (m+1) + m (m+1)(2m+1)/6, per step: divide by m
+    second = p ** 2 + p * (m + 1.0) + (m + 1.0) * (2.0 * m + 1.0) / 6.0
+    waste = (ctx.limits.block_size - 1) / 2.0                    # half a block rounding, on average
+    return DecodeProfile(context=float((w * context).sum()), resident=float((w * resident).sum()) + waste,
+                         resident2=float((w * second).sum()))
+
+
+def step(ctx: Context, n: float) -> roofline.StepTime:
+    """Roofline time of a decode step with n sequences at the mean context (n >= 1, integer)."""
+    key = ("decode_step", n)
+    if key not in ctx.memo:
+        c = profile(ctx).context
+        shape = roofline.BatchShape(new_tokens=n, context_tokens=int(round(n * c)),
+                                    attention_pairs=int(round(n * c)) + n, sampled=n)
+        ctx.memo[key] = roofline.step_time(ctx.dep, shape)
+    return ctx.memo[key]
+
+
+def step_seconds(ctx: Context, n: float) -> float:
+    """Decode step time for a fractional batch (linear between whole batches; at least one sequence)."""
+    n = max(1.0, n)
+    lo = math.floor(n)
+    t_lo = step(ctx, lo).seconds
+    if n == lo:
+        return t_lo
+    return t_lo + (n - lo) * (step(ctx, lo + 1).seconds - t_lo)
+
+
+def solve_batch(h: Callable[[float], float], cap: float, tol: float = 1e-4) -> float | None:
+    """Root of the concave h(b) = b - rate x tokens x ITL(b) on [0, cap]; None when h(cap) < 0."""
+    if h(0.0) >= 0:
+        return 0.0
+    if h(cap) < 0:
+        return None
+    lo, hi = 0.0, cap
+    while hi - lo > tol * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if h(mid) < 0 else (lo, mid)
+    return hi
+
+
+def batch_spread(ctx: Context, others: float) -> dist.Points:
+    """Batch sizes a decode token sees: itself + the others running (Poisson, spread by burstiness)."""
+    spread = dist.poisson(others, queueing.infinite_server_dispersion(ctx.ca2))
+    return dist.Points(1.0 + spread.values, spread.weights)
+
+
+def decode_only_gaps(ctx: Context, others: float) -> dist.Points:
+    """Inter-token gaps from decode-only steps, over the batch sizes a token sees."""
+    return batch_spread(ctx, others).map(lambda n: step_seconds(ctx, n))
+
+
+@dataclass(frozen=True)
+class DecodePool:
+    """One decode worker (disaggregated) at its share of the rate."""
+    rate: float
+    batch: float            # mean sequences running (time average)
+    itl_mean: float
+    stable: bool
+    bound: str              # ceiling of the decode step at this batch
+    link_rho: float         # utilization of the worker's KV-import link
+    link_wait: float        # mean wait for the link (transfers are serialized per worker)
+    transfers: dist.Points  # transfer seconds per prompt point
+
+
+def disaggregated(ctx: Context, rate: float) -> DecodePool:
+    """Decode worker at per-worker rate: Little's-law batch, and the KV-import link as an M/G/1 queue."""
+    tokens = ctx.decode_tokens
+    cap = float(ctx.limits.max_num_seqs)
+    b = solve_batch(lambda x: x - rate * tokens * step_seconds(ctx, 1.0 + x), cap)
+    transfers = transfer_times(ctx)
+    rho = rate * transfers.mean()
+    link_wait = queueing.pk_wait(rate, transfers.mean(), transfers.moment2()) if rho < 1 else math.inf
+    stable = b is not None and rho < 1
+    batch = b if b is not None else cap
+    return DecodePool(rate=rate, batch=batch, itl_mean=step_seconds(ctx, 1.0 + batch), stable=stable,
+                      bound=step(ctx, max(1, round(1 + batch))).bound, link_rho=rho, link_wait=link_wait,
+                      transfers=transfers)
+
+
+def transfer_times(ctx: Context) -> dist.Points:
+    """KV import per request: the prompt blocks the decode worker lacks, per GPU (one NIC per GPU,
+    in parallel, as workers/engine does), over the kv link: bytes / bandwidth + latency."""
+    if ctx.kv_link is None:
+        return dist.Points.fixed(0.0)
+    key = "transfers"
+    if key not in ctx.memo:
+        per_token = roofline.kv_bytes_per_token_per_gpu(ctx.dep)
+        lacking = ctx.prompts.values - ctx.cached  # the decode worker's prefix hit mirrors the prefill's
+        ctx.memo[key] = dist.Points([roofline.kv_transfer_time(n * per_token, ctx.kv_link) for n in lacking],
+                                    ctx.prompts.weights)
+    return ctx.memo[key]
+
+
+def first_gap(ctx: Context, pool: DecodePool) -> dist.Points:
+    """Token 1 (from the prefill worker) to token 2: wait for the link, transfer, join the batch at a
+    step boundary (half a step on average, twice: admission and arrival), then one step."""
+    return pool.transfers.map(lambda t: pool.link_wait + t + 2.0 * pool.itl_mean)
+
+
+def disaggregated_gaps(ctx: Context, pool: DecodePool) -> dist.Points:
+    """All inter-token gaps of a decode worker; the first gap carries the KV transfer unless TTFT does."""
+    steady = decode_only_gaps(ctx, pool.batch)
+    if ctx.req.first_token_after_transfer or ctx.decode_tokens <= 0:
+        return steady
+    share = _first_gap_share(ctx)
+    return dist.mixture([(1.0 - share, steady), (share, first_gap(ctx, pool))])
+
+
+def _first_gap_share(ctx: Context) -> float:
+    """Fraction of all gaps that are a request's first: P(output >= 2) / E[output - 1]."""
+    has_gap = float(ctx.outputs.weights[ctx.outputs.values >= 2].sum())
+    return min(1.0, has_gap / ctx.decode_tokens)

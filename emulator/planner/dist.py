@@ -1,0 +1,206 @@
+"""Discrete distributions as weighted points, and the tail quantiles the planner reads off them.
+
+Lengths, service times and batch sizes are carried as a few weighted points (values, weights summing
+to 1) on a quantile grid that is fine in the tail, because p99 latencies are what SLOs are about.
+Each point is the conditional mean of its quantile bin, so means (which set throughput) stay exact.
+"""
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Callable, Sequence
+
+import numpy as np
+
+# Quantile-bin edges: coarse in the body, fine in the tail (p99 sits on the 0.99 edge).
+LEVEL_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.935, 0.96, 0.975, 0.985, 0.99,
+               0.9935, 0.996, 0.998, 0.9993, 1.0)
+EXACT_SAMPLES_MAX = 64   # up to this many samples are used as they are (equal weights)
+_STD_NORMAL = NormalDist()
+
+
+class Points:
+    """A discrete distribution: values with probability weights."""
+    __slots__ = ("values", "weights")
+
+    def __init__(self, values: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray | None = None):
+        v = np.asarray(values, dtype=float)
+        w = np.full(len(v), 1.0 / len(v)) if weights is None else np.asarray(weights, dtype=float)
+        if len(v) == 0 or len(v) != len(w) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError("Points need as many non-negative weights as values, with a positive sum")
+        self.values, self.weights = v, w / w.sum()
+
+    @classmethod
+    def fixed(cls, value: float) -> "Points":
+        return cls([value], [1.0])
+
+    def mean(self) -> float:
+        return float(self.values @ self.weights)
+
+    def moment2(self) -> float:
+        return float((self.values ** 2) @ self.weights)
+
+    def scv(self) -> float:
+        """Squared coefficient of variation, Var / mean^2 (0 for a constant)."""
+        m = self.mean()
+        return max(0.0, self.moment2() / m ** 2 - 1.0) if m > 0 else 0.0
+
+    def map(self, fn: Callable[[float], float]) -> "Points":
+        return Points([fn(x) for x in self.values], self.weights)
+
+    def _mid_cdf(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted values and the cumulative weight at the middle of each one's mass: each point
+        stands for a quantile bin, so the CDF is read as linear between bin centres."""
+        order = np.argsort(self.values, kind="stable")
+        v, w = self.values[order], self.weights[order]
+        return v, np.cumsum(w) - w / 2
+
+    def quantile(self, q: float) -> float:
+        v, mid = self._mid_cdf()
+        return float(np.interp(q, mid, v))
+
+    def survival(self, t: np.ndarray | float) -> np.ndarray:
+        """P(X > t) on the interpolated CDF."""
+        v, mid = self._mid_cdf()
+        return np.interp(t, v, 1.0 - mid, left=1.0, right=0.0)
+
+
+def mixture(parts: Sequence[tuple[float, Points]]) -> Points:
+    """Mix distributions with the given probabilities (zero-probability parts are dropped)."""
+    kept = [(p, pts) for p, pts in parts if p > 0]
+    values = np.concatenate([pts.values for _, pts in kept])
+    weights = np.concatenate([p * pts.weights for p, pts in kept])
+    return Points(values, weights)
+
+
+def outer_sum(a: Points, b: Points) -> Points:
+    """Distribution of X + Y for independent X ~ a, Y ~ b (re-binned on the quantile grid)."""
+    values = (a.values[:, None] + b.values[None, :]).ravel()
+    weights = (a.weights[:, None] * b.weights[None, :]).ravel()
+    return rebin(Points(values, weights))
+
+
+def rebin(pts: Points) -> Points:
+    """The same distribution as conditional means of the quantile-grid bins (mean kept exactly)."""
+    if len(pts.values) <= len(LEVEL_EDGES) * 2:
+        return pts
+    order = np.argsort(pts.values, kind="stable")
+    return _bin_pmf(pts.values[order], pts.weights[order])
+
+
+def _bins() -> list[tuple[float, float]]:
+    return list(zip(LEVEL_EDGES[:-1], LEVEL_EDGES[1:]))
+
+
+def from_samples(samples: Sequence[float]) -> Points:
+    """Empirical distribution: the samples themselves, or their quantile-bin means when there are many."""
+    x = np.sort(np.asarray(samples, dtype=float))
+    if len(x) <= EXACT_SAMPLES_MAX:
+        return Points(x)
+    n, values, weights = len(x), [], []
+    for lo, hi in _bins():
+        i, j = int(round(lo * n)), int(round(hi * n))
+        if j > i:
+            values.append(float(x[i:j].mean()))
+            weights.append((j - i) / n)
+    return Points(values, weights)
+
+
+def lognormal(mu: float, sigma: float) -> Points:
+    """Lognormal exp(mu + sigma Z) as conditional means of its quantile bins (the mean is exact).
+
+    E[X | bin] = exp(mu + sigma^2/2) (Phi(z_hi - sigma) - Phi(z_lo - sigma)) / (hi - lo).
+    """
+    if sigma <= 0:
+        return Points.fixed(math.exp(mu))
+    scale = math.exp(mu + sigma ** 2 / 2)
+    values, weights = [], []
+    for lo, hi in _bins():
+        z_lo = -math.inf if lo == 0 else _STD_NORMAL.inv_cdf(lo)
+        z_hi = math.inf if hi == 1 else _STD_NORMAL.inv_cdf(hi)
+        mass = phi(z_hi - sigma) - phi(z_lo - sigma)
+        values.append(scale * mass / (hi - lo))
+        weights.append(hi - lo)
+    return Points(values, weights)
+
+
+def phi(z: float) -> float:
+    """Standard normal CDF (handles infinities)."""
+    if z == math.inf:
+        return 1.0
+    if z == -math.inf:
+        return 0.0
+    return _STD_NORMAL.cdf(z)
+
+
+def poisson(mean: float, dispersion: float = 1.0) -> Points:
+    """Poisson(mean) binned on the quantile grid; dispersion != 1 stretches it about its mean
+    (variance = dispersion x mean), the peakedness of a non-Poisson infinite-server queue."""
+    if mean <= 0:
+        return Points.fixed(0.0)
+    k_max = int(mean + 12 * math.sqrt(mean) + 12)
+    k = np.arange(k_max + 1, dtype=float)
+    log_pmf = k * math.log(mean) - mean - np.array([math.lgamma(i + 1) for i in k])
+    pmf = np.exp(log_pmf)
+    pts = _bin_pmf(k, pmf / pmf.sum())
+    if dispersion != 1.0:
+        stretched = mean + math.sqrt(dispersion) * (pts.values - mean)
+        pts = Points(np.maximum(stretched, 0.0), pts.weights)
+    return pts
+
+
+def _bin_pmf(k: np.ndarray, pmf: np.ndarray) -> Points:
+    """Group a pmf into the quantile bins (splitting an atom across bins where it straddles them)."""
+    cum_hi = np.cumsum(pmf)
+    cum_lo = cum_hi - pmf
+    values, weights = [], []
+    for lo, hi in _bins():
+        share = np.clip(np.minimum(cum_hi, hi) - np.maximum(cum_lo, lo), 0.0, None)
+        if share.sum() > 0:
+            values.append(float(share @ k / share.sum()))
+            weights.append(float(share.sum()))
+    return Points(values, weights)
+
+
+def normal_quantile(q: float) -> float:
+    return _STD_NORMAL.inv_cdf(q)
+
+
+GRID_CELLS = 4096   # resolution of the time grid latency distributions are convolved on
+
+
+def on_grid(pts: Points, h: float, cells: int) -> np.ndarray:
+    """Put point masses on a grid of step h (each split linearly between its two nearest cells)."""
+    pmf = np.zeros(cells)
+    x = np.clip(pts.values / h, 0, cells - 1.000001)
+    i = np.floor(x).astype(int)
+    frac = x - i
+    np.add.at(pmf, i, pts.weights * (1 - frac))
+    np.add.at(pmf, i + 1, pts.weights * frac)
+    return pmf
+
+
+def convolve(*pmfs: np.ndarray) -> np.ndarray:
+    """Distribution of the sum of independent grid variables (FFT, zero-padded, truncated)."""
+    cells = len(pmfs[0])
+    n = 2 * cells
+    out = np.ones(n // 2 + 1, dtype=complex)
+    for pmf in pmfs:
+        out *= np.fft.rfft(pmf, n)
+    return np.clip(np.fft.irfft(out, n)[:cells], 0.0, None)
+
+
+def grid_quantile(pmf: np.ndarray, h: float, q: float) -> float:
+    """q-quantile of a grid distribution, linear within the cell (inf if q lies beyond the grid)."""
+    cdf = np.cumsum(pmf)
+    if cdf[-1] < q:
+        return math.inf
+    i = int(np.searchsorted(cdf, q))
+    below = cdf[i - 1] if i > 0 else 0.0
+    frac = (q - below) / pmf[i] if pmf[i] > 0 else 0.0
+    return (i - 1 + frac) * h if i > 0 else 0.0
+
+
+def grid_cdf(pmf: np.ndarray, h: float, t: float) -> float:
+    i = int(math.floor(t / h))
+    return float(np.cumsum(pmf)[min(i, len(pmf) - 1)]) if i >= 0 else 0.0

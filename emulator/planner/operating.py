@@ -1,0 +1,149 @@
+"""One operating point: a cluster at one arrival rate -> latencies, utilizations, and what fails.
+
+Constraint names (what `violations` and `binding` hold):
+  compute / bandwidth   the throughput ceiling (queue unstable), named by the roofline bound that sets it
+  kv_link               a decode worker's KV-import link is saturated
+  kv_memory             more than kv_wait_fraction of arrivals would wait for KV blocks
+  max_num_seqs          more than kv_wait_fraction of arrivals would find the sequence cap reached
+  ttft_slo / itl_slo / e2e_slo   a p99 latency above its SLO
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import msgspec
+
+from emulator.planner import colocated, decode, dist, kv_capacity, prefill
+from emulator.planner.context import Context
+from emulator.planner.inputs import Slo
+
+CEILINGS = ("compute", "bandwidth", "kv_link")
+
+
+class Cluster(msgspec.Struct, frozen=True, kw_only=True):
+    """Worker counts: `workers` for colocated; `prefill` and `decode` for disaggregated."""
+    workers: int = 0
+    prefill: int = 0
+    decode: int = 0
+
+    def gpus(self, tp: int) -> int:
+        return (self.workers + self.prefill + self.decode) * tp
+
+
+@dataclass
+class OperatingPoint:
+    rate: float
+    stable: bool
+    ttft_p50: float
+    ttft_p99: float
+    itl_p50: float
+    itl_p99: float
+    itl_mean: float
+    e2e_p99: float
+    decode_batch: float           # mean running sequences per decode (or colocated) worker
+    prefill_utilization: float    # rate x full-batch share per prefill (or colocated) worker
+    kv_usage: float               # mean KV pool use per decode (or colocated) worker
+    kv_wait_probability: float
+    good_share: float             # share of requests meeting TTFT (and e2e) with mean ITL in SLO
+    violations: list[str] = field(default_factory=list)
+    decode_side: list[str] = field(default_factory=list)  # disaggregated: the violations the decode pool causes
+
+    @property
+    def prefill_side(self) -> list[str]:
+        return [v for v in self.violations if v not in self.decode_side]
+
+
+def evaluate(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None = None) -> OperatingPoint:
+    if ctx.mode == "colocated":
+        return _colocated(ctx, cluster, rate, slo)
+    return _disaggregated(ctx, cluster, rate, slo)
+
+
+def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
+    p = colocated.evaluate(ctx, rate, cluster.workers)
+    gaps = colocated.gaps(ctx, p)
+    kv = kv_capacity.state(ctx, p.batch, colocated.mean_prefilling(ctx, p))
+    e2e_shift = dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights)
+    point = _assemble(ctx, slo, rate, p.stable, p.queue, None, e2e_shift, gaps, p.itl_mean, p.batch, kv)
+    if not p.stable:
+        point.violations.append(p.limit)
+    return point
+
+
+def _disaggregated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
+    pq = prefill.queue(ctx, prefill.profile(ctx, 0), rate, cluster.prefill)
+    dp = decode.disaggregated(ctx, rate / cluster.decode)
+    gaps = decode.disaggregated_gaps(ctx, dp)
+    handoff = decode.first_gap(ctx, dp)  # prefill's first token -> decode's first token
+    kv = kv_capacity.state(ctx, dp.batch, _landing_tokens(ctx, dp))
+    if ctx.req.first_token_after_transfer:
+        ttft_shift, rest = handoff, ctx.outputs.values - 1.0
+    else:
+        ttft_shift, rest = None, ctx.outputs.values - 2.0
+    e2e = dist.Points(dp.itl_mean * rest.clip(0, None), ctx.outputs.weights)
+    e2e = e2e if ttft_shift is not None else dist.outer_sum(handoff, e2e)
+    point = _assemble(ctx, slo, rate, pq.stable and dp.stable, pq, ttft_shift, e2e, gaps, dp.itl_mean, dp.batch, kv)
+    if not pq.stable:
+        point.violations.append("compute" if prefill.profile(ctx, 0).full_step.bound == "compute" else "bandwidth")
+    decode_side = [v for v in point.violations if v in ("kv_memory", "max_num_seqs", "itl_slo")]
+    if dp.link_rho >= 1:
+        decode_side.append("kv_link")
+    elif not dp.stable:
+        decode_side.append("compute" if dp.bound == "compute" else "bandwidth")
+    point.violations += [v for v in decode_side if v not in point.violations]
+    point.decode_side = decode_side
+    return point
+
+
+def _landing_tokens(ctx: Context, dp: decode.DecodePool) -> float:
+    """Blocks a decode worker holds for KV still crossing the link (Little's law: rate x time x prompt)."""
+    if not dp.stable:
+        return 0.0
+    return dp.rate * (dp.link_wait + dp.transfers.mean()) * ctx.prompts.mean()
+
+
+def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean, batch, kv) -> OperatingPoint:
+    inf = math.inf
+    ok = stable and pq.stable
+    e2e_base = dist.outer_sum(ttft_shift, e2e_shift) if ttft_shift is not None else e2e_shift
+    point = OperatingPoint(
+        rate=rate, stable=ok,
+        ttft_p50=pq.ttft_quantile(0.50, ttft_shift) if ok else inf,
+        ttft_p99=pq.ttft_quantile(0.99, ttft_shift) if ok else inf,
+        itl_p50=gaps.quantile(0.50) if ok else inf,
+        itl_p99=gaps.quantile(0.99) if ok else inf,
+        itl_mean=itl_mean if ok else inf,
+        e2e_p99=pq.ttft_quantile(0.99, e2e_base) if ok else inf,
+        decode_batch=batch, prefill_utilization=pq.rho, kv_usage=kv.usage,
+        kv_wait_probability=kv.wait_probability, good_share=0.0)
+    if not kv.ok(ctx):
+        point.violations.append("kv_memory")
+    if kv_capacity.seq_cap_probability(ctx, batch) > ctx.limits.kv_wait_fraction:
+        point.violations.append("max_num_seqs")
+    if slo is not None:
+        _check_slo(point, slo)
+        point.good_share = _good_share(point, slo, pq, ttft_shift, e2e_base)
+    return point
+
+
+def _check_slo(point: OperatingPoint, slo: Slo) -> None:
+    checks = [("ttft_slo", point.ttft_p99, slo.ttft_p99), ("itl_slo", point.itl_p99, slo.itl_p99),
+              ("e2e_slo", point.e2e_p99, slo.e2e_p99)]
+    for name, value, limit in checks:
+        if limit is not None and not value <= limit:
+            point.violations.append(name)
+
+
+def _good_share(point: OperatingPoint, slo: Slo, pq, ttft_shift, e2e_base) -> float:
+    """Requests with TTFT (and e2e) within SLO and a mean ITL (TPOT) within the ITL SLO.
+
+    TTFT and e2e share the same wait, so the two events are taken as nested (the smaller share);
+    a request's TPOT averages its many gaps, so it passes when the mean ITL does.
+    """
+    if not point.stable or point.itl_mean > slo.itl_p99:
+        return 0.0
+    share = pq.ttft_cdf(slo.ttft_p99, ttft_shift)
+    if slo.e2e_p99 is not None:
+        share = min(share, pq.ttft_cdf(slo.e2e_p99, e2e_base))
+    return share

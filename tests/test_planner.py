@@ -1,0 +1,191 @@
+"""Hand-derived planner cases. Hardware numbers: H100 SXM 989.4 TFLOP/s bf16 x 0.7 = 692.6 TFLOP/s,
+3.35 TB/s x 0.85 = 2.8475 TB/s, 8 us per layer per step; TP=4 over NVLink4 (450 GB/s, 5 us)."""
+import math
+
+import pytest
+
+from emulator import roofline
+from emulator.catalog import builtin_catalog
+from emulator.planner import (Cluster, LengthDist, PlannerError, PlanRequest, Slo, Workload, capacity, curve,
+                              plan)
+from emulator.planner import context, decode, kv_capacity, operating, prefill, sizing
+from emulator.planner.cost import cost
+
+CAT = builtin_catalog()
+H100 = "H100-SXM"
+L70_TP4 = dict(model="Llama-3.1-70B", gpu=H100, tp=4)
+
+
+def fixed(rate, prompt, output, reuse=0.0):
+    return Workload(rate=rate, prompt=LengthDist.fixed(prompt), output=LengthDist.fixed(output), prefix_reuse=reuse)
+
+
+def test_decode_batch_is_the_littles_law_fixed_point():
+    # Llama-3.1-8B, prompt 1000, 251 output tokens (250 decode steps), 20 req/s on one decode worker.
+    # A running sequence reads on average 1000 + 249/2 = 1124.5 cached tokens of 131,072 B each.
+    # Decode step with n sequences: weights (16.06 GB less the 0.53 GB embedding table) / 2.8475 TB/s
+    # = 5.27 ms + 32 x 8 us = 5.53 ms, plus n x 1124.5 x 131,072 B / 2.8475 TB/s = 51.8 us each:
+    # T(n) ~= 5.53 ms + 51.8 us x n.  Little: b = 20 x 250 x T(1 + b) = 27.9 + 0.259 b -> b = 37.7.
+    ctx = context.build(PlanRequest(model="Llama-3.1-8B", gpu=H100, mode="disaggregated"), fixed(20, 1000, 251))
+    pool = decode.disaggregated(ctx, 20.0)
+    assert pool.batch == pytest.approx(37.7, rel=0.01)
+    assert pool.itl_mean == pytest.approx(5.53e-3 + 51.8e-6 * (1 + 37.7), rel=0.01)
+    # and the fixed point is exact against the roofline itself
+    assert pool.batch == pytest.approx(20 * 250 * decode.step_seconds(ctx, 1 + pool.batch), rel=1e-3)
+
+
+def test_chat_and_rag_get_opposite_prefill_decode_splits():
+    # Llama-3.1-70B on TP=4, SLO p99 TTFT 2 s, ITL 50 ms, disaggregated.
+    # Chat, 256 prompt / 512 output at 60 req/s:
+    #   prefill of 256 tokens: 2 x 68.45e9 x 256 = 3.5e13 FLOP / (4 x 692.6e12) = 12.7 ms compute,
+    #   + 3.0 ms all-reduce + 0.64 ms overhead = 16.4 ms; one worker prefills ~60/s, so 1-2 workers.
+    #   decode: T(n) ~= 13.7 ms + 23.5 us x n at ~512 context; the running batch must stay below
+    #   max_num_seqs = 256 for 99% of arrivals (b + 2.33 sqrt(b) <= 255 -> b <= 219), so one worker
+    #   takes b / (511 x T(b)) = 219 / (511 x 18.8 ms) = 22.8 req/s -> 3 decode workers for 60 req/s.
+    # RAG, 8000 prompt / 128 output at 20 req/s:
+    #   prefill of 8000 tokens: (1.095e15 matmul + 4 x 80 x 64 x 128 x 3.2e7 = 8.4e13 attention) FLOP
+    #   / 2.77e15 = 0.426 s + 0.071 s all-reduce = 0.497 s; 20 req/s is 9.9 busy workers before any
+    #   queueing headroom -> > 10 prefill workers.
+    #   decode: each sequence holds ~8,072 tokens of KV; the 423,866-token pool keeps the 1%-wait rule
+    #   up to ~37 running, ~13 req/s per worker -> 2 decode workers.
+    slo = Slo(ttft_p99=2.0, itl_p99=0.05)
+    req = PlanRequest(**L70_TP4, mode="disaggregated")
+    chat = plan(req, fixed(60, 256, 512), slo)
+    rag = plan(req, fixed(20, 8000, 128), slo)
+    chat_pools = {p.role: p for p in chat.pools}
+    rag_pools = {p.role: p for p in rag.pools}
+    assert chat_pools["prefill"].workers < chat_pools["decode"].workers == 3
+    assert chat_pools["decode"].max_rate_per_worker == pytest.approx(22.8, rel=0.03)
+    assert chat_pools["decode"].binding == "max_num_seqs"
+    assert rag_pools["prefill"].workers > 10 > rag_pools["decode"].workers == 2
+    assert rag_pools["decode"].binding == "kv_memory"
+    assert chat.prefill_to_decode < 1 < rag.prefill_to_decode
+
+
+def test_prefill_time_per_request_matches_the_roofline_by_hand():
+    ctx = context.build(PlanRequest(**L70_TP4, mode="disaggregated"), fixed(1, 8000, 128))
+    prof = prefill.profile(ctx, 0)
+    assert prof.alone[0] == pytest.approx(0.497, rel=0.01)  # derivation in the test above
+
+
+def test_prefix_reuse_shrinks_the_prefill_pool_as_the_arithmetic_says():
+    # 8000-token prompts at 100 req/s, TTFT SLO 10 s (throughput-bound: workers run near saturation).
+    # 0% reuse: 8000 new tokens, 0.497 s each (above) -> at least 100 x 0.497 = 49.7 busy workers.
+    # 90% reuse: 7200 tokens hit (450 whole blocks), 800 new tokens over 7200 cached:
+    #   2 x 68.45e9 x 800 = 1.095e14 + attention 4 x 80 x 64 x 128 x (800 x 7200 + 800 x 801 / 2)
+    #   = 1.59e13 -> 1.25e14 FLOP / 2.77e15 = 45 ms, + 7.3 ms all-reduce + 0.64 ms = 53 ms
+    #   -> at least 100 x 0.053 = 5.3 busy workers. The pool shrinks ~9x, not 10x: attention over the
+    #   cached 7200 tokens is still paid, as is each step's fixed all-reduce latency and overhead.
+    slo = Slo(ttft_p99=10.0, itl_p99=0.1)
+    req = PlanRequest(**L70_TP4, mode="disaggregated")
+    sizes = {}
+    for reuse in (0.0, 0.9):
+        ctx = context.build(req, fixed(100, 8000, 128, reuse))
+        alone = prefill.profile(ctx, 0).alone[0]
+        sized = sizing.size(ctx, slo, 100.0).cluster
+        assert sized.prefill >= math.ceil(100 * alone)            # stability: utilization below 1
+        assert sized.prefill <= math.ceil(100 * alone / 0.8) + 1  # loose SLO: run hot
+        sizes[reuse] = (sized.prefill, alone)
+    assert sizes[0.0][1] == pytest.approx(0.497, rel=0.01)
+    assert sizes[0.9][1] == pytest.approx(0.053, rel=0.03)
+    assert sizes[0.0][0] / sizes[0.9][0] == pytest.approx(0.497 / 0.053, rel=0.25)
+
+
+def test_kv_pool_rule_keeps_one_percent_of_arrivals_waiting():
+    # RAG decode on 70B TP=4: pool = (0.9 x 80 GB - 35.28 GB weights - 2 GB) / 81,920 B = 423,866 tokens.
+    # A sequence holds 8000 + (127 + 1)/2 + 7.5 (half a block) = 8071.5 tokens on average:
+    # mean occupancy reaches the pool (continuous preemption) at 423,866 / 8071.5 = 52.5 sequences;
+    # with 8,000 tokens of room for an arrival and 2.33 sigma (sigma ~ sqrt(b) x 8,064) the 1% rule
+    # stops near b + 2.33 sqrt(b) x 8064/8071.5 = (423,866 - 8,001) / 8071.5 = 51.5 -> b ~ 37.
+    ctx = context.build(PlanRequest(**L70_TP4, mode="disaggregated"), fixed(1, 8000, 128))
+    assert ctx.pool_tokens == 423_866
+    assert kv_capacity.preemption_running(ctx) == pytest.approx(52.5, rel=0.005)
+    assert kv_capacity.max_running(ctx) == pytest.approx(37.3, rel=0.02)
+    assert kv_capacity.state(ctx, 37.0).ok(ctx) and not kv_capacity.state(ctx, 40.0).ok(ctx)
+
+
+def test_colocated_chunked_prefill_inflates_itl_tail_over_disaggregated_decode():
+    # Same 8B worker, 1000/250 at 15 req/s: colocated decode tokens sometimes share a step with a
+    # 1000-token prefill chunk (~23 ms instead of ~7 ms), so its p99 ITL is far above the decode-only one.
+    w = Workload(rate=15, prompt=LengthDist(mean=1000, p99=4000), output=LengthDist(mean=250, p99=1000))
+    colo = context.build(PlanRequest(model="Llama-3.1-8B", gpu=H100), w)
+    disagg = context.build(PlanRequest(model="Llama-3.1-8B", gpu=H100, mode="disaggregated"), w)
+    c = operating.evaluate(colo, Cluster(workers=1), 15.0)
+    d = operating.evaluate(disagg, Cluster(prefill=1, decode=1), 15.0)
+    assert c.itl_p50 == pytest.approx(d.itl_p50, rel=0.1)
+    assert c.itl_p99 > 3 * d.itl_p99
+    dep = colo.dep
+    mixed = roofline.mixed_time(dep, [(1000, 0)], [1125] * round(c.decode_batch)).seconds
+    assert c.itl_p99 > mixed  # p99 sits in the mixed steps, which are at least one such chunk long
+
+
+def test_handoff_counts_in_ttft_only_when_the_decode_worker_emits_the_first_token():
+    # 70B TP=4, 8000-token prompts: the decode worker lacks 8000 x 81,920 B = 655 MB per GPU; over
+    # InfiniBand NDR (50 GB/s, 5 us) that is 13.1 ms, plus ~2 decode steps (~14 ms each) to join.
+    w = fixed(1, 8000, 128)
+    base = dict(**L70_TP4, mode="disaggregated")
+    early = context.build(PlanRequest(**base), w)
+    late = context.build(PlanRequest(**base, first_token_after_transfer=True), w)
+    assert decode.transfer_times(early).values[0] == pytest.approx(655.36e6 / 50e9 + 5e-6, rel=1e-6)
+    a = operating.evaluate(early, Cluster(prefill=1, decode=1), 0.5)
+    b = operating.evaluate(late, Cluster(prefill=1, decode=1), 0.5)
+    assert b.ttft_p50 - a.ttft_p50 == pytest.approx(0.0131 + 2 * 0.0142, rel=0.15)
+
+
+def test_more_workers_raise_cmax_and_capacity_reports_the_binding_constraint():
+    w = fixed(5, 1000, 250)
+    slo = Slo(ttft_p99=0.5, itl_p99=0.03)
+    req = PlanRequest(model="Llama-3.1-8B", gpu=H100)
+    one = capacity(req, w, slo)
+    two = capacity(req, w, slo, Cluster(workers=2))
+    assert two.max_rate == pytest.approx(2 * one.max_rate, rel=0.02)  # random dispatch: independent workers
+    assert one.binding == one.limits[0].constraint
+    assert one.concurrency == pytest.approx(one.max_rate * (one.at_max.ttft_p50 + 249 * one.at_max.itl_mean), rel=1e-6)
+
+
+def test_curve_saturates_and_goodput_falls_past_the_knee():
+    w = fixed(5, 1000, 250)
+    slo = Slo(ttft_p99=0.5, itl_p99=0.05)
+    c = curve(PlanRequest(model="Llama-3.1-8B", gpu=H100), w, slo, Cluster(workers=1))
+    thru = [p.throughput for p in c.points]
+    assert thru == sorted(thru) and thru[-1] == pytest.approx(c.saturation_rate)
+    stable = [p for p in c.points if p.stable]
+    assert [p.ttft_p99 for p in stable] == sorted(p.ttft_p99 for p in stable)
+    assert c.points[-1].goodput == 0 and max(p.goodput for p in c.points) > 0.9 * c.max_rate
+
+
+def test_cost_per_unit_of_work():
+    # 8 GPUs x $3/h = $24/h; 10 req/s = 36,000 req/h -> $0.6667 per 1,000 requests;
+    # 36,000 x 250 output tokens = 9e6 -> $2.667 per million output tokens.
+    c = cost(8, 3.0, 10.0, 1000.0, 250.0)
+    assert c.per_hour == 24.0
+    assert c.per_thousand_requests == pytest.approx(24 / 36.0)
+    assert c.per_million_output_tokens == pytest.approx(24 / 9.0)
+    assert c.per_million_tokens == pytest.approx(24 / 45.0)
+
+
+def test_model_that_does_not_fit_is_an_error_not_a_number():
+    # Llama-3.1-405B bf16 is 811 GB of weights: 811 GB / 8 GPUs > 70 GB usable per H100 even at TP=8.
+    with pytest.raises(PlannerError, match="does not fit"):
+        plan(PlanRequest(model="Llama-3.1-405B", gpu=H100, tp=8), fixed(1, 1000, 100), Slo(ttft_p99=1, itl_p99=1))
+
+
+def test_ttft_slo_below_the_minimum_prefill_time_is_an_error():
+    # An 8000-token prompt takes 0.497 s to prefill on 70B TP=4 with nothing else running.
+    with pytest.raises(PlannerError, match="below the minimum possible p99 TTFT"):
+        plan(PlanRequest(**L70_TP4), fixed(1, 8000, 100), Slo(ttft_p99=0.3, itl_p99=1))
+
+
+def test_itl_slo_below_a_single_decode_step_is_an_error():
+    # One decode step of 70B on TP=4 reads 35.3 GB per GPU: 12.4 ms + all-reduce + overhead = 13.7 ms.
+    with pytest.raises(PlannerError, match="below the minimum possible p99 ITL"):
+        plan(PlanRequest(**L70_TP4), fixed(1, 500, 100), Slo(ttft_p99=2, itl_p99=0.010))
+
+
+def test_bad_inputs_are_planner_errors():
+    with pytest.raises(PlannerError):
+        Workload(rate=0, prompt=LengthDist.fixed(10), output=LengthDist.fixed(10))
+    with pytest.raises(PlannerError):
+        PlanRequest(model="Llama-3.1-8B", gpu=H100, headroom=0.5)
+    with pytest.raises(PlannerError, match="unknown gpu"):
+        plan(PlanRequest(model="Llama-3.1-8B", gpu="TPU"), fixed(1, 10, 10), Slo(ttft_p99=1, itl_p99=1))

@@ -1,0 +1,67 @@
+"""The planner's queueing and distribution helpers against textbook closed forms and a simulation."""
+import math
+
+import numpy as np
+import pytest
+
+from emulator.planner import dist, queueing
+from emulator.planner.inputs import LengthDist
+
+
+def test_erlang_c_one_server_waits_with_probability_rho():
+    assert queueing.erlang_c(1, 0.7) == pytest.approx(0.7)
+
+
+def test_erlang_c_two_servers_one_erlang_is_one_third():
+    # C(2, a=1) = (a^2/2! x 2/(2-a)) / (1 + a + a^2/2! x 2/(2-a)) = 1 / 3
+    assert queueing.erlang_c(2, 1.0) == pytest.approx(1 / 3)
+
+
+def test_pollaczek_khinchine_is_mm1_for_exponential_service():
+    # M/M/1, mu = 10, lam = 7: W = rho / (mu - lam) = 0.7 / 3; E[S^2] = 2 / mu^2
+    assert queueing.pk_wait(7.0, 0.1, 2 * 0.01) == pytest.approx(0.7 / 3)
+
+
+def test_kingman_and_allen_cunneen_reduce_to_poisson_exponential_forms():
+    assert queueing.kingman_wait(7.0, 0.1, 1.0, 1.0) == pytest.approx(0.7 / 3)
+    # M/M/2 at a = 1 Erlang, mu = 1: W = C / (c mu - lam) = (1/3) / 1
+    assert queueing.allen_cunneen_wait(2, 1.0, 1.0, 1.0, 1.0) == pytest.approx(1 / 3)
+    # deterministic service halves the Poisson wait (cs2 = 0)
+    assert queueing.kingman_wait(7.0, 0.1, 1.0, 0.0) == pytest.approx(0.7 / 3 / 2)
+
+
+def test_benes_law_has_the_pollaczek_khinchine_mean_and_atom():
+    # M/D/1, S = 1, rho = 0.6: P(W = 0) = 0.4 and E[W] = rho S / (2 (1 - rho)) = 0.75
+    h, cells = 0.01, 8192
+    pmf = queueing.mg1_wait_pmf(np.array([1.0]), np.array([1.0]), 0.6, h, cells)
+    assert pmf[0] == pytest.approx(0.4, abs=0.01)
+    assert float(pmf @ (np.arange(cells) * h)) == pytest.approx(0.75, rel=0.02)
+
+
+def test_benes_p99_matches_a_lindley_simulation_of_mg1():
+    # Two-point service (0.1 s w.p. 0.9, 1.0 s w.p. 0.1): E[S] = 0.19 s, so lam = 3/s gives rho = 0.57
+    rng = np.random.default_rng(1)
+    n, lam = 200_000, 3.0
+    s = np.where(rng.random(n) < 0.9, 0.1, 1.0)
+    a = rng.exponential(1 / lam, n)
+    w = np.zeros(n)
+    for i in range(1, n):  # Lindley: W_i = max(0, W_{i-1} + S_{i-1} - A_i)
+        w[i] = max(0.0, w[i - 1] + s[i - 1] - a[i])
+    h, cells = 0.002, 8192
+    pmf = queueing.mg1_wait_pmf(np.array([0.1, 1.0]), np.array([0.9, 0.1]), lam * 0.19, h, cells)
+    assert dist.grid_quantile(pmf, h, 0.99) == pytest.approx(np.quantile(w, 0.99), rel=0.05)
+    assert dist.grid_quantile(pmf, h, 0.9) == pytest.approx(np.quantile(w, 0.9), rel=0.05)
+
+
+def test_lognormal_points_keep_the_mean_and_fit_the_tail():
+    # mean 1000, p99 4000: ln(4) = 2.326 sigma - sigma^2 / 2 -> sigma = 0.673
+    pts = LengthDist(mean=1000, p99=4000).points()
+    assert pts.mean() == pytest.approx(1000, rel=1e-6)
+    assert pts.quantile(0.99) == pytest.approx(4000, rel=0.05)
+    assert pts.quantile(0.5) == pytest.approx(1000 * math.exp(-0.673 ** 2 / 2), rel=0.03)
+
+
+def test_poisson_points_have_poisson_moments():
+    pts = dist.poisson(50.0)
+    assert pts.mean() == pytest.approx(50.0, rel=1e-3)
+    assert pts.moment2() - pts.mean() ** 2 == pytest.approx(50.0, rel=0.05)
