@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="listen address (default: the spec's, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help=f"default: the spec's, else {DEFAULT_PORT}")
     p.add_argument("--workers", help="URL | ID=URL | ID=URL#ROLE, comma-separated")
+    p.add_argument("--worker-host", help="with --spec: host of the spec's workers; '{id}' stands for each "
+                                         "worker's id (docker compose service names). Default: the listen host")
     p.add_argument("--policy", choices=sorted(BUILDERS), help="default routing policy")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the default policy (value parsed as JSON when it can be), repeatable")
@@ -47,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, str, int]:
     host = args.host or "127.0.0.1"
     config, port = RouterConfig(), None
     if args.spec:
-        spec_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        spec_host = args.worker_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
         config, spec_port, spec_listen = from_spec(args.spec, spec_host)
         port, host = spec_port, args.host or spec_listen
     if args.config:

@@ -78,7 +78,8 @@ def from_spec(path: str, worker_host: str = "127.0.0.1") -> tuple[RouterConfig, 
     """(config, port, listen host) from a cluster spec: its workers, router section, tenants and SLO."""
     from emulator.spec import load_spec  # optional part: only `--spec` needs it
     spec = load_spec(path)
-    workers = [WorkerConfig(url=f"http://{worker_host}:{slot.port}", id=slot.id, role=slot.role)
+    # worker_host may name each worker's own host: "{id}" is the worker id (compose service names)
+    workers = [WorkerConfig(url=f"http://{worker_host.format(id=slot.id)}:{slot.port}", id=slot.id, role=slot.role)
                for slot in spec.worker_list()]
     r = spec.router
     limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit)

@@ -65,7 +65,7 @@ def test_prometheus_scrapes_every_kvlab_service():
 def _local(cmd: list[str]) -> list[str]:
     """The service's command on this machine: loopback for hostnames, the repo file for the mount."""
     mapped = [SPEC_PATH.as_posix() if a == SPEC_IN_CONTAINER else a for a in cmd[1:]]
-    mapped = ["127.0.0.1" if a in ("0.0.0.0", "{id}") or a in SERVICES else a for a in mapped]
+    mapped = ["127.0.0.1" if a in ("0.0.0.0", "{id}") else a for a in mapped]   # every host is this one
     return [sys.executable, "-m", "kvlab.cli", *mapped]
 
 
