@@ -180,7 +180,8 @@ def _render_capacity(c) -> str:
     cl = c.cluster
     who = f"{cl.workers} colocated" if cl.workers else f"{cl.prefill} prefill + {cl.decode} decode"
     rows = [f"Capacity of {who} worker(s), {c.gpus} GPUs",
-            f"  C_max (max rate at SLO)   {c.max_rate:,.2f} req/s   usable {c.usable_rate:,.2f} req/s",
+            f"  C_max (max rate at SLO)   {c.max_rate:,.2f} req/s",
+            f"  with the sizing rules     {c.planned_rate:,.2f} req/s   usable (/headroom) {c.usable_rate:,.2f} req/s",
             f"  concurrency at C_max      {c.concurrency:,.1f} requests in flight",
             f"  binding constraint        {c.binding} ({c.resource})",
             f"  at C_max                  TTFT p50/p99 {_s(c.at_max.ttft_p50)} / {_s(c.at_max.ttft_p99)}, "

@@ -23,8 +23,9 @@ class Limit(msgspec.Struct, frozen=True, kw_only=True):
 class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     cluster: Cluster
     gpus: int
-    max_rate: float              # C_max: the largest rate (requests/s) meeting every SLO
-    usable_rate: float           # max_rate / headroom: what to load it with
+    max_rate: float              # C_max: the largest rate (requests/s) meeting every SLO, below every ceiling
+    planned_rate: float          # the largest rate that also keeps the sizing rules (1% KV / slot waits)
+    usable_rate: float           # planned_rate / headroom: what a plan loads it with
     concurrency: float           # requests in flight at max_rate (Little's law: rate x mean e2e)
     binding: str                 # the constraint that fails first above max_rate
     resource: str                # the roofline ceiling behind it: compute or bandwidth (or kv_memory...)
@@ -75,8 +76,9 @@ def capacity(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster | 
     at_max = curves.point(ctx, op, saturation)
     bind = sizing.binding(ctx, slo, cluster, best)
     lims = [Limit(constraint=lim.constraint, rate=float(lim.rate)) for lim in sizing.limits(ctx, slo, cluster)]
-    return Capacity(cluster=cluster, gpus=cluster.gpus(req.tp), max_rate=float(best),
-                    usable_rate=float(best / req.headroom), concurrency=float(best * mean_latency(ctx, op)),
+    planned = sizing.max_rate(ctx, slo, cluster, rules=True)
+    return Capacity(cluster=cluster, gpus=cluster.gpus(req.tp), max_rate=float(best), planned_rate=float(planned),
+                    usable_rate=float(planned / req.headroom), concurrency=float(best * mean_latency(ctx, op)),
                     binding=bind, resource=resource(ctx, bind, best, cluster), limits=lims, at_max=at_max)
 
 
@@ -116,7 +118,7 @@ def _pools(ctx, slo, sized, per) -> list[PoolPlan]:
     for role, workers in roles:
         one = Cluster(workers=1) if role == "colocated" else (
             Cluster(prefill=1, decode=sizing.MAX_WORKERS) if role == "prefill" else Cluster(prefill=sizing.MAX_WORKERS, decode=1))
-        bind = sizing.binding(ctx, slo, one, per[role]) if per[role] > 0 else "infeasible"
+        bind = sizing.binding(ctx, slo, one, per[role], rules=True) if per[role] > 0 else "infeasible"
         out.append(PoolPlan(role=role, workers=workers, spares=req.redundancy, gpus=workers * req.tp,
                             max_rate_per_worker=float(per[role]), usable_rate_per_worker=float(per[role] / req.headroom),
                             binding=bind))
@@ -130,12 +132,14 @@ def mean_latency(ctx: context.Context, op) -> float:
 
 def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) -> str:
     """The hardware limit behind a binding constraint: the roofline bound of the steps it depends on."""
-    if binding in ("kv_memory", "max_num_seqs", "kv_link", "compute", "bandwidth"):
-        return {"max_num_seqs": "max_num_seqs"}.get(binding, binding if binding != "kv_memory" else "kv_memory")
+    if binding in ("kv_memory", "max_num_seqs", "preemption", "kv_link", "compute", "bandwidth"):
+        return {"preemption": "kv_memory", "max_num_seqs": "batch slots"}.get(binding, binding)
     if binding in ("ttft_slo", "e2e_slo"):
-        return prefill.profile(ctx, 0).full_step.bound
-    op = evaluate(ctx, cluster, rate)
-    return decode.step(ctx, max(1, round(1 + op.decode_batch))).bound
+        bound = prefill.profile(ctx, 0).full_step.bound
+    else:
+        op = evaluate(ctx, cluster, rate)
+        bound = decode.step(ctx, max(1, round(1 + op.decode_batch))).bound
+    return "bandwidth" if bound == "memory" else bound
 
 
 def check_feasible(ctx: context.Context, slo: Slo) -> None:

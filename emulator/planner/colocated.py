@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulator.planner import decode, dist, prefill
+from emulator.planner import decode, dist, prefill, prefill_queue
 from emulator.planner.context import Context
 
 
@@ -28,7 +28,7 @@ class ColocatedPoint:
     batch: float              # mean running decodes (time average)
     itl_mean: float
     mixed_share: float        # share of a decode's steps that carry prefill
-    queue: prefill.PrefillQueue
+    queue: prefill_queue.PrefillQueue
     mixed_steps: dist.Points  # durations of steps that carry prefill
     stable: bool
     limit: str                # what saturates when unstable: "compute" or "bandwidth" (else "")
@@ -55,15 +55,15 @@ def _packed_step(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> f
     return prefill.step_with(ctx, prof.decodes, max(1, int(round(packed / blocks)) * blocks), cached, True).seconds
 
 
-def _queue_at(ctx: Context, rate: float, workers: int, b: float) -> prefill.PrefillQueue:
+def _queue_at(ctx: Context, rate: float, workers: int, b: float) -> prefill_queue.PrefillQueue:
     """The prefill queue with b decodes running: when it has no prefill work the engine still runs
     decode-only steps (vacations, in queueing terms), unless no decode is running (Poisson: e^-b)."""
     prof = prefill.profile(ctx, int(round(b)))
     vacation = (1.0 - math.exp(-b), decode.step_seconds(ctx, max(b, 1.0)))
-    return prefill.queue(ctx, prof, rate, workers, vacation)
+    return prefill_queue.queue(ctx, prof, rate, workers, vacation)
 
 
-def _mixed_steps(ctx: Context, prof: prefill.PrefillProfile, q: prefill.PrefillQueue) -> dist.Points:
+def _mixed_steps(ctx: Context, prof: prefill.PrefillProfile, q: prefill_queue.PrefillQueue) -> dist.Points:
     """Durations of prefill-carrying steps: each chunk, with queued prompts packed behind it."""
     ch = prof.chunks
     values = [prefill.with_packing(ctx, prof, n, c, bool(f), s, q.packed)
@@ -94,7 +94,7 @@ def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
                           mixed_steps=mixed, stable=stable, limit=limit)
 
 
-def _limit(ctx: Context, q: prefill.PrefillQueue, b: float) -> str:
+def _limit(ctx: Context, q: prefill_queue.PrefillQueue, b: float) -> str:
     """Which roofline ceiling saturates: the prefill steps' when prefill is overloaded, else the decode step's."""
     step = prefill.profile(ctx, int(round(b))).full_step if not q.stable else decode.step(ctx, max(1, round(1 + b)))
     return "compute" if step.bound == "compute" else "bandwidth"
@@ -146,4 +146,4 @@ def mean_prefilling(ctx: Context, point: ColocatedPoint) -> float:
     """KV tokens held by prompts being prefilled (their blocks are allocated chunk by chunk)."""
     prof = prefill.profile(ctx, int(round(point.batch)))
     in_service = point.rate * prof.mean_alone(ctx)
-    return min(1.0, in_service) * float(np.dot(ctx.prompts.values, ctx.prompts.weights))
+    return min(1.0, in_service) * float(np.dot(ctx.new_tokens, ctx.prompts.weights))

@@ -24,7 +24,7 @@ from emulator.planner.context import Context
 class DecodeProfile:
     """Time-averaged view of one running decode sequence (weights: the number of steps it runs)."""
     context: float        # mean cached tokens it attends over
-    resident: float       # mean tokens of KV it holds, block rounding included
+    resident: float       # mean tokens of KV it holds alone (shared prefix blocks excluded), rounding included
     resident2: float      # second moment of the same (for the pool's variance)
 
 
@@ -43,9 +43,10 @@ def _profile(ctx: Context) -> DecodeProfile:
                              resident2=float(ctx.prompts.moment2()))
     w = w / w.sum()
     context = p + (m - 1.0) / 2.0                                # step k reads P + k - 1 cached tokens
-    resident = p + (m + 1.0) / 2.0                               # and holds P + k tokens of KV
-    # sum_{k=1..m} (P + k)^2 = m P^2 + P m (m+1) + m (m+1)(2m+1)/6, per step: divide by m
-    second = p ** 2 + p * (m + 1.0) + (m + 1.0) * (2.0 * m + 1.0) / 6.0
+    own = p - ctx.workload.kv_sharing * ctx.cached[:, None]     # shared prefix blocks are held once
+    resident = own + (m + 1.0) / 2.0                             # and holds P + k tokens of KV
+    # sum_{k=1..m} (P' + k)^2 = m P'^2 + P' m (m+1) + m (m+1)(2m+1)/6, per step: divide by m
+    second = own ** 2 + own * (m + 1.0) + (m + 1.0) * (2.0 * m + 1.0) / 6.0
     waste = (ctx.limits.block_size - 1) / 2.0                    # half a block rounding, on average
     return DecodeProfile(context=float((w * context).sum()), resident=float((w * resident).sum()) + waste,
                          resident2=float((w * second).sum()))

@@ -40,11 +40,6 @@ class Points:
     def moment2(self) -> float:
         return float((self.values ** 2) @ self.weights)
 
-    def scv(self) -> float:
-        """Squared coefficient of variation, Var / mean^2 (0 for a constant)."""
-        m = self.mean()
-        return max(0.0, self.moment2() / m ** 2 - 1.0) if m > 0 else 0.0
-
     def map(self, fn: Callable[[float], float]) -> "Points":
         return Points([fn(x) for x in self.values], self.weights)
 

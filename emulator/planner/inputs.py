@@ -86,6 +86,10 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
     output: LengthDist                  # generated tokens per request, the first one included
     prefix_reuse: float = 0.0           # share of prompt tokens found in the prefix cache (vLLM's hit rate)
     burstiness: float = 1.0             # coefficient of variation of interarrival gaps (1 = Poisson)
+    # Share of those cached tokens that are prefixes common to requests running together (system
+    # prompts, shared documents: their blocks are held once); the rest (a session's own history) is
+    # held by each request. Sets KV memory per running sequence, not compute.
+    kv_sharing: float = 1.0
 
     def __post_init__(self):
         if not self.rate > 0:
@@ -94,6 +98,8 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
             raise PlannerError(f"prefix_reuse must be in [0, 1) (got {self.prefix_reuse})")
         if self.burstiness < 0:
             raise PlannerError(f"burstiness (CV of interarrival gaps) must be >= 0 (got {self.burstiness})")
+        if not 0 <= self.kv_sharing <= 1:
+            raise PlannerError(f"kv_sharing must be in [0, 1] (got {self.kv_sharing})")
 
     @classmethod
     def from_samples(cls, rate: float, prompts: Sequence[int], outputs: Sequence[int],

@@ -4,7 +4,8 @@ A running request holds ceil((prompt + generated) / block) blocks, so the pool's
 over the running sequences. Their number is Poisson (an infinite-server queue; spread by burstiness),
 so occupancy is compound Poisson: mean = n x E[t], variance = dispersion x n x E[t^2] (t: tokens one
 sequence holds, time-averaged over its life). An arriving request must find room for its prompt; by
-PASTA it sees the time-average occupancy. The pool is adequate while P(occupancy + need > pool) stays
+PASTA it sees the time-average occupancy. Prefix blocks common to running requests are counted once
+(workload.kv_sharing; they are assumed to take a small part of the pool). The pool is adequate while P(occupancy + need > pool) stays
 at or below kv_wait_fraction (1%, design 3b); sizing at 100% use would make a large share wait, and
 the engine preempts (recompute) once the mean occupancy reaches the pool.
 """
@@ -39,7 +40,8 @@ def state(ctx: Context, running: float, extra_tokens: float = 0.0) -> KvState:
     dispersion = queueing.infinite_server_dispersion(ctx.ca2)
     mean = running * prof.resident + extra_tokens
     sd = math.sqrt(max(0.0, dispersion * running * prof.resident2))
-    need = ctx.prompts.mean() + 1.0          # a new request needs its prompt's blocks (and one token)
+    need = float((ctx.prompts.values - ctx.workload.kv_sharing * ctx.cached) @ ctx.prompts.weights) + 1.0
+    # a new request needs blocks for its prompt (less shared hits) and its first token
     room = ctx.pool_tokens - need - mean
     if sd == 0:
         p = 0.0 if room >= 0 else 1.0

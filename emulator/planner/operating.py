@@ -1,11 +1,14 @@
 """One operating point: a cluster at one arrival rate -> latencies, utilizations, and what fails.
 
 Constraint names (what `violations` and `binding` hold):
-  compute / bandwidth   the throughput ceiling (queue unstable), named by the roofline bound that sets it
-  kv_link               a decode worker's KV-import link is saturated
-  kv_memory             more than kv_wait_fraction of arrivals would wait for KV blocks
-  max_num_seqs          more than kv_wait_fraction of arrivals would find the sequence cap reached
-  ttft_slo / itl_slo / e2e_slo   a p99 latency above its SLO
+  ceilings (no steady state beyond them; latencies are infinite):
+    compute / bandwidth   a queue is unstable, named by the roofline bound of the steps that saturate
+    kv_link               a decode worker's KV-import link is saturated
+    preemption            the mean KV in use reaches the pool: the engine preempts continuously
+  SLOs: ttft_slo / itl_slo / e2e_slo, a p99 latency above its target
+  sizing rules (design 3b; they shape the fleet a plan buys, not the rate at which SLOs break):
+    kv_memory             more than kv_wait_fraction of arrivals would wait for KV blocks
+    max_num_seqs          more than kv_wait_fraction of arrivals would find the sequence cap reached
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from emulator.planner import colocated, decode, dist, kv_capacity, prefill
+from emulator.planner import colocated, decode, dist, kv_capacity, prefill, prefill_queue
 from emulator.planner.context import Context
 from emulator.planner.inputs import Slo
 
-CEILINGS = ("compute", "bandwidth", "kv_link")
+CEILINGS = ("compute", "bandwidth", "kv_link", "preemption")
+SIZING_RULES = ("kv_memory", "max_num_seqs")
 
 
 class Cluster(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,7 +76,7 @@ def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> 
 
 
 def _disaggregated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
-    pq = prefill.queue(ctx, prefill.profile(ctx, 0), rate, cluster.prefill)
+    pq = prefill_queue.queue(ctx, prefill.profile(ctx, 0), rate, cluster.prefill)
     dp = decode.disaggregated(ctx, rate / cluster.decode)
     gaps = decode.disaggregated_gaps(ctx, dp)
     handoff = decode.first_gap(ctx, dp)  # prefill's first token -> decode's first token
@@ -86,7 +90,7 @@ def _disaggregated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None)
     point = _assemble(ctx, slo, rate, pq.stable and dp.stable, pq, ttft_shift, e2e, gaps, dp.itl_mean, dp.batch, kv)
     if not pq.stable:
         point.violations.append("compute" if prefill.profile(ctx, 0).full_step.bound == "compute" else "bandwidth")
-    decode_side = [v for v in point.violations if v in ("kv_memory", "max_num_seqs", "itl_slo")]
+    decode_side = [v for v in point.violations if v in ("kv_memory", "max_num_seqs", "preemption", "itl_slo")]
     if dp.link_rho >= 1:
         decode_side.append("kv_link")
     elif not dp.stable:
@@ -100,12 +104,13 @@ def _landing_tokens(ctx: Context, dp: decode.DecodePool) -> float:
     """Blocks a decode worker holds for KV still crossing the link (Little's law: rate x time x prompt)."""
     if not dp.stable:
         return 0.0
-    return dp.rate * (dp.link_wait + dp.transfers.mean()) * ctx.prompts.mean()
+    return dp.rate * (dp.link_wait + dp.transfers.mean()) * float(ctx.new_tokens @ ctx.prompts.weights)
 
 
 def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean, batch, kv) -> OperatingPoint:
     inf = math.inf
-    ok = stable and pq.stable
+    thrashing = kv.usage >= 1.0
+    ok = stable and pq.stable and not thrashing
     e2e_base = dist.outer_sum(ttft_shift, e2e_shift) if ttft_shift is not None else e2e_shift
     point = OperatingPoint(
         rate=rate, stable=ok,
@@ -117,6 +122,8 @@ def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean,
         e2e_p99=pq.ttft_quantile(0.99, e2e_base) if ok else inf,
         decode_batch=batch, prefill_utilization=pq.rho, kv_usage=kv.usage,
         kv_wait_probability=kv.wait_probability, good_share=0.0)
+    if thrashing:
+        point.violations.append("preemption")
     if not kv.ok(ctx):
         point.violations.append("kv_memory")
     if kv_capacity.seq_cap_probability(ctx, batch) > ctx.limits.kv_wait_fraction:

@@ -18,18 +18,22 @@ from emulator.planner import decode, prefill
 from emulator.planner.context import Context
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import Slo
-from emulator.planner.operating import CEILINGS, Cluster, OperatingPoint, evaluate
+from emulator.planner.operating import CEILINGS, SIZING_RULES, Cluster, OperatingPoint, evaluate
 
 RATE_TOL = 1e-3          # relative precision of C_max
 MAX_WORKERS = 100_000    # beyond this a pool size is not a plan but a sign the SLO is out of reach
-ORDER = ("ttft_slo", "itl_slo", "e2e_slo", "kv_memory", "max_num_seqs", "kv_link", "compute", "bandwidth")
+ORDER = ("ttft_slo", "itl_slo", "e2e_slo", "kv_memory", "max_num_seqs") + CEILINGS
 
 
 def max_rate(ctx: Context, slo: Slo | None, cluster: Cluster, only: tuple[str, ...] | None = None,
-             side: str | None = None) -> float:
-    """Largest rate with no violation (or none among `only` and the throughput ceilings; or, with
-    side "prefill" / "decode", none caused by that pool); 0 if even a trickle fails."""
-    watched = None if only is None else set(only) | set(CEILINGS)
+             side: str | None = None, rules: bool = False) -> float:
+    """Largest rate with no violation: of the SLOs and ceilings (C_max), plus the sizing rules when
+    `rules`; or only of `only` and the ceilings; with side "prefill" / "decode", only those that pool
+    causes. 0 if even a trickle fails."""
+    if only is not None:
+        watched = set(only) | set(CEILINGS)
+    else:
+        watched = None if rules else set(ORDER) - set(SIZING_RULES)
 
     def ok(rate: float) -> bool:
         point = evaluate(ctx, cluster, rate, slo)
@@ -86,10 +90,12 @@ def _ceiling_name(ctx: Context, cluster: Cluster, rate: float) -> str:
     return next((c for c in CEILINGS if c in found), "compute")
 
 
-def binding(ctx: Context, slo: Slo, cluster: Cluster, rate: float) -> str:
-    """The constraint that fails first just above `rate` (by ORDER when several fail together)."""
+def binding(ctx: Context, slo: Slo, cluster: Cluster, rate: float, rules: bool = False) -> str:
+    """The constraint that fails first just above `rate`: a ceiling if one is crossed (beyond it every
+    latency is infinite, so the SLOs fail with it), else the first SLO or rule in ORDER."""
     found = evaluate(ctx, cluster, rate * (1 + 4 * RATE_TOL) + 1e-9, slo).violations
-    return next((c for c in ORDER if c in found), "")
+    order = CEILINGS + tuple(c for c in ORDER if c not in CEILINGS and (rules or c not in SIZING_RULES))
+    return next((c for c in order if c in found), "")
 
 
 def smallest_count(ok, start: int = 1) -> int:
@@ -108,12 +114,13 @@ def smallest_count(ok, start: int = 1) -> int:
 
 
 def per_worker(ctx: Context, slo: Slo) -> dict[str, float]:
-    """C_max of one worker of each kind: colocated, or a prefill worker (TTFT) and a decode worker
-    (ITL, KV memory, sequence cap, link) each with the other pool too large to matter."""
+    """What one worker of each kind may carry in a plan (SLOs, ceilings and sizing rules): colocated,
+    or a prefill worker (TTFT) and a decode worker (ITL, KV memory, sequence cap, link), each with
+    the other pool too large to matter."""
     if ctx.mode == "colocated":
-        return {"colocated": max_rate(ctx, slo, Cluster(workers=1))}
-    return {"prefill": max_rate(ctx, slo, Cluster(prefill=1, decode=MAX_WORKERS), side="prefill"),
-            "decode": max_rate(ctx, slo, Cluster(prefill=MAX_WORKERS, decode=1), side="decode")}
+        return {"colocated": max_rate(ctx, slo, Cluster(workers=1), rules=True)}
+    return {"prefill": max_rate(ctx, slo, Cluster(prefill=1, decode=MAX_WORKERS), side="prefill", rules=True),
+            "decode": max_rate(ctx, slo, Cluster(prefill=MAX_WORKERS, decode=1), side="decode", rules=True)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""The prefill queue: how long a prompt waits for its steps, and its TTFT.
+
+Load: `busy` from `prefill.packing` (packed steps share their fixed costs); each request's server time
+is its alone time scaled to that load. Wait: the M/G/1 waiting-time law (`queueing.mg1_wait_pmf`,
+Pollaczek-Khinchine/Benes, with Kingman's and Erlang C's corrections for burstiness and pooling),
+plus, on a colocated worker, the residual of a decode-only step in progress. TTFT = wait + own steps,
+where FCFS packing makes a prompt's last step also carry prompts that arrived behind it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from emulator.planner import dist, prefill, queueing
+from emulator.planner.context import Context
+
+
+def servers_and_ca2(ctx: Context, workers: int) -> tuple[int, float]:
+    """How dispatch shapes each worker's queue: (servers pooled in one queue, arrival SCV per queue).
+
+    random: Poisson splitting keeps each worker's arrivals' SCV; one M/G/1 per worker.
+    round_robin: worker i gets every c-th arrival, a sum of c gaps, so its SCV is ca2 / c.
+    jsq (least loaded): the pool behaves as one G/G/c queue (Allen-Cunneen).
+    """
+    how = ctx.req.dispatch
+    if how == "jsq":
+        return workers, ctx.ca2
+    if how == "round_robin":
+        return 1, ctx.ca2 / workers
+    return 1, ctx.ca2
+
+
+@dataclass(frozen=True)
+class PrefillQueue:
+    rho: float              # rate x full-batch share: the throughput ceiling is rho = 1
+    busy: float             # share of time a server runs prefill-carrying steps (the queue's load)
+    service: dist.Points    # per-request server time at this load (alone, scaled to busy / rate)
+    servers: int
+    ca2: float
+    vacation: tuple[float, float]  # (probability, length) of a decode-only step an arrival waits out
+    own: dist.Points        # an arrival's own prefill latency (its steps, with what packs in behind it)
+    packed: float           # mean prefill tokens in a prefill-carrying step
+    stretch: float          # extra step time per second waited: later prompts packed into its step
+    stretch_cap: float      # ... at most a step filled to the budget
+
+    @property
+    def stable(self) -> bool:
+        return self.rho < 1 and self.busy < 1
+
+    @property
+    def mean_wait(self) -> float:
+        """Mean time to the start of its own steps (M/G/1 wait plus a decode step's residual)."""
+        if not self.stable:
+            return math.inf
+        p_v, t_v = self.vacation
+        return queueing.mg1_mean_wait(self.service.values, self.service.weights, self.busy, self.ca2,
+                                      self.servers) + p_v * t_v / 2
+
+    def ttft_quantile(self, q: float, shift: dist.Points | None = None) -> float:
+        if not self.stable:
+            return math.inf
+        pmf, h = self._law(shift)
+        return dist.grid_quantile(pmf, h, q)
+
+    def ttft_cdf(self, t: float, shift: dist.Points | None = None) -> float:
+        if not self.stable:
+            return 0.0
+        pmf, h = self._law(shift)
+        return dist.grid_cdf(pmf, h, t)
+
+    def _law(self, shift: dist.Points | None):
+        """Grid law of wait + own steps (+ shift): the M/G/1 wait (+ a decode step's residual) convolved."""
+        cells = dist.GRID_CELLS
+        base = self.own if shift is None else dist.outer_sum(self.own, shift)
+        extent = base.values.max() + self.vacation[1] + 12 * self.mean_wait + 2 * self.service.values.max()
+        h = extent / cells
+        wait = queueing.mg1_wait_pmf(self.service.values, self.service.weights, self.busy, h, cells,
+                                     self.ca2, self.servers)
+        p_v, t_v = self.vacation
+        if p_v > 0 and t_v > 0:
+            k = max(1, int(t_v / h))
+            vac = np.zeros(cells)
+            vac[0] = 1 - p_v
+            vac[:k] += p_v / k                     # residual of a decode-only step: uniform over it
+            wait = dist.convolve(wait, vac)
+        wait = self._packed_behind(wait, h)
+        return dist.convolve(wait, dist.on_grid(base, h, cells)), h
+
+    def _packed_behind(self, wait: np.ndarray, h: float) -> np.ndarray:
+        """A request that waits runs in a step that also takes the prompts that arrived behind it while
+        the step in progress finished: stretch x (that step's residual, an equilibrium residual of the
+        service law, independent of the rest of the wait), at most a step filled to the budget."""
+        if self.stretch <= 0 or wait[0] >= 1:
+            return wait
+        s, w = self.service.values, self.service.weights
+        grid = np.arange(len(wait)) * h
+        residual = (w[None, :] * (s[None, :] > grid[:, None])).sum(axis=1)
+        residual /= residual.sum()
+        extra = dist.on_grid(dist.Points(np.minimum(grid * self.stretch, self.stretch_cap), residual + 1e-300),
+                             h, len(wait))
+        waited = wait.copy()
+        waited[0] = 0.0
+        out = dist.convolve(waited, extra)
+        out[0] += wait[0]
+        return out
+
+
+def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int = 1,
+          vacation: tuple[float, float] = (0.0, 0.0)) -> PrefillQueue:
+    """Prefill queue of a pool of `workers` at pool rate `rate`.
+
+    The load is `busy` from `packing` (packed steps share their fixed costs), each request's server
+    time its alone time scaled to that load, and the wait the M/G/1 law (`queueing.mg1_wait_pmf`).
+    vacation = (probability, length): a colocated arrival first waits out a decode-only step in
+    progress (the M/G/1-with-vacations decomposition: W = W_M/G/1 + residual vacation).
+    """
+    per_worker = rate / workers
+    servers, ca2 = servers_and_ca2(ctx, workers)
+    rho = per_worker * prof.mean_share(ctx)
+    packed, busy = prefill.packing(ctx, prof, per_worker, before=vacation[1])
+    mean_alone = prof.mean_alone(ctx)
+    scale = busy / (per_worker * mean_alone) if per_worker > 0 and mean_alone > 0 else 1.0
+    service = dist.Points(prof.alone * scale, ctx.prompts.weights)
+    slope = prefill.token_seconds(ctx, prof)
+    flow = per_worker * float(ctx.new_tokens @ ctx.prompts.weights)
+    cap = prof.full_step.seconds - float(prof.last_step @ ctx.prompts.weights)
+    own = _own_latency(ctx, prof, flow)
+    return PrefillQueue(rho=rho, busy=busy, service=service, servers=servers, ca2=ca2, vacation=vacation,
+                        own=own, packed=packed, stretch=flow * slope, stretch_cap=max(0.0, cap))
+
+
+def _own_latency(ctx: Context, prof: prefill.PrefillProfile, flow: float) -> dist.Points:
+    """Own steps. FCFS fills each step's budget with whoever is queued next, so a prompt's last step
+    also carries prompts that arrived behind it: those that came during its earlier chunks are added
+    here; those that came while the step before it finished are `PrefillQueue._packed_behind`."""
+    values = []
+    for i, (alone, last, last_s) in enumerate(zip(prof.alone, prof.last_tokens, prof.last_step)):
+        behind = flow * (alone - last_s)
+        cached = ctx.cached[i] + ctx.new_tokens[i] - last
+        values.append(alone - last_s + prefill.with_packing(ctx, prof, last, cached, True, last_s, last + behind))
+    return dist.Points(values, ctx.prompts.weights)
