@@ -1,0 +1,54 @@
+"""TTFT and ITL of the streams the router relays, as its clients see them, in emulated seconds.
+
+The proxy gives each stream a ``StreamClock`` and tells it how many tokens the client has received
+after every relayed event. TTFT runs from the moment the router's handler started (``Job.received``)
+to the first token; ITL is the gap between token-carrying events, shared among the tokens an event
+carries. Wall seconds become emulated ones through the serving worker's time scale, so the figures
+compare with the workers' own vLLM histograms and with SLOs written in emulated time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+
+class LatencySink(Protocol):
+    def ttft(self, seconds: float) -> None: ...
+    def itl(self, seconds: float) -> None: ...
+
+
+class StreamTimings:
+    """Hands out one clock per stream; `scale_of(worker_id)` is that worker's time scale."""
+
+    def __init__(self, sink: LatencySink, scale_of: Callable[[str], float],
+                 clock: Callable[[], float] = time.perf_counter):
+        self.sink = sink
+        self.scale_of = scale_of
+        self.clock = clock
+
+    def start(self, received: float) -> StreamClock:
+        return StreamClock(self, received)
+
+
+class StreamClock:
+    __slots__ = ("_timings", "_last", "_count")
+
+    def __init__(self, timings: StreamTimings, received: float):
+        self._timings = timings
+        self._last = received   # same clock as Job.received (perf_counter)
+        self._count = 0
+
+    def seen(self, worker_id: str, count: int) -> None:
+        """The client has now received `count` tokens in all; `worker_id` produced the latest."""
+        new = count - self._count
+        if new <= 0:
+            return
+        t = self._timings
+        now = t.clock()
+        gap = (now - self._last) / t.scale_of(worker_id)
+        if self._count == 0:
+            t.sink.ttft(gap)   # tokens arriving with the first one have no gap of their own
+        else:
+            for _ in range(new):
+                t.sink.itl(gap / new)
+        self._last, self._count = now, count
