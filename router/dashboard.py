@@ -14,6 +14,7 @@ GET /dashboard                  the page (router/static/dashboard.html, .js, .cs
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from starlette.responses import Response
 
 from router.cluster_view import ClusterView, Counters, Member, decode_load
 from router.stream_timing import StreamTimings
+
+log = logging.getLogger("kvlab.router.dashboard")
 
 STATIC = Path(__file__).parent / "static"
 _ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -82,11 +85,10 @@ class Observatory:
     # -- feeds -----------------------------------------------------------------------------------
     def on_load(self, worker_id: str, body: bytes) -> None:
         try:
-            snap = decode_load(body)
-        except msgspec.MsgspecError:
-            return
-        self.view.observe_load(worker_id, self.clock(), snap)
-        self.tick()
+            self.view.observe_load(worker_id, self.clock(), decode_load(body))
+            self.tick()
+        except Exception:   # observing must never fail the health probe that called us
+            log.exception("cluster view: could not take the /load of %s", worker_id)
 
     def ttft(self, seconds: float) -> None:
         self.view.observe_ttft(self.clock(), seconds)

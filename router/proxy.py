@@ -112,6 +112,7 @@ class Proxy:
         self.tokenizer = tokenizer
         self.on_finish = on_finish or (lambda job, completion, cached: None)
         self.estimate_hits = config.kv_events != "off"   # the KV index is fed, so it can estimate
+        self.timings = None   # router.stream_timing.StreamTimings: TTFT/ITL of relayed streams
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, route: RouteRequest, exclude: set[str], job: Job | None = None) -> Decision:
@@ -260,6 +261,7 @@ class StreamSession:
         self.proxy = proxy
         self.job = job
         self.relay = StreamRelay(job, proxy.tokenizer)
+        self.clock = proxy.timings.start(job.received) if proxy.timings else None
         self.limit = proxy.config.limits.max_attempts
         self.used = 0
         self.exclude: set[str] = set()
@@ -307,7 +309,10 @@ class StreamSession:
             if self.relay.finish_reason is not None:
                 return self.relay.finish_done()
             raise UpstreamFailure(self.source.worker_id, "stream ended before [DONE]", dead=True)
-        return self.relay.accept(event, self.source.rewrite)
+        out = self.relay.accept(event, self.source.rewrite)
+        if self.clock is not None:
+            self.clock.seen(self.source.worker_id, len(self.relay.generated))
+        return out
 
     async def _recover(self, exc: Exception) -> bytes | None:
         """After a failed source: finish, migrate, or end the stream with an error event."""

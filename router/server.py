@@ -29,6 +29,7 @@ from starlette.responses import Response
 from kvlab.openai_api import ApiError, models_body
 from kvlab.tokenizer import load_tokenizer
 from router.config import RouterConfig, WorkerConfig
+from router.dashboard import mount_dashboard
 from router.gate import Gate
 from router.intake import POLICY_HEADER, Intake, read_body
 from router.job import Endpoint, Job
@@ -150,6 +151,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     _add_ops_routes(app, router)
     _add_admin_routes(app, router)
     _add_error_handlers(app)
+    mount_dashboard(app, router)   # GET /cluster, /dashboard
     return app
 
 

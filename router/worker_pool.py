@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from typing import Callable, Protocol
 
 import httpx
 import msgspec
@@ -96,6 +96,7 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._views: list[WorkerView] = []
         self._task: asyncio.Task | None = None
+        self.load_hooks: list[Callable[[str, bytes], None]] = []   # see every /load body (router.dashboard)
 
     # -- membership ------------------------------------------------------------------------------
     def views(self) -> list[WorkerView]:
@@ -187,6 +188,8 @@ class WorkerPool:
         view.running, view.waiting, view.kv_usage = report.running, report.waiting, report.kv_usage
         if report.kv_events_endpoint and not worker.config.kv_events:
             worker.kv_endpoint = report.kv_events_endpoint
+        for hook in self.load_hooks:
+            hook(worker.id, body)
         return True
 
     async def _fetch_models(self, worker: Worker) -> None:
