@@ -13,7 +13,7 @@ On a decode worker of a P/D pair, "first token" is the first one it produces: th
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -52,7 +52,7 @@ class _Timing:
 
 
 class WorkerMetrics:
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, time_scale: float = 1.0):
         self.registry = CollectorRegistry(auto_describe=True)
         self._live: dict[str, _Timing] = {}
         self.busy_prefill_s = 0.0
@@ -61,6 +61,8 @@ class WorkerMetrics:
         self.registry.register(EngineCollector(engine, model_name))
         self._define_request_metrics(model_name, engine.max_model_len)
         self._define_kvlab_metrics()
+        # Busy seconds are emulated: rate(kvlab:busy_seconds_total) x this = utilization (Grafana).
+        Gauge("kvlab:time_scale", "Wall seconds per emulated second.", registry=self.registry).set(time_scale)
 
     def _define_request_metrics(self, model: str, max_len: int) -> None:
         reg, labels = self.registry, ["model_name"]

@@ -29,7 +29,7 @@ class WorkerRuntime:
         self.engine = build_engine(cfg, catalog)
         self.driver = EngineDriver(self.engine, cfg.time_scale)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.metrics = WorkerMetrics(self.engine, cfg.model_name)
+        self.metrics = WorkerMetrics(self.engine, cfg.model_name, cfg.time_scale)
         self.events = KvEventLog(cfg.kv_events_buffer)
         self.releaser = KvReleaser(cfg.release_timeout_s)
         self.publisher: ZmqKvPublisher | None = None
