@@ -11,6 +11,9 @@ from emulator import planner
 from emulator.planner import Cluster, EngineLimits, LengthDist, PlannerError, PlanRequest, Slo, Workload
 
 SPEC_SAMPLES = 4000  # requests drawn from a spec's workload to get its length laws and prefix reuse
+# Router policy -> the planner's dispatch model: load-aware policies pool the queue (join the shortest),
+# prefix hashing is load-blind (random split), round robin smooths each worker's arrivals.
+DISPATCH = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq"}
 
 
 def _spec_module():
@@ -51,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--price", type=float, default=0.0, help="USD per GPU-hour")
     plan.add_argument("--headroom", type=float, default=1.0, help="size for rate x this (>= 1)")
     plan.add_argument("--redundancy", type=int, default=0, help="spare workers per pool (N+k)")
-    plan.add_argument("--dispatch", choices=("random", "round_robin", "jsq"), default="random",
-                      help="how the router spreads load (queueing model)")
+    plan.add_argument("--dispatch", choices=("random", "round_robin", "jsq"),
+                      help="how the router spreads load (queueing model; default from the spec's router, else random)")
     plan.add_argument("--curve", action="store_true", help="also print the predicted latency-throughput curve")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -78,7 +81,7 @@ def _compute(req, workload, slo, cluster, args) -> dict:
     if args.rate is not None or cluster is None:
         out["plan"] = planner.plan(req, workload, slo)
     if args.curve:
-        target = cluster or out["plan"].pools and _serving(out["plan"])
+        target = cluster if cluster is not None else _serving(out["plan"])
         out["curve"] = planner.curve(req, workload, slo, target)
     return out
 
@@ -101,7 +104,7 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
                       mode=pick("mode", "colocated"), kv_link=pick("kv_link", "InfiniBand-NDR"),
                       tp_link=base.get("tp_link"), weight_dtype=pick("weight_dtype", "bf16"),
                       kv_dtype=pick("kv_dtype", "bf16"), price_per_gpu_hour=args.price, headroom=args.headroom,
-                      redundancy=args.redundancy, dispatch=args.dispatch, engine=engine)
+                      redundancy=args.redundancy, dispatch=pick("dispatch", "random"), engine=engine)
     workload = Workload(rate=args.rate or base.get("rate", 1.0), prompt=_lengths(args, "prompt", base, 1000),
                         output=_lengths(args, "output", base, 250), prefix_reuse=pick("reuse", 0.0),
                         burstiness=pick("burstiness", 1.0))
@@ -147,7 +150,7 @@ def _from_spec(spec, args) -> dict:
             "kv_dtype": spec.kv_dtype, "rate": rate, "prompt": sampled.prompt, "output": sampled.output,
             "reuse": sampled.prefix_reuse, "burstiness": spec.workload.cv if spec.workload.arrival == "gamma" else 1.0,
             "ttft_p99": spec.slo.ttft_p99_s, "itl_p99": spec.slo.itl_p99_s, "e2e_p99": spec.slo.e2e_p99_s,
-            "cluster": cluster,
+            "cluster": cluster, "dispatch": DISPATCH.get(spec.router.policy, "random"),
             "engine": {"max_num_batched_tokens": e.max_num_batched_tokens, "max_num_seqs": e.max_num_seqs,
                        "block_size": e.block_size, "gpu_memory_utilization": e.gpu_memory_utilization,
                        "activation_reserve_gb": e.activation_reserve_gb}}

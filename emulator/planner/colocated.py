@@ -133,7 +133,8 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
 
 
 def _ztp(mu: float, k_max: int = 4) -> list[float]:
-    """P(K = 1..k_max) of a zero-truncated Poisson(mu), the last entry lumping K >= k_max."""
+    """P(K = 1..k_max) of a zero-truncated Poisson(mu), the last entry lumping K >= k_max (k_max = 4:
+    for mu <= 1, the packing below the ceiling, P(K >= 4) is under 2%)."""
     if mu < 1e-9:
         return [1.0] + [0.0] * (k_max - 1)
     pmf = [math.exp(-mu) * mu ** k / math.factorial(k) for k in range(1, k_max)]

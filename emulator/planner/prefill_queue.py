@@ -74,6 +74,8 @@ class PrefillQueue:
         """Grid law of wait + own steps (+ shift): the M/G/1 wait (+ a decode step's residual) convolved."""
         cells = dist.GRID_CELLS
         base = self.own if shift is None else dist.outer_sum(self.own, shift)
+        # the wait's tail: at light load a few residuals of the longest service (two covered), in heavy
+        # traffic exponential on the scale of its mean (12 means: e^-12 of it is left off the grid)
         extent = base.values.max() + self.vacation[1] + 12 * self.mean_wait + 2 * self.service.values.max()
         h = extent / cells
         wait = queueing.mg1_wait_pmf(self.service.values, self.service.weights, self.busy, h, cells,
