@@ -2,7 +2,8 @@
 
 ``BackgroundLoad(url, make, concurrency)`` runs `concurrency` loops on their own event loop, each
 sending ``make(i)`` -> (body, headers) as a streaming /v1/completions request, reading it to the end,
-and sending the next, until the context exits. ``statuses`` counts answers by HTTP status.
+and sending the next, until the context exits; streams still open then are cancelled (the client
+goes away, so workers abort them). ``statuses`` counts answers by HTTP status.
 """
 from __future__ import annotations
 
@@ -37,10 +38,15 @@ class BackgroundLoad:
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(base_url=self.url, timeout=30, trust_env=False) as client:
-            await asyncio.gather(*(self._loop(client) for _ in range(self.concurrency)))
+            loops = [asyncio.create_task(self._loop(client)) for _ in range(self.concurrency)]
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
 
     async def _loop(self, client: httpx.AsyncClient) -> None:
-        while not self._stop.is_set():
+        while True:
             body, headers = self.make(next(self._numbers))
             try:
                 async with client.stream("POST", "/v1/completions", json={**body, "stream": True},
