@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import httpx
@@ -31,13 +32,23 @@ class LLMClient:
              **extra: Any) -> StreamResult:
         c = self.config
         payload = body(request, c.model, c.api, c.ignore_eos, messages)
-        result = stream_request(self.http, self.path, payload, c.keys.headers(request.tenant))
-        fire_locust_events(self.events, result, name or request.archetype, per_gap=c.itl_per_gap)
-        if self.records is not None:
-            self.records.write(record(result, id=request.request_id, archetype=request.archetype,
-                                      tenant=request.tenant, prompt_len=len(request.tokens),
-                                      max_tokens=request.max_tokens, **extra))
+        result = StreamResult(sent_at=0.0)
+        try:
+            stream_request(self.http, self.path, payload, c.keys.headers(request.tenant), result=result)
+            fire_locust_events(self.events, result, name or request.archetype, per_gap=c.itl_per_gap)
+        finally:
+            # Also when the test ends mid-stream (GreenletExit): the timings so far are still data.
+            self._record(result, request, extra)
         return result
+
+    def _record(self, result: StreamResult, request, extra: dict[str, Any]) -> None:
+        if self.records is None:
+            return
+        if not result.done and result.error is None and result.sent_at:
+            # Cut short: how long it had waited is a lower bound on the latencies it never finished.
+            extra = {**extra, "waited": time.time() - result.sent_at}
+        self.records.write(record(result, id=request.request_id, archetype=request.archetype, tenant=request.tenant,
+                                  prompt_len=len(request.tokens), max_tokens=request.max_tokens, **extra))
 
     def write(self, row: dict[str, Any]) -> None:
         if self.records is not None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import gevent
 from gevent.event import Event
+from gevent.pool import Group
 
 Send = Callable[[Any, dict[str, Any]], None]   # (item, extra record fields) -> None; runs in its own greenlet
 
@@ -36,15 +37,19 @@ class OpenLoop:
         self.clock = clock
         self.stats = DispatchStats()
         self._measured_done = Event()
+        self._group = Group()
 
     def run(self, schedule: Iterable[tuple[float, Any]], measured_until: float | None = None,
             on_start: Callable[[float], None] | None = None) -> DispatchStats:
-        """Send every (wall offset s, item) on time; with `measured_until`, stop once everything scheduled
-        before it has finished (later arrivals only keep the load on meanwhile); else drain all."""
+        """Send every (wall offset s, item) on time, then wait for all of them to finish.
+
+        With `measured_until`: arrivals after it only keep the load on; the run stops as soon as every
+        request scheduled before it has finished, or when the schedule runs out, whichever is first,
+        and requests still streaming then are interrupted (their senders record what they have).
+        """
         t0 = self.clock()
         if on_start is not None:
             on_start(time.time())
-        greenlets = []
         for at, item in schedule:
             measured = measured_until is None or at < measured_until
             if not measured and self._measured_done.is_set():
@@ -52,13 +57,12 @@ class OpenLoop:
             delay = t0 + at - self.clock()
             if delay > 0 and self._wait(delay, measured):
                 break
-            greenlet = self._launch(item, at, self.clock() - t0, measured)
-            if greenlet is not None:
-                greenlets.append(greenlet)
+            self._launch(item, at, self.clock() - t0, measured)
         if measured_until is None:
-            gevent.joinall(greenlets)
+            self._group.join()
         else:
-            self._wait_measured()
+            gevent.sleep(0)   # let the last-spawned senders start: a greenlet killed unstarted records nothing
+            self._group.kill(block=True, timeout=10)
         return self.stats
 
     def _wait(self, delay: float, measured: bool) -> bool:
@@ -68,20 +72,20 @@ class OpenLoop:
             return False
         return self._measured_done.wait(delay)
 
-    def _launch(self, item: Any, at: float, now: float, measured: bool):
+    def _launch(self, item: Any, at: float, now: float, measured: bool) -> None:
         s = self.stats
         s.max_lag_s = max(s.max_lag_s, now - at)
         if s.in_flight >= self.max_in_flight:
             s.dropped += 1
             if self.on_drop is not None:
                 self.on_drop(item, {"sched": at, "lag": now - at, "measured": measured})
-            return None
+            return
         s.sent += 1
         s.in_flight += 1
         if measured:
             s.measured_in_flight += 1
             self._measured_done.clear()
-        return gevent.spawn(self._send_one, item, at, now, measured)
+        self._group.spawn(self._send_one, item, at, now, measured)
 
     def _send_one(self, item: Any, at: float, now: float, measured: bool) -> None:
         try:
@@ -92,7 +96,3 @@ class OpenLoop:
                 self.stats.measured_in_flight -= 1
                 if self.stats.measured_in_flight == 0:
                     self._measured_done.set()
-
-    def _wait_measured(self) -> None:
-        if self.stats.measured_in_flight > 0:
-            self._measured_done.wait()

@@ -1,7 +1,8 @@
 """A stand-in OpenAI streaming server with exact, configurable timing (stdlib only).
 
 For trying locustfiles without a cluster and for testing the measurement itself: the first token
-leaves `ttft_s` after the request arrives, then one token every `gap_s`; `max_tokens` tokens in all.
+leaves `ttft_s` after the request arrives, then one token every `gap_s`; `max_tokens` tokens in all
+(or `tokens`, when set: short answers whatever the workload asks for).
 
     python -m loadtests.fake_openai --port 9000 --ttft 0.05 --gap 0.01
 """
@@ -20,9 +21,10 @@ class FakeOpenAI(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024   # bursts of hundreds of connections must not be refused at accept()
 
-    def __init__(self, port: int = 0, ttft_s: float = 0.05, gap_s: float = 0.01, status: int = 200):
+    def __init__(self, port: int = 0, ttft_s: float = 0.05, gap_s: float = 0.01, status: int = 200,
+                 tokens: int | None = None):
         super().__init__(("127.0.0.1", port), _Handler)
-        self.ttft_s, self.gap_s, self.status = ttft_s, gap_s, status
+        self.ttft_s, self.gap_s, self.status, self.tokens = ttft_s, gap_s, status, tokens
         self.received: list[dict] = []    # request bodies, for assertions
 
     @property
@@ -64,7 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._stream(body)
 
     def _stream(self, body: dict) -> None:
-        n, chat = int(body.get("max_tokens") or 16), "messages" in body
+        n, chat = self.server.tokens or int(body.get("max_tokens") or 16), "messages" in body
         start = time.perf_counter()
         for i in range(n):
             # sleep to an absolute schedule so scheduling jitter does not accumulate across tokens

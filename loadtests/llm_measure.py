@@ -29,6 +29,7 @@ class StreamResult:
     usage: dict[str, Any] | None = None
     error: str | None = None
     text: str = ""                 # the generated text (multi-turn users resend it)
+    done: bool = False             # the stream ended normally (False: interrupted, or an error)
 
     @property
     def ok(self) -> bool:
@@ -47,10 +48,15 @@ class StreamResult:
 
 
 def stream_request(client: httpx.Client, path: str, payload: dict, headers: dict | None = None,
-                   timeout: float | None = 600.0) -> StreamResult:
-    """POST `payload` with stream=True to `path` and time every content chunk; never raises."""
+                   timeout: float | None = 600.0, result: StreamResult | None = None) -> StreamResult:
+    """POST `payload` with stream=True to `path` and time every content chunk; never raises an HTTP error.
+
+    Pass `result` to keep the timings so far if the caller is interrupted mid-stream (the load test
+    ends while long answers are still streaming: their TTFT and gaps still count).
+    """
     body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-    result = StreamResult(sent_at=time.time())
+    result = result or StreamResult(sent_at=time.time())
+    result.sent_at = time.time()
     start = time.perf_counter()
     try:
         with client.stream("POST", path, json=body, headers=headers, timeout=timeout) as response:
@@ -68,6 +74,7 @@ def stream_request(client: httpx.Client, path: str, payload: dict, headers: dict
 def _read_events(response: httpx.Response, result: StreamResult, start: float) -> None:
     parts: list[str] = []
     last = None
+    result.text = ""
     for line in response.iter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, comments and keep-alives
@@ -92,6 +99,7 @@ def _read_events(response: httpx.Response, result: StreamResult, start: float) -
         result.chunks += 1
         parts.append(text)
     result.text = "".join(parts)
+    result.done = True
     if result.error is None and result.chunks == 0:
         result.error = "stream ended without any token"
 
@@ -152,4 +160,4 @@ def record(result: StreamResult, **extra: Any) -> dict:
     return {"sent_at": result.sent_at, "status": result.status, "ttft": result.ttft_s, "e2e": result.e2e_s,
             "gaps": [round(g, 6) for g in result.gaps_s], "tokens": result.output_tokens,
             "prompt_tokens": (result.usage or {}).get("prompt_tokens"), "cached_tokens": result.cached_tokens,
-            "error": result.error, **extra}
+            "error": result.error, "unfinished": not result.done and result.error is None, **extra}

@@ -13,6 +13,7 @@ import httpx
 from locust import events
 
 from loadtests.payloads import TenantKeys
+from loadtests.schedule import tenant_weights
 
 
 def _add(parser, name: str, **kwargs: Any) -> None:
@@ -30,7 +31,7 @@ def add_options(parser) -> None:
     _add(parser, "--time-scale", type=float, default=0.0,
          help="the server's time scale: rates and durations below are in its (emulated) time; default: the "
               "spec's, else 1 (a real server)")
-    _add(parser, "--seed", type=int, default=0, help="workload seed")
+    _add(parser, "--seed", type=int, default=None, help="workload seed (default: the spec's, else 0)")
     _add(parser, "--records", default="", help="append one JSON line per request (raw timings) to this file")
     _add(parser, "--itl-events", default="gap", choices=["gap", "mean"],
          help="fire one ITL event per token gap (exact percentiles) or one per request (cheaper)")
@@ -85,14 +86,13 @@ def _build(host: str, options) -> LoadConfig:
     spec = _load_spec(options.spec) if options.spec else None
     workload = spec.workload if spec else None
     keys = TenantKeys.from_spec(spec, options.api_key or None) if spec else TenantKeys({}, options.api_key or None)
-    tenants = dict(workload.tenants) if workload and workload.tenants else (
-        {spec.tenants[0].name: 1.0} if spec and spec.tenants else {"default": 1.0})
+    tenants = tenant_weights(spec)
     return LoadConfig(
         host=host.rstrip("/"), model=options.model or detect_model(host, keys.headers(next(iter(tenants)))),
         api=options.api, mix=parse_weights(options.mix) if options.mix else dict(workload.mix if workload else {"chat": 1.0}),
         params=dict(workload.params) if workload else {}, tenants=tenants, keys=keys,
         time_scale=options.time_scale or (spec.engine.time_scale if spec else 1.0),
-        seed=options.seed, records=options.records, itl_per_gap=options.itl_events == "gap",
+        seed=options.seed if options.seed is not None else (workload.seed if workload else 0), records=options.records, itl_per_gap=options.itl_events == "gap",
         ignore_eos=not options.no_ignore_eos, spec=spec)
 
 

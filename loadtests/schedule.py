@@ -70,6 +70,25 @@ def open_loop_requests(stages: list[Stage], time_scale: float, *, mix: dict[str,
     return out
 
 
+def tenant_weights(spec) -> dict[str, float]:
+    """The spec's tenant mix: workload.tenants, else all traffic from the first tenant, else "default"."""
+    if spec is not None and spec.workload.tenants:
+        return dict(spec.workload.tenants)
+    if spec is not None and spec.tenants:
+        return {spec.tenants[0].name: 1.0}
+    return {"default": 1.0}
+
+
+def spec_requests(spec, stages: list[Stage], time_scale: float, seed: int | None = None,
+                  arrival: str | None = None, cv: float | None = None) -> list[tuple[float, Request, int]]:
+    """open_loop_requests for a spec's workload: what open_loop.py sends with --spec (same seed, same
+    requests), so the sweep can replay the identical schedule through the simulator."""
+    w = spec.workload
+    return open_loop_requests(stages, time_scale, mix=dict(w.mix), params=dict(w.params),
+                              tenants=tenant_weights(spec), arrival=arrival or w.arrival, cv=cv or w.cv,
+                              seed=w.seed if seed is None else seed)
+
+
 def scheduled(items: list[tuple[float, Request, int]]) -> Iterator[tuple[float, tuple[Request, int]]]:
     """The (offset, item) pairs the dispatcher takes."""
     for at, request, stage in items:

@@ -1,0 +1,67 @@
+"""The one place the sweep talks to the analytical planner (emulator.planner): a ClusterSpec and its
+workload become the planner's inputs, and its operating points come back as the sweep's columns.
+
+Everything the planner needs is read from the same spec the live cluster and the simulator run, so a
+gap between measured and planned is a gap in the model, never in the inputs. If the planner is
+missing or refuses the spec, the sweep still runs and says why the planned column is empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator import workload as wl
+from emulator.spec import ClusterSpec
+
+SAMPLE_REQUESTS = 4000   # generated requests whose lengths the planner's distributions are built from
+
+# How each routing policy spreads load, in the planner's terms: prefix hashing is load-blind (random
+# per request), least-loaded and KV-aware scoring join the shortest queue.
+DISPATCH = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq",
+            "prefix_ring": "random", "prefix_bounded": "random"}
+
+
+@dataclass
+class Prediction:
+    points: list            # emulator.planner.CurvePoint per requested rate (ttft_p99, itl_p99, goodput, ...)
+    c_max: float | None
+    error: str | None = None      # why there is no prediction
+
+
+def planner_inputs(spec: ClusterSpec):
+    """(PlanRequest, Workload, Cluster, Slo) for a spec: its deployment, engine limits, workload, SLO."""
+    from emulator.planner import Cluster, EngineLimits, PlanRequest, Slo, Workload
+
+    e, w = spec.engine, spec.workload
+    request = PlanRequest(
+        model=spec.model, gpu=spec.gpu, tp=spec.tp, tp_link=spec.links.tp, kv_link=spec.links.kv_transfer,
+        weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
+        mode="disaggregated" if spec.disaggregated else "colocated",
+        dispatch=DISPATCH.get(spec.router.policy, "random"),
+        engine=EngineLimits(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
+                            block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
+                            activation_reserve_gb=e.activation_reserve_gb))
+    sample = wl.from_spec(spec, 1.0, num_requests=SAMPLE_REQUESTS)
+    workload = Workload.from_samples(
+        1.0, [r.prompt_len for r in sample], [r.max_tokens for r in sample],
+        shared=[min(r.shared_tokens or 0, r.prompt_len) for r in sample], burstiness=w.cv if w.arrival == "gamma" else 1.0)
+    cluster = Cluster(workers=_count(spec, "both"), prefill=_count(spec, "prefill"), decode=_count(spec, "decode"))
+    slo = Slo(ttft_p99=spec.slo.ttft_p99_s, itl_p99=spec.slo.itl_p99_s, e2e_p99=spec.slo.e2e_p99_s)
+    return request, workload, cluster, slo
+
+
+def _count(spec: ClusterSpec, role: str) -> int:
+    return sum(p.count for p in spec.pools_with_role(role))
+
+
+def predict(spec: ClusterSpec, rates: list[float]) -> Prediction:
+    """The planner's curve at each rate and its C_max for the spec's cluster."""
+    try:
+        from emulator import planner
+    except ImportError as exc:
+        return Prediction([], None, f"planner not available ({exc})")
+    try:
+        request, workload, cluster, slo = planner_inputs(spec)
+        curve = planner.curve(request, workload, slo, cluster, list(rates), spec.catalog_data())
+        return Prediction(list(curve.points), float(curve.max_rate))
+    except planner.PlannerError as exc:
+        return Prediction([], None, f"planner refused the spec: {exc}")
