@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 from starlette.requests import Request
 
 from kvlab.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
@@ -15,7 +16,7 @@ from router.admission import RequestLimits, check_request
 from router.config import Limits
 from router.job import Endpoint, Job
 from router.policies.registry import BUILDERS
-from router.tokenize import PromptTokenizer
+from router.tokenize import PromptTokenizer, TokenIdsCompletion
 
 KINDS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
 POLICY_HEADER = "x-kvlab-policy"   # per-request policy override, for side-by-side experiments
@@ -35,6 +36,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _decode(raw: bytes, endpoint: Endpoint):
+    """Token-id completions decode straight to list[int]; anything else (or any error) takes the
+    general decoder, which also names the field at fault."""
+    if endpoint == "completions":
+        try:
+            return _ids_decoder.decode(raw)
+        except msgspec.MsgspecError:
+            pass
+    return decode_request(raw, KINDS[endpoint])
+
+
+_ids_decoder = msgspec.json.Decoder(TokenIdsCompletion)
+
+
 def _too_large(limit: int) -> ApiError:
     # Connection: close, because the rest of the body is never read from this connection.
     return ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large",
@@ -51,7 +66,7 @@ class Intake:
 
     def job(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None = None,
             tenant: str | None = None, tenant_salt: str | None = None) -> Job:
-        request = decode_request(raw, KINDS[endpoint])
+        request = _decode(raw, endpoint)
         self._check_model(request.model)
         if request.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n")

@@ -65,7 +65,7 @@ _answer = msgspec.json.Decoder(PrefillAnswer)
 async def prefill(upstream: Upstream, worker: Worker, path: str, body: bytes) -> tuple[PrefillAnswer, bytes]:
     """Step 1: the decoded answer and its raw body; an unreadable answer counts as a failed worker."""
     fields = {"stream": False, "stream_options": None, "kv_transfer_params": {"do_remote_decode": True}}
-    content = await upstream.post(worker.id, worker.url + path, with_fields(body, fields))
+    content = await upstream.post(worker.id, worker.endpoint(path), with_fields(body, fields))
     try:
         return _answer.decode(content), content
     except msgspec.MsgspecError as exc:
@@ -139,7 +139,7 @@ class DisaggregatedSource:
             return None
         if self._stream is None:
             body = decode_body(self._body, self._answer)
-            self._stream = await self.upstream.open_stream(self.decode.id, self.decode.url + self._path, body)
+            self._stream = await self.upstream.open_stream(self.decode.id, self.decode.endpoint(self._path), body)
         return await self._stream.next_event()
 
     async def aclose(self) -> None:

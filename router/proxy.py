@@ -189,7 +189,7 @@ class Proxy:
             self._sent_upstream(job, decision, first)
             if len(workers) == 2:
                 return await self._complete_pd(job, lease, workers[0], workers[1], body)
-            return await self.upstream.post(workers[0].id, workers[0].url + job.path, body)
+            return await self.upstream.post(workers[0].id, workers[0].endpoint(job.path), body)
         finally:
             lease.release_all()
 
@@ -201,7 +201,7 @@ class Proxy:
         if not pd.needs_decode(answer, job.max_tokens):
             await pd.release_held(self.upstream.client, answer, self.config.timeouts.health_s)
             return pd.merged_body(answer, prefilled, None)
-        decoded = await self.upstream.post(decode.id, decode.url + job.path, pd.decode_body(body, answer))
+        decoded = await self.upstream.post(decode.id, decode.endpoint(job.path), pd.decode_body(body, answer))
         return pd.merged_body(answer, prefilled, decoded)
 
     def _finish_body(self, job: Job, decision: Decision, content: bytes) -> None:
@@ -235,7 +235,7 @@ class Proxy:
             self._sent_upstream(job, decision, first)
             if len(workers) == 2:
                 return await self._open_pd(lease, workers[0], workers[1], path, body, relay)
-            stream = await self.upstream.open_stream(workers[0].id, workers[0].url + path, body)
+            stream = await self.upstream.open_stream(workers[0].id, workers[0].endpoint(path), body)
         except BaseException:
             lease.release_all()
             raise

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Sequence
+from typing import Annotated, Sequence
+
+import msgspec
 
 from kvlab.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
 from kvlab.tokenizer import OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, Tokenizer, apply_chat_template
@@ -63,6 +65,16 @@ class SegmentMemo:
         return ids
 
 
+class TokenIdsCompletion(CompletionRequest, kw_only=True):
+    """A completion whose prompt msgspec decoded and checked as non-negative token ids, in C.
+
+    The generic request types the prompt loosely (text, ids, or lists of either) and checks ids in
+    Python at ~100 ns a token: 3 ms for a 32K-token prompt. Here the check costs nothing beyond the
+    decode itself.
+    """
+    prompt: list[Annotated[int, msgspec.Meta(ge=0)]]
+
+
 class PromptTokenizer:
     def __init__(self, tokenizer: Tokenizer, block_size: int):
         self.tokenizer = tokenizer
@@ -70,6 +82,10 @@ class PromptTokenizer:
         self.memo = SegmentMemo(tokenizer.encode) if isinstance(tokenizer, BuiltinTokenizer) else None
 
     def completion(self, request: CompletionRequest) -> list[int]:
+        if isinstance(request, TokenIdsCompletion):
+            if not request.prompt:
+                raise ApiError(400, "prompt must not be empty", param="prompt")
+            return request.prompt
         prompt = prompt_input(request.prompt)   # raises ApiError(400) on an empty or batched prompt
         return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 

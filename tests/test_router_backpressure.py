@@ -55,6 +55,19 @@ def open_stream(url: str) -> socket.socket:
     return sock
 
 
+def wait_for_stall(worker, quiet_s=1.0, timeout=20.0):
+    """The produced byte count once it has not moved for `quiet_s` (None if it never stops)."""
+    deadline = time.monotonic() + timeout
+    last, since = worker.produced, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if worker.produced != last:
+            last, since = worker.produced, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return last
+    return None
+
+
 def wait_until(condition, timeout=5.0):
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -66,12 +79,12 @@ def test_a_client_that_stops_reading_stalls_the_worker_stream(serve):
     worker = EndlessWorker()
     upstream = serve(worker.app)
     router = serve(create_app(RouterConfig(workers=[WorkerConfig(url=upstream.url, id="endless")])))
-    sock = open_stream(router.url)
-    time.sleep(1.0)                        # the client reads nothing more: buffers fill, then everything stops
-    stalled_at = worker.produced
-    time.sleep(0.5)
-    assert worker.produced == stalled_at   # nothing is produced while nobody reads...
-    assert stalled_at < 64 << 20           # ...and what is in flight is bounded by socket and transport buffers
+    sock = open_stream(router.url)         # the client reads nothing more: buffers fill, then everything stops
+    stalled_at = wait_for_stall(worker)
+    assert stalled_at is not None          # production stops while nobody reads...
+    assert stalled_at < 64 << 20           # ...with what is in flight bounded by socket and transport buffers
+    time.sleep(1.0)
+    assert worker.produced == stalled_at
     sock.settimeout(5)
     deadline = time.monotonic() + 10
     while worker.produced == stalled_at and time.monotonic() < deadline:
