@@ -1,0 +1,167 @@
+"""`kvlab compare`: one trace through several routing policies, one table.
+
+    kvlab compare --limit 1000                                   # the shared Mooncake trace, simulated
+    kvlab compare my.toml --trace t.jsonl --policies round_robin,kv_aware --workers 8 --speedup 2
+    kvlab compare --live --limit 200 --time-scale 1              # through the real router and workers
+
+By default every policy runs in the discrete-event simulator: the live cluster's own engine and policy
+objects on a virtual clock, so a thousand-request comparison takes seconds and is exactly repeatable.
+--live starts the spec's cluster once per policy and replays the trace through it with Locust.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from emulator import traces
+from emulator.sim_report import Summary
+from emulator.simulator import Simulator
+from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
+from router.policies.registry import build_policy
+
+DEFAULT_POLICIES = "round_robin,prefix_ring,prefix_bounded,kv_aware"
+PREFIX_KEYED = ("prefix_ring", "prefix_bounded")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="default", help="cluster spec file or bundled example name")
+    parser.add_argument("--trace", default=None, help="Mooncake-style JSONL trace (default: the shared "
+                                                      "mooncake_conversation.jsonl in ../shared/data/traces)")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=1000, help="first N trace requests (default %(default)s)")
+    parser.add_argument("--speedup", type=float, default=1.0, help="divide trace timestamps by this")
+    parser.add_argument("--workers", type=int, default=None, help="override the worker count (colocated specs)")
+    parser.add_argument("--prefix-blocks", type=int, default=None,
+                        help="blocks that key prefix_ring/prefix_bounded (default for a trace: two 512-token "
+                             "trace blocks, see below)")
+    parser.add_argument("--set", action="append", default=[], metavar="POLICY.KEY=VALUE",
+                        help="a policy setting, e.g. kv_aware.load_weight=0.2 (repeatable)")
+    parser.add_argument("--live", action="store_true", help="replay through the live router and workers")
+    parser.add_argument("--time-scale", type=float, default=None, help="--live: override the spec's time scale")
+    parser.add_argument("--out", default=None, help="also write compare.json and compare.md here")
+
+
+@dataclass
+class Row:
+    policy: str
+    settings: dict
+    summary: Summary
+    load_max_over_avg: float
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = _with_workers(load_spec(resolve_spec_path(args.spec)), args.workers)
+        trace = Path(args.trace) if args.trace else traces.shared_trace()
+        if trace is None or not trace.is_file():
+            raise FileNotFoundError(f"no trace at {args.trace or traces.SHARED_TRACES}; pass --trace PATH")
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        settings = {p: policy_settings(spec, p, args.prefix_blocks, args.set) for p in policies}
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        print(f"kvlab compare: {exc}", file=sys.stderr)
+        return 2
+    title = (f"{spec.name}: {len(spec.worker_list())} workers, {trace.name} first {args.limit} requests"
+             f"{f' at {args.speedup:g}x' if args.speedup != 1 else ''}, {'live' if args.live else 'simulated'}")
+    print(title, flush=True)
+    if args.live:
+        from loadtests.compare_live import compare_live
+        rows = compare_live(spec, trace, settings, args)
+    else:
+        rows = [simulate(spec, trace, p, s, args.limit, args.speedup) for p, s in settings.items()]
+    text = table(rows, spec)
+    print(text)
+    if rows and min(r.summary.ttft.p50 for r in rows) > 10 * spec.slo.ttft_p99_s:
+        print(f"note: every policy's median TTFT is over 10x the SLO: this cluster is overloaded by the trace, "
+              f"and under overload queueing, not cache reuse, decides the table; try --workers or --speedup < 1")
+    if args.out:
+        _write(Path(args.out), title, rows, text)
+    return 0
+
+
+def _with_workers(spec: ClusterSpec, workers: int | None) -> ClusterSpec:
+    if workers is None:
+        return spec
+    if spec.disaggregated:
+        raise ValueError("--workers applies to colocated specs; edit the pools of a disaggregated spec instead")
+    pools = [msgspec.structs.replace(spec.pools[0], count=workers)] + list(spec.pools[1:])
+    return msgspec.structs.replace(spec, pools=pools)
+
+
+def policy_settings(spec: ClusterSpec, policy: str, prefix_blocks: int | None, overrides: list[str]) -> dict:
+    """The spec's router settings that this policy takes, the trace's prefix key, then --set overrides."""
+    # Every Mooncake request starts with the same 512-token block (the trace's common system prompt), so a
+    # ring keyed on fewer tokens sends the whole trace to one worker; keying on two trace blocks (the common
+    # one and the conversation's first) keeps a conversation's turns together, which is what reuse needs.
+    blocks = prefix_blocks or 2 * traces.TRACE_BLOCK_TOKENS // spec.engine.block_size
+    candidates = dict(spec.router.settings)
+    if policy in PREFIX_KEYED:
+        candidates["prefix_blocks"] = blocks
+    out = {k: v for k, v in candidates.items() if _accepts(policy, k, v)}
+    for item in overrides:
+        name, _, assignment = item.partition(".")
+        key, _, value = assignment.partition("=")
+        if name == policy:
+            out[key] = _value(value)
+    build_policy(policy, out)   # fail now, with the policy's own message, on a bad name or setting
+    return out
+
+
+def _accepts(policy: str, key: str, value) -> bool:
+    try:
+        build_policy(policy, {key: value})
+        return True
+    except ValueError:
+        return False
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def simulate(spec: ClusterSpec, trace: Path, policy: str, settings: dict, limit: int, speedup: float) -> Row:
+    requests = traces.trace_requests(trace, limit=limit, speedup=speedup)
+    sim = Simulator(spec, policy=policy, settings=settings).run(requests)
+    summary = sim.summary()
+    return Row(policy, settings, summary, load_imbalance([w["routed"] for w in summary.workers.values()]))
+
+
+def load_imbalance(loads: list[float]) -> float:
+    """Max over mean of the requests each worker served: 1.0 is perfectly even."""
+    mean = sum(loads) / len(loads) if loads else 0.0
+    return max(loads) / mean if mean else float("nan")
+
+
+HEADER = ["policy", "hit rate", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 ms", "goodput/s", "thru/s",
+          "max/avg load", "rejected"]
+
+
+def cells(row: Row) -> list[str]:
+    s = row.summary
+    ms = lambda v: f"{v * 1000:.0f}" if v == v else "-"  # noqa: E731  (NaN != NaN)
+    return [row.policy, f"{s.prefix_hit_rate:.3f}", ms(s.ttft.p50), ms(s.ttft.p99), ms(s.itl.p99),
+            f"{s.goodput_rps:.2f}", f"{s.throughput_rps:.2f}", f"{row.load_max_over_avg:.2f}", str(s.rejected)]
+
+
+def table(rows: list[Row], spec: ClusterSpec) -> str:
+    body = [cells(r) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
+    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+    slo = f"goodput: requests/s meeting p99 TTFT <= {spec.slo.ttft_p99_s:g} s and ITL <= {spec.slo.itl_p99_s:g} s"
+    return "\n".join([line(HEADER), line(["-" * w for w in widths]), *(line(b) for b in body), slo])
+
+
+def _write(out: Path, title: str, rows: list[Row], text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"title": title, "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
+                                      "summary": msgspec.to_builtins(r.summary)} for r in rows]}
+    (out / "compare.json").write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
+    (out / "compare.md").write_text(f"# {title}\n\n```\n{text}\n```\n")
