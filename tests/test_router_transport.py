@@ -1,0 +1,150 @@
+"""The router's lean HTTP/1.1 transport: keep-alive reuse, streaming, stale connections, failures."""
+import asyncio
+
+import httpx
+import pytest
+
+from router.transport import LeanTransport
+
+TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
+
+
+class RawServer:
+    """A tiny asyncio HTTP server whose behaviour each test scripts; counts connections."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.connections = 0
+        self.server = None
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                if not await self.respond(writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def request(url, body=b"{}"):
+    return httpx.Request("POST", url + "/x", content=body, headers={"content-type": "application/json"},
+                         extensions={"timeout": TIMEOUT})
+
+
+async def fixed(writer) -> bool:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    await writer.drain()
+    return True
+
+
+async def test_sequential_requests_reuse_one_connection():
+    transport = LeanTransport()
+    async with RawServer(fixed) as server:
+        for _ in range(5):
+            response = await transport.handle_async_request(request(server.url))
+            assert response.status_code == 200 and await response.aread() == b"hello"
+            await response.aclose()
+        assert server.connections == 1
+    await transport.aclose()
+
+
+async def test_a_chunked_stream_arrives_chunk_by_chunk():
+    release = asyncio.Event()
+
+    async def stream(writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    transport = LeanTransport()
+    async with RawServer(stream) as server:
+        response = await transport.handle_async_request(request(server.url))
+        parts = aiter(response.stream)
+        assert await anext(parts) == b"first"          # before the server has finished
+        release.set()
+        assert await anext(parts) == b"second"
+        with pytest.raises(StopAsyncIteration):
+            await anext(parts)
+        await response.aclose()
+    await transport.aclose()
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_transparently():
+    async def once(writer) -> bool:
+        await fixed(writer)
+        return False   # close after one response, without saying so in the headers
+
+    transport = LeanTransport()
+    async with RawServer(once) as server:
+        for pause in (0.05, 0.0, 0.0, 0.05, 0.0):   # with no pause the close races the reuse
+            response = await transport.handle_async_request(request(server.url))
+            assert await response.aread() == b"hello"
+            await response.aclose()
+            await asyncio.sleep(pause)
+        assert server.connections == 5
+    await transport.aclose()
+
+
+async def test_failures_map_to_httpx_errors():
+    transport = LeanTransport()
+    async with RawServer(fixed) as server:
+        url = server.url
+    with pytest.raises(httpx.ConnectError):
+        await transport.handle_async_request(request(url))    # nobody listens any more
+
+    async def silent(writer) -> bool:
+        await asyncio.sleep(10)
+        return False
+
+    async def cut(writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        return False
+
+    async with RawServer(silent) as server:
+        slow = request(server.url)
+        slow.extensions["timeout"] = {**TIMEOUT, "read": 0.2}
+        with pytest.raises(httpx.ReadTimeout):
+            await transport.handle_async_request(slow)
+    async with RawServer(cut) as server:
+        response = await transport.handle_async_request(request(server.url))
+        with pytest.raises(httpx.RemoteProtocolError):
+            await response.aread()
+    await transport.aclose()
+
+
+async def test_an_unread_body_closes_its_connection_instead_of_reusing_it():
+    async def big(writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"67890")
+        await writer.drain()
+        return True
+
+    transport = LeanTransport()
+    async with RawServer(big) as server:
+        response = await transport.handle_async_request(request(server.url))
+        await response.aclose()     # abandoned after the head: the server must see the request dropped
+        response = await transport.handle_async_request(request(server.url))
+        assert await response.aread() == b"1234567890"
+        await response.aclose()
+        assert server.connections == 2
+    await transport.aclose()
