@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         config, host, port = config_from_args(args)
         from router.server import create_app
         app = create_app(config)
+    except ImportError as exc:   # --spec without the emulator package installed
+        print(f"kvlab router: --spec needs the emulator package ({exc})", file=sys.stderr)
+        return 2
     except (ValueError, OSError, msgspec.MsgspecError) as exc:
         print(f"kvlab router: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 It wires the pure parts (router.tenants, router.admission) to the request path: 401 for a missing
 or unknown key when keys are configured, 429 with Retry-After when a tenant is over a limit, 503
 with Retry-After when the cluster's queue is past what the TTFT SLO allows (Little's law), each with
-an OpenAI error body and counted by reason and tenant. A request admitted here is settled exactly
+an OpenAI error body (the server counts refusals by status, reason and tenant). A request admitted here is settled exactly
 once when it ends (``release``): its concurrency slot freed and its token reservation reconciled
 with the tokens it really used.
 
@@ -22,20 +22,18 @@ from kvlab.openai_api import ApiError
 from router.admission import STATUS, Admission, LoadShedder, RateMeter
 from router.config import SheddingConfig
 from router.job import Job
-from router.metrics import RouterMetrics
 from router.tenants import TenantConfig, Tenants
 
 SALT_PREFIX = "kvlab-tenant:"
 
 
 class Gate:
-    def __init__(self, tenants: list[TenantConfig], shedding: SheddingConfig, metrics: RouterMetrics,
+    def __init__(self, tenants: list[TenantConfig], shedding: SheddingConfig,
                  queue_depth: Callable[[], float], salt_secret: str | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.tenants = Tenants(tenants, clock())
         self.keys_required = any(t.api_keys for t in tenants)
-        self.metrics = metrics
         self.queue_depth = queue_depth
         self.shedder = LoadShedder(shedding.ttft_slo_s) if shedding.enabled else None
         self.arrivals = RateMeter(now=clock())
@@ -50,7 +48,6 @@ class Gate:
         scheme, _, key = (authorization or "").partition(" ")
         tenant = self.tenants.tenant_for_key(key.strip()) if scheme.lower() == "bearer" else None
         if tenant is None:
-            self.metrics.reject(401, "invalid_api_key", None)
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return tenant
 
@@ -85,7 +82,6 @@ class Gate:
         if admission.ok:
             return
         status = STATUS.get(admission.reason, 429)
-        self.metrics.reject(status, admission.reason, tenant)
         headers = {}
         if admission.retry_after is not None and math.isfinite(admission.retry_after):
             headers["Retry-After"] = str(max(1, math.ceil(admission.retry_after)))

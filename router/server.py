@@ -38,6 +38,7 @@ from router.metrics import RouterMetrics
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
 from router.proxy import Proxy, WorkerRefused
+from router.streaming import unless_client_leaves
 from router.tokenize import PromptTokenizer
 from router.transport import LeanTransport
 from router.upstream import Upstream
@@ -79,7 +80,7 @@ class Router:
                                        config.timeouts.health_s)
         self.pool.listeners += [_PolicyMembership(self.policies), self.subscriber]
         self.tokenizer = PromptTokenizer(load_tokenizer(config.tokenizer), config.block_size)
-        self.gate = Gate(config.tenants, config.shedding, self.metrics, self.queue_depth, config.salt_secret)
+        self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
         self.intake = Intake(config.limits, self.tokenizer, self.models)
         self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, self.transport, config.timeouts),
                            self.metrics, self.tokenizer, on_finish=self._finished)
@@ -106,30 +107,40 @@ class Router:
     # -- the request path ------------------------------------------------------------------------
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         received = time.perf_counter()
-        job = None
+        job = tenant = None
         try:
             tenant = self.gate.tenant_of(request.headers.get("authorization"))
             raw = await read_body(request, self.config.limits.max_body_bytes)
             job = self.intake.job(endpoint, raw, received, request.headers.get(POLICY_HEADER), tenant,
                                   self.gate.salt(tenant))
             self.gate.admit(job)
-            response = await (self.proxy.stream(job) if job.stream else self.proxy.complete(job))
+            if job.stream:
+                response = await self.proxy.stream(job)
+            else:
+                response = await unless_client_leaves(request.receive, self.proxy.complete(job)) or CLIENT_GONE
         except ApiError as err:
-            self._refused(job, err.status)
-            return error_response(err)
+            reason = err.code or (f"invalid_{err.param}" if err.param else "invalid_request")
+            return self._refused(endpoint, job, tenant, err.status, reason, error_response(err))
         except WorkerRefused as refused:
-            self._refused(job, refused.status)
-            return Response(refused.body, status_code=refused.status, media_type="application/json")
+            answer = Response(refused.body, status_code=refused.status, media_type="application/json")
+            return self._refused(endpoint, job, tenant, refused.status, "worker_refused", answer)
         except BaseException:
-            self._refused(job, 500)
+            self._refused(endpoint, job, tenant, 500, "internal_error", None)
             raise
-        self.metrics.requests.labels(endpoint, "200").inc()
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
-    def _refused(self, job: Job | None, status: int) -> None:
+    def _refused(self, endpoint: Endpoint, job: Job | None, tenant: str | None, status: int, reason: str,
+                 response: Response | None) -> Response | None:
         if job is not None:
             self.gate.release(job, 0)   # admitted but never served: free its slot, refund its tokens
-        self.metrics.requests.labels(job.endpoint if job else "-", str(status)).inc()
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.reject(status, reason, tenant)
+        return response
+
+
+# nginx's "client closed request": nobody is listening, but the status shows up in logs and metrics.
+CLIENT_GONE = Response(status_code=499)
 
 
 def error_response(err: ApiError) -> Response:

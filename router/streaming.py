@@ -9,6 +9,7 @@ client slows its worker's stream down and never grows router memory.
 Disconnect: a watcher task waits for ``http.disconnect`` and cancels the relay, whose cleanup closes
 the upstream connection so the worker aborts the request and frees its KV blocks. (Starlette's
 StreamingResponse does the same through an anyio task group; one plain task is cheaper.)
+``unless_client_leaves`` does the same for a non-streaming call.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class RelayResponse:
                  status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
         self.chunks = chunks
         self.on_close = on_close
-        self.status = status
+        self.status_code = status
         self.headers = headers or SSE_HEADERS
 
     async def __call__(self, scope, receive, send) -> None:
@@ -39,7 +40,7 @@ class RelayResponse:
 
         watcher = asyncio.create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -58,3 +59,28 @@ async def _close(chunks: AsyncIterator[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+async def unless_client_leaves(receive, awaitable):
+    """Await `awaitable` (a non-streaming proxied call) unless the client disconnects first; then
+    cancel it, which closes the upstream connection so the worker aborts too, and return None."""
+    me = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        me.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        me.uncancel()
+        return None
+    finally:
+        watcher.cancel()

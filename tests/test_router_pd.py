@@ -81,3 +81,27 @@ def test_short_uncached_prompts_are_prefilled_locally_on_the_decode_worker(start
     assert "x-kvlab-prefill-worker" not in r.headers
     assert r.json()["usage"]["completion_tokens"] == 5
     assert prefill.metric("vllm:prompt_tokens_total") == 0
+
+
+def test_a_decode_worker_killed_mid_stream_is_migrated_through_a_new_prefill_decode_pair(start_worker, start_router):
+    from router_fixtures import kill
+    prefill = start_worker(worker_id="p0", role="prefill")
+    decoders = [start_worker(worker_id=f"d{i}", role="decode", time_scale=4.0) for i in range(2)]
+    reference = start_worker(worker_id="ref")
+    router = start_router([prefill, *decoders], policy="pd_pair", policies={"pd_pair": {"local_prefill_tokens": 0}})
+    events, killed = [], None
+    with httpx.stream("POST", router.url + "/v1/completions", timeout=30,
+                      json={"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "stream": True}) as r:
+        serving = r.headers["x-kvlab-worker"]
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 6:
+                    kill(next(d for d in decoders if d.config.worker_id == serving))
+                    killed = serving
+    import msgspec
+    decoded = ["[DONE]" if e == "[DONE]" else msgspec.json.decode(e) for e in events]
+    assert killed and decoded[-1] == "[DONE]" and not any("error" in e for e in decoded[:-1])
+    assert stream_text(decoded) == expected(reference, 24)
+    assert router.metric("kvlab_router_retries_total", kind="migration") == 1
+    assert router.workers()[killed] is False
