@@ -48,7 +48,7 @@ class Browser:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"chromium exited with status {self.proc.returncode}")
             lines = path.read_text().split() if path.exists() else []
-            if lines:
+            if len(lines) >= 2:   # port, then the browser's socket path: the file is complete
                 return int(lines[0])
             time.sleep(0.05)
         raise TimeoutError("chromium did not open its DevTools port")

@@ -93,8 +93,11 @@ def test_dashboard_shows_live_cluster_values_that_move(start_worker, start_route
         assert all(number(page["metrics"][k]) > 0 for k in PANELS), page["metrics"]
         assert ":" in page["metrics"]["ratio"], page["metrics"]["ratio"]
         assert len(page["workers"]) == 2
-    for bars in second["workers"]:   # both workers got traffic: round robin alone sends them half each
-        assert number(bars["kv"]) > 0 and number(bars["decode"]) > 0, second["workers"]
+    # Both workers got traffic (round robin alone sends each a third of it). Utilization is over a window;
+    # KV usage is of the instant, and a worker may hold no request at one instant.
+    for before, after in zip(first["workers"], second["workers"]):
+        assert number(after["prefill"]) > 0 and number(after["decode"]) > 0, second["workers"]
+        assert number(before["kv"]) > 0 or number(after["kv"]) > 0, (first["workers"], second["workers"])
     assert second["policies"] == 2 and second["charts"]["chart-hits"] > 0
     assert "rate_limited" in " ".join(second["rejections"]) or number(second["metrics"]["rejections_total"]) > 0
 
