@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import msgspec
 
-from router.sliding import SampleWindow, SnapshotWindow, percentile
+from router.sliding import SampleWindow, SnapshotWindow, percentiles
 
 # Wall seconds a worker's steps may run late (p99) before its emulated timings are flagged as suspect;
 # the same default as the cluster spec's lag_warn_s.
@@ -97,8 +97,8 @@ class ClusterView:
         self.retain_s = max(retain_s, window_s, latency_window_s)
         self._loads: dict[str, SnapshotWindow[LoadSnapshot]] = {}
         self._counters: SnapshotWindow[Counters] = SnapshotWindow(self.retain_s)
-        self._ttft = SampleWindow(self.retain_s, max_samples)
-        self._itl = SampleWindow(self.retain_s, max_samples)
+        self._ttft = SampleWindow(max_samples)
+        self._itl = SampleWindow(max_samples)
         self.history: deque[dict] = deque(maxlen=history_len)
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -177,8 +177,9 @@ class ClusterView:
     def _latency(self, now: float) -> dict:
         out = {}
         for name, samples in (("ttft", self._ttft), ("itl", self._itl)):
-            ordered = sorted(samples.values(now, self.latency_window_s))
-            out[name] = {"p50": percentile(ordered, 0.5), "p99": percentile(ordered, 0.99), "n": len(ordered)}
+            values = samples.values(now, self.latency_window_s)
+            p50, p99 = percentiles(values, (0.5, 0.99))
+            out[name] = {"p50": p50, "p99": p99, "n": len(values)}
         out["window_s"] = self.latency_window_s
         return out
 

@@ -4,15 +4,19 @@
   newest snapshot minus the one at the window's start.
 - ``SampleWindow``: individual observations (TTFT, ITL); a window's figure is a percentile of them.
 
-Both forget what no window up to ``retain_s`` can need, so memory is bounded by the sampling rate;
-``SampleWindow`` also caps its sample count, so a burst of tokens cannot grow it without bound.
+``SnapshotWindow`` forgets what no window up to ``retain_s`` can need, so its memory is bounded by the
+sampling rate. ``SampleWindow`` is a fixed numpy ring (every token of a busy cluster lands there, and
+its percentiles are computed on the router's event loop, so both must stay cheap); when more samples
+arrive within a window than it holds, the window's percentiles are those of the newest ones.
 Time is whatever monotonic clock the caller uses; nothing here reads a clock.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Generic, TypeVar
+from typing import Generic, Sequence, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -53,23 +57,29 @@ class SnapshotWindow(Generic[T]):
 
 
 class SampleWindow:
-    def __init__(self, retain_s: float, max_samples: int = 20_000):
-        self.retain_s = retain_s
-        self._items: deque[tuple[float, float]] = deque(maxlen=max_samples)
+    def __init__(self, max_samples: int = 20_000):
+        self._t = np.empty(max_samples)
+        self._v = np.empty(max_samples)
+        self._next = 0
+        self._size = 0
 
     def add(self, t: float, value: float) -> None:
-        self._items.append((t, value))
+        i = self._next
+        self._t[i], self._v[i] = t, value
+        self._next = (i + 1) % len(self._t)
+        self._size = min(self._size + 1, len(self._t))
 
-    def values(self, now: float, window_s: float) -> list[float]:
-        while self._items and self._items[0][0] < now - self.retain_s:
-            self._items.popleft()
-        start = now - window_s
-        return [v for t, v in self._items if t >= start]
+    def values(self, now: float, window_s: float) -> np.ndarray:
+        """Samples taken in the window ending at `now`, in no particular order."""
+        t, v = self._t[:self._size], self._v[:self._size]
+        return v[t >= now - window_s]
 
 
-def percentile(ordered: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..1) of an ascending list; None when it is empty."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[rank - 1]
+def percentiles(values: Sequence[float] | np.ndarray, qs: Sequence[float]) -> list[float | None]:
+    """Nearest-rank percentiles (each q in 0..1) of unordered values; None each when there are none."""
+    n = len(values)
+    if n == 0:
+        return [None] * len(qs)
+    ranks = [max(1, math.ceil(q * n)) - 1 for q in qs]
+    part = np.partition(np.asarray(values, dtype=float), ranks)   # O(n): no full sort
+    return [float(part[r]) for r in ranks]

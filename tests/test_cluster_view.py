@@ -8,7 +8,7 @@ from starlette.testclient import TestClient
 from router.cluster_view import ClusterView, LoadSnapshot, Member
 from router.config import RouterConfig
 from router.server import create_app
-from router.sliding import SnapshotWindow, percentile
+from router.sliding import SampleWindow, SnapshotWindow, percentiles
 from router.stream_timing import StreamTimings
 
 
@@ -121,7 +121,15 @@ def test_snapshot_window_keeps_a_baseline_and_forgets_the_rest():
     assert len(window._items) <= 7
     (t0, _), (t1, _) = window.span(19.0, 5.0)
     assert (t0, t1) == (14.0, 19.0)
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and percentile([], 0.5) is None
+    assert percentiles([4.0, 1.0, 3.0, 2.0], (0.5, 0.99)) == [2.0, 4.0] and percentiles([], (0.5,)) == [None]
+
+
+def test_sample_window_is_a_bounded_ring():
+    window = SampleWindow(max_samples=10)
+    for t in range(25):
+        window.add(float(t), float(t))
+    assert sorted(window.values(24.0, 100.0)) == [float(t) for t in range(15, 25)]
+    assert sorted(window.values(24.0, 2.0)) == [22.0, 23.0, 24.0]
 
 
 def test_cluster_and_dashboard_routes():
