@@ -165,6 +165,19 @@ async def latency_pass(direct: str, routed: str, n: int, stream: bool, max_token
     return out
 
 
+def histogram_quantile(url: str, name: str, q: float) -> float:
+    """Upper bound of the bucket holding quantile q of a router histogram (from its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    buckets = []
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name + "_bucket":
+                buckets.append((float(sample.labels["le"]), sample.value))
+    buckets.sort()
+    total = buckets[-1][1]
+    return next(bound for bound, count in buckets if count >= q * total)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -305,6 +318,10 @@ def main() -> None:
         cpu_stream = (cpu_seconds(router_pid) - cpu) / (args.requests + 50)
         print(latency_report(f"streaming, {args.stream_tokens} tokens (first token)", streamed, 0))
         print(latency_report(f"streaming, {args.stream_tokens} tokens (total)", streamed, 1))
+        inside = {q: histogram_quantile(router, "kvlab_router_added_latency_seconds", q) for q in (0.5, 0.99)}
+        print(f"  router's own histogram, handler start -> upstream send: p50 <= {inside[0.5] * 1e6:.0f} us, "
+              f"p99 <= {inside[0.99] * 1e6:.0f} us (bucket bounds)")
+        report["router_histogram_added_s"] = inside
         print(f"  router CPU per request (user + system, immune to other processes' load): "
               f"non-streaming {cpu_plain * 1e6:.0f} us, streaming {args.stream_tokens} tokens {cpu_stream * 1e6:.0f} us")
         report["router_cpu_us_per_request"] = {"non_streaming": cpu_plain * 1e6, "streaming": cpu_stream * 1e6}

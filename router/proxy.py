@@ -1,4 +1,4 @@
-"""Forwarding a decided request to workers, and surviving them.
+"""Forwarding a decided request to workers, and surviving them (streams: router.stream_session).
 
 - Before the first token reaches the client, a failed worker (refused, reset, 5xx, timed out) is
   simply replaced: the request is re-routed without it and sent again.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 import msgspec
 from starlette.responses import Response
@@ -21,38 +21,22 @@ from starlette.responses import Response
 from kvlab.openai_api import ApiError
 from router import pd
 from router.config import RouterConfig
-from router.job import PATHS, Job
+from router.job import Job
 from router.metrics import RouterMetrics
 from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
 from router.policies.registry import PolicySet
-from router.relay import BadEvent, StreamRelay
+from router.relay import StreamRelay
 from router.sse import Usage
+from router.stream_session import StreamSession
+from router.stream_sources import ColocatedSource, Source
 from router.streaming import SSE_HEADERS, RelayResponse
 from router.tokenize import PromptTokenizer
-from router.upstream import Upstream, UpstreamFailure, UpstreamStream
+from router.upstream import Upstream, UpstreamFailure, WorkerRefused, exhausted
 from router.worker_pool import Worker, WorkerPool
 
 
 WORKER_HEADER = "x-kvlab-worker"
 PREFILL_WORKER_HEADER = "x-kvlab-prefill-worker"
-
-
-class WorkerRefused(Exception):
-    """A worker rejected the request itself (4xx): the client gets the worker's answer unchanged."""
-
-    def __init__(self, status: int, body: bytes):
-        super().__init__(f"worker answered {status}")
-        self.status = status
-        self.body = body
-
-
-class Source(Protocol):
-    """Where a stream's events come from during one attempt."""
-    worker_id: str
-    rewrite: bool
-
-    async def next_event(self) -> bytes | None: ...
-    async def aclose(self) -> None: ...
 
 
 class Lease:
@@ -72,25 +56,6 @@ class Lease:
     def release_all(self) -> None:
         for worker in list(self.workers):
             self.release(worker)
-
-
-class ColocatedSource:
-    def __init__(self, stream: UpstreamStream, worker: Worker, rewrite: bool, release: Callable[[Worker], None]):
-        self.stream = stream
-        self.worker = worker
-        self.worker_id = worker.id
-        self.rewrite = rewrite
-        self._release = release
-        self._closed = False
-
-    async def next_event(self) -> bytes | None:
-        return await self.stream.next_event()
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self.stream.aclose()
-            self._release(self.worker)
 
 
 class _UsageOnly(msgspec.Struct):
@@ -179,7 +144,7 @@ class Proxy:
                 continue
             self._finish_body(job, decision, content)
             return Response(content, media_type="application/json", headers=worker_headers(decision))
-        raise _exhausted(last)
+        raise exhausted(last)
 
     async def _complete_once(self, job: Job, decision: Decision, first: bool) -> bytes:
         lease = self._charge(decision)
@@ -254,106 +219,9 @@ class Proxy:
         return source
 
 
-class StreamSession:
-    """One streaming request: its attempts, the current source, and the relay that stitches them."""
-
-    def __init__(self, proxy: Proxy, job: Job):
-        self.proxy = proxy
-        self.job = job
-        self.relay = StreamRelay(job, proxy.tokenizer)
-        self.clock = proxy.timings.start(job.received) if proxy.timings else None
-        self.limit = proxy.config.limits.max_attempts
-        self.used = 0
-        self.exclude: set[str] = set()
-        self.last: UpstreamFailure | None = None
-        self.decision: Decision | None = None
-        self.source: Source | None = None
-        self._closed = False
-
-    async def open(self) -> None:
-        """Start an attempt (the first, a retry, or a migration); raises ApiError when none is left."""
-        proxy, relay = self.proxy, self.relay
-        while self.used < self.limit:
-            first = self.used == 0
-            self.used += 1
-            route, path, body = self._attempt_request()
-            self.decision = proxy.route(route, self.exclude, self.job if first else None)
-            try:
-                self.source = await proxy.open_source(self.job, self.decision, path, body, relay, first)
-                return
-            except UpstreamFailure as failure:
-                proxy.failed(failure, self.exclude, relay.started)
-                self.last = failure
-        raise _exhausted(self.last)
-
-    def _attempt_request(self) -> tuple[RouteRequest, str, bytes]:
-        job, relay = self.job, self.relay
-        if not relay.started:
-            return job.route, job.path, job.body()
-        route = self.proxy.tokenizer.route_request(job.prompt + relay.generated, job.salt, job.route.policy)
-        return route, PATHS["completions"], job.continuation(relay.generated)
-
-    async def events(self):
-        relay = self.relay
-        while not relay.done:
-            try:
-                out = await self._next()
-            except (UpstreamFailure, BadEvent) as exc:
-                out = await self._recover(exc)
-            if out:
-                yield out
-
-    async def _next(self) -> bytes | None:
-        event = await self.source.next_event()
-        if event is None:
-            if self.relay.finish_reason is not None:
-                return self.relay.finish_done()
-            raise UpstreamFailure(self.source.worker_id, "stream ended before [DONE]", dead=True)
-        out = self.relay.accept(event, self.source.rewrite)
-        if self.clock is not None:
-            self.clock.seen(self.source.worker_id, len(self.relay.generated))
-        return out
-
-    async def _recover(self, exc: Exception) -> bytes | None:
-        """After a failed source: finish, migrate, or end the stream with an error event."""
-        relay = self.relay
-        await self.source.aclose()
-        failure = exc if isinstance(exc, UpstreamFailure) else UpstreamFailure(self.source.worker_id, str(exc),
-                                                                                dead=False)
-        if relay.finish_reason is not None:       # every token arrived; only [DONE] was lost
-            return relay.finish_done()
-        if relay.started and relay.remaining <= 0:
-            return relay.finish("length")
-        try:
-            self.proxy.failed(failure, self.exclude, relay.started)
-            await self.open()
-        except ApiError as err:
-            return relay.error(err)
-        except WorkerRefused as refused:
-            return relay.error(ApiError(refused.status, "a worker refused the continued request",
-                                        type_="server_error"))
-        return None
-
-    async def close(self) -> None:
-        """Always runs (RelayResponse.on_close), even if the stream never started: free everything."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.source is not None:
-            await self.source.aclose()
-        policy = self.decision.policy if self.decision else "-"
-        self.proxy.account(self.job, policy, len(self.relay.generated), self.relay.cached_tokens)
-
-
 def worker_headers(decision: Decision) -> dict[str, str]:
     """Which workers served the request (for clients, logs and tests); a migration may change it later."""
     headers = {WORKER_HEADER: decision.worker}
     if decision.prefill_worker and decision.prefill_worker != decision.worker:
         headers[PREFILL_WORKER_HEADER] = decision.prefill_worker
     return headers
-
-
-def _exhausted(last: UpstreamFailure | None) -> ApiError:
-    detail = f" (last: {last})" if last else ""
-    return ApiError(503, f"no worker could complete the request{detail}", type_="server_error",
-                    code="upstream_unavailable", headers={"Retry-After": "1"})

@@ -37,11 +37,11 @@ from router.kv_subscriber import KvSubscriber
 from router.metrics import RouterMetrics
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
-from router.proxy import Proxy, WorkerRefused
+from router.proxy import Proxy
 from router.streaming import unless_client_leaves
 from router.tokenize import PromptTokenizer
 from router.transport import LeanTransport
-from router.upstream import Upstream
+from router.upstream import Upstream, WorkerRefused
 from router.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger("kvlab.router")

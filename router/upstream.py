@@ -11,6 +11,7 @@ from collections import deque
 
 import httpx
 
+from kvlab.openai_api import ApiError
 from router.config import Timeouts
 from router.sse import EventSplitter
 
@@ -31,6 +32,22 @@ class UpstreamFailure(Exception):
     def client_error(self) -> bool:
         """The worker refused the request itself (4xx other than 408/429): retrying cannot help."""
         return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+class WorkerRefused(Exception):
+    """A worker rejected the request itself (4xx): the client gets the worker's answer unchanged."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"worker answered {status}")
+        self.status = status
+        self.body = body
+
+
+def exhausted(last: UpstreamFailure | None) -> ApiError:
+    """The answer when every attempt failed: 503, try again shortly."""
+    detail = f" (last: {last})" if last else ""
+    return ApiError(503, f"no worker could complete the request{detail}", type_="server_error",
+                    code="upstream_unavailable", headers={"Retry-After": "1"})
 
 
 def _failure(worker_id: str, exc: BaseException) -> UpstreamFailure:

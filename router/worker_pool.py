@@ -103,6 +103,7 @@ class WorkerPool:
         self.listeners: list[PoolListener] = []
         self._workers: dict[str, Worker] = {}
         self._views: list[WorkerView] = []
+        self._roles: set[str] = set()
         self._task: asyncio.Task | None = None
         self.load_hooks: list[Callable[[str, bytes], None]] = []   # see every /load body (router.dashboard)
 
@@ -121,7 +122,7 @@ class WorkerPool:
         return sum(1 for w in self._workers.values() if w.up)
 
     def has_role(self, role: str) -> bool:
-        return any(w.config.role == role for w in self._workers.values())
+        return role in self._roles
 
     def models(self) -> list[str]:
         names: dict[str, None] = {}
@@ -136,18 +137,23 @@ class WorkerPool:
             raise ValueError(f"worker {config.id!r} is already registered")
         worker = Worker(config, self.metrics)
         self._workers[config.id] = worker
-        self._views = [w.view for w in self._workers.values()]
+        self._membership_changed()
         await self.probe(worker)
         return worker
 
     def remove(self, worker_id: str) -> Worker:
         worker = self._workers.pop(worker_id)
-        self._views = [w.view for w in self._workers.values()]
+        self._membership_changed()
         if worker.up:
             worker.set_up(False)
             self._notify("worker_down", worker)
         self._notify("worker_removed", worker)
         return worker
+
+    def _membership_changed(self) -> None:
+        # Derived once per change, not per request: the hot path reads these on every decision.
+        self._views = [w.view for w in self._workers.values()]
+        self._roles = {w.config.role for w in self._workers.values()}
 
     # -- health ----------------------------------------------------------------------------------
     def report_failure(self, worker_id: str, reason: str) -> None:
