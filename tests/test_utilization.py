@@ -144,3 +144,17 @@ def test_live_cluster_endpoint_tracks_decode_then_prefill_load(start_worker, sta
     prefill = phase(router.url, request(long_prompt=True), 1.6)["cluster"]
     assert decode["decode_util"] > 0.5 and decode["prefill_util"] < 0.1 * decode["decode_util"], decode
     assert prefill["prefill_util"] > 0.3 and prefill["prefill_share"] > 0.9, prefill
+
+
+def test_live_disaggregated_pools_split_the_phases(start_worker, start_router):
+    """P/D: the prefill pool's busy time is all prefill, the decode pool's all decode."""
+    workers = [start_worker(worker_id="p0", role="prefill", time_scale=2.0, num_blocks=2048),
+               start_worker(worker_id="d0", role="decode", time_scale=2.0, num_blocks=2048)]
+    router = start_router(workers, policy="pd_pair", policies={"pd_pair": {"local_prefill_tokens": 0}})
+
+    def make(i):
+        return {"model": MODEL, "prompt": unique(random.Random(i), 1500), "max_tokens": 40}, {}
+
+    pools = phase(router.url, make, 1.6)["pools"]
+    assert pools["prefill"]["prefill_util"] > 0.1 and pools["prefill"]["decode_util"] == 0, pools
+    assert pools["decode"]["decode_util"] > 0.3 and pools["decode"]["prefill_util"] == 0, pools
