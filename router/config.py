@@ -17,7 +17,7 @@ Role = Literal["both", "prefill", "decode"]
 
 class WorkerConfig(msgspec.Struct, kw_only=True):
     url: str                        # base URL, e.g. http://127.0.0.1:8100 (no trailing /v1)
-    id: str = ""                    # defaults to the worker's own id from GET /load, else host:port
+    id: str = ""                    # defaults to host:port
     role: Role = "both"
     kv_events: str | None = None    # ZMQ endpoint of its KV events (tcp://host:port); None: poll HTTP
 
@@ -59,7 +59,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     workers: list[WorkerConfig] = []
     policy: str = "prefix_bounded"              # the default; requests may pick another (x-kvlab-policy)
     policies: dict[str, dict[str, Any]] = {}    # settings by policy name, e.g. {"prefix_bounded": {"eps": 0.25}}
-    kv_index: dict[str, Any] = {}               # KvIndex settings (rehash, media); block_size comes from here
+    kv_index: dict[str, Any] = {}               # KvIndex settings (rehash, media); block_size defaults to ours
     tenants: list[TenantConfig] = []
     limits: Limits = msgspec.field(default_factory=Limits)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
@@ -67,10 +67,11 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     shedding: SheddingConfig = msgspec.field(default_factory=SheddingConfig)
     admin_token: str | None = None          # None: the admin API answers 403
     salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process
+                                            # (set one when several routers front the same workers)
     tokenizer: str | None = None            # a tokenizer.json; None: kvlab's built-in tokenizer
     block_size: int = DEFAULT_BLOCK_SIZE    # must equal the workers' KV block size
     kv_events: Literal["zmq", "http", "off"] = "http"
-    kv_events_poll_s: float = 0.05          # HTTP polling period of /v1/kv_events
+    kv_events_poll_s: float = 0.1           # HTTP polling period of /v1/kv_events (index lag <= this)
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
 
 
