@@ -68,7 +68,7 @@ function bar(label, value, kind) {
 }
 
 function fact(label, value) {
-  return el("span", {}, `${label} `, el("b", {}, value), "  ");
+  return el("span", {}, `${label} `, el("b", {}, value));
 }
 
 function workerCard(w) {
