@@ -1,0 +1,40 @@
+"""Planner vs simulator: the max sustainable rate at SLO (C_max) from both, on one spec and workload.
+
+The simulator is stepped at rates around the planner's C_max (open-loop Poisson, thousands of
+requests per point, warm-up excluded, as the design asks) and its C_max is where p99 TTFT or p99 ITL
+first crosses the SLO. Both sides read the same spec: a gap is a gap in the model, not the inputs.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from emulator.spec import ClusterSpec
+from loadtests import analysis, planner_bridge, sim_curve
+
+RATE_FACTORS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3)   # x planner C_max: brackets a +-15% disagreement
+
+
+class CapacityCheck(msgspec.Struct, kw_only=True):
+    spec: str
+    planner_c_max: float
+    sim_c_max: float | None
+    sim_bound: str            # "interpolated", "at_least" (never crossed) or "below" (crossed at once)
+    gap: float | None         # planner / sim - 1
+    rates: list[float]
+    sim_ttft_p99: list[float]
+    sim_itl_p99: list[float]
+
+
+def check(spec: ClusterSpec, min_requests: int = sim_curve.MIN_REQUESTS,
+          factors: tuple[float, ...] = RATE_FACTORS) -> CapacityCheck:
+    planned = planner_bridge.predict(spec, [1.0])
+    if planned.c_max is None:
+        raise ValueError(f"no planner C_max for {spec.name}: {planned.error}")
+    rates = [planned.c_max * f for f in factors]
+    points = sim_curve.curve(spec, rates, min_requests)
+    ttft = [p.ttft.p99 for p in points]
+    itl = [p.itl.p99 for p in points]
+    cap = analysis.c_max(rates, ttft, itl, spec.slo.ttft_p99_s, spec.slo.itl_p99_s)
+    gap = planned.c_max / cap.rate - 1 if cap.rate and cap.bound == "interpolated" else None
+    return CapacityCheck(spec=spec.name, planner_c_max=planned.c_max, sim_c_max=cap.rate, sim_bound=cap.bound,
+                         gap=gap, rates=rates, sim_ttft_p99=ttft, sim_itl_p99=itl)
