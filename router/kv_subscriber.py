@@ -38,7 +38,7 @@ class KvSubscriber:
         self.mode = mode
         self.poll_s = poll_s
         self.timeout_s = timeout_s
-        self.batches = 0                      # applied, all workers (for tests and /metrics)
+        self.batches = 0                      # batches applied, all workers (tests and debugging)
         self.resyncs = 0
         self._tasks: dict[str, asyncio.Task] = {}
 

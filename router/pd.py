@@ -110,7 +110,8 @@ def first_token_events(answer: PrefillAnswer, tokenizer: PromptTokenizer, last: 
 class DisaggregatedSource:
     """A P/D attempt as one event source for the stream relay: the first token, then the decode stream.
 
-    ``workers`` is (decode, prefill); each one's in-flight charge is released when its part ends.
+    The prefill worker's charge was released when its answer came; ``on_release(decode)`` releases
+    the decode worker's when this source closes.
     """
     rewrite = True   # the client sees one response id: the decode worker's events are rebuilt
 

@@ -56,8 +56,7 @@ class StreamRelay:
             raise BadEvent(f"unreadable event: {exc}") from None
         if chunk.error is not None:
             raise BadEvent(f"error event: {chunk.error.get('message', chunk.error)}")
-        first = not self.rid
-        if first:
+        if not self.rid:
             self.rid, self.created = chunk.id, chunk.created or self.created
         text = self._record(chunk)
         if chunk.usage is not None and not self.cached_tokens:
