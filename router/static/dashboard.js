@@ -206,7 +206,10 @@ async function poll() {
     const response = await fetch(`/cluster${query}`, { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const view = await response.json();
-    if (state.lastT != null && view.t < state.lastT) state.history = [];   // the router restarted
+    if (state.lastT != null && view.t < state.lastT) {   // the router restarted: fetch its whole history next
+      state.history = [];
+      state.lastT = null;
+    }
     state.history.push(...view.history);
     state.history.splice(0, Math.max(0, state.history.length - KEEP));
     if (state.history.length) state.lastT = state.history[state.history.length - 1].t;
