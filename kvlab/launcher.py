@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ class Cluster:
         return {w.id: f"http://{self.host}:{w.port}" for w in self.spec.worker_list()}
 
     def start(self) -> "Cluster":
+        self._check_ports_free()
         try:
             for worker in self.spec.worker_list():
                 self._spawn(worker.id, ["worker", "--spec", str(self.spec_path), "--worker-id", worker.id,
@@ -53,6 +55,17 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def _check_ports_free(self) -> None:
+        """A busy port would let /health answer from someone else's server: refuse to start instead."""
+        ports = [w.port for w in self.spec.worker_list()] + [self.spec.router.port]
+        busy = []
+        for port in ports:
+            with socket.socket() as sock:
+                if sock.connect_ex((self.host, port)) == 0:
+                    busy.append(port)
+        if busy:
+            raise RuntimeError(f"ports {busy} on {self.host} are already in use (another kvlab cluster?)")
 
     def _spawn(self, name: str, args: list[str]) -> None:
         if self.time_scale is not None and name != "router":
