@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import msgspec
-from starlette.requests import Request
 
 from kvlab.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
 from router.admission import RequestLimits, check_request
@@ -20,20 +19,6 @@ from router.tokenize import PromptTokenizer, TokenIdsCompletion
 
 KINDS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
 POLICY_HEADER = "x-kvlab-policy"   # per-request policy override, for side-by-side experiments
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) anything over `limit` bytes without reading all of it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _decode(raw: bytes, endpoint: Endpoint):
@@ -48,12 +33,6 @@ def _decode(raw: bytes, endpoint: Endpoint):
 
 
 _ids_decoder = msgspec.json.Decoder(TokenIdsCompletion)
-
-
-def _too_large(limit: int) -> ApiError:
-    # Connection: close, because the rest of the body is never read from this connection.
-    return ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large",
-                    headers={"Connection": "close"})
 
 
 class Intake:

@@ -31,7 +31,8 @@ from kvlab.tokenizer import load_tokenizer
 from router.config import RouterConfig, WorkerConfig
 from router.dashboard import mount_dashboard
 from router.gate import Gate
-from router.intake import POLICY_HEADER, Intake, read_body
+from kvlab.http_body import read_body
+from router.intake import POLICY_HEADER, Intake
 from router.job import Endpoint, Job
 from router.kv_subscriber import KvSubscriber
 from router.metrics import RouterMetrics

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from emulator.catalog import Catalog
 from kvlab import openai_api as api
 from kvlab.openai_api import ApiError
+from kvlab.http_body import read_body
 from workers import serving
 from workers.config import WorkerConfig
 from workers.runtime import WorkerRuntime
@@ -56,25 +57,6 @@ def create_app(config: WorkerConfig, catalog: Catalog | None = None) -> FastAPI:
     _add_ops_routes(app, runtime)
     _add_handoff_routes(app, runtime)
     return app
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) anything over `limit` bytes without reading it all."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large",
-                    headers={"Connection": "close"})
 
 
 # -- routes ----------------------------------------------------------------------------------
