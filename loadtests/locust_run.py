@@ -23,7 +23,8 @@ def base_command(locustfile: Path, url: str, *, records: Path, time_scale: float
     """A headless Locust command line for one of kvlab's locustfiles, recording raw per-request rows."""
     cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", url, "--only-summary",
            "--loglevel", "WARNING", "--records", str(records), "--time-scale", f"{time_scale:g}",
-           "--seed", str(seed), "--itl-events", "mean", "--api", api]
+           "--seed", str(seed), "--itl-events", "mean", "--api", api,
+           "--exit-code-on-error", "0"]   # refused requests (429/503) are data here, not a failed run
     if spec:
         cmd += ["--spec", spec]
     if model:

@@ -18,9 +18,9 @@ MIN_REQUESTS = 2000   # per rate: p99s from fewer requests are too noisy to comp
 
 
 def simulate(spec: ClusterSpec, rate: float, min_requests: int = MIN_REQUESTS) -> Summary:
-    """One rate: the spec's workload for max(duration_s, min_requests / rate) seconds, warm-up excluded."""
+    """One rate: the spec's warm-up, then `min_requests` measured arrivals (never more than duration_s)."""
     w = spec.workload
-    duration = max(w.duration_s, min_requests / rate + w.warmup_s)
+    duration = min(w.warmup_s + w.duration_s, w.warmup_s + min_requests / rate)
     requests = workload.from_spec(spec, rate, duration_s=duration)
     sim = Simulator(spec).run(requests)
     return sim.summary(window=(w.warmup_s, duration))

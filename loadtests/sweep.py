@@ -31,6 +31,9 @@ RATE_FACTORS = (0.6, 0.85, 1.0, 1.15)   # x the planner's C_max: both sides of t
 # simulator replaying the same schedule shows what the short stages cost against the steady state.
 WARMUP_EMULATED_S = 2.0
 MEASURE_EMULATED_S = 4.0
+MAX_DEFAULT_STAGE_S = 90.0   # wall: a large time scale shortens stages (in emulated time) rather than
+                             # making the default run long; the "stage length" gap in the report shows the cost
+MAX_DEFAULT_TAIL_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="offered rates, requests per emulated second (e.g. 20 40 60 or 20,40,60)")
     parser.add_argument("--duration", type=float, default=None,
                         help=f"wall seconds measured at each rate (default {MEASURE_EMULATED_S:g} emulated s "
-                             "x the time scale)")
+                             f"x the time scale; warm-up and measurement together at most {MAX_DEFAULT_STAGE_S:g} s)")
     parser.add_argument("--warmup", type=float, default=None,
                         help=f"wall seconds at each rate before measuring (default {WARMUP_EMULATED_S:g} "
                              "emulated s x the time scale)")
     parser.add_argument("--tail", type=float, default=None,
                         help="at most this many wall seconds of load after the last rate while its requests "
-                             "finish; then they are cut short (default: one stage)")
+                             f"finish; then they are cut short (default: one stage, at most {MAX_DEFAULT_TAIL_S:g} s)")
     parser.add_argument("--time-scale", type=float, default=None, help="override the spec's engine.time_scale")
     parser.add_argument("--out", default=None, help="report folder (default: reports/sweep-<spec name>)")
     parser.add_argument("--model", default=None, help="model name to request (default: the server's first)")
@@ -118,9 +121,10 @@ class Setup:
         rates, why = choose_rates(spec, rates_arg)
         scale = args.time_scale or (_remote_time_scale(_worker_urls(args)) if args.url else None) \
             or (spec.engine.time_scale if not args.url else 1.0)
-        warmup = args.warmup if args.warmup is not None else WARMUP_EMULATED_S * scale
-        duration = args.duration if args.duration is not None else MEASURE_EMULATED_S * scale
-        tail = args.tail if args.tail is not None else warmup + duration
+        shrink = min(1.0, MAX_DEFAULT_STAGE_S / ((WARMUP_EMULATED_S + MEASURE_EMULATED_S) * scale))
+        warmup = args.warmup if args.warmup is not None else WARMUP_EMULATED_S * scale * shrink
+        duration = args.duration if args.duration is not None else MEASURE_EMULATED_S * scale * shrink
+        tail = args.tail if args.tail is not None else min(warmup + duration, MAX_DEFAULT_TAIL_S)
         seed = spec.workload.seed if args.seed is None else args.seed
         return cls(spec, spec_path, rates, why, scale, warmup, duration, tail, seed,
                    Path(args.out or f"reports/sweep-{spec.name}"))
