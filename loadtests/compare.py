@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     text = table(rows, spec)
     print(text)
     if rows and min(r.summary.ttft.p50 for r in rows) > 10 * spec.slo.ttft_p99_s:
-        print(f"note: every policy's median TTFT is over 10x the SLO: this cluster is overloaded by the trace, "
-              f"and under overload queueing, not cache reuse, decides the table; try --workers or --speedup < 1")
+        print("note: every policy's median TTFT is over 10x the SLO: this cluster is overloaded by the trace, "
+              "and under overload queueing, not cache reuse, decides the table; try --workers or --speedup < 1")
     if args.out:
         _write(Path(args.out), title, rows, text)
     return 0

@@ -155,11 +155,13 @@ def simulations(setup: Setup, args) -> dict[str, list]:
     """The simulator on the live schedule's own requests, and each rate alone at steady state."""
     if args.no_sim:
         return {}
-    print(f"simulating the same schedule, then {len(setup.rates)} rates at steady state ...", flush=True)
+    print(f"simulating the same schedule, then {len(setup.rates)} rates at steady state ...", end=" ", flush=True)
+    started = time.monotonic()
     stages = [Stage(r, s) for r, s in setup.stages()]
     items = spec_requests(setup.spec, stages, setup.scale, seed=setup.seed)
     same = sim_curve.schedule(setup.spec, items, setup.windows(), setup.scale)
     steady = sim_curve.curve(setup.spec, setup.rates, args.sim_requests)
+    print(f"{time.monotonic() - started:.0f} s", flush=True)
     return {"schedule": same, "steady": steady}
 
 
