@@ -147,7 +147,9 @@ def markdown(report: dict) -> str:
     out = [f"# kvlab sweep: {report['spec']}", "",
            f"Target {report['target']}; workload {report['workload']}; "
            f"{'VALID' if report['valid'] else '**INVALID: workers or load generator lagged**'}", "",
-           "Latencies in emulated milliseconds; rates in requests per emulated second; `!` marks an invalid point.", "",
+           "Latencies in emulated milliseconds; rates in requests per emulated second; `!` marks an invalid point. "
+           "thru/s and good/s count requests finished inside each window, so they trail the offered rate while "
+           "batches are still filling (a stage lasts a few emulated seconds) and flatten at the capacity.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]
     out += [""] + [f"- {line}" for line in capacity_lines(report)]
