@@ -89,12 +89,16 @@ def client_lag_p99(records: Sequence[dict], window: Window) -> float:
 class Capacity:
     """The highest rate meeting both p99 SLOs; `bound` says how it was found."""
     rate: float | None
-    bound: str            # "interpolated", "at_least" (every rate met the SLO), "below" (none did), "none"
+    bound: str            # "interpolated", "bracket" (somewhere in [rate, upper]), "at_least" (every rate
+                          # met the SLO), "below" (none did), "none"
     limited_by: str = ""  # "ttft" or "itl": the metric that crossed first
+    upper: float | None = None   # "bracket": the first rate that missed the SLO
 
     def describe(self) -> str:
         if self.rate is None:
             return "n/a"
+        if self.bound == "bracket":
+            return f"{self.rate:.3g}-{self.upper:.3g}"
         prefix = {"at_least": ">= ", "below": "< "}.get(self.bound, "")
         return f"{prefix}{self.rate:.3g}"
 
@@ -131,7 +135,10 @@ def _crossing(lo, hi, ttft_slo: float, itl_slo: float) -> Capacity:
     candidates = []
     for name, index, slo in (("ttft", 1, ttft_slo), ("itl", 2, itl_slo)):
         a, b = lo[index], hi[index]
-        if not (np.isfinite(b) and b <= slo):
+        if not np.isfinite(b):
+            # Too many requests failed at `hi` for a p99: no slope to follow, only the bracket is known.
+            return Capacity(lo[0], "bracket", name, upper=hi[0])
+        if b > slo:
             candidates.append((_log_interp(lo[0], hi[0], a, b, slo), name))
     rate, name = min(candidates)
     return Capacity(rate, "interpolated", name)
@@ -139,8 +146,6 @@ def _crossing(lo, hi, ttft_slo: float, itl_slo: float) -> Capacity:
 
 def _log_interp(r0: float, r1: float, y0: float, y1: float, target: float) -> float:
     """The rate between r0 and r1 where a latency going from y0 (<= target) to y1 (> target) hits target."""
-    if not np.isfinite(y1):
-        return r0          # nothing finished at r1: no slope to follow, so claim no more than r0
     if y0 > 0:
         frac = (math.log(target) - math.log(y0)) / (math.log(y1) - math.log(y0))
     else:

@@ -133,6 +133,10 @@ def capacity_lines(report: dict) -> list[str]:
             lines.append(f"C_max {label:25s} {entry['text']:>7s} req/s{limited}")
         elif entry.get("error"):
             lines.append(f"C_max {label:25s} n/a ({entry['error']})")
+    if c.get("gap_pct_range"):
+        low, high = c["gap_pct_range"]
+        lines.append(f"gap measured vs planned: between {low:+.1f}% and {high:+.1f}% (too many requests were "
+                     "refused above the last rate that met the SLO for a p99 there; add rates to narrow it)")
     if c.get("gap_pct") is not None:
         lines.append(f"gap measured vs planned: {c['gap_pct']:+.1f}%, of which:")
         lines += [f"  {name}: {value:+.1f}%" for name, value in c["gaps"].items() if value is not None]

@@ -258,7 +258,8 @@ def capacities(points: list[dict], slo, prediction: Prediction) -> dict:
     def crossing(ttft, itl_key) -> dict:
         c = analysis.c_max(rates, [_num(t) for t in ttft], [_num(rpt.get(p, itl_key)) for p in points],
                            slo.ttft_p99_s, slo.itl_p99_s)
-        return {"rate": c.rate, "bound": c.bound, "limited_by": c.limited_by, "text": c.describe()}
+        return {"rate": c.rate, "bound": c.bound, "limited_by": c.limited_by, "upper": c.upper,
+                "text": c.describe()}
 
     out = {"measured": crossing([p["ttft_p99_with_failures"] for p in points], "measured.itl.p99")}
     if points and points[0]["simulated"] is not None:
@@ -272,6 +273,10 @@ def capacities(points: list[dict], slo, prediction: Prediction) -> dict:
     exact = lambda name: (out.get(name) or {}).get("rate") if (out.get(name) or {}).get("bound") in (  # noqa: E731
         "interpolated", "planner") else None
     out["gap_pct"] = analysis.gap_percent(exact("measured"), exact("planned"))
+    measured = out.get("measured") or {}
+    if measured.get("bound") == "bracket" and exact("planned"):
+        out["gap_pct_range"] = [analysis.gap_percent(measured["rate"], exact("planned")),
+                                analysis.gap_percent(measured["upper"], exact("planned"))]
     out["gaps"] = {"host (measured vs simulated, same schedule)": analysis.gap_percent(exact("measured"), exact("simulated")),
                    "stage length (same schedule vs steady state, simulated)": analysis.gap_percent(exact("simulated"), exact("steady")),
                    "model (simulated steady state vs planned)": analysis.gap_percent(exact("steady"), exact("planned"))}

@@ -38,7 +38,8 @@ def test_c_max_takes_the_metric_that_crosses_first_and_reports_open_bounds():
     assert analysis.c_max([10, 20], [0.1, 0.2], [0.01, 0.01], 0.5, 0.1).describe() == ">= 20"
     assert analysis.c_max([10, 20], [0.9, 2.0], [0.01, 0.01], 0.5, 0.1).describe() == "< 10"
     nothing_finished = analysis.c_max([10, 20], [0.1, math.nan], [0.01, math.nan], 0.5, 0.1)
-    assert nothing_finished.rate == 10 and nothing_finished.bound == "interpolated"
+    assert nothing_finished.bound == "bracket" and (nothing_finished.rate, nothing_finished.upper) == (10, 20)
+    assert nothing_finished.describe() == "10-20"
 
 
 def test_knee_is_where_p99_ttft_doubles_from_its_low_load_value():
