@@ -4,7 +4,10 @@ import json
 
 import pytest
 
+from emulator.spec import load_spec
 from router.cli import add_arguments, config_from_args
+
+_DEFAULT = load_spec("default")
 
 
 def parse(*argv):
@@ -32,7 +35,8 @@ def test_a_spec_gives_workers_tenants_limits_and_the_slo_in_wall_seconds():
     config, host, port = parse("--spec", "default")
     assert port == 8000 and [w.id for w in config.workers] == ["both-0", "both-1"]
     assert config.policy == "prefix_bounded" and config.policies["prefix_bounded"]["eps"] == 0.25
-    assert config.shedding.enabled and config.shedding.ttft_slo_s == pytest.approx(0.5 * 20)   # x time_scale 20
+    assert config.shedding.enabled and config.shedding.ttft_slo_s == pytest.approx(
+        _DEFAULT.slo.ttft_p99_s * _DEFAULT.engine.time_scale)   # emulated SLO x time scale = wall seconds
     disagg, _, _ = parse("--spec", "disagg-70b-h100", "--max-input-tokens", "1000")
     assert {w.role for w in disagg.workers} == {"prefill", "decode"} and disagg.policy == "pd_pair"
     assert disagg.limits.max_input_tokens == 1000
