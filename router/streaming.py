@@ -28,31 +28,43 @@ class RelayResponse:
         self.headers = headers or SSE_HEADERS
 
     async def __call__(self, scope, receive, send) -> None:
-        me = asyncio.current_task()
-        gone = False
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            me.cancel()
-
-        watcher = asyncio.create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            me.uncancel()   # the client left: a normal end for us, not a cancelled server
+            with ClientWatch(receive):
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
             await _close(self.chunks)
             if self.on_close is not None:
                 await self.on_close()
+
+
+class ClientWatch:
+    """Within the block, a client disconnect cancels the current task; the block then ends quietly
+    (the client left: a normal end for us), while any other cancellation still propagates."""
+
+    def __init__(self, receive):
+        self.receive = receive
+        self.gone = False
+        self._task = asyncio.current_task()
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._task.cancel()
+
+    def __enter__(self) -> "ClientWatch":
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._watcher.cancel()
+        if exc_type is asyncio.CancelledError and self.gone:
+            self._task.uncancel()
+            return True
+        return False
 
 
 async def _close(chunks: AsyncIterator[bytes]) -> None:
@@ -64,23 +76,6 @@ async def _close(chunks: AsyncIterator[bytes]) -> None:
 async def unless_client_leaves(receive, awaitable):
     """Await `awaitable` (a non-streaming proxied call) unless the client disconnects first; then
     cancel it, which closes the upstream connection so the worker aborts too, and return None."""
-    me = asyncio.current_task()
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        me.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
+    with ClientWatch(receive):
         return await awaitable
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        me.uncancel()
-        return None
-    finally:
-        watcher.cancel()
+    return None
