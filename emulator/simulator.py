@@ -113,7 +113,7 @@ class Simulator:
 
     # -- routing -----------------------------------------------------------------------------
     def _arrive(self, req) -> None:
-        tokens = req.tokens.tolist() if hasattr(req.tokens, "tolist") else list(req.tokens)
+        tokens = req.tokens   # a list or an int32 array; the engine and the router hash arrays directly
         record = self.log.arrive(req.request_id, req.arrival_s, len(tokens))
         salt = self.salts.get(req.tenant)
         views = [w.view for w in self.workers.values()]

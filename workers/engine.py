@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import msgspec
+import numpy as np
 
 from emulator import roofline
 from emulator.catalog import Link
@@ -126,7 +127,7 @@ class Engine:
         return tokens // self.config.block_size
 
     # -- requests ----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, now: float,
+    def add_request(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, now: float,
                     priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None) -> Request:
         self._validate(prompt, params)
         if remote is not None and params.max_tokens < 2:
@@ -144,7 +145,7 @@ class Engine:
         return req
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
+        if len(prompt) == 0:
             raise EngineError("the prompt is empty")
         if params.max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1 (got {params.max_tokens})")

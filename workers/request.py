@@ -38,6 +38,9 @@ class Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, arrival: float,
                  priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None):
         self.request_id = request_id
+        # A numpy prompt (simulator, traces) is hashed as is and kept as a list for token appends.
+        hashes = block_hashes(prompt, salt=salt)
+        prompt = prompt.tolist() if hasattr(prompt, "tolist") else prompt
         self.prompt = prompt
         self.params = params
         self.arrival = arrival
@@ -47,7 +50,7 @@ class Request:
         self.num_prompt = len(prompt)
         self.num_computed = 0                  # tokens whose KV is in the cache
         self.block_ids: list[int] = []
-        self.hashes: list[int] = block_hashes(prompt, salt=salt)  # of full blocks, extended as tokens come
+        self.hashes: list[int] = hashes   # of full blocks, extended as tokens come
         self.status = Status.WAITING
         self.remote = remote
         self.first_token_time: float | None = None
