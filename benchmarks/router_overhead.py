@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from contextlib import contextmanager
 
 import httpx
 import msgspec
+from routing_decision import median_us   # benchmarks/ is on sys.path when run as a script
 
 MODEL = "Llama-3.1-8B"
 PYTHON = sys.executable
@@ -272,7 +272,7 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
                                                                            chat_req),
         }
         for label, fn in cases.items():
-            results.setdefault(label, {})[n] = _median_us(fn, runs if "cold" not in label else max(5, runs // 20))
+            results.setdefault(label, {})[n] = median_us(fn, runs if "cold" not in label else max(5, runs // 20))
     return results
 
 
@@ -280,17 +280,6 @@ def _decide(tok, tokens, policies, views, chat_req=None):
     if tokens is None:
         tokens = tok.chat(chat_req)
     return policies.choose(tok.route_request(tokens, None, None), views)
-
-
-def _median_us(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        fn()
-        samples.append(time.perf_counter_ns() - start)
-    return statistics.median(samples) / 1000
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -338,7 +327,7 @@ def main() -> None:
             routed = throughput(router, args.client_procs, args.connections, args.seconds, stream, tokens)
             print(f"  {label:32s} one worker direct {direct:8.0f} req/s   router {routed:8.0f} req/s")
             report["throughput"][label] = {"direct_one_worker": direct, "router": routed}
-    print(f"\n3. routing decision (tokenize + hash + policy), median us, 8 workers")
+    print("\n3. routing decision (tokenize + hash + policy), median us, 8 workers")
     decisions = decision_times(args.decision_runs)
     print(f"  {'':52s}{'1K':>10s}{'8K':>10s}{'32K':>10s}")
     for label, row in decisions.items():

@@ -22,7 +22,6 @@ import httpx
 import msgspec
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -32,6 +31,7 @@ from router.config import RouterConfig, WorkerConfig
 from router.dashboard import mount_dashboard
 from router.gate import Gate
 from kvlab.http_body import read_body
+from kvlab.http_errors import error_response, install_error_handlers
 from router.intake import POLICY_HEADER, Intake
 from router.job import Endpoint, Job
 from router.kv_subscriber import KvSubscriber
@@ -144,10 +144,6 @@ class Router:
 CLIENT_GONE = Response(status_code=499)
 
 
-def error_response(err: ApiError) -> Response:
-    return Response(err.body(), status_code=err.status, headers=err.headers, media_type="application/json")
-
-
 def create_app(config: RouterConfig) -> FastAPI:
     router = Router(config)
 
@@ -166,7 +162,7 @@ def create_app(config: RouterConfig) -> FastAPI:
         app.add_route(path, _handler(router, endpoint), methods=["POST"])
     _add_ops_routes(app, router)
     _add_admin_routes(app, router)
-    _add_error_handlers(app)
+    install_error_handlers(app, "router", log)
     mount_dashboard(app, router)   # GET /cluster, /dashboard
     return app
 
@@ -269,17 +265,3 @@ def _json(payload, status: int = 200) -> Response:
     return Response(msgspec.json.encode(payload), status_code=status, media_type="application/json")
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> Response:
-        return error_response(exc)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> Response:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(exc.status_code, str(exc.detail), type_=kind))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(ApiError(500, "internal error in the router", type_="server_error"))

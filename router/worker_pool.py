@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import httpx
 import msgspec
 
+from kvlab.background import Background
 from router.config import HealthConfig, Timeouts, WorkerConfig
 from router.metrics import RouterMetrics
 from router.policies.base import WorkerView
@@ -104,7 +105,7 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._views: list[WorkerView] = []
         self._roles: set[str] = set()
-        self._task: asyncio.Task | None = None
+        self._background = Background(self._run)
         self.load_hooks: list[Callable[[str, bytes], None]] = []   # see every /load body (router.dashboard)
 
     # -- membership ------------------------------------------------------------------------------
@@ -226,17 +227,10 @@ class WorkerPool:
 
     # -- the probe loop --------------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._background.stop()
 
     async def _run(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import msgspec
 
+from kvlab.background import Background
 from workers.engine import Engine, Finished, StepResult
 from workers.request import RemotePrefill, SamplingParams
 
@@ -77,7 +78,7 @@ class EngineDriver:
         self._wake = asyncio.Event()
         self.lag = LagStats()
         self.step_hooks: list[Callable[[StepResult], None]] = []
-        self._task: asyncio.Task | None = None
+        self._background = Background(self.run)
 
     # -- clocks ------------------------------------------------------------------------------
     def emulated_now(self) -> float:
@@ -111,17 +112,10 @@ class EngineDriver:
 
     # -- the loop ----------------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run())
+        self._background.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._background.stop()
 
     async def run(self) -> None:
         busy = False

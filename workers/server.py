@@ -17,9 +17,7 @@ from contextlib import asynccontextmanager
 
 import msgspec
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,6 +25,7 @@ from emulator.catalog import Catalog
 from kvlab import openai_api as api
 from kvlab.openai_api import ApiError
 from kvlab.http_body import read_body
+from kvlab.http_errors import install_error_handlers
 from workers import serving
 from workers.config import WorkerConfig
 from workers.runtime import WorkerRuntime
@@ -52,7 +51,7 @@ def create_app(config: WorkerConfig, catalog: Catalog | None = None) -> FastAPI:
 
     app = FastAPI(title=f"kvlab worker {config.worker_id}", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
-    _add_error_handlers(app)
+    install_error_handlers(app, "worker", log)
     _add_openai_routes(app, runtime)
     _add_ops_routes(app, runtime)
     _add_handoff_routes(app, runtime)
@@ -126,25 +125,3 @@ def _int_query(request: Request, name: str, default: int) -> int:
 
 
 # -- errors ----------------------------------------------------------------------------------
-def _error_response(err: ApiError) -> Response:
-    return Response(err.body(), status_code=err.status, headers=err.headers, media_type="application/json")
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> Response:
-        return _error_response(exc)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> Response:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type_=kind, headers=exc.headers))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
-        return _error_response(ApiError(400, f"invalid request: {exc.errors()}"))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _error_response(ApiError(500, "internal error in the worker", type_="server_error"))
