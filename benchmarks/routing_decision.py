@@ -1,11 +1,15 @@
 """Routing-decision time per policy for 1K, 8K and 32K-token prompts (tokenizing excluded).
 
 One decision = RouteRequest.from_tokens (lazy block hashes) + policy.choose over 8 workers, timed
-one at a time; the figure is the median of many runs, in microseconds. kv_aware is timed in three
+one at a time; the figure is the median of many runs, in microseconds. kv_aware is timed in four
 index states, since it hashes until the first block no worker holds:
   cold   - empty index: stops after the first chunk of blocks,
   shared - a 2K-token system prompt cached on two workers, the rest new (the common case),
+  half   - the first half of the prompt cached on one worker,
   full   - the whole prompt cached on one worker: every block is hashed (the worst case).
+Policies that read the index are timed twice: "first sight" hashes every block it reads; "+ memo"
+is the router's own path, where a BlockHashMemo remembers the 64-block runs of prompts it has seen
+(the run-up before timing shows it this prompt, as earlier requests with its prefix would).
 Run: .venv/bin/python benchmarks/routing_decision.py [--runs N] [--list]
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 from kvlab.block_hash import block_hashes
 from kvlab.kv_events import BlockStored, KVEventBatch
 from router.policies import KvIndex, RouteRequest, WorkerView, build_policy
+from router.policies.hash_memo import BlockHashMemo
 
 SIZES = (1024, 8192, 32768)
 WORKERS = 8
@@ -44,16 +49,17 @@ def index_with(worker_hashes: dict[str, list[int]]) -> KvIndex:
 
 
 def cases(tokens):
-    """(label, policy) pairs; kv_aware and pd_pair get an index in each state."""
+    """(label, policy, reads the index) triples; kv_aware and pd_pair get an index in each state."""
     full = block_hashes(tokens)
     shared = full[:SYSTEM_TOKENS // 16]
-    yield "round_robin", build_policy("round_robin")
-    yield "least_loaded", build_policy("least_loaded")
-    yield "prefix_ring", build_policy("prefix_ring")
-    yield "prefix_bounded", build_policy("prefix_bounded")
-    for state, held in (("cold", {}), ("shared", {"w1": shared, "w5": shared}), ("full", {"w3": full})):
-        yield f"kv_aware/{state}", build_policy("kv_aware", index=index_with(held))
-    yield "pd_pair/shared", build_policy("pd_pair", index=index_with({"d1": shared}))
+    yield "round_robin", build_policy("round_robin"), False
+    yield "least_loaded", build_policy("least_loaded"), False
+    yield "prefix_ring", build_policy("prefix_ring"), False
+    yield "prefix_bounded", build_policy("prefix_bounded"), False
+    for state, held in (("cold", {}), ("shared", {"w1": shared, "w5": shared}),
+                        ("half", {"w3": full[:len(full) // 2]}), ("full", {"w3": full})):
+        yield f"kv_aware/{state}", build_policy("kv_aware", index=index_with(held)), True
+    yield "pd_pair/shared", build_policy("pd_pair", index=index_with({"d1": shared})), True
 
 
 def workers():
@@ -73,10 +79,11 @@ def main() -> None:
     views = workers()
     results: dict[str, dict[int, float]] = {}
     for n, tokens in prompts.items():
-        for label, policy in cases(tokens):
+        for label, policy, reads_index in cases(tokens):
             pool = views if label.startswith("pd_pair") else views[:WORKERS]
-            decide = lambda: policy.choose(RouteRequest.from_tokens(tokens), pool)  # noqa: E731
-            results.setdefault(label, {})[n] = median_us(decide, args.runs)
+            for suffix, memo in (("", None), (" + memo", BlockHashMemo(16))) if reads_index else (("", None),):
+                decide = lambda: policy.choose(RouteRequest.from_tokens(tokens, memo=memo), pool)  # noqa: E731
+                results.setdefault(label + suffix, {})[n] = median_us(decide, args.runs)
         results.setdefault("(all blocks, eager block_hashes)", {})[n] = median_us(lambda: block_hashes(tokens), args.runs)
     kind = "list[int]" if args.list else "np.int32 array"
     print(f"routing decision, median us of {args.runs} runs, {WORKERS} workers, prompt as {kind}")

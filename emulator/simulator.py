@@ -17,6 +17,8 @@ from emulator.sim_report import LatencyLog, Summary
 from emulator.spec import ClusterSpec
 from kvlab.kv_events import KVEventBatch
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
+from router.policies.hash_memo import BlockHashMemo
+from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
 from workers.engine import EngineError, QueueFull, StepResult
 from workers.from_spec import build_engine
@@ -58,7 +60,9 @@ class Simulator:
         self.spec = spec
         name = policy or spec.router.policy
         opts = settings if settings is not None else (dict(spec.router.settings) if name == spec.router.policy else {})
-        self.policies = PolicySet(name, {name: opts})
+        self.block_size = spec.engine.block_size
+        self.policies = PolicySet(name, {name: opts}, KvIndex(block_size=self.block_size))
+        self.hash_memo = BlockHashMemo(self.block_size)   # as the router: repeated prefixes are looked up
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
         for slot in spec.worker_list():
@@ -120,7 +124,8 @@ class Simulator:
         for w in self.workers.values():
             w.view.running, w.view.waiting, w.view.kv_usage = w.engine.num_running, w.engine.num_waiting, w.engine.blocks.usage
         try:
-            decision = self.policies.choose(RouteRequest.from_tokens(tokens, salt=salt), views)
+            decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
+                                                                     memo=self.hash_memo), views)
         except NoWorkerAvailable:
             record.error = "no_worker"
             return

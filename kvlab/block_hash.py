@@ -7,12 +7,17 @@ Only full blocks are hashed: a partial last block is never cached.
 """
 from __future__ import annotations
 
+import struct
 from typing import Sequence
 
 import numpy as np
 import xxhash
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default block size (tokens per KV block)
+# Ids packed per Struct call: one call over a 32K-id list costs ~2x more per id (its argument tuple
+# is a large allocation); a few hundred ids or more amortize the call.
+PACK_TOKENS = 1024
+_pack = struct.Struct(f"<{PACK_TOKENS}i").pack
 
 
 def root_hash(salt: str | None = None) -> int:
@@ -28,16 +33,38 @@ def block_hashes(token_ids: Sequence[int] | np.ndarray, block_size: int = DEFAUL
     count = len(token_ids) // block_size
     if limit is not None:
         count = max(0, min(count, limit))
-    # Convert only the tokens that get hashed: list-to-array conversion costs ~15 ns a token, so a
-    # 32K-token list with limit=4 would otherwise pay ~0.5 ms for nothing.
-    data = np.asarray(token_ids[:count * block_size], dtype="<i4").tobytes()
-    width = 4 * block_size
+    # Convert only the tokens that get hashed: a 32K-token list with limit=4 would otherwise pay
+    # ~0.2 ms for nothing.
+    data = token_bytes(token_ids, 0, count * block_size)
     h = root_hash(salt) if parent is None else parent
+    return chain(data, 4 * block_size, h)
+
+
+def token_bytes(token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int | None = None) -> bytes:
+    """Token ids start..stop-1 as little-endian int32 bytes, the bytes every block hash is taken over.
+
+    A list is packed by Structs of PACK_TOKENS ids (~8 ns a token; numpy's conversion of Python ints
+    takes ~16), and an id outside int32 raises struct.error. An array is cast (ids are far below
+    2**31) and copied.
+    """
+    stop = len(token_ids) if stop is None else min(stop, len(token_ids))
+    if isinstance(token_ids, np.ndarray):
+        return token_ids[start:stop].astype("<i4", copy=False).tobytes()
+    whole = start + (stop - start) // PACK_TOKENS * PACK_TOKENS
+    parts = [_pack(*token_ids[i:i + PACK_TOKENS]) for i in range(start, whole, PACK_TOKENS)]
+    if whole < stop:
+        parts.append(struct.Struct(f"<{stop - whole}i").pack(*token_ids[whole:stop]))  # ~0.5 us to build
+    return b"".join(parts)
+
+
+def chain(data: bytes, width: int, parent: int) -> list[int]:
+    """Chained hashes of the `width`-byte blocks of `data` (token bytes), the first seeded by `parent`."""
     out: list[int] = []
     append = out.append
     digest = xxhash.xxh3_64_intdigest
+    h = parent
     # Slicing bytes is ~15% faster per block than slicing a memoryview (fewer objects to build).
-    for start in range(0, count * width, width):
+    for start in range(0, len(data) - width + 1, width):
         h = digest(data[start:start + width], h)
         append(h)
     return out

@@ -50,13 +50,11 @@ class BuiltinTokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        pos = 0
-        for special in _split_specials(text):
-            if special in SPECIALS:
-                ids.append(SPECIALS[special])
+        for part in split_specials(text):
+            if part in SPECIALS:
+                ids.append(SPECIALS[part])
             else:
-                ids.extend(_piece_id(p) for p in _PIECE.findall(special))
-            pos += len(special)
+                ids.extend(_piece_id(p) for p in _PIECE.findall(part))
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -79,7 +77,9 @@ def _piece_id(piece: str) -> int:
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
 
 
-def _split_specials(text: str) -> list[str]:
+def split_specials(text: str) -> list[str]:
+    """`text` cut around its special tokens (kept as parts); the built-in tokenizer encodes each part
+    on its own, so the parts between specials may be encoded (and memoized) independently."""
     return [part for part in _SPECIAL_SPLIT.split(text) if part]
 
 

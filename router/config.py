@@ -10,6 +10,7 @@ from typing import Any, Literal
 import msgspec
 
 from kvlab.block_hash import DEFAULT_BLOCK_SIZE
+from router.policies.hash_memo import DEFAULT_RUNS
 from router.tenants import TenantConfig
 
 Role = Literal["both", "prefill", "decode"]
@@ -70,6 +71,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
                                             # (set one when several routers front the same workers)
     tokenizer: str | None = None            # a tokenizer.json; None: kvlab's built-in tokenizer
     block_size: int = DEFAULT_BLOCK_SIZE    # must equal the workers' KV block size
+    hash_memo_runs: int = DEFAULT_RUNS      # 64-block hash runs remembered (router.policies.hash_memo); 0: off
     kv_events: Literal["zmq", "http", "off"] = "http"
     kv_events_poll_s: float = 0.1           # HTTP polling period of /v1/kv_events (index lag <= this)
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models

@@ -10,7 +10,9 @@ dead worker would have produced.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+import numpy as np
 
 from kvlab.openai_api import ChatCompletionRequest, CompletionRequest
 from router.body import rebuilt, with_fields
@@ -28,12 +30,12 @@ class Job:
                  "received", "fields", "tokenize_s", "ticket")
 
     def __init__(self, endpoint: Endpoint, raw: bytes, request: CompletionRequest | ChatCompletionRequest,
-                 prompt: list[int], route: RouteRequest, max_tokens: int, salt: str | None = None,
+                 prompt: Sequence[int], route: RouteRequest, max_tokens: int, salt: str | None = None,
                  tenant: str | None = None, received: float | None = None):
         self.endpoint = endpoint
         self.raw = raw
         self.request = request
-        self.prompt = prompt
+        self.prompt = prompt                  # token ids: a list, or an int32 array from the tokenizer
         self.route = route
         self.max_tokens = max_tokens
         self.salt = salt
@@ -64,10 +66,15 @@ class Job:
         fields = {**self.fields, **extra} if extra else self.fields
         return with_fields(self.raw, fields)
 
+    def tokens_after(self, generated: list[int]) -> list[int]:
+        """The prompt with `generated` appended: the prompt of a continuation."""
+        prompt = self.prompt.tolist() if isinstance(self.prompt, np.ndarray) else list(self.prompt)
+        return prompt + generated
+
     def continuation(self, generated: list[int]) -> bytes:
         """A /v1/completions body that resumes this request after `generated` output tokens."""
         min_tokens = max(0, self.request.min_tokens - len(generated))
-        fields = {**self.fields, "prompt": self.prompt + generated, "stream": True,
+        fields = {**self.fields, "prompt": self.tokens_after(generated), "stream": True,
                   "max_tokens": self.max_tokens - len(generated), "min_tokens": min_tokens}
         drop = _CHAT_ONLY if self.endpoint == "chat" else ()
         return rebuilt(self.raw, fields, drop)

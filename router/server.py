@@ -80,7 +80,8 @@ class Router:
         self.subscriber = KvSubscriber(index, self.client, config.kv_events, config.kv_events_poll_s,
                                        config.timeouts.health_s)
         self.pool.listeners += [_PolicyMembership(self.policies), self.subscriber]
-        self.tokenizer = PromptTokenizer(load_tokenizer(config.tokenizer), config.block_size)
+        self.tokenizer = PromptTokenizer(load_tokenizer(config.tokenizer), config.block_size,
+                                         config.hash_memo_runs)
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
         self.intake = Intake(config.limits, self.tokenizer, self.models)
         self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, self.transport, config.timeouts),

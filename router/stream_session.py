@@ -56,7 +56,7 @@ class StreamSession:
         job, relay = self.job, self.relay
         if not relay.started:
             return job.route, job.path, job.body()
-        route = self.proxy.tokenizer.route_request(job.prompt + relay.generated, job.salt, job.route.policy)
+        route = self.proxy.tokenizer.route_request(job.tokens_after(relay.generated), job.salt, job.route.policy)
         return route, PATHS["completions"], job.continuation(relay.generated)
 
     async def events(self):

@@ -4,9 +4,9 @@ Router and workers must agree on token ids, the chat template and the cache salt
 block hashes would never match the workers' prefix cache. So this module uses the same tokenizer
 (kvlab.tokenizer), the same template, and the same salt the router forwards in the body.
 
-Chat prompts repeat: the same system prompt (or document) heads many requests. The built-in
-tokenizer encodes the text between special tokens independently, so the router encodes a templated
-chat segment by segment and memoizes long segments: a repeated 30K-token system prompt costs a dict
+Prompts repeat: the same system prompt (or document) heads many requests. The built-in tokenizer
+encodes the text between special tokens independently, so the router encodes a templated chat (or
+a text prompt) segment by segment and memoizes long segments: a repeated 30K-token system prompt costs a dict
 lookup instead of ~10 ms of regex work. (A real tokenizer file is used as the workers use it, whole.)
 
 Per-tenant salts (router.gate) are forced into the upstream body (router.body), so a salted tenant's
@@ -14,51 +14,59 @@ blocks hash differently from every other tenant's and no KV block is shared acro
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from typing import Annotated, Sequence
 
 import msgspec
+import numpy as np
 
 from kvlab.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
-from kvlab.tokenizer import OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, Tokenizer, apply_chat_template
+from kvlab.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, Tokenizer, apply_chat_template,
+                             split_specials)
 from router.policies.base import RouteRequest
+from router.policies.hash_memo import DEFAULT_RUNS, BlockHashMemo
 
 _OUTPUT_IDS = {word: i for i, word in enumerate(OUTPUT_WORDS)}
-_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
 MEMO_MIN_CHARS = 512      # shorter segments are cheaper to encode than to look up and copy
 MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
 
 
 class SegmentMemo:
-    """Token ids of long text segments, least recently used first out."""
+    """Token ids of long text segments (int32 arrays), least recently used first out.
+
+    Prompts come out as int32 arrays: a remembered 30K-token segment is then copied by one
+    concatenate, and block hashing reads the array's bytes without unboxing 30K Python ints.
+    """
 
     def __init__(self, encode, entries: int = MEMO_ENTRIES):
         self._encode = encode
         self._entries = entries
-        self._ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._ids: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = 0
 
-    def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        for part in _SPECIAL_SPLIT.split(text):
-            if not part:
-                continue
+    def encode(self, text: str) -> np.ndarray:
+        pieces: list[np.ndarray] = []
+        short: list[int] = []       # ids of specials and short parts, flushed before each long part
+        for part in split_specials(text):
             if part in SPECIALS:
-                out.append(SPECIALS[part])
+                short.append(SPECIALS[part])
             elif len(part) < MEMO_MIN_CHARS:
-                out += self._encode(part)
+                short += self._encode(part)
             else:
-                out += self._long(part)
-        return out
+                if short:
+                    pieces.append(np.array(short, dtype=np.int32))
+                    short = []
+                pieces.append(self._long(part))
+        pieces.append(np.array(short, dtype=np.int32))
+        return np.concatenate(pieces)
 
-    def _long(self, part: str) -> list[int]:
+    def _long(self, part: str) -> np.ndarray:
         ids = self._ids.get(part)
         if ids is not None:
             self._ids.move_to_end(part)
             self.hits += 1
             return ids
-        ids = self._encode(part)
+        ids = np.array(self._encode(part), dtype=np.int32)
         self._ids[part] = ids
         if len(self._ids) > self._entries:
             self._ids.popitem(last=False)
@@ -76,23 +84,27 @@ class TokenIdsCompletion(CompletionRequest, kw_only=True):
 
 
 class PromptTokenizer:
-    def __init__(self, tokenizer: Tokenizer, block_size: int):
+    def __init__(self, tokenizer: Tokenizer, block_size: int, hash_memo_runs: int = DEFAULT_RUNS):
         self.tokenizer = tokenizer
         self.block_size = block_size
+        self.hashes = BlockHashMemo(block_size, hash_memo_runs) if hash_memo_runs else None
         self.memo = SegmentMemo(tokenizer.encode) if isinstance(tokenizer, BuiltinTokenizer) else None
 
-    def completion(self, request: CompletionRequest) -> list[int]:
+    def completion(self, request: CompletionRequest) -> Sequence[int]:
+        """Token ids pass through as the list msgspec decoded; text is tokenized (an int32 array)."""
         if isinstance(request, TokenIdsCompletion):
             if not request.prompt:
                 raise ApiError(400, "prompt must not be empty", param="prompt")
             return request.prompt
         prompt = prompt_input(request.prompt)   # raises ApiError(400) on an empty or batched prompt
-        return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        return prompt if isinstance(prompt, list) else self._encode(prompt)
 
-    def chat(self, request: ChatCompletionRequest) -> list[int]:
+    def chat(self, request: ChatCompletionRequest) -> Sequence[int]:
         if not request.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
-        text = apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages])
+        return self._encode(apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages]))
+
+    def _encode(self, text: str) -> Sequence[int]:
         return self.memo.encode(text) if self.memo is not None else self.tokenizer.encode(text)
 
     def output_ids(self, text: str) -> list[int]:
@@ -110,5 +122,7 @@ class PromptTokenizer:
         return self.tokenizer.encode(text)
 
     def route_request(self, tokens: Sequence[int], salt: str | None, policy: str | None) -> RouteRequest:
-        # Block hashes are lazy: a prefix policy hashes only the blocks it reads.
-        return RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt, policy=policy)
+        # Block hashes are lazy (a prefix policy hashes only the blocks it reads) and remembered in
+        # runs (a repeated prefix is looked up, not re-hashed).
+        return RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt, policy=policy,
+                                        memo=self.hashes)

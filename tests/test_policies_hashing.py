@@ -1,10 +1,11 @@
-"""Block hashes: the faster block_hashes and the lazy sequence both keep the reference values."""
+"""Block hashes: the faster block_hashes, the lazy sequence and the memo all keep the reference values."""
 import numpy as np
 import xxhash
 from hypothesis import given, settings, strategies as st
 
 from kvlab.block_hash import block_hashes, root_hash
 from router.policies import LazyBlockHashes, RouteRequest
+from router.policies.hash_memo import RUN_BLOCKS, BlockHashMemo
 
 
 def reference_hashes(tokens, block_size=16, salt=None, parent=None):
@@ -60,3 +61,31 @@ def test_short_prompts_get_a_key_from_their_partial_block():
     a, b = RouteRequest.from_tokens([1, 2, 3]), RouteRequest.from_tokens([1, 2, 4])
     assert len(a.blocks) == 0 and a.short_key != b.short_key
     assert RouteRequest.from_tokens(list(range(16))).short_key == 0  # has a block: keys on it
+
+
+@settings(max_examples=80, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 16 * 200), st.integers(0, 250)), min_size=1, max_size=6),
+       st.sampled_from([None, "tenant-a"]), st.booleans())
+def test_memoized_hashes_equal_eager_ones(prompts, salt, as_array):
+    """Prompts share prefixes (one of four bases, cut at any length) and are read in any order;
+    every value through the memo, hit or miss, is the chained hash."""
+    memo = BlockHashMemo(16, runs=4)   # tiny: evictions happen too
+    bases = [np.random.default_rng(b).integers(0, 128_000, 16 * 200) for b in range(4)]
+    for base, length, peek in prompts:
+        tokens = bases[base][:length].astype(np.int32)
+        tokens = tokens if as_array else tokens.tolist()
+        lazy = LazyBlockHashes(tokens, salt=salt, memo=memo)
+        eager = block_hashes(tokens, salt=salt)
+        assert lazy[:peek] == eager[:peek]   # a short peek first, then a long walk through the runs
+        assert list(lazy) == eager
+    assert len(memo) <= 4
+
+
+def test_a_repeated_prefix_is_looked_up_not_rehashed():
+    memo = BlockHashMemo(16)
+    prompt = list(range(16 * RUN_BLOCKS * 3 + 5))
+    list(LazyBlockHashes(prompt, memo=memo))
+    assert (memo.hits, memo.misses) == (0, 3)
+    longer = LazyBlockHashes(prompt + [7] * 16 * RUN_BLOCKS, memo=memo)
+    assert list(longer) == block_hashes(prompt + [7] * 16 * RUN_BLOCKS)
+    assert memo.hits == 3   # the first three runs came from the memo; the fourth run is new

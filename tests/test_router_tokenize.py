@@ -1,4 +1,5 @@
 """The router tokenizes exactly as the workers do: same ids, same blocks, so its hashes match their cache."""
+import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from kvlab.openai_api import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -20,7 +21,8 @@ def test_chat_prompts_encode_exactly_as_the_worker_encodes_them(turns, repeat):
     request = ChatCompletionRequest(model="m", messages=[ChatMessage(**m) for m in messages])
     expected = BuiltinTokenizer().encode(apply_chat_template(messages))
     for _ in range(repeat + 1):   # first encode, then memoized
-        assert tok.chat(request) == expected
+        prompt = tok.chat(request)
+        assert prompt.dtype == np.int32 and prompt.tolist() == expected
 
 
 def test_a_repeated_long_system_prompt_is_memoized():

@@ -46,6 +46,15 @@ def test_prefix_routing_beats_round_robin_on_shared_system_prompts():
     assert rates["kv_aware"] > rates["round_robin"]
 
 
+def test_routing_hashes_blocks_of_the_engines_block_size():
+    """kv_aware's index matches the engines' KV events only if the router hashes their block size."""
+    engine = msgspec.structs.replace(TINY.engine, block_size=32)
+    spec = msgspec.structs.replace(TINY, engine=engine)
+    sim = Simulator(spec, policy="kv_aware").run(workload.from_spec(spec, 4.0, num_requests=100))
+    summary = sim.summary()
+    assert summary.completed == 100 and summary.prefix_hit_rate > 0.3
+
+
 def test_disaggregated_first_token_from_prefill_then_transfer_then_decode():
     spec = parse_spec(open(example_spec_path("disagg-70b-h100")).read().replace(
         "local_prefill_tokens = 512", "local_prefill_tokens = 0"))

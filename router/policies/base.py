@@ -12,7 +12,8 @@ import msgspec
 import numpy as np
 import xxhash
 
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE, root_hash
+from kvlab.block_hash import DEFAULT_BLOCK_SIZE, root_hash, token_bytes
+from router.policies.hash_memo import BlockHashMemo
 from router.policies.lazy_hashes import LazyBlockHashes
 
 Role = Literal["both", "prefill", "decode"]
@@ -42,11 +43,12 @@ class RouteRequest(msgspec.Struct):
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[int] | np.ndarray, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                    salt: str | None = None, policy: str | None = None) -> RouteRequest:
-        blocks = LazyBlockHashes(tokens, block_size, salt)
+                    salt: str | None = None, policy: str | None = None,
+                    memo: BlockHashMemo | None = None) -> RouteRequest:
+        blocks = LazyBlockHashes(tokens, block_size, salt, memo=memo)
         short = 0
         if len(blocks) == 0 and len(tokens):
-            short = xxhash.xxh3_64_intdigest(np.asarray(tokens, dtype="<i4").tobytes(), root_hash(salt))
+            short = xxhash.xxh3_64_intdigest(token_bytes(tokens), root_hash(salt))
         return cls(blocks=blocks, prompt_tokens=len(tokens), policy=policy, short_key=short)
 
 

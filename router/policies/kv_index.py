@@ -23,7 +23,9 @@ from typing import Iterable, Sequence
 from kvlab.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
 from kvlab.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
 
-FIRST_CHUNK, MAX_CHUNK = 64, 256  # blocks read per step, doubling: a miss wastes < max(64, matched) hashes
+# Blocks read per step, doubling: a miss wastes < max(64, matched) hashes. Steps end on multiples of
+# 64 so a lazy sequence with a memo (router.policies.hash_memo, 64-block runs) finds whole runs.
+FIRST_CHUNK, MAX_CHUNK = 64, 256
 DEFAULT_MEDIA = ("GPU", None)  # blocks offloaded to CPU are not a prefix-cache hit on the GPU
 
 
@@ -85,9 +87,9 @@ class KvIndex:
         active = lookup(blocks[0], 0)
         matched: dict[str, int] = {}
         upto = getattr(blocks, "upto", None)  # LazyBlockHashes: extend, then read its list in place
-        start, size = 1, FIRST_CHUNK
+        start, end, size = 1, 0, FIRST_CHUNK
         while active and start < total:
-            end = min(total, start + size)
+            end = min(total, end + size)
             chunk = (upto(end) if upto else blocks)[start:end]
             last = reduce(and_, map(lookup, chunk, repeat(0)), active)  # fast path: no list built
             if last != active:
