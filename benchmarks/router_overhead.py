@@ -245,6 +245,7 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
     from router.tokenize import PromptTokenizer, TokenIdsCompletion
 
     tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    first_sight = PromptTokenizer(BuiltinTokenizer(), 16, hash_memo_runs=0)   # hashes every block it reads
     views = [WorkerView(f"w{i}", in_flight=i % 3) for i in range(8)]
     rng = random.Random(0)
     words = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore "
@@ -253,20 +254,26 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
     for n in (1024, 8192, 32768):
         ids = [rng.randrange(1024, 120_000) for _ in range(n)]
         text = " ".join(rng.choice(words) for _ in range(int(n / 1.6)))   # ~n built-in tokens
-        index = KvIndex()
-        index.apply("w3", KVEventBatch(0.0, [BlockStored(block_hashes(ids[: n // 2]), None, [], 16)]))
+        ids_req = TokenIdsCompletion(model=MODEL, prompt=ids)   # as the router decodes token-id prompts
+        chat_req = ChatCompletionRequest(model=MODEL, messages=[ChatMessage(role="system", content=text),
+                                                                ChatMessage(role="user", content="Hi")])
+        chat_ids = tok.chat(chat_req)
+        index = KvIndex()   # w3 holds the first half of both prompts
+        for prompt in (ids, chat_ids):
+            index.apply("w3", KVEventBatch(0.0, [BlockStored(block_hashes(prompt[: len(prompt) // 2]), None, [], 16)]))
         policies = {name: PolicySet(name, index=index) for name in ("prefix_bounded", "kv_aware")}
         for name in policies.values():
             for v in views:
                 name.add_worker(v.id)
-        ids_req = TokenIdsCompletion(model=MODEL, prompt=ids)   # as the router decodes token-id prompts
-        chat_req = ChatCompletionRequest(model=MODEL, messages=[ChatMessage(role="system", content=text),
-                                                                ChatMessage(role="user", content="Hi")])
         cases = {
             "token ids -> prefix_bounded": lambda: _decide(tok, tok.completion(ids_req), policies["prefix_bounded"], views),
             "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"], views),
+            "  same, prompt never seen (no hash memo)": lambda: _decide(first_sight, first_sight.completion(ids_req),
+                                                                        policies["kv_aware"], views),
             "chat text, system prompt seen -> prefix_bounded": lambda: _decide(tok, tok.chat(chat_req),
                                                                                 policies["prefix_bounded"], views),
+            "chat text, system prompt seen -> kv_aware (half cached)": lambda: _decide(tok, tok.chat(chat_req),
+                                                                                        policies["kv_aware"], views),
             "chat text, cold tokenizer -> prefix_bounded": lambda: _decide(PromptTokenizer(BuiltinTokenizer(), 16),
                                                                            None, policies["prefix_bounded"], views,
                                                                            chat_req),
@@ -329,9 +336,9 @@ def main() -> None:
             report["throughput"][label] = {"direct_one_worker": direct, "router": routed}
     print("\n3. routing decision (tokenize + hash + policy), median us, 8 workers")
     decisions = decision_times(args.decision_runs)
-    print(f"  {'':52s}{'1K':>10s}{'8K':>10s}{'32K':>10s}")
+    print(f"  {'':56s}{'1K':>10s}{'8K':>10s}{'32K':>10s}")
     for label, row in decisions.items():
-        print(f"  {label:52s}" + "".join(f"{row[n]:10.1f}" for n in (1024, 8192, 32768)))
+        print(f"  {label:56s}" + "".join(f"{row[n]:10.1f}" for n in (1024, 8192, 32768)))
     report["decision_us"] = decisions
     if args.json:
         with open(args.json, "w") as fh:
