@@ -3,7 +3,8 @@
 Prints
   1. router-added latency, p50/p99: requests alternate between the worker and the router (same client,
      same prompts, one at a time: moderate load), and the router's figure minus the direct one is what
-     the extra hop costs end to end (non-streaming total; streaming time to first token and total);
+     the extra hop costs end to end (non-streaming total; streaming time to first token and total),
+     back to back and then paced (a pause before each request, so processes go idle in between);
   2. max requests/s of one router process, non-streaming and streaming (closed loop, many connections;
      the direct figure for one worker is printed beside it);
   3. routing-decision time (tokenize + hash + policy) for 1K, 8K and 32K-token prompts, in process.
@@ -146,7 +147,7 @@ def body(i: int, stream: bool, max_tokens: int) -> bytes:
 
 
 # -- 1. latency, direct vs through the router ------------------------------------------------------------
-async def latency_pass(direct: str, routed: str, n: int, stream: bool, max_tokens: int) -> dict:
+async def latency_pass(direct: str, routed: str, n: int, stream: bool, max_tokens: int, gap_s: float = 0.0) -> dict:
     a, b = Connection(*_address(direct)), Connection(*_address(routed))
     out = {"direct": ([], []), "router": ([], [])}
     try:
@@ -154,6 +155,8 @@ async def latency_pass(direct: str, routed: str, n: int, stream: bool, max_token
             payload = body(i, stream, max_tokens)
             order = ((a, "direct"), (b, "router")) if i % 2 else ((b, "router"), (a, "direct"))
             for conn, label in order:   # alternate who goes first, so drift hits both alike
+                if gap_s:
+                    await asyncio.sleep(gap_s)
                 status, first, total = await conn.post("/v1/completions", payload)
                 assert status == 200, status
                 if i >= 50:             # the first 50 warm connections, caches and the JIT-less paths
@@ -298,6 +301,7 @@ def main() -> None:
     parser.add_argument("--client-procs", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 4)))
     parser.add_argument("--workers", type=int, default=2, help="worker processes behind the router")
     parser.add_argument("--stream-tokens", type=int, default=16, help="max_tokens of the streaming requests")
+    parser.add_argument("--gap-ms", type=float, default=5.0, help="pause before each request in the paced pass")
     parser.add_argument("--decision-runs", type=int, default=200)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -314,6 +318,11 @@ def main() -> None:
         cpu_stream = (cpu_seconds(router_pid) - cpu) / (args.requests + 50)
         print(latency_report(f"streaming, {args.stream_tokens} tokens (first token)", streamed, 0))
         print(latency_report(f"streaming, {args.stream_tokens} tokens (total)", streamed, 1))
+        paced = asyncio.run(latency_pass(workers[0], router, args.requests // 2, True, args.stream_tokens,
+                                         args.gap_ms / 1e3))
+        print(latency_report(f"same, {args.gap_ms:g} ms pause before each", paced, 0))
+        print("  (a pause lets idle processes sleep: each process hop then pays the host's wake-up latency,\n"
+              "   which shows in the direct figure too; the router adds two hops)")
         inside = {q: histogram_quantile(router, "kvlab_router_added_latency_seconds", q) for q in (0.5, 0.99)}
         print(f"  router's own histogram, handler start -> upstream send: p50 <= {inside[0.5] * 1e6:.0f} us, "
               f"p99 <= {inside[0.99] * 1e6:.0f} us (bucket bounds)")
@@ -324,7 +333,7 @@ def main() -> None:
         report["latency"] = {name: {target: {"p50": pct(v[which], 0.5), "p99": pct(v[which], 0.99)}
                                     for target, v in res.items()}
                              for name, res, which in (("non_streaming", plain, 1), ("stream_ttft", streamed, 0),
-                                                      ("stream_total", streamed, 1))}
+                                                      ("stream_total", streamed, 1), ("stream_ttft_paced", paced, 0))}
         print(f"\n2. max requests/s, closed loop, {args.connections} connections from {args.client_procs} "
               f"client process(es), {args.workers} worker(s) behind the router")
         report["throughput"] = {}

@@ -133,6 +133,10 @@ class DisaggregatedSource:
     def prefill_only(self) -> bool:
         return not self._decode_needed
 
+    @property
+    def buffered(self) -> bool:
+        return self._stream is not None and self._stream.buffered
+
     async def next_event(self) -> bytes | None:
         if self._pending:
             return self._pending.pop(0)

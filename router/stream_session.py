@@ -62,12 +62,23 @@ class StreamSession:
     async def events(self):
         relay = self.relay
         while not relay.done:
-            try:
-                out = await self._next()
-            except (UpstreamFailure, BadEvent) as exc:
-                out = await self._recover(exc)
+            out = await self._step()
+            # Events that came in the same read go out in one write: each send is a syscall for the
+            # router, and the client, which would get them back to back, loses nothing.
+            while not relay.done and self.source.buffered:
+                more = await self._step()
+                if more:
+                    out = out + more if out else more
+            if self.clock is not None and self.source is not None:
+                self.clock.seen(self.source.worker_id, len(relay.generated))
             if out:
                 yield out
+
+    async def _step(self) -> bytes | None:
+        try:
+            return await self._next()
+        except (UpstreamFailure, BadEvent) as exc:
+            return await self._recover(exc)
 
     async def _next(self) -> bytes | None:
         event = await self.source.next_event()
@@ -75,10 +86,7 @@ class StreamSession:
             if self.relay.finish_reason is not None:
                 return self.relay.finish_done()
             raise UpstreamFailure(self.source.worker_id, "stream ended before [DONE]", dead=True)
-        out = self.relay.accept(event, self.source.rewrite)
-        if self.clock is not None:
-            self.clock.seen(self.source.worker_id, len(self.relay.generated))
-        return out
+        return self.relay.accept(event, self.source.rewrite)
 
     async def _recover(self, exc: Exception) -> bytes | None:
         """After a failed source: finish, migrate, or end the stream with an error event."""

@@ -12,6 +12,8 @@ class Source(Protocol):
     worker_id: str
     rewrite: bool
 
+    @property
+    def buffered(self) -> bool: ...    # next_event would return without waiting
     async def next_event(self) -> bytes | None: ...
     async def aclose(self) -> None: ...
 
@@ -26,6 +28,10 @@ class ColocatedSource:
         self.rewrite = rewrite
         self._release = release
         self._closed = False
+
+    @property
+    def buffered(self) -> bool:
+        return self.stream.buffered
 
     async def next_event(self) -> bytes | None:
         return await self.stream.next_event()

@@ -1,9 +1,9 @@
 """TTFT and ITL of the streams the router relays, as its clients see them, in emulated seconds.
 
 The proxy gives each stream a ``StreamClock`` and tells it how many tokens the client has received
-after every relayed event. TTFT runs from the moment the router's handler started (``Job.received``)
-to the first token; ITL is the gap between token-carrying events, shared among the tokens an event
-carries. Wall seconds become emulated ones through the serving worker's time scale, so the figures
+after every write to the client (one event, or several that arrived together). TTFT runs from the
+moment the router's handler started (``Job.received``) to the first token; ITL is the gap between
+token-carrying writes, shared among the tokens a write carries. Wall seconds become emulated ones through the serving worker's time scale, so the figures
 compare with the workers' own vLLM histograms and with SLOs written in emulated time.
 """
 from __future__ import annotations

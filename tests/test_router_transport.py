@@ -4,7 +4,9 @@ import asyncio
 import httpx
 import pytest
 
+from router.config import Timeouts
 from router.transport import LeanTransport
+from router.upstream import Upstream
 
 TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
 
@@ -146,5 +148,47 @@ async def test_an_unread_body_closes_its_connection_instead_of_reusing_it():
         response = await transport.handle_async_request(request(server.url))
         assert await response.aread() == b"1234567890"
         await response.aclose()
+        assert server.connections == 2
+    await transport.aclose()
+
+
+def sse_stream(terminator_delay: float, finish: bool = True):
+    """An SSE response: one token event, then [DONE] (or nothing more), then, after a pause, the
+    chunked terminator in its own write: the order a worker's stream ends in."""
+    async def respond(writer) -> bool:
+        token = b'data: {"choices":[{"text":" a"}]}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(token), token))
+        if finish:
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(terminator_delay)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+    return respond
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02])
+async def test_a_stream_that_ends_with_done_returns_its_connection_to_the_pool(delay):
+    transport = LeanTransport()
+    upstream = Upstream(httpx.AsyncClient(), transport, Timeouts())
+    async with RawServer(sse_stream(delay)) as server:
+        for _ in range(3):
+            stream = await upstream.open_stream("w", httpx.URL(server.url + "/v1/completions"), b"{}")
+            assert (await stream.next_event()).startswith(b"data: {")
+            assert await stream.next_event() == b"data: [DONE]\n\n"
+            await stream.aclose()   # reads the terminator that follows [DONE], then pools the connection
+        assert server.connections == 1
+    await transport.aclose()
+
+
+async def test_a_stream_abandoned_before_done_drops_its_connection():
+    transport = LeanTransport()
+    upstream = Upstream(httpx.AsyncClient(), transport, Timeouts())
+    async with RawServer(sse_stream(0.05, finish=False)) as server:
+        for _ in range(2):
+            stream = await upstream.open_stream("w", httpx.URL(server.url + "/v1/completions"), b"{}")
+            assert (await stream.next_event()).startswith(b"data: {")
+            await stream.aclose()   # the client left mid-stream: the worker must see the request dropped
         assert server.connections == 2
     await transport.aclose()
