@@ -1,13 +1,17 @@
 """The router tokenizes exactly as the workers do: same ids, same blocks, so its hashes match their cache."""
+import re
+
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from kvlab.openai_api import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvlab.tokenizer import OUTPUT_WORDS, BuiltinTokenizer, apply_chat_template, token_text
+from kvlab.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, apply_chat_template, split_specials,
+                             token_text)
 from router.tokenize import MEMO_MIN_CHARS, PromptTokenizer
 
 # Text with special tokens inside it, where segment-wise encoding could go wrong.
-text_st = st.lists(st.sampled_from(list("ab Z9.,\n<|>_-") + ["<|eot_id|>", "<|start_header_id|>", " word"]),
+text_st = st.lists(st.sampled_from(list("ab Z9.,\n<|>_-") + ["<|eot_id|>", "<|start_header_id|>", " word", "<|eot_id",
+                                                            "<|begin_of_text|>", "<|"]),
                    max_size=30).map("".join)
 
 
@@ -46,3 +50,11 @@ def test_route_requests_hash_with_the_salt():
     tokens = list(range(1000, 1064))
     plain, salted = tok.route_request(tokens, None, None), tok.route_request(tokens, "s", None)
     assert len(plain.blocks) == 4 and plain.blocks[0] != salted.blocks[0]
+
+
+@settings(max_examples=300, derandomize=True)
+@given(text_st, st.integers(0, 3))
+def test_specials_are_cut_out_exactly_where_a_regex_finds_them(text, copies):
+    text = text * (1 + copies * 20)   # with copies: more "<" than the find loop takes
+    reference = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+    assert split_specials(text) == [part for part in reference.split(text) if part]
