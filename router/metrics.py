@@ -10,6 +10,7 @@ difference (through the router minus direct) is measured by benchmarks/router_ov
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # Sub-millisecond buckets: the added latency target is < 1 ms at p50.
 _LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6, 750e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
@@ -46,8 +47,24 @@ class RouterMetrics:
         self.decision_time = Histogram("kvlab_router_decision_seconds", "Tokenize + hash + policy",
                                        buckets=_LATENCY_BUCKETS, registry=r)
 
+    def watch_hash_memo(self, memo) -> None:
+        """Export a BlockHashMemo's hit and miss counts (read at scrape time; the memo stays pure)."""
+        self.registry.register(_HashMemoCollector(memo))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def reject(self, status: int, reason: str, tenant: str | None) -> None:
         self.rejections.labels(str(status), reason, tenant or "-").inc()
+
+
+class _HashMemoCollector:
+    def __init__(self, memo) -> None:
+        self.memo = memo
+
+    def collect(self):
+        runs = CounterMetricFamily("kvlab_router_hash_memo_runs",
+                                   "64-block hash runs looked up in the router's memo, by result", labels=["result"])
+        runs.add_metric(["hit"], self.memo.hits)
+        runs.add_metric(["miss"], self.memo.misses)
+        yield runs

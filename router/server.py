@@ -82,6 +82,8 @@ class Router:
         self.pool.listeners += [_PolicyMembership(self.policies), self.subscriber]
         self.tokenizer = PromptTokenizer(load_tokenizer(config.tokenizer), config.block_size,
                                          config.hash_memo_runs)
+        if self.tokenizer.hashes is not None:
+            self.metrics.watch_hash_memo(self.tokenizer.hashes)
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
         self.intake = Intake(config.limits, self.tokenizer, self.models)
         self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, self.transport, config.timeouts),

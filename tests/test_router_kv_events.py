@@ -49,3 +49,27 @@ def test_a_worker_that_goes_down_is_forgotten_by_the_index(start_worker, start_r
     assert wait_for(lambda: index.block_count(home) >= 10)
     kill(next(w for w in workers if w.config.worker_id == home))
     assert wait_for(lambda: not router.workers()[home] and index.block_count(home) == 0)
+
+
+def test_a_repeated_long_prefix_is_hashed_once_then_looked_up(start_worker, start_router):
+    """kv_aware walks a cached prefix block by block; the router's memo hashes each 64-block run of
+    it once, and later requests with that prefix look the runs up (exported as a counter)."""
+    workers = [start_worker(worker_id=f"w{i}") for i in range(2)]
+    router = start_router(workers, policy="kv_aware", kv_events_poll_s=0.02)
+    document = list(range(30_000, 30_000 + 16 * 64 * 2))   # two memo runs
+    index = router.router.policies.index
+
+    def send(suffix):
+        r = httpx.post(router.url + "/v1/completions", timeout=10,
+                       json={"model": MODEL, "prompt": document + [suffix], "max_tokens": 1})
+        assert r.status_code == 200
+
+    send(1)
+    assert wait_for(lambda: len(index) >= 128)
+    send(2)    # the walk through the cached document hashes both runs
+    misses = router.metric("kvlab_router_hash_memo_runs_total", result="miss")
+    assert misses >= 2
+    send(3)
+    send(4)
+    assert router.metric("kvlab_router_hash_memo_runs_total", result="hit") >= 4
+    assert router.metric("kvlab_router_hash_memo_runs_total", result="miss") == misses
