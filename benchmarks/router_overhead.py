@@ -318,9 +318,11 @@ def main() -> None:
         cpu_stream = (cpu_seconds(router_pid) - cpu) / (args.requests + 50)
         print(latency_report(f"streaming, {args.stream_tokens} tokens (first token)", streamed, 0))
         print(latency_report(f"streaming, {args.stream_tokens} tokens (total)", streamed, 1))
-        paced = asyncio.run(latency_pass(workers[0], router, args.requests // 2, True, args.stream_tokens,
-                                         args.gap_ms / 1e3))
-        print(latency_report(f"same, {args.gap_ms:g} ms pause before each", paced, 0))
+        gap = args.gap_ms / 1e3
+        paced_plain = asyncio.run(latency_pass(workers[0], router, args.requests // 2, False, 1, gap))
+        print(latency_report(f"non-streaming, {args.gap_ms:g} ms pause before each", paced_plain, 1))
+        paced = asyncio.run(latency_pass(workers[0], router, args.requests // 2, True, args.stream_tokens, gap))
+        print(latency_report(f"streaming first token, {args.gap_ms:g} ms pause", paced, 0))
         print("  (a pause lets idle processes sleep: each process hop then pays the host's wake-up latency,\n"
               "   which shows in the direct figure too; the router adds two hops)")
         inside = {q: histogram_quantile(router, "kvlab_router_added_latency_seconds", q) for q in (0.5, 0.99)}
@@ -333,7 +335,8 @@ def main() -> None:
         report["latency"] = {name: {target: {"p50": pct(v[which], 0.5), "p99": pct(v[which], 0.99)}
                                     for target, v in res.items()}
                              for name, res, which in (("non_streaming", plain, 1), ("stream_ttft", streamed, 0),
-                                                      ("stream_total", streamed, 1), ("stream_ttft_paced", paced, 0))}
+                                                      ("stream_total", streamed, 1), ("non_streaming_paced", paced_plain, 1),
+                                                      ("stream_ttft_paced", paced, 0))}
         print(f"\n2. max requests/s, closed loop, {args.connections} connections from {args.client_procs} "
               f"client process(es), {args.workers} worker(s) behind the router")
         report["throughput"] = {}
