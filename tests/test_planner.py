@@ -91,6 +91,19 @@ def test_prefix_reuse_shrinks_the_prefill_pool_as_the_arithmetic_says():
     assert sizes[0.0][0] / sizes[0.9][0] == pytest.approx(0.497 / 0.053, rel=0.25)
 
 
+def test_each_prompt_is_served_its_own_shared_prefix_not_the_average_share():
+    # A mix: short chat prompts (500 tokens, 480 shared) and long code prompts (8000 tokens, 300
+    # shared). Overall 780 / 8500 = 9.2% of prompt tokens are shared; spread evenly, the long prompt
+    # would get 0.092 x 8000 = 734 cached tokens. Its own prefix gives floor(300 / 16) x 16 = 288,
+    # and the chat prompt its 480 (30 blocks).
+    prompts, shared = [500] * 50 + [8000] * 50, [480] * 50 + [300] * 50
+    workload = Workload.from_samples(10.0, prompts, [100] * 100, shared=shared)
+    ctx = context.build(PlanRequest(model="Llama-3.1-8B", gpu=H100), workload)
+    cached = dict(zip(ctx.prompts.values, ctx.cached))
+    assert cached == {500: 480, 8000: 288}
+    assert workload.prefix_reuse == pytest.approx(780 / 8500)
+
+
 def test_kv_pool_rule_keeps_one_percent_of_arrivals_waiting():
     # RAG decode on 70B TP=4: pool = (0.9 x 80 GB - 35.28 GB weights - 2 GB) / 81,920 B = 423,866 tokens.
     # A sequence holds 8000 + (127 + 1)/2 + 7.5 (half a block) = 8071.5 tokens on average:

@@ -63,7 +63,10 @@ def build(req: PlanRequest, workload: Workload, catalog: Catalog | None = None) 
     prompts = dist.Points(np.round(prompts.values), prompts.weights)
     outputs = dist.Points(np.round(outputs.values), outputs.weights)
     pool = _check_fit(dep, limits, prompts, outputs)
-    cached = _cached_tokens(prompts.values, workload.prefix_reuse, limits.block_size)
+    if workload.shared is not None and workload.prompt.max is None:
+        cached = _cached_per_prompt(workload.prompt.samples, workload.shared, prompts, limits.block_size)
+    else:
+        cached = _cached_tokens(prompts.values, workload.prefix_reuse, limits.block_size)
     return Context(req=req, workload=workload, dep=dep, kv_link=kv_link, limits=limits, prompts=prompts,
                    cached=cached, outputs=outputs, pool_tokens=pool)
 
@@ -72,6 +75,17 @@ def _cached_tokens(prompts: np.ndarray, reuse: float, block: int) -> np.ndarray:
     """Whole blocks only, and never the last prompt token (it must run to give logits), as in vLLM."""
     hit = np.minimum(reuse * prompts, prompts - 1)
     return np.floor(hit / block) * block
+
+
+def _cached_per_prompt(samples, shared, prompts: dist.Points, block: int) -> np.ndarray:
+    """Each sample's own hit (its shared prefix in whole blocks, never its last token), averaged over
+    the samples each prompt point stands for."""
+    x = np.asarray(samples, dtype=float)
+    hits = np.floor(np.minimum(np.asarray(shared, dtype=float), x - 1) / block) * block
+    points, cached = dist.from_paired_samples(x, hits)
+    if len(points.values) != len(prompts.values):
+        raise PlannerError("internal: prompt points and their cached tokens disagree")
+    return np.minimum(np.round(cached), prompts.values - 1)
 
 
 def _check_fit(dep: roofline.Deployment, limits: EngineLimits, prompts: dist.Points, outputs: dist.Points) -> int:

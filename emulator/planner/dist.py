@@ -90,16 +90,25 @@ def _bins() -> list[tuple[float, float]]:
 
 def from_samples(samples: Sequence[float]) -> Points:
     """Empirical distribution: the samples themselves, or their quantile-bin means when there are many."""
-    x = np.sort(np.asarray(samples, dtype=float))
+    return from_paired_samples(samples, samples)[0]
+
+
+def from_paired_samples(samples: Sequence[float], companions: Sequence[float]) -> tuple[Points, np.ndarray]:
+    """`from_samples(samples)`, and beside each of its points the mean companion value of the samples
+    it stands for (e.g. the cached tokens of the prompts in a prompt-length bin)."""
+    order = np.argsort(np.asarray(samples, dtype=float), kind="stable")
+    x = np.asarray(samples, dtype=float)[order]
+    y = np.asarray(companions, dtype=float)[order]
     if len(x) <= EXACT_SAMPLES_MAX:
-        return Points(x)
-    n, values, weights = len(x), [], []
+        return Points(x), y
+    n, values, weights, means = len(x), [], [], []
     for lo, hi in _bins():
         i, j = int(round(lo * n)), int(round(hi * n))
         if j > i:
             values.append(float(x[i:j].mean()))
             weights.append((j - i) / n)
-    return Points(values, weights)
+            means.append(float(y[i:j].mean()))
+    return Points(values, weights), np.asarray(means)
 
 
 def lognormal(mu: float, sigma: float) -> Points:

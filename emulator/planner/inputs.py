@@ -90,6 +90,10 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
     # prompts, shared documents: their blocks are held once); the rest (a session's own history) is
     # held by each request. Sets KV memory per running sequence, not compute.
     kv_sharing: float = 1.0
+    # Shared-prefix tokens of each prompt sample (paired with prompt.samples). With them the cache
+    # serves each prompt its own shared part (a mix's long code prompts share little, its RAG prompts
+    # nearly all) instead of prefix_reuse of every prompt alike.
+    shared: list[int] | None = None
 
     def __post_init__(self):
         if not self.rate > 0:
@@ -100,15 +104,18 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
             raise PlannerError(f"burstiness (CV of interarrival gaps) must be >= 0 (got {self.burstiness})")
         if not 0 <= self.kv_sharing <= 1:
             raise PlannerError(f"kv_sharing must be in [0, 1] (got {self.kv_sharing})")
+        if self.shared is not None and len(self.shared) != len(self.prompt.samples or ()):
+            raise PlannerError("shared needs one entry per prompt sample")
 
     @classmethod
     def from_samples(cls, rate: float, prompts: Sequence[int], outputs: Sequence[int],
                      shared: Sequence[int] | None = None, burstiness: float = 1.0) -> "Workload":
-        """From generated requests: prefix reuse = shared prompt tokens / prompt tokens (all shared
-        prefixes assumed warm in the cache, as prefix-aware routing keeps them)."""
+        """From generated requests, each with its shared prefix (all shared prefixes assumed warm in the
+        cache, as prefix-aware routing keeps them); prefix_reuse = shared / prompt tokens overall."""
         reuse = sum(shared) / sum(prompts) if shared else 0.0
         return cls(rate=rate, prompt=LengthDist(samples=list(prompts)), output=LengthDist(samples=list(outputs)),
-                   prefix_reuse=min(reuse, 0.999), burstiness=burstiness)
+                   prefix_reuse=min(reuse, 0.999), burstiness=burstiness,
+                   shared=[int(s) for s in shared] if shared else None)
 
 
 class Slo(msgspec.Struct, frozen=True, kw_only=True):
