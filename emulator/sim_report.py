@@ -46,7 +46,8 @@ class Summary(msgspec.Struct, kw_only=True):
     e2e: Percentiles
     goodput_rps: float         # completed requests meeting both the TTFT and the ITL SLO, per second
     slo_attainment: float      # share of all requests meeting the SLO
-    prefix_hit_rate: float     # prefix-cache hit tokens / queried tokens, all workers
+    prefix_hit_rate: float     # prefix-cache hit tokens / queried tokens, all workers (in a window:
+                               # cached / prompt tokens of the requests that arrived in it)
     preemptions: int
     workers: dict[str, dict]
 

@@ -209,8 +209,13 @@ class Simulator:
 
     # -- results -----------------------------------------------------------------------------
     def summary(self, window: tuple[float, float] | None = None) -> Summary:
-        queries = sum(w.engine.blocks.prefix_queries for w in self.workers.values())
-        hits = sum(w.engine.blocks.prefix_hits for w in self.workers.values())
+        if window is None:   # the engines' own counters (vLLM's hit rate: hits / queried tokens)
+            queries = sum(w.engine.blocks.prefix_queries for w in self.workers.values())
+            hits = sum(w.engine.blocks.prefix_hits for w in self.workers.values())
+        else:                # the finished prompts that arrived in the window: warm-up misses stay out
+            inside = [r for r in self.log.records.values() if r.done and window[0] <= r.arrival < window[1]]
+            queries = sum(r.prompt_tokens for r in inside)
+            hits = sum(r.cached_tokens for r in inside)
         horizon = self.now or 1.0
         workers = {w.id: {"role": w.role, "routed": w.routed, "steps": w.steps,
                           "prefill_busy": w.busy_prefill / horizon, "decode_busy": w.busy_decode / horizon,
