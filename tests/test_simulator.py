@@ -103,3 +103,12 @@ def _flatten(d, prefix=""):
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def test_a_windowed_hit_rate_leaves_the_warm_up_misses_out():
+    reqs = workload.from_spec(TINY, 4.0, num_requests=300)
+    sim = Simulator(TINY).run(reqs)
+    late = [r for r in sim.log.records.values() if r.done and r.arrival >= 30.0]
+    expected = sum(r.cached_tokens for r in late) / sum(r.prompt_tokens for r in late)
+    assert sim.summary(window=(30.0, 1e9)).prefix_hit_rate == pytest.approx(expected)
+    assert expected > sim.summary().prefix_hit_rate   # the first requests of each prefix missed
