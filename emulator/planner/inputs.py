@@ -94,6 +94,11 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
     # serves each prompt its own shared part (a mix's long code prompts share little, its RAG prompts
     # nearly all) instead of prefix_reuse of every prompt alike.
     shared: list[int] | None = None
+    # Which shared prefix each prompt sample starts with (equal ids: the same blocks, a tenant's cache
+    # salt included), paired with prompt.samples and shared. With them the planner predicts which
+    # prefixes the LRU prefix cache still holds at each rate (emulator.planner.prefix_cache) instead
+    # of assuming every shared prefix stays cached.
+    prefix_groups: list[int] | None = None
 
     def __post_init__(self):
         if not self.rate > 0:
@@ -106,16 +111,21 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
             raise PlannerError(f"kv_sharing must be in [0, 1] (got {self.kv_sharing})")
         if self.shared is not None and len(self.shared) != len(self.prompt.samples or ()):
             raise PlannerError("shared needs one entry per prompt sample")
+        if self.prefix_groups is not None and (self.shared is None or len(self.prefix_groups) != len(self.shared)
+                                               or len(self.output.samples or ()) != len(self.shared)):
+            raise PlannerError("prefix_groups needs shared and output samples, one entry per prompt sample")
 
     @classmethod
     def from_samples(cls, rate: float, prompts: Sequence[int], outputs: Sequence[int],
-                     shared: Sequence[int] | None = None, burstiness: float = 1.0) -> "Workload":
+                     shared: Sequence[int] | None = None, burstiness: float = 1.0,
+                     groups: Sequence[int] | None = None) -> "Workload":
         """From generated requests, each with its shared prefix (all shared prefixes assumed warm in the
         cache, as prefix-aware routing keeps them); prefix_reuse = shared / prompt tokens overall."""
         reuse = sum(shared) / sum(prompts) if shared else 0.0
         return cls(rate=rate, prompt=LengthDist(samples=list(prompts)), output=LengthDist(samples=list(outputs)),
                    prefix_reuse=min(reuse, 0.999), burstiness=burstiness,
-                   shared=[int(s) for s in shared] if shared else None)
+                   shared=[int(s) for s in shared] if shared else None,
+                   prefix_groups=[int(g) for g in groups] if groups is not None and shared else None)
 
 
 class Slo(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +169,10 @@ class PlanRequest(msgspec.Struct, frozen=True, kw_only=True):
     # How the router spreads requests: "random" (load-blind, e.g. prefix hashing: M/G/1 per worker),
     # "round_robin" (cyclic: smoother arrivals per worker), "jsq" (least loaded: one M/G/c pool).
     dispatch: Dispatch = "random"
+    # Requests with the same prefix go to the same worker (prefix hashing, KV-aware scoring), so each
+    # worker caches its share of the prefixes; False: spread over all workers (round robin, least
+    # loaded), so every worker caches every prefix. Used with Workload.prefix_groups.
+    cache_affinity: bool = True
     first_token_after_transfer: bool = False  # design 3b: False, the prefill worker emits token 1
     engine: EngineLimits = msgspec.field(default_factory=EngineLimits)
 

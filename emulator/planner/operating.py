@@ -12,12 +12,13 @@ Constraint names (what `violations` and `binding` hold):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import msgspec
 
-from emulator.planner import colocated, decode, dist, kv_capacity, prefill, prefill_queue
+from emulator.planner import colocated, decode, dist, kv_capacity, prefill, prefill_queue, prefix_cache
 from emulator.planner.context import Context
 from emulator.planner.inputs import Slo
 
@@ -59,9 +60,26 @@ class OperatingPoint:
 
 
 def evaluate(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None = None) -> OperatingPoint:
+    if ctx.workload.prefix_groups is not None and rate > 0:
+        ctx = _with_prefix_cache(ctx, cluster, rate)
     if ctx.mode == "colocated":
         return _colocated(ctx, cluster, rate, slo)
     return _disaggregated(ctx, cluster, rate, slo)
+
+
+def _with_prefix_cache(ctx: Context, cluster: Cluster, rate: float) -> Context:
+    """The context whose cached tokens are what the LRU prefix cache keeps at this rate, on the
+    workers that prefill: the running requests' own blocks come from the point with every prefix
+    cached (emulator.planner.prefix_cache)."""
+    key = ("prefix_cache", cluster, rate)
+    found = ctx.memo.get(key)
+    if found is None:
+        warm = evaluate(dataclasses.replace(ctx, workload=msgspec.structs.replace(ctx.workload, prefix_groups=None)),
+                        cluster, rate)
+        workers = cluster.workers if ctx.mode == "colocated" else cluster.prefill
+        held = min(warm.kv_usage, 1.0) * ctx.pool_tokens if ctx.mode == "colocated" else 0.0
+        found = ctx.memo[key] = prefix_cache.at_rate(ctx, rate, workers, held)
+    return found
 
 
 def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:

@@ -1,0 +1,114 @@
+"""Which shared prefixes a worker's prefix cache still holds when a request arrives (LRU retention).
+
+A finished request's full blocks stay in vLLM's pool as evictable cache, least recently used out
+first. Che's approximation (Che, Tung & Wang, IEEE JSAC 2002) treats an LRU cache of C tokens as
+keeping whatever was last asked for within a characteristic time T: a prefix asked for at rate
+lambda_g is found with probability 1 - exp(-lambda_g T), where T solves
+
+    sum_g s_g (1 - exp(-lambda_g T)) + u T = C
+
+with s_g the prefix's size, u the tokens per second of blocks nobody asks for again (each finished
+request's own prompt part and its output) and C the pool less what running requests hold.
+
+With cache affinity a prefix's whole rate reaches one worker, which holds its 1/N share of the
+prefixes; spread dispatch sends each worker 1/N of every prefix's rate, so every worker must cache
+every prefix, each asked for N times less often. The hit is taken as all or nothing per prefix.
+Running requests' own blocks come from the point evaluated with every prefix cached (one pass: the
+hits change what runs only a little).
+
+A prefix that heads a single sample is a session's own history, asked for once, a think time after
+the turn that wrote it; it is taken as held (think times of seconds against a characteristic time of
+tens of seconds in the bundled specs) and its blocks count in the flux u of the turn before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import msgspec
+import numpy as np
+
+from emulator.planner import dist
+from emulator.planner.context import Context
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefixes:
+    """Per-sample data and the prefix groups, from the workload's paired samples (rate-free)."""
+    prompts: np.ndarray     # prompt tokens per sample
+    full_hit: np.ndarray    # cached tokens per sample when its prefix is held (whole blocks)
+    group: np.ndarray       # group index per sample (-1: no shared prefix; -2: its session's history, held)
+    sizes: np.ndarray       # tokens of each group's prefix
+    shares: np.ndarray      # share of requests starting with each group
+    unique: float           # mean tokens per request cached for nobody else (own prompt part + output)
+
+
+def prefixes(ctx: Context) -> Prefixes:
+    memo = ctx.memo.get("prefixes")
+    if memo is None:
+        memo = ctx.memo["prefixes"] = _prefixes(ctx)
+    return memo
+
+
+def _prefixes(ctx: Context) -> Prefixes:
+    w, block = ctx.workload, ctx.limits.block_size
+    prompts = np.asarray(w.prompt.samples, dtype=float)
+    outputs = np.asarray(w.output.samples, dtype=float)
+    full_hit = np.floor(np.minimum(np.asarray(w.shared, dtype=float), prompts - 1) / block) * block
+    ids = np.asarray(w.prefix_groups)
+    has = full_hit > 0
+    names, group = np.unique(ids[has], return_inverse=True)
+    index = np.full(len(prompts), -1)
+    index[has] = group
+    counts = np.bincount(group, minlength=len(names)).astype(float)
+    sizes = np.bincount(group, weights=full_hit[has], minlength=len(names)) / np.maximum(counts, 1)
+    index[has & (counts[np.maximum(index, 0)] < 2)] = -2   # a session's own history: held (see above)
+    keep = counts >= 2
+    remap = np.cumsum(keep) - 1
+    index[index >= 0] = remap[index[index >= 0]]
+    counts, sizes = counts[keep], sizes[keep]
+    own = np.floor((prompts + outputs) / block) * block - full_hit   # full blocks only are cached
+    return Prefixes(prompts=prompts, full_hit=full_hit, group=index, sizes=sizes,
+                    shares=counts / len(prompts), unique=float(np.maximum(own, 0).mean()))
+
+
+def characteristic_time(sizes: np.ndarray, rates: np.ndarray, copies: float, flux: float, capacity: float) -> float:
+    """T with copies x sum s_g (1 - exp(-rate_g T)) + flux T = capacity (inf when everything fits)."""
+    if capacity <= 0:
+        return 0.0
+
+    def held(t: float) -> float:
+        return copies * float(sizes @ -np.expm1(-rates * t)) + flux * t
+
+    if copies * sizes.sum() <= capacity and flux <= 0:
+        return math.inf
+    hi = capacity / flux if flux > 0 else 1.0
+    while flux <= 0 and held(hi) < capacity:
+        hi *= 2
+    lo = 0.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if held(mid) < capacity else (lo, mid)
+    return lo
+
+
+def hit_probabilities(ctx: Context, rate: float, workers: int, held_tokens: float) -> np.ndarray:
+    """Per group: the chance an arriving request finds its prefix cached on its worker."""
+    pre = prefixes(ctx)
+    per_worker = rate / workers
+    group_rates = rate * pre.shares if ctx.req.cache_affinity else per_worker * pre.shares
+    copies = 1.0 / workers if ctx.req.cache_affinity else 1.0
+    t = characteristic_time(pre.sizes, group_rates, copies, per_worker * pre.unique, ctx.pool_tokens - held_tokens)
+    return np.ones_like(pre.sizes) if math.isinf(t) else -np.expm1(-group_rates * t)
+
+
+def at_rate(ctx: Context, rate: float, workers: int, held_tokens: float) -> Context:
+    """`ctx` with each prompt point's cached tokens as the LRU keeps them at this rate."""
+    pre = prefixes(ctx)
+    hits = hit_probabilities(ctx, rate, workers, held_tokens)
+    found = np.where(pre.group >= 0, hits[np.maximum(pre.group, 0)] if len(hits) else 0.0, pre.group == -2)
+    expected = pre.full_hit * found
+    points, cached = dist.from_paired_samples(pre.prompts, expected)
+    cached = np.minimum(np.round(cached), ctx.prompts.values - 1)
+    workload = msgspec.structs.replace(ctx.workload, prefix_groups=None)   # this context's hits are final
+    return dataclasses.replace(ctx, workload=workload, cached=cached, memo={})
