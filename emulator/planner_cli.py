@@ -10,10 +10,8 @@ import msgspec
 from emulator import planner
 from emulator.planner import Cluster, EngineLimits, LengthDist, PlannerError, PlanRequest, Slo, Workload
 
-SPEC_SAMPLES = 4000  # requests drawn from a spec's workload to get its length laws and prefix reuse
-# Router policy -> the planner's dispatch model: load-aware policies pool the queue (join the shortest),
-# prefix hashing is load-blind (random split), round robin smooths each worker's arrivals.
-DISPATCH = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq"}
+_WORKLOAD_FLAGS = ("prompt_mean", "prompt_p50", "prompt_p99", "prompt_sigma", "output_mean", "output_p50",
+                   "output_p99", "output_sigma", "reuse", "burstiness")
 
 
 def _spec_module():
@@ -104,10 +102,15 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
                       mode=pick("mode", "colocated"), kv_link=pick("kv_link", "InfiniBand-NDR"),
                       tp_link=base.get("tp_link"), weight_dtype=pick("weight_dtype", "bf16"),
                       kv_dtype=pick("kv_dtype", "bf16"), price_per_gpu_hour=args.price, headroom=args.headroom,
-                      redundancy=args.redundancy, dispatch=pick("dispatch", "random"), engine=engine)
-    workload = Workload(rate=args.rate or base.get("rate", 1.0), prompt=_lengths(args, "prompt", base, 1000),
-                        output=_lengths(args, "output", base, 250), prefix_reuse=pick("reuse", 0.0),
-                        burstiness=pick("burstiness", 1.0))
+                      redundancy=args.redundancy, dispatch=pick("dispatch", "random"),
+                      cache_affinity=base.get("cache_affinity", True), engine=engine)
+    rate = args.rate or base.get("rate", 1.0)
+    if "workload" in base and not any(getattr(args, f, None) is not None for f in _WORKLOAD_FLAGS):
+        workload = msgspec.structs.replace(base["workload"], rate=rate)   # the spec's samples, prefixes and all
+    else:
+        workload = Workload(rate=rate, prompt=_lengths(args, "prompt", base, 1000),
+                            output=_lengths(args, "output", base, 250), prefix_reuse=pick("reuse", 0.0),
+                            burstiness=pick("burstiness", 1.0))
     slo = Slo(ttft_p99=pick("ttft_p99", 1.0), itl_p99=pick("itl_p99", 0.1), e2e_p99=pick("e2e_p99", None))
     return req, workload, slo, base.get("cluster")
 
@@ -133,24 +136,22 @@ def _load_spec(args):
 
 def _from_spec(spec, args) -> dict:
     """Deployment, SLOs, cluster and workload laws from a cluster spec (flags still override)."""
-    from emulator import workload as gen  # pure generator beside the spec
+    from emulator import planner_spec  # beside the spec module
 
     roles = {p.role for p in spec.pools}
     disagg = roles != {"both"}
     count = lambda role: sum(p.count for p in spec.pools if p.role == role)  # noqa: E731
     cluster = Cluster(prefill=count("prefill"), decode=count("decode")) if disagg else Cluster(workers=count("both"))
     rate = args.rate or (spec.workload.rates[0] if spec.workload.rates else 1.0)
-    reqs = gen.from_spec(spec, rate=rate, num_requests=SPEC_SAMPLES)
-    prompts = [r.prompt_len for r in reqs]
-    shared = [min(r.shared_tokens or 0, r.prompt_len) for r in reqs]
-    sampled = Workload.from_samples(rate, prompts, [r.max_tokens for r in reqs], shared, spec.workload.cv)
+    sampled = planner_spec.sampled_workload(spec, rate)
     e = spec.engine
     return {"model": spec.model, "gpu": spec.gpu, "tp": spec.tp, "mode": "disaggregated" if disagg else "colocated",
             "kv_link": spec.links.kv_transfer, "tp_link": spec.links.tp, "weight_dtype": spec.weight_dtype,
-            "kv_dtype": spec.kv_dtype, "rate": rate, "prompt": sampled.prompt, "output": sampled.output,
-            "reuse": sampled.prefix_reuse, "burstiness": spec.workload.cv if spec.workload.arrival == "gamma" else 1.0,
+            "kv_dtype": spec.kv_dtype, "rate": rate, "workload": sampled, "prompt": sampled.prompt,
+            "output": sampled.output, "reuse": sampled.prefix_reuse, "burstiness": sampled.burstiness,
             "ttft_p99": spec.slo.ttft_p99_s, "itl_p99": spec.slo.itl_p99_s, "e2e_p99": spec.slo.e2e_p99_s,
-            "cluster": cluster, "dispatch": DISPATCH.get(spec.router.policy, "random"),
+            "cluster": cluster, "dispatch": planner_spec.dispatch(spec),
+            "cache_affinity": planner_spec.cache_affinity(spec),
             "engine": {"max_num_batched_tokens": e.max_num_batched_tokens, "max_num_seqs": e.max_num_seqs,
                        "block_size": e.block_size, "gpu_memory_utilization": e.gpu_memory_utilization,
                        "activation_reserve_gb": e.activation_reserve_gb}}

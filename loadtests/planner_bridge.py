@@ -9,20 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import xxhash
-
-from emulator import workload as wl
+from emulator import planner_spec
 from emulator.spec import ClusterSpec
-from kvlab.block_hash import token_bytes
-
-SAMPLE_REQUESTS = 4000   # generated requests whose lengths the planner's distributions are built from
-
-# How each routing policy spreads load, in the planner's terms: prefix hashing is load-blind (random
-# per request), least-loaded and KV-aware scoring join the shortest queue.
-DISPATCH = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq",
-            "prefix_ring": "random", "prefix_bounded": "random"}
-# Policies that send a prefix's requests to one worker (so each worker caches its share of prefixes).
-CACHE_AFFINE = {"prefix_ring", "prefix_bounded", "kv_aware", "pd_pair"}
 
 
 @dataclass
@@ -34,34 +22,21 @@ class Prediction:
 
 def planner_inputs(spec: ClusterSpec):
     """(PlanRequest, Workload, Cluster, Slo) for a spec: its deployment, engine limits, workload, SLO."""
-    from emulator.planner import Cluster, EngineLimits, PlanRequest, Slo, Workload
+    from emulator.planner import Cluster, EngineLimits, PlanRequest, Slo
 
-    e, w = spec.engine, spec.workload
+    e = spec.engine
     request = PlanRequest(
         model=spec.model, gpu=spec.gpu, tp=spec.tp, tp_link=spec.links.tp, kv_link=spec.links.kv_transfer,
         weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
         mode="disaggregated" if spec.disaggregated else "colocated",
-        dispatch=DISPATCH.get(spec.router.policy, "random"), cache_affinity=spec.router.policy in CACHE_AFFINE,
+        dispatch=planner_spec.dispatch(spec), cache_affinity=planner_spec.cache_affinity(spec),
         engine=EngineLimits(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
                             block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
                             activation_reserve_gb=e.activation_reserve_gb))
-    sample = wl.from_spec(spec, 1.0, num_requests=SAMPLE_REQUESTS)
-    shared = [min(r.shared_tokens or 0, r.prompt_len) for r in sample]
-    workload = Workload.from_samples(
-        1.0, [r.prompt_len for r in sample], [r.max_tokens for r in sample], shared=shared,
-        burstiness=w.cv if w.arrival == "gamma" else 1.0, groups=_prefix_groups(spec, sample, shared))
+    workload = planner_spec.sampled_workload(spec, 1.0)
     cluster = Cluster(workers=_count(spec, "both"), prefill=_count(spec, "prefill"), decode=_count(spec, "decode"))
     slo = Slo(ttft_p99=spec.slo.ttft_p99_s, itl_p99=spec.slo.itl_p99_s, e2e_p99=spec.slo.e2e_p99_s)
     return request, workload, cluster, slo
-
-
-def _prefix_groups(spec: ClusterSpec, sample, shared: list[int]) -> list[int]:
-    """An id per request for the blocks its shared prefix fills: the prefix's tokens, and the cache
-    salt of its tenant (a salted tenant's copy is a different prefix to the cache)."""
-    salted = {t.name for t in spec.tenants if t.cache_salt}
-    return [xxhash.xxh3_64_intdigest(token_bytes(r.tokens, 0, n), xxhash.xxh3_64_intdigest(r.tenant.encode())
-                                     if r.tenant in salted else 0)
-            for r, n in zip(sample, shared)]
 
 
 def _count(spec: ClusterSpec, role: str) -> int:

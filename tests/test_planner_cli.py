@@ -37,6 +37,21 @@ def test_plan_from_a_spec_reports_the_clusters_cmax(capsys):
     assert doc["capacity"]["max_rate"] > 0 and doc["capacity"]["binding"]
 
 
+def test_plan_from_a_spec_agrees_with_the_sweeps_planned_cmax(capsys, tmp_path):
+    """`kvlab plan --spec` and the sweep's planned column read the spec the same way (round robin
+    included: it spreads prefixes over every worker, which the prefix-cache model must hear of)."""
+    from emulator.spec import example_spec_path, load_spec
+    from loadtests import planner_bridge
+    text = open(example_spec_path("colocated-8b-h100")).read()
+    spread = tmp_path / "spread.toml"
+    spread.write_text(text.replace('policy = "prefix_bounded"', 'policy = "round_robin"')
+                      .replace("settings = { prefix_blocks = 4, eps = 0.25 }", ""))
+    for name in ("colocated-8b-h100", "disagg-70b-h100", str(spread)):
+        code, out, _ = run(capsys, "--spec", name, "--json")
+        assert code == 0
+        assert json.loads(out)["capacity"]["max_rate"] == planner_bridge.predict(load_spec(name), [1.0]).c_max
+
+
 def test_infeasible_slo_is_explained_not_computed(capsys):
     code, out, err = run(capsys, "--model", "Llama-3.1-70B", "--tp", "4", "--prompt-mean", "8000",
                          "--ttft-p99", "0.2", "--rate", "1")
