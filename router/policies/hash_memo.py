@@ -29,7 +29,8 @@ from kvlab.block_hash import chain, token_bytes
 
 RUN_BLOCKS = 64       # blocks per remembered run: 1,024 tokens at 16 a block; a miss costs ~7.5 us
 DEFAULT_RUNS = 8192   # 512K blocks (8M tokens at 16 a block), more than a large cluster's KV cache
-                      # holds; ~2.7 KB a run (64 Python ints in a tuple), so ~22 MB when full
+                      # holds; ~3 KB a run (64 Python ints in a tuple, its key, the LRU link; measured
+                      # with tracemalloc), so ~24 MB when full
 _LIST_KEYS = 1 << 128   # list keys live above every array key
 _msgpack = msgspec.msgpack.Encoder().encode
 
@@ -68,6 +69,6 @@ class BlockHashMemo:
 def _key(tokens: Sequence[int] | np.ndarray, start: int, stop: int, parent: int) -> int:
     if isinstance(tokens, np.ndarray):
         ids = tokens[start:stop]
-        data = ids if ids.dtype == np.dtype("<i4") else ids.astype("<i4")   # a view: no copy
+        data = ids if ids.dtype == np.dtype("<i4") else ids.astype("<i4")   # int32: hashed in place
         return xxhash.xxh3_128_intdigest(data, parent)
     return _LIST_KEYS + xxhash.xxh3_128_intdigest(_msgpack(tokens[start:stop]), parent)
