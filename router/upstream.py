@@ -13,7 +13,7 @@ import httpx
 
 from kvlab.openai_api import ApiError
 from router.config import Timeouts
-from router.sse import EventSplitter
+from router.sse import DONE, EventSplitter, data_of
 
 JSON_HEADERS = {"content-type": "application/json"}
 # After [DONE] only the body's end (chunked terminator) is left, sent at once by the worker: waiting
@@ -146,7 +146,7 @@ class UpstreamStream:
             self._ready.extend(self._splitter.feed(part))
         self._started = True
         event = self._ready.popleft()
-        if event.startswith(b"data: [DONE]"):
+        if len(event) < 32 and data_of(event) == DONE:
             self._done = True
         return event
 
@@ -163,6 +163,10 @@ class UpstreamStream:
                 async with asyncio.timeout(DRAIN_S):
                     async for _ in self._parts:
                         pass
-            await self.response.aclose()
         except (httpx.HTTPError, TimeoutError, OSError):
-            await self.response.aclose()
+            pass   # not read to its end: closing drops the connection
+        finally:
+            try:
+                await self.response.aclose()
+            except (httpx.HTTPError, OSError):
+                pass
