@@ -2,6 +2,7 @@
 3.35 TB/s x 0.85 = 2.8475 TB/s, 8 us per layer per step; TP=4 over NVLink4 (450 GB/s, 5 us)."""
 import math
 
+import msgspec
 import pytest
 
 from emulator import roofline
@@ -102,6 +103,20 @@ def test_each_prompt_is_served_its_own_shared_prefix_not_the_average_share():
     cached = dict(zip(ctx.prompts.values, ctx.cached))
     assert cached == {500: 480, 8000: 288}
     assert workload.prefix_reuse == pytest.approx(780 / 8500)
+
+
+def test_the_decode_batch_weights_each_prompt_by_its_own_output():
+    # Half the requests are 100-token prompts with 11 output tokens (10 decode steps), half 1000-token
+    # prompts with 101 (100 steps). A running sequence reads P + (m - 1) / 2 tokens on average over
+    # its m steps, and the batch holds each kind for as many steps as it runs:
+    #   paired:      (10 x 104.5 + 100 x 1049.5) / 110 = 963.6 tokens
+    #   independent: every prompt with every output, (10 x 104.5 + 100 x 149.5 + 10 x 1004.5
+    #                + 100 x 1049.5) / 220 = 595.4 tokens, too few for this mix.
+    paired = Workload.from_samples(10.0, [100, 1000] * 50, [11, 101] * 50)
+    independent = msgspec.structs.replace(paired, paired=False)
+    req = PlanRequest(model="Llama-3.1-8B", gpu=H100)
+    assert decode.profile(context.build(req, paired)).context == pytest.approx(963.6, abs=0.1)
+    assert decode.profile(context.build(req, independent)).context == pytest.approx(595.4, abs=0.1)
 
 
 def test_kv_pool_rule_keeps_one_percent_of_arrivals_waiting():

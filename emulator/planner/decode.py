@@ -35,21 +35,33 @@ def profile(ctx: Context) -> DecodeProfile:
 
 
 def _profile(ctx: Context) -> DecodeProfile:
-    p = ctx.prompts.values[:, None]
-    m = np.maximum(ctx.outputs.values[None, :] - 1.0, 0.0)      # decode steps per request
-    w = ctx.prompts.weights[:, None] * ctx.outputs.weights[None, :] * m
+    p, m, w, cached = _requests(ctx)
     if w.sum() <= 0:
         return DecodeProfile(context=float(ctx.prompts.mean()), resident=float(ctx.prompts.mean()),
                              resident2=float(ctx.prompts.moment2()))
     w = w / w.sum()
     context = p + (m - 1.0) / 2.0                                # step k reads P + k - 1 cached tokens
-    own = p - ctx.workload.kv_sharing * ctx.cached[:, None]     # shared prefix blocks are held once
+    own = p - ctx.workload.kv_sharing * cached                   # shared prefix blocks are held once
     resident = own + (m + 1.0) / 2.0                             # and holds P + k tokens of KV
     # sum_{k=1..m} (P' + k)^2 = m P'^2 + P' m (m+1) + m (m+1)(2m+1)/6, per step: divide by m
     second = own ** 2 + own * (m + 1.0) + (m + 1.0) * (2.0 * m + 1.0) / 6.0
     waste = (ctx.limits.block_size - 1) / 2.0                    # half a block rounding, on average
     return DecodeProfile(context=float((w * context).sum()), resident=float((w * resident).sum()) + waste,
                          resident2=float((w * second).sum()))
+
+
+def _requests(ctx: Context):
+    """(prompt, decode steps, weight by steps run, cached) per kind of request: the paired samples
+    themselves when the workload has them, else every prompt point with every output point."""
+    wl = ctx.workload
+    if wl.paired and wl.prompt.max is None and wl.output.max is None and wl.prompt.samples:
+        prompts = np.asarray(wl.prompt.samples, dtype=float)
+        m = np.maximum(np.asarray(wl.output.samples, dtype=float) - 1.0, 0.0)
+        cached = ctx.cached[dist.point_of_each(prompts)]   # the sample's prompt point's hit
+        return np.round(prompts), m, m / len(m), cached
+    p = ctx.prompts.values[:, None]
+    m = np.maximum(ctx.outputs.values[None, :] - 1.0, 0.0)      # decode steps per request
+    return p, m, ctx.prompts.weights[:, None] * ctx.outputs.weights[None, :] * m, ctx.cached[:, None]
 
 
 def step(ctx: Context, n: float) -> roofline.StepTime:

@@ -96,19 +96,30 @@ def from_samples(samples: Sequence[float]) -> Points:
 def from_paired_samples(samples: Sequence[float], companions: Sequence[float]) -> tuple[Points, np.ndarray]:
     """`from_samples(samples)`, and beside each of its points the mean companion value of the samples
     it stands for (e.g. the cached tokens of the prompts in a prompt-length bin)."""
-    order = np.argsort(np.asarray(samples, dtype=float), kind="stable")
-    x = np.asarray(samples, dtype=float)[order]
-    y = np.asarray(companions, dtype=float)[order]
+    x = np.asarray(samples, dtype=float)
+    index = point_of_each(x)
+    counts = np.bincount(index).astype(float)
+    values = np.bincount(index, weights=x) / counts
+    means = np.bincount(index, weights=np.asarray(companions, dtype=float)) / counts
+    return Points(values, counts / len(x)), means
+
+
+def point_of_each(samples: Sequence[float]) -> np.ndarray:
+    """Which point of `from_samples(samples)` each sample falls in (its rank, or its quantile bin)."""
+    x = np.asarray(samples, dtype=float)
+    order = np.argsort(x, kind="stable")
+    rank = np.empty(len(x), dtype=int)
+    rank[order] = np.arange(len(x))
     if len(x) <= EXACT_SAMPLES_MAX:
-        return Points(x), y
-    n, values, weights, means = len(x), [], [], []
+        return rank
+    n, bins = len(x), np.zeros(len(x), dtype=int)
+    point = 0
     for lo, hi in _bins():
         i, j = int(round(lo * n)), int(round(hi * n))
         if j > i:
-            values.append(float(x[i:j].mean()))
-            weights.append((j - i) / n)
-            means.append(float(y[i:j].mean()))
-    return Points(values, weights), np.asarray(means)
+            bins[i:j] = point
+            point += 1
+    return bins[rank]
 
 
 def lognormal(mu: float, sigma: float) -> Points:

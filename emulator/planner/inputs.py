@@ -99,6 +99,9 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
     # prefixes the LRU prefix cache still holds at each rate (emulator.planner.prefix_cache) instead
     # of assuming every shared prefix stays cached.
     prefix_groups: list[int] | None = None
+    # prompt.samples[i] and output.samples[i] come from one request: the decode batch's time average
+    # then weights each prompt by its own output (in a mix, long prompts often have long outputs).
+    paired: bool = False
 
     def __post_init__(self):
         if not self.rate > 0:
@@ -111,6 +114,8 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
             raise PlannerError(f"kv_sharing must be in [0, 1] (got {self.kv_sharing})")
         if self.shared is not None and len(self.shared) != len(self.prompt.samples or ()):
             raise PlannerError("shared needs one entry per prompt sample")
+        if self.paired and len(self.prompt.samples or ()) != len(self.output.samples or ()):
+            raise PlannerError("paired lengths need as many prompt as output samples")
         if self.prefix_groups is not None and (self.shared is None or len(self.prefix_groups) != len(self.shared)
                                                or len(self.output.samples or ()) != len(self.shared)):
             raise PlannerError("prefix_groups needs shared and output samples, one entry per prompt sample")
@@ -125,7 +130,8 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
         return cls(rate=rate, prompt=LengthDist(samples=list(prompts)), output=LengthDist(samples=list(outputs)),
                    prefix_reuse=min(reuse, 0.999), burstiness=burstiness,
                    shared=[int(s) for s in shared] if shared else None,
-                   prefix_groups=[int(g) for g in groups] if groups is not None and shared else None)
+                   prefix_groups=[int(g) for g in groups] if groups is not None and shared else None,
+                   paired=len(prompts) == len(outputs))
 
 
 class Slo(msgspec.Struct, frozen=True, kw_only=True):
