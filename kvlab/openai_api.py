@@ -45,6 +45,9 @@ class CompletionRequest(_Common, kw_only=True):
     prompt: Prompt
 
 
+MAX_TOKEN_ID = 2**31 - 1   # block hashes read ids as int32 (vocabularies are far smaller: Llama-3's is 128,256)
+
+
 def prompt_input(prompt: Prompt) -> str | list[int]:
     """The one prompt of a completion request: its text or its token ids."""
     if isinstance(prompt, str):
@@ -52,8 +55,8 @@ def prompt_input(prompt: Prompt) -> str | list[int]:
     if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         return prompt_input(prompt[0])
     if prompt and all(type(t) is int for t in prompt):
-        if any(t < 0 for t in prompt):
-            raise ApiError(400, "token ids must be non-negative", param="prompt")
+        if any(t < 0 or t > MAX_TOKEN_ID for t in prompt):
+            raise ApiError(400, f"token ids must be in 0..{MAX_TOKEN_ID}", param="prompt")
         return list(prompt)
     if len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise ApiError(400, "batched prompts are not supported: send one prompt per request", param="prompt")

@@ -20,7 +20,7 @@ from typing import Annotated, Sequence
 import msgspec
 import numpy as np
 
-from kvlab.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
+from kvlab.openai_api import MAX_TOKEN_ID, ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
 from kvlab.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, Tokenizer, apply_chat_template,
                              split_specials)
 from router.policies.base import RouteRequest
@@ -80,7 +80,7 @@ class TokenIdsCompletion(CompletionRequest, kw_only=True):
     Python at ~100 ns a token: 3 ms for a 32K-token prompt. Here the check costs nothing beyond the
     decode itself.
     """
-    prompt: list[Annotated[int, msgspec.Meta(ge=0)]]
+    prompt: list[Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]]
 
 
 class PromptTokenizer:

@@ -28,6 +28,7 @@ CASES = [
     ("empty prompt", dict(body={"model": MODEL, "prompt": ""}), 400, "prompt"),
     ("empty token list", dict(body={"model": MODEL, "prompt": []}), 400, "prompt"),
     ("negative token id", dict(body={"model": MODEL, "prompt": [5, -2]}), 400, "prompt"),
+    ("token id past int32", dict(body={"model": MODEL, "prompt": [5, 2**31]}), 400, "prompt"),
     ("empty chat", dict(body={"model": MODEL, "messages": []}, path="/v1/chat/completions"), 400, "messages"),
     ("prompt over the limit", dict(body={"model": MODEL, "prompt": list(range(1000, 1065))}), 400, "prompt"),
     ("max_tokens zero", dict(body={"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400, "max_tokens"),
