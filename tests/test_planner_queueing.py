@@ -65,3 +65,19 @@ def test_poisson_points_have_poisson_moments():
     pts = dist.poisson(50.0)
     assert pts.mean() == pytest.approx(50.0, rel=1e-3)
     assert pts.moment2() - pts.mean() ** 2 == pytest.approx(50.0, rel=0.05)
+
+
+def test_slot_waits_with_a_constant_step_time_are_erlang_c():
+    # With ITL fixed, each of n running sequences finishes at rate 1 / (steps x ITL): the running
+    # count is M/M/c with c = max_num_seqs servers. 30 arrivals/s, 100 steps of 50 ms (5 s each):
+    # offered load a = 150 on c = 160 slots. Erlang B by recursion, then C = B / (1 - rho (1 - B)).
+    from emulator.planner import seq_slots
+    c, a, mu = 160, 150.0, 0.2
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    erlang_c = b / (1 - (a / c) * (1 - b))
+    wait = seq_slots.wait(rate=30.0, steps=100.0, itl=lambda n: 0.05, cap=c)
+    assert 1 - wait.weights[0] == pytest.approx(erlang_c, rel=1e-6)
+    assert float(wait.values @ wait.weights) == pytest.approx(erlang_c / (c * mu - 30.0), rel=1e-6)
+    assert seq_slots.wait(rate=30.0, steps=100.0, itl=lambda n: 0.05, cap=150) is None   # a = c: no steady state

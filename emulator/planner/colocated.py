@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulator.planner import decode, dist, prefill, prefill_queue
+from emulator.planner import decode, dist, prefill, prefill_queue, seq_slots
 from emulator.planner.context import Context
 
 
@@ -92,6 +92,13 @@ def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
     limit = "" if stable else _limit(ctx, q, b)
     return ColocatedPoint(rate=per_worker, batch=b, itl_mean=itl, mixed_share=min(1.0, share), queue=q,
                           mixed_steps=mixed, stable=stable, limit=limit)
+
+
+def slot_wait(ctx: Context, rate: float, workers: int = 1) -> dist.Points | None:
+    """Time an arrival waits for one of max_num_seqs slots (emulator.planner.seq_slots), with the
+    mean ITL that n running sequences see at this rate; None when the slots cannot keep up."""
+    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _mean_itl(ctx, rate, workers, n),
+                          ctx.limits.max_num_seqs)
 
 
 def _limit(ctx: Context, q: prefill_queue.PrefillQueue, b: float) -> str:

@@ -87,9 +87,13 @@ def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> 
     gaps = colocated.gaps(ctx, p)
     kv = kv_capacity.state(ctx, p.batch, colocated.mean_prefilling(ctx, p))
     e2e_shift = dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights)
-    point = _assemble(ctx, slo, rate, p.stable, p.queue, None, e2e_shift, gaps, p.itl_mean, p.batch, kv)
+    slot_wait = colocated.slot_wait(ctx, rate, cluster.workers) if p.stable else None
+    stable = p.stable and slot_wait is not None
+    point = _assemble(ctx, slo, rate, stable, p.queue, slot_wait, e2e_shift, gaps, p.itl_mean, p.batch, kv)
     if not p.stable:
         point.violations.append(p.limit)
+    elif slot_wait is None:
+        point.violations.append("max_num_seqs")
     return point
 
 
