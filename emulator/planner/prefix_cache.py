@@ -55,21 +55,23 @@ def _prefixes(ctx: Context) -> Prefixes:
     prompts = np.asarray(w.prompt.samples, dtype=float)
     outputs = np.asarray(w.output.samples, dtype=float)
     full_hit = np.floor(np.minimum(np.asarray(w.shared, dtype=float), prompts - 1) / block) * block
-    ids = np.asarray(w.prefix_groups)
-    has = full_hit > 0
-    names, group = np.unique(ids[has], return_inverse=True)
-    index = np.full(len(prompts), -1)
-    index[has] = group
-    counts = np.bincount(group, minlength=len(names)).astype(float)
-    sizes = np.bincount(group, weights=full_hit[has], minlength=len(names)) / np.maximum(counts, 1)
-    index[has & (counts[np.maximum(index, 0)] < 2)] = -2   # a session's own history: held (see above)
-    keep = counts >= 2
-    remap = np.cumsum(keep) - 1
-    index[index >= 0] = remap[index[index >= 0]]
-    counts, sizes = counts[keep], sizes[keep]
+    group, counts, sizes = _groups(np.asarray(w.prefix_groups), full_hit)
     own = np.floor((prompts + outputs) / block) * block - full_hit   # full blocks only are cached
-    return Prefixes(prompts=prompts, full_hit=full_hit, group=index, sizes=sizes,
+    return Prefixes(prompts=prompts, full_hit=full_hit, group=group, sizes=sizes,
                     shares=counts / len(prompts), unique=float(np.maximum(own, 0).mean()))
+
+
+def _groups(ids: np.ndarray, full_hit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group index per sample over the prefixes two or more samples share (-1: no prefix; -2: one
+    only this sample has, its session's own history), with each group's count and size in tokens."""
+    has = full_hit > 0
+    _, group, counts = np.unique(ids[has], return_inverse=True, return_counts=True)
+    shared = counts >= 2
+    renumber = np.where(shared, np.cumsum(shared) - 1, -2)
+    index = np.full(len(ids), -1)
+    index[has] = renumber[group]
+    sizes = np.bincount(group, weights=full_hit[has], minlength=len(counts)) / np.maximum(counts, 1)
+    return index, counts[shared].astype(float), sizes[shared]
 
 
 def characteristic_time(sizes: np.ndarray, rates: np.ndarray, copies: float, flux: float, capacity: float) -> float:
