@@ -78,11 +78,19 @@ def _cached_tokens(prompts: np.ndarray, reuse: float, block: int) -> np.ndarray:
 
 
 def _cached_per_prompt(samples, shared, prompts: dist.Points, block: int) -> np.ndarray:
-    """Each sample's own hit (its shared prefix in whole blocks, never its last token), averaged over
-    the samples each prompt point stands for."""
+    """Each sample's own hit, averaged over the samples each prompt point stands for."""
     x = np.asarray(samples, dtype=float)
-    hits = np.floor(np.minimum(np.asarray(shared, dtype=float), x - 1) / block) * block
-    points, cached = dist.from_paired_samples(x, hits)
+    return per_point(x, sample_hits(x, shared, block), prompts)
+
+
+def sample_hits(prompts: np.ndarray, shared, block: int) -> np.ndarray:
+    """Each sample's shared prefix as a hit: whole blocks, never its last token (as in vLLM)."""
+    return np.floor(np.minimum(np.asarray(shared, dtype=float), prompts - 1) / block) * block
+
+
+def per_point(samples: np.ndarray, tokens: np.ndarray, prompts: dist.Points) -> np.ndarray:
+    """Cached tokens per prompt point: the mean of `tokens` over the samples the point stands for."""
+    points, cached = dist.from_paired_samples(samples, tokens)
     if len(points.values) != len(prompts.values):
         raise PlannerError("internal: prompt points and their cached tokens disagree")
     return np.minimum(np.round(cached), prompts.values - 1)

@@ -12,7 +12,6 @@ Constraint names (what `violations` and `binding` hold):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -74,10 +73,12 @@ def _with_prefix_cache(ctx: Context, cluster: Cluster, rate: float) -> Context:
     key = ("prefix_cache", cluster, rate)
     found = ctx.memo.get(key)
     if found is None:
-        warm = evaluate(dataclasses.replace(ctx, workload=msgspec.structs.replace(ctx.workload, prefix_groups=None)),
-                        cluster, rate)
-        workers = cluster.workers if ctx.mode == "colocated" else cluster.prefill
-        held = min(warm.kv_usage, 1.0) * ctx.pool_tokens if ctx.mode == "colocated" else 0.0
+        if ctx.mode == "colocated":
+            p = colocated.evaluate(ctx, rate, cluster.workers)
+            held = min(kv_capacity.state(ctx, p.batch, colocated.mean_prefilling(ctx, p)).usage, 1.0) * ctx.pool_tokens
+            workers = cluster.workers
+        else:   # prefill workers hold only the prompts they are prefilling
+            held, workers = 0.0, cluster.prefill
         found = ctx.memo[key] = prefix_cache.at_rate(ctx, rate, workers, held)
     return found
 

@@ -28,7 +28,7 @@ import math
 import msgspec
 import numpy as np
 
-from emulator.planner import dist
+from emulator.planner import context
 from emulator.planner.context import Context
 
 
@@ -54,7 +54,7 @@ def _prefixes(ctx: Context) -> Prefixes:
     w, block = ctx.workload, ctx.limits.block_size
     prompts = np.asarray(w.prompt.samples, dtype=float)
     outputs = np.asarray(w.output.samples, dtype=float)
-    full_hit = np.floor(np.minimum(np.asarray(w.shared, dtype=float), prompts - 1) / block) * block
+    full_hit = context.sample_hits(prompts, w.shared, block)
     group, counts, sizes = _groups(np.asarray(w.prefix_groups), full_hit)
     own = np.floor((prompts + outputs) / block) * block - full_hit   # full blocks only are cached
     return Prefixes(prompts=prompts, full_hit=full_hit, group=group, sizes=sizes,
@@ -109,8 +109,6 @@ def at_rate(ctx: Context, rate: float, workers: int, held_tokens: float) -> Cont
     pre = prefixes(ctx)
     hits = hit_probabilities(ctx, rate, workers, held_tokens)
     found = np.where(pre.group >= 0, hits[np.maximum(pre.group, 0)] if len(hits) else 0.0, pre.group == -2)
-    expected = pre.full_hit * found
-    points, cached = dist.from_paired_samples(pre.prompts, expected)
-    cached = np.minimum(np.round(cached), ctx.prompts.values - 1)
+    cached = context.per_point(pre.prompts, pre.full_hit * found, ctx.prompts)
     workload = msgspec.structs.replace(ctx.workload, prefix_groups=None)   # this context's hits are final
     return dataclasses.replace(ctx, workload=workload, cached=cached, memo={})
