@@ -13,11 +13,11 @@ import cProfile
 import pstats
 import time
 
-from emulator import roofline
-from emulator.catalog import builtin_catalog
-from workers.engine import Engine, EngineConfig
-from workers.request import SamplingParams
-from workers.scheduler import SchedulerConfig
+from emulator.physics import roofline
+from emulator.physics.catalog import builtin_catalog
+from workers.core.engine import Engine, EngineConfig
+from workers.core.request import SamplingParams
+from workers.core.scheduler import SchedulerConfig
 
 
 def running_engine(batch: int, prompt: int, steps: int, model: str, gpu: str) -> Engine:

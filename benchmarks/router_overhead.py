@@ -240,12 +240,12 @@ def throughput(url: str, procs: int, connections: int, seconds: float, stream: b
 # -- 3. routing decision -------------------------------------------------------------------------------
 def decision_times(runs: int) -> dict[str, dict[int, float]]:
     """Median microseconds of tokenize + hash + policy for one request, as the router does them."""
-    from kvlab.block_hash import block_hashes
-    from kvlab.kv_events import BlockStored, KVEventBatch
-    from kvlab.openai_api import ChatCompletionRequest, ChatMessage
-    from kvlab.tokenizer import BuiltinTokenizer
+    from kvlab.wire.block_hash import block_hashes
+    from kvlab.wire.kv_events import BlockStored, KVEventBatch
+    from kvlab.wire.openai_api import ChatCompletionRequest, ChatMessage
+    from kvlab.wire.tokenizer import BuiltinTokenizer
     from router.policies import KvIndex, PolicySet, WorkerView
-    from router.tokenize import PromptTokenizer, TokenIdsCompletion
+    from router.frontdoor.tokenize import PromptTokenizer, TokenIdsCompletion
 
     tok = PromptTokenizer(BuiltinTokenizer(), 16)
     first_sight = PromptTokenizer(BuiltinTokenizer(), 16, hash_memo_runs=0)   # hashes every block it reads

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from kvlab.block_hash import block_hashes
-from kvlab.kv_events import BlockStored, KVEventBatch
+from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.kv_events import BlockStored, KVEventBatch
 from router.policies import KvIndex, RouteRequest, WorkerView, build_policy
 from router.policies.hash_memo import BlockHashMemo
 

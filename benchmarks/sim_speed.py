@@ -12,7 +12,7 @@ import argparse
 import time
 
 from emulator import traces
-from emulator.simulator import Simulator
+from emulator.sim.simulator import Simulator
 from emulator.spec import example_spec_path, parse_spec
 
 ID_SHIFT = 10_000_000   # larger than any block id in the trace

@@ -1,1 +1,2 @@
-"""kvlab physics and math: hardware/model catalogs, the roofline, cluster spec, simulator, planner. No I/O."""
+"""The emulated cluster's description and the math built on it: physics (floor 1), the spec and workloads (floor
+2, modules here), the simulator and the planner (floor 5)."""

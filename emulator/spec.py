@@ -17,12 +17,12 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from emulator import roofline
-from emulator.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
+from emulator.physics import roofline
+from emulator.physics.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
 
 ROLES = ("both", "prefill", "decode")
-# The router's policy names (router/policies/registry.py owns them and their settings; when the router
-# is installed the spec asks it directly, this list only serves a build without it).
+# The router's policy names. router/policies/registry.py builds them and checks their settings
+# (`check_spec_settings`); a test keeps the two lists equal.
 POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
 MAX_TP = 8                        # one HGX/DGX node's NVLink domain; TP across nodes is not modelled
 DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM included) listen on by default
@@ -439,30 +439,14 @@ def _check_links(spec: ClusterSpec) -> None:
 
 def _check_router(spec: ClusterSpec) -> None:
     r = spec.router
-    registry = _policy_registry()
-    known = tuple(registry.BUILDERS) if registry else POLICIES
-    _require(r.policy in known, "router.policy", f"unknown policy {r.policy!r}; known: {', '.join(known)}")
+    _require(r.policy in POLICIES, "router.policy", f"unknown policy {r.policy!r}; known: {', '.join(POLICIES)}")
     _require(not spec.disaggregated or r.policy == "pd_pair", "router.policy",
              f"a disaggregated spec routes with \"pd_pair\" (a prefill and a decode worker), not {r.policy!r}")
-    if registry:
-        try:
-            registry.build_policy(r.policy, r.settings)
-        except ValueError as exc:
-            raise SpecError("router.settings", str(exc)) from None
     for field in ("max_input_tokens", "max_tokens_limit"):
         value = getattr(r, field)
         _positive(value, f"router.{field}")
         _require(value is None or value <= spec.max_model_len, f"router.{field}",
                  f"{value} exceeds the model length {spec.max_model_len}")
-
-
-def _policy_registry():
-    """The router's policy registry when the router is installed, else None (the spec stands alone)."""
-    try:
-        from router.policies import registry
-    except ImportError:
-        return None
-    return registry
 
 
 def _check_tenants(tenants: list[TenantSpec]) -> None:

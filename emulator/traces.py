@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from emulator.workload import VOCAB_WORDS, Request, vocabulary
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash_id in Mooncake traces (FAST'25 release README)
 # The layout this repository keeps: ../shared/data/traces next to the repository root.
@@ -123,7 +123,7 @@ def _records(trace: str | Path | Sequence[TraceRecord], limit: int | None) -> Se
 # -- block hashes without tokens --------------------------------------------------------------------
 
 class TraceHasher:
-    """16-token block hashes of trace prompts, equal to kvlab.block_hash.block_hashes over the tokens.
+    """16-token block hashes of trace prompts, equal to kvlab.wire.block_hash.block_hashes over the tokens.
 
     A 512-token block's sub-block hashes depend only on its id and the hash chained into it, so they are
     computed once per (parent hash, id) and kept in an LRU: shared prefixes are hashed once.

@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 import xxhash
 
-from kvlab.tokenizer import BuiltinTokenizer
+from kvlab.wire.tokenizer import BuiltinTokenizer
 
 ARCHETYPES = ("chat", "rag", "code", "agentic")
 VOCAB_WORDS = 4096   # 4096^3 = 6.9e10 distinct 3-word tags: unique for any workload we generate

@@ -1,1 +1,2 @@
-"""kvlab: shared wire-level pieces (tokenizer, chat template, block hashes, OpenAI protocol) and the CLI."""
+"""kvlab's top and bottom: shared wire code (wire/, floor 0); the launcher (floor 5); the CLI and bundled specs
+(floor 7)."""

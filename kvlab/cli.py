@@ -10,8 +10,8 @@ COMMANDS = {
     "up": ("kvlab.launcher", "start a router and its workers from a cluster spec on this machine"),
     "worker": ("workers.cli", "run one emulated worker (OpenAI-compatible HTTP server)"),
     "router": ("router.cli", "run the router in front of workers"),
-    "sim": ("emulator.sim_cli", "run a workload through the discrete-event simulator"),
-    "plan": ("emulator.planner_cli", "analytical capacity plan for a model, GPU and workload"),
+    "sim": ("emulator.sim.cli", "run a workload through the discrete-event simulator"),
+    "plan": ("emulator.planner.cli", "analytical capacity plan for a model, GPU and workload"),
     "sweep": ("loadtests.sweep", "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
     "compare": ("loadtests.compare", "replay one trace through several routing policies, one table"),
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
+from router.policies.registry import check_spec_settings
 
 DEFAULT_SPEC = "default"
 READY_TIMEOUT_S = 60.0
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = resolve_spec_path(args.spec)
         spec = load_spec(path)
+        check_spec_settings(spec)
     except (SpecError, FileNotFoundError) as exc:
         print(f"kvlab up: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Latencies are reported in the server's time: a wall-clock measurement divided by the cluster's time
 scale, so measured, simulated and planned numbers share units (emulated seconds and requests/s).
 A stage's latencies cover the requests *sent* inside its measurement window (after its warm-up), each
-followed to its end, as emulator.sim_report windows requests by arrival. Throughput and goodput are
+followed to its end, as emulator.sim.report windows requests by arrival. Throughput and goodput are
 different: requests *finished* inside the window per second (goodput: those that met the SLO), which
 saturate at the cluster's capacity however long the queue grows (counting finished arrivals instead
 would credit every queued request once it is finally served).
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from emulator.sim_report import Percentiles, Summary, percentiles
+from emulator.sim.report import Percentiles, Summary, percentiles
 
 
 @dataclass(frozen=True)

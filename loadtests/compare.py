@@ -18,10 +18,10 @@ from pathlib import Path
 import msgspec
 
 from emulator import traces
-from emulator.sim_report import Summary
-from emulator.simulator import Simulator
+from emulator.sim.report import Summary
+from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
-from router.policies.registry import build_policy
+from router.policies.registry import build_policy, check_spec_settings
 
 DEFAULT_POLICIES = "round_robin,prefix_ring,prefix_bounded,kv_aware"
 PREFIX_KEYED = ("prefix_ring", "prefix_bounded")
@@ -56,6 +56,7 @@ class Row:
 def run(args: argparse.Namespace) -> int:
     try:
         spec = _with_workers(load_spec(resolve_spec_path(args.spec)), args.workers)
+        check_spec_settings(spec)
         trace = Path(args.trace) if args.trace else traces.shared_trace()
         if trace is None or not trace.is_file():
             raise FileNotFoundError(f"no trace at {args.trace or traces.SHARED_TRACES}; pass --trace PATH")

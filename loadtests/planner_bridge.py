@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator import planner_spec
+from emulator.planner import from_spec as planner_spec
 from emulator.spec import ClusterSpec
 
 

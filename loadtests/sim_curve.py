@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from emulator import workload
-from emulator.sim_report import Summary
-from emulator.simulator import Simulator
+from emulator.sim.report import Summary
+from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec
 
 MIN_REQUESTS = 2000   # per rate: p99s from fewer requests are too noisy to compare (design 3b)

@@ -1,1 +1,2 @@
-"""kvlab's router: admission, tenants, routing policies (pure) and, around them, the HTTP proxy."""
+"""The router: pure routing policies (policies/) and, around them, the front door, forwarding, the worker pool
+and observability; config, server and CLI here."""

@@ -9,9 +9,11 @@ from typing import Any, Literal
 
 import msgspec
 
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE
+from emulator.spec import load_spec
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
 from router.policies.hash_memo import DEFAULT_RUNS
-from router.tenants import TenantConfig
+from router.policies.registry import check_spec_settings
+from router.frontdoor.tenants import TenantConfig
 
 Role = Literal["both", "prefill", "decode"]
 
@@ -79,8 +81,8 @@ class RouterConfig(msgspec.Struct, kw_only=True):
 
 def from_spec(path: str, worker_host: str = "127.0.0.1") -> tuple[RouterConfig, int, str]:
     """(config, port, listen host) from a cluster spec: its workers, router section, tenants and SLO."""
-    from emulator.spec import load_spec  # optional part: only `--spec` needs it
     spec = load_spec(path)
+    check_spec_settings(spec)
     # worker_host may name each worker's own host: "{id}" is the worker id (compose service names)
     workers = [WorkerConfig(url=f"http://{worker_host.format(id=slot.id)}:{slot.port}", id=slot.id, role=slot.role)
                for slot in spec.worker_list()]

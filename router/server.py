@@ -25,25 +25,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kvlab.openai_api import ApiError, models_body
-from kvlab.tokenizer import load_tokenizer
+from kvlab.wire.openai_api import ApiError, models_body
+from kvlab.wire.tokenizer import load_tokenizer
 from router.config import RouterConfig, WorkerConfig
-from router.dashboard import mount_dashboard
-from router.gate import Gate
-from kvlab.http_body import read_body
-from kvlab.http_errors import error_response, install_error_handlers
-from router.intake import POLICY_HEADER, Intake
-from router.job import Endpoint, Job
-from router.kv_subscriber import KvSubscriber
-from router.metrics import RouterMetrics
+from router.observability.dashboard import mount_dashboard
+from router.frontdoor.gate import Gate
+from kvlab.wire.http_body import read_body
+from kvlab.wire.http_errors import error_response, install_error_handlers
+from router.frontdoor.intake import POLICY_HEADER, Intake
+from router.frontdoor.job import Endpoint, Job
+from router.pool.kv_subscriber import KvSubscriber
+from router.observability.metrics import RouterMetrics
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
-from router.proxy import Proxy
-from router.streaming import unless_client_leaves
-from router.tokenize import PromptTokenizer
-from router.transport import LeanTransport
-from router.upstream import Upstream, WorkerRefused
-from router.worker_pool import Worker, WorkerPool
+from router.forwarding.proxy import Proxy
+from router.forwarding.streaming import unless_client_leaves
+from router.frontdoor.tokenize import PromptTokenizer
+from router.forwarding.transport import LeanTransport
+from router.forwarding.upstream import Upstream, WorkerRefused
+from router.pool.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger("kvlab.router")
 
@@ -70,7 +70,7 @@ class Router:
     def __init__(self, config: RouterConfig):
         self.config = config
         self.metrics = RouterMetrics()
-        # One client for every upstream call, on the lean keep-alive transport (see router.transport);
+        # One client for every upstream call, on the lean keep-alive transport (see router.forwarding.transport);
         # trust_env=False: no proxy variables consulted on the hot path.
         self.transport = LeanTransport()
         self.client = httpx.AsyncClient(transport=self.transport, trust_env=False)

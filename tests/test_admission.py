@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from router.admission import STATUS, LoadShedder, RateMeter, RequestLimits, check_request
+from router.frontdoor.admission import STATUS, LoadShedder, RateMeter, RequestLimits, check_request
 
 LIMITS = RequestLimits(max_input_tokens=1000, max_tokens_limit=500, max_model_len=1200)
 

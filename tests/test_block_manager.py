@@ -2,8 +2,8 @@
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvlab.block_hash import block_hashes
-from workers.block_manager import BlockManager
+from kvlab.wire.block_hash import block_hashes
+from workers.core.block_manager import BlockManager
 
 BS = 4
 PREFIXES = [[p * 100 + i for i in range(4 * BS)] for p in range(3)]

@@ -17,7 +17,7 @@ import pytest
 
 from background_load import BackgroundLoad
 from headless_chromium import CHROMIUM, Browser
-from router.tenants import TenantConfig
+from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, start_router  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed "

@@ -1,11 +1,11 @@
 """Behaviour of the pure engine: batching, prefix reuse, preemption, roles, timing from the roofline."""
 import pytest
 
-from emulator import roofline as r
-from emulator.catalog import builtin_catalog
-from workers.engine import Engine, EngineConfig, EngineError, QueueFull
-from workers.request import RemotePrefill, SamplingParams
-from workers.scheduler import SchedulerConfig
+from emulator.physics import roofline as r
+from emulator.physics.catalog import builtin_catalog
+from workers.core.engine import Engine, EngineConfig, EngineError, QueueFull
+from workers.core.request import RemotePrefill, SamplingParams
+from workers.core.scheduler import SchedulerConfig
 
 CAT = builtin_catalog()
 DEP = r.Deployment(model=CAT.model("Llama-3.1-8B"), gpu=CAT.gpu("H100-SXM"))

@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kvlab.block_hash import block_hashes
-from kvlab.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from router.policies import KvIndex, LazyBlockHashes
 
 WORKERS = ["a", "b", "c"]

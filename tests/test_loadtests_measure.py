@@ -10,7 +10,7 @@ import statistics
 import httpx
 import pytest
 
-from emulator import roofline
+from emulator.physics import roofline
 from loadtests.fake_openai import FakeOpenAI
 from loadtests.llm_measure import StreamResult, fire_locust_events, record, stream_request
 

@@ -5,8 +5,8 @@ import math
 import msgspec
 import pytest
 
-from emulator import roofline
-from emulator.catalog import builtin_catalog
+from emulator.physics import roofline
+from emulator.physics.catalog import builtin_catalog
 from emulator.planner import (Cluster, LengthDist, PlannerError, PlanRequest, Slo, Workload, capacity, curve,
                               plan)
 from emulator.planner import context, decode, kv_capacity, operating, prefill, sizing

@@ -8,7 +8,7 @@ import pytest
 
 from emulator import workload
 from emulator.planner import context, operating, prefix_cache
-from emulator.simulator import Simulator
+from emulator.sim.simulator import Simulator
 from emulator.spec import example_spec_path, load_spec
 from loadtests import planner_bridge
 

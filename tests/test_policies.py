@@ -1,8 +1,8 @@
 """Round robin, least loaded, prefix ring, kv_aware, pd_pair and the registry: behaviour pins."""
 import pytest
 
-from kvlab.block_hash import block_hashes
-from kvlab.kv_events import BlockStored, KVEventBatch
+from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.kv_events import BlockStored, KVEventBatch
 from router.policies import KvIndex, NoWorkerAvailable, PolicySet, RouteRequest, WorkerView, build_policy
 from router.policies.kv_aware import KvAware
 from router.policies.least_loaded import LeastLoaded

@@ -3,7 +3,7 @@ import numpy as np
 import xxhash
 from hypothesis import given, settings, strategies as st
 
-from kvlab.block_hash import block_hashes, root_hash
+from kvlab.wire.block_hash import block_hashes, root_hash
 from router.policies import LazyBlockHashes, RouteRequest
 from router.policies.hash_memo import RUN_BLOCKS, BlockHashMemo
 

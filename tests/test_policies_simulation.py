@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kvlab.kv_events import BlockRemoved, BlockStored, KVEventBatch
+from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch
 from router.policies import PolicySet, RouteRequest, WorkerView
 from router.policies.bounded_load import load_cap
 

@@ -1,8 +1,8 @@
 """Pin the roofline with hand-derived numbers (H100 SXM: 989.4 TFLOP/s bf16 x 0.7, 3.35 TB/s x 0.85)."""
 import pytest
 
-from emulator import roofline as r
-from emulator.catalog import builtin_catalog
+from emulator.physics import roofline as r
+from emulator.physics.catalog import builtin_catalog
 
 CAT = builtin_catalog()
 L8B, L70B = CAT.model("Llama-3.1-8B"), CAT.model("Llama-3.1-70B")

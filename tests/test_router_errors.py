@@ -3,7 +3,7 @@ import httpx
 import pytest
 
 from router.config import Limits
-from router.tenants import TenantConfig
+from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, module_cluster
 
 KEY = {"Authorization": "Bearer sk-good"}

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from router.tenants import TenantConfig
+from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, module_cluster
 
 TENANTS = [

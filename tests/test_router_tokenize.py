@@ -4,10 +4,10 @@ import re
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from kvlab.openai_api import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvlab.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, apply_chat_template, split_specials,
+from kvlab.wire.openai_api import ChatCompletionRequest, ChatMessage, CompletionRequest
+from kvlab.wire.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, apply_chat_template, split_specials,
                              token_text)
-from router.tokenize import MEMO_MIN_CHARS, PromptTokenizer
+from router.frontdoor.tokenize import MEMO_MIN_CHARS, PromptTokenizer
 
 # Text with special tokens inside it, where segment-wise encoding could go wrong.
 text_st = st.lists(st.sampled_from(list("ab Z9.,\n<|>_-") + ["<|eot_id|>", "<|start_header_id|>", " word", "<|eot_id",

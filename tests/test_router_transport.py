@@ -5,8 +5,8 @@ import httpx
 import pytest
 
 from router.config import Timeouts
-from router.transport import LeanTransport
-from router.upstream import Upstream
+from router.forwarding.transport import LeanTransport
+from router.forwarding.upstream import Upstream
 
 TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
 

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from emulator import roofline
-from emulator.catalog import builtin_catalog
+from emulator.physics import roofline
+from emulator.physics.catalog import builtin_catalog
 from emulator.planner import LengthDist, PlanRequest, Slo, Workload, plan
 from emulator.planner import context, decode, prefill
 

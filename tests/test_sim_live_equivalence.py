@@ -16,7 +16,7 @@ import httpx
 import msgspec
 
 from emulator import workload
-from emulator.simulator import Simulator
+from emulator.sim.simulator import Simulator
 from emulator.spec import example_spec_path, load_spec, parse_spec
 from kvlab.launcher import Cluster
 

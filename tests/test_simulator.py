@@ -2,9 +2,9 @@
 import msgspec
 import pytest
 
-from emulator import roofline as r
+from emulator.physics import roofline as r
 from emulator import workload
-from emulator.simulator import SimRequest, Simulator
+from emulator.sim.simulator import SimRequest, Simulator
 from emulator.spec import example_spec_path, load_spec, parse_spec
 
 TINY = load_spec(example_spec_path("tiny-test"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator import roofline
+from emulator.physics import roofline
 from emulator.spec import SpecError, example_specs, load_spec, parse_spec
 
 BASE = 'model = "Llama-3.1-8B"\ngpu = "H100-SXM"\n'
@@ -112,7 +112,6 @@ BAD = [
     (BASE + ONE_POOL + "[engine]\ngpu_memory_utilization = 1.5\n", "engine.gpu_memory_utilization", ["(0, 1]"]),
     (BASE + ONE_POOL + '[engine]\npreemption = "drop"\n', "engine.preemption", ["recompute, swap"]),
     (BASE + ONE_POOL + '[router]\npolicy = "random"\n', "router.policy", ["prefix_bounded"]),
-    (BASE + ONE_POOL + '[router]\nsettings = { epz = 0.1 }\n', "router.settings", ["epz"]),
     (BASE + '[[pools]]\nrole = "prefill"\n[[pools]]\nrole = "decode"\n[router]\npolicy = "kv_aware"\n',
      "router.policy", ["pd_pair"]),
     (BASE + ONE_POOL + "[router]\nmax_input_tokens = 200000\n", "router.max_input_tokens", ["exceeds"]),
@@ -146,3 +145,17 @@ def test_a_missing_spec_file_names_the_path(tmp_path):
         load_spec(tmp_path / "missing.toml")
     with pytest.raises(SpecError, match="example spec"):
         load_spec("no-such-example")
+
+
+def test_policy_settings_are_checked_by_the_policy_registry_naming_router_settings():
+    from router.policies import registry
+    spec = parse_spec(BASE + ONE_POOL + '[router]\nsettings = { epz = 0.1 }\n')
+    with pytest.raises(SpecError) as err:
+        registry.check_spec_settings(spec)
+    assert err.value.field == "router.settings" and "epz" in err.value.reason
+
+
+def test_the_spec_knows_exactly_the_policies_the_registry_builds():
+    from emulator.spec import POLICIES
+    from router.policies import registry
+    assert POLICIES == tuple(registry.BUILDERS)

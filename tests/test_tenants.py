@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from router.policies import RouteRequest
-from router.tenants import TenantConfig, Tenants
+from router.frontdoor.tenants import TenantConfig, Tenants
 
 
 def tenants(**limits):

@@ -4,7 +4,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from router.token_bucket import TokenBucket
+from router.frontdoor.token_bucket import TokenBucket
 
 step_st = st.tuples(st.floats(0, 2.0), st.floats(0.1, 30.0), st.booleans())  # (gap, amount, refund half)
 

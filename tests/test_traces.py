@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from emulator import traces as T
-from kvlab.block_hash import block_hashes
-from kvlab.tokenizer import BuiltinTokenizer
+from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.tokenizer import BuiltinTokenizer
 
 # The shared data folder sits beside the repository root (../shared/data/traces).
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / T.MOONCAKE_CONVERSATION

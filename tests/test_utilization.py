@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from background_load import BackgroundLoad
-from router.cluster_view import ClusterView, LoadSnapshot, Member
+from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
 from router_fixtures import MODEL, start_router  # noqa: F401  (fixture)
 from workers.config import WorkerConfig, build_engine
-from workers.request import SamplingParams
+from workers.core.request import SamplingParams
 
 ME = [Member(id="w0")]
 

@@ -4,8 +4,8 @@ import time
 import httpx
 import pytest
 
-from emulator import roofline
-from emulator.catalog import builtin_catalog
+from emulator.physics import roofline
+from emulator.physics.catalog import builtin_catalog
 
 MODEL = "Llama-3.1-8B"
 PROMPT = list(range(6000, 8000))   # 2,000 tokens: 42 ms of prefill on an H100, 262 MB of bf16 KV

@@ -5,8 +5,8 @@ import httpx
 import msgspec
 import zmq
 
-from kvlab.block_hash import block_hashes
-from kvlab.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch
+from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch
 
 MODEL = "Llama-3.1-8B"
 PROMPT = list(range(9000, 9040))   # 2 full blocks of 16 (+8 tokens)

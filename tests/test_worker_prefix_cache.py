@@ -4,7 +4,7 @@ import time
 import httpx
 import openai
 
-from emulator import roofline
+from emulator.physics import roofline
 
 MODEL = "Llama-3.1-8B"
 PREFIX = list(range(2000, 4000))   # 2,000 tokens = 125 full blocks of 16

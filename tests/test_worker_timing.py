@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from emulator import roofline
+from emulator.physics import roofline
 
 MODEL = "Llama-3.1-8B"
 PROMPT_TOKENS = 8000   # one chunk (8192-token budget), ~186 ms of prefill on an H100

@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from emulator import workload as W
 from emulator.spec import load_spec
-from kvlab.block_hash import block_hashes
-from kvlab.tokenizer import BuiltinTokenizer
+from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.tokenizer import BuiltinTokenizer
 
 MIX = {"chat": 1.0, "rag": 1.0, "code": 1.0, "agentic": 1.0}
 

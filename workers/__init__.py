@@ -1,1 +1,2 @@
-"""Emulated vLLM-style workers: a pure engine (KV blocks, scheduler, step timing) and its drivers."""
+"""Emulated vLLM-style workers: the pure engine (core/) and, around it, the worker server, its wall-clock driver,
+metrics and KV events."""

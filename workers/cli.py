@@ -14,9 +14,9 @@ import logging
 
 import uvicorn
 
-from emulator.catalog import CatalogError
+from emulator.physics.catalog import CatalogError
 from workers.config import WorkerConfig
-from workers.engine import ROLES, EngineError
+from workers.core.engine import ROLES, EngineError
 
 DEFAULT_PORT = 8100
 log = logging.getLogger("kvlab.worker")

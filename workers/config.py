@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import msgspec
 
-from emulator import roofline
-from emulator.catalog import Catalog, Link, load_catalog
-from workers.engine import ROLES, Engine, EngineConfig
-from workers.scheduler import SchedulerConfig
+from emulator.physics import roofline
+from emulator.physics.catalog import Catalog, Link, load_catalog
+from workers.core.engine import ROLES, Engine, EngineConfig
+from workers.core.scheduler import SchedulerConfig
 
 DEFAULT_KV_LINK = "InfiniBand-NDR"   # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_SWAP_LINK = "PCIe-Gen5"      # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16

@@ -14,9 +14,9 @@ from typing import Callable
 
 import msgspec
 
-from kvlab.background import Background
-from workers.engine import Engine, Finished, StepResult
-from workers.request import RemotePrefill, SamplingParams
+from kvlab.wire.background import Background
+from workers.core.engine import Engine, Finished, StepResult
+from workers.core.request import RemotePrefill, SamplingParams
 
 
 class TokenOut(msgspec.Struct):

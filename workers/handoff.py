@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import msgspec
 
-from kvlab.openai_api import ApiError
-from workers.request import RemotePrefill
+from kvlab.wire.openai_api import ApiError
+from workers.core.request import RemotePrefill
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from kvlab.kv_events import KVEvent, KVEventBatch, encode_batch
+from kvlab.wire.kv_events import KVEvent, KVEventBatch, encode_batch
 
 log = logging.getLogger(__name__)
 END_SEQ = (-1).to_bytes(8, "big", signed=True)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from workers.engine import Engine, StepResult
+from workers.core.engine import Engine, StepResult
 
 # Emulated seconds. TTFT spans a ~1 ms short prefill to long queues; decode steps of 8-70B models
 # on one H100/H200 are a few to tens of ms, so ITL buckets are fine there.

@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from emulator.catalog import Catalog
-from kvlab.tokenizer import load_tokenizer
+from emulator.physics.catalog import Catalog
+from kvlab.wire.tokenizer import load_tokenizer
 from workers.config import WorkerConfig, build_engine
 from workers.driver import EngineDriver, RequestStream
-from workers.engine import StepResult
+from workers.core.engine import StepResult
 from workers.handoff import Handoff, KvReleaser, RemoteSource
 from workers.kv_publisher import KvEventLog, ZmqKvPublisher
 from workers.metrics import WorkerMetrics
-from workers.request import SamplingParams
+from workers.core.request import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from emulator.catalog import Catalog
-from kvlab import openai_api as api
-from kvlab.openai_api import ApiError
-from kvlab.http_body import read_body
-from kvlab.http_errors import install_error_handlers
+from emulator.physics.catalog import Catalog
+from kvlab.wire import openai_api as api
+from kvlab.wire.openai_api import ApiError
+from kvlab.wire.http_body import read_body
+from kvlab.wire.http_errors import install_error_handlers
 from workers import serving
 from workers.config import WorkerConfig
 from workers.runtime import WorkerRuntime

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import msgspec
 
-from emulator import roofline
-from emulator.catalog import Catalog
+from emulator.physics import roofline
+from emulator.physics.catalog import Catalog
 from emulator.planner import context, cost, curve as curves, decode, prefill, sizing
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import PlanRequest, Slo, Workload

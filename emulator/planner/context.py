@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emulator import roofline
-from emulator.catalog import Catalog, CatalogError, Link, builtin_catalog
+from emulator.physics import roofline
+from emulator.physics.catalog import Catalog, CatalogError, Link, builtin_catalog
 from emulator.planner import dist
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import EngineLimits, PlanRequest, Workload

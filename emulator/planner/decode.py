@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from emulator import roofline
+from emulator.physics import roofline
 from emulator.planner import dist, queueing
 from emulator.planner.context import Context
 

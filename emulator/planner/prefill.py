@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulator import roofline
+from emulator.physics import roofline
 from emulator.planner import decode
 from emulator.planner.context import Context
 

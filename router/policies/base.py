@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import xxhash
 
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE, root_hash, token_bytes
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, root_hash, token_bytes
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.lazy_hashes import LazyBlockHashes
 

@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 import xxhash
 
-from kvlab.block_hash import chain, token_bytes
+from kvlab.wire.block_hash import chain, token_bytes
 
 RUN_BLOCKS = 64       # blocks per remembered run: 1,024 tokens at 16 a block; a miss costs ~7.5 us
 DEFAULT_RUNS = 8192   # 512K blocks (8M tokens at 16 a block), more than a large cluster's KV cache

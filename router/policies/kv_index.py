@@ -5,7 +5,7 @@ questions as a radix tree: a worker's cached prefix for a prompt is the run of l
 hashes it holds. Workers are bits in an int mask, so following a prompt through the index is one
 dict lookup and one AND per block, and it stops at the first block no worker holds.
 
-Events use vLLM's format (``kvlab.kv_events``). With ``rehash=True`` the index recomputes our hashes
+Events use vLLM's format (``kvlab.wire.kv_events``). With ``rehash=True`` the index recomputes our hashes
 from ``BlockStored.token_ids`` (chained from the parent's recomputed hash), so engines whose hash
 differs from ours (vLLM's sha256 or builtin hash) still line up with the router's hashes; engine
 blocks may then be any multiple of our block size. In that mode a block whose parent was never seen
@@ -20,8 +20,8 @@ from itertools import accumulate, repeat
 from operator import and_, neg
 from typing import Iterable, Sequence
 
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
-from kvlab.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
 
 # Blocks read per step, doubling: a miss wastes < max(64, matched) hashes. Steps end on multiples of
 # 64 so a lazy sequence with a memo (router.policies.hash_memo, 64-block runs) finds whole runs.

@@ -5,7 +5,7 @@ prompt costs ~0.2-0.25 ms to hash in full. Prefix-ring policies need only the fi
 KV-aware policy stops at the first block no worker holds, so hashing on demand keeps most decisions
 far below that. With a ``BlockHashMemo``, each aligned run of RUN_BLOCKS blocks that lies wholly
 inside a stretch being hashed is looked up there first, so a remembered prefix costs ~1 us per run.
-Values are identical to ``kvlab.block_hash.block_hashes`` either way.
+Values are identical to ``kvlab.wire.block_hash.block_hashes`` either way.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Iterator, Sequence, overload
 
 import numpy as np
 
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE, chain, root_hash, token_bytes
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, chain, root_hash, token_bytes
 from router.policies.hash_memo import RUN_BLOCKS, BlockHashMemo
 
 CHUNK_BLOCKS = RUN_BLOCKS  # iteration hashes a memo run at a time, so a loop that breaks early stops soon

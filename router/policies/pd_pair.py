@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvlab.block_hash import DEFAULT_BLOCK_SIZE
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
 from router.policies.base import Decision, NoWorkerAvailable, Policy, RouteRequest, WorkerView
 from router.policies.kv_index import KvIndex
 

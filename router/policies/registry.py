@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+from emulator.spec import ClusterSpec, SpecError
 from router.policies.base import Decision, Policy, RouteRequest, WorkerView
 from router.policies.bounded_load import PrefixBounded
 from router.policies.kv_aware import KvAware
@@ -50,6 +51,14 @@ def build_policy(name: str, settings: Settings | None = None, *, index: KvIndex 
         return BUILDERS[name](index if index is not None else KvIndex(), **dict(settings or {}))
     except TypeError as exc:  # an unknown or misspelt setting
         raise ValueError(f"bad settings for policy {name!r}: {exc}") from None
+
+
+def check_spec_settings(spec: ClusterSpec) -> None:
+    """Raise SpecError naming ``router.settings`` when the spec's policy rejects its settings."""
+    try:
+        build_policy(spec.router.policy, spec.router.settings)
+    except ValueError as exc:
+        raise SpecError("router.settings", str(exc)) from None
 
 
 class PolicySet:

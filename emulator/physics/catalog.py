@@ -1,0 +1,179 @@
+"""Hardware and model catalogs as data.
+
+The built-in entries live in ``emulator/physics/data/*.toml`` (each number with its source); a user file
+with the same tables adds or overrides entries by name (``load_catalog(extra=path)``).
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import msgspec
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
+
+
+class Gpu(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float
+    hbm_gb: float
+    hbm_tb_s: float
+    compute_efficiency: float
+    bandwidth_efficiency: float
+    layer_overhead_us: float
+    intra_node_link: str
+    source: str = ""
+
+    def peak_flops(self, weight_dtype: str) -> float:
+        """Dense FLOP/s for the weight dtype (fp8 weights run W8A8 GEMMs)."""
+        tflops = self.fp8_tflops if weight_dtype == "fp8" else self.bf16_tflops
+        return tflops * 1e12
+
+    @property
+    def hbm_bytes(self) -> float:
+        return self.hbm_gb * 1e9
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.hbm_tb_s * 1e12
+
+
+class Link(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    gb_s: float
+    latency_us: float
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.gb_s * 1e9
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_us * 1e-6
+
+
+class Model(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    layers: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    max_context: int
+    experts: int = 1
+    active_experts: int = 1
+    tied_embeddings: bool = False
+    source: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 1
+
+    @property
+    def attn_params_per_layer(self) -> int:
+        q_out = self.q_heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        return self.hidden * q_out + 2 * self.hidden * kv_out + q_out * self.hidden
+
+    @property
+    def expert_params(self) -> int:
+        """One SwiGLU MLP: gate, up and down projections."""
+        return 3 * self.hidden * self.ffn
+
+    @property
+    def router_params_per_layer(self) -> int:
+        return self.hidden * self.experts if self.is_moe else 0
+
+    @property
+    def dense_params_per_layer(self) -> int:
+        """Parameters every token touches in a layer (attention, MoE gate, norms)."""
+        return self.attn_params_per_layer + self.router_params_per_layer + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        per_layer = self.dense_params_per_layer + self.experts * self.expert_params
+        return self.layers * per_layer + self.embedding_params + self.lm_head_params + self.hidden
+
+    @property
+    def active_params(self) -> int:
+        per_layer = self.dense_params_per_layer + self.active_experts * self.expert_params
+        return self.layers * per_layer + self.embedding_params + self.lm_head_params + self.hidden
+
+    @property
+    def layer_matmul_params_active(self) -> int:
+        """Matmul weights a token multiplies through, all layers (no embedding lookup, no lm head)."""
+        return self.layers * (self.attn_params_per_layer + self.router_params_per_layer
+                              + self.active_experts * self.expert_params)
+
+
+class Catalog(msgspec.Struct, kw_only=True):
+    gpus: dict[str, Gpu]
+    links: dict[str, Link]
+    models: dict[str, Model]
+
+    def gpu(self, name: str) -> Gpu:
+        return _lookup(self.gpus, name, "gpu")
+
+    def link(self, name: str) -> Link:
+        return _lookup(self.links, name, "link")
+
+    def model(self, name: str) -> Model:
+        return _lookup(self.models, name, "model")
+
+
+class CatalogError(ValueError):
+    pass
+
+
+def _lookup(table: dict, name: str, kind: str):
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise CatalogError(f"unknown {kind} {name!r}; known: {known}") from None
+
+
+class _CatalogFile(msgspec.Struct, kw_only=True):
+    gpu: list[Gpu] = []
+    link: list[Link] = []
+    model: list[Model] = []
+
+
+def _read(text: bytes | str) -> _CatalogFile:
+    return msgspec.toml.decode(text, type=_CatalogFile)
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_catalog() -> Catalog:
+    data = resources.files("emulator.physics") / "data"
+    parts = [_read(data.joinpath(f).read_bytes()) for f in ("gpus.toml", "interconnects.toml", "models.toml")]
+    return _merge(Catalog(gpus={}, links={}, models={}), parts)
+
+
+def load_catalog(extra: str | Path | None = None) -> Catalog:
+    """The built-in catalog, extended (or overridden by name) with a user TOML file."""
+    base = builtin_catalog()
+    if extra is None:
+        return base
+    copy = Catalog(gpus=dict(base.gpus), links=dict(base.links), models=dict(base.models))
+    return _merge(copy, [_read(Path(extra).read_bytes())])
+
+
+def _merge(catalog: Catalog, parts: list[_CatalogFile]) -> Catalog:
+    for part in parts:
+        catalog.gpus.update({g.name: g for g in part.gpu})
+        catalog.links.update({link.name: link for link in part.link})
+        catalog.models.update({m.name: m for m in part.model})
+    return catalog

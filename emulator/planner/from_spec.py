@@ -1,0 +1,49 @@
+"""A cluster spec in the planner's terms: how its router spreads requests, and its workload as samples.
+
+`kvlab plan --spec` and the sweeps' planned columns (loadtests.planner_bridge) both read a spec
+through here, so they plan from the same inputs and print the same numbers.
+"""
+from __future__ import annotations
+
+import xxhash
+
+from emulator import workload as wl
+from emulator.planner import Workload
+from emulator.spec import ClusterSpec
+from kvlab.wire.block_hash import token_bytes
+
+SAMPLE_REQUESTS = 4000   # generated requests whose lengths and prefixes the planner's laws come from
+
+# Router policy -> the planner's dispatch model: load-aware policies pool the queue (join the
+# shortest), prefix hashing is load-blind (random split), round robin smooths each worker's arrivals.
+DISPATCH = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq",
+            "prefix_ring": "random", "prefix_bounded": "random"}
+# Policies that send a prefix's requests to one worker (so each worker caches its share of prefixes).
+CACHE_AFFINE = {"prefix_ring", "prefix_bounded", "kv_aware", "pd_pair"}
+
+
+def dispatch(spec: ClusterSpec) -> str:
+    return DISPATCH.get(spec.router.policy, "random")
+
+
+def cache_affinity(spec: ClusterSpec) -> bool:
+    return spec.router.policy in CACHE_AFFINE
+
+
+def sampled_workload(spec: ClusterSpec, rate: float, samples: int = SAMPLE_REQUESTS) -> Workload:
+    """The spec's workload as the planner takes it: lengths, each prompt's shared prefix and which one."""
+    w = spec.workload
+    requests = wl.from_spec(spec, 1.0, num_requests=samples)
+    shared = [min(r.shared_tokens or 0, r.prompt_len) for r in requests]
+    return Workload.from_samples(rate, [r.prompt_len for r in requests], [r.max_tokens for r in requests],
+                                 shared=shared, burstiness=w.cv if w.arrival == "gamma" else 1.0,
+                                 groups=_prefix_groups(spec, requests, shared))
+
+
+def _prefix_groups(spec: ClusterSpec, requests, shared: list[int]) -> list[int]:
+    """An id per request for the blocks its shared prefix fills: the prefix's tokens, and the cache
+    salt of its tenant (a salted tenant's copy is a different prefix to the cache)."""
+    salted = {t.name for t in spec.tenants if t.cache_salt}
+    return [xxhash.xxh3_64_intdigest(token_bytes(r.tokens, 0, n),
+                                     xxhash.xxh3_64_intdigest(r.tenant.encode()) if r.tenant in salted else 0)
+            for r, n in zip(requests, shared)]

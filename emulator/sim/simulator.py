@@ -1,0 +1,227 @@
+"""Discrete-event simulator: the live cluster's engines and routing policy under a virtual clock.
+
+Every worker is the same pure ``workers.core.engine.Engine`` the HTTP workers run, and routing is the same
+``router.policies`` object the HTTP router holds; only the clock differs. A worker's step runs at
+its start time and its results (tokens, finished requests, KV events) take effect at its end, exactly
+as the asyncio driver delivers them, so the live cluster and the simulator give the same numbers.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Iterable
+
+import msgspec
+
+from emulator.sim.report import LatencyLog, Summary
+from emulator.spec import ClusterSpec
+from kvlab.wire.kv_events import KVEventBatch
+from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
+from router.policies.hash_memo import BlockHashMemo
+from router.policies.kv_index import KvIndex
+from router.policies.registry import PolicySet
+from workers.core.engine import EngineError, QueueFull, StepResult
+from workers.core.from_spec import build_engine
+from workers.core.request import RemotePrefill, SamplingParams
+
+
+INDEX_POLICIES = ("kv_aware", "pd_pair")
+
+
+class SimRequest(msgspec.Struct, kw_only=True):
+    """What the simulator needs of a request (emulator.workload.Request and trace requests fit)."""
+    request_id: str
+    arrival_s: float
+    tokens: object        # prompt token ids (list or int32 array)
+    max_tokens: int
+    tenant: str = "default"
+
+
+class SimWorker:
+    __slots__ = ("id", "role", "engine", "view", "scheduled", "routed", "busy_prefill", "busy_decode",
+                 "usage_time", "steps")
+
+    def __init__(self, worker_id: str, role: str, engine):
+        self.id = worker_id
+        self.role = role
+        self.engine = engine
+        self.view = WorkerView(id=worker_id, role=role)
+        self.scheduled = False   # a step or wake-up event is pending
+        self.routed = 0
+        self.busy_prefill = 0.0
+        self.busy_decode = 0.0
+        self.usage_time = 0.0    # integral of KV usage over busy time
+        self.steps = 0
+
+
+class Simulator:
+    def __init__(self, spec: ClusterSpec, policy: str | None = None, settings: dict | None = None,
+                 num_blocks: int | None = None, merge_steps: bool = True):
+        self.spec = spec
+        name = policy or spec.router.policy
+        opts = settings if settings is not None else (dict(spec.router.settings) if name == spec.router.policy else {})
+        self.block_size = spec.engine.block_size
+        self.policies = PolicySet(name, {name: opts}, KvIndex(block_size=self.block_size))
+        self.hash_memo = BlockHashMemo(self.block_size)   # as the router: repeated prefixes are looked up
+        self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
+        self.workers: dict[str, SimWorker] = {}
+        for slot in spec.worker_list():
+            self.workers[slot.id] = SimWorker(slot.id, slot.role, build_engine(spec, slot.pool, num_blocks))
+            self.policies.add_worker(slot.id)
+        self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}
+        self.log = LatencyLog()
+        self._events: list = []
+        self._seq = itertools.count()
+        self._pending_decode: dict[str, tuple[str, SamplingParams, list[int], str | None]] = {}
+        self._prefill_of: dict[str, str] = {}   # P/D: request -> prefill worker holding its KV
+        self.now = 0.0
+        self.overflow_skips = 0
+        self._next_arrival = None
+        self.merge_steps = merge_steps   # off: one event per engine step (slower; same numbers)
+
+    # -- the event loop ----------------------------------------------------------------------
+    def run(self, requests: Iterable) -> "Simulator":
+        """Replay requests (in arrival order; an iterator is consumed lazily) until every one is done."""
+        arrivals = iter(requests)
+        self._next_arrival = next(arrivals, None)
+        while self._next_arrival is not None or self._events:
+            if self._next_arrival is not None and (not self._events or self._next_arrival.arrival_s <= self._events[0][0]):
+                req, self._next_arrival = self._next_arrival, next(arrivals, None)
+                if self._next_arrival is not None and self._next_arrival.arrival_s < req.arrival_s:
+                    raise ValueError("requests must come in arrival order")
+                self.now = req.arrival_s
+                self._arrive(req)
+                continue
+            self.now, _, kind, payload = heapq.heappop(self._events)
+            if kind == "step":
+                self._step(self.workers[payload])
+            else:
+                self._finish_step(*payload)
+        return self
+
+    def _horizon(self) -> float:
+        """The next outside event that could change a worker's course: an arrival (it is routed);
+        with P/D pools also any other worker's event (hand-offs and KV releases cross workers)."""
+        t = self._next_arrival.arrival_s if self._next_arrival is not None else float("inf")
+        if self.spec.disaggregated and self._events:
+            t = min(t, self._events[0][0])
+        return t
+
+    def _push(self, time: float, kind: str, payload) -> None:
+        heapq.heappush(self._events, (time, next(self._seq), kind, payload))
+
+    def _wake(self, worker: SimWorker, time: float) -> None:
+        if not worker.scheduled:
+            worker.scheduled = True
+            self._push(time, "step", worker.id)
+
+    # -- routing -----------------------------------------------------------------------------
+    def _arrive(self, req) -> None:
+        tokens = req.tokens   # a list or an int32 array; the engine and the router hash arrays directly
+        record = self.log.arrive(req.request_id, req.arrival_s, len(tokens))
+        salt = self.salts.get(req.tenant)
+        views = [w.view for w in self.workers.values()]
+        for w in self.workers.values():
+            w.view.running, w.view.waiting, w.view.kv_usage = w.engine.num_running, w.engine.num_waiting, w.engine.blocks.usage
+        try:
+            decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
+                                                                     memo=self.hash_memo), views)
+        except NoWorkerAvailable:
+            record.error = "no_worker"
+            return
+        self.overflow_skips += decision.overflow_skips
+        params = SamplingParams(max_tokens=req.max_tokens)
+        first = decision.prefill_worker if decision.prefill_worker not in (None, decision.worker) else decision.worker
+        if first != decision.worker:
+            self._pending_decode[req.request_id] = (decision.worker, params, tokens, salt)
+        record.worker = decision.worker
+        self._submit(self.workers[first], req.request_id, tokens, params, salt, None, record)
+
+    def _submit(self, worker: SimWorker, request_id: str, tokens: list[int], params: SamplingParams,
+                salt: str | None, remote: RemotePrefill | None, record) -> None:
+        try:
+            worker.engine.add_request(request_id, tokens, params, self.now, salt=salt, remote=remote)
+        except (QueueFull, EngineError) as exc:
+            record.error = type(exc).__name__
+            self._pending_decode.pop(request_id, None)
+            return
+        worker.view.in_flight += 1
+        worker.routed += 1
+        self._wake(worker, self.now)
+
+    # -- workers -----------------------------------------------------------------------------
+    def _step(self, worker: SimWorker) -> None:
+        until = self._horizon() if self.merge_steps else None
+        result = worker.engine.step(self.now, until=until, quiet_events=not self._feed_index)
+        if result.duration > 0:
+            self._push(result.end, "end", (worker.id, result))
+            return
+        self._deliver(worker, result)
+        worker.scheduled = False
+        if worker.engine.has_work() and result.next_wakeup is not None:
+            self._wake(worker, max(self.now, result.next_wakeup))
+        elif worker.engine.has_work() and not result.kv_ready:
+            self._wake(worker, self.now)   # defensive: a runnable engine never sleeps without a wake-up
+
+    def _finish_step(self, worker_id: str, result: StepResult) -> None:
+        worker = self.workers[worker_id]
+        worker.steps += result.steps
+        worker.busy_prefill += result.prefill_s
+        worker.busy_decode += result.decode_s
+        worker.usage_time += worker.engine.blocks.usage * result.duration   # merged steps: end-of-run usage
+        self._deliver(worker, result)
+        worker.scheduled = False
+        self._wake(worker, self.now)
+
+    def _deliver(self, worker: SimWorker, result: StepResult) -> None:
+        times = result.token_times or [result.end] * len(result.tokens)
+        for (request_id, _token), time in zip(result.tokens, times):
+            self.log.token(request_id, time)
+        for fin in result.finished:
+            self._on_finished(worker, fin, result)
+        for request_id in result.kv_ready:
+            prefill = self._prefill_of.pop(request_id, None)
+            if prefill is not None:
+                self.workers[prefill].engine.release(request_id)
+        if result.events and self._feed_index:
+            self.policies.index.apply(worker.id, KVEventBatch(ts=result.end, events=result.events))
+
+    def _on_finished(self, worker: SimWorker, fin, result: StepResult) -> None:
+        worker.view.in_flight -= 1
+        record = self.log.records[fin.request_id]
+        if fin.reason == "held":
+            self._hand_off(worker, fin.request_id, result)
+            return
+        record.done = True
+        record.cached_tokens = max(record.cached_tokens, fin.cached_tokens)
+
+    def _hand_off(self, prefill: SimWorker, request_id: str, result: StepResult) -> None:
+        """P/D: the prefill worker produced the first token; the decode worker pulls the KV."""
+        decode_id, params, tokens, salt = self._pending_decode.pop(request_id)
+        first_token = next(t for rid, t in result.tokens if rid == request_id)
+        if params.max_tokens <= 1:
+            prefill.engine.release(request_id)
+            self.log.records[request_id].done = True
+            return
+        self._prefill_of[request_id] = prefill.id
+        self._submit(self.workers[decode_id], request_id, tokens, params, salt,
+                     RemotePrefill(first_token=first_token), self.log.records[request_id])
+
+    # -- results -----------------------------------------------------------------------------
+    def summary(self, window: tuple[float, float] | None = None) -> Summary:
+        if window is None:   # the engines' own counters (vLLM's hit rate: hits / queried tokens)
+            queries = sum(w.engine.blocks.prefix_queries for w in self.workers.values())
+            hits = sum(w.engine.blocks.prefix_hits for w in self.workers.values())
+        else:                # the finished prompts that arrived in the window: warm-up misses stay out
+            inside = [r for r in self.log.records.values() if r.done and window[0] <= r.arrival < window[1]]
+            queries = sum(r.prompt_tokens for r in inside)
+            hits = sum(r.cached_tokens for r in inside)
+        horizon = self.now or 1.0
+        workers = {w.id: {"role": w.role, "routed": w.routed, "steps": w.steps,
+                          "prefill_busy": w.busy_prefill / horizon, "decode_busy": w.busy_decode / horizon,
+                          "kv_usage_mean": w.usage_time / horizon, "preemptions": w.engine.scheduler.preemptions}
+                   for w in self.workers.values()}
+        return self.log.summarize(self.spec.slo.ttft_p99_s, self.spec.slo.itl_p99_s, window,
+                                  prefix_hit_rate=hits / queries if queries else 0.0,
+                                  preemptions=sum(w.engine.scheduler.preemptions for w in self.workers.values()),
+                                  workers=workers)

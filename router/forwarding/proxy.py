@@ -1,0 +1,227 @@
+"""Forwarding a decided request to workers, and surviving them (streams: router.forwarding.stream_session).
+
+- Before the first token reaches the client, a failed worker (refused, reset, 5xx, timed out) is
+  simply replaced: the request is re-routed without it and sent again.
+- After that, a failed stream is *migrated*: the request is re-sent as a continuation (prompt plus
+  the tokens already generated, budget reduced; see router.frontdoor.job) and the relay stitches the new
+  worker's tokens into the same client stream.
+- Connection-level failures also take the worker out of routing at once (WorkerPool.report_failure).
+- When attempts run out the stream ends with an OpenAI error event and [DONE]; nothing hangs,
+  because every upstream wait has a timeout (router.forwarding.upstream).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+import msgspec
+from starlette.responses import Response
+
+from kvlab.wire.openai_api import ApiError
+from router.forwarding import pd
+from router.config import RouterConfig
+from router.frontdoor.job import Job
+from router.observability.metrics import RouterMetrics
+from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
+from router.policies.registry import PolicySet
+from router.forwarding.relay import StreamRelay
+from router.forwarding.sse import Usage
+from router.forwarding.stream_session import StreamSession
+from router.forwarding.stream_sources import ColocatedSource, Source
+from router.forwarding.streaming import SSE_HEADERS, RelayResponse
+from router.frontdoor.tokenize import PromptTokenizer
+from router.forwarding.upstream import Upstream, UpstreamFailure, WorkerRefused, exhausted
+from router.pool.worker_pool import Worker, WorkerPool
+
+
+WORKER_HEADER = "x-kvlab-worker"
+PREFILL_WORKER_HEADER = "x-kvlab-prefill-worker"
+
+
+class Lease:
+    """The in-flight charges of one attempt; each worker is released exactly once."""
+    __slots__ = ("workers",)
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+        for worker in workers:
+            worker.charge()
+
+    def release(self, worker: Worker) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+            worker.release()
+
+    def release_all(self) -> None:
+        for worker in list(self.workers):
+            self.release(worker)
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: Usage | None = None
+
+
+_usage_decoder = msgspec.json.Decoder(_UsageOnly)
+Finisher = Callable[[Job, int, int], None]   # (job, completion tokens, cached tokens), after the answer
+
+
+class Proxy:
+    def __init__(self, config: RouterConfig, pool: WorkerPool, policies: PolicySet, upstream: Upstream,
+                 metrics: RouterMetrics, tokenizer: PromptTokenizer, on_finish: Finisher | None = None):
+        self.config = config
+        self.pool = pool
+        self.policies = policies
+        self.upstream = upstream
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.on_finish = on_finish or (lambda job, completion, cached: None)
+        self.estimate_hits = config.kv_events != "off"   # the KV index is fed, so it can estimate
+        self.timings = None   # router.forwarding.stream_timing.StreamTimings: TTFT/ITL of relayed streams
+
+    # -- routing ---------------------------------------------------------------------------------
+    def route(self, route: RouteRequest, exclude: set[str], job: Job | None = None) -> Decision:
+        """The policy's decision among routable workers not in `exclude`. With `job` (its first
+        attempt) the decision time, tokenizing included, goes to the metrics."""
+        started = time.perf_counter()
+        views = self.pool.views()
+        if exclude:
+            views = [v for v in views if v.id not in exclude]
+        if (route.policy or self.policies.default) != "pd_pair" and self.pool.has_role("prefill"):
+            views = [v for v in views if v.role != "prefill"]   # a colocated policy must not pick them
+        try:
+            decision = self.policies.choose(route, views)
+        except NoWorkerAvailable:
+            reason = "no other worker is left to try" if exclude else "no healthy worker can take the request"
+            raise ApiError(503, reason, type_="server_error", code="no_worker_available",
+                           headers={"Retry-After": "1"}) from None
+        if job is not None:
+            self.metrics.decision_time.observe(job.tokenize_s + time.perf_counter() - started)
+        self.metrics.decisions.labels(decision.policy, decision.worker).inc()
+        if decision.overflow_skips:
+            self.metrics.overflow.labels(decision.policy).inc(decision.overflow_skips)
+        return decision
+
+    def _charge(self, decision: Decision) -> Lease:
+        return Lease([self.pool.get(worker_id) for worker_id in decision.charged])
+
+    def failed(self, failure: UpstreamFailure, exclude: set[str], started: bool) -> None:
+        """Account for a failed attempt; a worker's own 4xx ends the request with its answer."""
+        if failure.client_error and not started:
+            raise WorkerRefused(failure.status, failure.body)
+        if failure.dead:
+            self.pool.report_failure(failure.worker_id, failure.reason)
+        exclude.add(failure.worker_id)
+        self.metrics.retries.labels("migration" if started else "retry").inc()
+
+    def _sent_upstream(self, job: Job, decision: Decision, first: bool) -> None:
+        if first:
+            self.metrics.added_latency.observe(time.perf_counter() - job.received)
+            # After the request is on its way (call_soon runs once this task yields to send it), so
+            # the estimate costs the request nothing, and before the worker's new KV events arrive.
+            asyncio.get_running_loop().call_soon(self._estimate_hit, job, decision)
+
+    def _estimate_hit(self, job: Job, decision: Decision) -> None:
+        """Router-side prefix-hit estimate: the policy's own match, else the KV index's (when fed)."""
+        matched = decision.matched_blocks
+        if matched is None and self.estimate_hits:
+            matched = self.policies.index.match(job.route.blocks).get(decision.worker, 0)
+        if matched:
+            hit = min(matched * self.tokenizer.block_size, len(job.prompt))
+            self.metrics.estimated_hit_tokens.labels(decision.policy).inc(hit)
+
+    # -- non-streaming ---------------------------------------------------------------------------
+    async def complete(self, job: Job) -> Response:
+        exclude: set[str] = set()
+        last: UpstreamFailure | None = None
+        for attempt in range(self.config.limits.max_attempts):
+            decision = self.route(job.route, exclude, job if attempt == 0 else None)
+            try:
+                content = await self._complete_once(job, decision, first=attempt == 0)
+            except UpstreamFailure as failure:
+                self.failed(failure, exclude, started=False)
+                last = failure
+                continue
+            self._finish_body(job, decision, content)
+            return Response(content, media_type="application/json", headers=worker_headers(decision))
+        raise exhausted(last)
+
+    async def _complete_once(self, job: Job, decision: Decision, first: bool) -> bytes:
+        lease = self._charge(decision)
+        workers = list(lease.workers)
+        try:
+            body = job.body()
+            self._sent_upstream(job, decision, first)
+            if len(workers) == 2:
+                return await self._complete_pd(job, lease, workers[0], workers[1], body)
+            return await self.upstream.post(workers[0].id, workers[0].endpoint(job.path), body)
+        finally:
+            lease.release_all()
+
+    async def _complete_pd(self, job: Job, lease: Lease, decode: Worker, prefill: Worker, body: bytes) -> bytes:
+        try:
+            answer, prefilled = await pd.prefill(self.upstream, prefill, job.path, body)
+        finally:
+            lease.release(prefill)
+        if not pd.needs_decode(answer, job.max_tokens):
+            await pd.release_held(self.upstream.client, answer, self.config.timeouts.health_s)
+            return pd.merged_body(answer, prefilled, None)
+        decoded = await self.upstream.post(decode.id, decode.endpoint(job.path), pd.decode_body(body, answer))
+        return pd.merged_body(answer, prefilled, decoded)
+
+    def _finish_body(self, job: Job, decision: Decision, content: bytes) -> None:
+        try:
+            usage = _usage_decoder.decode(content).usage
+        except msgspec.MsgspecError:
+            usage = None
+        completion = usage.completion_tokens if usage else job.max_tokens
+        cached = usage.cached_tokens if usage else 0
+        self.account(job, decision.policy, completion, cached)
+
+    def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
+        self.metrics.prompt_tokens.labels(policy).inc(len(job.prompt))
+        if cached:
+            self.metrics.cached_tokens.labels(policy).inc(cached)
+        self.on_finish(job, completion, cached)
+
+    # -- streaming -------------------------------------------------------------------------------
+    async def stream(self, job: Job) -> RelayResponse:
+        """Open the first attempt before answering, so a refusal can still get its own status code."""
+        session = StreamSession(self, job)
+        await session.open()
+        headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(session.decision).items()]
+        return RelayResponse(session.events(), on_close=session.close, headers=headers)
+
+    async def open_source(self, job: Job, decision: Decision, path: str, body: bytes, relay: StreamRelay,
+                          first: bool) -> Source:
+        lease = self._charge(decision)
+        workers = list(lease.workers)
+        try:
+            self._sent_upstream(job, decision, first)
+            if len(workers) == 2:
+                return await self._open_pd(lease, workers[0], workers[1], path, body, relay)
+            stream = await self.upstream.open_stream(workers[0].id, workers[0].endpoint(path), body)
+        except BaseException:
+            lease.release_all()
+            raise
+        return ColocatedSource(stream, workers[0], rewrite=relay.started, release=lease.release)
+
+    async def _open_pd(self, lease: Lease, decode: Worker, prefill: Worker, path: str, body: bytes,
+                       relay: StreamRelay) -> Source:
+        try:
+            answer, _ = await pd.prefill(self.upstream, prefill, path, body)
+        finally:
+            lease.release(prefill)   # its part is over; the decode worker stays charged until the stream ends
+        source = pd.DisaggregatedSource(self.upstream, decode, path, body, answer, self.tokenizer,
+                                        lease.release, relay.remaining)
+        if source.prefill_only:
+            await pd.release_held(self.upstream.client, answer, self.config.timeouts.health_s)
+        return source
+
+
+def worker_headers(decision: Decision) -> dict[str, str]:
+    """Which workers served the request (for clients, logs and tests); a migration may change it later."""
+    headers = {WORKER_HEADER: decision.worker}
+    if decision.prefill_worker and decision.prefill_worker != decision.worker:
+        headers[PREFILL_WORKER_HEADER] = decision.prefill_worker
+    return headers

@@ -1,0 +1,126 @@
+"""The client's one stream, assembled from upstream events across retries and migrations.
+
+While the first worker serves the request its events go to the client byte for byte. Events from
+any later source (a migration target, a P/D decode worker) are rebuilt under the first response's
+id, creation time and model and in the client's format (chat chunks from a completions stream), with
+usage corrected to the client's prompt and every token the client received. The relay also records
+the generated token ids, which a migration appends to the prompt.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from kvlab.wire.openai_api import SSE_DONE, ApiError, chat_chunk, completion_chunk, sse, sse_error, usage, usage_chunk
+from router.frontdoor.job import Job
+from router.frontdoor.tokenize import PromptTokenizer
+from router.forwarding.sse import DONE, Chunk, Usage, data_of, decode_chunk
+
+
+class BadEvent(Exception):
+    """An upstream event the router cannot read, or an error event: the source has failed."""
+
+
+class StreamRelay:
+    def __init__(self, job: Job, tokenizer: PromptTokenizer):
+        self.job = job
+        self.tokenizer = tokenizer
+        self.generated: list[int] = []
+        self.rid = ""
+        self.created = 0
+        self.model = job.model
+        self.finish_reason: str | None = None
+        self.done = False               # [DONE] has been produced
+        self.cached_tokens = 0          # reported by the first source that sent usage
+        self.role_sent = False          # chat: the assistant role went out in some delta
+
+    @property
+    def started(self) -> bool:
+        """Some event reached the client, so a failure now needs a migration, not a plain retry."""
+        return bool(self.rid)
+
+    @property
+    def remaining(self) -> int:
+        return self.job.max_tokens - len(self.generated)
+
+    def accept(self, event: bytes, rewrite: bool) -> bytes | None:
+        """Bytes for the client (None: nothing), after recording what the event carried."""
+        data = data_of(event)
+        if data is None:
+            return None            # a comment or keep-alive
+        if data == DONE:
+            self.done = True
+            return SSE_DONE
+        try:
+            chunk = decode_chunk(data)
+        except msgspec.MsgspecError as exc:
+            raise BadEvent(f"unreadable event: {exc}") from None
+        if chunk.error is not None:
+            raise BadEvent(f"error event: {chunk.error.get('message', chunk.error)}")
+        if not self.rid:
+            self.rid, self.created = chunk.id, chunk.created or self.created
+        text = self._record(chunk)
+        if chunk.usage is not None and not self.cached_tokens:
+            self.cached_tokens = chunk.usage.cached_tokens
+        if not rewrite:
+            if self.job.endpoint == "chat":
+                self.role_sent = True   # the worker's first chat chunk carries the role
+            return event
+        return self._rebuilt(chunk, text)
+
+    def _record(self, chunk: Chunk) -> str:
+        text, ids = "", []
+        for choice in chunk.choices:
+            piece = choice.content()
+            text += piece
+            if choice.token_ids is not None:
+                ids += choice.token_ids
+            elif piece:
+                ids += self.tokenizer.output_ids(piece)   # a server that streams no token ids
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+        self.generated += ids
+        return text
+
+    def _rebuilt(self, chunk: Chunk, text: str) -> bytes | None:
+        out = b""
+        if chunk.choices and (text or chunk.choices[0].finish_reason):
+            out += self.content(text, chunk.choices[0].finish_reason)
+        if chunk.usage is not None:
+            out += self.usage_event(chunk.usage)
+        return out or None
+
+    # -- events the router writes itself ---------------------------------------------------------
+    def content(self, text: str, finish_reason: str | None) -> bytes:
+        if self.job.endpoint == "chat":
+            delta = {"content": text}
+            if not self.role_sent:
+                delta = {"role": "assistant", "content": text}
+                self.role_sent = True
+            payload = chat_chunk(self.rid, self.model, self.created, delta, finish_reason)
+        else:
+            payload = completion_chunk(self.rid, self.model, self.created, text, finish_reason)
+        return sse(payload)
+
+    def usage_event(self, upstream: Usage | None = None) -> bytes:
+        if not self.job.include_usage:
+            return b""
+        cached = min(self.cached_tokens, len(self.job.prompt))
+        obj = "chat.completion.chunk" if self.job.endpoint == "chat" else "text_completion"
+        body = usage(len(self.job.prompt), len(self.generated), cached)
+        return sse(usage_chunk(self.rid, self.model, self.created, obj, body))
+
+    def finish_done(self) -> bytes:
+        """The worker sent its last token and finish reason but closed before [DONE]."""
+        self.done = True
+        return SSE_DONE
+
+    def finish(self, reason: str) -> bytes:
+        """End a stream the router completes itself (the budget ran out as the worker died)."""
+        self.done = True
+        self.finish_reason = reason
+        return self.content("", reason) + self.usage_event() + SSE_DONE
+
+    def error(self, err: ApiError) -> bytes:
+        """End an unrecoverable stream: an OpenAI error event, then [DONE] so clients stop reading."""
+        self.done = True
+        return sse_error(err) + SSE_DONE

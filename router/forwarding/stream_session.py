@@ -1,0 +1,119 @@
+"""One streaming request through the router: its attempts, the current source, and the relay.
+
+The first attempt is opened before the client gets its response headers, so a refusal still gets
+its own status code. After that every failure is handled inside the stream: retried while the client
+has seen nothing, migrated once it has (router.frontdoor.job.Job.continuation), or ended with an OpenAI error
+event and [DONE] when no attempt is left.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvlab.wire.openai_api import ApiError
+from router.frontdoor.job import PATHS, Job
+from router.policies.base import Decision, RouteRequest
+from router.forwarding.relay import BadEvent, StreamRelay
+from router.forwarding.stream_sources import Source
+from router.forwarding.upstream import UpstreamFailure, WorkerRefused, exhausted
+
+if TYPE_CHECKING:
+    from router.forwarding.proxy import Proxy
+
+
+class StreamSession:
+    """One streaming request: its attempts, the current source, and the relay that stitches them."""
+
+    def __init__(self, proxy: Proxy, job: Job):
+        self.proxy = proxy
+        self.job = job
+        self.relay = StreamRelay(job, proxy.tokenizer)
+        self.clock = proxy.timings.start(job.received) if proxy.timings else None
+        self.limit = proxy.config.limits.max_attempts
+        self.used = 0
+        self.exclude: set[str] = set()
+        self.last: UpstreamFailure | None = None
+        self.decision: Decision | None = None
+        self.source: Source | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        """Start an attempt (the first, a retry, or a migration); raises ApiError when none is left."""
+        proxy, relay = self.proxy, self.relay
+        while self.used < self.limit:
+            first = self.used == 0
+            self.used += 1
+            route, path, body = self._attempt_request()
+            self.decision = proxy.route(route, self.exclude, self.job if first else None)
+            try:
+                self.source = await proxy.open_source(self.job, self.decision, path, body, relay, first)
+                return
+            except UpstreamFailure as failure:
+                proxy.failed(failure, self.exclude, relay.started)
+                self.last = failure
+        raise exhausted(self.last)
+
+    def _attempt_request(self) -> tuple[RouteRequest, str, bytes]:
+        job, relay = self.job, self.relay
+        if not relay.started:
+            return job.route, job.path, job.body()
+        route = self.proxy.tokenizer.route_request(job.tokens_after(relay.generated), job.salt, job.route.policy)
+        return route, PATHS["completions"], job.continuation(relay.generated)
+
+    async def events(self):
+        relay = self.relay
+        while not relay.done:
+            out = await self._step()
+            # Events that came in the same read go out in one write: each send is a syscall for the
+            # router, and the client, which would get them back to back, loses nothing.
+            while not relay.done and self.source.buffered:
+                more = await self._step()
+                if more:
+                    out = out + more if out else more
+            if self.clock is not None and self.source is not None:
+                self.clock.seen(self.source.worker_id, len(relay.generated))
+            if out:
+                yield out
+
+    async def _step(self) -> bytes | None:
+        try:
+            return await self._next()
+        except (UpstreamFailure, BadEvent) as exc:
+            return await self._recover(exc)
+
+    async def _next(self) -> bytes | None:
+        event = await self.source.next_event()
+        if event is None:
+            if self.relay.finish_reason is not None:
+                return self.relay.finish_done()
+            raise UpstreamFailure(self.source.worker_id, "stream ended before [DONE]", dead=True)
+        return self.relay.accept(event, self.source.rewrite)
+
+    async def _recover(self, exc: Exception) -> bytes | None:
+        """After a failed source: finish, migrate, or end the stream with an error event."""
+        relay = self.relay
+        await self.source.aclose()
+        failure = exc if isinstance(exc, UpstreamFailure) else UpstreamFailure(self.source.worker_id, str(exc),
+                                                                                dead=False)
+        if relay.finish_reason is not None:       # every token arrived; only [DONE] was lost
+            return relay.finish_done()
+        if relay.started and relay.remaining <= 0:
+            return relay.finish("length")
+        try:
+            self.proxy.failed(failure, self.exclude, relay.started)
+            await self.open()
+        except ApiError as err:
+            return relay.error(err)
+        except WorkerRefused as refused:
+            return relay.error(ApiError(refused.status, "a worker refused the continued request",
+                                        type_="server_error"))
+        return None
+
+    async def close(self) -> None:
+        """Always runs (RelayResponse.on_close), even if the stream never started: free everything."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.source is not None:
+            await self.source.aclose()
+        policy = self.decision.policy if self.decision else "-"
+        self.proxy.account(self.job, policy, len(self.relay.generated), self.relay.cached_tokens)

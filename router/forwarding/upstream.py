@@ -1,0 +1,172 @@
+"""One HTTP call to one worker, with a timeout on every wait, and failures sorted by what they mean.
+
+``UpstreamFailure.dead`` separates a worker that is gone (refused, reset, cut mid-stream, silent past
+a timeout: take it out of routing) from one that answered with an error status (5xx: try another
+worker but keep this one; 4xx: the request is at fault, so the client gets the worker's answer).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import httpx
+
+from kvlab.wire.openai_api import ApiError
+from router.config import Timeouts
+from router.forwarding.sse import DONE, EventSplitter, data_of
+
+JSON_HEADERS = {"content-type": "application/json"}
+# After [DONE] only the body's end (chunked terminator) is left, sent at once by the worker: waiting
+# this long for it lets the connection go back to the pool rather than be closed and reopened by
+# the next request (a loopback connect costs both processes ~0.1 ms; over a network, a round trip).
+DRAIN_S = 0.5
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, worker_id: str, reason: str, *, dead: bool, status: int | None = None,
+                 body: bytes = b""):
+        super().__init__(f"worker {worker_id}: {reason}")
+        self.worker_id = worker_id
+        self.reason = reason
+        self.dead = dead
+        self.status = status
+        self.body = body
+
+    @property
+    def client_error(self) -> bool:
+        """The worker refused the request itself (4xx other than 408/429): retrying cannot help."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+class WorkerRefused(Exception):
+    """A worker rejected the request itself (4xx): the client gets the worker's answer unchanged."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"worker answered {status}")
+        self.status = status
+        self.body = body
+
+
+def exhausted(last: UpstreamFailure | None) -> ApiError:
+    """The answer when every attempt failed: 503, try again shortly."""
+    detail = f" (last: {last})" if last else ""
+    return ApiError(503, f"no worker could complete the request{detail}", type_="server_error",
+                    code="upstream_unavailable", headers={"Retry-After": "1"})
+
+
+def _failure(worker_id: str, exc: BaseException) -> UpstreamFailure:
+    reason = "timeout" if isinstance(exc, (httpx.TimeoutException, TimeoutError)) else type(exc).__name__
+    return UpstreamFailure(worker_id, reason, dead=True)
+
+
+class Upstream:
+    """The router's HTTP client side, shared by every request.
+
+    Control-plane calls (probes, KV events, releases) use the httpx.AsyncClient. Proxied requests go
+    straight to that client's transport with httpx Request/Response objects and the same timeout
+    extension: the client layer (URL merging, cookie jar, auth and redirect hooks) costs ~70 us a
+    request and does nothing for a proxy, whose URLs are absolute and whose worker sets no cookies.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, timeouts: Timeouts):
+        self.client = client
+        self.transport = transport
+        self.timeouts = timeouts
+        # The read timeout bounds each wait for bytes; before the first one that includes the
+        # worker's queueing and prefill, so it gets the longer first-byte bound. Between stream
+        # chunks UpstreamStream applies the shorter idle bound itself.
+        self._timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.first_byte_s,
+                                      write=timeouts.idle_s, pool=timeouts.connect_s).as_dict()
+
+    async def _send(self, url: httpx.URL, body: bytes) -> httpx.Response:
+        request = httpx.Request("POST", url, content=body, headers=JSON_HEADERS, extensions={"timeout": self._timeout})
+        return await self.transport.handle_async_request(request)
+
+    async def post(self, worker_id: str, url: httpx.URL, body: bytes) -> bytes:
+        """A non-streaming call; the worker's 200 body, or UpstreamFailure."""
+        try:
+            async with asyncio.timeout(self.timeouts.total_s):
+                response = await self._send(url, body)
+                try:
+                    content = await response.aread()
+                finally:
+                    await response.aclose()
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            raise _failure(worker_id, exc) from exc
+        if response.status_code != 200:
+            raise UpstreamFailure(worker_id, f"status {response.status_code}", dead=False,
+                                  status=response.status_code, body=content)
+        return content
+
+    async def open_stream(self, worker_id: str, url: httpx.URL, body: bytes) -> UpstreamStream:
+        """Send a streaming request and wait for the response headers."""
+        try:
+            response = await self._send(url, body)
+        except (httpx.HTTPError, OSError) as exc:
+            raise _failure(worker_id, exc) from exc
+        if response.status_code != 200:
+            try:
+                content = await response.aread()
+            except (httpx.HTTPError, OSError):
+                content = b""
+            finally:
+                await response.aclose()
+            raise UpstreamFailure(worker_id, f"status {response.status_code}", dead=False,
+                                  status=response.status_code, body=content)
+        return UpstreamStream(worker_id, response, self.timeouts)
+
+
+class UpstreamStream:
+    """A worker's SSE response, read one event at a time with first-event and idle timeouts."""
+
+    def __init__(self, worker_id: str, response: httpx.Response, timeouts: Timeouts):
+        self.worker_id = worker_id
+        self.response = response
+        # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
+        self._parts = aiter(response.stream)
+        self._splitter = EventSplitter()
+        self._ready: deque[bytes] = deque()
+        self._first_s = timeouts.first_byte_s
+        self._idle_s = timeouts.idle_s
+        self._started = False
+        self._done = False          # the worker sent [DONE]: the stream ended as it should
+
+    async def next_event(self) -> bytes | None:
+        """The next whole SSE event; None when the worker closed the stream cleanly."""
+        while not self._ready:
+            try:
+                async with asyncio.timeout(self._idle_s if self._started else self._first_s):
+                    part = await anext(self._parts)
+            except StopAsyncIteration:
+                if self._splitter.pending:
+                    raise UpstreamFailure(self.worker_id, "stream cut mid-event", dead=True) from None
+                return None
+            except (httpx.HTTPError, TimeoutError, OSError) as exc:
+                raise _failure(self.worker_id, exc) from exc
+            self._ready.extend(self._splitter.feed(part))
+        self._started = True
+        event = self._ready.popleft()
+        if len(event) < 32 and data_of(event) == DONE:
+            self._done = True
+        return event
+
+    @property
+    def buffered(self) -> bool:
+        """Whole events are already here: the next ``next_event`` returns without waiting."""
+        return bool(self._ready)
+
+    async def aclose(self) -> None:
+        """Close. A stream that ended with [DONE] is read to its end first, so its connection is
+        reused; an unfinished one's connection is dropped, so the worker aborts the request."""
+        try:
+            if self._done and not self._ready:
+                async with asyncio.timeout(DRAIN_S):
+                    async for _ in self._parts:
+                        pass
+        except (httpx.HTTPError, TimeoutError, OSError):
+            pass   # not read to its end: closing drops the connection
+        finally:
+            try:
+                await self.response.aclose()
+            except (httpx.HTTPError, OSError):
+                pass

@@ -1,0 +1,128 @@
+"""Feeds the policies' KV index from every live worker's KV events (vLLM's format).
+
+Two transports, one per worker:
+- ``http``: poll ``GET /v1/kv_events?after=SEQ&format=msgpack`` (works through anything that passes
+  HTTP; latency = the poll period).
+- ``zmq``: a SUB socket on the worker's PUB endpoint, multipart ``[topic, seq (8-byte BE), payload]``
+  as vLLM publishes (lowest latency; needs the endpoint, from config or the worker's /load).
+
+Sequence numbers detect trouble. A worker whose sequence went backwards restarted with an empty
+cache; a gap means lost batches, whose removals we will never see. Either way the worker's entries
+are dropped and rebuilt from what arrives next: a stale "cached here" would route requests to a
+worker that no longer holds the prefix, which is worse than forgetting a prefix it still has.
+A worker that goes down stops its feed (the policy set already forgot its blocks); one that comes
+back replays the worker's buffered history from the start.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import msgspec
+
+from kvlab.wire.kv_events import KVEventBatch, decode_batch
+from router.policies.kv_index import KvIndex
+from router.pool.worker_pool import Worker
+
+log = logging.getLogger("kvlab.router.kv_events")
+
+_batches = msgspec.msgpack.Decoder(list[tuple[int, KVEventBatch]])
+
+
+class KvSubscriber:
+    def __init__(self, index: KvIndex, client: httpx.AsyncClient, mode: str = "http", poll_s: float = 0.05,
+                 timeout_s: float = 1.0):
+        self.index = index
+        self.client = client
+        self.mode = mode
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self.batches = 0                      # batches applied, all workers (tests and debugging)
+        self.resyncs = 0
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    # -- pool listener ---------------------------------------------------------------------------
+    def worker_up(self, worker: Worker) -> None:
+        if self.mode == "off" or worker.id in self._tasks:
+            return
+        feed = self._zmq if self.mode == "zmq" and worker.kv_endpoint else self._poll
+        self._tasks[worker.id] = asyncio.get_running_loop().create_task(feed(worker))
+
+    def worker_down(self, worker: Worker) -> None:
+        task = self._tasks.pop(worker.id, None)
+        if task is not None:
+            task.cancel()
+
+    def worker_removed(self, worker: Worker) -> None:
+        self.worker_down(worker)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- feeds -----------------------------------------------------------------------------------
+    def _resync(self, worker_id: str, why: str) -> None:
+        log.info("KV events of %s: %s; dropping its index entries", worker_id, why)
+        self.resyncs += 1
+        self.index.remove_worker(worker_id)
+
+    def _apply(self, worker_id: str, batch: KVEventBatch) -> None:
+        try:
+            self.index.apply(worker_id, batch)
+            self.batches += 1
+        except (ValueError, TypeError) as exc:   # one bad batch must not stop the feed
+            log.warning("KV event batch from %s not applied: %s", worker_id, exc)
+
+    async def _poll(self, worker: Worker) -> None:
+        after = -1
+        url = worker.url + "/v1/kv_events"
+        while True:
+            try:
+                response = await self.client.get(url, params={"after": after, "format": "msgpack"},
+                                                 timeout=self.timeout_s)
+                if response.status_code == 404:
+                    log.info("worker %s serves no /v1/kv_events; no KV feed", worker.id)
+                    return
+                after = self._take(worker.id, after, response)
+            except (httpx.HTTPError, msgspec.MsgspecError, ValueError) as exc:
+                log.debug("KV event poll of %s failed: %r", worker.id, exc)
+            await asyncio.sleep(self.poll_s)
+
+    def _take(self, worker_id: str, after: int, response: httpx.Response) -> int:
+        next_seq = int(response.headers.get("x-kv-events-next-seq", after + 1))
+        first_seq = int(response.headers.get("x-kv-events-first-seq", 0))
+        if next_seq < after + 1:
+            self._resync(worker_id, "sequence went back (restart)")
+            return -1
+        if after >= 0 and first_seq > after + 1:
+            self._resync(worker_id, f"missed batches {after + 1}..{first_seq - 1}")
+        for seq, batch in _batches.decode(response.content):
+            self._apply(worker_id, batch)
+            after = seq
+        return after
+
+    async def _zmq(self, worker: Worker) -> None:
+        import zmq
+        import zmq.asyncio
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(worker.kv_endpoint)
+        expected = None
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) != 3:
+                    continue
+                seq = int.from_bytes(frames[1], "big", signed=True)
+                if expected is not None and seq != expected:
+                    self._resync(worker.id, f"sequence {seq}, expected {expected}")
+                expected = seq + 1
+                self._apply(worker.id, decode_batch(frames[2]))
+        finally:
+            sock.close(linger=0)

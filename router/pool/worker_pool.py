@@ -1,0 +1,239 @@
+"""The workers the router knows: membership, health, engine-reported load and router-side in-flight.
+
+A worker is *up* (routable) or *down*. Probes poll ``GET /load`` (or ``/health`` on servers without
+it, such as stock vLLM) every ``interval_s``; ``failures_to_remove`` failures in a row take a worker
+down, and the first successful probe brings it back. The proxy also reports failures it sees on live
+traffic, which take a worker down at once: a dead worker should not wait a probe interval to stop
+receiving requests. Listeners (the policy set, the KV subscriber) hear every up/down/removal, so a
+down worker leaves the hash rings and comes back to the same ring positions on recovery.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Protocol
+
+import httpx
+import msgspec
+
+from kvlab.wire.background import Background
+from router.config import HealthConfig, Timeouts, WorkerConfig
+from router.observability.metrics import RouterMetrics
+from router.policies.base import WorkerView
+
+log = logging.getLogger("kvlab.router.workers")
+
+
+class LoadReport(msgspec.Struct):
+    """The fields of a worker's ``GET /load`` the router uses; others are ignored."""
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    worker_id: str | None = None
+    kv_events_endpoint: str | None = None   # ZMQ PUB endpoint, if the worker publishes there
+
+
+class _Models(msgspec.Struct):
+    data: list[dict] = []
+
+
+_load_decoder = msgspec.json.Decoder(LoadReport)
+_models_decoder = msgspec.json.Decoder(_Models)
+
+
+class Worker:
+    """One upstream worker as the router tracks it. ``view`` is what the policies read."""
+
+    def __init__(self, config: WorkerConfig, metrics: RouterMetrics):
+        self.config = config
+        self.view = WorkerView(id=config.id, role=config.role, healthy=False)
+        self.failures = 0
+        self.models: list[str] = []
+        self.kv_endpoint = config.kv_events
+        self.has_load_endpoint = True
+        self._urls: dict[str, httpx.URL] = {}
+        self._gauge = metrics.in_flight.labels(config.id)
+        self._health_gauge = metrics.healthy.labels(config.id)
+        self._health_gauge.set(0)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    def endpoint(self, path: str) -> httpx.URL:
+        """The parsed URL of `path` on this worker (parsed once: URL parsing costs ~30 us)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.config.url + path)
+        return url
+
+    @property
+    def up(self) -> bool:
+        return self.view.healthy
+
+    def charge(self) -> None:
+        self.view.in_flight += 1
+        self._gauge.inc()
+
+    def release(self) -> None:
+        self.view.in_flight -= 1
+        self._gauge.dec()
+
+    def set_up(self, up: bool) -> None:
+        self.view.healthy = up
+        self._health_gauge.set(1 if up else 0)
+
+
+class PoolListener(Protocol):
+    def worker_up(self, worker: Worker) -> None: ...
+    def worker_down(self, worker: Worker) -> None: ...
+    def worker_removed(self, worker: Worker) -> None: ...
+
+
+class WorkerPool:
+    def __init__(self, client: httpx.AsyncClient, health: HealthConfig, timeouts: Timeouts,
+                 metrics: RouterMetrics):
+        self.client = client
+        self.health = health
+        self.timeouts = timeouts
+        self.metrics = metrics
+        self.listeners: list[PoolListener] = []
+        self._workers: dict[str, Worker] = {}
+        self._views: list[WorkerView] = []
+        self._roles: set[str] = set()
+        self._background = Background(self._run)
+        self.load_hooks: list[Callable[[str, bytes], None]] = []   # see every /load body (router.observability.dashboard)
+
+    # -- membership ------------------------------------------------------------------------------
+    def views(self) -> list[WorkerView]:
+        """Snapshots for the policies (live objects: in-flight counts are always current)."""
+        return self._views
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def __iter__(self):
+        return iter(list(self._workers.values()))
+
+    def up_count(self) -> int:
+        return sum(1 for w in self._workers.values() if w.up)
+
+    def has_role(self, role: str) -> bool:
+        return role in self._roles
+
+    def models(self) -> list[str]:
+        names: dict[str, None] = {}
+        for worker in self._workers.values():
+            if worker.up:
+                names.update(dict.fromkeys(worker.models))
+        return list(names)
+
+    async def add(self, config: WorkerConfig) -> Worker:
+        """Register a worker and probe it once, so a live worker is routable when this returns."""
+        if config.id in self._workers:
+            raise ValueError(f"worker {config.id!r} is already registered")
+        worker = Worker(config, self.metrics)
+        self._workers[config.id] = worker
+        self._membership_changed()
+        await self.probe(worker)
+        return worker
+
+    def remove(self, worker_id: str) -> Worker:
+        worker = self._workers.pop(worker_id)
+        self._membership_changed()
+        if worker.up:
+            worker.set_up(False)
+            self._notify("worker_down", worker)
+        self._notify("worker_removed", worker)
+        return worker
+
+    def _membership_changed(self) -> None:
+        # Derived once per change, not per request: the hot path reads these on every decision.
+        self._views = [w.view for w in self._workers.values()]
+        self._roles = {w.config.role for w in self._workers.values()}
+
+    # -- health ----------------------------------------------------------------------------------
+    def report_failure(self, worker_id: str, reason: str) -> None:
+        """Live traffic saw this worker fail (refused, reset, timed out): stop routing to it now."""
+        self.metrics.worker_failures.labels(worker_id, reason).inc()
+        worker = self._workers.get(worker_id)
+        if worker is not None and worker.up:
+            log.warning("worker %s failed on live traffic (%s): out of routing until a probe succeeds",
+                        worker_id, reason)
+            self._mark(worker, False)
+
+    async def probe(self, worker: Worker) -> bool:
+        ok = await self._probe_once(worker)
+        if ok:
+            worker.failures = 0
+            if not worker.up:
+                if not worker.models:
+                    await self._fetch_models(worker)
+                self._mark(worker, True)
+        else:
+            worker.failures += 1
+            if worker.up and worker.failures >= self.health.failures_to_remove:
+                self._mark(worker, False)
+        return ok
+
+    async def _probe_once(self, worker: Worker) -> bool:
+        timeout = self.timeouts.health_s
+        try:
+            if worker.has_load_endpoint:
+                response = await self.client.get(worker.url + "/load", timeout=timeout)
+                if response.status_code == 404:
+                    worker.has_load_endpoint = False   # e.g. stock vLLM: health only
+                else:
+                    return response.status_code == 200 and self._read_load(worker, response.content)
+            response = await self.client.get(worker.url + "/health", timeout=timeout)
+            return response.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _read_load(self, worker: Worker, body: bytes) -> bool:
+        try:
+            report = _load_decoder.decode(body)
+        except msgspec.MsgspecError:
+            return False
+        view = worker.view
+        view.running, view.waiting, view.kv_usage = report.running, report.waiting, report.kv_usage
+        if report.kv_events_endpoint and not worker.config.kv_events:
+            worker.kv_endpoint = report.kv_events_endpoint
+        for hook in self.load_hooks:
+            hook(worker.id, body)
+        return True
+
+    async def _fetch_models(self, worker: Worker) -> None:
+        try:
+            response = await self.client.get(worker.url + "/v1/models", timeout=self.timeouts.health_s)
+            worker.models = [m["id"] for m in _models_decoder.decode(response.content).data if "id" in m]
+        except (httpx.HTTPError, msgspec.MsgspecError, TypeError):
+            pass  # the model list is advisory; an unknown list accepts any model name
+
+    def _mark(self, worker: Worker, up: bool) -> None:
+        if self._workers.get(worker.id) is not worker:
+            return  # removed while a probe was in flight
+        worker.set_up(up)
+        log.info("worker %s is %s", worker.id, "up" if up else "down")
+        self._notify("worker_up" if up else "worker_down", worker)
+
+    def _notify(self, event: str, worker: Worker) -> None:
+        for listener in self.listeners:
+            getattr(listener, event)(worker)
+
+    # -- the probe loop --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._background.start()
+
+    async def stop(self) -> None:
+        await self._background.stop()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.health.interval_s)
+            workers = list(self._workers.values())
+            await asyncio.gather(*(self.probe(w) for w in workers), return_exceptions=True)

@@ -1,0 +1,220 @@
+"""PagedAttention KV block pool with a prefix cache.
+
+Blocks are fixed-size pages of KV. A block whose tokens are all computed gets the request's chained
+block hash and enters the prefix cache (``hash -> block``). Unreferenced blocks stay cached until
+their slot is needed: free slots without a hash are used first, then cached blocks are evicted in
+LRU order (least recently released first) or LFU order (fewest hits, then oldest). Every change to
+the cache emits a vLLM-format KV event at the moment it happens.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from typing import Sequence
+
+from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEvent
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "block_hash", "hits")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.block_hash: int | None = None
+        self.hits = 0
+
+
+class LruOrder:
+    """Evictable cached blocks, least recently released first; O(1) push, remove and pop."""
+
+    def __init__(self):
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def push(self, block: Block) -> None:
+        self._order[block.block_id] = None
+
+    def remove(self, block: Block) -> None:
+        del self._order[block.block_id]
+
+    def pop(self) -> int:
+        return self._order.popitem(last=False)[0]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class LfuOrder:
+    """Evictable cached blocks, fewest hits first (ties: released longest ago); lazy-deletion heap."""
+
+    def __init__(self):
+        self._heap: list[tuple[int, int, int]] = []
+        self._live: dict[int, int] = {}   # block id -> tick of its live heap entry
+        self._tick = itertools.count()
+
+    def push(self, block: Block) -> None:
+        tick = next(self._tick)
+        self._live[block.block_id] = tick
+        heapq.heappush(self._heap, (block.hits, tick, block.block_id))
+
+    def remove(self, block: Block) -> None:
+        del self._live[block.block_id]
+
+    def pop(self) -> int:
+        while True:
+            _, tick, block_id = heapq.heappop(self._heap)
+            if self._live.get(block_id) == tick:
+                del self._live[block_id]
+                return block_id
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+
+EVICTION_ORDERS = {"lru": LruOrder, "lfu": LfuOrder}
+
+
+class BlockManager:
+    """Owns every KV block; the scheduler asks it questions and never touches blocks itself."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16, eviction: str = "lru"):
+        if num_blocks < 1:
+            raise ValueError("the KV pool needs at least one block")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free slots holding no cached KV
+        self._evictable = EVICTION_ORDERS[eviction]()                  # free slots holding cached KV
+        self._cached: dict[int, int] = {}                              # block hash -> block id
+        self._events: list[KVEvent] = []
+        self._removed: list[int] = []                                  # evicted hashes not yet reported
+        self.num_used = 0
+        self.prefix_queries = 0   # tokens looked up in the prefix cache (vLLM counts tokens)
+        self.prefix_hits = 0      # tokens found
+        self.evictions = 0
+
+    # -- questions ---------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._empty) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by requests (vLLM's kv_cache_usage_perc)."""
+        return self.num_used / self.num_blocks
+
+    def cached_prefix_length(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of a hash chain are in the cache (no side effects)."""
+        count = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            count += 1
+        return count
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self._cached
+
+    def block_of(self, block_hash: int) -> int:
+        return self._cached[block_hash]
+
+    # -- allocation --------------------------------------------------------------------------
+    def acquire_cached(self, hashes: Sequence[int], query_tokens: int) -> list[int]:
+        """Reference the cached blocks matching the chain's prefix; counts the lookup."""
+        block_ids = []
+        for h in hashes:
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            self._ref(self.blocks[block_id])
+            block_ids.append(block_id)
+        self.prefix_queries += query_tokens
+        self.prefix_hits += len(block_ids) * self.block_size
+        return block_ids
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` fresh blocks, or None (and nothing taken) if the pool cannot supply them."""
+        if count > self.num_free:
+            return None
+        empty = self._empty
+        from_empty = min(count, len(empty))
+        ids = empty[len(empty) - from_empty:][::-1]   # the same order as popping one at a time
+        del empty[len(empty) - from_empty:]
+        for _ in range(count - from_empty):
+            block_id = self._evictable.pop()
+            self._evict(self.blocks[block_id])
+            ids.append(block_id)
+        blocks = self.blocks
+        for block_id in ids:
+            block = blocks[block_id]
+            block.ref_count = 1
+            block.hits = 0
+        self.num_used += count
+        return ids
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference from each block; tail blocks first so they are evicted first."""
+        for block_id in reversed(block_ids):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"block {block_id} freed more times than referenced"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.num_used -= 1
+                if block.block_hash is None:
+                    self._empty.append(block_id)
+                else:
+                    self._evictable.push(block)
+
+    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[int], parent_hash: int | None,
+                     token_ids: Sequence[int]) -> None:
+        """Register full, computed blocks under their chain hashes: one BlockStored per contiguous run.
+
+        First writer wins: a block whose hash is already cached elsewhere (two requests computed the
+        same prefix at once) stays private and returns to the empty list when freed.
+        """
+        run_start = None
+        for i, (block_id, block_hash) in enumerate(zip(block_ids, hashes)):
+            block = self.blocks[block_id]
+            fresh = block.block_hash is None and block_hash not in self._cached
+            if fresh:
+                block.block_hash = block_hash
+                self._cached[block_hash] = block_id
+                run_start = i if run_start is None else run_start
+            elif run_start is not None:
+                self._stored(run_start, i, hashes, parent_hash, token_ids)
+                run_start = None
+        if run_start is not None:
+            self._stored(run_start, len(hashes), hashes, parent_hash, token_ids)
+
+    def _stored(self, lo: int, hi: int, hashes: Sequence[int], parent_hash: int | None,
+                token_ids: Sequence[int]) -> None:
+        self._flush_removed()  # report evictions that happened first, first
+        bs = self.block_size
+        self._events.append(BlockStored(block_hashes=list(hashes[lo:hi]),
+                                        parent_block_hash=hashes[lo - 1] if lo else parent_hash,
+                                        token_ids=list(token_ids[lo * bs:hi * bs]), block_size=bs))
+
+    def take_events(self) -> list[KVEvent]:
+        self._flush_removed()
+        events, self._events = self._events, []
+        return events
+
+    def _flush_removed(self) -> None:
+        if self._removed:
+            self._events.append(BlockRemoved(block_hashes=self._removed))
+            self._removed = []
+
+    # -- internals ---------------------------------------------------------------------------
+    def _ref(self, block: Block) -> None:
+        if block.ref_count == 0:
+            self._evictable.remove(block)
+            self.num_used += 1
+        block.ref_count += 1
+        block.hits += 1
+
+    def _evict(self, block: Block) -> None:
+        del self._cached[block.block_hash]
+        self._removed.append(block.block_hash)
+        block.block_hash = None
+        self.evictions += 1

@@ -1,0 +1,338 @@
+"""The emulated engine: scheduler + KV blocks + roofline timing. Pure: time is an argument.
+
+``step(now)`` schedules a batch, asks the roofline how long it takes on the configured GPU, advances
+every scheduled request, and reports what happened. Drivers decide what "now" means: the asyncio
+driver follows the wall clock, the simulator a virtual one.
+"""
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+
+from emulator.physics import roofline
+from emulator.physics.catalog import Link
+from kvlab.wire.kv_events import KVEvent
+from workers.core import output
+from workers.core.block_manager import BlockManager
+from workers.core.fast_forward import fast_forward
+from workers.core.request import RemotePrefill, Request, SamplingParams, Status
+from workers.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+ROLES = ("both", "prefill", "decode")
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    role: str = "both"
+    block_size: int = 16                  # vLLM default KV block size
+    gpu_memory_utilization: float = 0.9   # vLLM default fraction of HBM the engine may use
+    activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
+    num_blocks: int | None = None         # override the pool size (tests, small experiments)
+    eviction: str = "lru"
+    enable_prefix_caching: bool = True    # vLLM V1 default
+    max_model_len: int | None = None      # defaults to the model's context length
+    eos_probability: float = 0.0          # worker-wide default EOS chance per token (0: exactly max_tokens)
+    hold_timeout_s: float = 60.0          # prefill role: free held KV nobody pulled after this long
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+
+
+class EngineError(ValueError):
+    """A request the engine can never serve (too long for the context or the whole KV pool)."""
+
+
+class QueueFull(RuntimeError):
+    """The bounded waiting queue is full; the caller should answer 503 and let the client retry."""
+
+
+class Finished(msgspec.Struct, kw_only=True):
+    request_id: str
+    reason: str          # "length", "stop", "abort", or "held" (prefill role: KV awaits a pull)
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+
+
+class StepResult(msgspec.Struct, kw_only=True):
+    start: float
+    duration: float                           # emulated seconds the GPU is busy (0: idle)
+    bound: str = ""                           # "compute" or "memory"
+    tokens: list[tuple[str, int]] = []        # (request id, token id) sampled this step
+    finished: list[Finished] = []
+    events: list[KVEvent] = []
+    kv_ready: list[str] = []                  # decode role: requests whose remote KV arrived
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_s: float = 0.0                    # busy time attributed to prefill work
+    decode_s: float = 0.0                     # busy time attributed to decode work
+    preempted: int = 0
+    next_wakeup: float | None = None          # when idle: the next time something becomes ready
+    steps: int = 1                            # engine steps in this result (merged: more than one)
+    token_times: list[float] = []             # merged results: each token's own time (else all at end)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+class _Merged:
+    """Accumulates back-to-back steps into one StepResult with per-token times."""
+
+    def __init__(self, first: StepResult):
+        self.result = first
+        if not first.token_times:
+            first.token_times = [first.end] * len(first.tokens)
+
+    def add(self, step: StepResult) -> None:
+        r = self.result
+        r.duration = step.end - r.start
+        r.bound = step.bound
+        r.tokens.extend(step.tokens)
+        r.token_times.extend(step.token_times or [step.end] * len(step.tokens))
+        r.finished, r.kv_ready = step.finished, step.kv_ready
+        r.events.extend(step.events)
+        r.prefill_tokens += step.prefill_tokens
+        r.decode_tokens += step.decode_tokens
+        r.prefill_s += step.prefill_s
+        r.decode_s += step.decode_s
+        r.preempted += step.preempted
+        r.steps += step.steps
+
+
+class Engine:
+    def __init__(self, deployment: roofline.Deployment, config: EngineConfig | None = None,
+                 kv_link: Link | None = None, swap_link: Link | None = None):
+        self.dep = deployment
+        self.config = config or EngineConfig()
+        if self.config.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        self.kv_link = kv_link        # decode role: where remote KV comes from
+        self.swap_link = swap_link    # swap preemption: host <-> GPU copies
+        self.max_model_len = self.config.max_model_len or deployment.model.max_context
+        self.blocks = BlockManager(self._pool_blocks(), self.config.block_size, self.config.eviction)
+        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self.requests: dict[str, Request] = {}
+        self.held: dict[str, float] = {}     # prefill role: request id -> hold expiry
+        self._link_free_at = 0.0             # decode role: transfers share one NIC per GPU, in order
+        self.kv_per_token_gpu = roofline.kv_bytes_per_token_per_gpu(deployment)
+
+    def _pool_blocks(self) -> int:
+        if self.config.num_blocks is not None:
+            return self.config.num_blocks
+        tokens = roofline.kv_capacity_tokens(self.dep, self.config.gpu_memory_utilization,
+                                             self.config.activation_reserve_gb)
+        if tokens < self.config.block_size:
+            raise EngineError(f"{self.dep.model.name} does not fit on {self.dep.tp} x {self.dep.gpu.name}: "
+                              "no HBM is left for the KV cache")
+        return tokens // self.config.block_size
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, now: float,
+                    priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None) -> Request:
+        self._validate(prompt, params)
+        if remote is not None and params.max_tokens < 2:
+            raise EngineError("a remote-prefill request needs max_tokens >= 2: its first token came from "
+                              "the prefill worker")
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+        if params.eos_probability == 0.0 and self.config.eos_probability:
+            params.eos_probability = self.config.eos_probability
+        req = Request(request_id, prompt, params, now, priority, salt, remote)
+        if remote is not None:
+            req.tokens.append(remote.first_token)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if len(prompt) == 0:
+            raise EngineError("the prompt is empty")
+        if params.max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1 (got {params.max_tokens})")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(f"this model's maximum context length is {self.max_model_len} tokens; "
+                              f"the request needs {len(prompt)} prompt + {params.max_tokens} output tokens")
+        if math.ceil(total / self.blocks.block_size) > self.blocks.num_blocks:
+            raise EngineError(f"the request needs {total} tokens of KV but the pool holds "
+                              f"{self.blocks.num_blocks * self.blocks.block_size}")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request (client gone) and free its blocks. False if it is unknown or done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        self.held.pop(request_id, None)
+        self._release_blocks(req)
+        req.status = Status.FINISHED
+        req.finish_reason = "abort"
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """Prefill role: a decode worker has pulled this request's KV; drop our hold."""
+        if request_id not in self.held:
+            return False
+        return self.abort(request_id)
+
+    def kv_transfer_bytes(self, req: Request) -> float:
+        """Per-GPU bytes of the prompt's KV the decode worker lacks (one NIC per GPU, in parallel)."""
+        lacking = max(0, req.num_prompt - req.num_cached_prompt)
+        return lacking * self.kv_per_token_gpu
+
+    # -- the step ----------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, now: float, until: float | None = None, quiet_events: bool = False) -> StepResult:
+        """One engine step starting at `now`.
+
+        With `until`, back-to-back steps are merged into one result while nothing outside the engine
+        could tell the difference: no request finished, no remote KV arrived, no KV event (unless
+        `quiet_events`: the caller ignores them) and the next step starts before `until`, the caller's
+        next outside event. A discrete-event driver uses this to skip per-step overhead; the numbers
+        are those of single steps (token_times keeps each token's own time).
+        """
+        result = self._single_step(now) if until is None else self._fast_or_single(now, until, quiet_events)
+        if until is None or result.duration == 0.0:
+            return result
+        merged = _Merged(result)
+        while self._can_merge(result, quiet_events) and result.end < until:
+            result = self._fast_or_single(result.end, until, quiet_events)
+            if result.duration == 0.0:
+                break   # unreachable with the guards in _can_merge; kept so a merge never hides idling
+            merged.add(result)
+        return merged.result
+
+    def _fast_or_single(self, now: float, until: float, quiet_events: bool) -> StepResult:
+        run = fast_forward(self, now, until) if quiet_events else None
+        return run if run is not None else self._single_step(now)
+
+    def _can_merge(self, result: StepResult, quiet_events: bool) -> bool:
+        visible = result.finished or result.kv_ready or (result.events and not quiet_events)
+        return not visible and not self.scheduler.receiving and not self.held and self.has_work()
+
+    def _single_step(self, now: float) -> StepResult:
+        self._expire_holds(now)
+        sched = self.scheduler.schedule(now)
+        self._start_transfers(now)
+        if not sched.chunks:
+            return StepResult(start=now, duration=0.0, events=self.blocks.take_events(),
+                              kv_ready=[r.request_id for r in sched.kv_ready],
+                              next_wakeup=self._next_wakeup(), preempted=len(sched.preempted))
+        return self._execute(now, sched)
+
+    def _execute(self, now: float, sched: SchedulerOutput) -> StepResult:
+        shape = roofline.BatchShape()
+        prefill_tokens = 0
+        for chunk in sched.chunks:
+            req, n = chunk.request, chunk.num_new
+            shape.add(n, req.num_computed, req.num_computed + n >= len(req.tokens))
+            if req.num_computed < req.num_prompt:
+                prefill_tokens += n
+        decode_tokens = shape.new_tokens - prefill_tokens
+        timing = roofline.step_time(self.dep, shape)
+        duration = timing.seconds + self._swap_time(sched)
+        decode_s = self._decode_share(sched, duration) if prefill_tokens else duration
+        result = StepResult(start=now, duration=duration, bound=timing.bound, tokens=[], finished=[],
+                            prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                            prefill_s=duration - decode_s, decode_s=decode_s,
+                            preempted=len(sched.preempted), kv_ready=[r.request_id for r in sched.kv_ready])
+        end = now + duration
+        for chunk in sched.chunks:
+            self._advance(chunk.request, chunk.num_new, end, result)
+        result.events = self.blocks.take_events()
+        return result
+
+    def _decode_share(self, sched: SchedulerOutput, duration: float) -> float:
+        """Busy time of a mixed step attributed to decode: what its decodes alone would take."""
+        decodes = roofline.BatchShape()
+        for chunk in sched.chunks:
+            req = chunk.request
+            if req.num_computed >= req.num_prompt:
+                decodes.add(chunk.num_new, req.num_computed, True)
+        return min(roofline.step_time(self.dep, decodes).seconds, duration) if decodes.new_tokens else 0.0
+
+    def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
+        req.num_computed += num_new
+        self._cache_computed_blocks(req)
+        if req.num_computed < len(req.tokens):
+            return  # a prefill chunk that did not reach the end of the prompt
+        token, reason = output.sample(req)
+        req.tokens.append(token)
+        result.tokens.append((req.request_id, token))
+        if req.first_token_time is None:
+            req.first_token_time = end
+        if reason is None and len(req.tokens) >= self.max_model_len:
+            reason = "length"
+        if self.config.role == "prefill" and reason != "stop":
+            reason = "held"  # the first token is ours; the rest is the decode worker's
+        if reason is not None:
+            self._finish(req, reason, end, result)
+
+    def _cache_computed_blocks(self, req: Request) -> None:
+        full = req.num_computed // self.blocks.block_size
+        if full <= req.num_cached_blocks or not self.config.enable_prefix_caching:
+            return
+        req.extend_hashes(self.blocks.block_size)
+        bs, first = self.blocks.block_size, req.num_cached_blocks
+        parent = req.hashes[first - 1] if first else None
+        self.blocks.cache_blocks(req.block_ids[first:full], req.hashes[first:full], parent,
+                                 req.tokens[first * bs:full * bs])
+        req.num_cached_blocks = full
+
+    def _finish(self, req: Request, reason: str, end: float, result: StepResult) -> None:
+        self.scheduler.running.remove(req)
+        req.finish_reason = reason
+        if reason == "held":
+            req.status = Status.HELD
+            self.held[req.request_id] = end + self.config.hold_timeout_s
+        else:
+            req.status = Status.FINISHED
+            self._release_blocks(req)
+            del self.requests[req.request_id]
+        result.finished.append(Finished(request_id=req.request_id, reason=reason, prompt_tokens=req.num_prompt,
+                                        output_tokens=req.num_output, cached_tokens=req.num_cached_prompt))
+
+    def _release_blocks(self, req: Request) -> None:
+        if req.block_ids:
+            self.blocks.free(req.block_ids)
+            req.block_ids = []
+
+    # -- time-dependent bookkeeping ----------------------------------------------------------
+    def _start_transfers(self, now: float) -> None:
+        """Decode role: KV for newly admitted remote requests starts crossing the link, one at a time."""
+        for req in self.scheduler.receiving:
+            if req.kv_ready_at is not None:
+                continue
+            start = max(now, self._link_free_at)
+            seconds = roofline.kv_transfer_time(self.kv_transfer_bytes(req), self.kv_link) if self.kv_link else 0.0
+            req.kv_ready_at = start + seconds
+            self._link_free_at = req.kv_ready_at
+            req.num_computed = req.num_prompt
+
+    def _swap_time(self, sched: SchedulerOutput) -> float:
+        tokens = sched.swapped_out_tokens + sched.swapped_in_tokens
+        if not tokens or self.swap_link is None:
+            return 0.0
+        return roofline.kv_transfer_time(tokens * self.kv_per_token_gpu, self.swap_link)
+
+    def _expire_holds(self, now: float) -> None:
+        if not self.held:
+            return
+        for request_id in [r for r, expiry in self.held.items() if expiry <= now]:
+            self.abort(request_id)
+
+    def _next_wakeup(self) -> float | None:
+        times = [r.kv_ready_at for r in self.scheduler.receiving if r.kv_ready_at is not None]
+        times += list(self.held.values())
+        return min(times) if times else None
+
+    # -- state for metrics and routers -------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.receiving)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

@@ -1,0 +1,38 @@
+"""Emulated model output: deterministic tokens and end-of-sequence decisions.
+
+The next token is a pure function of the previous token and the position, like greedy decoding of
+a fixed model: a request migrated to another worker with its generated tokens appended to the
+prompt continues with exactly the tokens it would have produced. Ids index kvlab's output words,
+so the text reads as words.
+"""
+from __future__ import annotations
+
+import xxhash
+
+from kvlab.wire.tokenizer import EOS_TOKEN_ID, OUTPUT_WORDS
+from workers.core.request import Request
+
+_WORDS = len(OUTPUT_WORDS)
+_UNIT = float(2**32)
+
+
+def next_token(previous: int, position: int) -> int:
+    return xxhash.xxh32_intdigest(previous.to_bytes(4, "little", signed=False), position) % _WORDS
+
+
+def _uniform(previous: int, position: int) -> float:
+    """A deterministic draw in [0, 1) for the EOS decision at this position."""
+    return xxhash.xxh32_intdigest(previous.to_bytes(4, "little"), position ^ 0x5EED) / _UNIT
+
+
+def sample(req: Request) -> tuple[int, str | None]:
+    """The request's next token and, if the request ends with it, the finish reason."""
+    params = req.params
+    previous = req.tokens[-1] if req.tokens else 0
+    position = req.num_tokens
+    produced = req.num_output + 1
+    can_stop = not params.ignore_eos and produced > params.min_tokens and params.eos_probability > 0
+    if can_stop and _uniform(previous, position) < params.eos_probability:
+        return EOS_TOKEN_ID, "stop"
+    token = next_token(previous, position)
+    return token, ("length" if produced >= params.max_tokens else None)
