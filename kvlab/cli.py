@@ -14,6 +14,7 @@ COMMANDS = {
     "plan": ("emulator.planner.cli", "analytical capacity plan for a model, GPU and workload"),
     "sweep": ("loadtests.sweep", "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
     "compare": ("loadtests.compare", "replay one trace through several routing policies, one table"),
+    "render": ("kvlab.render.cli", "deployment manifests from a cluster spec (Kubernetes)"),
 }
 
 

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", help="URL | ID=URL | ID=URL#ROLE, comma-separated")
     p.add_argument("--worker-host", help="with --spec: host of the spec's workers; '{id}' stands for each "
                                          "worker's id (docker compose service names). Default: the listen host")
+    p.add_argument("--worker-port", type=int, help="with --spec: one port for every worker (Kubernetes pods); "
+                                                   "default: each worker's port in the spec")
     p.add_argument("--policy", choices=sorted(BUILDERS), help="default routing policy")
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the default policy (value parsed as JSON when it can be), repeatable")
@@ -50,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, str, int]:
     config, port = RouterConfig(), None
     if args.spec:
         spec_host = args.worker_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
-        config, spec_port, spec_listen = from_spec(args.spec, spec_host)
+        config, spec_port, spec_listen = from_spec(args.spec, spec_host, args.worker_port)
         port, host = spec_port, args.host or spec_listen
     if args.config:
         config = _read_config(args.config)

@@ -79,12 +79,15 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
 
 
-def from_spec(path: str, worker_host: str = "127.0.0.1") -> tuple[RouterConfig, int, str]:
-    """(config, port, listen host) from a cluster spec: its workers, router section, tenants and SLO."""
+def from_spec(path: str, worker_host: str = "127.0.0.1",
+              worker_port: int | None = None) -> tuple[RouterConfig, int, str]:
+    """(config, port, listen host) from a cluster spec: its workers, router section, tenants and SLO.
+    `worker_port`, when given, replaces every worker's spec port (Kubernetes pods each have an address)."""
     spec = load_spec(path)
     check_spec_settings(spec)
     # worker_host may name each worker's own host: "{id}" is the worker id (compose service names)
-    workers = [WorkerConfig(url=f"http://{worker_host.format(id=slot.id)}:{slot.port}", id=slot.id, role=slot.role)
+    workers = [WorkerConfig(url=f"http://{worker_host.format(id=slot.id)}:{worker_port or slot.port}", id=slot.id,
+                            role=slot.role)
                for slot in spec.worker_list()]
     r = spec.router
     limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit)

@@ -55,6 +55,12 @@ def test_every_spec_worker_is_a_service_with_its_port():
         assert svc[svc.index("--spec") + 1] == SPEC_IN_CONTAINER
 
 
+def test_compose_services_are_the_ones_kvlab_render_derives_from_the_spec():
+    from kvlab.render.services import SPEC_MOUNT, services
+    assert SPEC_MOUNT == SPEC_IN_CONTAINER
+    assert _kvlab_services() == {svc.name: list(svc.command) for svc in services(SPEC)}
+
+
 def test_prometheus_scrapes_every_kvlab_service():
     prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}

@@ -72,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     fields: dict = {}
     if args.spec:
         fields = _spec_fields(args.spec, args.worker_id)
-    port = args.port or fields.pop("port", DEFAULT_PORT)
+    spec_port = fields.pop("port", DEFAULT_PORT)   # popped either way: it is not a WorkerConfig field
+    port = args.port or spec_port
     fields.update({k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
     fields.setdefault("worker_id", f"{fields.get('role', 'both')}-{port}")
     return WorkerConfig(**fields), port
