@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emulator import fidelity
+from emulator.calibrate import fidelity
 from emulator.physics import roofline
 from emulator.physics.catalog import load_catalog
 from emulator.physics.steptime import step_time

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--kv-link", help="prefill->decode link (default InfiniBand-NDR)")
     hw.add_argument("--weight-dtype", choices=("bf16", "fp16", "fp8"))
     hw.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8"))
+    hw.add_argument("--catalog", help="user catalog TOML (default: the spec's catalog, if any)")
     hw.add_argument("--max-num-batched-tokens", type=int, help="per-step token budget (default 8192)")
     hw.add_argument("--max-num-seqs", type=int, help="running-sequence cap (default 256)")
     wl = parser.add_argument_group("workload")
@@ -74,14 +75,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _compute(req, workload, slo, cluster, args) -> dict:
     out: dict = {"request": req, "workload": workload, "slo": slo}
+    catalog = _catalog(args)
     if cluster is not None:
-        out["capacity"] = planner.capacity(req, workload, slo, cluster)
+        out["capacity"] = planner.capacity(req, workload, slo, cluster, catalog)
     if args.rate is not None or cluster is None:
-        out["plan"] = planner.plan(req, workload, slo)
+        out["plan"] = planner.plan(req, workload, slo, catalog)
     if args.curve:
         target = cluster if cluster is not None else _serving(out["plan"])
-        out["curve"] = planner.curve(req, workload, slo, target)
+        out["curve"] = planner.curve(req, workload, slo, target, catalog=catalog)
     return out
+
+
+def _catalog(args):
+    """--catalog, else the spec's own catalog: a calibrated catalog must reach the plan as it reaches
+    the spec's workers and the simulator."""
+    from emulator.physics.catalog import CatalogError, load_catalog
+
+    try:
+        if getattr(args, "catalog", None):
+            return load_catalog(args.catalog)
+        spec = _load_spec(args)
+        return spec.catalog_data() if spec is not None else None
+    except (OSError, CatalogError, msgspec.DecodeError, ValueError) as exc:
+        raise PlannerError(f"catalog: {exc}") from None
 
 
 def _serving(plan) -> Cluster:

@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 import msgspec
 import numpy as np
 
+from emulator.calibrate.measurements import AllReduceRow, LayerRow, StepRow
 from emulator.physics.catalog import AllReduceFit, Gpu, Link, Model
 from emulator.physics.deployment import BatchShape, Deployment
-from emulator.measurements import AllReduceRow, LayerRow, StepRow
 from emulator.physics.operators import OperatorModel
 from emulator.physics.steptime import build_model
 
@@ -146,8 +146,8 @@ def fit_layers(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[LayerRo
     return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model, link, r), labels, minimax=minimax)
 
 
-def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.1) -> list[AllReduceFit]:
-    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error plus a pull on the worst row."""
+def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[AllReduceFit]:
+    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull on the worst row)."""
     fits = []
     for gpus in sorted({r.gpus for r in rows}):
         sel = [r for r in rows if r.gpus == gpus]

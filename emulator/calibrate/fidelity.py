@@ -1,7 +1,7 @@
 """kvlab's step model against reference measurements: rows of (label, reference ms, kvlab ms).
 
 Used by benchmarks/fidelity.py and by `kvlab calibrate`'s error tables. Pure apart from reading the
-reference files (emulator.measurements).
+reference files (emulator.calibrate.measurements).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from emulator import measurements as ms
+from emulator.calibrate import measurements as ms
 from emulator.physics.catalog import Catalog
 from emulator.physics.deployment import Deployment
 from emulator.physics.roofline import allreduce_seconds
@@ -36,7 +36,7 @@ def profiles_dir(explicit: str | None = None) -> Path | None:
     """The Vidur profile folder: explicit, else shared/data/profiles/vidur beside or above the checkout."""
     if explicit:
         return Path(explicit)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     for base in (repo, *repo.parents[:3]):
         candidate = base / "shared" / "data" / "profiles" / "vidur"
         if candidate.is_dir():
