@@ -187,3 +187,20 @@ def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(t
 def cal_render(gpu) -> str:
     from emulator.calibrate.cli import render
     return render(gpu, None, L8B.name, [], H100)
+
+
+def test_probing_a_live_kvlab_worker_fits_its_step_times(start_worker):
+    """The live path end to end: crafted probes over HTTP against an emulated worker (run 5x slower than
+    real time so the host's scheduling jitter stays small next to a step), then the step fit. The fitted
+    entry must predict the worker's own step model (HTTP round trips fold into the fixed step cost)."""
+    from emulator.calibrate_probe import probe
+
+    scale = 5.0
+    w = start_worker(num_blocks=2048, time_scale=scale)
+    rows = probe(w.url, L8B.name, time_scale=scale)
+    assert [r.phase for r in rows].count("decode") == 5 and [r.batch for r in rows][3:5] == [4, 16]
+    fitted = msgspec.structs.replace(H100, **cal.fit_steps(H100, L8B, None, rows).values)
+    truth, fit = roofline.Deployment(model=L8B, gpu=H100), roofline.Deployment(model=L8B, gpu=fitted)
+    for shape in ([(1, 2048)], [(1, 1000)] * 16, [(6144, 0)]):
+        want = steptime.step_time(truth, roofline.batch_shape(shape)).seconds
+        assert steptime.step_time(fit, roofline.batch_shape(shape)).seconds == pytest.approx(want, rel=0.15)
