@@ -1,4 +1,4 @@
-"""Hand-derived planner cases on the built-in H100 SXM step model (emulator/data/gpus.toml): GEMMs at
+"""Hand-derived planner cases on the built-in H100 SXM step model (emulator/physics/data/gpus.toml): GEMMs at
 0.81 x 989.4 TFLOP/s on 256-token tiles, weights streamed at 0.763 x 3.35 TB/s, KV read at 0.85 x 3.35 TB/s,
 fixed kernel costs, 300 us per step and 8 us per sequence; TP=4 all-reduces on the NVLink4 curve
 (max(39.7 us, 26.5 us + bytes / 477.1 GB/s)). Step times quoted below are the step model's."""

@@ -31,7 +31,7 @@ def test_parameter_counts_match_published_sizes():
     assert mixtral.active_params == pytest.approx(12.9e9, rel=0.01)
 
 
-# Built-in H100-SXM coefficients (emulator/data/gpus.toml): GEMMs 0.81 of peak with a 256-token tile and
+# Built-in H100-SXM coefficients (emulator/physics/data/gpus.toml): GEMMs 0.81 of peak with a 256-token tile and
 # half efficiency at 81,400 output elements, weight streaming 0.763 x HBM, KV reads 0.85 x HBM, 5.6 us per
 # GEMM/attention kernel, 1.56 us per elementwise kernel, 300 us per step, 8 us per sampled sequence.
 KERNEL, ELEMENTWISE, STEP, SEQUENCE = 5.6e-6, 1.56e-6, 300e-6, 8e-6
