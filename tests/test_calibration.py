@@ -5,8 +5,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from emulator.calibrate import fit as cal
 from emulator.calibrate import fidelity
+from emulator.calibrate import fit as cal
 from emulator.calibrate import measurements as ms
 from emulator.physics import roofline, steptime
 from emulator.physics.catalog import LayerProfile, builtin_catalog, load_catalog
@@ -154,9 +154,9 @@ def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(t
     from emulator.planner import cli as planner_cli
     from emulator.planner import context
     from emulator.spec import load_spec
-    from workers.core import from_spec
     from workers.cli import config_from_args
     from workers.config import build_engine
+    from workers.core import from_spec
     from workers.core.request import SamplingParams
 
     calibrated = msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5)

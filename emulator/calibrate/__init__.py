@@ -1,3 +1,2 @@
-"""Calibration: fitting the step model's catalog coefficients to measurements (operator profiles, step
-tables, live probes) and comparing the model with reference data. Fitting and comparison are pure; the
-readers, the probes and the command do the I/O."""
+"""Calibration: fitting the step model's catalog coefficients to operator profiles, step tables or a
+live engine's probes (``kvlab calibrate``), and comparing the model with reference data."""

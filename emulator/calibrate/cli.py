@@ -78,7 +78,7 @@ def calibrate(args: argparse.Namespace) -> str:
             gpu = msgspec.structs.replace(gpu, profiles=_profiles(gpu, model.name, rows, args.vidur_mlp))
     step_rows = ms.read_step_table(args.steps) if args.steps else []
     if args.endpoint:
-        from emulator.calibrate.probe import probe   # network I/O only on this path
+        from emulator.calibrate.probe import probe  # network I/O only on this path
         probed = probe(args.endpoint, args.served_model or args.model, args.tp, time_scale=args.time_scale)
         if args.save_steps:
             Path(args.save_steps).write_text(ms.write_step_table(probed))

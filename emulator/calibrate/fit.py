@@ -8,7 +8,7 @@ least-squares fit of latency + bytes / bandwidth per GPU count.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
@@ -154,7 +154,7 @@ def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[Al
         t = np.array([r.ms * 1e3 for r in sel])                 # microseconds
         b = np.array([float(r.payload_bytes) for r in sel])
 
-        def loss(x: np.ndarray) -> float:
+        def loss(x: np.ndarray, b: np.ndarray = b, t: np.ndarray = t) -> float:
             floor, lat, gb_s = np.exp(x)
             err = np.log(np.maximum(floor, lat + b / (gb_s * 1e3)) / t)
             return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2)

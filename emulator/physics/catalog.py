@@ -57,7 +57,7 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     source: str = ""
     coefficient_sources: str = ""
 
-    def profile_for(self, model: str, tp: int) -> "LayerProfile | None":
+    def profile_for(self, model: str, tp: int) -> LayerProfile | None:
         return next((p for p in self.profiles if p.model == model and p.tp == tp), None)
 
     def peak_flops(self, weight_dtype: str) -> float:
@@ -93,7 +93,7 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     allreduce: tuple[AllReduceFit, ...] = ()   # measured curves by GPU count; absent: a ring over gb_s
     source: str = ""
 
-    def allreduce_fit(self, gpus: int) -> "AllReduceFit | None":
+    def allreduce_fit(self, gpus: int) -> AllReduceFit | None:
         return next((a for a in self.allreduce if a.gpus == gpus), None)
 
     @property

@@ -4,7 +4,7 @@ Plain data shared by the step-time seam (emulator.physics.steptime), its impleme
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 
@@ -37,7 +37,7 @@ class BatchShape(msgspec.Struct, kw_only=True):
     attention_pairs: int = 0   # sum of n*c + n*(n+1)/2: causal (query, key) pairs
     sampled: int = 0           # sequences that produce a token this step (lm head + sampling)
 
-    def add(self, new: int, cached: int, samples: bool = True) -> "BatchShape":
+    def add(self, new: int, cached: int, samples: bool = True) -> BatchShape:
         self.new_tokens += new
         self.context_tokens += cached
         self.attention_pairs += new * cached + new * (new + 1) // 2

@@ -39,10 +39,10 @@ class Cost(NamedTuple):
     memory_s: float
     compute_bound_s: float   # the part of `seconds` spent in compute-bound operators
 
-    def __add__(self, other: "Cost") -> "Cost":  # type: ignore[override]
+    def __add__(self, other: Cost) -> Cost:  # type: ignore[override]
         return Cost(*(a + b for a, b in zip(self, other)))
 
-    def scaled(self, k: float) -> "Cost":
+    def scaled(self, k: float) -> Cost:
         return Cost(*(a * k for a in self))
 
 

@@ -10,7 +10,7 @@ below (step_time, prefill_time, decode_time, mixed_time, decode_run_times) all g
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
