@@ -29,6 +29,8 @@ def main() -> int:
                         help="per-row lines: every row, token counts / sizes that are powers of two, or none")
     parser.add_argument("--profiles", help="Vidur profile folder (default: shared/data/profiles/vidur)")
     parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument("--holdout", action="store_true",
+                        help="also: each profiled token count interpolated from its neighbours (what a table is worth)")
     args = parser.parse_args()
     base = fidelity.profiles_dir(args.profiles)
     if base is None:
@@ -37,8 +39,9 @@ def main() -> int:
     catalog = load_catalog(args.catalog)
     rows = []
     for model, folder in fidelity.VIDUR_MODELS.items():
-        rows += fidelity.layer_rows(catalog, args.gpu, args.link, model,
-                                    base / "compute" / "h100" / folder / "mlp.csv")
+        mlp = base / "compute" / "h100" / folder / "mlp.csv"
+        rows += fidelity.layer_rows(catalog, args.gpu, args.link, model, mlp)
+        rows += fidelity.holdout_rows(model, mlp) if args.holdout else []
     rows += fidelity.allreduce_rows(catalog, args.gpu, args.link,
                                     base / "network" / fidelity.ALLREDUCE_TOPOLOGY / "all_reduce.csv")
     _print_rows(rows, args.rows)
@@ -55,17 +58,17 @@ def _is_power(label: str) -> bool:
 def _print_rows(rows, mode: str) -> None:
     if mode == "none":
         return
-    print(f"{'group':<22} {'row':>14} {'reference ms':>13} {'kvlab ms':>10} {'error':>8}")
+    print(f"{'group':<26} {'row':>14} {'reference ms':>13} {'kvlab ms':>10} {'error':>8}")
     for r in rows:
         if mode == "all" or _is_power(r.label):
-            print(f"{r.group:<22} {r.label:>14} {r.reference_ms:>13.4f} {r.kvlab_ms:>10.4f} {r.error:>+8.1%}")
+            print(f"{r.group:<26} {r.label:>14} {r.reference_ms:>13.4f} {r.kvlab_ms:>10.4f} {r.error:>+8.1%}")
     print()
 
 
 def _print_summary(summaries, tolerance: float) -> None:
-    print(f"{'summary':<22} {'rows':>5} {'within ' + format(tolerance, '.0%'):>11} {'worst':>8} {'mean':>8}")
+    print(f"{'summary':<26} {'rows':>5} {'within ' + format(tolerance, '.0%'):>11} {'worst':>8} {'mean':>8}")
     for s in summaries:
-        print(f"{s.group:<22} {s.rows:>5} {s.within:>11.1%} {s.max_error:>+8.1%} {s.mean_error:>+8.1%}")
+        print(f"{s.group:<26} {s.rows:>5} {s.within:>11.1%} {s.max_error:>+8.1%} {s.mean_error:>+8.1%}")
     print()
 
 

@@ -83,3 +83,16 @@ def summarize(rows: list[Row], tolerance: float = 0.15) -> list[Summary]:
         out.append(Summary(group=group, rows=len(errs), within=float(np.mean(np.abs(errs) <= tolerance)),
                            max_error=float(worst), mean_error=float(np.mean(errs))))
     return out
+
+
+def holdout_rows(model: str, path: Path) -> list[Row]:
+    """Each interior profiled token count predicted from its two neighbours alone (linear in tokens): what
+    interpolating a measured table is worth between its points, where GEMM tile boundaries make steps."""
+    rows = []
+    for tp in sorted({r.tp for r in ms.read_layer_profile(path)}):
+        sel = [r for r in ms.read_layer_profile(path) if r.tp == tp]
+        for lo, mid, hi in zip(sel, sel[1:], sel[2:]):
+            w = (mid.tokens - lo.tokens) / (hi.tokens - lo.tokens)
+            rows.append(Row(group=f"{model} tp{tp} holdout", label=f"{mid.tokens} tokens", reference_ms=mid.ms,
+                            kvlab_ms=lo.ms + w * (hi.ms - lo.ms)))
+    return rows
