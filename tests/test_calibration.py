@@ -193,7 +193,7 @@ def test_probing_a_live_kvlab_worker_fits_its_step_times(start_worker):
     """The live path end to end: crafted probes over HTTP against an emulated worker (run 5x slower than
     real time so the host's scheduling jitter stays small next to a step), then the step fit. The fitted
     entry must predict the worker's own step model (HTTP round trips fold into the fixed step cost)."""
-    from emulator.calibrate_probe import probe
+    from emulator.calibrate.probe import probe
 
     scale = 5.0
     w = start_worker(num_blocks=2048, time_scale=scale)

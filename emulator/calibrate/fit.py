@@ -1,9 +1,9 @@
 """Fitting a GPU (and link) catalog entry's step-model coefficients to measurements. Pure: no I/O.
 
-Coefficients are fitted in log space (all are positive) by Nelder-Mead on the squared log error of
-the predicted vs measured times, optionally plus a weight on the worst row (a minimax pull, used for
-operator profiles whose acceptance bar is a per-row bound). All-reduce curves are a weighted linear
-least-squares fit of latency + bytes / bandwidth per GPU count.
+Coefficients are fitted by Nelder-Mead (on a log scale; efficiencies on a logit scale, so they stay
+below 1) to the squared log error of predicted vs measured times, optionally plus a weight on the
+worst row (a minimax pull, used for operator profiles whose acceptance bar is a per-row bound).
+All-reduce curves fit max(floor, latency + bytes / bandwidth) per GPU count the same way.
 """
 from __future__ import annotations
 
@@ -115,19 +115,37 @@ def _start(gpu: Gpu, field: str) -> float:
     return fallbacks.get(field, 5.0)   # microsecond terms start at a few us
 
 
+def _is_fraction(field: str) -> bool:
+    return field.endswith("efficiency")
+
+
+def _encode(field: str, value: float) -> float:
+    """Fit coordinates: efficiencies on a logit scale (they stay in (0, 1)), the rest on a log scale."""
+    if _is_fraction(field):
+        value = min(max(value, 1e-6), 1 - 1e-6)
+        return math.log(value / (1.0 - value))
+    return math.log(value)
+
+
+def _decode(field: str, x: float) -> float:
+    if _is_fraction(field):
+        return float(1.0 / (1.0 + math.exp(-x)))
+    return float(math.exp(x))
+
+
 def fit(gpu: Gpu, fields: Sequence[str], rows: Sequence, predict: Callable, labels: Sequence[str],
         minimax: float = 0.0, iters: int = 1500) -> FitResult:
     """Fit `fields` of `gpu` so predict(gpu, row) matches row.ms; returns values and per-row errors."""
     measured = np.array([r.ms for r in rows])
 
     def with_values(x: np.ndarray) -> Gpu:
-        return msgspec.structs.replace(gpu, **{f: float(math.exp(v)) for f, v in zip(fields, x)})
+        return msgspec.structs.replace(gpu, **{f: _decode(f, v) for f, v in zip(fields, x)})
 
     def loss(x: np.ndarray) -> float:
         err = np.log(np.array([predict(with_values(x), r) for r in rows]) / measured)
         return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2)
 
-    x = minimize(loss, [math.log(_start(gpu, f)) for f in fields], iters=iters)
+    x = minimize(loss, [_encode(f, _start(gpu, f)) for f in fields], iters=iters)
     fitted = with_values(x)
     return FitResult(values={f: getattr(fitted, f) for f in fields}, labels=list(labels),
                      measured_ms=measured.tolist(), fitted_ms=[predict(fitted, r) for r in rows],

@@ -5,8 +5,8 @@ Crafted probes, each prompt a run of one token id (a fresh id per request, so no
   step of batch 1 at that context (intercept and KV-read slope);
 - concurrent decode batches: B streams at once, the median of their median gaps is a step of batch B
   (per-sequence cost);
-- single long prefills: time to first token is one prefill step (GEMM and attention efficiency).
-Client-side times include the HTTP round trip, which the fit folds into the fixed step cost. Every
+- single long prefills: time to first token is one prefill step (GEMM and attention efficiency), less
+  the HTTP round trip measured with a 16-token prompt (whose own step costs about a decode step). Every
 read is bounded (tokens per stream, seconds per request); `time_scale` divides wall times for an
 emulated endpoint that runs slower than real time.
 """
@@ -83,9 +83,17 @@ class Prober:
         return StepRow(phase="decode", batch=batch, tokens=1, context=context + self.output // 2, tp=self.tp,
                        ms=statistics.median(gaps) * 1e3)
 
-    def prefill_row(self, tokens: int, tries: int = 3) -> StepRow:
-        ttft = statistics.median(self.stream(tokens, 2)[0] for _ in range(tries))
-        return StepRow(phase="prefill", batch=1, tokens=tokens, context=0, tp=self.tp, ms=ttft * 1e3)
+    def ttft(self, tokens: int, tries: int = 3) -> float:
+        return statistics.median(self.stream(tokens, 2)[0] for _ in range(tries))
+
+    def prefill_row(self, tokens: int, round_trip_s: float = 0.0) -> StepRow:
+        ms = max(self.ttft(tokens) - round_trip_s, 1e-6) * 1e3
+        return StepRow(phase="prefill", batch=1, tokens=tokens, context=0, tp=self.tp, ms=ms)
+
+    def round_trip(self, step_s: float) -> float:
+        """HTTP and queueing time in a TTFT: a 16-token prompt's TTFT less one short step (a 16-token
+        prefill costs about what a batch-1 decode step does: both read every weight once)."""
+        return max(self.ttft(16, tries=5) - step_s, 0.0)
 
 
 def _has_text(payload: str) -> bool:
@@ -102,5 +110,6 @@ def probe(url: str, model: str, tp: int = 1, contexts=(256, 2048, 6144), batches
     p = Prober(url, model, tp, **kw)
     rows = [p.decode_row(c) for c in contexts]
     rows += [p.decode_row(batch_context, b) for b in batches]
-    rows += [p.prefill_row(n) for n in prefills]
+    round_trip = p.round_trip(rows[0].ms * 1e-3)
+    rows += [p.prefill_row(n, round_trip) for n in prefills]
     return rows
