@@ -102,7 +102,8 @@ class OperatorModel:
 
     # -- operators -------------------------------------------------------------------------------
 
-    def gemm(self, tokens: float, k: float, n: float) -> Cost:
+    def gemm(self, tokens: float, k: float, n: float, count: float = 1.0) -> Cost:
+        """`count` equal GEMMs run as one grouped kernel (a fused MoE layer's experts): one launch."""
         if tokens <= 0:
             return ZERO
         padded = math.ceil(tokens / self.tile) * self.tile
@@ -110,7 +111,7 @@ class OperatorModel:
         eff = self.e_max * work / (work + self.half_work)
         compute = 2.0 * padded * k * n / (self.peak * eff)
         memory = (k * n * self.weight_bytes + ACT * tokens * (k + n)) / (self.hbm * self.e_weights)
-        return op_cost(self.kernel_s, compute, memory)
+        return op_cost(self.kernel_s, count * compute, count * memory)
 
     def elementwise(self, tokens: int) -> Cost:
         memory = tokens * self.elementwise_bytes / (self.hbm * self.e_elementwise)
@@ -136,7 +137,7 @@ class OperatorModel:
         per_expert = tokens * m.active_experts / touched
         cost = cost + self.gemm(tokens, m.hidden, m.experts)   # the router
         for k, n in self.mlp_gemms:
-            cost = cost + self.gemm(per_expert, k, n).scaled(touched)
+            cost = cost + self.gemm(per_expert, k, n, count=touched)
         return cost
 
     def attention_layer(self, tokens: float, context: float, pairs: float) -> Cost:
