@@ -16,6 +16,7 @@ link entries (emulator/physics/data/*.toml names the source of each).
 - Attention: causal (query, key) pair FLOPs at their own efficiency, against the KV-cache bytes read.
 - Elementwise (2 norms, rope, activation, residual add): a fixed cost per kernel plus bytes / bandwidth.
 - All-reduce: from the link's fitted latency/bandwidth curve (emulator.physics.roofline.allreduce_seconds).
+- Overheads (docs/conventions.md#overheads): per step, per layer, per sampled sequence.
 """
 from __future__ import annotations
 
