@@ -189,17 +189,18 @@ def cal_render(gpu) -> str:
     return render(gpu, None, L8B.name, [], H100)
 
 
-def test_probing_a_live_kvlab_worker_fits_its_step_times(start_worker):
-    """The live path end to end: crafted probes over HTTP against an emulated worker (run 5x slower than
-    real time so the host's scheduling jitter stays small next to a step), then the step fit. The fitted
-    entry must predict the worker's own step model (HTTP round trips fold into the fixed step cost)."""
-    from emulator.calibrate.probe import probe
-
-    scale = 5.0
-    w = start_worker(num_blocks=2048, time_scale=scale)
-    rows = probe(w.url, L8B.name, time_scale=scale)
+def test_calibrating_against_a_live_kvlab_worker_fits_its_step_times(start_worker, tmp_path: Path):
+    """The live path end to end through `kvlab calibrate --endpoint`: crafted probes over HTTP against an
+    emulated worker (run 5x slower than real time so the host's scheduling jitter stays small next to a
+    step), then the step fit. The fitted entry must predict the worker's own step model."""
+    w = start_worker(num_blocks=2048, time_scale=5.0)
+    steps, out = tmp_path / "probed.csv", tmp_path / "live.toml"
+    assert cli.main(["calibrate", "--endpoint", w.url, "--time-scale", "5", "--name", "H100-live",
+                     "--save-steps", str(steps), "--out", str(out)]) == 0
+    rows = ms.read_step_table(steps)
     assert [r.phase for r in rows].count("decode") == 5 and [r.batch for r in rows][3:5] == [4, 16]
-    fitted = msgspec.structs.replace(H100, **cal.fit_steps(H100, L8B, None, rows).values)
+    fitted = load_catalog(out).gpu("H100-live")
+    assert w.url in fitted.coefficient_sources
     truth, fit = roofline.Deployment(model=L8B, gpu=H100), roofline.Deployment(model=L8B, gpu=fitted)
     for shape in ([(1, 2048)], [(1, 1000)] * 16, [(6144, 0)]):
         want = steptime.step_time(truth, roofline.batch_shape(shape)).seconds
