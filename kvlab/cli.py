@@ -15,6 +15,7 @@ COMMANDS = {
     "sweep": ("loadtests.sweep", "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
     "compare": ("loadtests.compare", "replay one trace through several routing policies, one table"),
     "render": ("kvlab.render.cli", "deployment manifests from a cluster spec (Kubernetes)"),
+    "calibrate": ("emulator.calibrate.cli", "fit a GPU entry's step-time coefficients to an engine; write a user catalog"),
 }
 
 

@@ -14,17 +14,51 @@ import msgspec
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 
+class LayerProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """Measured per-layer time of one model's GEMMs and elementwise kernels by tokens per step, at one TP
+    degree (what Vidur's operator profiles hold). With one, a GPU's step time interpolates it."""
+    model: str
+    tp: int
+    tokens: tuple[int, ...]
+    layer_ms: tuple[float, ...]
+    source: str = ""
+
+    def __post_init__(self):
+        if len(self.tokens) < 2 or len(self.tokens) != len(self.layer_ms):
+            raise ValueError("a layer profile needs two or more (tokens, layer_ms) points of equal length")
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError("layer profile tokens must increase")
+
+
 class Gpu(msgspec.Struct, frozen=True, kw_only=True):
+    """Peaks from the datasheet plus the coefficients of the per-operator step model (emulator.physics.operators).
+
+    Optional coefficients default to "off" (0) or to the coarser field they refine, so a minimal entry
+    still describes a plain roofline."""
     name: str
     bf16_tflops: float
     fp8_tflops: float
     hbm_gb: float
     hbm_tb_s: float
-    compute_efficiency: float
-    bandwidth_efficiency: float
-    layer_overhead_us: float
+    compute_efficiency: float              # large GEMMs: fraction of dense peak
+    bandwidth_efficiency: float            # KV-cache reads (attention): fraction of HBM peak
+    layer_overhead_us: float               # fixed per layer per step, beyond every operator's own time
     intra_node_link: str
+    gemm_bandwidth_efficiency: float = 0.0     # weight streaming by GEMMs; 0: bandwidth_efficiency
+    gemm_half_work: float = 0.0                # output elements per GPU at which a GEMM runs at half its peak efficiency
+    gemm_token_tile: int = 1                   # GEMM compute pads the token dimension to a multiple of this
+    kernel_latency_us: float = 0.0             # fixed time of each GEMM / attention kernel
+    attention_efficiency: float = 0.0          # attention FLOPs: fraction of peak; 0: compute_efficiency
+    elementwise_kernel_us: float = 0.0         # fixed time of each norm / rope / activation / add kernel
+    elementwise_bandwidth_efficiency: float = 0.0  # their traffic: fraction of HBM peak; 0: bandwidth_efficiency
+    step_overhead_us: float = 0.0              # fixed per step: scheduling, input preparation, launch, host sync
+    sequence_overhead_us: float = 0.0          # per sampled sequence per step: sampling, output processing
+    profiles: tuple[LayerProfile, ...] = ()    # measured per-layer tables (calibration), by model and TP
     source: str = ""
+    coefficient_sources: str = ""
+
+    def profile_for(self, model: str, tp: int) -> LayerProfile | None:
+        return next((p for p in self.profiles if p.model == model and p.tp == tp), None)
 
     def peak_flops(self, weight_dtype: str) -> float:
         """Dense FLOP/s for the weight dtype (fp8 weights run W8A8 GEMMs)."""
@@ -40,10 +74,27 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
         return self.hbm_tb_s * 1e12
 
 
+class AllReduceFit(msgspec.Struct, frozen=True, kw_only=True):
+    """All-reduce of a payload over `gpus` GPUs on a link: latency_us + payload / gb_s (algorithm
+    bandwidth), and never under floor_us (small messages cost a flat time until bandwidth dominates)."""
+    gpus: int
+    latency_us: float
+    gb_s: float
+    floor_us: float = 0.0
+
+    def seconds(self, payload_bytes: float) -> float:
+        return max(self.floor_us, self.latency_us + payload_bytes / (self.gb_s * 1e3)) * 1e-6
+
+
 class Link(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     gb_s: float
     latency_us: float
+    allreduce: tuple[AllReduceFit, ...] = ()   # measured curves by GPU count; absent: a ring over gb_s
+    source: str = ""
+
+    def allreduce_fit(self, gpus: int) -> AllReduceFit | None:
+        return next((a for a in self.allreduce if a.gpus == gpus), None)
 
     @property
     def bytes_per_s(self) -> float:

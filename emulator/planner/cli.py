@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--kv-link", help="prefill->decode link (default InfiniBand-NDR)")
     hw.add_argument("--weight-dtype", choices=("bf16", "fp16", "fp8"))
     hw.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8"))
+    hw.add_argument("--catalog", help="user catalog TOML (default: the spec's catalog, if any)")
     hw.add_argument("--max-num-batched-tokens", type=int, help="per-step token budget (default 8192)")
     hw.add_argument("--max-num-seqs", type=int, help="running-sequence cap (default 256)")
     wl = parser.add_argument_group("workload")
@@ -74,14 +75,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _compute(req, workload, slo, cluster, args) -> dict:
     out: dict = {"request": req, "workload": workload, "slo": slo}
+    catalog = _catalog(args)
     if cluster is not None:
-        out["capacity"] = planner.capacity(req, workload, slo, cluster)
+        out["capacity"] = planner.capacity(req, workload, slo, cluster, catalog)
     if args.rate is not None or cluster is None:
-        out["plan"] = planner.plan(req, workload, slo)
+        out["plan"] = planner.plan(req, workload, slo, catalog)
     if args.curve:
         target = cluster if cluster is not None else _serving(out["plan"])
-        out["curve"] = planner.curve(req, workload, slo, target)
+        out["curve"] = planner.curve(req, workload, slo, target, catalog=catalog)
     return out
+
+
+def _catalog(args):
+    """--catalog, else the spec's own catalog: a calibrated catalog must reach the plan as it reaches
+    the spec's workers and the simulator."""
+    from emulator.physics.catalog import CatalogError, load_catalog
+
+    try:
+        if getattr(args, "catalog", None):
+            return load_catalog(args.catalog)
+        spec = _load_spec(args)
+        return spec.catalog_data() if spec is not None else None
+    except (OSError, CatalogError, msgspec.DecodeError, ValueError) as exc:
+        raise PlannerError(f"catalog: {exc}") from None
 
 
 def _serving(plan) -> Cluster:
@@ -94,7 +110,7 @@ def _serving(plan) -> Cluster:
 def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
     spec = _load_spec(args)
     base = _from_spec(spec, args) if spec is not None else {}
-    pick = lambda name, default: getattr(args, name) if getattr(args, name, None) is not None else base.get(name, default)  # noqa: E731
+    pick = lambda name, default: getattr(args, name) if getattr(args, name, None) is not None else base.get(name, default)
     engine = EngineLimits(**{k: v for k, v in {
         "max_num_batched_tokens": pick("max_num_batched_tokens", None), "max_num_seqs": pick("max_num_seqs", None),
         **base.get("engine", {})}.items() if v is not None})
@@ -140,7 +156,7 @@ def _from_spec(spec, args) -> dict:
 
     roles = {p.role for p in spec.pools}
     disagg = roles != {"both"}
-    count = lambda role: sum(p.count for p in spec.pools if p.role == role)  # noqa: E731
+    count = lambda role: sum(p.count for p in spec.pools if p.role == role)
     cluster = Cluster(prefill=count("prefill"), decode=count("decode")) if disagg else Cluster(workers=count("both"))
     rate = args.rate or (spec.workload.rates[0] if spec.workload.rates else 1.0)
     sampled = planner_spec.sampled_workload(spec, rate)

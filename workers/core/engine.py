@@ -11,7 +11,7 @@ import math
 import msgspec
 import numpy as np
 
-from emulator.physics import roofline
+from emulator.physics import roofline, steptime
 from emulator.physics.catalog import Link
 from kvlab.wire.kv_events import KVEvent
 from workers.core import output
@@ -231,7 +231,7 @@ class Engine:
             if req.num_computed < req.num_prompt:
                 prefill_tokens += n
         decode_tokens = shape.new_tokens - prefill_tokens
-        timing = roofline.step_time(self.dep, shape)
+        timing = steptime.step_time(self.dep, shape)
         duration = timing.seconds + self._swap_time(sched)
         decode_s = self._decode_share(sched, duration) if prefill_tokens else duration
         result = StepResult(start=now, duration=duration, bound=timing.bound, tokens=[], finished=[],
@@ -251,7 +251,7 @@ class Engine:
             req = chunk.request
             if req.num_computed >= req.num_prompt:
                 decodes.add(chunk.num_new, req.num_computed, True)
-        return min(roofline.step_time(self.dep, decodes).seconds, duration) if decodes.new_tokens else 0.0
+        return min(steptime.step_time(self.dep, decodes).seconds, duration) if decodes.new_tokens else 0.0
 
     def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
         req.num_computed += num_new

@@ -2,7 +2,7 @@
 
 When every running request is decoding and nothing else is queued, the next k steps are fully
 determined: each request gains one token per step, step j reads j more tokens of KV per request,
-and the durations come from roofline.decode_run_times (equal to step_time step by step). This
+and the durations come from steptime.decode_run_times (equal to step_time step by step). This
 advances them in one call, with per-token times, and leaves the step that finishes a request, and
 anything irregular (waiting requests, transfers, held KV, EOS draws, a pool too full to grow
 without preemption), to the ordinary step.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emulator.physics import roofline
+from emulator.physics import roofline, steptime
 from workers.core import output
 
 
@@ -25,7 +25,7 @@ def fast_forward(engine, now: float, until: float):
     if cap < 2:
         return None
     batch = len(running)
-    times = roofline.decode_run_times(engine.dep, batch, sum(r.num_computed for r in running), cap)
+    times = steptime.decode_run_times(engine.dep, batch, sum(r.num_computed for r in running), cap)
     ends = now + np.cumsum(times)
     steps = min(cap, 1 + int(np.searchsorted(ends[:-1], until, side="left")))
     if steps < 2 or not _grow_all(engine, steps):

@@ -1,0 +1,91 @@
+"""kvlab's step model against Vidur's H100 operator profiles: per row reference ms, kvlab ms, error; summary.
+
+    .venv/bin/python benchmarks/fidelity.py [--catalog calibrated.toml] [--gpu H100-SXM] [--rows all|powers|none]
+        [--profiles PATH/TO/vidur]
+
+Reference datasets (Vidur, MIT; see shared/data/profiles/README.md):
+- Llama-2-7B and Llama-2-70B per-layer GEMM + elementwise time, TP 1/2/4/8, 1..4096 tokens;
+- NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 4 KiB..128 MiB payloads
+  (running median over 9 neighbouring sizes: single small-message medians are noisy).
+Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emulator.calibrate import fidelity
+from emulator.physics import roofline
+from emulator.physics.catalog import load_catalog
+from emulator.physics.steptime import step_time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--catalog", help="user catalog TOML (e.g. from `kvlab calibrate`)")
+    parser.add_argument("--gpu", default="H100-SXM")
+    parser.add_argument("--link", default="NVLink4")
+    parser.add_argument("--rows", choices=("all", "powers", "none"), default="powers",
+                        help="per-row lines: every row, token counts / sizes that are powers of two, or none")
+    parser.add_argument("--profiles", help="Vidur profile folder (default: shared/data/profiles/vidur)")
+    parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument("--holdout", action="store_true",
+                        help="also: each profiled token count interpolated from its neighbours (what a table is worth)")
+    args = parser.parse_args()
+    base = fidelity.profiles_dir(args.profiles)
+    if base is None:
+        print("no Vidur profiles found; pass --profiles", file=sys.stderr)
+        return 2
+    catalog = load_catalog(args.catalog)
+    rows = []
+    for model, folder in fidelity.VIDUR_MODELS.items():
+        mlp = base / "compute" / "h100" / folder / "mlp.csv"
+        rows += fidelity.layer_rows(catalog, args.gpu, args.link, model, mlp)
+        rows += fidelity.holdout_rows(model, mlp) if args.holdout else []
+    rows += fidelity.allreduce_rows(catalog, args.gpu, args.link,
+                                    base / "network" / fidelity.ALLREDUCE_TOPOLOGY / "all_reduce.csv")
+    _print_rows(rows, args.rows)
+    _print_summary(fidelity.summarize(rows, args.tolerance), args.tolerance)
+    _print_step_figures(catalog, args.gpu)
+    return 0
+
+
+def _is_power(label: str) -> bool:
+    n = int(float(label.split()[0]))
+    return n > 0 and n & (n - 1) == 0
+
+
+def _print_rows(rows, mode: str) -> None:
+    if mode == "none":
+        return
+    print(f"{'group':<26} {'row':>14} {'reference ms':>13} {'kvlab ms':>10} {'error':>8}")
+    for r in rows:
+        if mode == "all" or _is_power(r.label):
+            print(f"{r.group:<26} {r.label:>14} {r.reference_ms:>13.4f} {r.kvlab_ms:>10.4f} {r.error:>+8.1%}")
+    print()
+
+
+def _print_summary(summaries, tolerance: float) -> None:
+    print(f"{'summary':<26} {'rows':>5} {'within ' + format(tolerance, '.0%'):>11} {'worst':>8} {'mean':>8}")
+    for s in summaries:
+        print(f"{s.group:<26} {s.rows:>5} {s.within:>11.1%} {s.max_error:>+8.1%} {s.mean_error:>+8.1%}")
+    print()
+
+
+def _print_step_figures(catalog, gpu: str) -> None:
+    """Whole-step figures of the model (no whole-step reference data is bundled to compare with)."""
+    print("whole steps predicted by kvlab (ms)")
+    for name in ("Llama-2-7B", "Llama-3.1-8B"):
+        dep = roofline.Deployment(model=catalog.model(name), gpu=catalog.gpu(gpu))
+        b1 = roofline.decode_time(dep, [0]).seconds * 1e3
+        slope = (roofline.decode_time(dep, [1000] * 8).seconds - roofline.decode_time(dep, [0] * 8).seconds) * 1e3 / 8
+        per_seq = (roofline.decode_time(dep, [512] * 64).seconds - roofline.decode_time(dep, [512] * 32).seconds) * 1e3 / 32
+        decodes = roofline.batch_shape((1, 1024) for _ in range(64))
+        mixed = step_time(dep, roofline.batch_shape([(512, 0)] + [(1, 1024)] * 64)).seconds * 1e3
+        print(f"  {name:<13} decode batch 1: {b1:.2f}  per 1K context tokens: {slope:.3f}  per extra sequence "
+              f"(ctx 512): {per_seq:.3f}  prefill 2K: {roofline.prefill_time(dep, 2048).seconds * 1e3:.1f}  "
+              f"64 decodes @1K: {step_time(dep, decodes).seconds * 1e3:.2f} (+512-token chunk: {mixed:.2f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

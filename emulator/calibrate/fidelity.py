@@ -1,0 +1,98 @@
+"""kvlab's step model against reference measurements: rows of (label, reference ms, kvlab ms).
+
+Used by benchmarks/fidelity.py and by `kvlab calibrate`'s error tables. Pure apart from reading the
+reference files (emulator.calibrate.measurements).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from emulator.calibrate import measurements as ms
+from emulator.physics.catalog import Catalog
+from emulator.physics.deployment import Deployment
+from emulator.physics.roofline import allreduce_seconds
+from emulator.physics.steptime import build_model
+
+# Vidur's profile folders for the catalog models they measured (data/profiling/compute/h100/...).
+VIDUR_MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-70B": "meta-llama/Llama-2-70b-hf"}
+ALLREDUCE_TOPOLOGY = "h100_dgx"   # 8 x H100 SXM on NVSwitch: the NVLink4 fabric of an H100-SXM node
+
+
+class Row(msgspec.Struct, frozen=True):
+    group: str
+    label: str
+    reference_ms: float
+    kvlab_ms: float
+
+    @property
+    def error(self) -> float:
+        return self.kvlab_ms / self.reference_ms - 1.0
+
+
+def profiles_dir(explicit: str | None = None) -> Path | None:
+    """The Vidur profile folder: explicit, else shared/data/profiles/vidur beside or above the checkout."""
+    if explicit:
+        return Path(explicit)
+    repo = Path(__file__).resolve().parents[2]
+    for base in (repo, *repo.parents[:3]):
+        candidate = base / "shared" / "data" / "profiles" / "vidur"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def layer_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path) -> list[Row]:
+    """Per-layer GEMM + elementwise time (all profiled TP degrees and token counts) vs kvlab's."""
+    g, lk, m = catalog.gpu(gpu), catalog.link(link), catalog.model(model)
+    rows = []
+    for r in ms.read_layer_profile(path):
+        dep = Deployment(model=m, gpu=g, tp=r.tp, tp_link=lk if r.tp > 1 else None)
+        kvlab = build_model(dep).linear_layer(r.tokens).seconds * 1e3
+        rows.append(Row(group=f"{model} tp{r.tp}", label=f"{r.tokens} tokens", reference_ms=r.ms, kvlab_ms=kvlab))
+    return rows
+
+
+def allreduce_rows(catalog: Catalog, gpu: str, link: str, path: Path) -> list[Row]:
+    """One all-reduce per payload size and GPU count (running-median reference) vs kvlab's link curve."""
+    g, lk = catalog.gpu(gpu), catalog.link(link)
+    model = next(iter(catalog.models.values()))
+    rows = []
+    for r in ms.smoothed_allreduce(ms.read_allreduce_profile(path)):
+        dep = Deployment(model=model, gpu=g, tp=r.gpus, tp_link=lk)
+        rows.append(Row(group=f"all-reduce {r.gpus} GPUs", label=f"{r.payload_bytes / 1024:.0f} KiB",
+                        reference_ms=r.ms, kvlab_ms=allreduce_seconds(dep, r.payload_bytes) * 1e3))
+    return rows
+
+
+class Summary(msgspec.Struct, frozen=True):
+    group: str
+    rows: int
+    within: float        # fraction of rows within the tolerance
+    max_error: float     # signed error of the worst row
+    mean_error: float
+
+
+def summarize(rows: list[Row], tolerance: float = 0.15) -> list[Summary]:
+    out = []
+    for group in dict.fromkeys(r.group for r in rows):
+        errs = np.array([r.error for r in rows if r.group == group])
+        worst = errs[np.argmax(np.abs(errs))]
+        out.append(Summary(group=group, rows=len(errs), within=float(np.mean(np.abs(errs) <= tolerance)),
+                           max_error=float(worst), mean_error=float(np.mean(errs))))
+    return out
+
+
+def holdout_rows(model: str, path: Path) -> list[Row]:
+    """Each interior profiled token count predicted from its two neighbours alone (linear in tokens): what
+    interpolating a measured table is worth between its points, where GEMM tile boundaries make steps."""
+    rows = []
+    for tp in sorted({r.tp for r in ms.read_layer_profile(path)}):
+        sel = [r for r in ms.read_layer_profile(path) if r.tp == tp]
+        for lo, mid, hi in zip(sel, sel[1:], sel[2:]):
+            w = (mid.tokens - lo.tokens) / (hi.tokens - lo.tokens)
+            rows.append(Row(group=f"{model} tp{tp} holdout", label=f"{mid.tokens} tokens", reference_ms=mid.ms,
+                            kvlab_ms=lo.ms + w * (hi.ms - lo.ms)))
+    return rows

@@ -1,0 +1,183 @@
+"""Fitting a GPU (and link) catalog entry's step-model coefficients to measurements. Pure: no I/O.
+
+Coefficients are fitted by Nelder-Mead (on a log scale; efficiencies on a logit scale, so they stay
+below 1) to the squared log error of predicted vs measured times, optionally plus a weight on the
+worst row (a minimax pull, used for operator profiles whose acceptance bar is a per-row bound).
+All-reduce curves fit max(floor, latency + bytes / bandwidth) per GPU count the same way.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import msgspec
+import numpy as np
+
+from emulator.calibrate.measurements import AllReduceRow, LayerRow, StepRow
+from emulator.physics.catalog import AllReduceFit, Gpu, Link, Model
+from emulator.physics.deployment import BatchShape, Deployment
+from emulator.physics.operators import OperatorModel
+from emulator.physics.steptime import build_model
+
+# What each kind of measurement can identify (the rest stay at the base entry's values).
+LAYER_FIELDS = ("compute_efficiency", "gemm_bandwidth_efficiency", "gemm_half_work", "kernel_latency_us",
+                "elementwise_kernel_us", "elementwise_bandwidth_efficiency")
+# Whole steps: batch-1 decode at several contexts (intercept: fixed step cost; slope: KV bandwidth),
+# decode batches (per-sequence cost), long prefills (GEMM and attention efficiency). The weight-read
+# efficiency is not separable from the fixed step cost by step times alone, so it stays as given.
+STEP_FIELDS = ("step_overhead_us", "sequence_overhead_us", "bandwidth_efficiency", "compute_efficiency",
+               "attention_efficiency")
+
+
+class FitResult(msgspec.Struct, kw_only=True):
+    values: dict[str, float]
+    measured_ms: list[float]
+    fitted_ms: list[float]
+    builtin_ms: list[float]
+    labels: list[str]
+
+    @property
+    def errors(self) -> np.ndarray:
+        return np.asarray(self.fitted_ms) / np.asarray(self.measured_ms) - 1.0
+
+    @property
+    def max_error(self) -> float:
+        return float(np.max(np.abs(self.errors))) if self.labels else 0.0
+
+    @property
+    def rms_error(self) -> float:
+        return float(np.sqrt(np.mean(self.errors ** 2))) if self.labels else 0.0
+
+
+def minimize(f: Callable[[np.ndarray], float], x0: Sequence[float], iters: int = 2000,
+             step: float = 0.3, restarts: int = 3) -> np.ndarray:
+    """Nelder-Mead (reflection, expansion, contraction, shrink), restarted from its best point."""
+    x = np.asarray(x0, dtype=float)
+    for _ in range(restarts):
+        x = _nelder_mead(f, x, iters, step)
+    return x
+
+
+def _nelder_mead(f, x0: np.ndarray, iters: int, step: float) -> np.ndarray:
+    n = len(x0)
+    simplex = np.vstack([x0] + [x0 + step * np.eye(n)[i] for i in range(n)])
+    values = np.array([f(p) for p in simplex])
+    for _ in range(iters):
+        order = np.argsort(values)
+        simplex, values = simplex[order], values[order]
+        if values[-1] - values[0] < 1e-15:
+            break
+        centre = simplex[:-1].mean(axis=0)
+        reflected = centre + (centre - simplex[-1])
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = centre + 2 * (centre - simplex[-1])
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = centre + 0.5 * (simplex[-1] - centre)
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:
+                simplex[1:] = simplex[0] + 0.5 * (simplex[1:] - simplex[0])
+                values[1:] = [f(p) for p in simplex[1:]]
+    return simplex[np.argmin(values)]
+
+
+def deployment(gpu: Gpu, model: Model, tp: int, link: Link | None) -> Deployment:
+    return Deployment(model=model, gpu=gpu, tp=tp, tp_link=link if tp > 1 else None)
+
+
+def step_shape(row: StepRow) -> BatchShape:
+    shape = BatchShape()
+    for _ in range(row.batch):
+        shape.add(row.tokens, row.context)
+    return shape
+
+
+def predict_step_ms(gpu: Gpu, model: Model, link: Link | None, row: StepRow) -> float:
+    return build_model(deployment(gpu, model, row.tp, link)).step_time(step_shape(row)).seconds * 1e3
+
+
+def predict_layer_ms(gpu: Gpu, model: Model, link: Link | None, row: LayerRow) -> float:
+    return OperatorModel(deployment(gpu, model, row.tp, link)).linear_layer(row.tokens).seconds * 1e3
+
+
+def _start(gpu: Gpu, field: str) -> float:
+    value = getattr(gpu, field)
+    if value > 0:
+        return value
+    fallbacks = {"gemm_bandwidth_efficiency": gpu.bandwidth_efficiency, "attention_efficiency": gpu.compute_efficiency,
+                 "elementwise_bandwidth_efficiency": gpu.bandwidth_efficiency, "gemm_half_work": 1e6}
+    return fallbacks.get(field, 5.0)   # microsecond terms start at a few us
+
+
+def _is_fraction(field: str) -> bool:
+    return field.endswith("efficiency")
+
+
+def _encode(field: str, value: float) -> float:
+    """Fit coordinates: efficiencies on a logit scale (they stay in (0, 1)), the rest on a log scale."""
+    if _is_fraction(field):
+        value = min(max(value, 1e-6), 1 - 1e-6)
+        return math.log(value / (1.0 - value))
+    return math.log(value)
+
+
+def _decode(field: str, x: float) -> float:
+    if _is_fraction(field):
+        return float(1.0 / (1.0 + math.exp(-x)))
+    return float(math.exp(x))
+
+
+def fit(gpu: Gpu, fields: Sequence[str], rows: Sequence, predict: Callable, labels: Sequence[str],
+        minimax: float = 0.0, iters: int = 1500) -> FitResult:
+    """Fit `fields` of `gpu` so predict(gpu, row) matches row.ms; returns values and per-row errors."""
+    measured = np.array([r.ms for r in rows])
+
+    def with_values(x: np.ndarray) -> Gpu:
+        return msgspec.structs.replace(gpu, **{f: _decode(f, v) for f, v in zip(fields, x)})
+
+    def loss(x: np.ndarray) -> float:
+        err = np.log(np.array([predict(with_values(x), r) for r in rows]) / measured)
+        return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2)
+
+    x = minimize(loss, [_encode(f, _start(gpu, f)) for f in fields], iters=iters)
+    fitted = with_values(x)
+    return FitResult(values={f: getattr(fitted, f) for f in fields}, labels=list(labels),
+                     measured_ms=measured.tolist(), fitted_ms=[predict(fitted, r) for r in rows],
+                     builtin_ms=[predict(gpu, r) for r in rows])
+
+
+def fit_steps(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[StepRow],
+              fields: Sequence[str] = STEP_FIELDS) -> FitResult:
+    labels = [f"{r.phase} batch {r.batch} tokens {r.tokens} context {r.context} tp {r.tp}" for r in rows]
+    return fit(gpu, fields, rows, lambda g, r: predict_step_ms(g, model, link, r), labels)
+
+
+def fit_layers(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[LayerRow],
+               fields: Sequence[str] = LAYER_FIELDS, minimax: float = 0.3) -> FitResult:
+    labels = [f"{model.name} tp {r.tp} tokens {r.tokens}" for r in rows]
+    return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model, link, r), labels, minimax=minimax)
+
+
+def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[AllReduceFit]:
+    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull on the worst row)."""
+    fits = []
+    for gpus in sorted({r.gpus for r in rows}):
+        sel = [r for r in rows if r.gpus == gpus]
+        t = np.array([r.ms * 1e3 for r in sel])                 # microseconds
+        b = np.array([float(r.payload_bytes) for r in sel])
+
+        def loss(x: np.ndarray, b: np.ndarray = b, t: np.ndarray = t) -> float:
+            floor, lat, gb_s = np.exp(x)
+            err = np.log(np.maximum(floor, lat + b / (gb_s * 1e3)) / t)
+            return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2)
+
+        floor, lat, gb_s = np.exp(minimize(loss, [math.log(20.0), math.log(10.0), math.log(400.0)], iters=800))
+        fits.append(AllReduceFit(gpus=gpus, latency_us=round(float(lat), 2), gb_s=round(float(gb_s), 1),
+                                 floor_us=round(float(floor), 2)))
+    return fits

@@ -1,0 +1,62 @@
+"""What a step time is asked about: a deployment (model on a TP group of GPUs) and a batch shape.
+
+Plain data shared by the step-time seam (emulator.physics.steptime), its implementations and their callers.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from emulator.physics.catalog import DTYPE_BYTES, Gpu, Link, Model
+
+
+class Deployment(msgspec.Struct, frozen=True, kw_only=True):
+    """A model served on one tensor-parallel group of GPUs."""
+    model: Model
+    gpu: Gpu
+    tp: int = 1
+    tp_link: Link | None = None  # required when tp > 1
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.tp < 1:
+            raise ValueError("tp must be >= 1")
+        if self.tp > 1 and self.tp_link is None:
+            raise ValueError("tp > 1 needs a tp_link for the all-reduce")
+        for field in ("weight_dtype", "kv_dtype"):
+            if getattr(self, field) not in DTYPE_BYTES:
+                raise ValueError(f"{field} must be one of {sorted(DTYPE_BYTES)}")
+
+
+class BatchShape(msgspec.Struct, kw_only=True):
+    """What a step's cost depends on, summed over its sequences."""
+    new_tokens: int = 0        # sum of n
+    context_tokens: int = 0    # sum of c: cached KV each sequence reads
+    attention_pairs: int = 0   # sum of n*c + n*(n+1)/2: causal (query, key) pairs
+    sampled: int = 0           # sequences that produce a token this step (lm head + sampling)
+
+    def add(self, new: int, cached: int, samples: bool = True) -> BatchShape:
+        self.new_tokens += new
+        self.context_tokens += cached
+        self.attention_pairs += new * cached + new * (new + 1) // 2
+        self.sampled += 1 if samples else 0
+        return self
+
+
+class StepTime(msgspec.Struct, frozen=True, kw_only=True):
+    seconds: float
+    bound: str          # "compute" or "memory": the ceiling behind most of the step's operator time
+    compute_s: float    # summed over operators: their compute ceilings
+    memory_s: float     # summed over operators: their memory ceilings
+    comm_s: float
+    overhead_s: float   # fixed step, per-layer and per-sequence costs
+
+
+def batch_shape(chunks: Iterable[tuple[int, int]]) -> BatchShape:
+    """Shape of a batch of (new tokens, cached tokens) chunks, each sampling one token."""
+    shape = BatchShape()
+    for new, cached in chunks:
+        shape.add(new, cached)
+    return shape

@@ -1,0 +1,191 @@
+"""The default step-time model: a roofline per operator, summed.
+
+Each operator of a step runs as its own kernel, one after another, so each takes its own
+max(compute time, memory time) and the step is their sum:
+
+    layers x (QKV, O, MLP GEMMs + attention + elementwise + 2 all-reduces + per-layer overhead)
+    + LM head + embedding + fixed step overhead + per-sequence overhead
+
+(a single max over the whole step would let a prefill chunk's GEMMs hide the decodes' KV reads,
+which a GPU does not do). Per GPU of the TP group; every coefficient comes from the catalog's GPU and
+link entries (emulator/physics/data/*.toml names the source of each).
+
+- GEMM: max(2 x tokens x K x N / (peak x e), weight and activation bytes / (HBM x e_w)) plus a fixed
+  kernel latency. Small GEMMs run below peak: e = e_max x W / (W + W_half), with W the output elements
+  per GPU (tokens padded to the GEMM tile times N), which tracks how many SM tiles a GEMM fills.
+- Attention: causal (query, key) pair FLOPs at their own efficiency, against the KV-cache bytes read.
+- Elementwise (2 norms, rope, activation, residual add): a fixed cost per kernel plus bytes / bandwidth.
+- All-reduce: from the link's fitted latency/bandwidth curve (emulator.physics.roofline.allreduce_seconds).
+- Overheads (docs/conventions.md#overheads): per step, per layer, per sampled sequence.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from emulator.physics import roofline
+from emulator.physics.catalog import DTYPE_BYTES, Model
+from emulator.physics.deployment import BatchShape, Deployment, StepTime
+
+ELEMENTWISE_KERNELS = 5   # input norm, rope, post-attention norm, activation, residual add (Llama block)
+ACT = roofline.ACTIVATION_BYTES
+
+
+class Cost(NamedTuple):
+    """One or more operators: wall seconds, and the compute / memory ceilings behind them."""
+    seconds: float
+    compute_s: float
+    memory_s: float
+    compute_bound_s: float   # the part of `seconds` spent in compute-bound operators
+
+    def __add__(self, other: Cost) -> Cost:  # type: ignore[override]
+        return Cost(*(a + b for a, b in zip(self, other)))
+
+    def scaled(self, k: float) -> Cost:
+        return Cost(*(a * k for a in self))
+
+
+ZERO = Cost(0.0, 0.0, 0.0, 0.0)
+
+
+def op_cost(fixed_s: float, compute_s: float, memory_s: float) -> Cost:
+    bound = max(compute_s, memory_s)
+    return Cost(fixed_s + bound, compute_s, memory_s, fixed_s + bound if compute_s >= memory_s else 0.0)
+
+
+def layer_gemms(model: Model, tp: int) -> list[tuple[int, int]]:
+    """(K, N) per GPU of a dense layer's GEMMs: fused QKV, O, fused gate+up, down (Megatron sharding)."""
+    d = model.head_dim
+    q = model.q_heads * d / tp
+    kv = math.ceil(model.kv_heads / tp) * d   # KV heads replicate when tp > kv_heads
+    f = model.ffn / tp
+    return [(model.hidden, q + 2 * kv), (q, model.hidden), (model.hidden, 2 * f), (f, model.hidden)]
+
+
+class OperatorModel:
+    """Step time as the sum of per-operator rooflines (the seam's default implementation)."""
+
+    def __init__(self, dep: Deployment):
+        m, g, t = dep.model, dep.gpu, dep.tp
+        self.dep = dep
+        self.peak = g.peak_flops(dep.weight_dtype)
+        self.hbm = g.hbm_bytes_per_s
+        self.e_max = g.compute_efficiency
+        self.e_weights = g.gemm_bandwidth_efficiency or g.bandwidth_efficiency
+        self.half_work = g.gemm_half_work
+        self.tile = max(1, g.gemm_token_tile)
+        self.kernel_s = g.kernel_latency_us * 1e-6
+        self.e_attention = g.attention_efficiency or g.compute_efficiency
+        self.e_kv = g.bandwidth_efficiency
+        self.elementwise_s = g.elementwise_kernel_us * 1e-6
+        self.e_elementwise = g.elementwise_bandwidth_efficiency or g.bandwidth_efficiency
+        self.weight_bytes = DTYPE_BYTES[dep.weight_dtype]
+        self.layers = m.layers
+        self.attn_gemms = layer_gemms(m, t)[:2]
+        self.mlp_gemms = layer_gemms(m, t)[2:]
+        self.kv_per_token_layer = roofline.kv_bytes_per_token_per_gpu(dep) / m.layers
+        self.flops_per_pair = 4.0 * m.q_heads / t * m.head_dim   # QK^T and PV, per layer
+        self.elementwise_bytes = self._elementwise_bytes_per_token(m, t)
+        self.fixed_s = g.step_overhead_us * 1e-6 + m.layers * g.layer_overhead_us * 1e-6
+        self.sequence_s = g.sequence_overhead_us * 1e-6
+        self._linear: dict[int, Cost] = {}
+        self._head: dict[tuple[int, int], Cost] = {}
+
+    @staticmethod
+    def _elementwise_bytes_per_token(m: Model, t: int) -> float:
+        """Read + write traffic per token per layer: two norms and the residual add over the full hidden
+        size (replicated on every rank), rope over this rank's Q and K, SiLU-and-mul over its FFN slice."""
+        q_k = (m.q_heads + m.kv_heads) * m.head_dim / t
+        ffn = m.active_experts * m.ffn / t
+        return ACT * (2 * 2 * m.hidden + 2 * q_k + 3 * ffn + 3 * m.hidden)
+
+    # -- operators -------------------------------------------------------------------------------
+
+    def gemm(self, tokens: float, k: float, n: float, count: float = 1.0) -> Cost:
+        """`count` equal GEMMs run as one grouped kernel (a fused MoE layer's experts): one launch."""
+        if tokens <= 0:
+            return ZERO
+        padded = math.ceil(tokens / self.tile) * self.tile
+        work = padded * n
+        eff = self.e_max * work / (work + self.half_work)
+        compute = 2.0 * padded * k * n / (self.peak * eff)
+        memory = (k * n * self.weight_bytes + ACT * tokens * (k + n)) / (self.hbm * self.e_weights)
+        return op_cost(self.kernel_s, count * compute, count * memory)
+
+    def elementwise(self, tokens: int) -> Cost:
+        memory = tokens * self.elementwise_bytes / (self.hbm * self.e_elementwise)
+        return op_cost(ELEMENTWISE_KERNELS * self.elementwise_s, 0.0, memory)
+
+    def linear_layer(self, tokens: int) -> Cost:
+        """One layer's GEMMs and elementwise kernels for `tokens` new tokens (what operator profiles measure)."""
+        hit = self._linear.get(tokens)
+        if hit is None:
+            hit = self._linear[tokens] = self._linear_layer(tokens) if tokens > 0 else ZERO
+        return hit
+
+    def _linear_layer(self, tokens: int) -> Cost:
+        cost = self.elementwise(tokens)
+        for k, n in self.attn_gemms:
+            cost = cost + self.gemm(tokens, k, n)
+        m = self.dep.model
+        if not m.is_moe:
+            for k, n in self.mlp_gemms:
+                cost = cost + self.gemm(tokens, k, n)
+            return cost
+        touched = roofline.experts_touched(m, tokens)   # each touched expert runs its share of the tokens
+        per_expert = tokens * m.active_experts / touched
+        cost = cost + self.gemm(tokens, m.hidden, m.experts)   # the router
+        for k, n in self.mlp_gemms:
+            cost = cost + self.gemm(per_expert, k, n, count=touched)
+        return cost
+
+    def attention_layer(self, tokens: float, context: float, pairs: float) -> Cost:
+        if tokens <= 0:
+            return ZERO
+        compute = pairs * self.flops_per_pair / (self.peak * self.e_attention)
+        memory = (context + tokens) * self.kv_per_token_layer / (self.hbm * self.e_kv)
+        return op_cost(self.kernel_s, compute, memory)
+
+    def allreduce_layer(self, tokens: int) -> float:
+        if self.dep.tp == 1 or tokens <= 0:
+            return 0.0
+        return 2 * roofline.allreduce_seconds(self.dep, tokens * self.dep.model.hidden * ACT)
+
+    def head(self, tokens: int, sampled: int) -> Cost:
+        """Final norm and LM head over the sampled tokens, plus the embedding rows looked up."""
+        key = (tokens, sampled)
+        hit = self._head.get(key)
+        if hit is None:
+            m = self.dep.model
+            lookup = tokens * m.hidden * self.weight_bytes / (self.hbm * self.e_weights)
+            hit = (self.gemm(sampled, m.hidden, m.vocab / self.dep.tp)
+                   + op_cost(self.elementwise_s, 0.0, sampled * 2 * ACT * m.hidden / (self.hbm * self.e_elementwise))
+                   + Cost(lookup, 0.0, lookup, 0.0))
+            self._head[key] = hit
+        return hit
+
+    # -- a step ----------------------------------------------------------------------------------
+
+    def step_time(self, shape: BatchShape) -> StepTime:
+        n = shape.new_tokens
+        if n == 0:
+            return StepTime(seconds=0.0, bound="memory", compute_s=0.0, memory_s=0.0, comm_s=0.0, overhead_s=0.0)
+        layer = self.linear_layer(n) + self.attention_layer(n, shape.context_tokens, shape.attention_pairs)
+        ops = layer.scaled(self.layers) + self.head(n, shape.sampled)
+        comm = self.layers * self.allreduce_layer(n)
+        overhead = self.fixed_s + shape.sampled * self.sequence_s
+        bound = "compute" if 2 * ops.compute_bound_s >= ops.seconds else "memory"
+        return StepTime(seconds=ops.seconds + comm + overhead, bound=bound, compute_s=ops.compute_s,
+                        memory_s=ops.memory_s, comm_s=comm, overhead_s=overhead)
+
+    def decode_run_times(self, batch: int, context_sum: int, steps: int) -> np.ndarray:
+        """`steps` decode steps of `batch` sequences whose contexts each grow by one token per step;
+        equal to step_time step by step (only attention changes from one step to the next)."""
+        fixed = self.step_time(BatchShape(new_tokens=batch, sampled=batch))
+        fixed_s = fixed.seconds - self.layers * self.attention_layer(batch, 0, 0).seconds
+        context = context_sum + np.arange(steps, dtype=np.float64) * batch
+        compute = (context + batch) * self.flops_per_pair / (self.peak * self.e_attention)
+        memory = (context + batch) * self.kv_per_token_layer / (self.hbm * self.e_kv)
+        return fixed_s + self.layers * (self.kernel_s + np.maximum(compute, memory))

@@ -1,0 +1,52 @@
+"""The step-time seam: the one place the engine, the simulator and the planner ask how long a step of
+a given shape takes on a deployment.
+
+A ``StepModel`` answers ``step_time(shape)`` and ``decode_run_times(batch, context_sum, steps)``.
+``model_for(dep)`` picks the implementation from the catalog entries inside the deployment:
+
+- ``OperatorModel`` (emulator.physics.operators): per-operator roofline with the GPU's coefficients;
+- ``ProfiledModel`` (emulator.physics.profiled): the same, with a layer's GEMM + elementwise time interpolated
+  from a measured table, when the GPU entry carries a LayerProfile for this model and TP degree.
+
+A calibrated catalog (``kvlab calibrate``) changes the GPU/link entries, so every caller that builds its
+Deployment from that catalog (worker, simulator, planner) gets the same new step times.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import numpy as np
+
+from emulator.physics.deployment import BatchShape, Deployment, StepTime
+from emulator.physics.operators import OperatorModel
+from emulator.physics.profiled import ProfiledModel
+
+
+class StepModel(Protocol):
+    def step_time(self, shape: BatchShape) -> StepTime: ...
+
+    def decode_run_times(self, batch: int, context_sum: int, steps: int) -> np.ndarray: ...
+
+
+def build_model(dep: Deployment) -> StepModel:
+    """A fresh step model for `dep` (fitting builds many; everyone else uses the cached model_for)."""
+    profile = dep.gpu.profile_for(dep.model.name, dep.tp)
+    return ProfiledModel(dep, profile) if profile is not None else OperatorModel(dep)
+
+
+@functools.lru_cache(maxsize=64)
+def model_for(dep: Deployment) -> StepModel:
+    return build_model(dep)
+
+
+def step_time(dep: Deployment, shape: BatchShape) -> StepTime:
+    """Duration of one engine step on one TP group."""
+    return model_for(dep).step_time(shape)
+
+
+def decode_run_times(dep: Deployment, batch: int, context_sum: int, steps: int) -> np.ndarray:
+    """Durations of `steps` back-to-back decode steps of a fixed batch whose contexts all grow by one
+    token per step (step j reads context_sum + j x batch cached tokens); equal to step_time per step,
+    vectorized for drivers that fast-forward a steady decode batch."""
+    return model_for(dep).decode_run_times(batch, context_sum, steps)

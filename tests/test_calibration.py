@@ -1,0 +1,207 @@
+"""`kvlab calibrate` round trips, the calibrated (profiled) step model, and a calibrated catalog reaching
+the worker, the simulator and the planner with one step time."""
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from emulator.calibrate import fidelity
+from emulator.calibrate import fit as cal
+from emulator.calibrate import measurements as ms
+from emulator.physics import roofline, steptime
+from emulator.physics.catalog import LayerProfile, builtin_catalog, load_catalog
+from emulator.physics.operators import OperatorModel
+from emulator.physics.profiled import ProfiledModel
+from kvlab import cli
+
+CAT = builtin_catalog()
+H100, L8B, NVLINK = CAT.gpu("H100-SXM"), CAT.model("Llama-3.1-8B"), CAT.link("NVLink4")
+# A known perturbation of every coefficient a step table identifies.
+PERTURBED = {"step_overhead_us": 450.0, "sequence_overhead_us": 12.0, "bandwidth_efficiency": 0.8,
+             "compute_efficiency": 0.75, "attention_efficiency": 0.6}
+
+
+def probe_rows(gpu) -> list[ms.StepRow]:
+    """What the live probes measure (batch-1 decode at several contexts, decode batches, long
+    prefills), timed by the step model of `gpu` instead of a server."""
+    shapes = [("decode", 1, 1, c) for c in (0, 1024, 4096, 16384)]
+    shapes += [("decode", b, 1, 1024) for b in (8, 32, 128)]
+    shapes += [("prefill", 1, n, 0) for n in (1024, 4096, 8192, 16384)]
+    rows = [ms.StepRow(phase=p, batch=b, tokens=n, context=c, tp=1, ms=1.0) for p, b, n, c in shapes]
+    return [msgspec.structs.replace(r, ms=cal.predict_step_ms(gpu, L8B, None, r)) for r in rows]
+
+
+def test_fitting_the_built_in_step_model_recovers_its_catalog_within_2_percent():
+    start = msgspec.structs.replace(H100, **PERTURBED)      # fit from somewhere else
+    result = cal.fit_steps(start, L8B, None, probe_rows(H100))
+    for field, value in result.values.items():
+        assert value == pytest.approx(getattr(H100, field), rel=0.02), field
+    assert result.max_error < 0.005
+
+
+def test_calibrate_recovers_a_known_perturbation_end_to_end(tmp_path: Path):
+    steps = tmp_path / "steps.csv"
+    steps.write_text(ms.write_step_table(probe_rows(msgspec.structs.replace(H100, **PERTURBED))))
+    out = tmp_path / "calibrated.toml"
+    assert cli.main(["calibrate", "--steps", str(steps), "--name", "H100-fitted", "--out", str(out)]) == 0
+    fitted = load_catalog(out).gpu("H100-fitted")
+    for field, value in PERTURBED.items():
+        assert getattr(fitted, field) == pytest.approx(value, rel=0.02), field
+    text = out.read_text()
+    assert "per-row error table" in text and "prefill batch 1 tokens 16384" in text
+    assert "steps.csv" in fitted.coefficient_sources
+
+
+def test_a_step_table_with_a_bad_row_is_refused_with_its_line(tmp_path: Path, capsys):
+    steps = tmp_path / "steps.csv"
+    steps.write_text("phase,batch,tokens,context,tp,ms\ndecode,1,1,100,1,7.0\nwarmup,1,1,100,1,7.0\n")
+    assert cli.main(["calibrate", "--steps", str(steps)]) == 2
+    assert "line 3" in capsys.readouterr().err
+
+
+def _profiled(tokens=(1, 64, 512, 4096), layer_ms=(0.2, 0.25, 0.5, 3.0)):
+    profile = LayerProfile(model=L8B.name, tp=1, tokens=tokens, layer_ms=layer_ms)
+    gpu = msgspec.structs.replace(H100, profiles=(profile,))
+    return roofline.Deployment(model=L8B, gpu=gpu)
+
+
+def test_a_layer_profile_is_interpolated_and_extended_by_the_roofline():
+    dep = _profiled()
+    model = steptime.model_for(dep)
+    assert isinstance(model, ProfiledModel)
+    assert model.linear_layer(512).seconds == pytest.approx(0.5e-3)
+    assert model.linear_layer(288).seconds == pytest.approx((0.25 + 0.25 * (288 - 64) / 448) * 1e-3)
+    roof = OperatorModel(dep)
+    beyond = 3.0e-3 * roof.linear_layer(8192).seconds / roof.linear_layer(4096).seconds
+    assert model.linear_layer(8192).seconds == pytest.approx(beyond)
+    # attention, LM head and overheads stay the roofline's: the step differs by the layers' difference only
+    shape = roofline.batch_shape([(512, 100)])
+    delta = 32 * (0.5e-3 - roof.linear_layer(512).seconds)
+    assert model.step_time(shape).seconds == pytest.approx(roof.step_time(shape).seconds + delta)
+
+
+def test_a_profile_applies_only_to_its_model_and_tp():
+    other = roofline.Deployment(model=CAT.model("Llama-3.1-70B"), gpu=_profiled().gpu)
+    assert type(steptime.model_for(other)) is OperatorModel
+    assert _profiled().gpu.profile_for(L8B.name, 2) is None
+
+
+VIDUR = fidelity.profiles_dir()
+needs_profiles = pytest.mark.skipif(VIDUR is None, reason="Vidur profiles not present")
+
+
+@needs_profiles
+def test_built_in_h100_layer_times_track_the_vidur_profiles():
+    """The parametric default: most rows within 15% (the rest sit on GEMM tile-boundary jumps)."""
+    for name, folder in fidelity.VIDUR_MODELS.items():
+        rows = fidelity.layer_rows(CAT, "H100-SXM", "NVLink4", name, VIDUR / "compute/h100" / folder / "mlp.csv")
+        for s in fidelity.summarize(rows):
+            assert s.within >= 0.9 and abs(s.max_error) < 0.3 and abs(s.mean_error) < 0.08, s
+
+
+@needs_profiles
+def test_profile_tables_put_every_profiled_token_count_within_15_percent(tmp_path: Path):
+    from emulator.calibrate import cli as calibrate_cli
+    name, folder = "Llama-2-7B", fidelity.VIDUR_MODELS["Llama-2-7B"]
+    mlp = VIDUR / "compute/h100" / folder / "mlp.csv"
+    rows = ms.read_layer_profile(mlp)
+    gpu = msgspec.structs.replace(H100, profiles=calibrate_cli._profiles(H100, name, rows, str(mlp)))
+    out = tmp_path / "profiled.toml"
+    out.write_text(calibrate_cli.render(gpu, None, name, [], H100))
+    catalog = load_catalog(out)
+    for s in fidelity.summarize(fidelity.layer_rows(catalog, "H100-SXM", "NVLink4", name, mlp)):
+        assert s.within == 1.0, s
+
+
+@needs_profiles
+def test_calibrated_allreduce_curve_matches_the_nvlink_profile(tmp_path: Path):
+    path = VIDUR / "network" / fidelity.ALLREDUCE_TOPOLOGY / "all_reduce.csv"
+    out = tmp_path / "link.toml"
+    assert cli.main(["calibrate", "--vidur-allreduce", str(path), "--out", str(out)]) == 0
+    catalog = load_catalog(out)
+    assert [a.gpus for a in catalog.link("NVLink4").allreduce] == [2, 4, 8]
+    for s in fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4", path)):
+        assert s.within >= 0.9, s
+
+
+SPEC = """name = "calibrated"
+model = "Llama-3.1-8B"
+gpu = "H100-SXM"
+catalog = "calibrated.toml"
+
+[engine]
+max_model_len = 8192
+max_num_batched_tokens = 2048
+max_num_seqs = 64
+
+[[pools]]
+name = "both"
+role = "both"
+count = 1
+base_port = 18100
+
+[router]
+policy = "round_robin"
+
+[workload]
+mix = { chat = 1.0 }
+num_requests = 50
+rates = [2.0]
+"""
+
+
+def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(tmp_path: Path):
+    from emulator.planner import cli as planner_cli
+    from emulator.planner import context
+    from emulator.spec import load_spec
+    from workers.cli import config_from_args
+    from workers.config import build_engine
+    from workers.core import from_spec
+    from workers.core.request import SamplingParams
+
+    calibrated = msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5)
+    (tmp_path / "calibrated.toml").write_text(cal_render(calibrated))
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(SPEC)
+    spec = load_spec(spec_path)
+    shape = roofline.batch_shape([(1500, 0)] + [(1, 800)] * 8)
+    expected = steptime.step_time(roofline.Deployment(model=L8B, gpu=calibrated), shape).seconds
+    assert expected > steptime.step_time(roofline.Deployment(model=L8B, gpu=H100), shape).seconds * 1.3
+
+    worker_args = cli.build_parser().parse_args(["worker", "--spec", str(spec_path), "--worker-id",
+                                                 spec.worker_list()[0].id])
+    worker = build_engine(config_from_args(worker_args)[0])        # what `kvlab up` starts
+    simulated = from_spec.build_engine(spec, spec.pools[0])        # what `kvlab sim` steps
+    plan_args = cli.build_parser().parse_args(["plan", "--spec", str(spec_path)])
+    req, workload, _, _ = planner_cli._inputs(plan_args)
+    planned = context.build(req, workload, planner_cli._catalog(plan_args))   # what `kvlab plan` plans with
+    for dep in (worker.dep, simulated.dep, planned.dep):
+        assert steptime.step_time(dep, shape).seconds == pytest.approx(expected, rel=1e-12)
+    # and an engine step really takes that long: a lone 1500-token prefill
+    worker.add_request("r", list(range(1500)), SamplingParams(max_tokens=3), 0.0)
+    first = worker.step(0.0)
+    lone = steptime.step_time(roofline.Deployment(model=L8B, gpu=calibrated), roofline.batch_shape([(1500, 0)]))
+    assert first.duration == pytest.approx(lone.seconds, rel=1e-12)
+
+
+def cal_render(gpu) -> str:
+    from emulator.calibrate.cli import render
+    return render(gpu, None, L8B.name, [], H100)
+
+
+def test_calibrating_against_a_live_kvlab_worker_fits_its_step_times(start_worker, tmp_path: Path):
+    """The live path end to end through `kvlab calibrate --endpoint`: crafted probes over HTTP against an
+    emulated worker (run 5x slower than real time so the host's scheduling jitter stays small next to a
+    step), then the step fit. The fitted entry must predict the worker's own step model."""
+    w = start_worker(num_blocks=2048, time_scale=5.0)
+    steps, out = tmp_path / "probed.csv", tmp_path / "live.toml"
+    assert cli.main(["calibrate", "--endpoint", w.url, "--time-scale", "5", "--name", "H100-live",
+                     "--save-steps", str(steps), "--out", str(out)]) == 0
+    rows = ms.read_step_table(steps)
+    assert [r.phase for r in rows].count("decode") == 5 and [r.batch for r in rows][3:5] == [4, 16]
+    fitted = load_catalog(out).gpu("H100-live")
+    assert w.url in fitted.coefficient_sources
+    truth, fit = roofline.Deployment(model=L8B, gpu=H100), roofline.Deployment(model=L8B, gpu=fitted)
+    for shape in ([(1, 2048)], [(1, 1000)] * 16, [(6144, 0)]):
+        want = steptime.step_time(truth, roofline.batch_shape(shape)).seconds
+        assert steptime.step_time(fit, roofline.batch_shape(shape)).seconds == pytest.approx(want, rel=0.15)
