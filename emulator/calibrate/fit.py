@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
+import scipy.optimize
 
 from emulator.calibrate.measurements import AllReduceRow, LayerRow, StepRow
 from emulator.physics.catalog import AllReduceFit, Gpu, Link, Model
@@ -51,40 +52,15 @@ class FitResult(msgspec.Struct, kw_only=True):
 
 def minimize(f: Callable[[np.ndarray], float], x0: Sequence[float], iters: int = 2000,
              step: float = 0.3, restarts: int = 3) -> np.ndarray:
-    """Nelder-Mead (reflection, expansion, contraction, shrink), restarted from its best point."""
+    """SciPy's Nelder-Mead from a simplex of side `step`, restarted from its best point (a collapsed
+    simplex often stalls short of the minimum on these piecewise (max-of-terms) losses)."""
     x = np.asarray(x0, dtype=float)
     for _ in range(restarts):
-        x = _nelder_mead(f, x, iters, step)
+        simplex = np.vstack([x] + [x + step * np.eye(len(x))[i] for i in range(len(x))])
+        x = scipy.optimize.minimize(f, x, method="Nelder-Mead",
+                                    options={"maxiter": iters, "initial_simplex": simplex,
+                                             "xatol": 1e-9, "fatol": 1e-15}).x
     return x
-
-
-def _nelder_mead(f, x0: np.ndarray, iters: int, step: float) -> np.ndarray:
-    n = len(x0)
-    simplex = np.vstack([x0] + [x0 + step * np.eye(n)[i] for i in range(n)])
-    values = np.array([f(p) for p in simplex])
-    for _ in range(iters):
-        order = np.argsort(values)
-        simplex, values = simplex[order], values[order]
-        if values[-1] - values[0] < 1e-15:
-            break
-        centre = simplex[:-1].mean(axis=0)
-        reflected = centre + (centre - simplex[-1])
-        fr = f(reflected)
-        if fr < values[0]:
-            expanded = centre + 2 * (centre - simplex[-1])
-            fe = f(expanded)
-            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            simplex[-1], values[-1] = reflected, fr
-        else:
-            contracted = centre + 0.5 * (simplex[-1] - centre)
-            fc = f(contracted)
-            if fc < values[-1]:
-                simplex[-1], values[-1] = contracted, fc
-            else:
-                simplex[1:] = simplex[0] + 0.5 * (simplex[1:] - simplex[0])
-                values[1:] = [f(p) for p in simplex[1:]]
-    return simplex[np.argmin(values)]
 
 
 def deployment(gpu: Gpu, model: Model, tp: int, link: Link | None) -> Deployment:
