@@ -46,6 +46,10 @@ class Limits(msgspec.Struct, kw_only=True):
     default_max_tokens: int = 16            # OpenAI's legacy completions default (as the workers)
     chat_default_max_tokens: int = 256      # the emulated workers' chat default; match your workers
     max_attempts: int = 3                   # upstream tries per request (first + retries/migrations)
+    max_model_len: int | None = None        # the model's context; None: learned from the workers' /v1/models
+    offload_bytes: int = 16 << 10           # bodies this large are decoded and tokenized on a thread, off the
+                                            # event loop (~3 MB/s of text: 16 KiB would stall it ~5 ms)
+    body_timeout_s: float = 30.0            # whole request body must arrive within this (slow senders)
 
 
 class HealthConfig(msgspec.Struct, kw_only=True):
@@ -60,7 +64,9 @@ class SheddingConfig(msgspec.Struct, kw_only=True):
 
 class RouterConfig(msgspec.Struct, kw_only=True):
     workers: list[WorkerConfig] = []
-    policy: str = "prefix_bounded"              # the default; requests may pick another (x-kvlab-policy)
+    policy: str = "prefix_bounded"              # the default
+    policy_header: bool = False                 # any client may pick the policy (x-kvlab-policy), for
+                                                # experiments; else only tenants with choose_policy
     policies: dict[str, dict[str, Any]] = {}    # settings by policy name, e.g. {"prefix_bounded": {"eps": 0.25}}
     kv_index: dict[str, Any] = {}               # KvIndex settings (rehash, media); block_size defaults to ours
     tenants: list[TenantConfig] = []
@@ -69,6 +75,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     shedding: SheddingConfig = msgspec.field(default_factory=SheddingConfig)
     admin_token: str | None = None          # None: the admin API answers 403
+    metrics_token: str | None = None        # set: /metrics and /cluster need it as a Bearer token
     salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process
                                             # (set one when several routers front the same workers)
     tokenizer: str | None = None            # a tokenizer.json; None: kvlab's built-in tokenizer
@@ -90,7 +97,8 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                             role=slot.role)
                for slot in spec.worker_list()]
     r = spec.router
-    limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit)
+    limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit,
+                    max_model_len=spec.max_model_len)
     tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
                             tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
                             cache_salt=t.cache_salt) for t in spec.tenants]

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import httpx
@@ -85,7 +86,8 @@ class Router:
         if self.tokenizer.hashes is not None:
             self.metrics.watch_hash_memo(self.tokenizer.hashes)
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
-        self.intake = Intake(config.limits, self.tokenizer, self.models)
+        self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length)
+        self._large_intake = ThreadPoolExecutor(1, thread_name_prefix="kvlab-intake")
         self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, self.transport, config.timeouts),
                            self.metrics, self.tokenizer, on_finish=self._finished)
 
@@ -97,6 +99,10 @@ class Router:
         await self.pool.stop()
         await self.subscriber.stop()
         await self.client.aclose()
+        self._large_intake.shutdown(wait=False, cancel_futures=True)
+
+    def context_length(self) -> int | None:
+        return self.config.limits.max_model_len or self.pool.context_length()
 
     def models(self) -> list[str]:
         return self.config.models or self.pool.models()
@@ -112,19 +118,21 @@ class Router:
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         received = time.perf_counter()
         job = tenant = None
+        limits = self.config.limits
         try:
             tenant = self.gate.tenant_of(request.headers.get("authorization"))
-            raw = await read_body(request, self.config.limits.max_body_bytes)
-            job = self.intake.job(endpoint, raw, received, request.headers.get(POLICY_HEADER), tenant,
-                                  self.gate.salt(tenant))
+            self.gate.precheck(tenant)   # before the body is read or tokenized: a refused tenant costs ~nothing
+            policy = self._policy_override(request.headers.get(POLICY_HEADER), tenant)
+            raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+            job = await self._intake(endpoint, raw, received, policy, tenant)
             self.gate.admit(job)
             if job.stream:
                 response = await self.proxy.stream(job)
             else:
                 response = await unless_client_leaves(request.receive, self.proxy.complete(job)) or CLIENT_GONE
         except ApiError as err:
-            reason = err.code or (f"invalid_{err.param}" if err.param else "invalid_request")
-            return self._refused(endpoint, job, tenant, err.status, reason, error_response(err))
+            return self._refused(endpoint, job, tenant, err.status, err.code or _GENERIC.get(err.status, "refused"),
+                                 error_response(err))
         except WorkerRefused as refused:
             answer = Response(refused.body, status_code=refused.status, media_type="application/json")
             return self._refused(endpoint, job, tenant, refused.status, "worker_refused", answer)
@@ -134,6 +142,23 @@ class Router:
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
+    async def _intake(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None,
+                      tenant: str | None) -> Job:
+        """Decode, check and tokenize; a large body on a thread, so the event loop (every other
+        stream, /health) keeps running while it is tokenized. One thread: large prompts queue
+        behind each other instead of taking every core."""
+        args = (endpoint, raw, received, policy, tenant, self.gate.salt(tenant))
+        if len(raw) < self.config.limits.offload_bytes:
+            return self.intake.job(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._large_intake, self.intake.job, *args)
+
+    def _policy_override(self, policy: str | None, tenant: str | None) -> str | None:
+        """A request may pick the routing policy only where the config or its tenant allows it."""
+        if policy is None or self.config.policy_header or self.gate.tenants.may_choose_policy(tenant):
+            return policy
+        raise ApiError(403, f"this key may not choose the routing policy ({POLICY_HEADER})", param=POLICY_HEADER,
+                       code="policy_override_forbidden")
+
     def _refused(self, endpoint: Endpoint, job: Job | None, tenant: str | None, status: int, reason: str,
                  response: Response | None) -> Response | None:
         if job is not None:
@@ -141,6 +166,11 @@ class Router:
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.reject(status, reason, tenant)
         return response
+
+
+# Reason labels for refusals without a code of their own: by status, never from the request.
+_GENERIC = {400: "invalid_request", 403: "forbidden", 404: "not_found", 408: "request_timeout",
+            413: "request_too_large", 429: "rate_limited", 503: "unavailable"}
 
 
 # nginx's "client closed request": nobody is listening, but the status shows up in logs and metrics.

@@ -49,6 +49,7 @@ class Worker:
         self.view = WorkerView(id=config.id, role=config.role, healthy=False)
         self.failures = 0
         self.models: list[str] = []
+        self.max_model_len: int | None = None   # from its /v1/models cards (vLLM's field), when given
         self.kv_endpoint = config.kv_events
         self.has_load_endpoint = True
         self._urls: dict[str, httpx.URL] = {}
@@ -127,10 +128,15 @@ class WorkerPool:
 
     def models(self) -> list[str]:
         names: dict[str, None] = {}
-        for worker in self._workers.values():
+        for worker in list(self._workers.values()):   # a copy: also read from the intake thread
             if worker.up:
                 names.update(dict.fromkeys(worker.models))
         return list(names)
+
+    def context_length(self) -> int | None:
+        """The largest context an up worker reported: a longer request fits none of them."""
+        lengths = [w.max_model_len for w in list(self._workers.values()) if w.up and w.max_model_len]
+        return max(lengths) if lengths else None
 
     async def add(self, config: WorkerConfig) -> Worker:
         """Register a worker and probe it once, so a live worker is routable when this returns."""
@@ -210,7 +216,10 @@ class WorkerPool:
     async def _fetch_models(self, worker: Worker) -> None:
         try:
             response = await self.client.get(worker.url + "/v1/models", timeout=self.timeouts.health_s)
-            worker.models = [m["id"] for m in _models_decoder.decode(response.content).data if "id" in m]
+            cards = _models_decoder.decode(response.content).data
+            worker.models = [m["id"] for m in cards if "id" in m]
+            lengths = [m["max_model_len"] for m in cards if type(m.get("max_model_len")) is int]
+            worker.max_model_len = min(lengths) if lengths else None
         except (httpx.HTTPError, msgspec.MsgspecError, TypeError):
             pass  # the model list is advisory; an unknown list accepts any model name
 
