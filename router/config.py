@@ -11,6 +11,7 @@ import msgspec
 
 from emulator.spec import load_spec
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
+from kvlab.http_server import ServerLimits
 from router.policies.hash_memo import DEFAULT_RUNS
 from router.policies.registry import check_spec_settings
 from router.frontdoor.tenants import TenantConfig
@@ -71,6 +72,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     kv_index: dict[str, Any] = {}               # KvIndex settings (rehash, media); block_size defaults to ours
     tenants: list[TenantConfig] = []
     limits: Limits = msgspec.field(default_factory=Limits)
+    server: ServerLimits = msgspec.field(default_factory=ServerLimits)   # header deadline, connection cap
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     shedding: SheddingConfig = msgspec.field(default_factory=SheddingConfig)

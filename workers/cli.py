@@ -15,6 +15,7 @@ import logging
 import uvicorn
 
 from emulator.physics.catalog import CatalogError
+from kvlab.http_server import ServerLimits, uvicorn_settings
 from workers.config import WorkerConfig
 from workers.core.engine import ROLES, EngineError
 
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from workers.server import create_app  # deferred: `kvlab --help` need not import FastAPI
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at info: the health and KV-event polls alone would be ~20 lines a second.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config, port = config_from_args(args)
         app = create_app(config)
@@ -103,5 +107,5 @@ def run(args: argparse.Namespace) -> int:
         log.error("cannot start worker: %s", exc)
         return 2
     uvicorn.run(app, host=args.host, port=port, loop=event_loop_name(), log_level=args.log_level,
-                timeout_graceful_shutdown=args.graceful_shutdown_s)
+                timeout_graceful_shutdown=args.graceful_shutdown_s, **uvicorn_settings(ServerLimits()))
     return 0
