@@ -5,7 +5,7 @@ once ``limit_concurrency`` connections or tasks are open, but it has no deadline
 headers: a client that sends half a request line holds its connection forever (slowloris).
 ``HeaderDeadline`` adds one to uvicorn's httptools protocol: the headers of each request must be
 complete within ``header_timeout_s`` of its first byte (of the connection, for the first request),
-or the connection is closed. Request bodies have their own deadline in kvlab.http_body.
+or the connection is closed. Request bodies have their own deadline in kvlab.wire.http_body.
 """
 from __future__ import annotations
 

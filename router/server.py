@@ -6,14 +6,14 @@ holds). The two hot endpoints skip FastAPI's routing and middleware (RouterApp):
 body (non-streaming) or a relayed stream. Every refusal is an OpenAI error body with the right status.
 
 Endpoints
-- POST /v1/completions, /v1/chat/completions   routed and proxied (header x-kvlab-policy overrides the policy)
+- POST /v1/completions, /v1/chat/completions   routed and proxied (x-kvlab-policy picks the policy, if permitted)
 - GET  /v1/models, /health, /metrics            union of the workers' models, liveness, Prometheus
-- GET/POST /admin/workers, DELETE /admin/workers/{id}   membership (Authorization: Bearer <admin token>)
+- GET/POST /admin/workers, DELETE /admin/workers/{id}   membership (router.admin)
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
+import secrets
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +28,8 @@ from starlette.responses import Response
 
 from kvlab.wire.openai_api import ApiError, models_body
 from kvlab.wire.tokenizer import load_tokenizer
-from router.config import RouterConfig, WorkerConfig
+from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_token
+from router.config import RouterConfig
 from router.observability.dashboard import mount_dashboard
 from router.frontdoor.gate import Gate
 from kvlab.wire.http_body import read_body
@@ -70,6 +71,7 @@ class Router:
 
     def __init__(self, config: RouterConfig):
         self.config = config
+        self.instance_id = secrets.token_hex(16)   # lets the admin API recognise this router's own URL
         self.metrics = RouterMetrics()
         # One client for every upstream call, on the lean keep-alive transport (see router.forwarding.transport);
         # trust_env=False: no proxy variables consulted on the hot path.
@@ -194,7 +196,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     for path, endpoint in app.hot_paths.items():   # also routed: other methods get FastAPI's 405
         app.add_route(path, _handler(router, endpoint), methods=["POST"])
     _add_ops_routes(app, router)
-    _add_admin_routes(app, router)
+    add_admin_routes(app, router)
     install_error_handlers(app, "router", log)
     mount_dashboard(app, router)   # GET /cluster, /dashboard
     return app
@@ -238,60 +240,13 @@ def _add_ops_routes(app: FastAPI, router: Router) -> None:
         up = router.pool.up_count()
         body = {"status": "ok" if up else "no healthy worker", "workers_up": up,
                 "workers": len(router.pool.views())}
-        return _json(body, 200 if up else 503)
+        return Response(msgspec.json.encode(body), status_code=200 if up else 503, media_type="application/json",
+                        headers={ROUTER_ID_HEADER: router.instance_id})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        require_metrics_token(request, router.config.metrics_token)
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-class _NewWorker(msgspec.Struct, forbid_unknown_fields=True):
-    url: str
-    id: str = ""
-    role: str = "both"
-    kv_events: str | None = None
-
-
-def _add_admin_routes(app: FastAPI, router: Router) -> None:
-    def authorize(request: Request) -> None:
-        token = router.config.admin_token
-        if token is None:
-            raise ApiError(403, "the admin API is disabled (no admin token configured)", code="admin_disabled")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "a valid admin token is required", code="invalid_admin_token")
-
-    @app.get("/admin/workers")
-    async def list_workers(request: Request) -> Response:
-        authorize(request)
-        return _json([_describe(w) for w in router.pool])
-
-    @app.post("/admin/workers")
-    async def add_worker(request: Request) -> Response:
-        authorize(request)
-        raw = await read_body(request, 64 * 1024)
-        try:
-            spec = msgspec.json.decode(raw, type=_NewWorker)
-            config = WorkerConfig(url=spec.url, id=spec.id, role=spec.role, kv_events=spec.kv_events)
-        except (msgspec.MsgspecError, TypeError) as exc:
-            raise ApiError(400, f"invalid worker: {exc}") from None
-        if router.pool.get(config.id) is not None:
-            raise ApiError(409, f"worker {config.id!r} is already registered", code="worker_exists")
-        worker = await router.pool.add(config)
-        return _json(_describe(worker), 201)
-
-    @app.delete("/admin/workers/{worker_id:path}")
-    async def remove_worker(worker_id: str, request: Request) -> Response:
-        authorize(request)
-        if router.pool.get(worker_id) is None:
-            raise ApiError(404, f"no worker {worker_id!r}", type_="not_found_error", code="worker_not_found")
-        return _json(_describe(router.pool.remove(worker_id)))
-
-
-def _describe(worker: Worker) -> dict:
-    v = worker.view
-    return {"id": worker.id, "url": worker.url, "role": v.role, "up": v.healthy, "in_flight": v.in_flight,
-            "running": v.running, "waiting": v.waiting, "kv_usage": v.kv_usage, "models": worker.models}
 
 
 def _json(payload, status: int = 200) -> Response:

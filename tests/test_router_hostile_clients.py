@@ -14,7 +14,7 @@ import httpx
 
 from kvlab.http_server import ServerLimits, uvicorn_settings
 from router.config import Limits
-from router.tenants import TenantConfig
+from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, RunningRouter, router_app
 
 

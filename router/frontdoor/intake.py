@@ -73,7 +73,7 @@ class Intake:
             raise ApiError(400, "only n=1 is supported", param="n")
         if request.kv_transfer_params is not None:
             # Only the router's own P/D path sets these: they name URLs a worker will call and
-            # KV it will release or trust (router.pd). A client never may.
+            # KV it will release or trust (router.forwarding.pd). A client never may.
             raise ApiError(400, "kv_transfer_params is set by the router only", param="kv_transfer_params",
                            code="internal_field")
         if policy is not None and policy not in BUILDERS:

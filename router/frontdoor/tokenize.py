@@ -30,7 +30,7 @@ from router.policies.hash_memo import DEFAULT_RUNS, BlockHashMemo
 _OUTPUT_IDS = {word: i for i, word in enumerate(OUTPUT_WORDS)}
 MEMO_MIN_CHARS = 512      # shorter segments are cheaper to encode than to look up and copy
 MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
-# The built-in tokenizer's pieces hold at most 4 non-space characters (kvlab.tokenizer._PIECE: up to
+# The built-in tokenizer's pieces hold at most 4 non-space characters (kvlab.wire.tokenizer._PIECE: up to
 # 4 letters, 3 digits or 1 other character; whitespace runs are pieces of their own), so a text has
 # at least (non-space characters) / 4 tokens: a bound that costs a scan, not a tokenization.
 MAX_NONSPACE_PER_PIECE = 4

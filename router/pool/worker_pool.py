@@ -145,7 +145,12 @@ class WorkerPool:
         worker = Worker(config, self.metrics)
         self._workers[config.id] = worker
         self._membership_changed()
-        await self.probe(worker)
+        try:
+            await self.probe(worker)
+        except BaseException:   # all or nothing: a worker whose first probe blew up is not left behind
+            if self._workers.get(config.id) is worker:
+                self.remove(config.id)
+            raise
         return worker
 
     def remove(self, worker_id: str) -> Worker:
