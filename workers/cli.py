@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--preemption", choices=["recompute", "swap"])
     eng.add_argument("--eviction", choices=["lru", "lfu"])
     kv = p.add_argument_group("P/D handoff and KV events")
+    kv.add_argument("--peer", dest="peers", action="append",
+                    help="decode role: base URL of a prefill worker it may pull KV from (repeatable; with --spec: "
+                         "the spec's prefill workers)")
     kv.add_argument("--kv-link", help="decode role: link the KV arrives over (default InfiniBand-NDR)")
     kv.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
     kv.add_argument("--kv-events-replay-endpoint", help="ZMQ ROUTER address answering replay requests")
@@ -65,14 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "catalog", "role", "worker_id",
                  "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "num_blocks",
                  "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
-                 "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint")
+                 "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint", "peers")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     """The worker's config and port: spec slot (if any), then the flags given."""
     fields: dict = {}
     if args.spec:
-        fields = _spec_fields(args.spec, args.worker_id)
+        fields = _spec_fields(args.spec, args.worker_id, args.host)
     spec_port = fields.pop("port", DEFAULT_PORT)   # popped either way: it is not a WorkerConfig field
     port = args.port or spec_port
     fields.update({k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
@@ -80,13 +83,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     return WorkerConfig(**fields), port
 
 
-def _spec_fields(spec_path: str, worker_id: str | None) -> dict:
+def _spec_fields(spec_path: str, worker_id: str | None, host: str) -> dict:
     from emulator.spec import load_spec
-    from workers.spec_config import spec_fields
+    from workers.spec_config import prefill_peers, spec_fields
 
     if not worker_id:
         raise ValueError("--spec needs --worker-id")
-    return spec_fields(load_spec(spec_path), worker_id)
+    spec = load_spec(spec_path)
+    return {**spec_fields(spec, worker_id), "peers": prefill_peers(spec, host)}
 
 
 def event_loop_name() -> str:

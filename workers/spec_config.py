@@ -24,3 +24,11 @@ def spec_fields(spec: ClusterSpec, worker_id: str) -> dict[str, Any]:
         "eviction": e.eviction, "preemption": e.preemption, "time_scale": e.time_scale,
         "kv_link": spec.links.kv_transfer, "swap_link": spec.links.host_swap,
     }
+
+
+def prefill_peers(spec: ClusterSpec, host: str) -> list[str]:
+    """Base URLs the spec's prefill workers may be reached at: on `host` (`kvlab up`, one machine),
+    on loopback when `host` is a wildcard, and under their ids (docker compose service names)."""
+    hosts = [host, *(("127.0.0.1", "localhost") if host in ("0.0.0.0", "::", "") else ())]
+    return [f"http://{h}:{slot.port}" for slot in spec.worker_list() if slot.role == "prefill"
+            for h in (*hosts, slot.id)]
