@@ -90,8 +90,10 @@ class Router:
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
         self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length)
         self._large_intake = ThreadPoolExecutor(1, thread_name_prefix="kvlab-intake")
-        self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, self.transport, config.timeouts),
-                           self.metrics, self.tokenizer, on_finish=self._finished)
+        upstream = Upstream(self.client, self.transport, config.timeouts)
+        self.pool.listeners.append(upstream)   # a worker going down fails its open streams: they migrate now
+        self.proxy = Proxy(config, self.pool, self.policies, upstream, self.metrics, self.tokenizer,
+                           on_finish=self._finished)
 
     async def start(self) -> None:
         await asyncio.gather(*(self.pool.add(w) for w in self.config.workers))
