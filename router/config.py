@@ -5,6 +5,7 @@ server, worker pool and proxy receive a RouterConfig; none of them reads globals
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -78,14 +79,26 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     shedding: SheddingConfig = msgspec.field(default_factory=SheddingConfig)
     admin_token: str | None = None          # None: the admin API answers 403
     metrics_token: str | None = None        # set: /metrics and /cluster need it as a Bearer token
-    salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process
-                                            # (set one when several routers front the same workers)
+    salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process, so
+                                            # salted tenants' cache is lost on restart and not shared between
+                                            # routers. Give it from a file or $KVLAB_SALT_SECRET (read_secret)
     tokenizer: str | None = None            # a tokenizer.json; None: kvlab's built-in tokenizer
     block_size: int = DEFAULT_BLOCK_SIZE    # must equal the workers' KV block size
     hash_memo_runs: int = DEFAULT_RUNS      # 64-block hash runs remembered (router.policies.hash_memo); 0: off
     kv_events: Literal["zmq", "http", "off"] = "http"
     kv_events_poll_s: float = 0.1           # HTTP polling period of /v1/kv_events (index lag <= this)
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
+
+
+SALT_SECRET_ENV = "KVLAB_SALT_SECRET"
+
+
+def read_secret(path: str | Path) -> str:
+    """A secret from a file (surrounding whitespace dropped); never echoed in errors or logs."""
+    secret = Path(path).read_text().strip()
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
 
 
 def from_spec(path: str, worker_host: str = "127.0.0.1",
@@ -106,7 +119,9 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                             cache_salt=t.cache_salt) for t in spec.tenants]
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
+    salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
     config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
-                          limits=limits, admin_token=r.admin_token, block_size=spec.engine.block_size,
+                          limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
+                          block_size=spec.engine.block_size,
                           shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s), models=[spec.model])
     return config, r.port, r.host
