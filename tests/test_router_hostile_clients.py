@@ -141,7 +141,8 @@ def test_connections_past_the_cap_are_answered_503(start_worker, serve):
     try:
         time.sleep(0.2)
         r = httpx.get(router.url + "/health", timeout=10)
-        assert r.status_code == 503
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "too_many_connections"
     finally:
         for sock in idle:
             sock.close()

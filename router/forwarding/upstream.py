@@ -117,7 +117,7 @@ class Upstream:
         stream = UpstreamStream(worker_id, response, self.timeouts, self.open.setdefault(worker_id, set()))
         return stream
 
-    # A pool listener (router.worker_pool): a worker the health probe (or live traffic) takes down
+    # A pool listener (router.pool.worker_pool): a worker the health probe (or live traffic) takes down
     # fails its open streams at once, so they migrate now rather than after the idle timeout.
     def worker_down(self, worker) -> None:
         for stream in list(self.open.get(worker.id, ())):
