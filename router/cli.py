@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 import uvicorn
 
-from kvlab.http_server import uvicorn_settings
+from kvlab.wire.http_server import uvicorn_settings
 from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS
 
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if config.salt_secret is None and any(t.cache_salt for t in config.tenants):
         log.warning("salted tenants but no salt secret (--salt-secret-file or $%s): their cached prefixes "
                     "will not survive a router restart", SALT_SECRET_ENV)
-    # uvloop + httptools (with a header deadline, kvlab.http_server): the fastest stack uvicorn offers;
+    # uvloop + httptools (with a header deadline, kvlab.wire.http_server): the fastest stack uvicorn offers;
     # no access log on the hot path.
     uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5, **uvicorn_settings(config.server))

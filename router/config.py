@@ -12,7 +12,7 @@ import msgspec
 
 from emulator.spec import load_spec
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
-from kvlab.http_server import ServerLimits
+from kvlab.wire.http_server import ServerLimits
 from router.policies.hash_memo import DEFAULT_RUNS
 from router.policies.registry import check_spec_settings
 from router.frontdoor.tenants import TenantConfig

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from kvlab.http_server import ServerLimits, uvicorn_settings
+from kvlab.wire.http_server import ServerLimits, uvicorn_settings
 from router.config import Limits
 from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, RunningRouter, router_app

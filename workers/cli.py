@@ -15,7 +15,7 @@ import logging
 import uvicorn
 
 from emulator.physics.catalog import CatalogError
-from kvlab.http_server import ServerLimits, uvicorn_settings
+from kvlab.wire.http_server import ServerLimits, uvicorn_settings
 from workers.config import WorkerConfig
 from workers.core.engine import ROLES, EngineError
 
