@@ -247,7 +247,11 @@ class WorkerPool:
         await self._background.stop()
 
     async def _run(self) -> None:
+        # Fixed rate: a round starts every interval_s, however long the last one took. Waiting the
+        # interval after a hung worker's probe timed out would double the time to mark it down.
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.health.interval_s)
+            started = loop.time()
             workers = list(self._workers.values())
             await asyncio.gather(*(self.probe(w) for w in workers), return_exceptions=True)
+            await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))
