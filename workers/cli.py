@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--peer", dest="peers", action="append",
                     help="decode role: base URL of a prefill worker it may pull KV from (repeatable; with --spec: "
                          "the spec's prefill workers)")
+    kv.add_argument("--peer-host", help="with --spec: host of the spec's prefill workers; '{id}' stands for each "
+                                        "one's id (default: the listen host, and the id itself)")
+    kv.add_argument("--peer-port", type=int, help="with --spec: port of every prefill worker (default: the spec's)")
     kv.add_argument("--kv-link", help="decode role: link the KV arrives over (default InfiniBand-NDR)")
     kv.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
     kv.add_argument("--kv-events-replay-endpoint", help="ZMQ ROUTER address answering replay requests")
@@ -75,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     """The worker's config and port: spec slot (if any), then the flags given."""
     fields: dict = {}
     if args.spec:
-        fields = _spec_fields(args.spec, args.worker_id, args.host)
+        fields = _spec_fields(args)
     spec_port = fields.pop("port", DEFAULT_PORT)   # popped either way: it is not a WorkerConfig field
     port = args.port or spec_port
     fields.update({k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
@@ -83,14 +86,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     return WorkerConfig(**fields), port
 
 
-def _spec_fields(spec_path: str, worker_id: str | None, host: str) -> dict:
+def _spec_fields(args: argparse.Namespace) -> dict:
     from emulator.spec import load_spec
     from workers.spec_config import prefill_peers, spec_fields
 
-    if not worker_id:
+    if not args.worker_id:
         raise ValueError("--spec needs --worker-id")
-    spec = load_spec(spec_path)
-    return {**spec_fields(spec, worker_id), "peers": prefill_peers(spec, host)}
+    spec = load_spec(args.spec)
+    peers = prefill_peers(spec, args.host, args.peer_host, args.peer_port)
+    return {**spec_fields(spec, args.worker_id), "peers": peers}
 
 
 def event_loop_name() -> str:
