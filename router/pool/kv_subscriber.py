@@ -11,10 +11,11 @@ cache; a gap means lost batches, whose removals we will never see. Either way th
 are dropped: a stale "cached here" would route requests to a worker that no longer holds the
 prefix, which is worse than forgetting a prefix it still has.
 
-Resync (HTTP feed): a feed starts, and recovers from a gap, with the worker's snapshot
-(``GET /v1/kv_events/snapshot``: every cached block hash as of sequence S), then polls from S. So a
-restarted router, or one that fell behind the worker's replay buffer, knows the whole cache, not
-just its last few thousand batches. Workers without the endpoint (stock vLLM), and an index that
+Resync: a feed starts, and recovers from a gap, with the worker's snapshot
+(``GET /v1/kv_events/snapshot``: every cached block hash as of sequence S), then takes batches from S
+on (polled, or from the ZMQ socket, subscribed before the snapshot is read). So a restarted router,
+or one that fell behind the worker's replay buffer, knows the whole cache, not just its last few
+thousand batches. Workers without the endpoint (stock vLLM), and an index that
 rehashes engine blocks (it needs token ids, which a snapshot does not carry), fall back to replaying
 the buffer and forgetting what it no longer holds.
 """
@@ -148,16 +149,34 @@ class KvSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(worker.kv_endpoint)
-        expected = None
+        # Subscribed first, then the snapshot: batches published meanwhile arrive on the socket, and
+        # those the snapshot already holds (sequence below its own) are skipped.
+        expected = floor = await self._zmq_snapshot(worker)
         try:
             while True:
                 frames = await sock.recv_multipart()
                 if len(frames) != 3:
                     continue
                 seq = int.from_bytes(frames[1], "big", signed=True)
+                if floor is not None and seq < floor:
+                    continue   # already in the snapshot
                 if expected is not None and seq != expected:
                     self._resync(worker.id, f"sequence {seq}, expected {expected}")
-                expected = seq + 1
+                    expected = floor = await self._zmq_snapshot(worker)
+                    if floor is not None and seq < floor:
+                        continue
+                floor, expected = None, seq + 1
                 self._apply(worker.id, decode_batch(frames[2]))
         finally:
             sock.close(linger=0)
+
+    async def _zmq_snapshot(self, worker: Worker) -> int | None:
+        """The sequence the worker's snapshot (over HTTP) reaches, once loaded; None without one."""
+        if self.index.rehash:
+            return None
+        try:
+            after, served = await self._from_snapshot(worker)
+        except (httpx.HTTPError, msgspec.MsgspecError, ValueError) as exc:
+            log.debug("KV snapshot of %s failed: %r", worker.id, exc)
+            return None
+        return after + 1 if served else None
