@@ -174,6 +174,7 @@ class Stream(msgspec.Struct):
     error: bool = False
     completion_tokens: int | None = None
     retry_after: str | None = None
+    problem: str = ""      # the error event or exception, if any
 
 
 async def stream(client: httpx.AsyncClient, body: dict, path: str = "/v1/completions") -> Stream:
@@ -196,8 +197,8 @@ async def stream(client: httpx.AsyncClient, body: dict, path: str = "/v1/complet
                     out.gaps.append(now - last)
                     last = now
                     _read_event(out, event.removeprefix(b"data: "), now - started)
-    except (httpx.HTTPError, OSError):
-        out.error = True
+    except (httpx.HTTPError, OSError) as exc:
+        out.error, out.problem = True, repr(exc)
     return out
 
 
@@ -207,7 +208,7 @@ def _read_event(out: Stream, data: bytes, elapsed: float) -> None:
         return
     payload = msgspec.json.decode(data)
     if "error" in payload:
-        out.error = True
+        out.error, out.problem = True, payload["error"].get("message", "")
     if out.ttft is None and payload.get("choices"):
         out.ttft = elapsed
     if payload.get("usage"):

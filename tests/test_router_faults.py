@@ -183,3 +183,40 @@ def test_streams_on_a_worker_the_probe_marks_down_migrate_at_once_not_after_the_
     # Migrated when the probe marked the worker down, well before the worker came back by itself.
     assert max(gaps) < freeze_s / 2, max(gaps)
     assert router.metric("kvlab_router_retries_total", kind="migration") >= 1
+
+
+def test_a_stalled_stream_abandoned_twice_fails_once_cleanly():
+    """Suspected after a failed probe, then marked down: the second abandon must not raise."""
+    import asyncio
+
+    from router.config import Timeouts
+    from router.forwarding.upstream import UpstreamFailure, UpstreamStream
+
+    class Silent:   # a worker response whose body never sends another byte
+        stream = None
+
+        async def aclose(self):
+            pass
+
+    async def never():
+        await asyncio.sleep(3600)
+        yield b""
+
+    async def scenario():
+        response = Silent()
+        response.stream = never()
+        stream = UpstreamStream("w0", response, Timeouts(idle_s=30.0))
+        stream._started = True
+        read = asyncio.ensure_future(stream.next_event())
+        await asyncio.sleep(0.05)
+        assert stream.silent_for() > 0
+        stream.abandon("worker stalled")
+        stream.abandon("worker marked down")
+        try:
+            await asyncio.wait_for(read, 5)
+        except UpstreamFailure as failure:
+            return failure
+        return None
+
+    failure = asyncio.run(scenario())
+    assert failure is not None and failure.dead and failure.reason == "worker stalled"

@@ -123,6 +123,14 @@ class Upstream:
         for stream in list(self.open.get(worker.id, ())):
             stream.abandon("worker marked down")
 
+    def worker_suspect(self, worker) -> None:
+        """A probe of the worker just failed: its streams that have also been silent for a whole probe
+        timeout are stalled with it (a hung process), so they move now, a probe round before the worker
+        leaves routing. Streams still waiting for a first token may just be queued: they stay."""
+        for stream in list(self.open.get(worker.id, ())):
+            if stream.silent_for() >= self.timeouts.health_s:
+                stream.abandon("worker stalled")
+
     def worker_up(self, worker) -> None:
         pass
 
@@ -176,12 +184,24 @@ class UpstreamStream:
             self._done = True
         return event
 
+    def silent_for(self) -> float:
+        """Seconds the pending read has waited since the stream's last bytes (0: no read pending, or
+        no token yet)."""
+        if self._wait is None or not self._started or self._wait.when() is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - (self._wait.when() - self._idle_s)
+
     def abandon(self, reason: str) -> None:
         """Fail the stream now: the pending read (if any) ends at once, later reads raise. Events
         already received are still delivered first."""
+        if self._abandoned is not None:
+            return   # already failing (suspected, then marked down)
         self._abandoned = reason
         if self._wait is not None:
-            self._wait.reschedule(asyncio.get_running_loop().time())
+            try:
+                self._wait.reschedule(asyncio.get_running_loop().time())
+            except RuntimeError:
+                pass   # its deadline is already passing: the read fails anyway
 
     @property
     def buffered(self) -> bool:

@@ -93,6 +93,7 @@ class PoolListener(Protocol):
     def worker_up(self, worker: Worker) -> None: ...
     def worker_down(self, worker: Worker) -> None: ...
     def worker_removed(self, worker: Worker) -> None: ...
+    def worker_suspect(self, worker: Worker) -> None: ...   # a probe failed; not yet out of routing
 
 
 class WorkerPool:
@@ -189,6 +190,8 @@ class WorkerPool:
             worker.failures += 1
             if worker.up and worker.failures >= self.health.failures_to_remove:
                 self._mark(worker, False)
+            elif worker.up:
+                self._notify("worker_suspect", worker)   # still routable; its stalled streams may move
         return ok
 
     async def _probe_once(self, worker: Worker) -> bool:
@@ -237,7 +240,9 @@ class WorkerPool:
 
     def _notify(self, event: str, worker: Worker) -> None:
         for listener in self.listeners:
-            getattr(listener, event)(worker)
+            handler = getattr(listener, event, None)
+            if handler is not None:
+                handler(worker)
 
     # -- the probe loop --------------------------------------------------------------------------
     def start(self) -> None:
