@@ -55,8 +55,8 @@ class Intake:
         limits = RequestLimits(max_input_tokens=self.limits.max_input_tokens,
                                max_tokens_limit=self.limits.max_tokens_limit, max_model_len=self.context_length())
         started = time.perf_counter()
+        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(limits, max_tokens)), max_tokens, limits)
         given = self.tokenizer.chat_input(request) if endpoint == "chat" else self.tokenizer.completion_input(request)
-        _refuse_early(self.tokenizer.min_tokens(given, _prompt_cap(limits, max_tokens)), max_tokens, limits)
         prompt = self.tokenizer.encode(given)
         _check_sizes(len(prompt), max_tokens, limits, max_field)
         salt = _salt(request.cache_salt, tenant_salt)
@@ -79,6 +79,18 @@ class Intake:
         if policy is not None and policy not in BUILDERS:
             raise ApiError(400, f"unknown routing policy {policy!r}; known: {', '.join(BUILDERS)}",
                            param=POLICY_HEADER)
+
+    def _min_tokens(self, endpoint: Endpoint, request, cap: int) -> int:
+        """A lower bound on the prompt's tokens, read before the chat template copies it (the
+        template only adds tokens): exact for token ids, 0 when unknown."""
+        if endpoint == "chat":
+            return self.tokenizer.min_tokens([m.text() for m in request.messages], cap)
+        prompt = request.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer.min_tokens([prompt], cap)
+        return len(prompt) if all(type(t) is int for t in prompt[:1]) else 0
 
     def _check_model(self, model: str) -> None:
         served = self.models()

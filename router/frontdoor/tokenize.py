@@ -36,6 +36,16 @@ MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
 MAX_NONSPACE_PER_PIECE = 4
 
 
+_SCAN_CHARS = 1 << 16   # characters counted at a time by min_tokens
+
+
+def _nonspace(text: str) -> int:
+    """Characters of `text` that are not whitespace (as the tokenizer's regex sees it)."""
+    if text.isascii():   # counting six characters beats splitting; str.split knows Unicode spaces
+        return len(text) - sum(map(text.count, " \n\t\r\f\v"))
+    return sum(map(len, text.split()))
+
+
 class SegmentMemo:
     """Token ids of long text segments (int32 arrays), least recently used first out.
 
@@ -126,17 +136,19 @@ class PromptTokenizer:
     def encode(self, prompt: str | Sequence[int]) -> Sequence[int]:
         return self._encode(prompt) if isinstance(prompt, str) else prompt
 
-    def min_tokens(self, prompt: str | Sequence[int], above: int) -> int:
-        """A lower bound on the prompt's token count, exact for ids; for text only computed when it
-        could exceed `above` (else 0). Lets a huge prompt be refused without tokenizing it."""
-        if not isinstance(prompt, str):
-            return len(prompt)
-        if self.memo is None or len(prompt) <= above * MAX_NONSPACE_PER_PIECE:
-            return 0   # a tokenizer file has no such bound; or the text is too short to tell
-        if prompt.isascii():   # counting six characters beats splitting; str.split knows Unicode spaces
-            nonspace = len(prompt) - sum(map(prompt.count, " \n\t\r\f\v"))
-        else:
-            nonspace = sum(map(len, prompt.split()))
+    def min_tokens(self, texts: Sequence[str], above: int) -> int:
+        """A lower bound on the token count of `texts` (a prompt, or a chat's message contents), found
+        without tokenizing; 0 when it cannot tell (a tokenizer file has no such bound, or the texts are
+        too short to exceed `above`). It stops reading once the bound passes `above`: refusing a 6 MB
+        prompt against an 8K context reads its first ~40 KB."""
+        if self.memo is None or sum(map(len, texts)) <= above * MAX_NONSPACE_PER_PIECE:
+            return 0
+        nonspace = 0
+        for text in texts:
+            for start in range(0, len(text), _SCAN_CHARS):
+                nonspace += _nonspace(text[start:start + _SCAN_CHARS])
+                if nonspace > above * MAX_NONSPACE_PER_PIECE:
+                    break
         return -(-nonspace // MAX_NONSPACE_PER_PIECE)
 
     def _encode(self, text: str) -> Sequence[int]:
