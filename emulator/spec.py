@@ -83,6 +83,8 @@ class RouterSpec(_Section):
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROUTER_PORT
     admin_token: str | None = None         # None: the admin API is disabled
+    salt_secret_file: str | None = None    # file holding the secret salted tenants' cache salts derive from
+                                           # (relative to the spec); None: $KVLAB_SALT_SECRET, else random
     max_input_tokens: int | None = None    # None: no router-side cap (workers still refuse > max_model_len)
     max_tokens_limit: int | None = None    # None: no router-side cap on max_tokens
     shedding: bool = True                  # Little's-law load shedding against the TTFT SLO
@@ -289,10 +291,12 @@ _CHOICES = {"role": ROLES, "preemption": ("recompute", "swap"), "eviction": ("lr
 
 
 def _resolve_names(spec: ClusterSpec, base_dir: str | Path | None) -> ClusterSpec:
-    """Give unnamed pools their role as name; make relative catalog and trace paths absolute."""
+    """Give unnamed pools their role as name; make relative catalog, trace and secret paths absolute."""
     pools = [msgspec.structs.replace(p, name=p.name or p.role) for p in spec.pools]
     workload = msgspec.structs.replace(spec.workload, trace=_beside(spec.workload.trace, base_dir))
-    return msgspec.structs.replace(spec, pools=pools, catalog=_beside(spec.catalog, base_dir), workload=workload)
+    router = msgspec.structs.replace(spec.router, salt_secret_file=_beside(spec.router.salt_secret_file, base_dir))
+    return msgspec.structs.replace(spec, pools=pools, catalog=_beside(spec.catalog, base_dir), workload=workload,
+                                   router=router)
 
 
 def _beside(path: str | None, base_dir: str | Path | None) -> str | None:

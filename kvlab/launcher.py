@@ -3,6 +3,11 @@
 Each worker and the router is its own process (the layout docker compose uses too), so a slow
 router cannot stall an engine's clock and each process's lag is its own. The launcher waits for
 every /health, prints the endpoint, and on Ctrl-C (or SIGTERM) stops every child it started.
+
+Once the cluster is up, a child that exits is restarted (``Cluster.supervise``), after a backoff
+that doubles with each quick death, and the launcher says so; the rest keeps serving meanwhile (the
+router takes a dead worker out of routing and migrates its streams). Only a failure during start-up
+stops the whole cluster.
 """
 from __future__ import annotations
 
@@ -22,6 +27,19 @@ from router.policies.registry import check_spec_settings
 
 DEFAULT_SPEC = "default"
 READY_TIMEOUT_S = 60.0
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)   # waits before restarts after successive quick deaths
+STABLE_S = 60.0   # a child up this long has recovered: its next death starts the backoff again
+
+
+class _Child:
+    """One supervised process: how to start it again, and its restart history."""
+    __slots__ = ("args", "started", "deaths", "restart_at")
+
+    def __init__(self, args: list[str], started: float):
+        self.args = args
+        self.started = started
+        self.deaths = 0
+        self.restart_at: float | None = None
 
 
 class Cluster:
@@ -35,6 +53,7 @@ class Cluster:
         self.quiet = quiet
         self.time_scale = time_scale
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._children: dict[str, _Child] = {}
 
     @property
     def url(self) -> str:
@@ -71,10 +90,33 @@ class Cluster:
     def _spawn(self, name: str, args: list[str]) -> None:
         if self.time_scale is not None and name != "router":
             args += ["--time-scale", str(self.time_scale)]
+        self.procs.append((name, self._popen(args)))
+        self._children[name] = _Child(args, time.monotonic())
+
+    def _popen(self, args: list[str]) -> subprocess.Popen:
         out = subprocess.DEVNULL if self.quiet else None
-        proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", *args], stdout=out, stderr=out,
+        return subprocess.Popen([sys.executable, "-m", "kvlab.cli", *args], stdout=out, stderr=out,
                                 start_new_session=True)
-        self.procs.append((name, proc))
+
+    def supervise(self, now: float) -> list[str]:
+        """Restart children that exited, each after its backoff; what happened, one line each."""
+        news = []
+        for i, (name, proc) in enumerate(self.procs):
+            child = self._children[name]
+            if proc.poll() is None:
+                if now - child.started >= STABLE_S:
+                    child.deaths = 0
+                continue
+            if child.restart_at is None:
+                wait = RESTART_BACKOFF_S[min(child.deaths, len(RESTART_BACKOFF_S) - 1)]
+                child.deaths += 1
+                child.restart_at = now + wait
+                news.append(f"{name} exited with code {proc.returncode}; restarting it in {wait:g} s")
+            elif now >= child.restart_at:
+                self.procs[i] = (name, self._popen(child.args))
+                child.started, child.restart_at = now, None
+                news.append(f"{name} restarted (restart {child.deaths})")
+        return news
 
     def _wait_ready(self, urls) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -138,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvlab cluster '{spec.name}' is up: {len(spec.worker_list())} workers; "
               f"OpenAI endpoint {cluster.url}/v1 (Ctrl-C to stop)", flush=True)
         while True:
-            time.sleep(1.0)
-            cluster._check_alive()
+            time.sleep(0.5)
+            for news in cluster.supervise(time.monotonic()):
+                print(f"kvlab up: {news}", flush=True)
     except KeyboardInterrupt:
         print("stopping", flush=True)
         return 0

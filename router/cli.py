@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import msgspec
 import uvicorn
 
-from router.config import RouterConfig, WorkerConfig, from_spec
+from kvlab.wire.http_server import uvicorn_settings
+from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS
 
 DEFAULT_PORT = 8000   # the port OpenAI-compatible servers (vLLM included) listen on by default
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the default policy (value parsed as JSON when it can be), repeatable")
     p.add_argument("--admin-token", help="enables POST/DELETE /admin/workers with this Bearer token")
+    p.add_argument("--salt-secret-file", help="file holding the secret salted tenants' cache salts derive from "
+                                              f"(default: ${SALT_SECRET_ENV}, else random per process)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: kvlab's built-in tokenizer, as the workers)")
     p.add_argument("--block-size", type=int, help="KV block size in tokens (must match the workers')")
     p.add_argument("--kv-events", choices=["http", "zmq", "off"], help="how to follow the workers' KV events")
@@ -57,7 +61,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[RouterConfig, str, int]:
     if args.config:
         config = _read_config(args.config)
     config = _apply_flags(config, args)
-    return config, host, args.port or port or DEFAULT_PORT
+    return _with_salt_secret(config, args.salt_secret_file), host, args.port or port or DEFAULT_PORT
+
+
+def _with_salt_secret(config: RouterConfig, path: str | None) -> RouterConfig:
+    """The salt secret from --salt-secret-file, else the config's, else the environment's (never logged:
+    with it, salted tenants keep their cache across restarts and share it between routers)."""
+    if path:
+        return msgspec.structs.replace(config, salt_secret=read_secret(path))
+    if config.salt_secret is None and os.environ.get(SALT_SECRET_ENV):
+        return msgspec.structs.replace(config, salt_secret=os.environ[SALT_SECRET_ENV])
+    return config
 
 
 def _read_config(path: str) -> RouterConfig:
@@ -102,6 +116,9 @@ def _setting(item: str) -> tuple[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at info: the health and KV-event polls alone would be ~20 lines a second.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config, host, port = config_from_args(args)
         from router.server import create_app
@@ -112,9 +129,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, msgspec.MsgspecError) as exc:
         print(f"kvlab router: {exc}", file=sys.stderr)
         return 2
+    log = logging.getLogger("kvlab.router")
     if not config.workers:
-        logging.getLogger("kvlab.router").warning("no workers configured: add some with POST /admin/workers")
-    # uvloop + httptools: the fastest stack uvicorn offers; no access log on the hot path.
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_level=args.log_level,
-                access_log=False, timeout_graceful_shutdown=5)
+        log.warning("no workers configured: add some with POST /admin/workers")
+    if config.salt_secret is None and any(t.cache_salt for t in config.tenants):
+        log.warning("salted tenants but no salt secret (--salt-secret-file or $%s): their cached prefixes "
+                    "will not survive a router restart", SALT_SECRET_ENV)
+    # uvloop + httptools (with a header deadline, kvlab.wire.http_server): the fastest stack uvicorn offers;
+    # no access log on the hot path.
+    uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=5, **uvicorn_settings(config.server))
     return 0

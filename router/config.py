@@ -5,12 +5,14 @@ server, worker pool and proxy receive a RouterConfig; none of them reads globals
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from emulator.spec import load_spec
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
+from kvlab.wire.http_server import ServerLimits
 from router.policies.hash_memo import DEFAULT_RUNS
 from router.policies.registry import check_spec_settings
 from router.frontdoor.tenants import TenantConfig
@@ -46,6 +48,10 @@ class Limits(msgspec.Struct, kw_only=True):
     default_max_tokens: int = 16            # OpenAI's legacy completions default (as the workers)
     chat_default_max_tokens: int = 256      # the emulated workers' chat default; match your workers
     max_attempts: int = 3                   # upstream tries per request (first + retries/migrations)
+    max_model_len: int | None = None        # the model's context; None: learned from the workers' /v1/models
+    offload_bytes: int = 16 << 10           # bodies this large are decoded and tokenized on a thread, off the
+                                            # event loop (~3 MB/s of text: 16 KiB would stall it ~5 ms)
+    body_timeout_s: float = 30.0            # whole request body must arrive within this (slow senders)
 
 
 class HealthConfig(msgspec.Struct, kw_only=True):
@@ -60,23 +66,39 @@ class SheddingConfig(msgspec.Struct, kw_only=True):
 
 class RouterConfig(msgspec.Struct, kw_only=True):
     workers: list[WorkerConfig] = []
-    policy: str = "prefix_bounded"              # the default; requests may pick another (x-kvlab-policy)
+    policy: str = "prefix_bounded"              # the default
+    policy_header: bool = False                 # any client may pick the policy (x-kvlab-policy), for
+                                                # experiments; else only tenants with choose_policy
     policies: dict[str, dict[str, Any]] = {}    # settings by policy name, e.g. {"prefix_bounded": {"eps": 0.25}}
     kv_index: dict[str, Any] = {}               # KvIndex settings (rehash, media); block_size defaults to ours
     tenants: list[TenantConfig] = []
     limits: Limits = msgspec.field(default_factory=Limits)
+    server: ServerLimits = msgspec.field(default_factory=ServerLimits)   # header deadline, connection cap
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     shedding: SheddingConfig = msgspec.field(default_factory=SheddingConfig)
     admin_token: str | None = None          # None: the admin API answers 403
-    salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process
-                                            # (set one when several routers front the same workers)
+    metrics_token: str | None = None        # set: /metrics and /cluster need it as a Bearer token
+    salt_secret: str | None = None          # derives salted tenants' cache salts; None: random per process, so
+                                            # salted tenants' cache is lost on restart and not shared between
+                                            # routers. Give it from a file or $KVLAB_SALT_SECRET (read_secret)
     tokenizer: str | None = None            # a tokenizer.json; None: kvlab's built-in tokenizer
     block_size: int = DEFAULT_BLOCK_SIZE    # must equal the workers' KV block size
     hash_memo_runs: int = DEFAULT_RUNS      # 64-block hash runs remembered (router.policies.hash_memo); 0: off
     kv_events: Literal["zmq", "http", "off"] = "http"
     kv_events_poll_s: float = 0.1           # HTTP polling period of /v1/kv_events (index lag <= this)
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
+
+
+SALT_SECRET_ENV = "KVLAB_SALT_SECRET"
+
+
+def read_secret(path: str | Path) -> str:
+    """A secret from a file (surrounding whitespace dropped); never echoed in errors or logs."""
+    secret = Path(path).read_text().strip()
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
 
 
 def from_spec(path: str, worker_host: str = "127.0.0.1",
@@ -90,13 +112,16 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                             role=slot.role)
                for slot in spec.worker_list()]
     r = spec.router
-    limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit)
+    limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit,
+                    max_model_len=spec.max_model_len)
     tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
                             tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
                             cache_salt=t.cache_salt) for t in spec.tenants]
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
+    salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
     config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
-                          limits=limits, admin_token=r.admin_token, block_size=spec.engine.block_size,
+                          limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
+                          block_size=spec.engine.block_size,
                           shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s), models=[spec.model])
     return config, r.port, r.host

@@ -6,16 +6,17 @@ holds). The two hot endpoints skip FastAPI's routing and middleware (RouterApp):
 body (non-streaming) or a relayed stream. Every refusal is an OpenAI error body with the right status.
 
 Endpoints
-- POST /v1/completions, /v1/chat/completions   routed and proxied (header x-kvlab-policy overrides the policy)
+- POST /v1/completions, /v1/chat/completions   routed and proxied (x-kvlab-policy picks the policy, if permitted)
 - GET  /v1/models, /health, /metrics            union of the workers' models, liveness, Prometheus
-- GET/POST /admin/workers, DELETE /admin/workers/{id}   membership (Authorization: Bearer <admin token>)
+- GET/POST /admin/workers, DELETE /admin/workers/{id}   membership (router.admin)
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
+import secrets
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import httpx
@@ -27,7 +28,8 @@ from starlette.responses import Response
 
 from kvlab.wire.openai_api import ApiError, models_body
 from kvlab.wire.tokenizer import load_tokenizer
-from router.config import RouterConfig, WorkerConfig
+from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_token
+from router.config import RouterConfig
 from router.observability.dashboard import mount_dashboard
 from router.frontdoor.gate import Gate
 from kvlab.wire.http_body import read_body
@@ -69,6 +71,7 @@ class Router:
 
     def __init__(self, config: RouterConfig):
         self.config = config
+        self.instance_id = secrets.token_hex(16)   # lets the admin API recognise this router's own URL
         self.metrics = RouterMetrics()
         # One client for every upstream call, on the lean keep-alive transport (see router.forwarding.transport);
         # trust_env=False: no proxy variables consulted on the hot path.
@@ -85,9 +88,12 @@ class Router:
         if self.tokenizer.hashes is not None:
             self.metrics.watch_hash_memo(self.tokenizer.hashes)
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
-        self.intake = Intake(config.limits, self.tokenizer, self.models)
-        self.proxy = Proxy(config, self.pool, self.policies, Upstream(self.client, self.transport, config.timeouts),
-                           self.metrics, self.tokenizer, on_finish=self._finished)
+        self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length)
+        self._large_intake = ThreadPoolExecutor(1, thread_name_prefix="kvlab-intake")
+        upstream = Upstream(self.client, self.transport, config.timeouts)
+        self.pool.listeners.append(upstream)   # a worker going down fails its open streams: they migrate now
+        self.proxy = Proxy(config, self.pool, self.policies, upstream, self.metrics, self.tokenizer,
+                           on_finish=self._finished)
 
     async def start(self) -> None:
         await asyncio.gather(*(self.pool.add(w) for w in self.config.workers))
@@ -97,6 +103,10 @@ class Router:
         await self.pool.stop()
         await self.subscriber.stop()
         await self.client.aclose()
+        self._large_intake.shutdown(wait=False, cancel_futures=True)
+
+    def context_length(self) -> int | None:
+        return self.config.limits.max_model_len or self.pool.context_length()
 
     def models(self) -> list[str]:
         return self.config.models or self.pool.models()
@@ -112,19 +122,21 @@ class Router:
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         received = time.perf_counter()
         job = tenant = None
+        limits = self.config.limits
         try:
             tenant = self.gate.tenant_of(request.headers.get("authorization"))
-            raw = await read_body(request, self.config.limits.max_body_bytes)
-            job = self.intake.job(endpoint, raw, received, request.headers.get(POLICY_HEADER), tenant,
-                                  self.gate.salt(tenant))
+            self.gate.precheck(tenant)   # before the body is read or tokenized: a refused tenant costs ~nothing
+            policy = self._policy_override(request.headers.get(POLICY_HEADER), tenant)
+            raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+            job = await self._intake(endpoint, raw, received, policy, tenant)
             self.gate.admit(job)
             if job.stream:
                 response = await self.proxy.stream(job)
             else:
                 response = await unless_client_leaves(request.receive, self.proxy.complete(job)) or CLIENT_GONE
         except ApiError as err:
-            reason = err.code or (f"invalid_{err.param}" if err.param else "invalid_request")
-            return self._refused(endpoint, job, tenant, err.status, reason, error_response(err))
+            return self._refused(endpoint, job, tenant, err.status, err.code or _GENERIC.get(err.status, "refused"),
+                                 error_response(err))
         except WorkerRefused as refused:
             answer = Response(refused.body, status_code=refused.status, media_type="application/json")
             return self._refused(endpoint, job, tenant, refused.status, "worker_refused", answer)
@@ -134,6 +146,23 @@ class Router:
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
+    async def _intake(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None,
+                      tenant: str | None) -> Job:
+        """Decode, check and tokenize; a large body on a thread, so the event loop (every other
+        stream, /health) keeps running while it is tokenized. One thread: large prompts queue
+        behind each other instead of taking every core."""
+        args = (endpoint, raw, received, policy, tenant, self.gate.salt(tenant))
+        if len(raw) < self.config.limits.offload_bytes:
+            return self.intake.job(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._large_intake, self.intake.job, *args)
+
+    def _policy_override(self, policy: str | None, tenant: str | None) -> str | None:
+        """A request may pick the routing policy only where the config or its tenant allows it."""
+        if policy is None or self.config.policy_header or self.gate.tenants.may_choose_policy(tenant):
+            return policy
+        raise ApiError(403, f"this key may not choose the routing policy ({POLICY_HEADER})", param=POLICY_HEADER,
+                       code="policy_override_forbidden")
+
     def _refused(self, endpoint: Endpoint, job: Job | None, tenant: str | None, status: int, reason: str,
                  response: Response | None) -> Response | None:
         if job is not None:
@@ -141,6 +170,11 @@ class Router:
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.reject(status, reason, tenant)
         return response
+
+
+# Reason labels for refusals without a code of their own: by status, never from the request.
+_GENERIC = {400: "invalid_request", 403: "forbidden", 404: "not_found", 408: "request_timeout",
+            413: "request_too_large", 429: "rate_limited", 503: "unavailable"}
 
 
 # nginx's "client closed request": nobody is listening, but the status shows up in logs and metrics.
@@ -164,7 +198,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     for path, endpoint in app.hot_paths.items():   # also routed: other methods get FastAPI's 405
         app.add_route(path, _handler(router, endpoint), methods=["POST"])
     _add_ops_routes(app, router)
-    _add_admin_routes(app, router)
+    add_admin_routes(app, router)
     install_error_handlers(app, "router", log)
     mount_dashboard(app, router)   # GET /cluster, /dashboard
     return app
@@ -208,60 +242,13 @@ def _add_ops_routes(app: FastAPI, router: Router) -> None:
         up = router.pool.up_count()
         body = {"status": "ok" if up else "no healthy worker", "workers_up": up,
                 "workers": len(router.pool.views())}
-        return _json(body, 200 if up else 503)
+        return Response(msgspec.json.encode(body), status_code=200 if up else 503, media_type="application/json",
+                        headers={ROUTER_ID_HEADER: router.instance_id})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        require_metrics_token(request, router.config.metrics_token)
         return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-class _NewWorker(msgspec.Struct, forbid_unknown_fields=True):
-    url: str
-    id: str = ""
-    role: str = "both"
-    kv_events: str | None = None
-
-
-def _add_admin_routes(app: FastAPI, router: Router) -> None:
-    def authorize(request: Request) -> None:
-        token = router.config.admin_token
-        if token is None:
-            raise ApiError(403, "the admin API is disabled (no admin token configured)", code="admin_disabled")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "a valid admin token is required", code="invalid_admin_token")
-
-    @app.get("/admin/workers")
-    async def list_workers(request: Request) -> Response:
-        authorize(request)
-        return _json([_describe(w) for w in router.pool])
-
-    @app.post("/admin/workers")
-    async def add_worker(request: Request) -> Response:
-        authorize(request)
-        raw = await read_body(request, 64 * 1024)
-        try:
-            spec = msgspec.json.decode(raw, type=_NewWorker)
-            config = WorkerConfig(url=spec.url, id=spec.id, role=spec.role, kv_events=spec.kv_events)
-        except (msgspec.MsgspecError, TypeError) as exc:
-            raise ApiError(400, f"invalid worker: {exc}") from None
-        if router.pool.get(config.id) is not None:
-            raise ApiError(409, f"worker {config.id!r} is already registered", code="worker_exists")
-        worker = await router.pool.add(config)
-        return _json(_describe(worker), 201)
-
-    @app.delete("/admin/workers/{worker_id:path}")
-    async def remove_worker(worker_id: str, request: Request) -> Response:
-        authorize(request)
-        if router.pool.get(worker_id) is None:
-            raise ApiError(404, f"no worker {worker_id!r}", type_="not_found_error", code="worker_not_found")
-        return _json(_describe(router.pool.remove(worker_id)))
-
-
-def _describe(worker: Worker) -> dict:
-    v = worker.view
-    return {"id": worker.id, "url": worker.url, "role": v.role, "up": v.healthy, "in_flight": v.in_flight,
-            "running": v.running, "waiting": v.waiting, "kv_usage": v.kv_usage, "models": worker.models}
 
 
 def _json(payload, status: int = 200) -> Response:

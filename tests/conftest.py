@@ -43,13 +43,14 @@ def free_port() -> int:
 class RunningServer:
     """An ASGI app served by uvicorn on its own event loop in a daemon thread."""
 
-    def __init__(self, app, startup_timeout_s: float = 10.0):
+    def __init__(self, app, startup_timeout_s: float = 10.0, **uvicorn_settings):
         self.app = app
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on",
+                                **uvicorn_settings)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self._thread.start()
@@ -110,8 +111,8 @@ class RunningWorker(RunningServer):
 def serve():
     servers: list[RunningServer] = []
 
-    def _serve(app) -> RunningServer:
-        server = RunningServer(app)
+    def _serve(app, **uvicorn_settings) -> RunningServer:
+        server = RunningServer(app, **uvicorn_settings)
         servers.append(server)
         return server
 

@@ -4,6 +4,7 @@
   uvicorn on a free port; ``.router`` is the in-process Router (pool, policies, metrics) to inspect.
 - ``module_cluster(worker_fields, **config)``: the same, workers included, as a context manager for
   module-scoped fixtures (tests that do not change the cluster share one).
+- ``freeze(server, seconds)``: hang a server as SIGSTOP would.
 - ``kill(server)``: crash a running server the hard way: listening sockets closed and every open
   connection reset, as when a worker process dies (no graceful shutdown, no final bytes).
 - ``stream_completion(url, body)``: POST a streaming request and collect its SSE events.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import httpx
 import msgspec
@@ -95,6 +97,15 @@ def kill(server) -> None:
 
     loop.call_soon_threadsafe(crash)
     done.wait(5)
+
+
+def freeze(server, seconds: float) -> None:
+    """Hang `server` (a conftest RunningServer) for `seconds`, as SIGSTOP would: its event loop blocks,
+    so it accepts nothing and answers nothing, and open connections stay open."""
+    uv = server._server
+    loop = uv.servers[0].get_loop() if uv.servers else None
+    if loop is not None:
+        loop.call_soon_threadsafe(time.sleep, seconds)
 
 
 def stream_completion(url: str, body: dict, path: str = "/v1/completions", headers: dict | None = None,

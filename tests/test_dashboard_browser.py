@@ -80,7 +80,7 @@ def test_dashboard_shows_live_cluster_values_that_move(start_worker, start_route
     workers = [start_worker(worker_id=f"worker-{i}", time_scale=TIME_SCALE, num_blocks=1024) for i in range(2)]
     tenants = [TenantConfig(name="alpha", api_keys=["key-alpha"]),
                TenantConfig(name="beta", api_keys=["key-beta"], requests_per_s=0.5)]
-    router = start_router(workers, tenants=tenants)
+    router = start_router(workers, tenants=tenants, policy_header=True)   # requests pick a second policy
     with BackgroundLoad(router.url, make_request, concurrency=6) as load, Browser(tmp_path / "chromium") as browser:
         browser.navigate(router.url + "/dashboard")
         first = wait_for_panels(browser)

@@ -68,3 +68,44 @@ def test_a_bad_spec_fails_with_one_clear_message(tmp_path):
                             timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["kvlab up: spec error at pools[0].count: must be >= 1 (got -2)"]
+
+
+def _worker_pid(launcher_pid: int, worker_id: str) -> int:
+    for pid in _descendants(launcher_pid):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline").read().split("\0")
+        except FileNotFoundError:
+            continue
+        if "--worker-id" in cmdline and cmdline[cmdline.index("--worker-id") + 1] == worker_id:
+            return pid
+    raise AssertionError(f"no process for worker {worker_id}")
+
+
+def test_kvlab_up_restarts_a_worker_that_dies_and_keeps_serving():
+    import httpx
+    spec = load_spec("tiny-test")
+    proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "up", "tiny-test"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "is up" in proc.stdout.readline()
+        victim = _worker_pid(proc.pid, "both-0")
+        os.kill(victim, signal.SIGKILL)
+        said = [proc.stdout.readline(), proc.stdout.readline()]
+        assert "both-0 exited with code -9; restarting it in" in said[0], said
+        assert "both-0 restarted" in said[1], said
+        assert proc.poll() is None   # the launcher, and the cluster, are still up
+        port = next(w.port for w in spec.worker_list() if w.id == "both-0")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert _worker_pid(proc.pid, "both-0") != victim
+        r = httpx.post(f"http://127.0.0.1:{spec.router.port}/v1/completions", timeout=30,
+                       json={"model": spec.model, "prompt": "still there?", "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

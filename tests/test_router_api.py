@@ -87,3 +87,42 @@ def test_admin_api_is_disabled_without_a_token(start_worker, start_router):
     router = start_router([start_worker()])
     r = httpx.get(router.url + "/admin/workers", headers={"Authorization": "Bearer anything"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+BAD_WORKERS = [
+    ({"url": "not a url"}, 400, "url"),
+    ({"url": "file:///etc/passwd"}, 400, "url"),
+    ({"url": "http://[::1"}, 400, "url"),
+    ({"url": "http://user:pw@127.0.0.1:9"}, 400, "url"),
+    ({"url": "http://127.0.0.1:9/v1"}, 400, "url"),
+    ({"url": "http://127.0.0.1:9", "role": "bogus"}, 400, "role"),
+    ({"url": "http://127.0.0.1:9", "id": "a b{c}"}, 400, "id"),
+    ({"url": "http://127.0.0.1:9", "kv_events": "ipc:///tmp/x"}, 400, "kv_events"),
+]
+
+
+def test_admin_input_is_validated_and_a_refusal_leaves_nothing_registered(start_worker, start_router):
+    worker = start_worker(worker_id="w0")
+    router = start_router([worker], admin_token="t")
+    auth = {"Authorization": "Bearer t"}
+    url = router.url + "/admin/workers"
+    for body, status, field in BAD_WORKERS:
+        r = httpx.post(url, json=body, headers=auth)
+        assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
+        assert "\n" not in r.json()["error"]["message"]
+    # The same worker under a new id would double its routing share.
+    r = httpx.post(url, json={"url": worker.url + "/", "id": "again"}, headers=auth)
+    assert r.status_code == 409 and r.json()["error"]["param"] == "url"
+    # The router itself, by a name other than the one it was started with.
+    itself = router.url.replace("127.0.0.1", "localhost")
+    r = httpx.post(url, json={"url": itself, "id": "loop"}, headers=auth)
+    assert r.status_code == 400 and "this router" in r.json()["error"]["message"]
+    assert {w["id"] for w in httpx.get(url, headers=auth).json()} == {"w0"}
+    assert router.workers() == {"w0": True}
+
+
+def test_metrics_and_cluster_view_need_the_metrics_token_when_one_is_set(start_worker, start_router):
+    router = start_router([start_worker()], metrics_token="m")
+    for path in ("/metrics", "/cluster"):
+        assert httpx.get(router.url + path).status_code == 401
+        assert httpx.get(router.url + path, headers={"Authorization": "Bearer m"}).status_code == 200

@@ -49,3 +49,23 @@ def test_a_config_file_is_read_and_flags_override_it(tmp_path):
     config, _, _ = parse("--config", str(path), "--policy", "least_loaded")
     assert config.policy == "least_loaded" and config.workers[0].id == "w"
     assert config.tenants[0].requests_per_s == 5
+
+
+def test_the_salt_secret_comes_from_a_file_the_spec_names_or_the_environment(tmp_path, monkeypatch):
+    from emulator.spec import example_spec_path
+    from router.frontdoor.gate import Gate
+    from router.config import SheddingConfig
+    from router.frontdoor.tenants import TenantConfig
+    (tmp_path / "salt.key").write_text("s3cret-from-file\n")
+    spec = example_spec_path("colocated-8b-h100").read_text().replace(
+        "[router]", '[router]\nsalt_secret_file = "salt.key"', 1)
+    (tmp_path / "spec.toml").write_text(spec)
+    config, _, _ = parse("--spec", str(tmp_path / "spec.toml"))
+    assert config.salt_secret == "s3cret-from-file"
+    monkeypatch.setenv("KVLAB_SALT_SECRET", "from-env")
+    assert parse()[0].salt_secret == "from-env"
+    assert parse("--salt-secret-file", str(tmp_path / "salt.key"))[0].salt_secret == "s3cret-from-file"
+    # Two routers (or one restarted) with the same secret give a salted tenant the same cache salt.
+    tenant = [TenantConfig("b", ["k"], cache_salt=True)]
+    salts = {Gate(tenant, SheddingConfig(), lambda: 0.0, parse()[0].salt_secret).salt("b") for _ in range(2)}
+    assert len(salts) == 1

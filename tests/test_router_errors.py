@@ -12,7 +12,8 @@ KEY = {"Authorization": "Bearer sk-good"}
 @pytest.fixture(scope="module")
 def router():
     limits = Limits(max_body_bytes=64 * 1024, max_input_tokens=64, max_tokens_limit=100)
-    with module_cluster([{}], limits=limits, tenants=[TenantConfig("t", ["sk-good"])]) as (router, _):
+    tenants = [TenantConfig("t", ["sk-good"], choose_policy=True), TenantConfig("u", ["sk-plain"])]
+    with module_cluster([{}], limits=limits, tenants=tenants) as (router, _):
         yield router
 
 
@@ -41,6 +42,15 @@ CASES = [
     ("invalid API key", dict(body={"model": MODEL, "prompt": "hi"}, headers={"Authorization": "Bearer sk-bad"}),
      401, None),
     ("huge body", dict(content=b'{"model": "' + b"x" * 70_000 + b'", "prompt": "hi"}'), 413, None),
+    ("JSON nested too deeply", dict(content=b'{"model": "m", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+     400, None),
+    ("deep JSON in a chat", dict(content=b'{"model": "m", "messages": [], "kv_transfer_params": {"a": '
+                                 + b"[" * 5000 + b"]" * 5000 + b"}}", path="/v1/chat/completions"), 400, None),
+    ("client kv_transfer_params", dict(body={"model": MODEL, "prompt": "hi", "kv_transfer_params": {
+        "do_remote_prefill": True, "remote_url": "http://169.254.169.254", "remote_request_id": "x",
+        "first_token": 1}}), 400, "kv_transfer_params"),
+    ("policy override without permission", dict(body={"model": MODEL, "prompt": "hi"}, headers={
+        "Authorization": "Bearer sk-plain", "x-kvlab-policy": "round_robin"}), 403, "x-kvlab-policy"),
 ]
 
 
@@ -66,3 +76,23 @@ def test_unknown_paths_and_methods_answer_in_openai_shape(router):
 def test_an_unknown_policy_override_is_a_400(router):
     r = post(router, {"model": MODEL, "prompt": "hi"}, headers={**KEY, "x-kvlab-policy": "telepathy"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-kvlab-policy"
+
+
+def test_a_permitted_tenant_may_choose_the_policy(router):
+    r = post(router, {"model": MODEL, "prompt": "hi", "max_tokens": 1}, headers={**KEY, "x-kvlab-policy": "round_robin"})
+    assert r.status_code == 200
+
+
+def test_refusal_metrics_have_a_closed_set_of_labels_whatever_the_requests_name(router):
+    def series() -> int:
+        text = httpx.get(router.url + "/metrics").text
+        return sum(1 for line in text.splitlines() if line.startswith("kvlab_router_rejections_total{"))
+
+    before = series()
+    for i in range(40):   # each names a different JSON path as the field at fault
+        messages = [{"role": "user", "content": "x"}] * i + [{"role": "user", "content": 5}]
+        r = post(router, {"model": MODEL, "messages": messages}, path="/v1/chat/completions")
+        assert r.status_code == 400
+    text = httpx.get(router.url + "/metrics").text
+    assert "messages[" not in text
+    assert series() - before <= 1

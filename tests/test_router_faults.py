@@ -150,3 +150,73 @@ def test_health_checks_remove_a_sick_worker_from_the_ring_and_bring_it_back(star
     assert wait_for(lambda: not router.workers()["flaky"] and ring() == {"real"})
     flaky.ok = True
     assert wait_for(lambda: router.workers()["flaky"] and ring() == {"real", "flaky"})
+
+
+def test_streams_on_a_worker_the_probe_marks_down_migrate_at_once_not_after_the_idle_timeout(start_worker,
+                                                                                             start_router):
+    from router.config import Timeouts
+    from router_fixtures import freeze
+    workers = [start_worker(worker_id=f"w{i}", **SLOW) for i in range(2)]
+    freeze_s = 8.0
+    router = start_router(workers, policy="prefix_bounded", timeouts=Timeouts(health_s=0.3, idle_s=30.0),
+                          health=HealthConfig(interval_s=0.2, failures_to_remove=2))
+    prompt = "Tell me a long story about a lighthouse keeper and the sea"
+    by_id = {w.config.worker_id: w for w in workers}
+    arrivals, frozen = [], None
+    with httpx.stream("POST", router.url + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 60, "stream": True}) as r:
+        serving = r.headers["x-kvlab-worker"]
+        buffer = b""
+        for part in r.iter_bytes():
+            buffer += part
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                arrivals.append((time.perf_counter(), event))
+                if len(arrivals) == 5 and frozen is None:
+                    freeze(by_id[serving], freeze_s)   # hung, not dead: its connections stay open
+                    frozen = serving
+    events = decode_events([e for _, e in arrivals])
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
+    survivor = next(w for w in workers if w.config.worker_id != frozen)
+    assert stream_text(events) == expected_text(survivor, prompt, 60)   # exactly the tokens, none twice
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    # Migrated when the probe marked the worker down, well before the worker came back by itself.
+    assert max(gaps) < freeze_s / 2, max(gaps)
+    assert router.metric("kvlab_router_retries_total", kind="migration") >= 1
+
+
+def test_a_stalled_stream_abandoned_twice_fails_once_cleanly():
+    """Suspected after a failed probe, then marked down: the second abandon must not raise."""
+    import asyncio
+
+    from router.config import Timeouts
+    from router.forwarding.upstream import UpstreamFailure, UpstreamStream
+
+    class Silent:   # a worker response whose body never sends another byte
+        stream = None
+
+        async def aclose(self):
+            pass
+
+    async def never():
+        await asyncio.sleep(3600)
+        yield b""
+
+    async def scenario():
+        response = Silent()
+        response.stream = never()
+        stream = UpstreamStream("w0", response, Timeouts(idle_s=30.0))
+        stream._started = True
+        read = asyncio.ensure_future(stream.next_event())
+        await asyncio.sleep(0.05)
+        assert stream.silent_for() > 0
+        stream.abandon("worker stalled")
+        stream.abandon("worker marked down")
+        try:
+            await asyncio.wait_for(read, 5)
+        except UpstreamFailure as failure:
+            return failure
+        return None
+
+    failure = asyncio.run(scenario())
+    assert failure is not None and failure.dead and failure.reason == "worker stalled"

@@ -73,3 +73,30 @@ def test_a_repeated_long_prefix_is_hashed_once_then_looked_up(start_worker, star
     send(4)
     assert router.metric("kvlab_router_hash_memo_runs_total", result="hit") >= 4
     assert router.metric("kvlab_router_hash_memo_runs_total", result="miss") == misses
+
+
+@pytest.mark.parametrize("transport", ["http", "zmq"])
+def test_a_restarted_router_knows_every_cached_document_not_only_the_replay_buffer(start_worker, start_router,
+                                                                                  transport):
+    # A worker that keeps only 4 batches for replay: after 8 documents, most are out of its buffer.
+    extra = (lambda: {"kv_events_endpoint": f"tcp://127.0.0.1:{free_port()}"}) if transport == "zmq" else dict
+    workers = [start_worker(worker_id=f"w{i}", kv_events_buffer=4, **extra()) for i in range(2)]
+    docs = [list(range(40_000 + 1000 * d, 40_000 + 1000 * d + 160)) for d in range(8)]
+    for d, doc in enumerate(docs):   # cached on w0 before the router (re)starts
+        assert workers[0].http.post("/v1/completions", json={"model": MODEL, "prompt": doc, "max_tokens": 1}
+                                    ).status_code == 200
+    assert workers[0].runtime.events.first_seq > 0   # the early batches are gone from the buffer
+    router = start_router(workers, policy="kv_aware", kv_events=transport, kv_events_poll_s=0.02)
+    index = router.router.policies.index
+    cached = len(workers[0].runtime.engine.blocks.cached_hashes())
+    assert wait_for(lambda: index.block_count("w0") == cached)
+    homes = [httpx.post(router.url + "/v1/completions", timeout=10, json={"model": MODEL, "prompt": doc,
+                                                                         "max_tokens": 1}).headers["x-kvlab-worker"]
+             for doc in docs]
+    assert homes == ["w0"] * len(docs)
+    assert router.router.subscriber.snapshots >= 1
+    new = list(range(90_000, 90_160))   # and batches after the snapshot still arrive
+    home = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": new, "max_tokens": 1}
+                      ).headers["x-kvlab-worker"]
+    assert wait_for(lambda: index.match(router.router.tokenizer.route_request(new, None, None).blocks).get(home, 0)
+                    >= 10)

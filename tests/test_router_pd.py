@@ -12,7 +12,7 @@ PROMPT = "Summarize the history of the printing press in a few sentences, please
 @pytest.fixture
 def pd_cluster(start_worker, start_router):
     prefill = start_worker(worker_id="p0", role="prefill")
-    decode = start_worker(worker_id="d0", role="decode")
+    decode = start_worker(worker_id="d0", role="decode", peers=[prefill.url])
     reference = start_worker(worker_id="ref")   # colocated, outside the router: the expected output
     router = start_router([prefill, decode], policy="pd_pair", policies={"pd_pair": {"local_prefill_tokens": 0}})
     return router, prefill, decode, reference
@@ -74,7 +74,7 @@ def test_a_one_token_request_needs_no_decode_worker_and_frees_the_prefill_hold(p
 
 def test_short_uncached_prompts_are_prefilled_locally_on_the_decode_worker(start_worker, start_router):
     prefill = start_worker(worker_id="p0", role="prefill")
-    decode = start_worker(worker_id="d0", role="decode")
+    decode = start_worker(worker_id="d0", role="decode", peers=[prefill.url])
     router = start_router([prefill, decode], policy="pd_pair", policies={"pd_pair": {"local_prefill_tokens": 4096}})
     r = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5}, timeout=30)
     assert r.status_code == 200 and r.headers["x-kvlab-worker"] == "d0"
@@ -86,7 +86,7 @@ def test_short_uncached_prompts_are_prefilled_locally_on_the_decode_worker(start
 def test_a_decode_worker_killed_mid_stream_is_migrated_through_a_new_prefill_decode_pair(start_worker, start_router):
     from router_fixtures import kill
     prefill = start_worker(worker_id="p0", role="prefill")
-    decoders = [start_worker(worker_id=f"d{i}", role="decode", time_scale=4.0) for i in range(2)]
+    decoders = [start_worker(worker_id=f"d{i}", role="decode", time_scale=4.0, peers=[prefill.url]) for i in range(2)]
     reference = start_worker(worker_id="ref")
     router = start_router([prefill, *decoders], policy="pd_pair", policies={"pd_pair": {"local_prefill_tokens": 0}})
     events, killed = [], None

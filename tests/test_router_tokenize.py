@@ -58,3 +58,20 @@ def test_specials_are_cut_out_exactly_where_a_regex_finds_them(text, copies):
     text = text * (1 + copies * 20)   # with copies: more "<" than the find loop takes
     reference = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
     assert split_specials(text) == [part for part in reference.split(text) if part]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab1 \n\t\u3000\u00a0é.<|>")), max_size=300), min_size=1,
+                max_size=4), st.integers(0, 40))
+def test_the_prompt_size_bound_never_exceeds_the_real_token_count(texts, above):
+    tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    bound = tok.min_tokens(texts, above)
+    assert bound <= sum(len(tok.tokenizer.encode(t)) for t in texts)
+
+
+def test_the_prompt_size_bound_passes_the_limit_without_reading_a_huge_prompt_whole():
+    tok = PromptTokenizer(BuiltinTokenizer(), 16)
+    huge = "abcd " * 2_000_000   # 10 MB: 2M tokens
+    bound = tok.min_tokens([huge], 8192)
+    assert 8192 < bound < 2_000_000   # past the limit, found from the first chunks only
+    assert tok.min_tokens(["abcd " * 100], 8192) == 0   # too short to tell: no scan at all

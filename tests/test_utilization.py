@@ -148,8 +148,9 @@ def test_live_cluster_endpoint_tracks_decode_then_prefill_load(start_worker, sta
 
 def test_live_disaggregated_pools_split_the_phases(start_worker, start_router):
     """P/D: the prefill pool's busy time is all prefill, the decode pool's all decode."""
-    workers = [start_worker(worker_id="p0", role="prefill", time_scale=2.0, num_blocks=2048),
-               start_worker(worker_id="d0", role="decode", time_scale=2.0, num_blocks=2048)]
+    prefill = start_worker(worker_id="p0", role="prefill", time_scale=2.0, num_blocks=2048)
+    workers = [prefill, start_worker(worker_id="d0", role="decode", time_scale=2.0, num_blocks=2048,
+                                     peers=[prefill.url])]
     router = start_router(workers, policy="pd_pair", policies={"pd_pair": {"local_prefill_tokens": 0}})
 
     def make(i):

@@ -77,3 +77,18 @@ def test_unknown_gpu_exits_with_an_error_not_a_traceback():
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "unknown gpu 'TPU-v9'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_spec_decode_worker_trusts_exactly_the_specs_prefill_workers():
+    config, _ = cli.config_from_args(parse("--spec", "disagg-70b-h100", "--worker-id", "decode-0"))
+    assert set(config.peers) == {f"http://{h}:{p}" for p in (8100, 8101)
+                                 for h in ("127.0.0.1", f"prefill-{p - 8100}")}
+    config, _ = cli.config_from_args(parse("--spec", "disagg-70b-h100", "--worker-id", "decode-0",
+                                           "--peer", "http://p:1"))
+    assert config.peers == ["http://p:1"]
+
+
+def test_kubernetes_decode_workers_trust_the_prefill_pods_by_name():
+    config, _ = cli.config_from_args(parse("--spec", "disagg-70b-h100", "--worker-id", "decode-0", "--port", "8100",
+                                           "--peer-host", "{id}.kvlab-workers", "--peer-port", "8100"))
+    assert config.peers == ["http://prefill-0.kvlab-workers:8100", "http://prefill-1.kvlab-workers:8100"]

@@ -29,6 +29,7 @@ CASES = [
     ("max_tokens negative", b'{"model": "Llama-3.1-8B", "prompt": "x", "max_tokens": -5}', 400, "max_tokens"),
     ("n above one", b'{"model": "Llama-3.1-8B", "prompt": "x", "n": 2}', 400, "n"),
     ("unknown model", b'{"model": "gpt-4", "prompt": "x"}', 404, "model"),
+    ("JSON nested too deeply", b'{"model": "Llama-3.1-8B", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
 ]
 
 

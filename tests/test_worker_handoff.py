@@ -15,7 +15,7 @@ KV_LINK = "Ethernet-100G"          # slow enough (~21 ms for that KV) to stand o
 @pytest.fixture
 def pair(start_worker):
     prefill = start_worker(role="prefill", worker_id="p0")
-    decode = start_worker(role="decode", worker_id="d0", kv_link=KV_LINK)
+    decode = start_worker(role="decode", worker_id="d0", kv_link=KV_LINK, peers=[prefill.url])
     for w in (prefill, decode):   # first requests pay one-off costs (imports, decoder setup)
         w.http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2})
     return prefill, decode
@@ -113,7 +113,7 @@ def test_plain_request_on_a_prefill_worker_gets_one_token_and_holds_nothing(star
 
 
 def test_release_of_a_failed_prefill_worker_is_logged_not_raised(start_worker):
-    decode = start_worker(role="decode", release_timeout_s=0.5)
+    decode = start_worker(role="decode", release_timeout_s=0.5, peers=["http://127.0.0.1:9"])
     params = {"do_remote_prefill": True, "remote_request_id": "cmpl-gone", "remote_url": "http://127.0.0.1:9",
               "first_token": 3}
     r = httpx.post(decode.url + "/v1/completions",
@@ -121,3 +121,25 @@ def test_release_of_a_failed_prefill_worker_is_logged_not_raised(start_worker):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert wait_for(lambda: decode.runtime.releaser.failures == 1)
     assert httpx.get(decode.url + "/health").status_code == 200
+
+
+def test_a_decode_worker_never_calls_a_remote_url_outside_its_peers(start_worker):
+    import socket
+    trap = socket.socket()   # a listener standing for any host a client would like the worker to reach
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(4)
+    trap.settimeout(1.0)
+    decode = start_worker(role="decode", release_timeout_s=0.5, peers=["http://127.0.0.1:9"])
+    target = f"http://127.0.0.1:{trap.getsockname()[1]}"
+    params = {"do_remote_prefill": True, "remote_request_id": "cmpl-x", "remote_url": target, "first_token": 3}
+    r = httpx.post(decode.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": PROMPT[:32], "max_tokens": 3, "kv_transfer_params": params})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params.remote_url"
+    try:
+        trap.accept()
+        called = True
+    except socket.timeout:
+        called = False
+    finally:
+        trap.close()
+    assert not called

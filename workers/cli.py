@@ -15,6 +15,7 @@ import logging
 import uvicorn
 
 from emulator.physics.catalog import CatalogError
+from kvlab.wire.http_server import ServerLimits, uvicorn_settings
 from workers.config import WorkerConfig
 from workers.core.engine import ROLES, EngineError
 
@@ -56,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--preemption", choices=["recompute", "swap"])
     eng.add_argument("--eviction", choices=["lru", "lfu"])
     kv = p.add_argument_group("P/D handoff and KV events")
+    kv.add_argument("--peer", dest="peers", action="append",
+                    help="decode role: base URL of a prefill worker it may pull KV from (repeatable; with --spec: "
+                         "the spec's prefill workers)")
+    kv.add_argument("--peer-host", help="with --spec: host of the spec's prefill workers; '{id}' stands for each "
+                                        "one's id (default: the listen host, and the id itself)")
+    kv.add_argument("--peer-port", type=int, help="with --spec: port of every prefill worker (default: the spec's)")
     kv.add_argument("--kv-link", help="decode role: link the KV arrives over (default InfiniBand-NDR)")
     kv.add_argument("--kv-events-endpoint", help="ZMQ PUB address to bind, e.g. tcp://127.0.0.1:5557")
     kv.add_argument("--kv-events-replay-endpoint", help="ZMQ ROUTER address answering replay requests")
@@ -64,14 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "catalog", "role", "worker_id",
                  "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "num_blocks",
                  "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
-                 "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint")
+                 "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint", "peers")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     """The worker's config and port: spec slot (if any), then the flags given."""
     fields: dict = {}
     if args.spec:
-        fields = _spec_fields(args.spec, args.worker_id)
+        fields = _spec_fields(args)
     spec_port = fields.pop("port", DEFAULT_PORT)   # popped either way: it is not a WorkerConfig field
     port = args.port or spec_port
     fields.update({k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
@@ -79,13 +86,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     return WorkerConfig(**fields), port
 
 
-def _spec_fields(spec_path: str, worker_id: str | None) -> dict:
+def _spec_fields(args: argparse.Namespace) -> dict:
     from emulator.spec import load_spec
-    from workers.spec_config import spec_fields
+    from workers.spec_config import prefill_peers, spec_fields
 
-    if not worker_id:
+    if not args.worker_id:
         raise ValueError("--spec needs --worker-id")
-    return spec_fields(load_spec(spec_path), worker_id)
+    spec = load_spec(args.spec)
+    peers = prefill_peers(spec, args.host, args.peer_host, args.peer_port)
+    return {**spec_fields(spec, args.worker_id), "peers": peers}
 
 
 def event_loop_name() -> str:
@@ -96,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from workers.server import create_app  # deferred: `kvlab --help` need not import FastAPI
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at info: the health and KV-event polls alone would be ~20 lines a second.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config, port = config_from_args(args)
         app = create_app(config)
@@ -103,5 +115,5 @@ def run(args: argparse.Namespace) -> int:
         log.error("cannot start worker: %s", exc)
         return 2
     uvicorn.run(app, host=args.host, port=port, loop=event_loop_name(), log_level=args.log_level,
-                timeout_graceful_shutdown=args.graceful_shutdown_s)
+                timeout_graceful_shutdown=args.graceful_shutdown_s, **uvicorn_settings(ServerLimits()))
     return 0

@@ -56,6 +56,9 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     # P/D handoff and KV events
     kv_link: str | None = None            # decode role: None means InfiniBand NDR
     release_timeout_s: float = 5.0        # decode role: POST /v1/kv/release to the prefill worker
+    peers: list[str] = []                 # decode/both role: base URLs of the prefill workers it may pull KV
+                                          # from (and tell to release it); any other remote_url is refused,
+                                          # so a request can never make this worker call a URL of its choosing
     kv_events_endpoint: str | None = None         # ZMQ PUB address the worker binds, e.g. tcp://127.0.0.1:5557
     kv_events_replay_endpoint: str | None = None  # optional ZMQ ROUTER address for replay requests
     kv_events_topic: str = ""

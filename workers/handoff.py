@@ -6,6 +6,8 @@ A router drives it, as vLLM's disaggregated proxies do:
    The prefill worker computes the prompt, samples the first token, keeps the KV held and answers
    (one JSON body) with ``kv_transfer_params`` ready to forward (see ``prefill_params``).
 2. It sends the same request to a decode worker with those params (``do_remote_prefill: true``).
+   The decode worker accepts a ``remote_url`` only among its configured prefill peers
+   (WorkerConfig.peers): it calls that URL, so a client must never choose it.
    The decode worker pays the transfer time for the blocks it lacks, then streams tokens 2..N;
    once the KV has landed it tells the prefill worker ``POST /v1/kv/release`` (``KvReleaser``).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 import httpx
 import msgspec
@@ -41,8 +43,9 @@ class Handoff(msgspec.Struct, frozen=True):
         return None if self.source is None else RemotePrefill(first_token=self.source.first_token)
 
 
-def parse_handoff(params: dict[str, Any] | None, role: str) -> Handoff:
-    """Validate kv_transfer_params against this worker's role; ApiError(400) names the bad field."""
+def parse_handoff(params: dict[str, Any] | None, role: str, peers: Iterable[str] = ()) -> Handoff:
+    """Validate kv_transfer_params against this worker's role and its configured prefill peers;
+    ApiError(400) names the bad field."""
     if not params:
         return Handoff()
     remote_decode = params.get("do_remote_decode") is True
@@ -54,15 +57,25 @@ def parse_handoff(params: dict[str, Any] | None, role: str) -> Handoff:
     if remote_prefill and role == "prefill":
         raise _bad("do_remote_prefill needs a decode (or both) worker; this one is a prefill worker",
                    "do_remote_prefill")
-    return Handoff(remote_decode=remote_decode, source=_source(params) if remote_prefill else None)
+    return Handoff(remote_decode=remote_decode, source=_source(params, peers) if remote_prefill else None)
 
 
-def _source(params: dict[str, Any]) -> RemoteSource:
+def normalize_url(url: str) -> str:
+    """Scheme and host compared case-insensitively, a trailing slash ignored."""
+    scheme, sep, rest = url.strip().rstrip("/").partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}{sep}{host.lower()}{slash}{path}"
+
+
+def _source(params: dict[str, Any], peers: Iterable[str]) -> RemoteSource:
     rid, url, first = params.get("remote_request_id"), params.get("remote_url"), params.get("first_token")
     if not isinstance(rid, str) or not rid:
         raise _bad("remote_request_id must be a non-empty string", "remote_request_id")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise _bad("remote_url must be the prefill worker's http(s) base URL", "remote_url")
+    if normalize_url(url) not in {normalize_url(peer) for peer in peers}:
+        # The worker will POST to this URL: only prefill workers it was configured with qualify.
+        raise _bad("remote_url is not one of this worker's prefill peers", "remote_url")
     if type(first) is not int or first < 0:
         raise _bad("first_token must be a non-negative token id", "first_token")
     return RemoteSource(remote_request_id=rid, remote_url=url.rstrip("/"), first_token=first)

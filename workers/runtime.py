@@ -120,6 +120,15 @@ class WorkerRuntime:
         self._handoffs.discard(request_id)
 
     # -- state for routers -------------------------------------------------------------------
+    def kv_snapshot(self) -> dict:
+        """The prefix cache's whole content as of event sequence `seq`: a router applies it, then the
+        batches from `seq` on. Events not yet in the log are appended first, so none is counted twice."""
+        pending = self.engine.blocks.take_events()
+        if pending:
+            self.events.append(pending)
+        return {"seq": self.events.next_seq, "block_size": self.engine.blocks.block_size,
+                "block_hashes": self.engine.blocks.cached_hashes()}
+
     def load(self) -> dict:
         eng, blocks, cfg = self.engine, self.engine.blocks, self.cfg
         return {

@@ -9,6 +9,7 @@ Endpoints
 - GET  /v1/models, /health, /metrics, /load     discovery, liveness, Prometheus, router snapshot
 - POST /v1/kv/release                           prefill role: a decode worker has pulled the KV
 - GET  /v1/kv_events?after=SEQ[&format=msgpack] buffered KV event batches, [[seq, batch], ...]
+- GET  /v1/kv_events/snapshot[?format=msgpack]  every cached block hash, as of sequence `seq` (resync)
 """
 from __future__ import annotations
 
@@ -112,6 +113,13 @@ def _add_handoff_routes(app: FastAPI, rt: WorkerRuntime) -> None:
         if fmt == "msgpack":
             return Response(msgspec.msgpack.encode(batches), headers=headers, media_type="application/msgpack")
         return json_response(batches, headers=headers)
+
+    @app.get("/v1/kv_events/snapshot")
+    async def kv_snapshot(request: Request) -> Response:
+        snapshot = rt.kv_snapshot()
+        if request.query_params.get("format") == "msgpack":
+            return Response(msgspec.msgpack.encode(snapshot), media_type="application/msgpack")
+        return json_response(snapshot)
 
 
 def _int_query(request: Request, name: str, default: int) -> int:

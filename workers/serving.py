@@ -73,7 +73,7 @@ def _check_model_and_n(body, rt: WorkerRuntime) -> None:
 def _job(kind, prefix: str, body, prompt: list[int], max_tokens: int | None, default: int,
          rt: WorkerRuntime) -> Job:
     _check_token_ids(prompt, rt.engine.dep.model.vocab)
-    handoff = parse_handoff(body.kv_transfer_params, rt.cfg.role)
+    handoff = parse_handoff(body.kv_transfer_params, rt.cfg.role, rt.cfg.peers)
     if max_tokens is None:   # default, clipped to what the context leaves (at least 1: too long fails later)
         max_tokens = max(1, min(default, rt.engine.max_model_len - len(prompt)))
     params = _sampling(body, max_tokens, handoff)

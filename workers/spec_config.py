@@ -24,3 +24,14 @@ def spec_fields(spec: ClusterSpec, worker_id: str) -> dict[str, Any]:
         "eviction": e.eviction, "preemption": e.preemption, "time_scale": e.time_scale,
         "kv_link": spec.links.kv_transfer, "swap_link": spec.links.host_swap,
     }
+
+
+def prefill_peers(spec: ClusterSpec, host: str, peer_host: str | None = None,
+                  peer_port: int | None = None) -> list[str]:
+    """Base URLs the spec's prefill workers are reached at. `peer_host` names each one's host ("{id}" is its
+    worker id, e.g. "{id}.kvlab-workers" for Kubernetes pods) and `peer_port` replaces the spec's ports;
+    by default: on `host` (`kvlab up`, one machine), on loopback when `host` is a wildcard, and under their
+    ids (docker compose service names)."""
+    hosts = [host, *(("127.0.0.1", "localhost") if host in ("0.0.0.0", "::", "") else ())]
+    return [f"http://{h}:{peer_port or slot.port}" for slot in spec.worker_list() if slot.role == "prefill"
+            for h in ([peer_host.format(id=slot.id)] if peer_host else [*hosts, slot.id])]

@@ -130,7 +130,8 @@ def _selector(component: str, pool: str | None = None) -> dict:
 
 def _stateful_set(pool: str, workers: list[Service], image: str) -> dict:
     args = ["worker", "--spec", SPEC_MOUNT, "--worker-id", "$(POD_NAME)", "--host", "0.0.0.0",
-            "--port", str(WORKER_PORT), "--advertise-url", f"http://$(POD_NAME).{HEADLESS}:{WORKER_PORT}"]
+            "--port", str(WORKER_PORT), "--advertise-url", f"http://$(POD_NAME).{HEADLESS}:{WORKER_PORT}",
+            "--peer-host", "{id}." + HEADLESS, "--peer-port", str(WORKER_PORT)]   # the prefill pods' names
     container = _container("worker", image, args, WORKER_PORT, WORKER_RESOURCES)
     container["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     selector = _selector("worker", pool)

@@ -127,6 +127,12 @@ def decode_request(raw: bytes, kind: type) -> Any:
         raise ApiError(400, f"invalid request: {exc}", param=_field_of(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:   # msgspec's own depth guard: a client error, not a server bug
+        raise too_deep() from None
+
+
+def too_deep() -> ApiError:
+    return ApiError(400, "JSON body is nested too deeply", code="json_too_deep")
 
 
 def _field_of(message: str) -> str | None:

@@ -72,6 +72,7 @@ class Upstream:
         self.client = client
         self.transport = transport
         self.timeouts = timeouts
+        self.open: dict[str, set[UpstreamStream]] = {}   # open streams by worker, to abandon when it goes down
         # The read timeout bounds each wait for bytes; before the first one that includes the
         # worker's queueing and prefill, so it gets the longer first-byte bound. Between stream
         # chunks UpstreamStream applies the shorter idle bound itself.
@@ -113,15 +114,42 @@ class Upstream:
                 await response.aclose()
             raise UpstreamFailure(worker_id, f"status {response.status_code}", dead=False,
                                   status=response.status_code, body=content)
-        return UpstreamStream(worker_id, response, self.timeouts)
+        stream = UpstreamStream(worker_id, response, self.timeouts, self.open.setdefault(worker_id, set()))
+        return stream
+
+    # A pool listener (router.pool.worker_pool): a worker the health probe (or live traffic) takes down
+    # fails its open streams at once, so they migrate now rather than after the idle timeout.
+    def worker_down(self, worker) -> None:
+        for stream in list(self.open.get(worker.id, ())):
+            stream.abandon("worker marked down")
+
+    def worker_suspect(self, worker) -> None:
+        """A probe of the worker just failed: its streams that have also been silent for a whole probe
+        timeout are stalled with it (a hung process), so they move now, a probe round before the worker
+        leaves routing. Streams still waiting for a first token may just be queued: they stay."""
+        for stream in list(self.open.get(worker.id, ())):
+            if stream.silent_for() >= self.timeouts.health_s:
+                stream.abandon("worker stalled")
+
+    def worker_up(self, worker) -> None:
+        pass
+
+    def worker_removed(self, worker) -> None:
+        self.worker_down(worker)
+        self.open.pop(worker.id, None)
 
 
 class UpstreamStream:
     """A worker's SSE response, read one event at a time with first-event and idle timeouts."""
 
-    def __init__(self, worker_id: str, response: httpx.Response, timeouts: Timeouts):
+    def __init__(self, worker_id: str, response: httpx.Response, timeouts: Timeouts,
+                 registry: set | None = None):
         self.worker_id = worker_id
         self.response = response
+        self._registry = registry if registry is not None else set()
+        self._registry.add(self)
+        self._wait: asyncio.Timeout | None = None   # the pending read's deadline (abandon() moves it to now)
+        self._abandoned: str | None = None
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
         self._parts = aiter(response.stream)
         self._splitter = EventSplitter()
@@ -134,21 +162,46 @@ class UpstreamStream:
     async def next_event(self) -> bytes | None:
         """The next whole SSE event; None when the worker closed the stream cleanly."""
         while not self._ready:
+            if self._abandoned is not None:
+                raise UpstreamFailure(self.worker_id, self._abandoned, dead=True)
             try:
-                async with asyncio.timeout(self._idle_s if self._started else self._first_s):
+                async with asyncio.timeout(self._idle_s if self._started else self._first_s) as self._wait:
                     part = await anext(self._parts)
             except StopAsyncIteration:
                 if self._splitter.pending:
                     raise UpstreamFailure(self.worker_id, "stream cut mid-event", dead=True) from None
                 return None
             except (httpx.HTTPError, TimeoutError, OSError) as exc:
+                if self._abandoned is not None:
+                    raise UpstreamFailure(self.worker_id, self._abandoned, dead=True) from exc
                 raise _failure(self.worker_id, exc) from exc
+            finally:
+                self._wait = None
             self._ready.extend(self._splitter.feed(part))
         self._started = True
         event = self._ready.popleft()
         if len(event) < 32 and data_of(event) == DONE:
             self._done = True
         return event
+
+    def silent_for(self) -> float:
+        """Seconds the pending read has waited since the stream's last bytes (0: no read pending, or
+        no token yet)."""
+        if self._wait is None or not self._started or self._wait.when() is None:
+            return 0.0
+        return asyncio.get_running_loop().time() - (self._wait.when() - self._idle_s)
+
+    def abandon(self, reason: str) -> None:
+        """Fail the stream now: the pending read (if any) ends at once, later reads raise. Events
+        already received are still delivered first."""
+        if self._abandoned is not None:
+            return   # already failing (suspected, then marked down)
+        self._abandoned = reason
+        if self._wait is not None:
+            try:
+                self._wait.reschedule(asyncio.get_running_loop().time())
+            except RuntimeError:
+                pass   # its deadline is already passing: the read fails anyway
 
     @property
     def buffered(self) -> bool:
@@ -158,6 +211,7 @@ class UpstreamStream:
     async def aclose(self) -> None:
         """Close. A stream that ended with [DONE] is read to its end first, so its connection is
         reused; an unfinished one's connection is dropped, so the worker aborts the request."""
+        self._registry.discard(self)
         try:
             if self._done and not self._ready:
                 async with asyncio.timeout(DRAIN_S):

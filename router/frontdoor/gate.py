@@ -62,6 +62,13 @@ class Gate:
         return self._salts[tenant]
 
     # -- admission -------------------------------------------------------------------------------
+    def precheck(self, tenant: str | None) -> None:
+        """Refuse what needs no token count (a tenant at its limits) before the prompt is read."""
+        if tenant is not None:
+            refusal = self.tenants.peek(tenant, self.clock())
+            if refusal is not None:
+                self._raise_if_refused(refusal, tenant)
+
     def admit(self, job: Job) -> None:
         """Shed or admit `job`; on success job.ticket must later go to ``release``."""
         now = self.clock()

@@ -27,7 +27,7 @@ def _decode(raw: bytes, endpoint: Endpoint):
     if endpoint == "completions":
         try:
             return _ids_decoder.decode(raw)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             pass
     return decode_request(raw, KINDS[endpoint])
 
@@ -36,27 +36,29 @@ _ids_decoder = msgspec.json.Decoder(TokenIdsCompletion)
 
 
 class Intake:
-    def __init__(self, limits: Limits, tokenizer: PromptTokenizer, models):
+    """Turns bodies into Jobs. ``job`` is synchronous and touches no event-loop state, so the server
+    may run it on a thread for large bodies (router.server)."""
+
+    def __init__(self, limits: Limits, tokenizer: PromptTokenizer, models, context_length=lambda: None):
         self.limits = limits
         self.tokenizer = tokenizer
-        self.models = models   # () -> list of served model names (empty: accept any)
-        self._size_limits = RequestLimits(max_input_tokens=limits.max_input_tokens,
-                                          max_tokens_limit=limits.max_tokens_limit)
+        self.models = models                   # () -> list of served model names (empty: accept any)
+        self.context_length = context_length   # () -> the model's context in tokens, or None (unknown)
 
     def job(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None = None,
             tenant: str | None = None, tenant_salt: str | None = None) -> Job:
         request = _decode(raw, endpoint)
-        self._check_model(request.model)
-        if request.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if policy is not None and policy not in BUILDERS:
-            raise ApiError(400, f"unknown routing policy {policy!r}; known: {', '.join(BUILDERS)}",
-                           param=POLICY_HEADER)
+        self._check_fields(request, policy)
         max_tokens = self._max_tokens(endpoint, request)
+        max_field = "max_completion_tokens" if endpoint == "chat" and request.max_completion_tokens is not None \
+            else "max_tokens"
+        limits = RequestLimits(max_input_tokens=self.limits.max_input_tokens,
+                               max_tokens_limit=self.limits.max_tokens_limit, max_model_len=self.context_length())
         started = time.perf_counter()
-        prompt = self.tokenizer.chat(request) if endpoint == "chat" else self.tokenizer.completion(request)
-        chat_limit = endpoint == "chat" and request.max_completion_tokens is not None
-        self._check_sizes(len(prompt), max_tokens, "max_completion_tokens" if chat_limit else "max_tokens")
+        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(limits, max_tokens)), max_tokens, limits)
+        given = self.tokenizer.chat_input(request) if endpoint == "chat" else self.tokenizer.completion_input(request)
+        prompt = self.tokenizer.encode(given)
+        _check_sizes(len(prompt), max_tokens, limits, max_field)
         salt = _salt(request.cache_salt, tenant_salt)
         route = self.tokenizer.route_request(prompt, salt, policy)
         job = Job(endpoint, raw, request, prompt, route, max_tokens, salt, tenant, received)
@@ -64,6 +66,31 @@ class Intake:
         if tenant_salt is not None:
             job.fields["cache_salt"] = salt   # forced: spliced last, it overrides the client's own
         return job
+
+    def _check_fields(self, request, policy: str | None) -> None:
+        self._check_model(request.model)
+        if request.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        if request.kv_transfer_params is not None:
+            # Only the router's own P/D path sets these: they name URLs a worker will call and
+            # KV it will release or trust (router.forwarding.pd). A client never may.
+            raise ApiError(400, "kv_transfer_params is set by the router only", param="kv_transfer_params",
+                           code="internal_field")
+        if policy is not None and policy not in BUILDERS:
+            raise ApiError(400, f"unknown routing policy {policy!r}; known: {', '.join(BUILDERS)}",
+                           param=POLICY_HEADER)
+
+    def _min_tokens(self, endpoint: Endpoint, request, cap: int) -> int:
+        """A lower bound on the prompt's tokens, read before the chat template copies it (the
+        template only adds tokens): exact for token ids, 0 when unknown."""
+        if endpoint == "chat":
+            return self.tokenizer.min_tokens([m.text() for m in request.messages], cap)
+        prompt = request.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer.min_tokens([prompt], cap)
+        return len(prompt) if all(type(t) is int for t in prompt[:1]) else 0
 
     def _check_model(self, model: str) -> None:
         served = self.models()
@@ -79,11 +106,29 @@ class Intake:
         limit = self.limits.max_tokens_limit
         return min(default, limit) if limit else default
 
-    def _check_sizes(self, prompt_tokens: int, max_tokens: int, max_field: str) -> None:
-        verdict = check_request(prompt_tokens, max_tokens, self._size_limits)
-        if not verdict.ok:
-            param = max_field if verdict.reason.startswith("max_tokens") else "prompt"
-            raise ApiError(400, verdict.message, param=param, code=verdict.reason)
+
+def _prompt_cap(limits: RequestLimits, max_tokens: int) -> int:
+    """The most prompt tokens the limits let through (a huge number when none applies)."""
+    caps = [limits.max_input_tokens or 0, (limits.max_model_len or 0) - max(max_tokens, 0)]
+    caps = [c for c in caps if c > 0]
+    return min(caps) if caps else 1 << 62
+
+
+def _refuse_early(at_least: int, max_tokens: int, limits: RequestLimits) -> None:
+    """Refuse a prompt whose lower-bound token count already breaks a limit, before tokenizing it."""
+    cap = _prompt_cap(limits, max_tokens)
+    if at_least > cap:
+        within = limits.max_input_tokens is not None and cap == limits.max_input_tokens
+        code = "prompt_too_long" if within else "context_length_exceeded"
+        raise ApiError(400, f"the prompt has at least {at_least} tokens; at most {cap} fit", param="prompt",
+                       code=code)
+
+
+def _check_sizes(prompt_tokens: int, max_tokens: int, limits: RequestLimits, max_field: str) -> None:
+    verdict = check_request(prompt_tokens, max_tokens, limits)
+    if not verdict.ok:
+        param = max_field if verdict.reason.startswith("max_tokens") else "prompt"
+        raise ApiError(400, verdict.message, param=param, code=verdict.reason)
 
 
 def _salt(client_salt: str | None, tenant_salt: str | None) -> str | None:

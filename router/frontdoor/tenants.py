@@ -27,6 +27,7 @@ class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens_burst: float | None = None       # default: TOKENS_BURST_S seconds of tokens_per_s
     max_concurrency: int | None = None
     cache_salt: bool | str = False          # True: salt with the tenant's name; a string: that salt
+    choose_policy: bool = False             # may pick the routing policy per request (x-kvlab-policy)
 
 
 class _TenantState:
@@ -74,6 +75,25 @@ class Tenants:
         if salt is True:
             return tenant
         return salt or None
+
+    def may_choose_policy(self, tenant: str | None) -> bool:
+        return tenant is not None and self._get(tenant).config.choose_policy
+
+    def peek(self, tenant: str, now: float) -> Admission | None:
+        """The refusal ``admit`` would give whatever the request's size (concurrency cap full, request
+        or token bucket empty), without taking anything: lets the router refuse before it spends
+        CPU on the prompt. None when the request might be admitted."""
+        state = self._get(tenant)
+        name, cap = state.config.name, state.config.max_concurrency
+        if cap is not None and state.in_flight >= cap:
+            return reject("concurrency", f"tenant {name!r} has {cap} requests in flight, its limit",
+                          CONCURRENCY_RETRY_S, name)
+        for bucket, reason, rate in ((state.requests, "requests_per_s", state.config.requests_per_s),
+                                     (state.tokens, "tokens_per_s", state.config.tokens_per_s)):
+            if bucket is not None and bucket.level(now) < 1:
+                return reject(reason, f"tenant {name!r} is over {rate:g} {reason.replace('_per_s', '')}/s",
+                              (1 - bucket.level(now)) / bucket.rate, name)
+        return None
 
     def in_flight(self, tenant: str) -> int:
         return self._get(tenant).in_flight

@@ -14,6 +14,7 @@ blocks hash differently from every other tenant's and no KV block is shared acro
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Annotated, Sequence
 
@@ -29,6 +30,20 @@ from router.policies.hash_memo import DEFAULT_RUNS, BlockHashMemo
 _OUTPUT_IDS = {word: i for i, word in enumerate(OUTPUT_WORDS)}
 MEMO_MIN_CHARS = 512      # shorter segments are cheaper to encode than to look up and copy
 MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
+# The built-in tokenizer's pieces hold at most 4 non-space characters (kvlab.wire.tokenizer._PIECE: up to
+# 4 letters, 3 digits or 1 other character; whitespace runs are pieces of their own), so a text has
+# at least (non-space characters) / 4 tokens: a bound that costs a scan, not a tokenization.
+MAX_NONSPACE_PER_PIECE = 4
+
+
+_SCAN_CHARS = 1 << 16   # characters counted at a time by min_tokens
+
+
+def _nonspace(text: str) -> int:
+    """Characters of `text` that are not whitespace (as the tokenizer's regex sees it)."""
+    if text.isascii():   # counting six characters beats splitting; str.split knows Unicode spaces
+        return len(text) - sum(map(text.count, " \n\t\r\f\v"))
+    return sum(map(len, text.split()))
 
 
 class SegmentMemo:
@@ -36,12 +51,15 @@ class SegmentMemo:
 
     Prompts come out as int32 arrays: a remembered 30K-token segment is then copied by one
     concatenate, and block hashing reads the array's bytes without unboxing 30K Python ints.
+    Large prompts are encoded on a thread (router.server), so the LRU's updates hold a lock
+    (encoding itself runs outside it).
     """
 
     def __init__(self, encode, entries: int = MEMO_ENTRIES):
         self._encode = encode
         self._entries = entries
         self._ids: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
 
     def encode(self, text: str) -> np.ndarray:
@@ -61,15 +79,17 @@ class SegmentMemo:
         return np.concatenate(pieces)
 
     def _long(self, part: str) -> np.ndarray:
-        ids = self._ids.get(part)
-        if ids is not None:
-            self._ids.move_to_end(part)
-            self.hits += 1
-            return ids
+        with self._lock:
+            ids = self._ids.get(part)
+            if ids is not None:
+                self._ids.move_to_end(part)
+                self.hits += 1
+                return ids
         ids = np.array(self._encode(part), dtype=np.int32)
-        self._ids[part] = ids
-        if len(self._ids) > self._entries:
-            self._ids.popitem(last=False)
+        with self._lock:
+            self._ids[part] = ids
+            if len(self._ids) > self._entries:
+                self._ids.popitem(last=False)
         return ids
 
 
@@ -92,17 +112,44 @@ class PromptTokenizer:
 
     def completion(self, request: CompletionRequest) -> Sequence[int]:
         """Token ids pass through as the list msgspec decoded; text is tokenized (an int32 array)."""
+        return self.encode(self.completion_input(request))
+
+    def chat(self, request: ChatCompletionRequest) -> Sequence[int]:
+        return self.encode(self.chat_input(request))
+
+    @staticmethod
+    def completion_input(request: CompletionRequest) -> str | Sequence[int]:
+        """The prompt's text, or its token ids as given (checked)."""
         if isinstance(request, TokenIdsCompletion):
             if not request.prompt:
                 raise ApiError(400, "prompt must not be empty", param="prompt")
             return request.prompt
-        prompt = prompt_input(request.prompt)   # raises ApiError(400) on an empty or batched prompt
-        return prompt if isinstance(prompt, list) else self._encode(prompt)
+        return prompt_input(request.prompt)   # raises ApiError(400) on an empty or batched prompt
 
-    def chat(self, request: ChatCompletionRequest) -> Sequence[int]:
+    @staticmethod
+    def chat_input(request: ChatCompletionRequest) -> str:
+        """The templated chat, as text."""
         if not request.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
-        return self._encode(apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages]))
+        return apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages])
+
+    def encode(self, prompt: str | Sequence[int]) -> Sequence[int]:
+        return self._encode(prompt) if isinstance(prompt, str) else prompt
+
+    def min_tokens(self, texts: Sequence[str], above: int) -> int:
+        """A lower bound on the token count of `texts` (a prompt, or a chat's message contents), found
+        without tokenizing; 0 when it cannot tell (a tokenizer file has no such bound, or the texts are
+        too short to exceed `above`). It stops reading once the bound passes `above`: refusing a 6 MB
+        prompt against an 8K context reads its first ~40 KB."""
+        if self.memo is None or sum(map(len, texts)) <= above * MAX_NONSPACE_PER_PIECE:
+            return 0
+        nonspace = 0
+        for text in texts:
+            for start in range(0, len(text), _SCAN_CHARS):
+                nonspace += _nonspace(text[start:start + _SCAN_CHARS])
+                if nonspace > above * MAX_NONSPACE_PER_PIECE:
+                    break
+        return -(-nonspace // MAX_NONSPACE_PER_PIECE)
 
     def _encode(self, text: str) -> Sequence[int]:
         return self.memo.encode(text) if self.memo is not None else self.tokenizer.encode(text)

@@ -22,8 +22,10 @@ import msgspec
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
+from router.admin import require_metrics_token
 from router.observability.cluster_view import ClusterView, Counters, Member, decode_load
 from router.forwarding.stream_timing import StreamTimings
 
@@ -126,7 +128,8 @@ def dashboard_routes(observatory: Observatory) -> APIRouter:
     api = APIRouter()
 
     @api.get("/cluster")
-    async def cluster(since: float | None = None, window: float | None = None) -> Response:
+    async def cluster(request: Request, since: float | None = None, window: float | None = None) -> Response:
+        require_metrics_token(request, observatory.router.config.metrics_token)
         if window is not None and not 0 < window <= observatory.view.retain_s:
             raise HTTPException(400, f"window must be in (0, {observatory.view.retain_s:g}] seconds")
         body = observatory.cluster(since, window)

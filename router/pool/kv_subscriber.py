@@ -8,10 +8,16 @@ Two transports, one per worker:
 
 Sequence numbers detect trouble. A worker whose sequence went backwards restarted with an empty
 cache; a gap means lost batches, whose removals we will never see. Either way the worker's entries
-are dropped and rebuilt from what arrives next: a stale "cached here" would route requests to a
-worker that no longer holds the prefix, which is worse than forgetting a prefix it still has.
-A worker that goes down stops its feed (the policy set already forgot its blocks); one that comes
-back replays the worker's buffered history from the start.
+are dropped: a stale "cached here" would route requests to a worker that no longer holds the
+prefix, which is worse than forgetting a prefix it still has.
+
+Resync: a feed starts, and recovers from a gap, with the worker's snapshot
+(``GET /v1/kv_events/snapshot``: every cached block hash as of sequence S), then takes batches from S
+on (polled, or from the ZMQ socket, subscribed before the snapshot is read). So a restarted router,
+or one that fell behind the worker's replay buffer, knows the whole cache, not just its last few
+thousand batches. Workers without the endpoint (stock vLLM), and an index that
+rehashes engine blocks (it needs token ids, which a snapshot does not carry), fall back to replaying
+the buffer and forgetting what it no longer holds.
 """
 from __future__ import annotations
 
@@ -21,13 +27,22 @@ import logging
 import httpx
 import msgspec
 
-from kvlab.wire.kv_events import KVEventBatch, decode_batch
+from kvlab.wire.kv_events import BlockStored, KVEventBatch, decode_batch
 from router.policies.kv_index import KvIndex
 from router.pool.worker_pool import Worker
 
 log = logging.getLogger("kvlab.router.kv_events")
 
 _batches = msgspec.msgpack.Decoder(list[tuple[int, KVEventBatch]])
+
+
+class Snapshot(msgspec.Struct):
+    seq: int                  # the first event batch not reflected in block_hashes
+    block_size: int
+    block_hashes: list[int]
+
+
+_snapshot = msgspec.msgpack.Decoder(Snapshot)
 
 
 class KvSubscriber:
@@ -40,6 +55,7 @@ class KvSubscriber:
         self.timeout_s = timeout_s
         self.batches = 0                      # batches applied, all workers (tests and debugging)
         self.resyncs = 0
+        self.snapshots = 0                    # full-state loads (HTTP feed)
         self._tasks: dict[str, asyncio.Task] = {}
 
     # -- pool listener ---------------------------------------------------------------------------
@@ -78,28 +94,48 @@ class KvSubscriber:
             log.warning("KV event batch from %s not applied: %s", worker_id, exc)
 
     async def _poll(self, worker: Worker) -> None:
-        after = -1
+        after = None   # None: no known position; start (again) from a snapshot
         url = worker.url + "/v1/kv_events"
+        snapshots = not self.index.rehash
         while True:
             try:
+                if after is None:
+                    after, snapshots = await self._from_snapshot(worker) if snapshots else (-1, False)
                 response = await self.client.get(url, params={"after": after, "format": "msgpack"},
                                                  timeout=self.timeout_s)
                 if response.status_code == 404:
                     log.info("worker %s serves no /v1/kv_events; no KV feed", worker.id)
                     return
-                after = self._take(worker.id, after, response)
+                after = self._take(worker.id, after, response, snapshots)
             except (httpx.HTTPError, msgspec.MsgspecError, ValueError) as exc:
                 log.debug("KV event poll of %s failed: %r", worker.id, exc)
             await asyncio.sleep(self.poll_s)
 
-    def _take(self, worker_id: str, after: int, response: httpx.Response) -> int:
+    async def _from_snapshot(self, worker: Worker) -> tuple[int, bool]:
+        """Load the worker's whole cache into the index: (the sequence to poll after, whether the worker
+        serves snapshots). Without them, (-1, False): replay the buffer from its start."""
+        response = await self.client.get(worker.url + "/v1/kv_events/snapshot", params={"format": "msgpack"},
+                                         timeout=self.timeout_s)
+        if response.status_code == 404:
+            return -1, False
+        response.raise_for_status()
+        snap = _snapshot.decode(response.content)
+        self.index.remove_worker(worker.id)
+        self._apply(worker.id, KVEventBatch(ts=0.0, events=[BlockStored(
+            block_hashes=snap.block_hashes, parent_block_hash=None, token_ids=[], block_size=snap.block_size)]))
+        self.snapshots += 1
+        return snap.seq - 1, True
+
+    def _take(self, worker_id: str, after: int, response: httpx.Response, snapshots: bool = False) -> int | None:
         next_seq = int(response.headers.get("x-kv-events-next-seq", after + 1))
         first_seq = int(response.headers.get("x-kv-events-first-seq", 0))
         if next_seq < after + 1:
             self._resync(worker_id, "sequence went back (restart)")
-            return -1
+            return None if snapshots else -1
         if after >= 0 and first_seq > after + 1:
             self._resync(worker_id, f"missed batches {after + 1}..{first_seq - 1}")
+            if snapshots:
+                return None
         for seq, batch in _batches.decode(response.content):
             self._apply(worker_id, batch)
             after = seq
@@ -113,16 +149,34 @@ class KvSubscriber:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(worker.kv_endpoint)
-        expected = None
+        # Subscribed first, then the snapshot: batches published meanwhile arrive on the socket, and
+        # those the snapshot already holds (sequence below its own) are skipped.
+        expected = floor = await self._zmq_snapshot(worker)
         try:
             while True:
                 frames = await sock.recv_multipart()
                 if len(frames) != 3:
                     continue
                 seq = int.from_bytes(frames[1], "big", signed=True)
+                if floor is not None and seq < floor:
+                    continue   # already in the snapshot
                 if expected is not None and seq != expected:
                     self._resync(worker.id, f"sequence {seq}, expected {expected}")
-                expected = seq + 1
+                    expected = floor = await self._zmq_snapshot(worker)
+                    if floor is not None and seq < floor:
+                        continue
+                floor, expected = None, seq + 1
                 self._apply(worker.id, decode_batch(frames[2]))
         finally:
             sock.close(linger=0)
+
+    async def _zmq_snapshot(self, worker: Worker) -> int | None:
+        """The sequence the worker's snapshot (over HTTP) reaches, once loaded; None without one."""
+        if self.index.rehash:
+            return None
+        try:
+            after, served = await self._from_snapshot(worker)
+        except (httpx.HTTPError, msgspec.MsgspecError, ValueError) as exc:
+            log.debug("KV snapshot of %s failed: %r", worker.id, exc)
+            return None
+        return after + 1 if served else None

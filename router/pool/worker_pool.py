@@ -49,6 +49,7 @@ class Worker:
         self.view = WorkerView(id=config.id, role=config.role, healthy=False)
         self.failures = 0
         self.models: list[str] = []
+        self.max_model_len: int | None = None   # from its /v1/models cards (vLLM's field), when given
         self.kv_endpoint = config.kv_events
         self.has_load_endpoint = True
         self._urls: dict[str, httpx.URL] = {}
@@ -92,6 +93,7 @@ class PoolListener(Protocol):
     def worker_up(self, worker: Worker) -> None: ...
     def worker_down(self, worker: Worker) -> None: ...
     def worker_removed(self, worker: Worker) -> None: ...
+    def worker_suspect(self, worker: Worker) -> None: ...   # a probe failed; not yet out of routing
 
 
 class WorkerPool:
@@ -127,10 +129,15 @@ class WorkerPool:
 
     def models(self) -> list[str]:
         names: dict[str, None] = {}
-        for worker in self._workers.values():
+        for worker in list(self._workers.values()):   # a copy: also read from the intake thread
             if worker.up:
                 names.update(dict.fromkeys(worker.models))
         return list(names)
+
+    def context_length(self) -> int | None:
+        """The largest context an up worker reported: a longer request fits none of them."""
+        lengths = [w.max_model_len for w in list(self._workers.values()) if w.up and w.max_model_len]
+        return max(lengths) if lengths else None
 
     async def add(self, config: WorkerConfig) -> Worker:
         """Register a worker and probe it once, so a live worker is routable when this returns."""
@@ -139,7 +146,12 @@ class WorkerPool:
         worker = Worker(config, self.metrics)
         self._workers[config.id] = worker
         self._membership_changed()
-        await self.probe(worker)
+        try:
+            await self.probe(worker)
+        except BaseException:   # all or nothing: a worker whose first probe blew up is not left behind
+            if self._workers.get(config.id) is worker:
+                self.remove(config.id)
+            raise
         return worker
 
     def remove(self, worker_id: str) -> Worker:
@@ -178,6 +190,8 @@ class WorkerPool:
             worker.failures += 1
             if worker.up and worker.failures >= self.health.failures_to_remove:
                 self._mark(worker, False)
+            elif worker.up:
+                self._notify("worker_suspect", worker)   # still routable; its stalled streams may move
         return ok
 
     async def _probe_once(self, worker: Worker) -> bool:
@@ -210,7 +224,10 @@ class WorkerPool:
     async def _fetch_models(self, worker: Worker) -> None:
         try:
             response = await self.client.get(worker.url + "/v1/models", timeout=self.timeouts.health_s)
-            worker.models = [m["id"] for m in _models_decoder.decode(response.content).data if "id" in m]
+            cards = _models_decoder.decode(response.content).data
+            worker.models = [m["id"] for m in cards if "id" in m]
+            lengths = [m["max_model_len"] for m in cards if type(m.get("max_model_len")) is int]
+            worker.max_model_len = min(lengths) if lengths else None
         except (httpx.HTTPError, msgspec.MsgspecError, TypeError):
             pass  # the model list is advisory; an unknown list accepts any model name
 
@@ -223,7 +240,9 @@ class WorkerPool:
 
     def _notify(self, event: str, worker: Worker) -> None:
         for listener in self.listeners:
-            getattr(listener, event)(worker)
+            handler = getattr(listener, event, None)
+            if handler is not None:
+                handler(worker)
 
     # -- the probe loop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,7 +252,11 @@ class WorkerPool:
         await self._background.stop()
 
     async def _run(self) -> None:
+        # Fixed rate: a round starts every interval_s, however long the last one took. Waiting the
+        # interval after a hung worker's probe timed out would double the time to mark it down.
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.health.interval_s)
+            started = loop.time()
             workers = list(self._workers.values())
             await asyncio.gather(*(self.probe(w) for w in workers), return_exceptions=True)
+            await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))

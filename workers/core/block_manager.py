@@ -113,6 +113,10 @@ class BlockManager:
             count += 1
         return count
 
+    def cached_hashes(self) -> list[int]:
+        """Every block hash in the prefix cache now (in use or evictable): the KV index's full state."""
+        return list(self._cached)
+
     def is_cached(self, block_hash: int) -> bool:
         return block_hash in self._cached
 

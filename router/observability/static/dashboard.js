@@ -199,11 +199,14 @@ function renderCharts() {
 }
 
 // -- polling --------------------------------------------------------------------------------------
+// A router with a metrics token: open /dashboard#token=... (a fragment never leaves the browser).
+const TOKEN = new URLSearchParams(location.hash.slice(1)).get("token");
+const AUTH = TOKEN ? { authorization: `Bearer ${TOKEN}` } : {};
 async function poll() {
   const status = document.getElementById("status");
   try {
     const query = state.lastT == null ? "" : `?since=${state.lastT}`;
-    const response = await fetch(`/cluster${query}`, { cache: "no-store" });
+    const response = await fetch(`/cluster${query}`, { cache: "no-store", headers: AUTH });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const view = await response.json();
     if (state.lastT != null && view.t < state.lastT) {   // the router restarted: fetch its whole history next
