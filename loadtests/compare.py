@@ -14,6 +14,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import msgspec
 
@@ -100,7 +101,11 @@ def policy_settings(spec: ClusterSpec, policy: str, prefix_blocks: int | None, o
 
 
 def simulate(spec: ClusterSpec, trace: Path, policy: str, settings: dict, limit: int, speedup: float) -> Row:
-    requests = traces.trace_requests(trace, limit=limit, speedup=speedup)
+    return simulate_requests(spec, traces.trace_requests(trace, limit=limit, speedup=speedup), policy, settings)
+
+
+def simulate_requests(spec: ClusterSpec, requests: Iterable, policy: str, settings: dict) -> Row:
+    """Requests (a trace's or a workload's) through the simulator under one policy: one table row."""
     sim = Simulator(spec, policy=policy, settings=settings).run(requests)
     summary = sim.summary(window=whole_run(sim))
     return Row(policy, settings, summary, load_imbalance([w["routed"] for w in summary.workers.values()]))
