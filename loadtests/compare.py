@@ -155,8 +155,8 @@ def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> s
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
     line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))).rstrip()  # noqa: E731
     slo = f"goodput: requests/s meeting p99 TTFT <= {spec.slo.ttft_p99_s:g} s and ITL <= {spec.slo.itl_p99_s:g} s"
-    notes = [slo, "hit %: cached prompt tokens / prompt tokens, per request (as kvlab sim); % of LRU: of the "
-                  "pooled-LRU bound"]
+    notes = [slo, "hit %: cached / prompt tokens (simulated: per request, as kvlab sim reports it; --live: the "
+                  "workers' prefix-cache counters); % of LRU: share of the pooled-LRU bound"]
     if bounds:
         notes.append(f"bounds: the same requests through one cache; pooled LRU holds the cluster's "
                      f"{bounds.capacity_blocks * spec.engine.block_size:,} KV tokens")

@@ -15,8 +15,8 @@ needs_trace = pytest.mark.skipif(TRACE is None, reason="the shared Mooncake trac
 
 
 def test_policies_key_on_two_trace_blocks_and_take_only_settings_they_know():
-    spec = load_spec("default")   # router settings: prefix_blocks = 4, eps = 0.25
-    assert compare.policy_settings(spec, "prefix_bounded", None, []) == {"prefix_blocks": 64, "eps": 0.25}
+    spec = load_spec("default")   # router settings: prefix_blocks = 4, eps = 0.25, slack = 2
+    assert compare.policy_settings(spec, "prefix_bounded", None, []) == {"prefix_blocks": 64, "eps": 0.25, "slack": 2}
     assert compare.policy_settings(spec, "round_robin", None, []) == {}
     assert compare.policy_settings(spec, "kv_aware", None, ["kv_aware.load_weight=0.2"]) == {
         "prefix_blocks": 64, "load_weight": 0.2}   # its tie-break key follows the same rule
