@@ -7,6 +7,10 @@
 By default every policy runs in the discrete-event simulator: the live cluster's own engine and policy
 objects on a virtual clock, so a thousand-request comparison takes seconds and is exactly repeatable.
 --live starts the spec's cluster once per policy and replays the trace through it with Locust.
+Two rows bound what any policy could reach on the same requests (loadtests/cache_bounds.py): an
+infinite cache and one LRU cache the size of the whole cluster's KV; each policy's hit rate is also
+given as a share of the pooled LRU. Traces are keyed as `kvlab sim --trace` keys them
+(emulator/sim/policy_settings.py).
 """
 from __future__ import annotations
 
