@@ -7,6 +7,10 @@
 By default every policy runs in the discrete-event simulator: the live cluster's own engine and policy
 objects on a virtual clock, so a thousand-request comparison takes seconds and is exactly repeatable.
 --live starts the spec's cluster once per policy and replays the trace through it with Locust.
+Two rows bound what any policy could reach on the same requests (loadtests/cache_bounds.py): an
+infinite cache and one LRU cache the size of the whole cluster's KV; each policy's hit rate is also
+given as a share of the pooled LRU. Traces are keyed as `kvlab sim --trace` keys them
+(emulator/sim/policy_settings.py).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import msgspec
 
@@ -21,10 +26,11 @@ from emulator import traces
 from emulator.sim.report import Summary
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
-from router.policies.registry import build_policy, check_spec_settings
+from emulator.sim.policy_settings import policy_settings as sim_policy_settings
+from loadtests.cache_bounds import Bounds, cluster_kv_blocks, hit_rates
+from router.policies.registry import check_spec_settings
 
 DEFAULT_POLICIES = "round_robin,prefix_ring,prefix_bounded,kv_aware"
-PREFIX_KEYED = ("prefix_ring", "prefix_bounded")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,13 +79,14 @@ def run(args: argparse.Namespace) -> int:
         rows = compare_live(spec, trace, settings, args)
     else:
         rows = [simulate(spec, trace, p, s, args.limit, args.speedup) for p, s in settings.items()]
-    text = table(rows, spec)
+    bounds = trace_bounds(spec, trace, args.limit)
+    text = table(rows, spec, bounds)
     print(text)
     if rows and min(r.summary.ttft.p50 for r in rows) > 10 * spec.slo.ttft_p99_s:
         print("note: every policy's median TTFT is over 10x the SLO: this cluster is overloaded by the trace, "
               "and under overload queueing, not cache reuse, decides the table; try --workers or --speedup < 1")
     if args.out:
-        _write(Path(args.out), title, rows, text)
+        _write(Path(args.out), title, rows, text, bounds)
     return 0
 
 
@@ -93,46 +100,31 @@ def _with_workers(spec: ClusterSpec, workers: int | None) -> ClusterSpec:
 
 
 def policy_settings(spec: ClusterSpec, policy: str, prefix_blocks: int | None, overrides: list[str]) -> dict:
-    """The spec's router settings that this policy takes, the trace's prefix key, then --set overrides."""
-    # Every Mooncake request starts with the same 512-token block (the trace's common system prompt), so a
-    # ring keyed on fewer tokens sends the whole trace to one worker; keying on two trace blocks (the common
-    # one and the conversation's first) keeps a conversation's turns together, which is what reuse needs.
-    blocks = prefix_blocks or 2 * traces.TRACE_BLOCK_TOKENS // spec.engine.block_size
-    candidates = dict(spec.router.settings)
-    if policy in PREFIX_KEYED:
-        candidates["prefix_blocks"] = blocks
-    out = {k: v for k, v in candidates.items() if _accepts(policy, k, v)}
-    for item in overrides:
-        name, _, assignment = item.partition(".")
-        key, _, value = assignment.partition("=")
-        if name == policy:
-            out[key] = _value(value)
-    build_policy(policy, out)   # fail now, with the policy's own message, on a bad name or setting
-    return out
-
-
-def _accepts(policy: str, key: str, value) -> bool:
-    try:
-        build_policy(policy, {key: value})
-        return True
-    except ValueError:
-        return False
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+    """The settings `policy` gets for a trace replay: the same rule as `kvlab sim --trace`."""
+    return sim_policy_settings(spec, policy, trace=True, prefix_blocks=prefix_blocks, overrides=overrides)
 
 
 def simulate(spec: ClusterSpec, trace: Path, policy: str, settings: dict, limit: int, speedup: float) -> Row:
-    requests = traces.trace_requests(trace, limit=limit, speedup=speedup)
+    return simulate_requests(spec, traces.trace_requests(trace, limit=limit, speedup=speedup), policy, settings)
+
+
+def simulate_requests(spec: ClusterSpec, requests: Iterable, policy: str, settings: dict) -> Row:
+    """Requests (a trace's or a workload's) through the simulator under one policy: one table row."""
     sim = Simulator(spec, policy=policy, settings=settings).run(requests)
-    summary = sim.summary()
+    summary = sim.summary(window=whole_run(sim))
     return Row(policy, settings, summary, load_imbalance([w["routed"] for w in summary.workers.values()]))
+
+
+def whole_run(sim: Simulator) -> tuple[float, float]:
+    """The window `kvlab sim` reports over without --warmup: every request, hit rate per request."""
+    return 0.0, max((r.arrival for r in sim.log.records.values()), default=0.0) + 1e-9
+
+
+def trace_bounds(spec: ClusterSpec, trace: Path, limit: int) -> Bounds:
+    """The infinite-cache and pooled-LRU hit rates of the same requests, in the simulator's blocks."""
+    size = spec.engine.block_size
+    pairs = ((r.prompt_len, r.block_hashes) for r in traces.hashed_requests(trace, limit=limit, block_size=size))
+    return hit_rates(pairs, cluster_kv_blocks(spec), size)
 
 
 def load_imbalance(loads: list[float]) -> float:
@@ -141,28 +133,44 @@ def load_imbalance(loads: list[float]) -> float:
     return max(loads) / mean if mean else float("nan")
 
 
-HEADER = ["policy", "hit rate", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 ms", "goodput/s", "thru/s",
+HEADER = ["policy", "hit %", "% of LRU", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 ms", "goodput/s", "thru/s",
           "max/avg load", "rejected"]
 
 
-def cells(row: Row) -> list[str]:
+def cells(row: Row, bound: float) -> list[str]:
     s = row.summary
     ms = lambda v: f"{v * 1000:.0f}" if v == v else "-"  # noqa: E731  (NaN != NaN)
-    return [row.policy, f"{s.prefix_hit_rate:.3f}", ms(s.ttft.p50), ms(s.ttft.p99), ms(s.itl.p99),
+    return [row.policy, f"{100 * s.prefix_hit_rate:.1f}", _share(s.prefix_hit_rate, bound), ms(s.ttft.p50), ms(s.ttft.p99), ms(s.itl.p99),
             f"{s.goodput_rps:.2f}", f"{s.throughput_rps:.2f}", f"{row.load_max_over_avg:.2f}", str(s.rejected)]
 
 
-def table(rows: list[Row], spec: ClusterSpec) -> str:
-    body = [cells(r) for r in rows]
+def _share(rate: float, bound: float) -> str:
+    return f"{100 * rate / bound:.0f}" if bound > 0 else "-"
+
+
+def bound_cells(bounds: Bounds) -> list[list[str]]:
+    rows = [("bound: infinite cache", bounds.infinite), ("bound: pooled LRU", bounds.pooled_lru)]
+    return [[name, f"{100 * rate:.1f}", _share(rate, bounds.pooled_lru)] + [""] * (len(HEADER) - 3)
+            for name, rate in rows]
+
+
+def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> str:
+    body = [cells(r, bounds.pooled_lru if bounds else 0.0) for r in rows] + (bound_cells(bounds) if bounds else [])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
-    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))).rstrip()  # noqa: E731
     slo = f"goodput: requests/s meeting p99 TTFT <= {spec.slo.ttft_p99_s:g} s and ITL <= {spec.slo.itl_p99_s:g} s"
-    return "\n".join([line(HEADER), line(["-" * w for w in widths]), *(line(b) for b in body), slo])
+    notes = [slo, "hit %: cached / prompt tokens (simulated: per request, as kvlab sim reports it; --live: the "
+                  "workers' prefix-cache counters); % of LRU: share of the pooled-LRU bound"]
+    if bounds:
+        notes.append(f"bounds: the same requests through one cache; pooled LRU holds the cluster's "
+                     f"{bounds.capacity_blocks * spec.engine.block_size:,} KV tokens")
+    return "\n".join([line(HEADER), line(["-" * w for w in widths]), *(line(b) for b in body), *notes])
 
 
-def _write(out: Path, title: str, rows: list[Row], text: str) -> None:
+def _write(out: Path, title: str, rows: list[Row], text: str, bounds: Bounds) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    data = {"title": title, "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
+    data = {"title": title, "bounds": {"infinite": bounds.infinite, "pooled_lru": bounds.pooled_lru,
+                                       "capacity_blocks": bounds.capacity_blocks}, "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
                                       "summary": msgspec.to_builtins(r.summary)} for r in rows]}
     (out / "compare.json").write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
     (out / "compare.md").write_text(f"# {title}\n\n```\n{text}\n```\n")

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch
 from router.policies import PolicySet, RouteRequest, WorkerView
-from router.policies.bounded_load import load_cap
+from router.policies.bounded_load import DEFAULT_SLACK, load_cap
 
 WORKERS, PROMPTS, PROMPT_BLOCKS, CACHE_BLOCKS = 4, 8, 40, 60
 SEEDS, REQUESTS = range(6), 800
@@ -56,7 +56,7 @@ def simulate(policy, seed):
             by_id[worker_id].in_flight -= 1
         tail = rng.integers(1024, 128_000, rnd.randint(16, 80))
         request = RouteRequest.from_tokens(np.concatenate([prompts[rnd.randrange(PROMPTS)], tail]))
-        cap = load_cap(sum(w.in_flight for w in workers), WORKERS, 0.5)
+        cap = load_cap(sum(w.in_flight for w in workers), WORKERS, 0.5, DEFAULT_SLACK)
         decision = policies.choose(request, workers)
         worker = by_id[decision.worker]
         worker.in_flight += 1

@@ -60,7 +60,7 @@ def record_placements(running):
 
 def hit_rate(start_worker, start_router, policy):
     workers = [start_worker(worker_id=f"w{i}", num_blocks=32) for i in range(4)]
-    running = start_router(workers, policy=policy, policies={"prefix_bounded": {"eps": EPS}})
+    running = start_router(workers, policy=policy, policies={"prefix_bounded": {"eps": EPS, "slack": 0}})
     placements = record_placements(running)
     asyncio.run(send_all(running.url, workload(), IN_FLIGHT))
     hits = sum(w.metric("vllm:prefix_cache_hits_total") for w in workers)

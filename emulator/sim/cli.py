@@ -8,6 +8,7 @@ import time
 import msgspec
 
 from emulator import traces, workload
+from emulator.sim.policy_settings import policy_settings
 from emulator.sim.simulator import Simulator
 from emulator.sim.report import Summary
 from emulator.spec import SpecError, load_spec, resolve_spec_path
@@ -36,8 +37,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvlab sim: {exc}", file=sys.stderr)
         return 2
     requests = _requests(spec, args)
+    policy = args.policy or spec.router.policy
+    # A trace is keyed on its own blocks, as `kvlab compare` keys it (emulator/sim/policy_settings.py).
+    settings = policy_settings(spec, policy, trace=bool(args.trace))
     started = time.process_time()
-    sim = Simulator(spec, policy=args.policy).run(requests)
+    sim = Simulator(spec, policy=policy, settings=settings).run(requests)
     cpu = time.process_time() - started
     last_arrival = max((r.arrival_s for r in requests), default=0.0)
     summary = sim.summary(window=(args.warmup, last_arrival + 1e-9))
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(msgspec.json.format(msgspec.json.encode(summary)).decode())
     else:
         print(format_summary(summary, title=f"{spec.name}: {len(requests)} requests, policy "
-                                                f"{args.policy or spec.router.policy}"))
+                                                f"{policy}"))
         print(f"simulated {sim.now:.1f} s in {cpu:.1f} CPU s ({sim.now / max(cpu, 1e-9):.0f}x real time)")
     return 0
 

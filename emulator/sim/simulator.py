@@ -25,7 +25,7 @@ from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
 
 
-INDEX_POLICIES = ("kv_aware", "pd_pair")
+INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded")
 
 
 class SimRequest(msgspec.Struct, kw_only=True):

@@ -37,7 +37,7 @@ BUILDERS: dict[str, Callable[..., Policy]] = {
     "round_robin": lambda index, **s: RoundRobin(**s),
     "least_loaded": lambda index, **s: LeastLoaded(**s),
     "prefix_ring": lambda index, **s: PrefixRing(**s),
-    "prefix_bounded": lambda index, **s: PrefixBounded(**s),
+    "prefix_bounded": lambda index, **s: PrefixBounded(index=index, **s),
     "kv_aware": lambda index, **s: KvAware(index, **s),
     "pd_pair": _pd_pair,
 }
