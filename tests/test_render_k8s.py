@@ -15,6 +15,7 @@ from emulator.spec import example_spec_path, example_specs, load_spec, parse_spe
 from kvlab.render import k8s
 from kvlab.render.services import SPEC_MOUNT
 from router import cli as router_cli
+from router.config import SALT_SECRET_ENV
 from workers import cli as worker_cli
 
 K8S_VERSION = "1.30"
@@ -96,8 +97,10 @@ def test_router_admin_token_comes_from_the_secret():
     assert secret["stringData"]["admin-token"] == "t0ken"
     router = _container(_named(objects, "kvlab-router"))
     assert router["args"][router["args"].index("--admin-token") + 1] == "$(KVLAB_ADMIN_TOKEN)"
-    ref = router["env"][0]["valueFrom"]["secretKeyRef"]
-    assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], "admin-token")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in router["env"]}
+    assert env["KVLAB_ADMIN_TOKEN"] == {"name": secret["metadata"]["name"], "key": "admin-token"}
+    assert env[SALT_SECRET_ENV] == {"name": secret["metadata"]["name"], "key": "salt-secret"}
+    assert len(secret["stringData"]["salt-secret"]) >= 32
 
 
 def test_locust_runs_distributed_against_the_router_service():

@@ -18,13 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--locust-workers", type=int, default=2, help="Locust worker replicas (default %(default)s)")
     parser.add_argument("--admin-token", default=None,
                         help="the router's admin token (default: a fresh random one in the kvlab-router Secret)")
+    parser.add_argument("--salt-secret-file", default=None,
+                        help="file holding the tenants' cache-salt secret (default: a fresh random one; keep it "
+                             "across renders to keep salted tenants' caches)")
+
+
+def _read(path: str | None) -> str | None:
+    return Path(path).read_text().strip() if path else None
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         path = resolve_spec_path(args.spec)
         objects = manifests(load_spec(path), Path(path).read_text(), image=args.image,
-                            locust_workers=args.locust_workers, admin_token=args.admin_token)
+                            locust_workers=args.locust_workers, admin_token=args.admin_token,
+                            salt_secret=_read(args.salt_secret_file))
     except (SpecError, RenderError, FileNotFoundError) as exc:
         print(f"kvlab render: {exc}", file=sys.stderr)
         return 2

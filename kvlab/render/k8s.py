@@ -5,8 +5,8 @@
   (``<pool>-<i>``) and the router's hash ring stays the same across restarts; one headless Service,
   ``kvlab-workers``, gives each pod the DNS name ``<id>.kvlab-workers``; every worker listens on WORKER_PORT
   (pods have their own addresses, so the spec's per-worker ports are not needed);
-- the router as a Deployment + Service, reaching workers by that DNS name, its admin token from the Secret
-  ``kvlab-router``;
+- the router as a Deployment + Service, reaching workers by that DNS name, its admin token and the secret
+  salted tenants' cache salts derive from in the Secret ``kvlab-router`` (one secret for every router replica);
 - Prometheus scrape annotations on every pod plus a scrape-config ConfigMap, the Grafana dashboard as a
   ConfigMap (label ``grafana_dashboard``, the Grafana sidecar's convention);
 - Locust in its distributed mode: a master Deployment + Service and a worker Deployment.
@@ -20,6 +20,7 @@ import yaml
 
 from emulator.spec import ClusterSpec
 from kvlab.render.services import SPEC_MOUNT, Service, router_service, worker_services
+from router.config import SALT_SECRET_ENV
 
 WORKER_PORT = 8100
 HEADLESS = "kvlab-workers"
@@ -40,14 +41,15 @@ class RenderError(ValueError):
 
 
 def manifests(spec: ClusterSpec, spec_text: str, *, image: str = "kvlab:latest", locust_workers: int = 2,
-              admin_token: str | None = None) -> list[dict]:
+              admin_token: str | None = None, salt_secret: str | None = None) -> list[dict]:
     """Every object for one cluster, in apply order (config first)."""
     _check_names(spec)
     workers = worker_services(spec)
     router = router_service(spec, worker_host="{id}." + HEADLESS)
     token = admin_token or secrets.token_hex(16)
+    salt = salt_secret or secrets.token_hex(32)
     objects = [_config_map("kvlab-spec", {"spec.toml": spec_text}),
-               _secret("kvlab-router", {"admin-token": token}),
+               _secret("kvlab-router", {"admin-token": token, "salt-secret": salt}),
                _config_map("kvlab-prometheus", {"prometheus.yml": prometheus_config(spec)}),
                _headless_service()]
     if DASHBOARD.is_file():   # a source checkout; an installed kvlab has no deploy/ folder
@@ -145,8 +147,8 @@ def _stateful_set(pool: str, workers: list[Service], image: str) -> dict:
 def _router_deployment(router: Service, image: str) -> dict:
     args = [*router.command[1:], "--worker-port", str(WORKER_PORT), "--admin-token", "$(KVLAB_ADMIN_TOKEN)"]
     container = _container("router", image, args, router.port, ROUTER_RESOURCES)
-    container["env"] = [{"name": "KVLAB_ADMIN_TOKEN",
-                         "valueFrom": {"secretKeyRef": {"name": "kvlab-router", "key": "admin-token"}}}]
+    container["env"] = [_secret_env("KVLAB_ADMIN_TOKEN", "admin-token"),
+                        _secret_env(SALT_SECRET_ENV, "salt-secret")]   # salted tenants' cache salts
     return _deployment("kvlab-router", "router", 1, _pod_template(_selector("router"), container, router.port))
 
 
@@ -165,6 +167,10 @@ def _locust(image: str, workers: int, router_port: int) -> list[dict]:
                      [{"name": "master", "port": LOCUST_MASTER_PORT, "targetPort": "master"}]),
             _deployment("kvlab-locust-worker", "locust-worker", workers,
                         _pod_template(_selector("locust-worker"), worker, None))]
+
+
+def _secret_env(name: str, key: str) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": "kvlab-router", "key": key}}}
 
 
 def _deployment(name: str, component: str, replicas: int, template: dict) -> dict:
