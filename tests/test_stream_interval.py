@@ -20,9 +20,9 @@ from kvlab.launcher import Cluster
 from loadtests.llm_measure import StreamResult, stream_request
 from router.stream_timing import StreamTimings
 
-TIME_SCALE = 8.0
-RATE = 10.0         # requests per emulated second: well below the tiny cluster's capacity
-COUNT = 60
+TIME_SCALE = 16.0
+RATE = 12.0         # requests per emulated second: well below the tiny cluster's capacity
+COUNT = 40
 
 
 def free_port_block(count: int) -> int:
@@ -56,13 +56,16 @@ def tiny_spec(tmp_path, time_scale: float, extra_engine: str = "") -> str:
 
 class _Sink:
     def __init__(self):
-        self.ttfts, self.itls = [], []
+        self.ttfts, self.itls_seen = [], []
 
     def ttft(self, s):
         self.ttfts.append(s)
 
     def itl(self, s):
-        self.itls.append(s)
+        self.itls_seen.append(s)
+
+    def itls(self, gaps):
+        self.itls_seen += gaps
 
 
 def test_router_clock_uses_the_gaps_a_coalesced_chunk_states():
@@ -76,7 +79,7 @@ def test_router_clock_uses_the_gaps_a_coalesced_chunk_states():
     now[0] = 6.0
     clock.seen("w", 5)                           # a plain chunk: the wall gap over the time scale
     assert sink.ttfts == [0.5]
-    assert sink.itls == pytest.approx([0.1, 0.2, 0.3, 0.5])
+    assert sink.itls_seen == pytest.approx([0.1, 0.2, 0.3, 0.5])
 
 
 def _requests():
@@ -122,10 +125,29 @@ def test_coalesced_streams_give_the_same_ttft_and_itl_percentiles(tmp_path):
     assert sum(r.chunks for r in out[8]) == tokens[8]                 # every token counted, not every chunk
     assert sum(len(r.gaps_s) for r in out[8]) == tokens[8] - COUNT    # one gap per token after the first
     # TTFT is timed alike in both (the first token goes out alone), so of its percentiles only p50 and
-    # p90 are compared: p99 of 60 requests is the single slowest, whatever the host did then.
-    for name, pick, qs in (("ttft", lambda r: [r.ttft_s], (50, 90)), ("itl", lambda r: r.gaps_s, (50, 90, 99))):
+    # p90 are compared: p99 of 40 requests is the single slowest, whatever the host did then. The
+    # one-token reference times ITL on the wall clock, where a token delivered late shortens the next
+    # gap: at the far tail (p99, a few prefill stalls) that reference itself wobbles by several percent
+    # on a busy 2-core host, so p99 gets 10%.
+    for name, pick, qs in (("ttft", lambda r: [r.ttft_s], {50: 0.05, 90: 0.05}),
+                           ("itl", lambda r: r.gaps_s, {50: 0.05, 90: 0.05, 99: 0.10})):
         one = np.concatenate([pick(r) for r in out[1]])
         coalesced = np.concatenate([pick(r) for r in out[8]])
-        for q in qs:
+        for q, rel in qs.items():
             a, b = np.percentile(one, q), np.percentile(coalesced, q)
-            assert b == pytest.approx(a, rel=0.05), f"{name} p{q}: one-token chunks {a:.4f} s, coalesced {b:.4f} s"
+            assert b == pytest.approx(a, rel=rel), f"{name} p{q}: one-token chunks {a:.4f} s, coalesced {b:.4f} s"
+
+def test_many_observations_at_once_expose_what_one_at_a_time_does():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from router.dashboard import observe_many
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("gap_seconds", "gaps", registry=one, buckets=(0.01, 0.1, 1.0))
+    h2 = Histogram("gap_seconds", "gaps", registry=many, buckets=(0.01, 0.1, 1.0))
+    for value, n in ((0.005, 3), (0.1, 2), (0.5, 4), (7.0, 1)):
+        for _ in range(n):
+            h1.observe(value)
+        observe_many(h2, value, n)
+    def samples(registry):   # the _created line differs: each histogram's own creation time
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+    assert samples(many) == samples(one)

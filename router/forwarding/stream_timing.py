@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 class LatencySink(Protocol):
     def ttft(self, seconds: float) -> None: ...
     def itl(self, seconds: float) -> None: ...
+    def itls(self, gaps: list[float]) -> None: ...
 
 
 class StreamTimings:
@@ -53,8 +54,8 @@ class StreamClock:
         if self._count == 0:
             t.sink.ttft(gap)
         if gaps and len(gaps) >= timed:
-            for g in gaps[len(gaps) - timed:]:
-                t.sink.itl(g)
+            if timed:
+                t.sink.itls(gaps[len(gaps) - timed:])
         elif self._count > 0:
             for _ in range(new):
                 t.sink.itl(gap / new)   # tokens arriving with the first one have no gap of their own
