@@ -38,8 +38,9 @@ SIM_MAX_STEPS = 8
 DEFAULT_LIFETIME_S = 5.0   # emulated: a request's lifetime when neither simulator nor planner gives one
 HOST_BUDGET_CORES = 1.5    # of a 2-core host: the sweep process and the OS keep the rest
 # CPU microseconds per emulated output token for worker + router + load generator together, with the
-# default spec's token coalescing (benchmarks/host_cost.py, 2-core host; see the spec's time_scale).
-HOST_COST_US_PER_TOKEN = 60.0
+# default spec's token coalescing: 45 measured by benchmarks/host_cost.py (default spec at 78 req/s,
+# time scale 2, stream_interval 16; 2-core host). One-token chunks cost about twice that.
+HOST_COST_US_PER_TOKEN = 45.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
