@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sim", action="store_true", help="skip the simulator columns")
     parser.add_argument("--sim-requests", type=int, default=2000,
                         help="steady-state simulation: requests per rate, at least (default %(default)s)")
+    parser.add_argument("--same-schedule", action="store_true",
+                        help="also simulate each live run's own requests (the 'simulated' column: live vs "
+                             "simulator on identical arrivals isolates the host; ~10 s more per rate)")
     parser.add_argument("--max-live-rates", type=int, default=6,
                         help="live rates the bisection may use (default %(default)s)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the run is invalid (lag)")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     setup = Setup.build(spec, spec_path, args, rates_arg)
     planned = predict(spec, [])
     steady = SteadySims(spec, args.sim_requests, enabled=not args.no_sim)
+    setup.steady_enabled = steady.enabled
     sim_c = steady_crossing(steady, spec.slo, planned.c_max) if setup.rates is None and steady.enabled else None
     guess = (sim_c or {}).get("rate") or planned.c_max
     if setup.rates is None and not guess:
@@ -130,6 +134,7 @@ class Setup:
         self.spec, self.spec_path, self.rates, self.why = spec, spec_path, rates, why
         self.scale, self.warmup_s, self.duration_s, self.tail_s = scale, warmup_s, duration_s, tail_s
         self.seed, self.out, self.max_live = seed, out, max_live
+        self.steady_enabled = True
 
     @classmethod
     def build(cls, spec: ClusterSpec, spec_path: Path, args, rates_arg) -> "Setup":
@@ -242,6 +247,8 @@ class LiveSweep:
         self.setup, self.args, self.url, self.workers, self.steady = setup, args, url, workers, steady
         self.points: list[dict] = []
         self.header_printed = False
+        self.bracket: Bracket | None = None
+        self.warnings: list[str] = []
 
     def measure(self, rate: float) -> dict:
         setup = self.setup
@@ -257,7 +264,7 @@ class LiveSweep:
         result = measure(plan, progress=progress)
         progress.close()
         result.url = self.url
-        point = measured_point(setup, result, size, self.steady, plan)
+        point = measured_point(setup, result, size, self.steady, plan if self.args.same_schedule else None)
         self.points.append(point)
         print(rpt.row_cells_text(point), flush=True)
         return point
@@ -284,18 +291,41 @@ def _sweep(live: LiveSweep, guess: float | None) -> LiveSweep:
             live.measure(rate)
         return live
     for factor in CURVE_FACTORS:
-        live.measure(factor * guess)
+        if _distorted(live.measure(factor * guess), setup):
+            return _gave_up(live)
     bracket = Bracket(guess, max_tries=max(2, setup.max_live - len(CURVE_FACTORS)))
+    live.bracket = bracket
     while (rate := bracket.next_rate()) is not None:
         point = live.measure(rate)
+        if _distorted(point, setup):
+            return _gave_up(live)   # a lagging host inflates latencies: bisecting them only chases the host
         bracket.record(rate, point["met_slo"])
-    live.bracket = bracket
+    return live
+
+
+GIVE_UP_LAG_SLO_SHARE = 0.1   # stop bisecting once lag (emulated) exceeds 10% of the TTFT SLO
+
+
+def _distorted(point: dict, setup: Setup) -> bool:
+    """The host lagged so much (workers or load generator, in emulated time) that p99 TTFT near the
+    SLO says more about the host than about the cluster."""
+    lag = max(point.get("lag_p99_s") or 0.0, point.get("client_lag_p99_s") or 0.0) / setup.scale
+    return point["lagged"] and lag > GIVE_UP_LAG_SLO_SHARE * setup.spec.slo.ttft_p99_s
+
+
+def _gave_up(live: "LiveSweep") -> "LiveSweep":
+    scale = live.setup.scale
+    live.warnings.append(f"the host could not keep up at time scale {scale:g}: lag beyond "
+                         f"{GIVE_UP_LAG_SLO_SHARE:.0%} of the TTFT SLO (see the lag column), so the bisection "
+                         f"stopped; rerun when the host is quieter or with --time-scale {scale * 2:g}")
+    print(f"warning: {live.warnings[-1]}", file=sys.stderr, flush=True)
     return live
 
 
 # -- points and the report --------------------------------------------------------------------------
 
-def measured_point(setup: Setup, result: LiveResult, size: Sizing, steady: SteadySims, plan: LivePlan) -> dict:
+def measured_point(setup: Setup, result: LiveResult, size: Sizing, steady: SteadySims,
+                   plan: LivePlan | None) -> dict:
     spec, w, slo, scale = setup.spec, result.windows[0], setup.spec.slo, setup.scale
     summary = analysis.summarize(result.records, w, scale, slo.ttft_p99_s, slo.itl_p99_s)
     scraped = result.scraped[0]
@@ -341,7 +371,7 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
 
 def _same_schedule(setup: Setup, plan: LivePlan, windows) -> object | None:
     """The simulator on the very requests this rate's live run sent, over the same window."""
-    if not setup.spec or plan is None:
+    if plan is None or not setup.steady_enabled:
         return None
     stages = [Stage(r, s) for r, s in plan.stages()]
     items = spec_requests(setup.spec, stages, setup.scale, seed=setup.seed)
@@ -374,9 +404,9 @@ def build_report(setup: Setup, live: LiveSweep, planned: Prediction, sim_c: dict
         "workload": _workload_text(spec), "model": None,
         "stages": {"rates": [p["rate"] for p in points], "why": setup.why if setup.rates else "bisection",
                    "warmup_lifetimes": WARMUP_LIFETIMES, "window_lifetimes": WINDOW_LIFETIMES},
-        "points": points, "warnings": [],
+        "points": points, "warnings": list(live.warnings),
     }
-    report["c_max"] = capacities(points, spec.slo, planned, sim_c, getattr(live, "bracket", None))
+    report["c_max"] = capacities(points, spec.slo, planned, sim_c, live.bracket)
     report["knee"] = knees(points)
     invalid = [p for p in points if not p["valid"]]
     report["valid"] = not invalid

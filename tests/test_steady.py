@@ -66,3 +66,18 @@ def test_queue_halves_may_differ_by_their_sampling_noise_only():
     few = check((0.3, 0.3), (44.0, 58.0), 300.0, 300.0, 0.5, True, queue_samples=4)
     many = check((0.3, 0.3), (44.0, 58.0), 300.0, 300.0, 0.5, True, queue_samples=200)
     assert few.queue_ok and not many.queue_ok
+
+
+def test_record_reader_reads_only_what_was_appended_and_waits_for_whole_lines(tmp_path):
+    from loadtests.records import RecordReader, read_records
+    path = tmp_path / "records.jsonl"
+    reader = RecordReader(path)
+    assert reader.read() == ({}, [])
+    path.write_bytes(b'{"event": "start", "t0": 1.0}\n{"id": 1}\n{"id": 2')      # the writer is mid-line
+    header, rows = reader.read()
+    assert header["t0"] == 1.0 and rows == [{"id": 1}]
+    with open(path, "ab") as f:
+        f.write(b'}\n{"event": "end", "sent": 2}\n')
+    header, rows = reader.read()
+    assert rows == [{"id": 1}, {"id": 2}] and header["end"]["sent"] == 2
+    assert (header, rows) == read_records(path)

@@ -129,7 +129,8 @@ def sweep_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     spec = small_cluster_spec(tmp / "small.toml")
     cmd = [sys.executable, "-m", "kvlab.cli", "sweep", str(spec), "--rates", "40,80,120,160,200",
-           "--warmup", "1.5", "--duration", "3.5", "--tail", "5", "--out", str(tmp / "out"), "--sim-requests", "500"]
+           "--warmup", "1.5", "--duration", "3.5", "--tail", "5", "--out", str(tmp / "out"), "--sim-requests", "500",
+           "--same-schedule"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((tmp / "out" / "sweep.json").read_text()), done.stdout, tmp / "out"
