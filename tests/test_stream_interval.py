@@ -18,7 +18,7 @@ from emulator import workload
 from emulator.spec import example_spec_path, load_spec
 from kvlab.launcher import Cluster
 from loadtests.llm_measure import StreamResult, stream_request
-from router.stream_timing import StreamTimings
+from router.forwarding.stream_timing import StreamTimings
 
 TIME_SCALE = 16.0
 RATE = 12.0         # requests per emulated second: well below the tiny cluster's capacity
@@ -140,7 +140,7 @@ def test_coalesced_streams_give_the_same_ttft_and_itl_percentiles(tmp_path):
 def test_many_observations_at_once_expose_what_one_at_a_time_does():
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from router.dashboard import observe_many
+    from router.observability.dashboard import observe_many
     one, many = CollectorRegistry(), CollectorRegistry()
     h1 = Histogram("gap_seconds", "gaps", registry=one, buckets=(0.01, 0.1, 1.0))
     h2 = Histogram("gap_seconds", "gaps", registry=many, buckets=(0.01, 0.1, 1.0))
