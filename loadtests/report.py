@@ -85,7 +85,7 @@ def write_csv(report: dict, path: Path) -> None:
 COLUMNS = [  # header, key, format ("ms": seconds shown as ms; "yn": yes/no)
     ("offered/s", "rate", "{:.1f}"), ("sent/s", "sent_rps", "{:.1f}"), ("served/s", "served_rps", "{:.1f}"),
     ("window s", "window.window_s", "{:.1f}"), ("lifetimes", "window.lifetimes", "{:.1f}"),
-    ("stationary", "stationary", "yn"), ("lag ms", "lag_p99_s", "ms"),
+    ("stationary", "stationary", "yn"), ("lag wall ms", "lag_p99_s", "ms"),
     ("TTFT p50", "measured.ttft.p50", "ms"), ("TTFT p99", "ttft_p99_with_failures", "ms"),
     ("ITL p99", "measured.itl.p99", "ms"), ("SLO met", "met_slo", "yn"),
     ("steady TTFT99", "steady.ttft.p99", "ms"), ("plan TTFT99", "planned.ttft_p99", "ms"),

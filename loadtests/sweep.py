@@ -249,6 +249,7 @@ class LiveSweep:
         self.header_printed = False
         self.bracket: Bracket | None = None
         self.warnings: list[str] = []
+        self.gave_up = False
 
     def measure(self, rate: float) -> dict:
         setup = self.setup
@@ -315,6 +316,7 @@ def _distorted(point: dict, setup: Setup) -> bool:
 
 def _gave_up(live: "LiveSweep") -> "LiveSweep":
     scale = live.setup.scale
+    live.gave_up = True
     live.warnings.append(f"the host could not keep up at time scale {scale:g}: lag beyond "
                          f"{GIVE_UP_LAG_SLO_SHARE:.0%} of the TTFT SLO (see the lag column), so the bisection "
                          f"stopped; rerun when the host is quieter or with --time-scale {scale * 2:g}")
@@ -407,6 +409,10 @@ def build_report(setup: Setup, live: LiveSweep, planned: Prediction, sim_c: dict
         "points": points, "warnings": list(live.warnings),
     }
     report["c_max"] = capacities(points, spec.slo, planned, sim_c, live.bracket)
+    measured = report["c_max"]["measured"]
+    if live.gave_up and measured.get("bound") != "interpolated":
+        measured["bound"] = "not_determined"
+        measured["text"] = f"not determined: the host lagged, the bisection stopped ({measured['text']})"
     report["knee"] = knees(points)
     invalid = [p for p in points if not p["valid"]]
     report["valid"] = not invalid
