@@ -81,3 +81,14 @@ def test_record_reader_reads_only_what_was_appended_and_waits_for_whole_lines(tm
     header, rows = reader.read()
     assert rows == [{"id": 1}, {"id": 2}] and header["end"]["sent"] == 2
     assert (header, rows) == read_records(path)
+
+
+def test_bisection_stops_only_when_lag_distorts_latencies_near_the_slo():
+    from types import SimpleNamespace
+
+    from loadtests.sweep import _distorted
+    setup = SimpleNamespace(scale=1.5, spec=SimpleNamespace(slo=SimpleNamespace(ttft_p99_s=0.5)))
+    point = lambda lag, lagged: {"lag_p99_s": lag, "client_lag_p99_s": 0.0, "lagged": lagged}  # noqa: E731
+    assert not _distorted(point(0.06, True), setup)     # 40 ms emulated: flagged, but under 10% of the SLO
+    assert _distorted(point(0.3, True), setup)          # 200 ms emulated
+    assert not _distorted(point(0.3, False), setup)
