@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "simulator on identical arrivals isolates the host; ~10 s more per rate)")
     parser.add_argument("--max-live-rates", type=int, default=6,
                         help="live rates the bisection may use (default %(default)s)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when the run is invalid (lag)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a rate lagged or was not stationary")
     parser.add_argument("--verbose", action="store_true", help="show the cluster's logs")
 
 
@@ -170,7 +170,7 @@ class SteadySims:
             self._done[rate] = sim_curve.simulate(self.spec, rate, self.min_requests)
         return self._done[rate]
 
-    def lifetime(self, rate: float, planned: Prediction | None = None) -> float:
+    def lifetime(self, rate: float) -> float:
         """Mean end-to-end latency at `rate`, emulated seconds."""
         s = self.at(rate)
         if s is not None and math.isfinite(s.e2e.mean) and s.e2e.mean > 0:
