@@ -131,10 +131,10 @@ def test_coalesced_streams_give_the_same_ttft_and_itl_percentiles(tmp_path):
     # two engine steps now and then, and 80 client threads on a busy 2-core host, so its median and
     # mean are compared (not the tail of 40 requests), within 10%. The
     # one-token reference times ITL on the wall clock, where a token delivered late shortens the next
-    # gap: at the far tail (p99, a few prefill stalls) that reference itself wobbles by several percent
-    # on a busy 2-core host, so p99 gets 10%.
+    # gap and the one before it grows: its tail (p90, p99) wobbles by several percent on a busy 2-core
+    # host (seen: up to 8% at p90), so the tail gets 10% and the median 5%.
     for name, pick, qs in (("ttft", lambda r: [r.ttft_s], {50: 0.10, "mean": 0.10}),
-                           ("itl", lambda r: r.gaps_s, {50: 0.05, 90: 0.05, 99: 0.10})):
+                           ("itl", lambda r: r.gaps_s, {50: 0.05, 90: 0.10, 99: 0.10})):
         one = np.concatenate([pick(r) for r in out[1]])
         coalesced = np.concatenate([pick(r) for r in out[8]])
         for q, rel in qs.items():
