@@ -26,7 +26,8 @@ ROLES = ("both", "prefill", "decode")
 POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
 MAX_TP = 8                        # one HGX/DGX node's NVLink domain; TP across nodes is not modelled
 DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM included) listen on by default
-DEFAULT_WORKER_BASE_PORT = 8100   # workers count up from here unless a pool sets base_port
+DEFAULT_WORKER_BASE_PORT = 8100
+MAX_STREAM_INTERVAL = 256         # tokens per SSE chunk: beyond this a chunk delays text by whole seconds   # workers count up from here unless a pool sets base_port
 DEFAULT_KV_TRANSFER_LINK = "InfiniBand-NDR"  # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_HOST_SWAP_LINK = "PCIe-Gen5"         # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
 # Pool names become worker ids, compose service names and metric labels: keep them to that safe alphabet.
@@ -60,6 +61,8 @@ class EngineSpec(_Section):
     enable_prefix_caching: bool = True     # on by default in vLLM V1
     time_scale: float = 1.0                # >1 stretches emulated time: every duration x time_scale on the wall clock
     lag_warn_s: float = 0.05               # a worker this far behind its schedule (wall s) is flagged as lagging
+    stream_interval: int = 1               # tokens per SSE chunk after the first (SGLang's --stream-interval); each
+                                           # chunk carries its tokens' own emulated gaps, so ITL stays per token
 
 
 class PoolSpec(_Section):
@@ -382,6 +385,8 @@ def _check_engine(e: EngineSpec) -> None:
     _require(e.time_scale >= 1, "engine.time_scale",
              f"must be >= 1 (got {e.time_scale}): below 1 the host would have to run faster than real time")
     _positive(e.lag_warn_s, "engine.lag_warn_s")
+    _require(1 <= e.stream_interval <= MAX_STREAM_INTERVAL, "engine.stream_interval",
+             f"must be in 1..{MAX_STREAM_INTERVAL} (got {e.stream_interval})")
 
 
 def _check_pools(spec: ClusterSpec) -> None:

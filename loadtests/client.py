@@ -32,7 +32,7 @@ class LLMClient:
              **extra: Any) -> StreamResult:
         c = self.config
         payload = body(request, c.model, c.api, c.ignore_eos, messages)
-        result = StreamResult(sent_at=0.0)
+        result = StreamResult(sent_at=0.0, time_scale=c.time_scale)
         try:
             stream_request(self.http, self.path, payload, c.keys.headers(request.tenant), result=result)
             fire_locust_events(self.events, result, name or request.archetype, per_gap=c.itl_per_gap)

@@ -18,6 +18,7 @@ from loadtests.progress import Progress
 from loadtests.scrape import Scraper, WindowStats
 
 POLL_S = 1.0
+SCRAPE_S = 0.5   # workers' /load: requests in the system twice a second, for the stationarity check
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LiveResult:
     errors: list[str] = field(default_factory=list)
     locust_log: str = ""
     url: str = ""
+    scraper: Scraper | None = None             # the workers' samples (requests in the system, lag)
 
     def missing(self, stage: int) -> int:
         """Requests of a stage with no record yet (still streaming, or lost when the run ended)."""
@@ -75,7 +77,7 @@ def measure(plan: LivePlan, on_stage: Callable[[int, "LiveResult"], None] | None
     cmd = command(plan.url, stages, records=records, time_scale=plan.time_scale,
                   measured_until=plan.measured_until, spec=plan.spec_path, model=plan.model, seed=plan.seed,
                   csv_prefix=plan.out / "locust", run_time_s=sum(s for _, s in stages) + 120, api=plan.api)
-    scraper = Scraper(plan.worker_urls).start()
+    scraper = Scraper(plan.worker_urls, interval_s=SCRAPE_S).start()
     run = LocustRun(cmd, records, plan.out / "locust.log").start()
     started = time.monotonic()
     wins = windows(stages[:-1], plan.warmup_s)
@@ -95,6 +97,7 @@ def measure(plan: LivePlan, on_stage: Callable[[int, "LiveResult"], None] | None
     _refresh(result, run, scraper)
     result.wall_s = time.monotonic() - started
     result.locust_log = run.log_tail()
+    result.scraper = scraper
     if code not in (0, None) or not result.header:
         result.errors.append(f"locust exited with code {code}:\n{result.locust_log}")
     for i in range(len(wins)):

@@ -2,8 +2,10 @@
 
 TTFT is the wall time from sending the request to the first content chunk; the inter-token latencies
 (ITL) are the gaps between consecutive content chunks; e2e runs until the stream ends. Servers stream
-one chunk per token (vLLM and kvlab do), so chunks stand in for tokens; the server's usage block, when
-it sends one, gives the exact token counts. Works against any OpenAI-compatible server.
+one chunk per token (vLLM does, and kvlab by default), so chunks stand in for tokens; the server's usage
+block, when it sends one, gives the exact token counts. A kvlab worker that coalesces tokens
+(`stream_interval` > 1) names each token's emulated gap in its chunk (`token_gaps`): those gaps, times
+the time scale, are the ITLs, so percentiles stay per token. Works against any OpenAI-compatible server.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ class StreamResult:
     ttft_s: float | None = None
     e2e_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
-    chunks: int = 0                # content chunks received
+    chunks: int = 0                # tokens received (content chunks, or the tokens a coalesced chunk names)
     usage: dict[str, Any] | None = None
     error: str | None = None
     text: str = ""                 # the generated text (multi-turn users resend it)
     done: bool = False             # the stream ended normally (False: interrupted, or an error)
+    time_scale: float = 1.0        # wall seconds per server second: turns stated token gaps into wall ones
 
     @property
     def ok(self) -> bool:
@@ -105,12 +108,15 @@ def _read_events(response: httpx.Response, result: StreamResult, start: float) -
         if not text:
             continue  # role-only first deltas and usage chunks carry no token
         now = time.perf_counter()
+        stated = event.get("token_gaps")
         if last is None:
             result.ttft_s = now - start
-        else:
+        if stated:
+            result.gaps_s += [g * result.time_scale for g in stated]
+        elif last is not None:
             result.gaps_s.append(now - last)
+        result.chunks += len(stated) + (last is None) if stated else 1
         last = now
-        result.chunks += 1
         parts.append(text)
     result.text = "".join(parts)
     result.done = True

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from loadtests.records import read_records
+from loadtests.records import RecordReader
 
 OPEN_LOOP = Path(__file__).with_name("open_loop.py")
 TRACE_USER = Path(__file__).with_name("trace_user.py")
@@ -53,6 +53,7 @@ class LocustRun:
         self.records = records
         self.log = log
         self.proc: subprocess.Popen | None = None
+        self._reader = RecordReader(records)
 
     def start(self) -> "LocustRun":
         self.records.unlink(missing_ok=True)
@@ -66,7 +67,7 @@ class LocustRun:
         return self.proc is not None and self.proc.poll() is None
 
     def progress(self) -> tuple[dict, list[dict]]:
-        return read_records(self.records)
+        return self._reader.read()
 
     def stop(self) -> int:
         if self.proc is None:

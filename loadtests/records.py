@@ -48,3 +48,36 @@ def read_records(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]
         else:
             rows.append(row)
     return header, rows
+
+
+class RecordReader:
+    """read_records for a file still being written, reading only what was appended since last time:
+    a sweep polls every second, and a rate's records grow to thousands of requests with their gaps."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.offset = 0
+        self.header: dict[str, Any] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def read(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if not self.path.exists():
+            return self.header, self.rows
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1      # whole lines only: the writer may be mid-line
+        self.offset += end
+        for line in data[:end].splitlines():
+            try:
+                row = _decode(line)
+            except msgspec.DecodeError:
+                continue
+            event = row.get("event")
+            if event == "start":
+                self.header, self.rows = row, []
+            elif event is not None:
+                self.header = {**self.header, event: row}
+            else:
+                self.rows.append(row)
+        return self.header, self.rows

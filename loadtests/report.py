@@ -13,7 +13,10 @@ from typing import Any
 import msgspec
 
 CSV_FIELDS = [
-    ("rate", "rate"), ("valid", "valid"),
+    ("rate", "rate"), ("valid", "valid"), ("stationary", "stationary"), ("met_slo", "met_slo"),
+    ("sent_rps", "sent_rps"), ("served_rps", "served_rps"), ("window_s", "window.window_s"),
+    ("window_lifetimes", "window.lifetimes"), ("warmup_s", "window.warmup_s"), ("lifetime_s", "window.lifetime_s"),
+    ("ttft_p99_with_failures_s", "ttft_p99_with_failures"),
     ("throughput_rps", "measured.throughput_rps"), ("goodput_rps", "measured.goodput_rps"),
     ("ttft_p50_s", "measured.ttft.p50"), ("ttft_p99_s", "measured.ttft.p99"),
     ("itl_p50_s", "measured.itl.p50"), ("itl_p99_s", "measured.itl.p99"),
@@ -79,18 +82,19 @@ def write_csv(report: dict, path: Path) -> None:
 
 # -- tables -----------------------------------------------------------------------------------------
 
-COLUMNS = [  # header, key, format ("ms": seconds shown as ms)
-    ("rate/s", "rate", "{:.1f}"), ("thru/s", "measured.throughput_rps", "{:.1f}"),
-    ("good/s", "measured.goodput_rps", "{:.1f}"), ("TTFT p50", "measured.ttft.p50", "ms"),
-    ("TTFT p99", "measured.ttft.p99", "ms"), ("ITL p50", "measured.itl.p50", "ms"),
-    ("ITL p99", "measured.itl.p99", "ms"), ("rej", "measured.rejected", "{:d}"),
-    ("hit", "measured.prefix_hit_rate", "{:.2f}"), ("lag ms", "lag_p99_s", "ms"),
-    ("sim TTFT99", "simulated.ttft.p99", "ms"), ("sim ITL99", "simulated.itl.p99", "ms"),
-    ("plan TTFT99", "planned.ttft_p99", "ms"), ("plan ITL99", "planned.itl_p99", "ms"),
+COLUMNS = [  # header, key, format ("ms": seconds shown as ms; "yn": yes/no)
+    ("offered/s", "rate", "{:.1f}"), ("sent/s", "sent_rps", "{:.1f}"), ("served/s", "served_rps", "{:.1f}"),
+    ("window s", "window.window_s", "{:.1f}"), ("lifetimes", "window.lifetimes", "{:.1f}"),
+    ("stationary", "stationary", "yn"), ("lag wall ms", "lag_p99_s", "ms"),
+    ("TTFT p50", "measured.ttft.p50", "ms"), ("TTFT p99", "ttft_p99_with_failures", "ms"),
+    ("ITL p99", "measured.itl.p99", "ms"), ("SLO met", "met_slo", "yn"),
+    ("steady TTFT99", "steady.ttft.p99", "ms"), ("plan TTFT99", "planned.ttft_p99", "ms"),
 ]
 
 
 def cell(value: Any, fmt: str) -> str:
+    if fmt == "yn":
+        return "-" if value is None else ("yes" if value else "NO")
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if fmt == "ms":
@@ -124,36 +128,37 @@ def capacity_lines(report: dict) -> list[str]:
     c, slo = report["c_max"], report["slo"]
     lines = [f"SLO: p99 TTFT <= {slo['ttft_p99_s'] * 1000:.0f} ms, p99 ITL <= {slo['itl_p99_s'] * 1000:.0f} ms "
              f"(emulated; time scale {report['time_scale']:g})"]
-    labels = {"measured": "measured (Locust, live)", "simulated": "simulated, same schedule",
-              "steady": "simulated, steady state", "planned": "planned (analytical)"}
+    labels = {"measured": "measured (Locust, live)", "steady": "simulated, steady state",
+              "planned": "planned (analytical)"}
     for name, label in labels.items():
         entry = c.get(name) or {}
         if entry.get("rate") is not None:
             limited = f", limited by p99 {entry['limited_by'].upper()}" if entry.get("limited_by") else ""
-            lines.append(f"C_max {label:25s} {entry['text']:>7s} req/s{limited}")
+            lines.append(f"C_max {label:25s} {entry['text']} req/s{limited}")
         elif entry.get("error"):
             lines.append(f"C_max {label:25s} n/a ({entry['error']})")
-    if c.get("gap_pct_range"):
-        low, high = c["gap_pct_range"]
-        lines.append(f"gap measured vs planned: between {low:+.1f}% and {high:+.1f}% (too many requests were "
-                     "refused above the last rate that met the SLO for a p99 there; add rates to narrow it)")
-    if c.get("gap_pct") is not None:
-        lines.append(f"gap measured vs planned: {c['gap_pct']:+.1f}%, of which:")
-        lines += [f"  {name}: {value:+.1f}%" for name, value in c["gaps"].items() if value is not None]
-    knee = {k: v for k, v in report.get("knee", {}).items() if v is not None}
-    if knee:
-        lines.append("knee (p99 TTFT doubles): " + ", ".join(f"{k} {v:.1f} req/s" for k, v in knee.items()))
+    gaps = c.get("gap_pct") or {}
+    text = {"steady": "measured vs simulated steady state", "planned": "measured vs planned",
+            "steady vs planned": "simulated steady state vs planned"}
+    parts = [f"{text[k]} {v:+.1f}%" for k, v in gaps.items() if v is not None and k in text]
+    if parts:
+        lines.append("gaps: " + "; ".join(parts))
     return lines
 
 
 def markdown(report: dict) -> str:
     header = [h for h, _, _ in COLUMNS]
+    st = report.get("stages", {})
     out = [f"# kvlab sweep: {report['spec']}", "",
-           f"Target {report['target']}; workload {report['workload']}; "
-           f"{'VALID' if report['valid'] else '**INVALID: workers or load generator lagged**'}", "",
-           "Latencies in emulated milliseconds; rates in requests per emulated second; `!` marks an invalid point. "
-           "thru/s and good/s count requests finished inside each window, so they trail the offered rate while "
-           "batches are still filling (a stage lasts a few emulated seconds) and flatten at the capacity.", "",
+           f"Target {report['target']}; workload {report['workload']}; time scale {report['time_scale']:g}; "
+           f"{'VALID' if report['valid'] else '**INVALID: some rates lagged or were not stationary**'}", "",
+           "Latencies in emulated milliseconds, rates in requests per emulated second; `!` marks a rate that "
+           "lagged or whose window was not stationary. Each rate ran alone from an idle cluster: a warm-up of "
+           f"{st.get('warmup_lifetimes', 3):g} and a window of {st.get('window_lifetimes', 10):g} request "
+           "lifetimes (the steady-state simulator's mean end-to-end latency at that rate). sent/s: arrivals in "
+           "the window (Poisson around the offered rate); served/s: requests finished in it. Stationary: the "
+           "window's halves agree on p99 TTFT and requests in the system, and below C_max served is within 3% "
+           "of sent. TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]
     out += [""] + [f"- {line}" for line in capacity_lines(report)]
@@ -186,9 +191,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(title)
     ax = axes[2]
-    _series(ax, rates, points, "measured.throughput_rps", "measured throughput", "o-", "C0", 1)
+    _series(ax, rates, points, "served_rps", "measured: served", "o-", "C0", 1)
     _series(ax, rates, points, "measured.goodput_rps", "measured goodput", "o--", "C0", 1)
-    _series(ax, rates, points, "simulated.goodput_rps", "simulated goodput (same schedule)", "s--", "C1", 1)
     _series(ax, rates, points, "steady.goodput_rps", "simulated goodput (steady)", "d:", "C3", 1)
     _series(ax, rates, points, "planned.goodput", "planned goodput", "^:", "C2", 1)
     ax.plot(rates, rates, color="gray", lw=0.8, label="offered")
@@ -210,11 +214,13 @@ def _series(ax, rates, points, key, label, style, color, scale) -> None:
     xs = [r for r, y in zip(rates, ys) if y is not None]
     ys = [y * scale for y in ys if y is not None]
     if xs:
-        ax.plot(xs, ys, style, label=label, ms=4, color=color)
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], style, label=label, ms=4, color=color)
 
 
 def _cmax_markers(ax, report) -> None:
     for source, _, _, color in SERIES:
-        rate = (report["c_max"].get(source) or {}).get("rate")
+        entry = report["c_max"].get(source)
+        rate = entry.get("rate") if isinstance(entry, dict) else None
         if rate is not None:
             ax.axvline(rate, color=color, lw=0.8, ls="-.", alpha=0.7)

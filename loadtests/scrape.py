@@ -25,6 +25,7 @@ class Sample:
     lag_p99_s: float | None = None        # kvlab workers only: recent step lateness (wall s)
     lag_max_s: float | None = None
     time_scale: float | None = None
+    in_system: float | None = None        # kvlab workers only: requests running + waiting
 
 
 @dataclass
@@ -33,6 +34,12 @@ class WindowStats:
     preemptions: int
     lag_p99_s: float | None               # worst worker's recent-lag p99 seen inside the window
     lag_max_s: float | None
+
+
+def _in_system(load: dict) -> float | None:
+    if load.get("running") is None:
+        return None
+    return float(load.get("running", 0)) + float(load.get("waiting", 0))
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -56,7 +63,8 @@ def read_worker(client: httpx.Client, url: str) -> Sample:
     if response.status_code == 200:
         d = response.json()
         return Sample(now, d.get("prefix_cache_hits", 0.0), d.get("prefix_cache_queries", 0.0),
-                      d.get("preemptions", 0.0), d.get("lag_p99_s"), d.get("lag_max_s"), d.get("time_scale"))
+                      d.get("preemptions", 0.0), d.get("lag_p99_s"), d.get("lag_max_s"), d.get("time_scale"),
+                      _in_system(d))
     m = parse_prometheus(client.get(f"{url}/metrics").text)
     return Sample(now, m.get("vllm:prefix_cache_hits", 0.0), m.get("vllm:prefix_cache_queries", 0.0),
                   m.get("vllm:num_preemptions", 0.0))
@@ -115,6 +123,17 @@ class Scraper:
             lag_p99 = _worst(lag_p99, (s.lag_p99_s for s in inside))
             lag_max = _worst(lag_max, [b.lag_max_s])
         return WindowStats(hits / queries if queries > 0 else None, int(preempt), lag_p99, lag_max)
+
+    def in_system(self, start: float, end: float) -> tuple[float | None, int]:
+        """Mean requests in the system (running + waiting) over samples inside [start, end], summed
+        over workers, and the fewest samples any worker gave; (None, 0) for servers without it."""
+        total, fewest = 0.0, None
+        for samples in self.samples.values():
+            values = [s.in_system for s in samples if start <= s.t <= end and s.in_system is not None]
+            if values:
+                total += sum(values) / len(values)
+                fewest = len(values) if fewest is None else min(fewest, len(values))
+        return (total, fewest) if fewest else (None, 0)
 
     def time_scale(self) -> float | None:
         scales = [s.time_scale for samples in self.samples.values() for s in samples[-1:] if s.time_scale]

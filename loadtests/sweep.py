@@ -1,18 +1,23 @@
-"""`kvlab sweep`: measure a cluster's latency-throughput curve with Locust and compare it with the
-simulator and the analytical planner, rate by rate, and where p99 crosses the SLO (C_max).
+"""`kvlab sweep`: measure a cluster's steady-state capacity with Locust and compare it with the
+steady-state simulator and the analytical planner: where p99 crosses the SLO (C_max), as a number
+with its bracket.
 
     kvlab sweep                        # the embedded default cluster: start it, sweep, report, stop it
-    kvlab sweep my-spec.toml --rates 20,40,60,80 --duration 60 --out reports/mine
+    kvlab sweep my-spec.toml --rates 20,40,60,80 --out reports/mine
     kvlab sweep --url http://gpu-box:8000 --worker-urls http://gpu-box:8001,... --time-scale 1
 
-Rates are requests per second of the server's (emulated) time; --duration and --warmup are wall
-seconds per rate. Without --rates (or workload.rates in the spec) the rates bracket the planner's
-C_max. A point measured while a worker or the load generator lagged is marked invalid (`!`).
+Rates are requests per second of the server's (emulated) time. Without --rates the planner and the
+steady-state simulator place the SLO crossing, then live rates bisect it until it is bracketed within
+5% (loadtests.steady.Bracket), after one rate well below it. Every rate is its own run from an idle
+cluster: a warm-up of 3 and a window of 10 mean request lifetimes at that rate (emulated; the
+simulator's mean end-to-end latency), unless --warmup/--duration give wall seconds. A point is marked
+(`!`) when a worker or the load generator lagged, or its window was not stationary.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,16 +29,18 @@ from loadtests.planner_bridge import Prediction, predict
 from loadtests.progress import Progress
 from loadtests.schedule import Stage, spec_requests
 from loadtests.scrape import Scraper
+from loadtests.steady import (BRACKET_RATIO, WARMUP_LIFETIMES, WINDOW_LIFETIMES, Bracket, Sizing, Stationarity,
+                              check, crossing, served_tolerance)
 
-RATE_FACTORS = (0.6, 0.85, 1.0, 1.15)   # x the planner's C_max: both sides of the SLO crossing
-# Stage lengths in emulated seconds (x the time scale on the wall clock). A chat request lives ~4-6
-# emulated s near the knee, so a stage of 6 s lets batches settle from the previous (lower) rate; the
-# simulator replaying the same schedule shows what the short stages cost against the steady state.
-WARMUP_EMULATED_S = 2.0
-MEASURE_EMULATED_S = 4.0
-MAX_DEFAULT_STAGE_S = 90.0   # wall: a large time scale shortens stages (in emulated time) rather than
-                             # making the default run long; the "stage length" gap in the report shows the cost
-MAX_DEFAULT_TAIL_S = 60.0
+CURVE_FACTORS = (0.6,)     # x the expected C_max, measured before the bracket: served tracks offered there
+SIM_STEP = 1.05            # the steady-state simulator steps rates by 5% from the planner's C_max to the crossing
+SIM_MAX_STEPS = 8
+DEFAULT_LIFETIME_S = 5.0   # emulated: a request's lifetime when neither simulator nor planner gives one
+HOST_BUDGET_CORES = 1.5    # of a 2-core host: the sweep process and the OS keep the rest
+# CPU microseconds per emulated output token for worker + router + load generator together, with the
+# default spec's token coalescing: 45 measured by benchmarks/host_cost.py (default spec at 78 req/s,
+# time scale 2, stream_interval 16; 2-core host). One-token chunks cost about twice that.
+HOST_COST_US_PER_TOKEN = 45.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,16 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-urls", default="", help="with --url: comma-separated worker base URLs whose "
                                                           "/load or /metrics give prefix hits and lag")
     parser.add_argument("--rates", nargs="+", default=None,
-                        help="offered rates, requests per emulated second (e.g. 20 40 60 or 20,40,60)")
+                        help="offered rates, requests per emulated second (e.g. 20 40 60 or 20,40,60); "
+                             "default: bisect the SLO crossing")
     parser.add_argument("--duration", type=float, default=None,
-                        help=f"wall seconds measured at each rate (default {MEASURE_EMULATED_S:g} emulated s "
-                             f"x the time scale; warm-up and measurement together at most {MAX_DEFAULT_STAGE_S:g} s)")
+                        help="wall seconds measured at each rate (default: 10 request lifetimes)")
     parser.add_argument("--warmup", type=float, default=None,
-                        help=f"wall seconds at each rate before measuring (default {WARMUP_EMULATED_S:g} "
-                             "emulated s x the time scale)")
+                        help="wall seconds at each rate before measuring (default: 3 request lifetimes)")
     parser.add_argument("--tail", type=float, default=None,
-                        help="at most this many wall seconds of load after the last rate while its requests "
-                             f"finish; then they are cut short (default: one stage, at most {MAX_DEFAULT_TAIL_S:g} s)")
+                        help="wall seconds of load after each window while its requests finish; then they are "
+                             "cut short (default: 2 request lifetimes)")
     parser.add_argument("--time-scale", type=float, default=None, help="override the spec's engine.time_scale")
     parser.add_argument("--out", default=None, help="report folder (default: reports/sweep-<spec name>)")
     parser.add_argument("--model", default=None, help="model name to request (default: the server's first)")
@@ -61,7 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sim", action="store_true", help="skip the simulator columns")
     parser.add_argument("--sim-requests", type=int, default=2000,
                         help="steady-state simulation: requests per rate, at least (default %(default)s)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when the run is invalid (lag)")
+    parser.add_argument("--same-schedule", action="store_true",
+                        help="also simulate each live run's own requests (the 'simulated' column: live vs "
+                             "simulator on identical arrivals isolates the host; ~10 s more per rate)")
+    parser.add_argument("--max-live-rates", type=int, default=6,
+                        help="live rates the bisection may use (default %(default)s)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a rate lagged or was not stationary")
     parser.add_argument("--verbose", action="store_true", help="show the cluster's logs")
 
 
@@ -75,16 +86,36 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
     setup = Setup.build(spec, spec_path, args, rates_arg)
-    print(f"kvlab sweep '{spec.name}': rates {', '.join(f'{r:g}' for r in setup.rates)} req/s ({setup.why}); "
-          f"{setup.stage_s:g} wall s per rate ({setup.warmup_s:g} warm-up) at time scale {setup.scale:g}", flush=True)
-    prediction = predict(spec, setup.rates)
-    sims = simulations(setup, args)
-    result = run_live(setup, args, prediction, sims)
-    report = build_report(setup, args, result, prediction, sims)
+    planned = predict(spec, [])
+    steady = SteadySims(spec, args.sim_requests, enabled=not args.no_sim)
+    setup.steady_enabled = steady.enabled
+    sim_c = steady_crossing(steady, spec.slo, planned.c_max) if setup.rates is None and steady.enabled else None
+    guess = (sim_c or {}).get("rate") or planned.c_max
+    if setup.rates is None and not guess:
+        print("kvlab sweep: neither the planner nor the simulator gives a C_max for this spec; pass --rates",
+              file=sys.stderr)
+        return 2
+    warnings = host_check(setup, steady, setup.rates or [guess * BRACKET_RATIO])
+    print(f"kvlab sweep '{spec.name}': {_plan_text(setup, planned, sim_c)}; time scale {setup.scale:g}", flush=True)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    sweep = run_live(setup, args, steady, guess)
+    report = build_report(setup, sweep, planned, sim_c, steady)
+    report["warnings"] = warnings + report["warnings"]
     report["wall_s"] = time.monotonic() - started
     files = rpt.write_all(report, setup.out)
     _print_final(report, files)
     return 1 if args.strict and not report["valid"] else 0
+
+
+def _plan_text(setup: "Setup", planned: Prediction, sim_c: dict | None) -> str:
+    if setup.rates is not None:
+        return f"rates {', '.join(f'{r:g}' for r in setup.rates)} req/s ({setup.why})"
+    parts = [f"planned C_max {planned.c_max:.1f}" if planned.c_max else "no planned C_max"]
+    if sim_c and sim_c.get("rate"):
+        parts.append(f"steady-state simulated C_max {sim_c['rate']:.1f} ({sim_c['text']})")
+    return ", ".join(parts) + f"; live: {', '.join(f'{f:g}' for f in CURVE_FACTORS)} x that, then bisect to " \
+        f"{(BRACKET_RATIO - 1) * 100:.0f}%"
 
 
 def parse_rates(values: list[str] | None) -> list[float] | None:
@@ -96,49 +127,105 @@ def parse_rates(values: list[str] | None) -> list[float] | None:
     return rates
 
 
-def choose_rates(spec: ClusterSpec, given: list[float] | None) -> tuple[list[float], str]:
-    """--rates, else the spec's workload.rates, else RATE_FACTORS x the planner's C_max."""
-    if given:
-        return given, "from --rates"
-    if spec.workload.rates:
-        return sorted(spec.workload.rates), "from the spec's workload.rates"
-    c = predict(spec, []).c_max
-    if not c:
-        raise SystemExit("kvlab sweep: no rates given and the planner has no C_max for this spec; pass --rates")
-    return [round(f * c, 2) for f in RATE_FACTORS], f"{', '.join(f'{f:g}' for f in RATE_FACTORS)} x planned C_max {c:.1f}"
-
-
 class Setup:
-    """What one sweep runs: the spec, the rates and stage lengths, the time scale, where to write."""
+    """What one sweep runs: the spec, fixed rates (or None: bisect), stage lengths, time scale, output."""
 
-    def __init__(self, spec, spec_path, rates, why, scale, warmup_s, duration_s, tail_s, seed, out):
+    def __init__(self, spec, spec_path, rates, why, scale, warmup_s, duration_s, tail_s, seed, out, max_live):
         self.spec, self.spec_path, self.rates, self.why = spec, spec_path, rates, why
         self.scale, self.warmup_s, self.duration_s, self.tail_s = scale, warmup_s, duration_s, tail_s
-        self.seed, self.out = seed, out
+        self.seed, self.out, self.max_live = seed, out, max_live
+        self.steady_enabled = True
 
     @classmethod
     def build(cls, spec: ClusterSpec, spec_path: Path, args, rates_arg) -> "Setup":
-        rates, why = choose_rates(spec, rates_arg)
+        rates, why = rates_arg, "from --rates"
+        if rates is None and spec.workload.rates:
+            rates, why = sorted(spec.workload.rates), "from the spec's workload.rates"
         scale = args.time_scale or (_remote_time_scale(_worker_urls(args)) if args.url else None) \
             or (spec.engine.time_scale if not args.url else 1.0)
-        shrink = min(1.0, MAX_DEFAULT_STAGE_S / ((WARMUP_EMULATED_S + MEASURE_EMULATED_S) * scale))
-        warmup = args.warmup if args.warmup is not None else WARMUP_EMULATED_S * scale * shrink
-        duration = args.duration if args.duration is not None else MEASURE_EMULATED_S * scale * shrink
-        tail = args.tail if args.tail is not None else min(warmup + duration, MAX_DEFAULT_TAIL_S)
         seed = spec.workload.seed if args.seed is None else args.seed
-        return cls(spec, spec_path, rates, why, scale, warmup, duration, tail, seed,
-                   Path(args.out or f"reports/sweep-{spec.name}"))
+        return cls(spec, spec_path, rates, why, scale, args.warmup, args.duration, args.tail, seed,
+                   Path(args.out or f"reports/sweep-{spec.name}"), args.max_live_rates)
 
-    @property
-    def stage_s(self) -> float:
-        return self.warmup_s + self.duration_s
+    def sizing(self, lifetime_s: float) -> tuple[Sizing, float, float, float]:
+        """The rate's sizing in lifetimes and its (warm-up, window, tail) in wall seconds."""
+        size = Sizing.of(lifetime_s)
+        warmup = self.warmup_s if self.warmup_s is not None else size.warmup_s * self.scale
+        window = self.duration_s if self.duration_s is not None else size.window_s * self.scale
+        tail = self.tail_s if self.tail_s is not None else size.tail_s * self.scale
+        return size, warmup, window, tail
 
-    def stages(self) -> list[tuple[float, float]]:
-        """(rate, wall s) of each measured stage, then the unmeasured tail at the last rate."""
-        return [(r, self.stage_s) for r in self.rates] + [(self.rates[-1], self.tail_s)]
 
-    def windows(self) -> list[analysis.Window]:
-        return analysis.windows(self.stages()[:-1], self.warmup_s)
+class SteadySims:
+    """The steady-state simulator, each rate run once (memoized)."""
+
+    def __init__(self, spec: ClusterSpec, min_requests: int, enabled: bool = True):
+        self.spec, self.min_requests, self.enabled = spec, min_requests, enabled
+        self._done: dict[float, object] = {}
+
+    def at(self, rate: float):
+        if not self.enabled:
+            return None
+        if rate not in self._done:
+            self._done[rate] = sim_curve.simulate(self.spec, rate, self.min_requests)
+        return self._done[rate]
+
+    def lifetime(self, rate: float) -> float:
+        """Mean end-to-end latency at `rate`, emulated seconds."""
+        s = self.at(rate)
+        if s is not None and math.isfinite(s.e2e.mean) and s.e2e.mean > 0:
+            return float(s.e2e.mean)
+        return DEFAULT_LIFETIME_S
+
+
+def meets(ttft_p99, itl_p99, slo) -> bool:
+    ttft, itl = _num(ttft_p99), _num(itl_p99)
+    return math.isfinite(ttft) and math.isfinite(itl) and ttft <= slo.ttft_p99_s and itl <= slo.itl_p99_s
+
+
+def steady_crossing(steady: SteadySims, slo, guess: float | None) -> dict | None:
+    """The steady-state simulator's SLO crossing: step 5% from the planner's C_max until the SLO
+    flips, then interpolate between the two rates around it."""
+    if not guess:
+        return None
+    started = time.monotonic()
+    print(f"simulating the steady state around the planned C_max {guess:.1f} ...", end=" ", flush=True)
+
+    def point(r):
+        s = steady.at(r)
+        return (r, _num(_sim_ttft(rpt.to_builtins(s))), _num(s.itl.p99))
+
+    first = point(guess)
+    up = meets(first[1], first[2], slo)
+    prev = first
+    for _ in range(SIM_MAX_STEPS):
+        nxt = point(prev[0] * SIM_STEP if up else prev[0] / SIM_STEP)
+        if meets(nxt[1], nxt[2], slo) != up:
+            lo, hi = (prev, nxt) if up else (nxt, prev)
+            rate = crossing(lo, hi, slo.ttft_p99_s, slo.itl_p99_s)
+            print(f"{time.monotonic() - started:.0f} s", flush=True)
+            return {"rate": rate, "bracket": [lo[0], hi[0]], "bound": "interpolated",
+                    "text": f"{rate:.3g} in [{lo[0]:.3g}, {hi[0]:.3g}]"}
+        prev = nxt
+    print(f"{time.monotonic() - started:.0f} s (no crossing found)", flush=True)
+    return None
+
+
+def host_check(setup: Setup, steady: SteadySims, rates: list[float]) -> list[str]:
+    """Warn when the busiest rate would need more CPU than the host's budget at this time scale."""
+    top = max(rates)
+    s = steady.at(top)
+    if s is None or not s.output_tokens_per_s:
+        return []
+    need = s.output_tokens_per_s / setup.scale * HOST_COST_US_PER_TOKEN * 1e-6
+    cores = min(HOST_BUDGET_CORES, (os.cpu_count() or 1) * 0.75)
+    if need <= cores:
+        return []
+    afford = s.output_tokens_per_s * HOST_COST_US_PER_TOKEN * 1e-6 / cores
+    return [f"at {top:.1f} req/s the cluster streams {s.output_tokens_per_s:.0f} tokens per emulated second: "
+            f"~{need:.1f} cores at time scale {setup.scale:g} ({HOST_COST_US_PER_TOKEN:g} CPU us/token, "
+            f"benchmarks/host_cost.py), more than this host's {cores:.1f}; expect lag, or use "
+            f"--time-scale {math.ceil(afford * 2) / 2:g}"]
 
 
 def _worker_urls(args) -> dict[str, str]:
@@ -151,70 +238,151 @@ def _remote_time_scale(workers: dict[str, str]) -> float | None:
     return scraper.time_scale()
 
 
-def simulations(setup: Setup, args) -> dict[str, list]:
-    """The simulator on the live schedule's own requests, and each rate alone at steady state."""
-    if args.no_sim:
-        return {}
-    print(f"simulating the same schedule, then {len(setup.rates)} rates at steady state ...", end=" ", flush=True)
-    started = time.monotonic()
-    stages = [Stage(r, s) for r, s in setup.stages()]
-    items = spec_requests(setup.spec, stages, setup.scale, seed=setup.seed)
-    same = sim_curve.schedule(setup.spec, items, setup.windows(), setup.scale)
-    steady = sim_curve.curve(setup.spec, setup.rates, args.sim_requests)
-    print(f"{time.monotonic() - started:.0f} s", flush=True)
-    return {"schedule": same, "steady": steady}
-
-
 # -- the live part ----------------------------------------------------------------------------------
 
-def run_live(setup: Setup, args, prediction: Prediction, sims: dict) -> LiveResult:
+class LiveSweep:
+    """Live rates one at a time against one cluster: each its own Locust run from an idle cluster."""
+
+    def __init__(self, setup: Setup, args, url: str, workers: dict[str, str], steady: SteadySims):
+        self.setup, self.args, self.url, self.workers, self.steady = setup, args, url, workers, steady
+        self.points: list[dict] = []
+        self.header_printed = False
+        self.bracket: Bracket | None = None
+        self.warnings: list[str] = []
+        self.gave_up = False
+
+    def measure(self, rate: float) -> dict:
+        setup = self.setup
+        size, warmup, window, tail = setup.sizing(self.steady.lifetime(rate))
+        k = len(self.points)
+        plan = LivePlan(url=self.url, worker_urls=self.workers, rates=[rate], warmup_s=warmup, duration_s=window,
+                        tail_s=tail, time_scale=setup.scale, out=setup.out / f"rate-{k}", spec_path=str(setup.spec_path),
+                        model=self.args.model, seed=setup.seed, api=self.args.api)
+        progress = Progress(warmup + window + tail)
+        if not self.header_printed:
+            progress.println(rpt.table({"points": []}))
+            self.header_printed = True
+        result = measure(plan, progress=progress)
+        progress.close()
+        result.url = self.url
+        point = measured_point(setup, result, size, self.steady, plan if self.args.same_schedule else None)
+        self.points.append(point)
+        print(rpt.row_cells_text(point), flush=True)
+        return point
+
+
+def run_live(setup: Setup, args, steady: SteadySims, guess: float | None) -> LiveSweep:
     if args.url:
-        return _measure(setup, args, args.url.rstrip("/"), _worker_urls(args), prediction, sims)
+        return _sweep(LiveSweep(setup, args, args.url.rstrip("/"), _worker_urls(args), steady), guess)
     from kvlab.launcher import Cluster
 
     spec = setup.spec
     print(f"starting the cluster ({len(spec.worker_list())} workers + router) ...", flush=True)
     with Cluster(setup.spec_path, spec, quiet=not args.verbose, time_scale=args.time_scale) as cluster:
-        return _measure(setup, args, cluster.url, cluster.worker_urls(), prediction, sims)
+        return _sweep(LiveSweep(setup, args, cluster.url, cluster.worker_urls(), steady), guess)
 
 
-def _measure(setup: Setup, args, url: str, workers: dict[str, str], prediction: Prediction, sims: dict) -> LiveResult:
-    plan = LivePlan(url=url, worker_urls=workers, rates=setup.rates, warmup_s=setup.warmup_s,
-                    duration_s=setup.duration_s, tail_s=setup.tail_s, time_scale=setup.scale, out=setup.out,
-                    spec_path=str(setup.spec_path), model=args.model, seed=setup.seed, api=args.api)
-    progress = Progress(sum(s for _, s in setup.stages()))
-    print(f"measuring against {url} (rows appear as each rate's requests finish) ...", flush=True)
-    progress.println(rpt.table({"points": []}))
-    printer = lambda i, res: progress.println(rpt.row_cells_text(  # noqa: E731
-        measured_point(setup, res, i, prediction, sims)))
-    result = measure(plan, on_stage=printer, progress=progress)
-    progress.close()
-    result.url = url
-    return result
+def _sweep(live: LiveSweep, guess: float | None) -> LiveSweep:
+    """Fixed rates in order; or a rate well below the expected C_max, then the live bisection."""
+    setup = live.setup
+    print(f"measuring against {live.url}: each rate warms up for 3 and is measured over 10 request lifetimes "
+          "(emulated)", flush=True)
+    if setup.rates is not None:
+        for rate in setup.rates:
+            live.measure(rate)
+        return live
+    for factor in CURVE_FACTORS:
+        if _distorted(live.measure(factor * guess), setup):
+            return _gave_up(live)
+    bracket = Bracket(guess, max_tries=max(2, setup.max_live - len(CURVE_FACTORS)))
+    live.bracket = bracket
+    while (rate := bracket.next_rate()) is not None:
+        point = live.measure(rate)
+        if _distorted(point, setup):
+            return _gave_up(live)   # a lagging host inflates latencies: bisecting them only chases the host
+        bracket.record(rate, point["met_slo"])
+    return live
+
+
+GIVE_UP_LAG_SLO_SHARE = 0.1   # stop bisecting once lag (emulated) exceeds 10% of the TTFT SLO
+
+
+def _distorted(point: dict, setup: Setup) -> bool:
+    """The host lagged so much (workers or load generator, in emulated time) that p99 TTFT near the
+    SLO says more about the host than about the cluster."""
+    lag = max(point.get("lag_p99_s") or 0.0, point.get("client_lag_p99_s") or 0.0) / setup.scale
+    return point["lagged"] and lag > GIVE_UP_LAG_SLO_SHARE * setup.spec.slo.ttft_p99_s
+
+
+def _gave_up(live: "LiveSweep") -> "LiveSweep":
+    scale = live.setup.scale
+    live.gave_up = True
+    live.warnings.append(f"the host could not keep up at time scale {scale:g}: lag beyond "
+                         f"{GIVE_UP_LAG_SLO_SHARE:.0%} of the TTFT SLO (see the lag column), so the bisection "
+                         f"stopped; rerun when the host is quieter or with --time-scale {scale * 2:g}")
+    print(f"warning: {live.warnings[-1]}", file=sys.stderr, flush=True)
+    return live
 
 
 # -- points and the report --------------------------------------------------------------------------
 
-def measured_point(setup: Setup, result: LiveResult, i: int, prediction: Prediction, sims: dict) -> dict:
-    spec, w, slo = setup.spec, result.windows[i], setup.spec.slo
-    summary = analysis.summarize(result.records, w, setup.scale, slo.ttft_p99_s, slo.itl_p99_s)
-    scraped = result.scraped[i]
+def measured_point(setup: Setup, result: LiveResult, size: Sizing, steady: SteadySims,
+                   plan: LivePlan | None) -> dict:
+    spec, w, slo, scale = setup.spec, result.windows[0], setup.spec.slo, setup.scale
+    summary = analysis.summarize(result.records, w, scale, slo.ttft_p99_s, slo.itl_p99_s)
+    scraped = result.scraped[0]
     if scraped is not None and scraped.prefix_hit_rate is not None:
         summary.prefix_hit_rate = scraped.prefix_hit_rate   # the workers' counters beat usage fields
         summary.preemptions = scraped.preemptions
     lag = scraped.lag_p99_s if scraped else None
     client_lag = analysis.client_lag_p99(result.records, w)
-    dropped = sum(1 for r in result.records if r.get("stage") == i and str(r.get("error", "")).startswith("dropped"))
-    notes = _validity_notes(spec, lag, client_lag, dropped)
-    point = {"rate": w.rate, "measured": summary, "unfinished": result.unfinished(i),
-             "ttft_p99_with_failures": analysis.ttft_p99_with_failures(result.records, w, setup.scale,
-                                                                       result.missing(i)),
+    dropped = sum(1 for r in result.records if r.get("stage") == 0 and str(r.get("error", "")).startswith("dropped"))
+    ttft_fail = analysis.ttft_p99_with_failures(result.records, w, scale, result.missing(0))
+    met = meets(ttft_fail, summary.itl.p99, slo)
+    station = _stationarity(result, w, summary, scale, slo.ttft_p99_s, below_c_max=met, lifetime_s=size.lifetime_s)
+    notes = _validity_notes(spec, lag, client_lag, dropped) + station.notes
+    window_s = (w.end_s - w.start_s) / scale
+    point = {"rate": w.rate, "measured": summary, "unfinished": result.unfinished(0),
+             "ttft_p99_with_failures": ttft_fail, "met_slo": met,
              "lag_p99_s": lag, "lag_max_s": scraped.lag_max_s if scraped else None,
+             "lagged": bool(_validity_notes(spec, lag, client_lag, dropped)),
              "client_lag_p99_s": client_lag, "valid": not notes, "notes": notes,
-             "simulated": sims["schedule"][i] if sims else None,
-             "steady": sims["steady"][i] if sims else None,
-             "planned": prediction.points[i] if prediction.points else None}
+             "window": {"warmup_s": w.start_s / scale, "window_s": window_s, "lifetime_s": size.lifetime_s,
+                        "lifetimes": window_s / size.lifetime_s,
+                        "warmup_lifetimes": w.start_s / scale / size.lifetime_s},
+             "stationarity": station, "stationary": station.stationary,
+             "sent_rps": station.sent_rps, "served_rps": station.served_rps,
+             "simulated": _same_schedule(setup, plan, result.windows), "steady": steady.at(w.rate),
+             "planned": _planned(spec, w.rate)}
     return rpt.to_builtins(point)
+
+
+def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float, ttft_slo: float,
+                  below_c_max: bool, lifetime_s: float) -> Stationarity:
+    mid = (w.start_s + w.end_s) / 2
+    halves = [analysis.Window(0, w.rate, w.start_s, mid), analysis.Window(0, w.rate, mid, w.end_s)]
+    ttft = tuple(analysis.ttft_p99_with_failures(result.records, h, scale) for h in halves)
+    queue, polls = (None, None), 0
+    if result.scraper is not None and result.t0:
+        read = [result.scraper.in_system(result.t0 + h.start_s, result.t0 + h.end_s) for h in halves]
+        queue, polls = (read[0][0], read[1][0]), min(n for _, n in read)
+    sent = summary.requests / summary.duration_s if summary.duration_s else 0.0
+    tol = served_tolerance(sent, lifetime_s, summary.duration_s)
+    return check(ttft, queue, sent, summary.throughput_rps, ttft_slo, below_c_max, tol, queue_samples=polls)
+
+
+def _same_schedule(setup: Setup, plan: LivePlan, windows) -> object | None:
+    """The simulator on the very requests this rate's live run sent, over the same window."""
+    if plan is None or not setup.steady_enabled:
+        return None
+    stages = [Stage(r, s) for r, s in plan.stages()]
+    items = spec_requests(setup.spec, stages, setup.scale, seed=setup.seed)
+    return sim_curve.schedule(setup.spec, items, windows, setup.scale)[0]
+
+
+def _planned(spec: ClusterSpec, rate: float):
+    p = predict(spec, [rate])
+    return p.points[0] if p.points else None
 
 
 def _validity_notes(spec: ClusterSpec, lag, client_lag, dropped: int) -> list[str]:
@@ -229,58 +397,74 @@ def _validity_notes(spec: ClusterSpec, lag, client_lag, dropped: int) -> list[st
     return notes
 
 
-def build_report(setup: Setup, args, result: LiveResult, prediction: Prediction, sims: dict) -> dict:
+def build_report(setup: Setup, live: LiveSweep, planned: Prediction, sim_c: dict | None, steady: SteadySims) -> dict:
     spec = setup.spec
-    points = [measured_point(setup, result, i, prediction, sims) for i in range(len(result.windows))]
+    points = sorted(live.points, key=lambda p: p["rate"])
     report = {
-        "kvlab_sweep": 1, "spec": spec.name, "spec_path": str(setup.spec_path), "target": result.url,
+        "kvlab_sweep": 2, "spec": spec.name, "spec_path": str(setup.spec_path), "target": live.url,
         "time_scale": setup.scale, "slo": {"ttft_p99_s": spec.slo.ttft_p99_s, "itl_p99_s": spec.slo.itl_p99_s},
-        "workload": _workload_text(spec), "model": result.header.get("model"),
-        "stages": {"rates": setup.rates, "warmup_s": setup.warmup_s, "duration_s": setup.duration_s,
-                   "tail_s": setup.tail_s, "emulated_s_per_rate": setup.stage_s / setup.scale, "why": setup.why},
-        "points": points, "live_wall_s": result.wall_s, "warnings": list(result.errors),
+        "workload": _workload_text(spec), "model": None,
+        "stages": {"rates": [p["rate"] for p in points], "why": setup.why if setup.rates else "bisection",
+                   "warmup_lifetimes": WARMUP_LIFETIMES, "window_lifetimes": WINDOW_LIFETIMES},
+        "points": points, "warnings": list(live.warnings),
     }
-    report["c_max"] = capacities(points, spec.slo, prediction)
+    report["c_max"] = capacities(points, spec.slo, planned, sim_c, live.bracket)
+    measured = report["c_max"]["measured"]
+    if live.gave_up and measured.get("bound") != "interpolated":
+        measured["bound"] = "not_determined"
+        measured["text"] = f"not determined: the host lagged, the bisection stopped ({measured['text']})"
     report["knee"] = knees(points)
     invalid = [p for p in points if not p["valid"]]
-    report["valid"] = not invalid and not result.errors
+    report["valid"] = not invalid
     for p in invalid:
-        report["warnings"].append(f"rate {p['rate']:g}: INVALID: " + "; ".join(p["notes"]))
-    if prediction.error:
-        report["warnings"].append(prediction.error)
+        report["warnings"].append(f"rate {p['rate']:.4g}: " + "; ".join(p["notes"]))
+    if planned.error:
+        report["warnings"].append(planned.error)
     return report
 
 
-def capacities(points: list[dict], slo, prediction: Prediction) -> dict:
-    """C_max four ways, and the gaps between them that explain measured vs planned."""
-    rates = [p["rate"] for p in points]
-
-    def crossing(ttft, itl_key) -> dict:
-        c = analysis.c_max(rates, [_num(t) for t in ttft], [_num(rpt.get(p, itl_key)) for p in points],
-                           slo.ttft_p99_s, slo.itl_p99_s)
-        return {"rate": c.rate, "bound": c.bound, "limited_by": c.limited_by, "upper": c.upper,
-                "text": c.describe()}
-
-    out = {"measured": crossing([p["ttft_p99_with_failures"] for p in points], "measured.itl.p99")}
-    if points and points[0]["simulated"] is not None:
-        out["simulated"] = crossing([_sim_ttft(p["simulated"]) for p in points], "simulated.itl.p99")
-        out["steady"] = crossing([_sim_ttft(p["steady"]) for p in points], "steady.itl.p99")
-    if prediction.c_max is not None:
-        out["planned"] = {"rate": prediction.c_max, "bound": "planner", "limited_by": "",
-                          "text": f"{prediction.c_max:.3g}"}
-    elif prediction.error:
-        out["planned"] = {"rate": None, "error": prediction.error}
-    exact = lambda name: (out.get(name) or {}).get("rate") if (out.get(name) or {}).get("bound") in (  # noqa: E731
-        "interpolated", "planner") else None
-    out["gap_pct"] = analysis.gap_percent(exact("measured"), exact("planned"))
-    measured = out.get("measured") or {}
-    if measured.get("bound") == "bracket" and exact("planned"):
-        out["gap_pct_range"] = [analysis.gap_percent(measured["rate"], exact("planned")),
-                                analysis.gap_percent(measured["upper"], exact("planned"))]
-    out["gaps"] = {"host (measured vs simulated, same schedule)": analysis.gap_percent(exact("measured"), exact("simulated")),
-                   "stage length (same schedule vs steady state, simulated)": analysis.gap_percent(exact("simulated"), exact("steady")),
-                   "model (simulated steady state vs planned)": analysis.gap_percent(exact("steady"), exact("planned"))}
+def capacities(points: list[dict], slo, planned: Prediction, sim_c: dict | None, bracket: Bracket | None) -> dict:
+    """C_max measured (a number with its bracket), simulated at steady state, planned, and the gaps."""
+    out = {"measured": _measured_c_max(points, slo, bracket)}
+    if points and points[0]["steady"] is not None:
+        out["steady"] = sim_c or _crossing_of(points, slo, "steady")
+    if planned.c_max is not None:
+        out["planned"] = {"rate": planned.c_max, "bound": "planner", "text": f"{planned.c_max:.3g}"}
+    elif planned.error:
+        out["planned"] = {"rate": None, "error": planned.error}
+    measured = out["measured"].get("rate") if out["measured"].get("bound") == "interpolated" else None
+    out["gap_pct"] = {name: analysis.gap_percent(measured, (out.get(name) or {}).get("rate"))
+                      for name in ("steady", "planned")}
+    out["gap_pct"]["steady vs planned"] = analysis.gap_percent((out.get("steady") or {}).get("rate"),
+                                                               (out.get("planned") or {}).get("rate"))
     return rpt.to_builtins(out)
+
+
+def _measured_c_max(points: list[dict], slo, bracket: Bracket | None) -> dict:
+    """Between the highest rate that met the SLO and the lowest above it that missed, interpolated."""
+    passed = [p for p in points if p["met_slo"]]
+    lo = max(passed, key=lambda p: p["rate"]) if passed else None
+    above = [p for p in points if not p["met_slo"] and (lo is None or p["rate"] > lo["rate"])]
+    hi = min(above, key=lambda p: p["rate"]) if above else None
+    if lo is None or hi is None:
+        rate = (lo or hi or {}).get("rate")
+        bound = "at_least" if hi is None else "below"
+        text = "n/a" if rate is None else (f"no rate missed the SLO (>= {rate:.3g})" if hi is None
+                                           else f"every rate missed it (< {rate:.3g})")
+        return {"rate": rate, "bound": bound, "bracket": None, "text": text}
+    trio = lambda p: (p["rate"], _num(p["ttft_p99_with_failures"]), _num(rpt.get(p, "measured.itl.p99")))  # noqa: E731
+    rate = crossing(trio(lo), trio(hi), slo.ttft_p99_s, slo.itl_p99_s)
+    width = hi["rate"] / lo["rate"] - 1
+    limited = "ttft" if _num(hi["ttft_p99_with_failures"]) > slo.ttft_p99_s else "itl"
+    return {"rate": rate, "bound": "interpolated", "bracket": [lo["rate"], hi["rate"]], "bracket_pct": width * 100,
+            "limited_by": limited, "text": f"{rate:.3g} in [{lo['rate']:.3g}, {hi['rate']:.3g}]"}
+
+
+def _crossing_of(points: list[dict], slo, name: str) -> dict:
+    rates = [p["rate"] for p in points]
+    c = analysis.c_max(rates, [_num(_sim_ttft(p[name])) for p in points],
+                       [_num(rpt.get(p, f"{name}.itl.p99")) for p in points], slo.ttft_p99_s, slo.itl_p99_s)
+    return {"rate": c.rate, "bound": c.bound, "limited_by": c.limited_by, "text": c.describe()}
 
 
 def _sim_ttft(s: dict | None) -> float | None:
@@ -321,7 +505,7 @@ def _print_final(report: dict, files: dict[str, str]) -> None:
         print(line)
     if not report["valid"]:
         bar = "!" * 78
-        print(f"\n{bar}\nINVALID RUN: the numbers above were taken on an overloaded host; do not trust them.",
+        print(f"\n{bar}\nINVALID RUN: some rates lagged or were not stationary; do not trust them.",
               file=sys.stderr)
         for w in report["warnings"]:
             print(f"  - {w}", file=sys.stderr)

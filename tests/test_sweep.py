@@ -129,7 +129,8 @@ def sweep_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     spec = small_cluster_spec(tmp / "small.toml")
     cmd = [sys.executable, "-m", "kvlab.cli", "sweep", str(spec), "--rates", "40,80,120,160,200",
-           "--warmup", "1.5", "--duration", "3.5", "--tail", "5", "--out", str(tmp / "out"), "--sim-requests", "500"]
+           "--warmup", "1.5", "--duration", "3.5", "--tail", "5", "--out", str(tmp / "out"), "--sim-requests", "500",
+           "--same-schedule"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((tmp / "out" / "sweep.json").read_text()), done.stdout, tmp / "out"
@@ -137,14 +138,15 @@ def sweep_report(tmp_path_factory):
 
 def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
     report, stdout, out = sweep_report
-    for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "records.jsonl"):
+    for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "rate-0/records.jsonl", "rate-4/records.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert [p["rate"] for p in report["points"]] == [40, 80, 120, 160, 200]
     for p in report["points"]:
-        for key in ("measured", "simulated", "steady", "planned", "lag_p99_s", "valid", "ttft_p99_with_failures"):
+        for key in ("measured", "simulated", "steady", "planned", "lag_p99_s", "valid", "ttft_p99_with_failures",
+                    "stationary", "sent_rps", "served_rps", "window"):
             assert key in p
         assert {"p50", "p90", "p99", "mean"} <= set(p["measured"]["ttft"]) and p["measured"]["requests"] > 0
-    assert set(report["c_max"]) >= {"measured", "simulated", "steady", "planned", "gap_pct", "gaps"}
+    assert set(report["c_max"]) >= {"measured", "steady", "planned", "gap_pct"}
     assert report["c_max"]["planned"]["rate"] > 0 and report["time_scale"] == 16
     assert "C_max measured" in stdout and "TTFT p99" in stdout
     assert len((out / "sweep.csv").read_text().splitlines()) == 6
@@ -160,3 +162,37 @@ def test_throughput_rises_then_saturates_while_p99_ttft_climbs_past_the_knee(swe
     assert thru[-1] > 0.7 * max(thru)                        # (served, not collapsed)
     assert ttft[-1] > 4 * ttft[0] and ttft[-1] > ttft[-2] > ttft[1]
     assert report["knee"]["measured"] is not None and rates[0] < report["knee"]["measured"] < rates[-1]
+
+
+# -- steady-state windows on the tiny spec ------------------------------------------------------------
+
+def tiny_steady_spec(path: Path) -> Path:
+    """tiny-test (64 sequences per worker) with short chats at time scale 8: requests live ~0.2
+    emulated s, so a window of 10 lifetimes is a quarter of a minute of wall time."""
+    d = msgspec.toml.decode(example_spec_path("tiny-test").read_bytes())
+    d["engine"] = {**d["engine"], "time_scale": 8.0}
+    d["workload"] = {"mix": {"chat": 1.0}, "seed": 3, "params": {"chat": {
+        "output_len": {"median": 24, "sigma": 0.3, "high": 64}, "unique_len": {"median": 64, "sigma": 0.5}}}}
+    d["router"] = {**d["router"], "port": _free_ports(1)}
+    d["pools"] = [{**d["pools"][0], "base_port": _free_ports(2)}]
+    return write_spec(d, path)
+
+
+def test_served_tracks_offered_below_capacity_over_windows_sized_in_lifetimes(tmp_path):
+    spec_path = tiny_steady_spec(tmp_path / "tiny.toml")
+    c = predict(load_spec(spec_path), []).c_max
+    rates = [round(0.3 * c), round(0.5 * c)]
+    cmd = [sys.executable, "-m", "kvlab.cli", "sweep", str(spec_path), "--rates", *map(str, rates),
+           "--out", str(tmp_path / "out"), "--sim-requests", "800"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    for p in report["points"]:
+        w, st = p["window"], p["stationarity"]
+        assert w["lifetimes"] == pytest.approx(10, rel=0.01) and w["warmup_lifetimes"] == pytest.approx(3, rel=0.01)
+        assert p["met_slo"], p
+        assert st["served_ok"], st                # served tracks what was sent, which tracks the offered rate
+        expected = p["rate"] * w["window_s"]      # arrivals: Poisson, within 4 sigma
+        assert abs(p["sent_rps"] * w["window_s"] - expected) <= 4 * math.sqrt(expected)
+        assert p["measured"]["requests"] > 100
+    assert "lifetimes" in (tmp_path / "out" / "sweep.md").read_text()

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--graceful-shutdown-s", type=float, default=5.0)
     eng = p.add_argument_group("engine")
     eng.add_argument("--time-scale", type=float, help="wall seconds per emulated second (default 1)")
+    eng.add_argument("--stream-interval", type=int,
+                     help="tokens per SSE chunk after the first (default 1); each chunk carries its tokens' gaps")
     eng.add_argument("--num-blocks", type=int, help="KV pool size in blocks (default: from HBM)")
     eng.add_argument("--max-num-seqs", type=int, help=f"default {d.max_num_seqs}")
     eng.add_argument("--max-num-batched-tokens", type=int, help=f"default {d.max_num_batched_tokens}")
@@ -69,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "catalog", "role", "worker_id",
-                 "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "num_blocks",
+                 "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "stream_interval", "num_blocks",
                  "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
                  "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint", "peers")
 

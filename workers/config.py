@@ -16,6 +16,7 @@ from workers.core.scheduler import SchedulerConfig
 DEFAULT_KV_LINK = "InfiniBand-NDR"   # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_SWAP_LINK = "PCIe-Gen5"      # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
 MiB = 1 << 20
+MAX_STREAM_INTERVAL = 256             # as a spec's engine.stream_interval
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):
@@ -39,6 +40,7 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     chat_max_tokens: int = 256            # chat has no OpenAI default; keep emulated answers short
     # engine
     time_scale: float = 1.0
+    stream_interval: int = 1              # tokens per SSE chunk after the first (requests may ask for their own)
     num_blocks: int | None = None         # None: sized from HBM minus weights (roofline)
     block_size: int = 16
     max_num_seqs: int = 256
@@ -78,6 +80,8 @@ def validate(cfg: WorkerConfig) -> None:
         raise ValueError(f"role must be one of {ROLES} (got {cfg.role!r})")
     if cfg.time_scale <= 0:
         raise ValueError("time_scale must be > 0")
+    if not 1 <= cfg.stream_interval <= MAX_STREAM_INTERVAL:
+        raise ValueError(f"stream_interval must be in 1..{MAX_STREAM_INTERVAL}")
     if cfg.max_body_bytes < 1024:
         raise ValueError("max_body_bytes must be at least 1024")
 

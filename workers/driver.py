@@ -25,12 +25,53 @@ class TokenOut(msgspec.Struct):
 
 
 class RequestStream:
-    """Tokens of one request as they are produced, then its Finished record."""
+    """Tokens of one request as they are produced, then its Finished record.
+
+    A reader takes one token at a time (``async for``) or several at once (``take``). The driver
+    wakes a waiting reader only once it has as many tokens as it asked for, or the request ended:
+    a stream coalescing n tokens per chunk costs one task wake-up per chunk, not per token.
+    """
+
+    __slots__ = ("request_id", "finished", "_items", "_need", "_waiter")
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        self.queue: asyncio.Queue[TokenOut | Finished] = asyncio.Queue()
         self.finished: Finished | None = None
+        self._items: deque[TokenOut | Finished] = deque()
+        self._need = 1
+        self._waiter: asyncio.Future | None = None
+
+    def push(self, item: TokenOut | Finished) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (
+                len(self._items) >= self._need or isinstance(item, Finished)):
+            waiter.set_result(None)
+
+    async def take(self, n: int = 1) -> list[TokenOut]:
+        """At least `n` tokens (fewer only when the request ended; [] after the last), without waiting
+        when they are already here; everything already delivered comes along."""
+        items = self._items
+        while not self._ready(n):
+            self._need = n
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        out: list[TokenOut] = []
+        while items:
+            item = items.popleft()
+            if isinstance(item, Finished):
+                self.finished = item
+                items.clear()
+                break
+            out.append(item)
+        return out
+
+    def _ready(self, n: int) -> bool:
+        items = self._items
+        return self.finished is not None or len(items) >= n or (bool(items) and isinstance(items[-1], Finished))
 
     def __aiter__(self):
         return self
@@ -38,11 +79,24 @@ class RequestStream:
     async def __anext__(self) -> TokenOut:
         if self.finished is not None:
             raise StopAsyncIteration
-        item = await self.queue.get()
+        if not self._items:
+            await self._wait_any()
+        item = self._items.popleft()
         if isinstance(item, Finished):
             self.finished = item
+            self._items.clear()
             raise StopAsyncIteration
         return item
+
+    async def _wait_any(self) -> None:
+        """Wait until at least one item is here."""
+        while not self._items:
+            self._need = 1
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
 
 class LagStats:
@@ -107,7 +161,7 @@ class EngineDriver:
         self.engine.abort(request_id)
         self.wake()
         if stream is not None and stream.finished is None:
-            stream.queue.put_nowait(Finished(request_id=request_id, reason="abort", prompt_tokens=0,
+            stream.push(Finished(request_id=request_id, reason="abort", prompt_tokens=0,
                                              output_tokens=0, cached_tokens=0))
 
     # -- the loop ----------------------------------------------------------------------------
@@ -155,10 +209,10 @@ class EngineDriver:
         for request_id, token in result.tokens:
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream.queue.put_nowait(TokenOut(token, result.end))
+                stream.push(TokenOut(token, result.end))
         for fin in result.finished:
             stream = self._streams.pop(fin.request_id, None)
             if stream is not None:
-                stream.queue.put_nowait(fin)
+                stream.push(fin)
         for hook in self.step_hooks:
             hook(result)

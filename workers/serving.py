@@ -20,6 +20,7 @@ from kvlab.wire.openai_api import ApiError, ChatCompletionRequest, CompletionReq
 from kvlab.wire.tokenizer import EOS_TOKEN_ID, apply_chat_template
 from workers.driver import RequestStream
 from workers.core.engine import EngineError, Finished, QueueFull
+from workers.config import MAX_STREAM_INTERVAL
 from workers.handoff import Handoff, parse_handoff, prefill_params
 from workers.core.request import SamplingParams
 from workers.runtime import WorkerRuntime
@@ -39,6 +40,7 @@ class Job(msgspec.Struct, kw_only=True):
     handoff: Handoff
     priority: int = 0
     salt: str | None = None
+    stream_interval: int = 1
 
 
 def json_response(payload, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -80,7 +82,14 @@ def _job(kind, prefix: str, body, prompt: list[int], max_tokens: int | None, def
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return Job(kind=kind, request_id=api.new_id(prefix), model=body.model, prompt=prompt, params=params,
                stream=body.stream, include_usage=include_usage, handoff=handoff, priority=body.priority,
-               salt=body.cache_salt)
+               salt=body.cache_salt, stream_interval=_stream_interval(body, rt))
+
+
+def _stream_interval(body, rt: WorkerRuntime) -> int:
+    n = rt.cfg.stream_interval if body.stream_interval is None else body.stream_interval
+    if not 1 <= n <= MAX_STREAM_INTERVAL:
+        raise ApiError(400, f"stream_interval must be in 1..{MAX_STREAM_INTERVAL} (got {n})", param="stream_interval")
+    return n
 
 
 def _check_token_ids(prompt: list[int], vocab: int) -> None:
@@ -175,19 +184,40 @@ def _handoff_params(job: Job, tokens: list[int], fin: Finished, rt: WorkerRuntim
 
 
 async def _sse(job: Job, stream: RequestStream, rt: WorkerRuntime):
+    """The first token alone (TTFT is not delayed), then chunks of `job.stream_interval` tokens. Every
+    chunk after the first names its tokens' emulated gaps (`token_gaps`, one per token, from the
+    previous token of this stream): coalescing saves the host per-chunk work without blurring ITL."""
     created, rid, model = int(time.time()), job.request_id, job.model
     chat = job.kind == "chat"
+    last: float | None = None
     try:
         if chat:
             yield api.sse(api.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
-        async for out in stream:
-            if out.token != EOS_TOKEN_ID:
-                yield api.sse(_chunk(chat, rid, model, created, rt.tokenizer.decode([out.token]), None))
+        while outs := await stream.take(1 if last is None else job.stream_interval):
+            outs = [o for o in outs if o.token != EOS_TOKEN_ID]
+            if job.stream_interval == 1:   # one chunk per token, as vLLM streams
+                for o in outs:
+                    yield api.sse(_chunk(chat, rid, model, created, rt.tokenizer.decode([o.token]), None))
+            elif outs:
+                chunk = _chunk(chat, rid, model, created, rt.tokenizer.decode([o.token for o in outs]), None)
+                gaps = _gaps(outs, last)
+                if gaps:
+                    chunk["token_gaps"] = gaps
+                yield api.sse(chunk)
+            if outs:
+                last = outs[-1].time
         for part in _sse_tail(job, stream.finished, created):
             yield part
     finally:
         if stream.finished is None:   # cancelled or closed early: the client went away
             rt.abort(rid)
+
+
+def _gaps(outs, last: float | None) -> list[float]:
+    """Emulated seconds between each token and the one before it in this stream (the stream's very
+    first token has none)."""
+    times = ([] if last is None else [last]) + [o.time for o in outs]
+    return [round(b - a, 6) for a, b in zip(times, times[1:])]
 
 
 def _chunk(chat: bool, rid: str, model: str, created: int, text: str, finish: str | None) -> dict:

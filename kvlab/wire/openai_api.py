@@ -39,6 +39,8 @@ class _Common(msgspec.Struct, kw_only=True):
     kv_transfer_params: dict[str, Any] | None = None
     # kvlab extension: per-token chance of end-of-sequence (0 means exactly max_tokens)
     eos_probability: float = 0.0
+    # kvlab extension: tokens per SSE chunk after the first (None: the worker's setting)
+    stream_interval: int | None = None
 
 
 class CompletionRequest(_Common, kw_only=True):

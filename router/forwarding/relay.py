@@ -32,6 +32,7 @@ class StreamRelay:
         self.done = False               # [DONE] has been produced
         self.cached_tokens = 0          # reported by the first source that sent usage
         self.role_sent = False          # chat: the assistant role went out in some delta
+        self.gaps: list[float] = []     # emulated gaps of coalesced tokens not yet timed (take_gaps)
 
     @property
     def started(self) -> bool:
@@ -59,6 +60,8 @@ class StreamRelay:
         if not self.rid:
             self.rid, self.created = chunk.id, chunk.created or self.created
         text = self._record(chunk)
+        if chunk.token_gaps:
+            self.gaps += chunk.token_gaps
         if chunk.usage is not None and not self.cached_tokens:
             self.cached_tokens = chunk.usage.cached_tokens
         if not rewrite:
@@ -66,6 +69,11 @@ class StreamRelay:
                 self.role_sent = True   # the worker's first chat chunk carries the role
             return event
         return self._rebuilt(chunk, text)
+
+    def take_gaps(self) -> list[float]:
+        """The per-token gaps that upstream chunks carried since the last call."""
+        gaps, self.gaps = self.gaps, []
+        return gaps
 
     def _record(self, chunk: Chunk) -> str:
         text, ids = "", []
@@ -84,13 +92,13 @@ class StreamRelay:
     def _rebuilt(self, chunk: Chunk, text: str) -> bytes | None:
         out = b""
         if chunk.choices and (text or chunk.choices[0].finish_reason):
-            out += self.content(text, chunk.choices[0].finish_reason)
+            out += self.content(text, chunk.choices[0].finish_reason, chunk.token_gaps)
         if chunk.usage is not None:
             out += self.usage_event(chunk.usage)
         return out or None
 
     # -- events the router writes itself ---------------------------------------------------------
-    def content(self, text: str, finish_reason: str | None) -> bytes:
+    def content(self, text: str, finish_reason: str | None, token_gaps: list[float] | None = None) -> bytes:
         if self.job.endpoint == "chat":
             delta = {"content": text}
             if not self.role_sent:
@@ -99,6 +107,8 @@ class StreamRelay:
             payload = chat_chunk(self.rid, self.model, self.created, delta, finish_reason)
         else:
             payload = completion_chunk(self.rid, self.model, self.created, text, finish_reason)
+        if token_gaps:
+            payload["token_gaps"] = token_gaps
         return sse(payload)
 
     def usage_event(self, upstream: Usage | None = None) -> bytes:

@@ -44,6 +44,7 @@ class Chunk(msgspec.Struct):
     choices: list[Choice] = []
     usage: Usage | None = None
     error: dict | None = None
+    token_gaps: list[float] | None = None   # kvlab workers coalescing tokens: each token's emulated gap
 
 
 _chunk_decoder = msgspec.json.Decoder(Chunk)

@@ -70,7 +70,7 @@ class StreamSession:
                 if more:
                     out = out + more if out else more
             if self.clock is not None and self.source is not None:
-                self.clock.seen(self.source.worker_id, len(relay.generated))
+                self.clock.seen(self.source.worker_id, len(relay.generated), relay.take_gaps())
             if out:
                 yield out
 

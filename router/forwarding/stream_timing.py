@@ -3,7 +3,9 @@
 The proxy gives each stream a ``StreamClock`` and tells it how many tokens the client has received
 after every write to the client (one event, or several that arrived together). TTFT runs from the
 moment the router's handler started (``Job.received``) to the first token; ITL is the gap between
-token-carrying writes, shared among the tokens a write carries. Wall seconds become emulated ones through the serving worker's time scale, so the figures
+token-carrying writes, shared among the tokens a write carries, unless the worker named each token's
+own gap (a coalescing worker's ``token_gaps``, already emulated seconds). Wall seconds become emulated
+ones through the serving worker's time scale, so the figures
 compare with the workers' own vLLM histograms and with SLOs written in emulated time.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable, Protocol
 class LatencySink(Protocol):
     def ttft(self, seconds: float) -> None: ...
     def itl(self, seconds: float) -> None: ...
+    def itls(self, gaps: list[float]) -> None: ...
 
 
 class StreamTimings:
@@ -38,17 +41,22 @@ class StreamClock:
         self._last = received   # same clock as Job.received (perf_counter)
         self._count = 0
 
-    def seen(self, worker_id: str, count: int) -> None:
-        """The client has now received `count` tokens in all; `worker_id` produced the latest."""
+    def seen(self, worker_id: str, count: int, gaps: list[float] | None = None) -> None:
+        """The client has now received `count` tokens in all; `worker_id` produced the latest; `gaps`:
+        the emulated gaps the worker stated for tokens of this write (the newest ones)."""
         new = count - self._count
         if new <= 0:
             return
         t = self._timings
         now = t.clock()
         gap = (now - self._last) / t.scale_of(worker_id)
+        timed = new - 1 if self._count == 0 else new   # the stream's first token has no gap, only a TTFT
         if self._count == 0:
-            t.sink.ttft(gap)   # tokens arriving with the first one have no gap of their own
-        else:
+            t.sink.ttft(gap)
+        if gaps and len(gaps) >= timed:
+            if timed:
+                t.sink.itls(gaps[len(gaps) - timed:])
+        elif self._count > 0:
             for _ in range(new):
-                t.sink.itl(gap / new)
+                t.sink.itl(gap / new)   # tokens arriving with the first one have no gap of their own
         self._last, self._count = now, count

@@ -115,8 +115,8 @@ class ClusterView:
     def observe_ttft(self, t: float, seconds: float) -> None:
         self._ttft.add(t, seconds)
 
-    def observe_itl(self, t: float, seconds: float) -> None:
-        self._itl.add(t, seconds)
+    def observe_itl(self, t: float, seconds: float, n: int = 1) -> None:
+        self._itl.add(t, seconds, n)
 
     def time_scale(self, worker_id: str) -> float:
         """Wall seconds per emulated second on this worker (1 when it reports none)."""

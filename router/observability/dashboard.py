@@ -14,8 +14,10 @@ GET /dashboard                  the page (router/observability/static/dashboard.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import msgspec
@@ -63,6 +65,18 @@ def read_counters(registry: CollectorRegistry) -> Counters:
     return out
 
 
+def observe_many(hist: Histogram, value: float, n: int) -> None:
+    """`n` observations of `value` (prometheus_client observes one at a time; its bucket and sum
+    values are what observe() updates, so the exposition is the same)."""
+    buckets, bounds, total = getattr(hist, "_buckets", None), getattr(hist, "_upper_bounds", None), getattr(hist, "_sum", None)
+    if buckets is None or bounds is None or total is None:
+        for _ in range(n):
+            hist.observe(value)
+        return
+    total.inc(value * n)
+    buckets[min(bisect.bisect_left(bounds, value), len(buckets) - 1)].inc(n)
+
+
 class Observatory:
     """Feeds one router's ClusterView and answers for it."""
 
@@ -99,6 +113,14 @@ class Observatory:
     def itl(self, seconds: float) -> None:
         self.view.observe_itl(self.clock(), seconds)
         self._itl.observe(seconds)
+
+    def itls(self, gaps: list[float]) -> None:
+        """Many gaps at once (a coalesced chunk's tokens, mostly one decode step's length each): one
+        histogram update per distinct value rather than per token."""
+        now = self.clock()
+        for value, n in Counter(gaps).items():
+            self.view.observe_itl(now, value, n)
+            observe_many(self._itl, value, n)
 
     # -- answers ---------------------------------------------------------------------------------
     def members(self) -> list[Member]:

@@ -63,11 +63,17 @@ class SampleWindow:
         self._next = 0
         self._size = 0
 
-    def add(self, t: float, value: float) -> None:
+    def add(self, t: float, value: float, n: int = 1) -> None:
+        """`n` samples of `value` at `t` (the oldest drop out once the window is full)."""
+        size = len(self._t)
+        n = min(n, size)
         i = self._next
-        self._t[i], self._v[i] = t, value
-        self._next = (i + 1) % len(self._t)
-        self._size = min(self._size + 1, len(self._t))
+        first = min(n, size - i)
+        self._t[i:i + first], self._v[i:i + first] = t, value
+        if n > first:   # wrap around
+            self._t[:n - first], self._v[:n - first] = t, value
+        self._next = (i + n) % size
+        self._size = min(self._size + n, size)
 
     def values(self, now: float, window_s: float) -> np.ndarray:
         """Samples taken in the window ending at `now`, in no particular order."""

@@ -1,0 +1,177 @@
+"""Steady state for live measurements: windows sized in request lifetimes, a stationarity check, and
+the bisection that brackets the SLO crossing. Pure: plain data in and out, no clock, no I/O.
+
+A rate is measured after a warm-up of WARMUP_LIFETIMES and over a window of WINDOW_LIFETIMES mean
+end-to-end latencies at that rate (emulated seconds, from the steady-state simulator): a window of a
+few lifetimes holds the batches still filling from an empty cluster, so it reads below the offered
+rate whatever the cluster's capacity. A window is stationary when its two halves agree (p99 TTFT,
+requests in the system) and, below C_max, it serves what was sent.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+WARMUP_LIFETIMES = 3.0
+WINDOW_LIFETIMES = 10.0
+TAIL_LIFETIMES = 2.0        # load kept on after the window while its last requests finish (then cut short)
+BRACKET_RATIO = 1.05        # bisect live until the SLO crossing lies within 5%
+SERVED_TOLERANCE = 0.03     # below C_max a steady window serves within 3% of what it was sent
+# Halves agree when within these (relative, or absolute for values near zero). p99 TTFT of half a
+# window rests on a few dozen slow requests, so its tolerance is wider than the queue's.
+TTFT_HALVES_REL, TTFT_HALVES_ABS_SLO = 0.35, 0.10   # or within 10% of the TTFT SLO
+QUEUE_HALVES_REL, QUEUE_HALVES_ABS = 0.15, 4.0      # requests in the system, summed over workers
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Warm-up, window and tail of one live rate, emulated seconds, and the lifetime they rest on."""
+    lifetime_s: float
+    warmup_s: float
+    window_s: float
+    tail_s: float
+
+    @classmethod
+    def of(cls, lifetime_s: float) -> "Sizing":
+        return cls(lifetime_s, WARMUP_LIFETIMES * lifetime_s, WINDOW_LIFETIMES * lifetime_s,
+                   TAIL_LIFETIMES * lifetime_s)
+
+
+@dataclass
+class Stationarity:
+    ttft_p99_halves: tuple[float, float]
+    in_system_halves: tuple[float | None, float | None]
+    sent_rps: float                 # arrivals inside the window per emulated second (Poisson: not the nominal rate)
+    served_rps: float
+    ttft_ok: bool
+    queue_ok: bool
+    served_ok: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stationary(self) -> bool:
+        return self.ttft_ok and self.queue_ok and self.served_ok
+
+
+def halves_agree(a: float, b: float, rel: float, absolute: float) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return a == b
+    return abs(a - b) <= max(rel * max(abs(a), abs(b)), absolute)
+
+
+def served_tolerance(sent_rps: float, lifetime_s: float, window_s: float) -> float:
+    """How far served may sit from sent, relative: SERVED_TOLERANCE, or twice the window's edge noise
+    when that is larger. Requests in flight at the window's start finish inside it and those in
+    flight at its end do not: about Poisson(rate x lifetime) each, so served - sent wanders by
+    sqrt(2 x rate x lifetime) requests even at a perfect steady state (1% of a 10-lifetime window
+    at 150 requests in flight; a tiny cluster with a handful in flight needs the wider bound)."""
+    if sent_rps <= 0 or lifetime_s <= 0 or window_s <= 0:
+        return SERVED_TOLERANCE
+    edge = math.sqrt(2 * sent_rps * lifetime_s) / (sent_rps * window_s)
+    return max(SERVED_TOLERANCE, 2 * edge)
+
+
+def queue_noise(a: float, b: float, samples: int) -> float:
+    """Requests in the system wander like a Poisson count (mean = variance, Little's law's M/G/inf);
+    the means of two halves of `samples` polls each differ by this much (3 sigma) at a steady state."""
+    return 3 * math.sqrt(max(a + b, 0.0) / max(samples, 1))
+
+
+def check(ttft_halves: tuple[float, float], queue_halves: tuple[float | None, float | None], sent_rps: float,
+          served_rps: float, ttft_slo: float, below_c_max: bool, served_tol: float = SERVED_TOLERANCE,
+          queue_samples: int = 1_000_000) -> Stationarity:
+    """Judge one window from its halves' p99 TTFT (emulated s), mean requests in the system, and its
+    sent and served rates. The served check applies below C_max only: above it nothing serves all."""
+    notes = []
+    ttft_ok = halves_agree(*ttft_halves, TTFT_HALVES_REL, TTFT_HALVES_ABS_SLO * ttft_slo)
+    if not ttft_ok:
+        notes.append(f"p99 TTFT of the window's halves differ: {_ms(ttft_halves[0])} vs {_ms(ttft_halves[1])} ms")
+    qa, qb = queue_halves
+    queue_ok = qa is None or qb is None or halves_agree(
+        qa, qb, QUEUE_HALVES_REL, max(QUEUE_HALVES_ABS, queue_noise(qa, qb, queue_samples)))
+    if not queue_ok:
+        notes.append(f"requests in the system drift: {qa:.0f} in the first half, {qb:.0f} in the second")
+    served_ok = True
+    if below_c_max and sent_rps > 0:
+        served_ok = abs(served_rps - sent_rps) <= served_tol * sent_rps
+        if not served_ok:
+            notes.append(f"served {served_rps:.1f}/s of {sent_rps:.1f}/s sent (more than "
+                         f"{served_tol:.1%} apart below C_max)")
+    return Stationarity(ttft_halves, queue_halves, sent_rps, served_rps, ttft_ok, queue_ok, served_ok, notes)
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1000:.0f}" if math.isfinite(x) else "inf"
+
+
+def p99_or_inf(values: Sequence[float]) -> float:
+    """p99 where an infinite value (a refused request) counts; NaN when there is nothing."""
+    if not len(values):
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=float), 99, method="higher"))
+
+
+# -- bracketing the SLO crossing --------------------------------------------------------------------
+
+@dataclass
+class Bracket:
+    """Live bisection of the SLO crossing: rates that met the SLO and rates that missed it.
+
+    Starts from a guess (the steady-state simulator's crossing) with a bracket of BRACKET_RATIO
+    around it, steps outward on the side the guess was wrong, and halves the bracket geometrically
+    until it is within BRACKET_RATIO. `next_rate` is None once done (or out of tries).
+    """
+    guess: float
+    max_tries: int = 6
+    passed: list[float] = field(default_factory=list)
+    failed: list[float] = field(default_factory=list)
+
+    @property
+    def lo(self) -> float | None:
+        return max(self.passed) if self.passed else None
+
+    @property
+    def hi(self) -> float | None:
+        above = [r for r in self.failed if self.lo is None or r > self.lo]
+        return min(above) if above else None
+
+    @property
+    def done(self) -> bool:
+        lo, hi = self.lo, self.hi
+        return lo is not None and hi is not None and hi / lo <= BRACKET_RATIO * (1 + 1e-9)
+
+    def record(self, rate: float, met_slo: bool) -> None:
+        (self.passed if met_slo else self.failed).append(rate)
+
+    def next_rate(self) -> float | None:
+        if self.done or len(self.passed) + len(self.failed) >= self.max_tries:
+            return None
+        half = math.sqrt(BRACKET_RATIO)
+        lo, hi = self.lo, self.hi
+        if lo is None and hi is None:
+            return self.guess / half
+        # Wrong side of the guess: step on by 5%, then 10%, 21%, ... (the step squares each time), so
+        # a guess far off costs a few rates, and the bisection narrows what the last step overshot.
+        if lo is None:
+            return min(self.failed) / BRACKET_RATIO ** (2 ** (len(self.failed) - 1))
+        if hi is None:
+            return lo * BRACKET_RATIO ** (2 ** (len(self.passed) - 1))
+        return math.sqrt(lo * hi)
+
+
+def crossing(lo: tuple[float, float, float], hi: tuple[float, float, float], ttft_slo: float,
+             itl_slo: float) -> float:
+    """The rate between a passing (rate, p99 TTFT, p99 ITL) and a failing one where the first metric
+    reaches its SLO, linear in log latency; the bracket's geometric middle when a p99 is infinite."""
+    rates = []
+    for k, slo in ((1, ttft_slo), (2, itl_slo)):
+        a, b = lo[k], hi[k]
+        if not math.isfinite(b):
+            return math.sqrt(lo[0] * hi[0])
+        if b > slo:
+            frac = (math.log(slo) - math.log(a)) / (math.log(b) - math.log(a)) if a > 0 and b > a else 0.5
+            rates.append(lo[0] + min(max(frac, 0.0), 1.0) * (hi[0] - lo[0]))
+    return min(rates) if rates else math.sqrt(lo[0] * hi[0])

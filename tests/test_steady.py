@@ -1,0 +1,94 @@
+"""Steady-state arithmetic of the sweep: lifetime windows, the stationarity check, the live bisection."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loadtests.steady import (BRACKET_RATIO, SERVED_TOLERANCE, Bracket, Sizing, check, crossing, served_tolerance)
+
+
+def test_windows_are_sized_in_lifetimes():
+    s = Sizing.of(4.0)
+    assert (s.warmup_s, s.window_s) == (12.0, 40.0)
+
+
+@pytest.mark.parametrize("capacity", [37.0, 78.5, 80.0, 120.0])
+def test_bracket_closes_on_the_crossing_within_five_percent(capacity):
+    b = Bracket(guess=80.0, max_tries=12)
+    while (rate := b.next_rate()) is not None:
+        b.record(rate, rate <= capacity)
+    assert b.done, (b.passed, b.failed)
+    assert b.lo <= capacity < b.hi and b.hi / b.lo <= BRACKET_RATIO + 1e-9
+    if abs(capacity / 80.0 - 1) < 0.1:
+        assert len(b.passed) + len(b.failed) <= 4     # a guess within 10% costs at most four rates
+
+
+def test_a_good_guess_is_bracketed_with_two_rates():
+    b = Bracket(guess=80.0)
+    tries = 0
+    while (rate := b.next_rate()) is not None:
+        b.record(rate, rate <= 80.0)
+        tries += 1
+    assert tries == 2 and b.lo < 80.0 < b.hi
+
+
+def test_bracket_gives_up_after_its_tries():
+    b = Bracket(guess=80.0, max_tries=3)
+    while (rate := b.next_rate()) is not None:
+        b.record(rate, True)          # everything passes: the bracket never closes
+    assert not b.done and len(b.passed) == 3
+
+
+def test_crossing_interpolates_in_log_latency_and_takes_the_first_metric():
+    lo, hi = (100.0, 0.1, 0.01), (110.0, 1.0, 0.2)
+    # TTFT reaches 0.316 (sqrt(0.1 x 1.0)) half way; ITL reaches 0.1 at log(10)/log(20) of the way
+    assert crossing(lo, hi, math.sqrt(0.1), 10.0) == pytest.approx(105.0)
+    assert crossing(lo, hi, 10.0, 0.1) == pytest.approx(100.0 + 10.0 * math.log(10) / math.log(20))
+    assert crossing(lo, (110.0, math.inf, 0.01), 0.5, 0.1) == pytest.approx(math.sqrt(100 * 110))
+
+
+def test_stationary_window_passes_and_drifts_are_named():
+    ok = check((0.30, 0.33), (100.0, 104.0), 50.0, 49.5, ttft_slo=0.5, below_c_max=True)
+    assert ok.stationary and not ok.notes
+    drift = check((0.2, 0.6), (100.0, 180.0), 50.0, 44.0, ttft_slo=0.5, below_c_max=True)
+    assert not (drift.ttft_ok or drift.queue_ok or drift.served_ok) and len(drift.notes) == 3
+    # Above C_max nothing serves everything sent: only the halves are judged there.
+    assert check((0.9, 0.95), (300.0, 310.0), 90.0, 80.0, ttft_slo=0.5, below_c_max=False).stationary
+
+
+def test_served_tolerance_is_three_percent_unless_the_window_edges_are_noisier():
+    assert served_tolerance(47.0, 3.3, 33.0) == SERVED_TOLERANCE       # the default spec: ~150 in flight
+    assert served_tolerance(20.0, 0.2, 2.0) > SERVED_TOLERANCE          # 4 in flight: edges dominate
+
+
+def test_queue_halves_may_differ_by_their_sampling_noise_only():
+    few = check((0.3, 0.3), (44.0, 58.0), 300.0, 300.0, 0.5, True, queue_samples=4)
+    many = check((0.3, 0.3), (44.0, 58.0), 300.0, 300.0, 0.5, True, queue_samples=200)
+    assert few.queue_ok and not many.queue_ok
+
+
+def test_record_reader_reads_only_what_was_appended_and_waits_for_whole_lines(tmp_path):
+    from loadtests.records import RecordReader, read_records
+    path = tmp_path / "records.jsonl"
+    reader = RecordReader(path)
+    assert reader.read() == ({}, [])
+    path.write_bytes(b'{"event": "start", "t0": 1.0}\n{"id": 1}\n{"id": 2')      # the writer is mid-line
+    header, rows = reader.read()
+    assert header["t0"] == 1.0 and rows == [{"id": 1}]
+    with open(path, "ab") as f:
+        f.write(b'}\n{"event": "end", "sent": 2}\n')
+    header, rows = reader.read()
+    assert rows == [{"id": 1}, {"id": 2}] and header["end"]["sent"] == 2
+    assert (header, rows) == read_records(path)
+
+
+def test_bisection_stops_only_when_lag_distorts_latencies_near_the_slo():
+    from types import SimpleNamespace
+
+    from loadtests.sweep import _distorted
+    setup = SimpleNamespace(scale=1.5, spec=SimpleNamespace(slo=SimpleNamespace(ttft_p99_s=0.5)))
+    point = lambda lag, lagged: {"lag_p99_s": lag, "client_lag_p99_s": 0.0, "lagged": lagged}  # noqa: E731
+    assert not _distorted(point(0.06, True), setup)     # 40 ms emulated: flagged, but under 10% of the SLO
+    assert _distorted(point(0.3, True), setup)          # 200 ms emulated
+    assert not _distorted(point(0.3, False), setup)
