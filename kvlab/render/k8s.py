@@ -27,10 +27,12 @@ HEADLESS = "kvlab-workers"
 LOCUST_WEB_PORT, LOCUST_MASTER_PORT = 8089, 5557   # Locust's defaults for the web UI and worker connections
 LABELS = {"app.kubernetes.io/name": "kvlab", "app.kubernetes.io/part-of": "kvlab"}
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "kvlab.json"
-# Per-pod CPU requests, from CPU time measured under `kvlab up default` with open-loop chat load (100
-# requests, 18,300 streamed tokens, 2-core host): workers ~140 µs and the router ~185 µs of CPU per streamed
-# token. At the default spec's knee (85 emulated req/s at time scale 10 = 8.5 wall req/s x ~180 tokens) that
-# is ~0.11 core per worker and ~0.29 for the router; the requests below leave about 2x headroom.
+# Per-pod CPU requests, from measured CPU per emulated output token on the default spec (16 tokens per SSE
+# chunk; benchmarks/host_cost.py on a 2-core host): ~10 us per worker and ~14 us in the router. At the
+# default spec's C_max (~56 emulated req/s at time scale 1.5, ~37 wall req/s x ~180 tokens) that is well under
+# 0.1 core per worker and ~0.1 for the router, plus fixed costs (health probes, KV-event polls: ~0.03 core per
+# process measured at light load). The requests below leave several times that as headroom for larger
+# pools per router and lower time scales.
 WORKER_RESOURCES = {"requests": {"cpu": "250m", "memory": "384Mi"}, "limits": {"memory": "1Gi"}}
 ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "384Mi"}, "limits": {"memory": "1Gi"}}
 LOCUST_RESOURCES = {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
