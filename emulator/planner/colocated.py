@@ -35,7 +35,8 @@ class ColocatedPoint:
 
 
 def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
-    """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time."""
+    """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time
+    (inf when the prefill left at that batch cannot keep up: no steady state with b running)."""
     prof = prefill.profile(ctx, int(round(b)))
     per_worker = rate / workers
     if per_worker * prof.mean_share(ctx) >= 1:
@@ -46,6 +47,17 @@ def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
         return math.inf
     t_mixed = _packed_step(ctx, prof, packed)
     return 1.0 / (busy / t_mixed + (1.0 - busy) / t_dec)
+
+
+def _state_itl(ctx: Context, rate: float, workers: int, n: float) -> float:
+    """ITL while n sequences run (a state of the running-count chain, not a steady state): the mean
+    ITL, or, where the prefill budget that n decodes leave cannot keep up, every step a mixed step
+    filled to that budget (the engine schedules running decodes first, so they still advance)."""
+    itl = _mean_itl(ctx, rate, workers, n)
+    if math.isfinite(itl):
+        return itl
+    prof = prefill.profile(ctx, int(round(n)))
+    return _packed_step(ctx, prof, float(prof.budget))
 
 
 def _packed_step(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> float:
@@ -96,8 +108,8 @@ def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
 
 def slot_wait(ctx: Context, rate: float, workers: int = 1) -> dist.Points | None:
     """Time an arrival waits for one of max_num_seqs slots (emulator.planner.seq_slots), with the
-    mean ITL that n running sequences see at this rate; None when the slots cannot keep up."""
-    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _mean_itl(ctx, rate, workers, n),
+    ITL that n running sequences see at this rate; None when the slots cannot keep up."""
+    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _state_itl(ctx, rate, workers, n),
                           ctx.limits.max_num_seqs)
 
 

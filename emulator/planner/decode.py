@@ -4,8 +4,8 @@ Every running sequence advances one token per engine step, so a sequence's time 
 (output tokens - 1) x ITL, and Little's law gives the batch:  b = rate x (E[output] - 1) x ITL(b).
 ITL(b) is the roofline step time of a batch holding the tagged sequence plus b others (b is the
 time-average number running, and a Poisson arrival's view of an infinite-server queue is 1 + that).
-The batch b is the smallest root of h(b) = b - rate x E[out - 1] x ITL(b); h is concave (step time
-is a max of affine functions in b), so there is one root below the batch cap or none (saturated).
+The batch b is the smallest root of h(b) = b - rate x E[out - 1] x ITL(b), found by bracketing and
+bisection (`solve_batch`); no root below the batch cap means the decode side is saturated.
 """
 from __future__ import annotations
 
@@ -86,16 +86,33 @@ def step_seconds(ctx: Context, n: float) -> float:
 
 
 def solve_batch(h: Callable[[float], float], cap: float, tol: float = 1e-4) -> float | None:
-    """Root of the concave h(b) = b - rate x tokens x ITL(b) on [0, cap]; None when h(cap) < 0."""
+    """Smallest root of h(b) = b - rate x tokens x ITL(b) on [0, cap]; None when h < 0 all the way.
+
+    No shape is assumed (a colocated ITL(b) can turn infinite past a batch whose decode tokens leave
+    the prefill budget too small, so h need not be concave or even finite): scan a grid of batches
+    for the first sign change (every whole batch up to 16, then 5% steps), then bisect that bracket.
+    A root between two grid points that h crosses twice is below the grid's resolution.
+    """
     if h(0.0) >= 0:
         return 0.0
-    if h(cap) < 0:
+    lo = 0.0
+    for hi in _batch_grid(cap):
+        if h(hi) >= 0:
+            break
+        lo = hi
+    else:
         return None
-    lo, hi = 0.0, cap
     while hi - lo > tol * max(1.0, hi):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if h(mid) < 0 else (lo, mid)
     return hi
+
+
+def _batch_grid(cap: float):
+    b = 0.0
+    while b < cap:
+        b = min(cap, b + 1.0 if b < 16 else math.ceil(b * 1.05))
+        yield b
 
 
 def batch_spread(ctx: Context, others: float) -> dist.Points:
