@@ -66,3 +66,81 @@ def test_colocated_8b_small_chunk_cmax_agrees_with_the_simulator():
     above = sim_curve.simulate(spec, 1.1 * cap.max_rate, 3000)
     assert below.ttft.p99 <= slo.ttft_p99 and below.itl.p99 <= slo.itl_p99      # the sim holds the SLO 10% below
     assert above.ttft.p99 > slo.ttft_p99 or above.itl.p99 > slo.itl_p99         # and breaks it 10% above
+
+
+def rag_70b_inputs():
+    req = PlanRequest(model="Llama-3.1-70B", gpu="H100-SXM", tp=4, mode="disaggregated")
+    work = Workload(rate=1.0, prompt=LengthDist.fixed(8192), output=LengthDist.fixed(256))
+    return req, work, Slo(ttft_p99=2.0, itl_p99=0.1)
+
+
+def catalog_with_compute(scale: float):
+    import msgspec
+
+    from emulator.catalog import Catalog, builtin_catalog
+    base = builtin_catalog()
+    gpu = base.gpu("H100-SXM")
+    gpus = {**base.gpus, gpu.name: msgspec.structs.replace(gpu, compute_efficiency=gpu.compute_efficiency * scale)}
+    return Catalog(gpus=gpus, links=dict(base.links), models=dict(base.models))
+
+
+def test_prefill_ttft_percentiles_rise_with_load_all_the_way_to_saturation():
+    # M/D/1 with 0.5 s services: the p99 law once fell to 0.74 s at 99.9% load and to 0 past 99.999%
+    from emulator.planner import prefill, prefill_queue
+    req, work, _ = rag_70b_inputs()
+    ctx = context.build(req, work)
+    prof = prefill.profile(ctx, 0)
+    ceiling = 1.0 / prof.mean_share(ctx)
+    last = 0.0
+    for load in (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999):
+        q = prefill_queue.queue(ctx, prof, load * ceiling, 1)
+        p99 = q.ttft_quantile(0.99)
+        assert math.isfinite(p99) and p99 >= last, (load, p99, last)
+        assert p99 >= q.mean_wait        # an exponential-ish wait's p99 is a few of its means
+        last = p99
+
+
+@pytest.mark.parametrize("scale", [0.995, 0.998, 1.0, 1.002, 1.005])
+def test_70b_rag_prefill_pool_is_bound_by_the_ttft_slo_at_any_catalog(scale):
+    req, work, slo = rag_70b_inputs()
+    plan = planner.plan(req, work, slo, catalog=catalog_with_compute(scale))
+    pool = next(p for p in plan.pools if p.role == "prefill")
+    ctx = context.build(req, work, catalog_with_compute(scale))
+    from emulator.planner import prefill
+    ceiling = 1.0 / prefill.profile(ctx, 0).mean_share(ctx)
+    assert pool.binding == "ttft_slo"
+    assert pool.max_rate_per_worker < 0.5 * ceiling
+
+
+RAG_70B = '''
+name = "70b-rag"
+model = "Llama-3.1-70B"
+gpu = "H100-SXM"
+tp = 4
+[[pools]]
+role = "prefill"
+count = 1
+[[pools]]
+role = "decode"
+count = 1
+[router]
+policy = "pd_pair"
+shedding = false
+[slo]
+ttft_p99_s = 2.0
+itl_p99_s = 0.1
+[workload]
+mix = { rag = 1.0 }
+params = { rag = { shared_count = 1, shared_len = { median = 1, sigma = 0 }, unique_len = { median = 8191, sigma = 0, high = 8191 }, output_len = { median = 256, sigma = 0 } } }
+warmup_s = 60
+duration_s = 4000
+'''
+
+
+def test_70b_rag_cmax_agrees_with_the_simulator():
+    req, work, slo = rag_70b_inputs()
+    best = planner.capacity(req, work, slo).max_rate
+    spec = parse_spec(RAG_70B)
+    below = sim_curve.simulate(spec, 0.9 * best, 1500)
+    above = sim_curve.simulate(spec, 1.1 * best, 1500)
+    assert below.ttft.p99 <= slo.ttft_p99 < above.ttft.p99
