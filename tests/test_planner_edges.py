@@ -144,3 +144,20 @@ def test_70b_rag_cmax_agrees_with_the_simulator():
     below = sim_curve.simulate(spec, 0.9 * best, 1500)
     above = sim_curve.simulate(spec, 1.1 * best, 1500)
     assert below.ttft.p99 <= slo.ttft_p99 < above.ttft.p99
+
+
+@pytest.mark.parametrize("model,tp,prompt", [("Llama-3.1-8B", 1, 256), ("Llama-3.1-70B", 4, 4096)])
+def test_a_packed_prefill_step_costs_its_prompts_as_separate_sequences(model, tp, prompt):
+    # An 8192-token step of 32 x 256 (8B) or 2 x 4096 (70B) prompts: each prompt attends over its
+    # own tokens, so the step is the roofline of that many sequences, not of one 8192-token sequence
+    from emulator import roofline
+    from emulator.planner import prefill
+    req = PlanRequest(model=model, gpu="H100-SXM", tp=tp, mode="disaggregated")
+    ctx = context.build(req, Workload(rate=1.0, prompt=LengthDist.fixed(prompt), output=LengthDist.fixed(64)))
+    n = 8192 // prompt
+    shape = roofline.BatchShape()
+    for _ in range(n):
+        shape.add(prompt, 0, samples=True)
+    by_hand = roofline.step_time(ctx.dep, shape).seconds
+    assert prefill.profile(ctx, 0).mean_share(ctx) == pytest.approx(by_hand / n, rel=1e-6)
+    assert prefill.profile(ctx, 0).full_step.seconds == pytest.approx(by_hand, rel=1e-6)

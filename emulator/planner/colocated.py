@@ -61,10 +61,8 @@ def _state_itl(ctx: Context, rate: float, workers: int, n: float) -> float:
 
 
 def _packed_step(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> float:
-    ch = prof.chunks
-    cached = int(round(float(ch.cached @ (ch.weight / ch.weight.sum()))))
     blocks = ctx.limits.block_size
-    return prefill.step_with(ctx, prof.decodes, max(1, int(round(packed / blocks)) * blocks), cached, True).seconds
+    return prefill.packed_step(ctx, prof.decodes, max(1, int(round(packed / blocks)) * blocks)).seconds
 
 
 def _queue_at(ctx: Context, rate: float, workers: int, b: float) -> prefill_queue.PrefillQueue:
@@ -145,10 +143,9 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
             total = dist.outer_sum(total, sizes)
         parts.append((p_k, total))
     tokens = dist.mixture(parts)
-    cached = int(round(float(ch.cached @ (ch.weight / ch.weight.sum()))))
     blocks = ctx.limits.block_size
-    return tokens.map(lambda n: prefill.step_with(
-        ctx, prof.decodes, max(blocks, int(min(prof.budget, n) // blocks * blocks)), cached, True).seconds)
+    return tokens.map(lambda n: prefill.packed_step(
+        ctx, prof.decodes, max(blocks, int(min(prof.budget, n) // blocks * blocks))).seconds)
 
 
 def _ztp(mu: float, k_max: int = 4) -> list[float]:
