@@ -8,7 +8,7 @@ from __future__ import annotations
 import xxhash
 
 from emulator import workload as wl
-from emulator.planner import Workload
+from emulator.planner import EngineLimits, PlanRequest, Workload, context, prefill
 from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
 
@@ -47,3 +47,26 @@ def _prefix_groups(spec: ClusterSpec, requests, shared: list[int]) -> list[int]:
     return [xxhash.xxh3_64_intdigest(token_bytes(r.tokens, 0, n),
                                      xxhash.xxh3_64_intdigest(r.tenant.encode()) if r.tenant in salted else 0)
             for r, n in zip(requests, shared)]
+
+
+def plan_request(spec: ClusterSpec) -> PlanRequest:
+    """The spec's deployment, engine limits and routing in the planner's terms."""
+    e = spec.engine
+    return PlanRequest(
+        model=spec.model, gpu=spec.gpu, tp=spec.tp, tp_link=spec.links.tp, kv_link=spec.links.kv_transfer,
+        weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
+        mode="disaggregated" if spec.disaggregated else "colocated",
+        dispatch=dispatch(spec), cache_affinity=cache_affinity(spec),
+        engine=EngineLimits(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
+                            block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
+                            activation_reserve_gb=e.activation_reserve_gb))
+
+
+def prefill_times(spec: ClusterSpec, samples: int = 1000) -> tuple[float, float]:
+    """(S, 1/mu) of one prefill-capable worker on the spec's workload, emulated seconds: S, a request's
+    mean prefill time on an idle worker; 1/mu, the mean worker time per request when the queue packs
+    steps full (the drain rate mu is what a backlog empties at). From the roofline via the planner,
+    on the spec's own catalog."""
+    ctx = context.build(plan_request(spec), sampled_workload(spec, 1.0, samples), spec.catalog_data())
+    prof = prefill.profile(ctx, 0)
+    return prof.mean_alone(ctx), prof.mean_share(ctx)
