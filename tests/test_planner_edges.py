@@ -161,3 +161,38 @@ def test_a_packed_prefill_step_costs_its_prompts_as_separate_sequences(model, tp
     by_hand = roofline.step_time(ctx.dep, shape).seconds
     assert prefill.profile(ctx, 0).mean_share(ctx) == pytest.approx(by_hand / n, rel=1e-6)
     assert prefill.profile(ctx, 0).full_step.seconds == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_little_law_concurrency_uses_the_mean_ttft():
+    # M/D/1 prefill (8192-token prompts fill each step alone): mean wait rho S / (2 (1 - rho)) by
+    # Pollaczek-Khinchine; the median TTFT is below the mean, which Little's law needs
+    from emulator.planner import Cluster, prefill
+    from emulator.planner.operating import evaluate
+    req, work, slo = rag_70b_inputs()
+    ctx = context.build(req, work)
+    s = prefill.profile(ctx, 0).mean_alone(ctx)
+    rate = 0.9
+    op = evaluate(ctx, Cluster(prefill=1, decode=1), rate, slo)
+    rho = rate * s
+    assert op.ttft_mean == pytest.approx(s + rho * s / (2 * (1 - rho)), rel=0.02)
+    assert op.ttft_mean > op.ttft_p50
+    cap = planner.capacity(req, work, slo)
+    assert cap.concurrency == pytest.approx(
+        cap.max_rate * (cap.at_max.ttft_mean + ctx.decode_tokens * cap.at_max.itl_mean), rel=1e-9)
+
+
+def test_the_kv_pool_is_whole_blocks_as_the_engine_allocates_it():
+    from emulator.spec import load_spec
+    from loadtests import planner_bridge
+    spec = load_spec("default")
+    req, work, _, _ = planner_bridge.planner_inputs(spec)
+    ctx = context.build(req, work, spec.catalog_data())
+    assert ctx.pool_tokens == spec.kv_blocks(spec.pools[0]) * spec.engine.block_size
+
+
+def test_a_plan_with_cached_prefixes_notes_the_kv_sharing_assumption():
+    req, _, slo = small_chunk_inputs()
+    work = Workload(rate=5.0, prompt=LengthDist.fixed(2048), output=LengthDist.fixed(128), prefix_reuse=0.5)
+    assert any("kv_sharing" in n for n in planner.plan(req, work, slo).notes)
+    plain = Workload(rate=5.0, prompt=LengthDist.fixed(2048), output=LengthDist.fixed(128))
+    assert not any("kv_sharing" in n for n in planner.plan(req, plain, slo).notes)

@@ -104,7 +104,9 @@ def _check_fit(dep: roofline.Deployment, limits: EngineLimits, prompts: dist.Poi
         budget = dep.gpu.hbm_gb * limits.gpu_memory_utilization - limits.activation_reserve_gb
         raise PlannerError(f"{where} does not fit: the weights need {weights:.1f} GB per GPU but only "
                            f"{budget:.1f} GB is usable; raise tp, use fp8 weights or a larger GPU")
-    pool = roofline.kv_capacity_tokens(dep, limits.gpu_memory_utilization, limits.activation_reserve_gb)
+    # the engine allocates whole blocks: a partial block at the end of the pool holds nothing
+    tokens = roofline.kv_capacity_tokens(dep, limits.gpu_memory_utilization, limits.activation_reserve_gb)
+    pool = tokens // limits.block_size * limits.block_size
     longest = int(prompts.values.max() + outputs.values.max())
     if longest > dep.model.max_context:
         raise PlannerError(f"the longest requests ({longest} tokens) exceed {dep.model.name}'s context "

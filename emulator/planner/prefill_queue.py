@@ -64,6 +64,13 @@ class PrefillQueue:
         pmf, h = self._law(shift)
         return dist.grid_quantile(pmf, h, q)
 
+    def ttft_mean(self, shift: dist.Points | None = None) -> float:
+        """Mean of wait + own steps (+ shift), from the same law as the quantiles."""
+        if not self.stable:
+            return math.inf
+        pmf, h = self._law(shift)
+        return float(np.arange(len(pmf)) @ pmf) * h / float(pmf.sum())
+
     def ttft_cdf(self, t: float, shift: dist.Points | None = None) -> float:
         if not self.stable:
             return 0.0
