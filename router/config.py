@@ -135,13 +135,9 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
     return config, r.port, r.host
 
 
-def _prefill_times(spec) -> tuple[float | None, float | None]:
-    """The shedder's S and 1/mu in wall seconds, from the planner's roofline (None if it refuses)."""
-    from emulator import planner_spec
-    from emulator.planner import PlannerError
-    try:
-        alone, share = planner_spec.prefill_times(spec)
-    except PlannerError:
-        return None, None
+def _prefill_times(spec) -> tuple[float, float]:
+    """The shedder's S and 1/mu in wall seconds (router.frontdoor.drain, scaled to the wall clock)."""
+    from router.frontdoor.drain import prefill_times
+    alone, per_request = prefill_times(spec)
     scale = spec.engine.time_scale
-    return alone * scale, share * scale
+    return alone * scale, per_request * scale

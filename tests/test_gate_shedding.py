@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kvlab.openai_api import ApiError
+from kvlab.wire.openai_api import ApiError
 from router.config import SheddingConfig
-from router.gate import Gate
+from router.frontdoor.gate import Gate
 
 
 class Clock:
@@ -70,3 +70,21 @@ def test_under_a_2_6x_overload_admitted_requests_meet_the_ttft_slo():
     assert np.percentile(ttfts, 99) <= slo + 1e-9
     assert 0.55 < shed / 20000 < 0.7             # it sheds the excess (1 - 1/2.6 = 62%), not more
     assert len(ttfts) / (clock.t) == pytest.approx(1 / service, rel=0.05)   # and keeps the worker busy
+
+
+def test_the_routers_drain_figures_match_the_planners_prefill_laws():
+    """The router's mean-prompt S and 1/mu (router.frontdoor.drain) against the planner's full laws on
+    the same spec: close enough to set a threshold (within 20%)."""
+    from emulator.planner import context, prefill
+    from emulator.spec import load_spec
+    from loadtests import planner_bridge
+    from router.frontdoor.drain import prefill_times
+    for name in ("default", "colocated-8b-h100", "disagg-70b-h100"):
+        spec = load_spec(name)
+        req, work, _, _ = planner_bridge.planner_inputs(spec)
+        ctx = context.build(req, work, spec.catalog_data())
+        prof = prefill.profile(ctx, 0)
+        alone, per_request = prefill_times(spec)
+        assert alone == pytest.approx(prof.mean_alone(ctx), rel=0.2)
+        assert per_request == pytest.approx(prof.mean_share(ctx), rel=0.2)
+        assert per_request <= alone          # packed steps share their fixed costs

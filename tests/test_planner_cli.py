@@ -62,11 +62,11 @@ def test_infeasible_slo_is_explained_not_computed(capsys):
 def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(capsys, tmp_path):
     """A calibrated catalog (here: an H100 at half its compute and bandwidth efficiency) changes the engine's step
     times in the simulator; `kvlab plan --spec` must plan from the same steps."""
-    from emulator import roofline
+    from emulator.physics import roofline
     from emulator.planner import context, prefill
     from emulator.spec import example_spec_path, load_spec
     from loadtests import planner_bridge
-    from workers.from_spec import build_engine
+    from workers.core.from_spec import build_engine
     (tmp_path / "slow.toml").write_text(
         '[[gpu]]\nname = "H100-SXM"\nbf16_tflops = 989.4\nfp8_tflops = 1978.9\nhbm_gb = 80.0\nhbm_tb_s = 3.35\n'
         'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\nintra_node_link = "NVLink4"\n')
@@ -83,7 +83,7 @@ def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(c
     # the engine the simulator runs and the planner's context time a 2048-token prefill step alike
     import argparse
 
-    from emulator import planner_cli
+    from emulator.planner import cli as planner_cli
     parser = argparse.ArgumentParser()
     planner_cli.add_arguments(parser)
     args = parser.parse_args(["--spec", str(path)])

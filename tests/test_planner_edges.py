@@ -77,7 +77,7 @@ def rag_70b_inputs():
 def catalog_with_compute(scale: float):
     import msgspec
 
-    from emulator.catalog import Catalog, builtin_catalog
+    from emulator.physics.catalog import Catalog, builtin_catalog
     base = builtin_catalog()
     gpu = base.gpu("H100-SXM")
     gpus = {**base.gpus, gpu.name: msgspec.structs.replace(gpu, compute_efficiency=gpu.compute_efficiency * scale)}
@@ -150,7 +150,7 @@ def test_70b_rag_cmax_agrees_with_the_simulator():
 def test_a_packed_prefill_step_costs_its_prompts_as_separate_sequences(model, tp, prompt):
     # An 8192-token step of 32 x 256 (8B) or 2 x 4096 (70B) prompts: each prompt attends over its
     # own tokens, so the step is the roofline of that many sequences, not of one 8192-token sequence
-    from emulator import roofline
+    from emulator.physics import roofline
     from emulator.planner import prefill
     req = PlanRequest(model=model, gpu="H100-SXM", tp=tp, mode="disaggregated")
     ctx = context.build(req, Workload(rate=1.0, prompt=LengthDist.fixed(prompt), output=LengthDist.fixed(64)))

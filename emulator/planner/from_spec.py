@@ -8,7 +8,7 @@ from __future__ import annotations
 import xxhash
 
 from emulator import workload as wl
-from emulator.planner import EngineLimits, PlanRequest, Workload, context, prefill
+from emulator.planner import EngineLimits, PlanRequest, Workload
 from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
 
@@ -61,12 +61,3 @@ def plan_request(spec: ClusterSpec) -> PlanRequest:
                             block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
                             activation_reserve_gb=e.activation_reserve_gb))
 
-
-def prefill_times(spec: ClusterSpec, samples: int = 1000) -> tuple[float, float]:
-    """(S, 1/mu) of one prefill-capable worker on the spec's workload, emulated seconds: S, a request's
-    mean prefill time on an idle worker; 1/mu, the mean worker time per request when the queue packs
-    steps full (the drain rate mu is what a backlog empties at). From the roofline via the planner,
-    on the spec's own catalog."""
-    ctx = context.build(plan_request(spec), sampled_workload(spec, 1.0, samples), spec.catalog_data())
-    prof = prefill.profile(ctx, 0)
-    return prof.mean_alone(ctx), prof.mean_share(ctx)
