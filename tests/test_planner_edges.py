@@ -196,3 +196,25 @@ def test_a_plan_with_cached_prefixes_notes_the_kv_sharing_assumption():
     assert any("kv_sharing" in n for n in planner.plan(req, work, slo).notes)
     plain = Workload(rate=5.0, prompt=LengthDist.fixed(2048), output=LengthDist.fixed(128))
     assert not any("kv_sharing" in n for n in planner.plan(req, plain, slo).notes)
+
+
+def test_prompt_points_keep_the_tail_of_new_tokens_in_a_mix():
+    # RAG prompts (a cached 3,000-token document + a short question) beside code prompts (a short
+    # cached system prompt + a long new context), their lengths overlapping: binning by prompt length
+    # and averaging the hits gave every bin half a document's hit and cut the new tokens' tail
+    import numpy as np
+
+    from emulator.planner import dist
+    rng = np.random.default_rng(3)
+    n = 4000
+    rag = rng.random(n) < 0.5
+    shared = np.where(rag, np.round(3000 * np.exp(0.3 * rng.standard_normal(n))), 300).astype(int)
+    unique = np.where(rag, 60, np.round(1500 * np.exp(0.7 * rng.standard_normal(n)))).astype(int)
+    prompts = shared + unique
+    work = Workload.from_samples(1.0, prompts.tolist(), [100] * n, shared=shared.tolist())
+    ctx = context.build(PlanRequest(model="Llama-3.1-8B", gpu="H100-SXM"), work)
+    planned = dist.Points(ctx.new_tokens, ctx.prompts.weights)
+    new = prompts - np.floor(np.minimum(shared, prompts - 1) / 16) * 16
+    for q in (0.75, 0.9, 0.99):      # (the median sits on the jump between the two kinds)
+        assert planned.quantile(q) == pytest.approx(np.quantile(new, q), rel=0.05)
+    assert planned.mean() == pytest.approx(new.mean(), rel=1e-3)

@@ -57,7 +57,8 @@ def _requests(ctx: Context):
     if wl.paired and wl.prompt.max is None and wl.output.max is None and wl.prompt.samples:
         prompts = np.asarray(wl.prompt.samples, dtype=float)
         m = np.maximum(np.asarray(wl.output.samples, dtype=float) - 1.0, 0.0)
-        cached = ctx.cached[dist.point_of_each(prompts)]   # the sample's prompt point's hit
+        point = ctx.sample_point if ctx.sample_point is not None else dist.point_of_each(prompts)
+        cached = ctx.cached[point]                       # the sample's prompt point's hit
         return np.round(prompts), m, m / len(m), cached
     p = ctx.prompts.values[:, None]
     m = np.maximum(ctx.outputs.values[None, :] - 1.0, 0.0)      # decode steps per request
