@@ -143,9 +143,9 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
             total = dist.outer_sum(total, sizes)
         parts.append((p_k, total))
     tokens = dist.mixture(parts)
-    blocks = ctx.limits.block_size
-    return tokens.map(lambda n: prefill.packed_step(
-        ctx, prof.decodes, max(blocks, int(min(prof.budget, n) // blocks * blocks))).seconds)
+    # exact token counts, not whole blocks: the budget left beside b decodes (budget - b) shrinks a
+    # token at a time, and rounding it down to a block made the step tail fall as the batch grew
+    return tokens.map(lambda n: prefill.packed_step(ctx, prof.decodes, max(1, int(min(prof.budget, n)))).seconds)
 
 
 def _ztp(mu: float, k_max: int = 4) -> list[float]:

@@ -153,8 +153,9 @@ def _profile(ctx: Context, decodes: int) -> PrefillProfile:
 
 def token_seconds(ctx: Context, prof: PrefillProfile) -> float:
     """Marginal step time of one more prefill token (the compute slope of a half-to-full step)."""
-    half = max(1, prof.budget // 2)
-    return (prof.full_step.seconds - packed_step(ctx, prof.decodes, half).seconds) / (prof.budget - half)
+    half = prof.budget // 2
+    lower = packed_step(ctx, prof.decodes, half) if half > 0 else roofline.step_time(ctx.dep, _base(ctx, prof.decodes))
+    return (prof.full_step.seconds - lower.seconds) / (prof.budget - half)
 
 
 def packing(ctx: Context, prof: PrefillProfile, per_worker: float, before: float = 0.0) -> tuple[float, float]:
