@@ -136,9 +136,21 @@ class Run:
         return float(np.percentile(self.gaps, 99)) if self.gaps.size else math.inf
 
 
+def warmup_s(spec: ClusterSpec, rate: float) -> float:
+    """Long enough to fill the decode batch (200 arrivals, 20 s at least) and, with agentic
+    sessions in the mix, for their turns to reach steady state: three mean session lifetimes
+    (turns x think time). A shorter warm-up measures sessions still in their first turns, whose
+    histories, and so prompts and contexts, are shorter than the steady mix the planner samples."""
+    base = max(20.0, 200.0 / rate)
+    if "agentic" not in spec.workload.mix:
+        return base
+    arch = workload.make_archetype("agentic", spec.workload.params.get("agentic"))
+    return max(base, 3.0 * arch.turns.mean * arch.think_s.mean)
+
+
 def simulate(spec: ClusterSpec, rate: float, requests: int = MIN_REQUESTS) -> Run:
-    """`requests` measured arrivals after a warm-up long enough to fill the decode batch."""
-    warmup = max(20.0, 200.0 / rate)
+    """`requests` measured arrivals after the warm-up (`warmup_s`)."""
+    warmup = warmup_s(spec, rate)
     end = warmup + requests / rate
     sim = Simulator(spec).run(workload.from_spec(spec, rate, duration_s=end))
     done = [r for r in sim.log.records.values() if warmup <= r.arrival < end and r.done and r.first is not None]
