@@ -140,7 +140,8 @@ def warmup_s(spec: ClusterSpec, rate: float) -> float:
     """Long enough to fill the decode batch (200 arrivals, 20 s at least) and, with agentic
     sessions in the mix, for their turns to reach steady state: three mean session lifetimes
     (turns x think time). A shorter warm-up measures sessions still in their first turns, whose
-    histories, and so prompts and contexts, are shorter than the steady mix the planner samples."""
+    histories, and so prompts and contexts, are shorter than the steady mix the planner samples
+    (docs/conventions.md#steady-state)."""
     base = max(20.0, 200.0 / rate)
     if "agentic" not in spec.workload.mix:
         return base
