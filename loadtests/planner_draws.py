@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulator import workload
+from emulator.physics import roofline
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, parse_spec
 from loadtests import analysis, planner_bridge
@@ -98,21 +99,42 @@ def _draw(rng: np.random.Generator, index: int) -> Draw:
 
 
 def _with_slos(d: Draw, rng: np.random.Generator) -> Draw | None:
-    """SLOs from tight to loose: 1.5-8x the idle p99 TTFT, 1.3-4x the idle p99 ITL (planner's idle
-    worker; drawn log-uniformly)."""
+    """SLOs from tight to loose, drawn log-uniformly: 1.5-8x the p99 prompt's prefill alone, 1.3-4x
+    a one-sequence decode step (both from the roofline, so a planner change never moves the set);
+    a draw the planner calls infeasible (or that does not fit) is dropped."""
     from emulator.planner import PlannerError, context
-    from emulator.planner.operating import evaluate
+    from emulator.planner.api import check_feasible
     try:
         spec = d.spec()
-        req, work, cluster, _ = planner_bridge.planner_inputs(spec)
-        idle = evaluate(context.build(req, work, spec.catalog_data()), cluster, 1e-6)
+        ttft_ref, itl_ref = _references(spec)
+        ttft = ttft_ref * math.exp(rng.uniform(math.log(1.5), math.log(8.0)))
+        itl = itl_ref * math.exp(rng.uniform(math.log(1.3), math.log(4.0)))
+        drawn = Draw(**{**d.__dict__, "ttft_slo": float(ttft), "itl_slo": float(itl)})
+        spec = drawn.spec()
+        req, work, _, slo = planner_bridge.planner_inputs(spec)
+        check_feasible(context.build(req, work, spec.catalog_data()), slo)
     except (PlannerError, ValueError):
         return None
-    if not (math.isfinite(idle.ttft_p99) and math.isfinite(idle.itl_p99)):
-        return None
-    ttft = idle.ttft_p99 * math.exp(rng.uniform(math.log(1.5), math.log(8.0)))
-    itl = idle.itl_p99 * math.exp(rng.uniform(math.log(1.3), math.log(4.0)))
-    return Draw(**{**d.__dict__, "ttft_slo": float(ttft), "itl_slo": float(itl)})
+    return drawn
+
+
+def _references(spec: ClusterSpec) -> tuple[float, float]:
+    """(p99 over sampled prompts of its prefill alone, a decode step of one sequence at the mean
+    prompt), on the spec's prefill-capable and decode-capable deployments."""
+    from router.frontdoor.drain import prefill_alone
+    requests = workload.from_spec(spec, 1.0, num_requests=1000)
+    block, budget = spec.engine.block_size, spec.engine.max_num_batched_tokens
+    prefill_dep = spec.deployment(next(p for p in spec.pools if p.role != "decode"))
+    decode_dep = spec.deployment(next(p for p in spec.pools if p.role != "prefill"))
+    alone, prompts = [], []
+    for r in requests:
+        hit = (min(r.shared_tokens or 0, r.prompt_len - 1) // block) * block
+        alone.append(prefill_alone(prefill_dep, r.prompt_len - hit, hit, budget))
+        prompts.append(r.prompt_len)
+    c = int(np.mean(prompts))
+    one = roofline.step_time(decode_dep, roofline.BatchShape(new_tokens=1, context_tokens=c, attention_pairs=c + 1,
+                                                             sampled=1)).seconds
+    return float(np.percentile(alone, 99)), one
 
 
 # -- the simulator's side -------------------------------------------------------------------------

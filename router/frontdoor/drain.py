@@ -29,7 +29,7 @@ def prefill_times(spec: ClusterSpec, samples: int = SAMPLES) -> tuple[float, flo
     block = spec.engine.block_size
     hits = np.floor(shared / block) * block
     budget = spec.engine.max_num_batched_tokens
-    alone = float(np.mean([_alone(dep, int(p - h), int(h), budget) for p, h in zip(prompt, hits)]))
+    alone = float(np.mean([prefill_alone(dep, int(p - h), int(h), budget) for p, h in zip(prompt, hits)]))
     new, cached = max(1, int(round(float(np.mean(prompt - hits))))), int(np.mean(hits))
     piece = min(budget, new)
     full = roofline.BatchShape()
@@ -39,7 +39,7 @@ def prefill_times(spec: ClusterSpec, samples: int = SAMPLES) -> tuple[float, flo
     return alone, per_request
 
 
-def _alone(dep: roofline.Deployment, new: int, cached: int, budget: int) -> float:
+def prefill_alone(dep: roofline.Deployment, new: int, cached: int, budget: int) -> float:
     """One prompt's prefill on an idle worker: its new tokens in budget-sized chunks, a step each."""
     seconds, done = 0.0, 0
     while done < new:
