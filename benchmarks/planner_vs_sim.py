@@ -1,28 +1,66 @@
-"""Planner C_max vs simulated C_max for the bundled specs (or the ones named), with the gap.
+"""Planner C_max vs simulated C_max, with the gap: on the bundled specs (or the ones named), or on
+clusters drawn at random (loadtests.planner_draws) with the simulator's own noise beside each.
 
     .venv/bin/python benchmarks/planner_vs_sim.py [default disagg-70b-h100 ...] [--requests 2000]
+    .venv/bin/python benchmarks/planner_vs_sim.py --draws 30 [--seed 12] [--requests 5000]
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from loadtests.capacity_check import check
 from emulator.spec import load_spec
+from loadtests import planner_draws
+from loadtests.capacity_check import check
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", default=["default", "colocated-8b-h100", "disagg-70b-h100"])
-    parser.add_argument("--requests", type=int, default=2000, help="measured requests per rate")
+    parser.add_argument("--requests", type=int, default=None, help="measured requests per rate")
+    parser.add_argument("--draws", type=int, default=0, help="random clusters instead of the specs")
+    parser.add_argument("--seed", type=int, default=12, help="seed of the draws (fixed: the same set each run)")
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="draw indices to run")
     args = parser.parse_args()
+    if args.draws:
+        random_draws(args.draws, args.seed, args.requests or planner_draws.MIN_REQUESTS, args.only)
+    else:
+        bundled(args.specs, args.requests or 2000)
+
+
+def bundled(names: list[str], requests: int) -> None:
     print(f"{'spec':<20} {'planner':>9} {'simulated':>10} {'gap':>7}  cpu s")
-    for name in args.specs:
+    for name in names:
         started = time.process_time()
-        c = check(load_spec(name), args.requests)
+        c = check(load_spec(name), requests)
         gap = f"{c.gap:+.1%}" if c.gap is not None else c.sim_bound
         sim = f"{c.sim_c_max:.1f}" if c.sim_c_max else "n/a"
         print(f"{c.spec:<20} {c.planner_c_max:>9.1f} {sim:>10} {gap:>7}  {time.process_time() - started:.0f}")
+
+
+def random_draws(n: int, seed: int, requests: int, only: list[int] | None) -> None:
+    print(f"{n} draws, seed {seed}, {requests} measured requests per simulated rate")
+    print(f"{'#':>2} {'cluster':<58} {'TTFT SLO':>8} {'ITL SLO':>8} {'planned':>8} {'binds':<9} "
+          f"{'simulated':>9} {'by':<4} {'gap':>7} {'noise':>6} {'cpu s':>5}")
+    gaps, noises = [], []
+    for d in planner_draws.draws(seed, n):
+        if only and d.index not in only:
+            continue
+        a = planner_draws.compare(d, requests)
+        gap = f"{a.gap:+.1%}" if a.gap is not None and a.bound == "interpolated" else a.bound
+        noise = f"{a.noise:.1%}" if a.noise is not None else "n/a"
+        sim = f"{a.simulated:.3g}" if a.simulated else "n/a"
+        print(f"{d.index:>2} {d.label():<58} {d.ttft_slo:>8.3g} {d.itl_slo:>8.3g} {a.planned:>8.3g} "
+              f"{a.binding:<9} {sim:>9} {a.culprit:<4} {gap:>7} {noise:>6} {a.cpu_s:>5.0f}", flush=True)
+        if a.gap is not None and a.bound == "interpolated":
+            gaps.append(abs(a.gap))
+        if a.noise is not None:
+            noises.append(a.noise)
+    if gaps:
+        within = sum(g <= 0.10 for g in gaps)
+        print(f"within 10%: {within} of {len(gaps)} interpolated draws; |gap| max {max(gaps):.1%}, "
+              f"median {sorted(gaps)[len(gaps) // 2]:.1%}; simulator noise median "
+              f"{sorted(noises)[len(noises) // 2]:.1%}, max {max(noises):.1%}" if noises else "")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ class HealthConfig(msgspec.Struct, kw_only=True):
 class SheddingConfig(msgspec.Struct, kw_only=True):
     enabled: bool = False
     ttft_slo_s: float = 1.0         # the TTFT target that the queue-depth threshold derives from
+    # One prefill-capable worker on the expected workload (wall seconds; from the roofline when built
+    # from a spec): a request's mean prefill time alone (S), and the mean worker time per request
+    # when a backlog packs steps full (1/mu: the drain rate a queue empties at). None: unknown, and
+    # the drain rate is measured from finished requests instead.
+    prefill_s: float | None = None
+    drain_s: float | None = None
 
 
 class RouterConfig(msgspec.Struct, kw_only=True):
@@ -120,8 +126,18 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
     salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
+    prefill_s, drain_s = _prefill_times(spec) if r.shedding else (None, None)
     config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
                           limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
                           block_size=spec.engine.block_size,
-                          shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s), models=[spec.model])
+                          shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s, prefill_s=prefill_s,
+                                                  drain_s=drain_s), models=[spec.model])
     return config, r.port, r.host
+
+
+def _prefill_times(spec) -> tuple[float, float]:
+    """The shedder's S and 1/mu in wall seconds (router.frontdoor.drain, scaled to the wall clock)."""
+    from router.frontdoor.drain import prefill_times
+    alone, per_request = prefill_times(spec)
+    scale = spec.engine.time_scale
+    return alone * scale, per_request * scale

@@ -87,7 +87,8 @@ class Router:
                                          config.hash_memo_runs)
         if self.tokenizer.hashes is not None:
             self.metrics.watch_hash_memo(self.tokenizer.hashes)
-        self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret)
+        self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret,
+                         prefill_workers=self.prefill_workers)
         self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length)
         self._large_intake = ThreadPoolExecutor(1, thread_name_prefix="kvlab-intake")
         upstream = Upstream(self.client, self.transport, config.timeouts)
@@ -114,6 +115,10 @@ class Router:
     def queue_depth(self) -> float:
         """Cluster-wide waiting requests, as the workers last reported them (for shedding)."""
         return float(sum(v.waiting for v in self.pool.views() if v.healthy))
+
+    def prefill_workers(self) -> int:
+        """Healthy workers that prefill (each drains its own queue, for shedding)."""
+        return sum(1 for v in self.pool.views() if v.healthy and v.role != "decode")
 
     def _finished(self, job: Job, completion_tokens: int, cached_tokens: int) -> None:
         self.gate.release(job, completion_tokens)

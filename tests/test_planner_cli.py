@@ -57,3 +57,39 @@ def test_infeasible_slo_is_explained_not_computed(capsys):
                          "--ttft-p99", "0.2", "--rate", "1")
     assert code == 2 and out == ""
     assert "below the minimum possible p99 TTFT" in err
+
+
+def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(capsys, tmp_path):
+    """A calibrated catalog (here: an H100 at half its compute and bandwidth efficiency) changes the engine's step
+    times in the simulator; `kvlab plan --spec` must plan from the same steps."""
+    from emulator.physics import roofline
+    from emulator.planner import context, prefill
+    from emulator.spec import example_spec_path, load_spec
+    from loadtests import planner_bridge
+    from workers.core.from_spec import build_engine
+    (tmp_path / "slow.toml").write_text(
+        '[[gpu]]\nname = "H100-SXM"\nbf16_tflops = 989.4\nfp8_tflops = 1978.9\nhbm_gb = 80.0\nhbm_tb_s = 3.35\n'
+        'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\nintra_node_link = "NVLink4"\n')
+    text = open(example_spec_path("default")).read()
+    path = tmp_path / "calibrated.toml"
+    path.write_text('catalog = "slow.toml"\n' + text)
+    spec = load_spec(path)
+    code, out, _ = run(capsys, "--spec", str(path), "--json")
+    assert code == 0
+    planned = json.loads(out)["capacity"]["max_rate"]
+    assert planned == planner_bridge.predict(spec, [1.0]).c_max
+    code, out, _ = run(capsys, "--spec", "default", "--json")
+    assert planned < 0.9 * json.loads(out)["capacity"]["max_rate"]      # the slower GPU shows
+    # the engine the simulator runs and the planner's context time a 2048-token prefill step alike
+    import argparse
+
+    from emulator.planner import cli as planner_cli
+    parser = argparse.ArgumentParser()
+    planner_cli.add_arguments(parser)
+    args = parser.parse_args(["--spec", str(path)])
+    req, work, _, _ = planner_cli._inputs(args)
+    catalog = planner_cli._catalog(args)
+    ctx = context.build(req, work, catalog)
+    engine = build_engine(spec, spec.pools[0].name)
+    shape = roofline.BatchShape().add(2048, 0)
+    assert prefill.step_with(ctx, 0, 2048, 0, True).seconds == roofline.step_time(engine.dep, shape).seconds

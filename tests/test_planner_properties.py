@@ -1,5 +1,6 @@
 """Planner invariants (hypothesis): more traffic never needs fewer GPUs; a looser SLO never more."""
-from hypothesis import HealthCheck, assume, given, settings
+import pytest
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from emulator.planner import LengthDist, PlannerError, PlanRequest, Slo, Workload
@@ -41,3 +42,100 @@ def test_looser_slo_never_needs_more_gpus(dep, prompt, output, reuse, rate, ttft
     assume(tight is not None)
     loose = gpus(dep, prompt, output, reuse, rate, Slo(ttft_p99=ttft * loosen, itl_p99=itl * loosen))
     assert loose is not None and loose <= tight
+
+
+DEPLOYMENTS = st.sampled_from([("Llama-3.1-8B", 1, "colocated"), ("Llama-3.1-8B", 1, "disaggregated"),
+                               ("Llama-3.1-70B", 4, "disaggregated"), ("Llama-3.1-70B", 4, "colocated"),
+                               ("Llama-3.1-70B", 8, "colocated")])
+SOME = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                phases=[Phase.explicit, Phase.reuse, Phase.generate])   # no shrinking: each example is slow
+
+
+def drawn_context(dep, prompt, sigma, output, budget, seqs):
+    model, tp, mode = dep
+    from emulator.planner import EngineLimits
+    w = Workload(rate=1.0, prompt=LengthDist(p50=prompt, sigma=sigma, max=16000),
+                 output=LengthDist(p50=output, sigma=0.6, max=2000))
+    req = PlanRequest(model=model, gpu="H100-SXM", tp=tp, mode=mode,
+                      engine=EngineLimits(max_num_batched_tokens=budget, max_num_seqs=seqs))
+    try:
+        return context.build(req, w)
+    except PlannerError:
+        return None
+
+
+def one_cluster(ctx):
+    from emulator.planner import Cluster
+    return Cluster(workers=1) if ctx.mode == "colocated" else Cluster(prefill=1, decode=1)
+
+
+@SOME
+@given(DEPLOYMENTS, st.integers(100, 8000), st.floats(0.0, 1.0), st.integers(16, 600),
+       st.sampled_from([256, 512, 2048, 8192]), st.sampled_from([32, 256, 1024]))
+def test_planned_percentiles_never_fall_as_the_rate_rises(dep, prompt, sigma, output, budget, seqs):
+    from emulator.planner.operating import CEILINGS, evaluate
+    ctx = drawn_context(dep, prompt, sigma, output, budget, seqs)
+    assume(ctx is not None)
+    cluster = one_cluster(ctx)
+    ceiling = sizing.max_rate(ctx, None, cluster, only=CEILINGS)
+    # ITL too, except a colocated worker whose step budget binds: there b decodes leave budget - b
+    # prefill tokens a step, and the roofline's full step can get cheaper as decodes replace late
+    # chunks of long prompts (their attention over thousands of cached tokens)
+    # (p99s: the percentiles the SLOs and C_max read; the median's known dip is the xfail below)
+    names = ("ttft_p99",) if ctx.mode == "colocated" and budget < 2048 else ("ttft_p99", "itl_p99")
+    # colocated: up to 90% of the ceiling (above, the known branch switch: the xfail below)
+    loads = (0.05, 0.2, 0.4, 0.6, 0.8, 0.9) + ((0.95, 0.99, 0.999) if ctx.mode == "disaggregated" else ())
+    last = None
+    for load in loads:
+        op = evaluate(ctx, cluster, load * ceiling)
+        now = [getattr(op, name) for name in names]
+        if last is not None:
+            for name, a, b in zip(names, last, now):
+                assert b >= a * (1 - 1e-3), (name, load, a, b)   # grid rounding: 0.1%
+        last = now
+
+
+@SOME
+@given(DEPLOYMENTS, st.integers(100, 8000), st.floats(0.0, 1.0), st.integers(16, 600),
+       st.sampled_from([256, 512, 2048, 8192]), st.sampled_from([32, 256, 1024]), st.floats(1.2, 20.0),
+       st.floats(1.2, 6.0))
+def test_cmax_never_exceeds_any_pools_service_ceiling(dep, prompt, sigma, output, budget, seqs, loose_ttft, loose_itl):
+    from emulator.planner import capacity, decode, prefill
+    from emulator.planner.operating import evaluate
+    ctx = drawn_context(dep, prompt, sigma, output, budget, seqs)
+    assume(ctx is not None)
+    cluster = one_cluster(ctx)
+    idle = evaluate(ctx, cluster, 1e-6)
+    slo = Slo(ttft_p99=idle.ttft_p99 * loose_ttft, itl_p99=idle.itl_p99 * loose_itl)
+    try:
+        best = capacity(ctx.req, ctx.workload, slo, cluster).max_rate
+    except PlannerError:
+        return
+    prefill_ceiling = 1.0 / prefill.profile(ctx, 0).mean_share(ctx)      # 1/S of a prefill worker
+    assert best <= prefill_ceiling * (1 + 1e-9)
+    if ctx.mode == "disaggregated":   # the decode pool's: b / (tokens x ITL(1 + b)), best over b <= cap
+        tokens = max(ctx.decode_tokens, 1e-9)
+        decode_ceiling = max(b / (tokens * decode.step_seconds(ctx, 1.0 + b)) for b in range(1, seqs + 1))
+        assert best <= decode_ceiling * (1 + 1e-9)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the colocated TTFT median dips ~1% between 40% and 60% load for "
+                   "short prompts (the prefill service law shrinks with packing faster than the wait grows)")
+def test_the_colocated_ttft_median_never_falls_as_the_rate_rises():
+    from emulator.planner.operating import CEILINGS, evaluate
+    ctx = drawn_context(("Llama-3.1-70B", 4, "colocated"), 195, 0.7568806843058635, 530, 8192, 32)
+    cluster = one_cluster(ctx)
+    ceiling = sizing.max_rate(ctx, None, cluster, only=CEILINGS)
+    medians = [evaluate(ctx, cluster, load * ceiling).ttft_p50 for load in (0.4, 0.6)]
+    assert medians[1] >= medians[0]
+
+
+@pytest.mark.xfail(strict=True, reason="known: near saturation the colocated batch fixed point can jump to a larger "
+                   "root whose longer decode steps pack prefill better, so busy and TTFT p99 fall (90% -> 95% load)")
+def test_the_colocated_ttft_p99_never_falls_near_saturation():
+    from emulator.planner.operating import CEILINGS, evaluate
+    ctx = drawn_context(("Llama-3.1-8B", 1, "colocated"), 4429, 0.9238176165383043, 19, 2048, 1024)
+    cluster = one_cluster(ctx)
+    ceiling = sizing.max_rate(ctx, None, cluster, only=CEILINGS)
+    p99 = [evaluate(ctx, cluster, load * ceiling).ttft_p99 for load in (0.9, 0.95)]
+    assert p99[1] >= p99[0]

@@ -126,8 +126,9 @@ def _pools(ctx, slo, sized, per) -> list[PoolPlan]:
 
 
 def mean_latency(ctx: context.Context, op) -> float:
-    """Time in system (median TTFT + mean decode time) at an operating point, for Little's law."""
-    return op.ttft_p50 + ctx.decode_tokens * op.itl_mean
+    """Mean time in system (mean TTFT + mean decode time) at an operating point, for Little's law
+    (which needs the mean: a median TTFT understates it by the wait's long tail)."""
+    return op.ttft_mean + ctx.decode_tokens * op.itl_mean
 
 
 def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) -> str:
@@ -181,6 +182,11 @@ def _notes(ctx: context.Context) -> list[str]:
              f"KV pool per worker: {ctx.pool_tokens:,} tokens "
              f"({roofline.kv_bytes_per_token(ctx.dep.model, ctx.dep.kv_dtype):,} B/token over {ctx.dep.tp} GPU(s))",
              f"dispatch model: {req.dispatch}"]
+    if ctx.cached.any() and ctx.workload.kv_sharing >= 1.0:
+        notes.append("KV memory counts every cached prefix block once for all the requests running with it "
+                     "(kv_sharing = 1: shared system prompts and RAG documents); where the hits are each "
+                     "session's own history (multi-turn chat, agents), each request holds its own copy: "
+                     "lower kv_sharing, or the decode pool's KV memory is understated")
     if req.mode == "disaggregated":
         notes.append("first token from the prefill worker; the KV handoff is in the first inter-token gap"
                      if not req.first_token_after_transfer else "first token after the KV handoff (decode worker)")

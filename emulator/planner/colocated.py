@@ -35,7 +35,8 @@ class ColocatedPoint:
 
 
 def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
-    """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time."""
+    """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time
+    (inf when the prefill left at that batch cannot keep up: no steady state with b running)."""
     prof = prefill.profile(ctx, int(round(b)))
     per_worker = rate / workers
     if per_worker * prof.mean_share(ctx) >= 1:
@@ -48,11 +49,20 @@ def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
     return 1.0 / (busy / t_mixed + (1.0 - busy) / t_dec)
 
 
+def _state_itl(ctx: Context, rate: float, workers: int, n: float) -> float:
+    """ITL while n sequences run (a state of the running-count chain, not a steady state): the mean
+    ITL, or, where the prefill budget that n decodes leave cannot keep up, every step a mixed step
+    filled to that budget (the engine schedules running decodes first, so they still advance)."""
+    itl = _mean_itl(ctx, rate, workers, n)
+    if math.isfinite(itl):
+        return itl
+    prof = prefill.profile(ctx, int(round(n)))
+    return _packed_step(ctx, prof, float(prof.budget))
+
+
 def _packed_step(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> float:
-    ch = prof.chunks
-    cached = int(round(float(ch.cached @ (ch.weight / ch.weight.sum()))))
     blocks = ctx.limits.block_size
-    return prefill.step_with(ctx, prof.decodes, max(1, int(round(packed / blocks)) * blocks), cached, True).seconds
+    return prefill.packed_step(ctx, prof.decodes, max(1, int(round(packed / blocks)) * blocks)).seconds
 
 
 def _queue_at(ctx: Context, rate: float, workers: int, b: float) -> prefill_queue.PrefillQueue:
@@ -96,8 +106,8 @@ def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
 
 def slot_wait(ctx: Context, rate: float, workers: int = 1) -> dist.Points | None:
     """Time an arrival waits for one of max_num_seqs slots (emulator.planner.seq_slots), with the
-    mean ITL that n running sequences see at this rate; None when the slots cannot keep up."""
-    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _mean_itl(ctx, rate, workers, n),
+    ITL that n running sequences see at this rate; None when the slots cannot keep up."""
+    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _state_itl(ctx, rate, workers, n),
                           ctx.limits.max_num_seqs)
 
 
@@ -133,10 +143,9 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
             total = dist.outer_sum(total, sizes)
         parts.append((p_k, total))
     tokens = dist.mixture(parts)
-    cached = int(round(float(ch.cached @ (ch.weight / ch.weight.sum()))))
-    blocks = ctx.limits.block_size
-    return tokens.map(lambda n: prefill.step_with(
-        ctx, prof.decodes, max(blocks, int(min(prof.budget, n) // blocks * blocks)), cached, True).seconds)
+    # exact token counts, not whole blocks: the budget left beside b decodes (budget - b) shrinks a
+    # token at a time, and rounding it down to a block made the step tail fall as the batch grew
+    return tokens.map(lambda n: prefill.packed_step(ctx, prof.decodes, max(1, int(min(prof.budget, n)))).seconds)
 
 
 def _ztp(mu: float, k_max: int = 4) -> list[float]:

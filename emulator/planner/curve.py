@@ -20,6 +20,7 @@ class CurvePoint(msgspec.Struct, frozen=True, kw_only=True):
     goodput: float               # requests/s meeting the SLOs
     ttft_p50: float              # seconds; inf once overloaded (JSON: null)
     ttft_p99: float
+    ttft_mean: float             # what Little's law takes
     itl_p50: float
     itl_p99: float
     itl_mean: float
@@ -43,7 +44,8 @@ def point(ctx: Context, op: OperatingPoint, saturation: float) -> CurvePoint:
     f = float  # plain floats: numpy scalars do not encode to JSON
     return CurvePoint(rate=f(op.rate), throughput=f(served), output_tokens_per_s=f(served * ctx.outputs.mean()),
                       goodput=f(served * op.good_share), ttft_p50=f(op.ttft_p50), ttft_p99=f(op.ttft_p99),
-                      itl_p50=f(op.itl_p50), itl_p99=f(op.itl_p99), itl_mean=f(op.itl_mean), e2e_p99=f(op.e2e_p99),
+                      ttft_mean=f(op.ttft_mean), itl_p50=f(op.itl_p50), itl_p99=f(op.itl_p99),
+                      itl_mean=f(op.itl_mean), e2e_p99=f(op.e2e_p99),
                       decode_batch=f(op.decode_batch), prefill_utilization=f(op.prefill_utilization),
                       kv_usage=f(op.kv_usage), stable=bool(op.stable), violations=list(op.violations))
 

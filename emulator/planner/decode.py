@@ -4,8 +4,8 @@ Every running sequence advances one token per engine step, so a sequence's time 
 (output tokens - 1) x ITL, and Little's law gives the batch:  b = rate x (E[output] - 1) x ITL(b).
 ITL(b) is the roofline step time of a batch holding the tagged sequence plus b others (b is the
 time-average number running, and a Poisson arrival's view of an infinite-server queue is 1 + that).
-The batch b is the smallest root of h(b) = b - rate x E[out - 1] x ITL(b); h is concave (step time
-is a max of affine functions in b), so there is one root below the batch cap or none (saturated).
+The batch b is the smallest root of h(b) = b - rate x E[out - 1] x ITL(b), found by bracketing and
+bisection (`solve_batch`); no root below the batch cap means the decode side is saturated.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from emulator.planner.context import Context
 class DecodeProfile:
     """Time-averaged view of one running decode sequence (weights: the number of steps it runs)."""
     context: float        # mean cached tokens it attends over
+    context_var: float    # their variance over sequences and steps (a batch's total context varies)
     resident: float       # mean tokens of KV it holds alone (shared prefix blocks excluded), rounding included
     resident2: float      # second moment of the same (for the pool's variance)
 
@@ -37,17 +38,20 @@ def profile(ctx: Context) -> DecodeProfile:
 def _profile(ctx: Context) -> DecodeProfile:
     p, m, w, cached = _requests(ctx)
     if w.sum() <= 0:
-        return DecodeProfile(context=float(ctx.prompts.mean()), resident=float(ctx.prompts.mean()),
-                             resident2=float(ctx.prompts.moment2()))
+        return DecodeProfile(context=float(ctx.prompts.mean()), context_var=0.0,
+                             resident=float(ctx.prompts.mean()), resident2=float(ctx.prompts.moment2()))
     w = w / w.sum()
     context = p + (m - 1.0) / 2.0                                # step k reads P + k - 1 cached tokens
+    # sum_{k=1..m} (P + k - 1)^2 / m = P^2 + P (m - 1) + (m - 1)(2m - 1)/6
+    context2 = p ** 2 + p * (m - 1.0) + (m - 1.0) * (2.0 * m - 1.0) / 6.0
     own = p - ctx.workload.kv_sharing * cached                   # shared prefix blocks are held once
     resident = own + (m + 1.0) / 2.0                             # and holds P + k tokens of KV
     # sum_{k=1..m} (P' + k)^2 = m P'^2 + P' m (m+1) + m (m+1)(2m+1)/6, per step: divide by m
     second = own ** 2 + own * (m + 1.0) + (m + 1.0) * (2.0 * m + 1.0) / 6.0
     waste = (ctx.limits.block_size - 1) / 2.0                    # half a block rounding, on average
-    return DecodeProfile(context=float((w * context).sum()), resident=float((w * resident).sum()) + waste,
-                         resident2=float((w * second).sum()))
+    mean_context = float((w * context).sum())
+    return DecodeProfile(context=mean_context, context_var=max(0.0, float((w * context2).sum()) - mean_context ** 2),
+                         resident=float((w * resident).sum()) + waste, resident2=float((w * second).sum()))
 
 
 def _requests(ctx: Context):
@@ -57,7 +61,8 @@ def _requests(ctx: Context):
     if wl.paired and wl.prompt.max is None and wl.output.max is None and wl.prompt.samples:
         prompts = np.asarray(wl.prompt.samples, dtype=float)
         m = np.maximum(np.asarray(wl.output.samples, dtype=float) - 1.0, 0.0)
-        cached = ctx.cached[dist.point_of_each(prompts)]   # the sample's prompt point's hit
+        point = ctx.sample_point if ctx.sample_point is not None else dist.point_of_each(prompts)
+        cached = ctx.cached[point]                       # the sample's prompt point's hit
         return np.round(prompts), m, m / len(m), cached
     p = ctx.prompts.values[:, None]
     m = np.maximum(ctx.outputs.values[None, :] - 1.0, 0.0)      # decode steps per request
@@ -86,16 +91,33 @@ def step_seconds(ctx: Context, n: float) -> float:
 
 
 def solve_batch(h: Callable[[float], float], cap: float, tol: float = 1e-4) -> float | None:
-    """Root of the concave h(b) = b - rate x tokens x ITL(b) on [0, cap]; None when h(cap) < 0."""
+    """Smallest root of h(b) = b - rate x tokens x ITL(b) on [0, cap]; None when h < 0 all the way.
+
+    No shape is assumed (a colocated ITL(b) can turn infinite past a batch whose decode tokens leave
+    the prefill budget too small, so h need not be concave or even finite): scan a grid of batches
+    for the first sign change (every whole batch up to 16, then 5% steps), then bisect that bracket.
+    A root between two grid points that h crosses twice is below the grid's resolution.
+    """
     if h(0.0) >= 0:
         return 0.0
-    if h(cap) < 0:
+    lo = 0.0
+    for hi in _batch_grid(cap):
+        if h(hi) >= 0:
+            break
+        lo = hi
+    else:
         return None
-    lo, hi = 0.0, cap
     while hi - lo > tol * max(1.0, hi):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if h(mid) < 0 else (lo, mid)
     return hi
+
+
+def _batch_grid(cap: float):
+    b = 0.0
+    while b < cap:
+        b = min(cap, b + 1.0 if b < 16 else math.ceil(b * 1.05))
+        yield b
 
 
 def batch_spread(ctx: Context, others: float) -> dist.Points:
@@ -105,8 +127,34 @@ def batch_spread(ctx: Context, others: float) -> dist.Points:
 
 
 def decode_only_gaps(ctx: Context, others: float) -> dist.Points:
-    """Inter-token gaps from decode-only steps, over the batch sizes a token sees."""
-    return batch_spread(ctx, others).map(lambda n: step_seconds(ctx, n))
+    """Inter-token gaps from decode-only steps, over the batch sizes a token sees and, for each, the
+    batch's total context: n sequences' contexts summed vary by sqrt(n) x their sd (three points
+    matching a normal's mean, variance and kurtosis: z = 0, +-sqrt(3) with weights 2/3, 1/6, 1/6).
+    With the mean context alone the gaps' tail was too narrow (8B, 12 running: p99 3% low)."""
+    batches = batch_spread(ctx, others)
+    sd = math.sqrt(profile(ctx).context_var)
+    if sd <= 0:
+        return batches.map(lambda n: step_seconds(ctx, n))
+    parts = []
+    for z, w in ((-math.sqrt(3.0), 1 / 6), (0.0, 2 / 3), (math.sqrt(3.0), 1 / 6)):
+        parts.append((w, batches.map(lambda n, z=z: _step_spread(ctx, n, z * sd))))
+    return dist.mixture(parts)
+
+
+def _step_spread(ctx: Context, n: float, sd_one: float) -> float:
+    """Step time of a batch of n whose total context is off its mean by sd_one x sqrt(n)."""
+    base = step_seconds(ctx, n)
+    if sd_one == 0:
+        return base
+    lo = max(1, math.floor(n))
+    shift = int(round(sd_one * math.sqrt(lo) / 256.0)) * 256        # memo key: 256-token grain
+    key = ("decode_step_shift", lo, shift)
+    if key not in ctx.memo:
+        c = profile(ctx).context
+        total = max(0, int(round(lo * c)) + shift)
+        shape = roofline.BatchShape(new_tokens=lo, context_tokens=total, attention_pairs=total + lo, sampled=lo)
+        ctx.memo[key] = roofline.step_time(ctx.dep, shape).seconds - step(ctx, lo).seconds
+    return max(0.0, base + ctx.memo[key])
 
 
 @dataclass(frozen=True)

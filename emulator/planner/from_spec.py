@@ -8,7 +8,7 @@ from __future__ import annotations
 import xxhash
 
 from emulator import workload as wl
-from emulator.planner import Workload
+from emulator.planner import EngineLimits, PlanRequest, Workload
 from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
 
@@ -47,3 +47,17 @@ def _prefix_groups(spec: ClusterSpec, requests, shared: list[int]) -> list[int]:
     return [xxhash.xxh3_64_intdigest(token_bytes(r.tokens, 0, n),
                                      xxhash.xxh3_64_intdigest(r.tenant.encode()) if r.tenant in salted else 0)
             for r, n in zip(requests, shared)]
+
+
+def plan_request(spec: ClusterSpec) -> PlanRequest:
+    """The spec's deployment, engine limits and routing in the planner's terms."""
+    e = spec.engine
+    return PlanRequest(
+        model=spec.model, gpu=spec.gpu, tp=spec.tp, tp_link=spec.links.tp, kv_link=spec.links.kv_transfer,
+        weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
+        mode="disaggregated" if spec.disaggregated else "colocated",
+        dispatch=dispatch(spec), cache_affinity=cache_affinity(spec),
+        engine=EngineLimits(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
+                            block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
+                            activation_reserve_gb=e.activation_reserve_gb))
+

@@ -41,6 +41,7 @@ class OperatingPoint:
     stable: bool
     ttft_p50: float
     ttft_p99: float
+    ttft_mean: float
     itl_p50: float
     itl_p99: float
     itl_mean: float
@@ -139,6 +140,7 @@ def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean,
         rate=rate, stable=ok,
         ttft_p50=pq.ttft_quantile(0.50, ttft_shift) if ok else inf,
         ttft_p99=pq.ttft_quantile(0.99, ttft_shift) if ok else inf,
+        ttft_mean=pq.ttft_mean(ttft_shift) if ok else inf,
         itl_p50=gaps.quantile(0.50) if ok else inf,
         itl_p99=gaps.quantile(0.99) if ok else inf,
         itl_mean=itl_mean if ok else inf,

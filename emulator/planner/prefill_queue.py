@@ -64,6 +64,13 @@ class PrefillQueue:
         pmf, h = self._law(shift)
         return dist.grid_quantile(pmf, h, q)
 
+    def ttft_mean(self, shift: dist.Points | None = None) -> float:
+        """Mean of wait + own steps (+ shift), from the same law as the quantiles."""
+        if not self.stable:
+            return math.inf
+        pmf, h = self._law(shift)
+        return float(np.arange(len(pmf)) @ pmf) * h / float(pmf.sum())
+
     def ttft_cdf(self, t: float, shift: dist.Points | None = None) -> float:
         if not self.stable:
             return 0.0
@@ -72,14 +79,17 @@ class PrefillQueue:
 
     def _law(self, shift: dist.Points | None):
         """Grid law of wait + own steps (+ shift): the M/G/1 wait (+ a decode step's residual) convolved."""
-        cells = dist.GRID_CELLS
         base = self.own if shift is None else dist.outer_sum(self.own, shift)
         # the wait's tail: at light load a few residuals of the longest service (two covered), in heavy
         # traffic exponential on the scale of its mean (12 means: e^-12 of it is left off the grid)
         extent = base.values.max() + self.vacation[1] + 12 * self.mean_wait + 2 * self.service.values.max()
+        cells = _cells(extent, self.service.mean() / self.servers)
         h = extent / cells
         wait = queueing.mg1_wait_pmf(self.service.values, self.service.weights, self.busy, h, cells,
                                      self.ca2, self.servers)
+        if wait.sum() < 1 - 1e-3:   # so close to saturation that the FFT loses mass: the heavy-traffic law
+            wait = queueing.exponential_wait_pmf(1 - wait[0], self.mean_wait - self.vacation[0] * self.vacation[1] / 2,
+                                                 h, cells)
         p_v, t_v = self.vacation
         if p_v > 0 and t_v > 0:
             k = max(1, int(t_v / h))
@@ -107,6 +117,18 @@ class PrefillQueue:
         out = dist.convolve(waited, extra)
         out[0] += wait[0]
         return out
+
+
+MAX_CELLS = 1 << 16   # the finest grid a heavy-traffic law gets (an FFT of 2^17 points: milliseconds)
+
+
+def _cells(extent: float, service_mean: float) -> int:
+    """Grid cells for a law spanning `extent`: GRID_CELLS, or more near saturation so a cell stays
+    within an eighth of a mean service (up to MAX_CELLS; beyond, the residual's exact cell masses
+    still keep the wait's mean, see queueing.residual_pmf)."""
+    if service_mean <= 0:
+        return dist.GRID_CELLS
+    return int(min(MAX_CELLS, max(dist.GRID_CELLS, math.ceil(8 * extent / service_mean))))
 
 
 def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int = 1,

@@ -75,10 +75,7 @@ def mg1_wait_pmf(service_values: np.ndarray, service_weights: np.ndarray, rho: f
     s = np.asarray(service_values, dtype=float) / servers
     w = np.asarray(service_weights, dtype=float) / np.sum(service_weights)
     mean = float(s @ w)
-    grid = np.arange(cells) * h
-    survival = (w[None, :] * (s[None, :] > grid[:, None])).sum(axis=1)
-    residual = survival * h / mean
-    residual /= residual.sum()
+    residual = residual_pmf(s, w, h, cells)
     cs2 = max(0.0, float((s ** 2) @ w) / mean ** 2 - 1.0)
     ratio = rho / (1 - rho) * (ca2 + cs2) / (1 + cs2)       # Kingman's mean wait in units of E[R]-ish
     geo = ratio / (1 + ratio)                               # geometric parameter giving that mean
@@ -89,6 +86,37 @@ def mg1_wait_pmf(service_values: np.ndarray, service_weights: np.ndarray, rho: f
         waits = erlang_c(servers, servers * rho)
         pmf[1:] *= waits / max(pmf[1:].sum(), 1e-300)
         pmf[0] = 1.0 - waits
+    return pmf
+
+
+def residual_pmf(s: np.ndarray, w: np.ndarray, h: float, cells: int) -> np.ndarray:
+    """The equilibrium residual of service law (s, w) on a grid of step h, its mean kept exactly.
+
+    Cell k holds the residual's mass on [k h, (k+1) h): the integral of the survival function there
+    over E[S] (exact for point masses: G(e) = sum w min(s, e) is that integral up to e), split
+    half to each end of the cell. A grid coarser than the service itself (heavy traffic, where the
+    wait's extent is many services) therefore still gives the wait its right mean: sampling the
+    survival function at the grid points instead put every residual at 0 and the wait with it.
+    """
+    edges = np.arange(cells + 1) * h
+    integral = (w[None, :] * np.minimum(s[None, :], edges[:, None])).sum(axis=1)
+    mass = np.diff(integral) / float(s @ w)
+    pmf = np.zeros(cells)
+    pmf += 0.5 * mass
+    pmf[1:] += 0.5 * mass[:-1]
+    return pmf / pmf.sum()
+
+
+def exponential_wait_pmf(p_wait: float, mean: float, h: float, cells: int) -> np.ndarray:
+    """The heavy-traffic wait on a grid of step h: 0 with probability 1 - p_wait, else exponential,
+    with the given mean (Kingman's heavy-traffic limit of the law above; mass past the grid dropped)."""
+    pmf = np.zeros(cells)
+    pmf[0] = 1.0 - p_wait
+    if p_wait > 0 and mean > 0:
+        scale = mean / p_wait
+        cell = -np.diff(np.exp(-np.arange(cells) * h / scale))   # mass on [k h, (k+1) h)
+        pmf[:-1] += 0.5 * p_wait * cell                          # split half to each end, as above
+        pmf[1:] += 0.5 * p_wait * cell
     return pmf
 
 

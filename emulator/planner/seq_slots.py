@@ -25,11 +25,22 @@ from emulator.planner import dist
 def running_law(rate: float, steps: float, itl: Callable[[float], float], cap: int) -> tuple[np.ndarray, float]:
     """(pi(0..cap) unnormalised in log space made exact, rho past the cap); rho >= 1: no steady state."""
     logs = np.zeros(cap + 1)
-    for n in range(1, cap + 1):
-        mu = n / (steps * itl(float(n)))
-        logs[n] = logs[n - 1] + math.log(rate / mu) if mu > 0 and math.isfinite(mu) else math.inf
+    n = np.arange(1, cap + 1, dtype=float)
+    mu = n / (steps * _itl_at(itl, cap))
+    with np.errstate(divide="ignore"):
+        logs[1:] = np.cumsum(np.where((mu > 0) & np.isfinite(mu), np.log(rate / mu), math.inf))
     rho = rate * steps * itl(float(cap)) / cap
     return logs, rho
+
+
+def _itl_at(itl: Callable[[float], float], cap: int) -> np.ndarray:
+    """ITL(1..cap): exact at every whole n up to 16, then at 5% steps, linear in between (the step
+    time is smooth in the batch, and each exact value may cost a prefill profile at that batch)."""
+    grid, n = [], 0
+    while n < cap:
+        n = min(cap, n + 1 if n < 16 else math.ceil(n * 1.05))
+        grid.append(n)
+    return np.interp(np.arange(1, cap + 1), grid, [itl(float(k)) for k in grid])
 
 
 def wait(rate: float, steps: float, itl: Callable[[float], float], cap: int) -> dist.Points | None:

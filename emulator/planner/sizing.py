@@ -37,6 +37,8 @@ def max_rate(ctx: Context, slo: Slo | None, cluster: Cluster, only: tuple[str, .
 
     def ok(rate: float) -> bool:
         point = evaluate(ctx, cluster, rate, slo)
+        if side is None and not point.stable:   # never a rate at which any queue grows without bound
+            return False
         found = {"prefill": point.prefill_side, "decode": point.decode_side}.get(side, point.violations)
         return not (found if watched is None else [v for v in found if v in watched])
 

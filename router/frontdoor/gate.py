@@ -2,7 +2,7 @@
 
 It wires the pure parts (router.frontdoor.tenants, router.frontdoor.admission) to the request path: 401 for a missing
 or unknown key when keys are configured, 429 with Retry-After when a tenant is over a limit, 503
-with Retry-After when the cluster's queue is past what the TTFT SLO allows (Little's law), each with
+with Retry-After when the cluster's queue is past what the TTFT SLO allows (`DrainLimit`), each with
 an OpenAI error body (the server counts refusals by status, reason and tenant). A request admitted here is settled exactly
 once when it ends (``release``): its concurrency slot freed and its token reservation reconciled
 with the tokens it really used.
@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from kvlab.wire.openai_api import ApiError
-from router.frontdoor.admission import STATUS, Admission, LoadShedder, RateMeter
+from router.frontdoor.admission import STATUS, Admission, RateMeter, reject
 from router.config import SheddingConfig
 from router.frontdoor.job import Job
 from router.frontdoor.tenants import TenantConfig, Tenants
@@ -30,13 +30,12 @@ SALT_PREFIX = "kvlab-tenant:"
 class Gate:
     def __init__(self, tenants: list[TenantConfig], shedding: SheddingConfig,
                  queue_depth: Callable[[], float], salt_secret: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, prefill_workers: Callable[[], int] | None = None):
         self.clock = clock
         self.tenants = Tenants(tenants, clock())
         self.keys_required = any(t.api_keys for t in tenants)
         self.queue_depth = queue_depth
-        self.shedder = LoadShedder(shedding.ttft_slo_s) if shedding.enabled else None
-        self.arrivals = RateMeter(now=clock())
+        self.shedder = DrainLimit(shedding, prefill_workers, clock()) if shedding.enabled else None
         self._secret = (salt_secret or secrets.token_hex(16)).encode()
         self._salts: dict[str, str | None] = {}
 
@@ -72,15 +71,16 @@ class Gate:
     def admit(self, job: Job) -> None:
         """Shed or admit `job`; on success job.ticket must later go to ``release``."""
         now = self.clock()
-        self.arrivals.observe(now)
         if self.shedder is not None:
-            self._raise_if_refused(self.shedder.check(self.queue_depth(), self.arrivals.rate(now)), job.tenant)
+            self._raise_if_refused(self.shedder.check(self.queue_depth(), now), job.tenant)
         if job.tenant is not None:
             admission = self.tenants.admit(job.tenant, len(job.prompt) + job.max_tokens, now)
             self._raise_if_refused(admission, job.tenant)
             job.ticket = admission
 
     def release(self, job: Job, completion_tokens: int) -> None:
+        if self.shedder is not None:
+            self.shedder.finished(self.clock())
         ticket, job.ticket = job.ticket, None
         if ticket is not None:
             self.tenants.release(ticket, len(job.prompt) + completion_tokens, self.clock())
@@ -94,3 +94,54 @@ class Gate:
             headers["Retry-After"] = str(max(1, math.ceil(admission.retry_after)))
         kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
         raise ApiError(status, admission.message, type_=kind, code=admission.reason, headers=headers)
+
+
+class DrainLimit:
+    """How many requests may wait before a new one would miss the TTFT SLO, from the drain rate.
+
+    A prefill-capable worker empties its queue at mu = 1 / drain_s requests per second (its time per
+    request when the backlog packs steps full), and a request that joins as the k-th in line (itself
+    counted, the remainder of the step in progress taken as one more place) gets its first token after
+    about k / mu + S (S: its own prefill). The SLO therefore allows k <= mu (SLO - S) places, i.e. a
+    request is shed once the requests already waiting fill
+
+        Q_max = workers x floor(mu x (SLO - S))
+
+    which does not move with the arrival rate: arrivals count the very requests being shed, so a
+    limit of lambda x SLO grows with the overload it should stop (2.6x overload: TTFT p99 at 2.8x
+    its target, shedding in waves). Without a known drain_s, mu is measured from finished requests
+    (cluster-wide), never below a floor of `min_queue` so an idle cluster takes a burst.
+    """
+
+    def __init__(self, config: SheddingConfig, workers: Callable[[], int] | None, now: float,
+                 min_queue: float = 8.0):
+        self.slo_s = config.ttft_slo_s
+        self.prefill_s = config.prefill_s or 0.0
+        self.drain_s = config.drain_s if config.drain_s and workers is not None else None
+        self.workers = workers
+        self.min_queue = min_queue
+        self.done = RateMeter(now=now)
+
+    def finished(self, now: float) -> None:
+        self.done.observe(now)
+
+    def drain_rate(self, now: float) -> float:
+        """Requests per second the cluster's queues empty at."""
+        if self.drain_s is not None:
+            return max(0, self.workers()) / self.drain_s
+        return self.done.rate(now)
+
+    def max_queue(self, now: float) -> float:
+        slack = max(0.0, self.slo_s - self.prefill_s)
+        if self.drain_s is not None:
+            return max(0, self.workers()) * math.floor(slack / self.drain_s)
+        return max(self.min_queue, math.floor(self.drain_rate(now) * slack))
+
+    def check(self, queue_depth: float, now: float) -> Admission:
+        limit = self.max_queue(now)
+        if queue_depth + 1 <= limit:        # its own place in line included
+            return Admission(ok=True)
+        mu = self.drain_rate(now)
+        drain = (queue_depth + 1 - limit) / mu if mu > 0 else self.slo_s
+        return reject("overloaded", f"{queue_depth:g} requests are queued; beyond {limit:.0f} the first token "
+                                    f"would miss the {self.slo_s:g} s TTFT target", retry_after=drain)

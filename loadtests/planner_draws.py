@@ -1,0 +1,266 @@
+"""Planner vs simulator on clusters drawn at random: the planner's C_max against the simulator's.
+
+A draw picks a model (8B or 70B), GPU, TP degree, colocated or disaggregated (one prefill and one
+decode worker), step budget (256-8192 tokens), max_num_seqs (32-1024), a mix of emulator.workload's
+archetypes, and SLOs from tight to loose (multiples of what an idle worker achieves, so every draw is
+feasible). Both sides read one spec. The simulator runs each rate alone (open-loop Poisson, warm-up
+excluded) and its C_max is where p99 TTFT or p99 ITL first crosses the SLO (loadtests.analysis.c_max,
+interpolated); its own noise is a block bootstrap of that crossing over time blocks of each run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator import workload
+from emulator.physics import roofline
+from emulator.sim.simulator import Simulator
+from emulator.spec import ClusterSpec, parse_spec
+from loadtests import analysis, planner_bridge
+
+MODELS = {"Llama-3.1-8B": (1, 2), "Llama-3.1-70B": (2, 4, 8)}   # model -> TP degrees drawn from
+GPUS = ("H100-SXM", "H200", "A100-80GB-SXM", "B200", "L40S", "MI300X")
+BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
+SEQ_CAPS = (32, 64, 128, 256, 512, 1024)
+ARCHETYPES = ("chat", "rag", "code", "agentic")
+MIN_REQUESTS = 3000          # measured per rate (the bootstrap says what noise that leaves)
+BOOTSTRAP = 40               # replicates
+BLOCKS = 20                  # time blocks per run (queueing runs are correlated over time: resample blocks)
+
+
+@dataclass(frozen=True)
+class Draw:
+    index: int
+    model: str
+    gpu: str
+    tp: int
+    mode: str
+    budget: int
+    max_num_seqs: int
+    mix: dict
+    ttft_slo: float = 1.0
+    itl_slo: float = 0.1
+
+    def label(self) -> str:
+        mix = "+".join(f"{k}{round(v * 100)}" for k, v in sorted(self.mix.items()))
+        short = self.model.replace("Llama-3.1-", "")
+        return f"{short} {self.gpu} tp{self.tp} {self.mode[:5]} b{self.budget} s{self.max_num_seqs} {mix}"
+
+    def spec(self) -> ClusterSpec:
+        pools = ('[[pools]]\nrole = "both"\ncount = 1\n' if self.mode == "colocated" else
+                 '[[pools]]\nrole = "prefill"\ncount = 1\n[[pools]]\nrole = "decode"\ncount = 1\n')
+        # pd_pair prefills short misses locally; the planner models every prompt through the prefill
+        # pool, so the draws turn that off (local_prefill_tokens = 0)
+        router = ('policy = "round_robin"' if self.mode == "colocated" else
+                  'policy = "pd_pair"\nsettings = { local_prefill_tokens = 0 }')
+        mix = ", ".join(f"{k} = {v:.4f}" for k, v in self.mix.items())
+        return parse_spec(f'''
+name = "draw-{self.index}"
+model = "{self.model}"
+gpu = "{self.gpu}"
+tp = {self.tp}
+[engine]
+max_num_batched_tokens = {self.budget}
+max_num_seqs = {self.max_num_seqs}
+{pools}
+[router]
+{router}
+shedding = false
+[slo]
+ttft_p99_s = {self.ttft_slo:.6g}
+itl_p99_s = {self.itl_slo:.6g}
+[workload]
+mix = {{ {mix} }}
+''')
+
+
+def draws(seed: int, n: int) -> list[Draw]:
+    """n feasible draws from one seed (a draw the planner refuses, e.g. a model that does not fit, is
+    replaced by the next)."""
+    rng = np.random.default_rng(seed)
+    out: list[Draw] = []
+    while len(out) < n:
+        d = _with_slos(_draw(rng, len(out)), rng)
+        if d is not None:
+            out.append(d)
+    return out
+
+
+def _draw(rng: np.random.Generator, index: int) -> Draw:
+    model = str(rng.choice(list(MODELS)))
+    kinds = [k for k in ARCHETYPES if rng.random() < 0.5] or [str(rng.choice(ARCHETYPES))]
+    weights = rng.dirichlet(np.ones(len(kinds)))
+    return Draw(index=index, model=model, gpu=str(rng.choice(GPUS)), tp=int(rng.choice(MODELS[model])),
+                mode=str(rng.choice(["colocated", "disaggregated"])), budget=int(rng.choice(BUDGETS)),
+                max_num_seqs=int(rng.choice(SEQ_CAPS)), mix={k: float(w) for k, w in zip(kinds, weights)})
+
+
+def _with_slos(d: Draw, rng: np.random.Generator) -> Draw | None:
+    """SLOs from tight to loose, drawn log-uniformly: 1.5-8x the p99 prompt's prefill alone, 1.3-4x
+    a one-sequence decode step (both from the roofline, so a planner change never moves the set);
+    a draw the planner calls infeasible (or that does not fit) is dropped."""
+    from emulator.planner import PlannerError, context
+    from emulator.planner.api import check_feasible
+    try:
+        spec = d.spec()
+        ttft_ref, itl_ref = _references(spec)
+        ttft = ttft_ref * math.exp(rng.uniform(math.log(1.5), math.log(8.0)))
+        itl = itl_ref * math.exp(rng.uniform(math.log(1.3), math.log(4.0)))
+        drawn = Draw(**{**d.__dict__, "ttft_slo": float(ttft), "itl_slo": float(itl)})
+        spec = drawn.spec()
+        req, work, _, slo = planner_bridge.planner_inputs(spec)
+        check_feasible(context.build(req, work, spec.catalog_data()), slo)
+    except (PlannerError, ValueError):
+        return None
+    return drawn
+
+
+def _references(spec: ClusterSpec) -> tuple[float, float]:
+    """(p99 over sampled prompts of its prefill alone, a decode step of one sequence at the mean
+    prompt), on the spec's prefill-capable and decode-capable deployments."""
+    from router.frontdoor.drain import prefill_alone
+    requests = workload.from_spec(spec, 1.0, num_requests=1000)
+    block, budget = spec.engine.block_size, spec.engine.max_num_batched_tokens
+    prefill_dep = spec.deployment(next(p for p in spec.pools if p.role != "decode"))
+    decode_dep = spec.deployment(next(p for p in spec.pools if p.role != "prefill"))
+    alone, prompts = [], []
+    for r in requests:
+        hit = (min(r.shared_tokens or 0, r.prompt_len - 1) // block) * block
+        alone.append(prefill_alone(prefill_dep, r.prompt_len - hit, hit, budget))
+        prompts.append(r.prompt_len)
+    c = int(np.mean(prompts))
+    one = roofline.step_time(decode_dep, roofline.BatchShape(new_tokens=1, context_tokens=c, attention_pairs=c + 1,
+                                                             sampled=1)).seconds
+    return float(np.percentile(alone, 99)), one
+
+
+# -- the simulator's side -------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One rate through the simulator: per-request TTFTs and per-gap ITLs, with arrival times."""
+    rate: float
+    ttft: np.ndarray
+    ttft_at: np.ndarray
+    gaps: np.ndarray
+    gaps_at: np.ndarray
+    window: tuple[float, float]
+
+    @property
+    def ttft_p99(self) -> float:
+        return float(np.percentile(self.ttft, 99)) if self.ttft.size else math.inf
+
+    @property
+    def itl_p99(self) -> float:
+        return float(np.percentile(self.gaps, 99)) if self.gaps.size else math.inf
+
+
+def warmup_s(spec: ClusterSpec, rate: float) -> float:
+    """Long enough to fill the decode batch (200 arrivals, 20 s at least) and, with agentic
+    sessions in the mix, for their turns to reach steady state: three mean session lifetimes
+    (turns x think time). A shorter warm-up measures sessions still in their first turns, whose
+    histories, and so prompts and contexts, are shorter than the steady mix the planner samples
+    (docs/conventions.md#steady-state)."""
+    base = max(20.0, 200.0 / rate)
+    if "agentic" not in spec.workload.mix:
+        return base
+    arch = workload.make_archetype("agentic", spec.workload.params.get("agentic"))
+    return max(base, 3.0 * arch.turns.mean * arch.think_s.mean)
+
+
+def simulate(spec: ClusterSpec, rate: float, requests: int = MIN_REQUESTS) -> Run:
+    """`requests` measured arrivals after the warm-up (`warmup_s`)."""
+    warmup = warmup_s(spec, rate)
+    end = warmup + requests / rate
+    sim = Simulator(spec).run(workload.from_spec(spec, rate, duration_s=end))
+    done = [r for r in sim.log.records.values() if warmup <= r.arrival < end and r.done and r.first is not None]
+    gaps = np.frombuffer(sim.log.gaps, dtype=np.float32).astype(float)
+    at = np.frombuffer(sim.log.gap_arrivals, dtype=np.float64)
+    inside = (at >= warmup) & (at < end)
+    order = np.argsort(at[inside], kind="stable")            # by arrival, for the bootstrap's blocks
+    ttft_at = np.asarray([r.arrival for r in done])
+    first = np.argsort(ttft_at, kind="stable")
+    return Run(rate=rate, ttft=np.asarray([r.first - r.arrival for r in done])[first], ttft_at=ttft_at[first],
+               gaps=gaps[inside][order], gaps_at=at[inside][order], window=(warmup, end))
+
+
+@dataclass
+class Agreement:
+    draw: Draw
+    planned: float
+    binding: str
+    simulated: float | None
+    bound: str                 # analysis.c_max's: "interpolated", "bracket", "at_least", "below"
+    culprit: str               # which p99 crosses first in the simulator
+    noise: float | None        # relative sd of the simulated C_max (block bootstrap)
+    runs: list[Run] = field(default_factory=list, repr=False)
+    cpu_s: float = 0.0
+
+    @property
+    def gap(self) -> float | None:
+        return self.planned / self.simulated - 1 if self.simulated else None
+
+
+def compare(d: Draw, requests: int = MIN_REQUESTS, seed: int = 0) -> Agreement:
+    """The planner's C_max, then the simulator stepped around it until the SLO crossing is bracketed."""
+    started = time.process_time()
+    spec = d.spec()
+    from emulator import planner
+    req, work, cluster, slo = planner_bridge.planner_inputs(spec)
+    cap = planner.capacity(req, work, slo, cluster, catalog=spec.catalog_data())
+    runs = {f: simulate(spec, cap.max_rate * f, requests) for f in (0.9, 1.1)}
+    ok = {f: _meets(r, d) for f, r in runs.items()}
+    factors = iter((1.25, 1.5, 2.0, 3.0) if ok[1.1] else (0.8, 0.65, 0.5, 0.35, 0.2) if not ok[0.9] else ())
+    while (all(ok.values()) or not any(ok.values())):
+        f = next(factors, None)
+        if f is None:
+            break
+        runs[f] = simulate(spec, cap.max_rate * f, requests)
+        ok[f] = _meets(runs[f], d)
+    ordered = [runs[f] for f in sorted(runs)]
+    found = _c_max(ordered, d)
+    return Agreement(draw=d, planned=cap.max_rate, binding=cap.binding, simulated=found.rate, bound=found.bound,
+                     culprit=found.limited_by, noise=_noise(ordered, d, seed), runs=ordered,
+                     cpu_s=time.process_time() - started)
+
+
+def _meets(run: Run, d: Draw) -> bool:
+    return run.ttft_p99 <= d.ttft_slo and run.itl_p99 <= d.itl_slo
+
+
+def _c_max(runs: list[Run], d: Draw, p99s=None) -> analysis.Capacity:
+    t, i = zip(*(p99s or [(r.ttft_p99, r.itl_p99) for r in runs]))
+    return analysis.c_max([r.rate for r in runs], t, i, d.ttft_slo, d.itl_slo)
+
+
+def _noise(runs: list[Run], d: Draw, seed: int) -> float | None:
+    """Relative sd of the simulated C_max over block-bootstrap replicates of every run."""
+    base = _c_max(runs, d)
+    if base.bound != "interpolated" or not base.rate:
+        return None
+    rng = np.random.default_rng(seed)
+    found = []
+    for _ in range(BOOTSTRAP):
+        cap = _c_max(runs, d, [_resampled(r, rng) for r in runs])
+        if cap.bound == "interpolated" and cap.rate:
+            found.append(cap.rate)
+    return float(np.std(found) / base.rate) if len(found) > 1 else None
+
+
+def _resampled(run: Run, rng: np.random.Generator) -> tuple[float, float]:
+    """(p99 TTFT, p99 ITL) of the run with its time blocks drawn with replacement."""
+    lo, hi = run.window
+    edges = np.linspace(lo, hi, BLOCKS + 1)
+    pick = rng.integers(0, BLOCKS, BLOCKS)
+    ttft = np.concatenate([_block(run.ttft, run.ttft_at, edges, k) for k in pick])
+    gaps = np.concatenate([_block(run.gaps, run.gaps_at, edges, k) for k in pick])
+    p = lambda a: float(np.percentile(a, 99)) if a.size else math.inf  # noqa: E731
+    return p(ttft), p(gaps)
+
+
+def _block(values: np.ndarray, at: np.ndarray, edges: np.ndarray, k: int) -> np.ndarray:
+    i, j = np.searchsorted(at, [edges[k], edges[k + 1]])   # `at` is sorted (see `simulate`)
+    return values[i:j]
