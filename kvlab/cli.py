@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from kvlab.wire.user_errors import OneLineParser, UserError, did_you_mean, unknown_name
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:   # a mistake in the input: one line with its fix, not a traceback
         print(f"kvlab {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:    # `kvlab sim ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
