@@ -210,3 +210,29 @@ def test_a_busy_router_port_names_the_flag_and_the_spec_field(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"port {ports[0]}" in lines[0] and "--port" in lines[0] and "[router] port" in lines[0]
+
+
+def test_ctrl_c_during_a_stream_stops_the_router_first_and_tells_the_client(tmp_path):
+    """The router drains while its workers still serve; a stream longer than the drain ends with
+    "server shutting down", not with a failover error about workers that went first."""
+    import httpx
+    path, ports = _tiny_spec_on_free_ports(tmp_path)
+    proc, _ = _start_up([str(path), "--time-scale", "20"])   # 400 tokens: well over the 5 s drain
+    body = {"model": "Llama-3.1-8B", "prompt": "hello kvlab", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    events = []
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{ports[0]}/v1/completions", json=body, timeout=60) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        proc.send_signal(signal.SIGINT)
+    except httpx.HTTPError as exc:
+        pytest.fail(f"the stream was cut instead of ended: {exc!r} after {len(events)} events")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert events[-1] == "[DONE]" and "server shutting down" in events[-2], events[-3:]
+    assert not any("no other worker" in e for e in events)
