@@ -96,6 +96,7 @@ def test_every_documented_command_runs(doc, command, tiny, kvlab_like_server):
         if command.startswith(prefix):
             assert needs is None or (ROOT / needs).exists(), f"{doc}: {command} needs {needs}"
             return
+    command, _, consumer = command.partition(" | ")   # `kvlab render ... | kubectl apply`: kvlab's part runs here
     argv = shlex.split(command)
     argv[0] = argv[0].rsplit("/", 1)[-1]   # .venv/bin/kvlab -> kvlab
     assert argv[0] in ("kvlab", "locust"), f"{doc}: no check for {command!r}; add one to this test"
@@ -114,6 +115,8 @@ def test_every_documented_command_runs(doc, command, tiny, kvlab_like_server):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, f"{doc}: {command}\nran {cmd}\n{done.stderr[-2000:]}"
+    if consumer:
+        assert done.stdout.strip(), f"{doc}: {command} printed nothing for {consumer!r} to read"
     if argv[0] == "locust":
         assert "time scale 10 (from" in done.stderr   # the stub answers /cluster as kvlab's router does
 
