@@ -114,14 +114,19 @@ def test_kvlab_up_restarts_a_worker_that_dies_and_keeps_serving():
 # -- closing the terminal, a killed launcher, ports ------------------------------------------------
 
 def _free_port_block(count: int) -> int:
-    """A base port with `count` free ports after it (ephemeral range aside: good enough on a test host)."""
+    """A base port with `count` bindable ports after it, below the ephemeral range (where client
+    connections take their local ports and could collide with a server's bind)."""
+    import random
     import socket
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + count < 65000 and not any(_port_in_use(base + i) for i in range(count)):
-            return base
+    for _ in range(100):
+        base = random.randrange(20000, 32000)
+        try:
+            for i in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        return base
     raise RuntimeError("no free ports")
 
 
