@@ -60,3 +60,20 @@ def test_a_server_without_a_cluster_view_runs_at_time_scale_one(tmp_path, tiny_t
         assert start["time_scale"] == 1.0 and "time scale 1 (from default" in logs[0]
     finally:
         fake.stop()
+
+
+def test_locusts_table_shows_the_servers_milliseconds(tmp_path, tiny_trace):
+    """A stub kvlab router at time scale 4 answering its first token after 0.4 wall s: Locust's TTFT row
+    reads about 100 (emulated) ms, not 400."""
+    fake = FakeOpenAI(ttft_s=0.4, gap_s=0.002, tokens=3, cluster_time_scale=4.0).start()
+    try:
+        # closed-loop users: each waits for its answers, so the run ends with them counted
+        _run("loadtests/locustfile.py", fake.url, tmp_path, "--mix", "chat=1", "-u", "2", "-r", "2",
+             "--run-time", "4s", "--csv", str(tmp_path / "locust"))
+    finally:
+        fake.stop()
+    import csv
+    rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(open(tmp_path / "locust_stats.csv"))}
+    assert ("TTFT", "chat") in rows, list(rows)
+    ttft = float(rows[("TTFT", "chat")]["Median Response Time"])
+    assert 95 <= ttft < 200, ttft
