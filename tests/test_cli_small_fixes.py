@@ -40,14 +40,36 @@ def test_compare_live_progress_counts_to_the_replays_length(tiny_trace):
     assert replay_wall_s(tiny_trace, 3, 4.0, 2.0) == pytest.approx(0.5)
 
 
+def _tiny_spec_on_free_ports(folder: Path) -> Path:
+    """tiny-test on ports nobody else holds (below the ephemeral range, checked by binding)."""
+    import random
+    import socket
+    from emulator.spec import example_spec_path
+    for _ in range(100):
+        base = random.randrange(20000, 32000)
+        try:
+            for port in range(base, base + 3):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        text = example_spec_path("tiny-test").read_text()
+        path = folder / "tiny.toml"
+        path.write_text(text.replace("base_port = 18100", f"base_port = {base + 1}")
+                        .replace("port = 18000", f"port = {base}"))
+        return path
+    raise RuntimeError("no free ports")
+
+
 def test_compare_live_without_out_leaves_no_reports_folder(tmp_path, tiny_trace):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "kvlab.cli", "compare", "tiny-test", "--trace", str(tiny_trace),
+    spec = _tiny_spec_on_free_ports(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "kvlab.cli", "compare", str(spec), "--trace", str(tiny_trace),
                            "--policies", "round_robin", "--live", "--time-scale", "1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "round_robin" in done.stdout and "live" in done.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml", "trace.jsonl"]
 
 
 def test_plan_without_price_says_pass_price(capsys):

@@ -31,7 +31,8 @@ ELSEWHERE = {
     "python -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf": None,   # tests/test_loadtests_aiperf.py
     "/tmp/aiperf/bin/aiperf profile": None,
 }
-PARSE_ONLY = ("up", "worker", "router", "sweep")   # they start clusters and run until stopped or for minutes
+# They start clusters and run until stopped or for minutes, or read data a user brings and write files.
+PARSE_ONLY = ("up", "worker", "router", "sweep", "calibrate")
 
 
 def documented_commands() -> list[tuple[str, str]]:
