@@ -19,6 +19,7 @@ import msgspec
 
 from emulator.physics import roofline
 from emulator.physics.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
+from kvlab.wire.user_errors import UserError, did_you_mean
 
 ROLES = ("both", "prefill", "decode")
 # The router's policy names. router/policies/registry.py builds them and checks their settings
@@ -34,7 +35,7 @@ DEFAULT_HOST_SWAP_LINK = "PCIe-Gen5"         # host memory of a Hopper/Blackwell
 _POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec field that cannot be used: ``field`` is a path like ``pools[1].count``."""
 
     def __init__(self, field: str, reason: str):
@@ -230,10 +231,12 @@ def resolve_spec_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists() or p.suffix or len(p.parts) > 1:
         if not p.exists():
-            raise SpecError(str(path), "spec file not found")
+            raise SpecError(str(path), f"spec file not found; pass a spec file or an example name "
+                                       f"({', '.join(example_specs())})")
         return p
     if p.name not in example_specs():
-        raise SpecError(str(path), f"no such file or example spec; examples: {', '.join(example_specs())}")
+        raise SpecError(str(path), f"no such file or example spec{did_you_mean(p.name, example_specs())}; "
+                                   f"examples: {', '.join(example_specs())}")
     return example_spec_path(p.name)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from emulator.workload import VOCAB_WORDS, Request, vocabulary
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.wire.user_errors import UserError
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash_id in Mooncake traces (FAST'25 release README)
 # The layout this repository keeps: ../shared/data/traces next to the repository root.
@@ -58,8 +59,15 @@ def shared_trace(name: str = MOONCAKE_CONVERSATION) -> Path | None:
 
 def read_trace(path: str | Path, limit: int | None = None) -> list[TraceRecord]:
     """All records of a JSON-lines trace (or the first `limit`), in file order."""
-    data = Path(path).read_bytes()
-    records = msgspec.json.Decoder(TraceRecord).decode_lines(data)
+    try:
+        data = Path(path).read_bytes()
+        records = msgspec.json.Decoder(TraceRecord).decode_lines(data)
+    except OSError as exc:
+        raise UserError(f"cannot read trace {str(path)!r} ({exc.strerror}); pass --trace PATH to a JSON-lines "
+                        f"trace (see emulator/traces.py)") from None
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError: wrong fields as well as bad JSON
+        raise UserError(f"{str(path)!r} is not a Mooncake-style JSON-lines trace ({exc}); pass a .jsonl file with "
+                        f"timestamp, input_length, output_length and hash_ids on each line") from None
     for i, r in enumerate(records):
         if len(r.hash_ids) * TRACE_BLOCK_TOKENS < r.input_length:
             raise ValueError(f"{path}: record {i} has {len(r.hash_ids)} blocks for {r.input_length} tokens")

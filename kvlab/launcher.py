@@ -2,7 +2,10 @@
 
 Each worker and the router is its own process (the layout docker compose uses too), so a slow
 router cannot stall an engine's clock and each process's lag is its own. The launcher waits for
-every /health, prints the endpoint, and on Ctrl-C (or SIGTERM) stops every child it started.
+every /health, prints the endpoint, and on Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops every
+child it started: the router first, so it stops taking requests while the workers can still finish the
+streams it carries, then the workers. On Linux each child also gets SIGTERM when the launcher dies, however
+it dies (a parent-death signal), so a killed launcher leaves no cluster holding its ports.
 
 Once the cluster is up, a child that exits is restarted (``Cluster.supervise``), after a backoff
 that doubles with each quick death, and the launcher says so; the rest keeps serving meanwhile (the
@@ -12,6 +15,7 @@ stops the whole cluster.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -23,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
+from kvlab.wire.user_errors import UserError, number, positive
 from router.policies.registry import check_spec_settings
 
 DEFAULT_SPEC = "default"
@@ -46,18 +51,19 @@ class Cluster:
     """Processes of a running cluster; a context manager that always cleans up."""
 
     def __init__(self, spec_path: Path, spec: ClusterSpec, host: str = "127.0.0.1", quiet: bool = True,
-                 time_scale: float | None = None):
+                 time_scale: float | None = None, port: int | None = None):
         self.spec_path = spec_path
         self.spec = spec
         self.host = host
         self.quiet = quiet
         self.time_scale = time_scale
+        self.port = port or spec.router.port
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._children: dict[str, _Child] = {}
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.spec.router.port}"
+        return f"http://{self.host}:{self.port}"
 
     def worker_urls(self) -> dict[str, str]:
         return {w.id: f"http://{self.host}:{w.port}" for w in self.spec.worker_list()}
@@ -69,7 +75,8 @@ class Cluster:
                 self._spawn(worker.id, ["worker", "--spec", str(self.spec_path), "--worker-id", worker.id,
                                         "--host", self.host])
             self._wait_ready(self.worker_urls().values())
-            self._spawn("router", ["router", "--spec", str(self.spec_path), "--host", self.host])
+            self._spawn("router", ["router", "--spec", str(self.spec_path), "--host", self.host,
+                                   "--port", str(self.port)])
             self._wait_ready([self.url])
         except BaseException:
             self.stop()
@@ -78,14 +85,14 @@ class Cluster:
 
     def _check_ports_free(self) -> None:
         """A busy port would let /health answer from someone else's server: refuse to start instead."""
-        ports = [w.port for w in self.spec.worker_list()] + [self.spec.router.port]
-        busy = []
-        for port in ports:
-            with socket.socket() as sock:
-                if sock.connect_ex((self.host, port)) == 0:
-                    busy.append(port)
+        workers = [w.port for w in self.spec.worker_list()]
+        busy = [port for port in [*workers, self.port] if _in_use(self.host, port)]
+        if self.port in busy:
+            raise UserError(f"router port {self.port} on {self.host} is already in use; stop what holds it or "
+                            f"pass --port N (or set [router] port in {self.spec_path})")
         if busy:
-            raise RuntimeError(f"ports {busy} on {self.host} are already in use (another kvlab cluster?)")
+            raise UserError(f"worker ports {busy} on {self.host} are already in use; stop what holds them or "
+                            f"set base_port in the [[pools]] of {self.spec_path}")
 
     def _spawn(self, name: str, args: list[str]) -> None:
         if self.time_scale is not None and name != "router":
@@ -96,7 +103,7 @@ class Cluster:
     def _popen(self, args: list[str]) -> subprocess.Popen:
         out = subprocess.DEVNULL if self.quiet else None
         return subprocess.Popen([sys.executable, "-m", "kvlab.cli", *args], stdout=out, stderr=out,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
 
     def supervise(self, now: float) -> list[str]:
         """Restart children that exited, each after its backoff; what happened, one line each."""
@@ -138,17 +145,24 @@ class Cluster:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
 
     def stop(self) -> None:
-        for _, proc in self.procs:
+        """The router first (it drains while its workers still serve), then every worker."""
+        router = [p for p in self.procs if p[0] == "router"]
+        self._stop_group(router)
+        self._stop_group([p for p in self.procs if p[0] != "router"])
+        self.procs.clear()
+
+    @staticmethod
+    def _stop_group(procs: list[tuple[str, subprocess.Popen]]) -> None:
+        for _, proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for _, proc in self.procs:
+        for _, proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self.procs.clear()
 
     def __enter__(self) -> "Cluster":
         return self.start()
@@ -157,12 +171,42 @@ class Cluster:
         self.stop()
 
 
+def _in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def _die_with_parent(parent: int):
+    """A preexec hook: the child gets SIGTERM when the launcher dies (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def hook() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:   # the launcher died before the signal was armed
+            os._exit(1)
+    return hook
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default=DEFAULT_SPEC,
                         help="cluster spec file, or the name of a bundled example (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--time-scale", type=float, default=None, help="override the spec's time scale")
+    parser.add_argument("--port", type=number(int, minimum=1, inclusive=True), default=None,
+                        help="the router's port (default: the spec's [router] port)")
+    parser.add_argument("--time-scale", type=positive, default=None, help="override the spec's time scale")
     parser.add_argument("--verbose", action="store_true", help="show the workers' and router's logs")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,21 +217,32 @@ def run(args: argparse.Namespace) -> int:
     except (SpecError, FileNotFoundError) as exc:
         print(f"kvlab up: {exc}", file=sys.stderr)
         return 2
-    cluster = Cluster(path, spec, args.host, quiet=not args.verbose, time_scale=args.time_scale)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cluster = Cluster(path, spec, args.host, quiet=not args.verbose, time_scale=args.time_scale, port=args.port)
+    for sig in (signal.SIGTERM, signal.SIGHUP):   # SIGHUP: the terminal closed; stop as for Ctrl-C
+        signal.signal(sig, _interrupt)
     try:
         cluster.start()
+        scale = args.time_scale or spec.engine.time_scale
         print(f"kvlab cluster '{spec.name}' is up: {len(spec.worker_list())} workers; "
-              f"OpenAI endpoint {cluster.url}/v1 (Ctrl-C to stop)", flush=True)
+              f"OpenAI endpoint {cluster.url}/v1; dashboard {cluster.url}/dashboard; time scale {scale:g} "
+              f"(1 emulated second takes {scale:g} wall seconds; latencies are reported emulated) "
+              f"(Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(0.5)
             for news in cluster.supervise(time.monotonic()):
                 print(f"kvlab up: {news}", flush=True)
     except KeyboardInterrupt:
-        print("stopping", flush=True)
+        _say("stopping: the router first, then the workers")
         return 0
     except RuntimeError as exc:
         print(f"kvlab up: {exc}", file=sys.stderr)
         return 1
     finally:
         cluster.stop()
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except OSError:   # the terminal is gone (SIGHUP): stopping matters, the message does not
+        pass

@@ -35,7 +35,8 @@ class LLMClient:
         result = StreamResult(sent_at=0.0, time_scale=c.time_scale)
         try:
             stream_request(self.http, self.path, payload, c.keys.headers(request.tenant), result=result)
-            fire_locust_events(self.events, result, name or request.archetype, per_gap=c.itl_per_gap)
+            fire_locust_events(self.events, result, name or request.archetype, per_gap=c.itl_per_gap,
+                               time_scale=c.time_scale)
         finally:
             # Also when the test ends mid-stream (GreenletExit): the timings so far are still data.
             self._record(result, request, extra)

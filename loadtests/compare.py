@@ -23,10 +23,11 @@ from typing import Iterable
 import msgspec
 
 from emulator import traces
-from emulator.sim.report import Summary
+from emulator.sim.report import Summary, overload_note
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
 from emulator.sim.policy_settings import policy_settings as sim_policy_settings
+from kvlab.wire.user_errors import count_or_all, positive, positive_int
 from loadtests.cache_bounds import Bounds, cluster_kv_blocks, hit_rates
 from router.policies.registry import check_spec_settings
 
@@ -38,17 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=None, help="Mooncake-style JSONL trace (default: the shared "
                                                       "mooncake_conversation.jsonl in ../shared/data/traces)")
     parser.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=1000, help="first N trace requests (default %(default)s)")
-    parser.add_argument("--speedup", type=float, default=1.0, help="divide trace timestamps by this")
-    parser.add_argument("--workers", type=int, default=None, help="override the worker count (colocated specs)")
-    parser.add_argument("--prefix-blocks", type=int, default=None,
+    parser.add_argument("--limit", type=count_or_all, default=1000,
+                        help="first N trace requests, 0 or 'all' for the whole trace (default %(default)s)")
+    parser.add_argument("--speedup", type=positive, default=1.0, help="divide trace timestamps by this")
+    parser.add_argument("--workers", type=positive_int, default=None, help="override the worker count (colocated specs)")
+    parser.add_argument("--prefix-blocks", type=positive_int, default=None,
                         help="blocks that key prefix_ring/prefix_bounded (default for a trace: two 512-token "
                              "trace blocks, see below)")
     parser.add_argument("--set", action="append", default=[], metavar="POLICY.KEY=VALUE",
                         help="a policy setting, e.g. kv_aware.load_weight=0.2 (repeatable)")
     parser.add_argument("--live", action="store_true", help="replay through the live router and workers")
-    parser.add_argument("--time-scale", type=float, default=None, help="--live: override the spec's time scale")
-    parser.add_argument("--out", default=None, help="also write compare.json and compare.md here")
+    parser.add_argument("--time-scale", type=positive, default=None, help="--live: override the spec's time scale")
+    parser.add_argument("--out", default=None, help="also write compare.json and compare.md here (--live: and "
+                                                    "each policy's spec, records and Locust log)")
 
 
 @dataclass
@@ -66,12 +69,14 @@ def run(args: argparse.Namespace) -> int:
         trace = Path(args.trace) if args.trace else traces.shared_trace()
         if trace is None or not trace.is_file():
             raise FileNotFoundError(f"no trace at {args.trace or traces.SHARED_TRACES}; pass --trace PATH")
+        count = len(traces.read_trace(trace, args.limit))   # a bad file fails here, before any output
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         settings = {p: policy_settings(spec, p, args.prefix_blocks, args.set) for p in policies}
     except (SpecError, FileNotFoundError, ValueError) as exc:
         print(f"kvlab compare: {exc}", file=sys.stderr)
         return 2
-    title = (f"{spec.name}: {len(spec.worker_list())} workers, {trace.name} first {args.limit} requests"
+    first = f"first {count} requests" if args.limit else f"all {count} requests"
+    title = (f"{spec.name}: {len(spec.worker_list())} workers, {trace.name} {first}"
              f"{f' at {args.speedup:g}x' if args.speedup != 1 else ''}, {'live' if args.live else 'simulated'}")
     print(title, flush=True)
     if args.live:
@@ -82,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     bounds = trace_bounds(spec, trace, args.limit)
     text = table(rows, spec, bounds)
     print(text)
-    if rows and min(r.summary.ttft.p50 for r in rows) > 10 * spec.slo.ttft_p99_s:
-        print("note: every policy's median TTFT is over 10x the SLO: this cluster is overloaded by the trace, "
-              "and under overload queueing, not cache reuse, decides the table; try --workers or --speedup < 1")
+    note = rows and overload_note(min(r.summary.ttft.p50 for r in rows), spec.slo.ttft_p99_s,
+                                  "under overload queueing, not cache reuse, decides the table; try --workers "
+                                  "or --speedup < 1")
+    if note:
+        print(note)
     if args.out:
         _write(Path(args.out), title, rows, text, bounds)
     return 0

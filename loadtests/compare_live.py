@@ -6,12 +6,15 @@ per-worker load come from the workers' own counters (deltas over the replay), la
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
 import msgspec
 
+from emulator import traces
 from emulator.spec import ClusterSpec
 from kvlab.launcher import Cluster
 from loadtests.analysis import Window, summarize
@@ -25,16 +28,24 @@ from loadtests.spec_file import write_spec
 def compare_live(spec: ClusterSpec, trace: Path, settings: dict[str, dict], args) -> list:
     from loadtests.compare import Row, load_imbalance
 
-    out = Path(args.out or f"reports/compare-{spec.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for policy, policy_settings in settings.items():
-        router = msgspec.structs.replace(spec.router, policy=policy, settings=policy_settings)
-        policy_spec = msgspec.structs.replace(spec, router=router)
-        path = write_spec(policy_spec, out / f"spec-{policy}.toml")
-        summary, served = replay(policy_spec, path, trace, out / policy, args)
-        rows.append(Row(policy, policy_settings, summary, load_imbalance(served)))
-    return rows
+    # The processes read specs and write records on disk; without --out that is a folder that goes away.
+    with (nullcontext(args.out) if args.out else tempfile.TemporaryDirectory(prefix="kvlab-compare-")) as folder:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for policy, policy_settings in settings.items():
+            router = msgspec.structs.replace(spec.router, policy=policy, settings=policy_settings)
+            policy_spec = msgspec.structs.replace(spec, router=router)
+            path = write_spec(policy_spec, out / f"spec-{policy}.toml")
+            summary, served = replay(policy_spec, path, trace, out / policy, args)
+            rows.append(Row(policy, policy_settings, summary, load_imbalance(served)))
+        return rows
+
+
+def replay_wall_s(trace: Path, limit: int | None, speedup: float, time_scale: float) -> float:
+    """Wall seconds from the first send to the last (what the progress bar counts to)."""
+    records = traces.read_trace(trace, limit)
+    return (records[-1].timestamp - records[0].timestamp) / 1000 / speedup * time_scale if records else 0.0
 
 
 def replay(spec: ClusterSpec, spec_path: Path, trace: Path, out: Path, args):
@@ -48,10 +59,12 @@ def replay(spec: ClusterSpec, spec_path: Path, trace: Path, out: Path, args):
         cmd = trace_command(cluster.url, trace, limit=args.limit, speedup=args.speedup,
                             records=out / "records.jsonl", time_scale=scale, spec=str(spec_path))
         run = LocustRun(cmd, out / "records.jsonl", out / "locust.log").start()
-        progress, started = Progress(0.0), time.monotonic()
+        total = len(traces.read_trace(trace, args.limit))
+        progress = Progress(replay_wall_s(trace, args.limit, args.speedup, scale))
+        started = time.monotonic()
         while run.running():
             time.sleep(1.0)
-            progress.update(time.monotonic() - started, f"{spec.router.policy}: {len(run.progress()[1])}/{args.limit} requests")
+            progress.update(time.monotonic() - started, f"{spec.router.policy}: {len(run.progress()[1])}/{total} requests")
         run.stop()
         progress.close()
         scraper.sample_now()

@@ -22,9 +22,10 @@ class FakeOpenAI(ThreadingHTTPServer):
     request_queue_size = 1024   # bursts of hundreds of connections must not be refused at accept()
 
     def __init__(self, port: int = 0, ttft_s: float = 0.05, gap_s: float = 0.01, status: int = 200,
-                 tokens: int | None = None):
+                 tokens: int | None = None, cluster_time_scale: float | None = None):
         super().__init__(("127.0.0.1", port), _Handler)
         self.ttft_s, self.gap_s, self.status, self.tokens = ttft_s, gap_s, status, tokens
+        self.cluster_time_scale = cluster_time_scale   # set: answer GET /cluster as a kvlab router would
         self.received: list[dict] = []    # request bodies, for assertions
 
     @property
@@ -51,6 +52,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path == "/cluster" and self.server.cluster_time_scale is not None:
+            self._json(200, {"cluster": {"time_scale": self.server.cluster_time_scale}})
+            return
         self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
     def do_POST(self) -> None:

@@ -146,26 +146,29 @@ def _error_text(error: Any) -> str:
     return error.get("message", str(error)) if isinstance(error, dict) else str(error)
 
 
-def fire_locust_events(events, result: StreamResult, name: str, per_gap: bool = True) -> None:
+def fire_locust_events(events, result: StreamResult, name: str, per_gap: bool = True,
+                       time_scale: float = 1.0) -> None:
     """Report one request as Locust metrics of their own: TTFT, ITL, E2E and TOKENS.
 
-    Locust's table then shows TTFT and ITL percentiles beside e2e. The TOKENS row carries the output
+    Locust's table then shows TTFT and ITL percentiles beside e2e, in the server's milliseconds: wall
+    times over `time_scale` (an emulated cluster's; 1 for a real server). The TOKENS row carries the output
     token count in its "response time" column (Locust has no unit-free metric). A failed request is
     one E2E failure, so rejections (429, 503) show in Locust's failure count.
     """
+    ms = 1000 / time_scale
     if not result.ok:
-        events.request.fire(request_type="E2E", name=name, response_time=(result.e2e_s or 0.0) * 1000,
+        events.request.fire(request_type="E2E", name=name, response_time=(result.e2e_s or 0.0) * ms,
                             response_length=0, exception=RuntimeError(result.error or f"HTTP {result.status}"),
                             context={})
         return
     fire = events.request.fire
-    fire(request_type="TTFT", name=name, response_time=result.ttft_s * 1000, response_length=0,
+    fire(request_type="TTFT", name=name, response_time=result.ttft_s * ms, response_length=0,
          exception=None, context={})
     gaps = result.gaps_s if per_gap else _mean_gap(result)
     for gap in gaps:
-        fire(request_type="ITL", name=name, response_time=gap * 1000, response_length=0, exception=None,
+        fire(request_type="ITL", name=name, response_time=gap * ms, response_length=0, exception=None,
              context={})
-    fire(request_type="E2E", name=name, response_time=result.e2e_s * 1000,
+    fire(request_type="E2E", name=name, response_time=result.e2e_s * ms,
          response_length=result.output_tokens, exception=None, context={})
     fire(request_type="TOKENS", name=name, response_time=result.output_tokens,
          response_length=result.output_tokens, exception=None, context={})

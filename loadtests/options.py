@@ -3,13 +3,20 @@
 Locust passes unknown options to listeners of ``init_command_line_parser``; importing this module
 registers them once, however many locustfiles import it. Every option also reads an environment
 variable (KVLAB_<NAME>), which is how ``kvlab sweep`` configures its Locust subprocess.
+
+The time scale (wall seconds per emulated second) decides how fast arrivals are sent and how measured
+latencies are read. It comes from --time-scale, else from a kvlab router's ``GET /cluster`` (what its
+workers run at), else from --spec, else 1 (a real server); the first log line of a test says which.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 from locust import events
 
 from loadtests.payloads import TenantKeys
@@ -29,8 +36,8 @@ def add_options(parser) -> None:
     _add(parser, "--mix", default="", help="archetype weights, e.g. chat=3,rag=1,code=1,agentic=1")
     _add(parser, "--api-key", default="", help="API key for requests without a tenant key (or OPENAI_API_KEY)")
     _add(parser, "--time-scale", type=float, default=0.0,
-         help="the server's time scale: rates and durations below are in its (emulated) time; default: the "
-              "spec's, else 1 (a real server)")
+         help="the server's time scale: rates and durations below are in its (emulated) time; default: what a "
+              "kvlab router reports at /cluster, else the spec's, else 1 (a real server)")
     _add(parser, "--seed", type=int, default=None, help="workload seed (default: the spec's, else 0)")
     _add(parser, "--records", default="", help="append one JSON line per request (raw timings) to this file")
     _add(parser, "--itl-events", default="gap", choices=["gap", "mean"],
@@ -80,6 +87,7 @@ class LoadConfig:
     itl_per_gap: bool
     ignore_eos: bool
     spec: Any = None
+    time_scale_source: str = ""
 
 
 def _build(host: str, options) -> LoadConfig:
@@ -87,16 +95,69 @@ def _build(host: str, options) -> LoadConfig:
     workload = spec.workload if spec else None
     keys = TenantKeys.from_spec(spec, options.api_key or None) if spec else TenantKeys({}, options.api_key or None)
     tenants = tenant_weights(spec)
+    scale, source = resolve_time_scale(options.time_scale, host, spec)
     return LoadConfig(
         host=host.rstrip("/"), model=options.model or detect_model(host, keys.headers(next(iter(tenants)))),
         api=options.api, mix=parse_weights(options.mix) if options.mix else dict(workload.mix if workload else {"chat": 1.0}),
         params=dict(workload.params) if workload else {}, tenants=tenants, keys=keys,
-        time_scale=options.time_scale or (spec.engine.time_scale if spec else 1.0),
+        time_scale=scale, time_scale_source=source,
         seed=options.seed if options.seed is not None else (workload.seed if workload else 0), records=options.records, itl_per_gap=options.itl_events == "gap",
         ignore_eos=not options.no_ignore_eos, spec=spec)
 
 
+def resolve_time_scale(given: float, host: str, spec) -> tuple[float, str]:
+    """(time scale, where it came from): --time-scale, a kvlab router's /cluster, the spec, else 1."""
+    if given and given > 0:
+        return given, "--time-scale"
+    discovered = discover_time_scale(host)
+    if discovered is not None:
+        return discovered, f"{host.rstrip('/')}/cluster"
+    if spec is not None:
+        return spec.engine.time_scale, "the spec's engine.time_scale"
+    return 1.0, "default: not a kvlab router and no --spec or --time-scale"
+
+
+CLUSTER_VIEW_MAX_BYTES = 4 << 20   # a /cluster answer is a few kB per worker; more is not a kvlab router
+DISCOVERY_WAIT_S = 5.0             # a router that just started has not polled its workers yet
+
+
+def discover_time_scale(host: str, wait_s: float = DISCOVERY_WAIT_S) -> float | None:
+    """The time scale a kvlab router's workers run at (``GET /cluster``), or None for any other server."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with httpx.stream("GET", host.rstrip("/") + "/cluster", timeout=5.0) as response:
+                if response.status_code != 200:
+                    return None
+                body = b""
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > CLUSTER_VIEW_MAX_BYTES:
+                        return None
+            view = msgspec.json.decode(body)
+            if not isinstance(view, dict) or not isinstance(view.get("cluster"), dict):
+                return None   # another server answering any GET: not a kvlab router
+            scale = view["cluster"].get("time_scale")
+        except (httpx.HTTPError, msgspec.DecodeError):
+            return None
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+            return float(scale)
+        if scale is not None or time.monotonic() >= deadline:   # None: no worker has reported yet
+            return None
+        time.sleep(0.25)
+
+
 _configs: dict[int, LoadConfig] = {}
+log = logging.getLogger("kvlab.load")
+
+
+@events.test_start.add_listener
+def _announce(environment, **_):
+    """Resolve the configuration before any user runs, and say which time scale the test uses."""
+    if environment.host:
+        config = load_config(environment)
+        log.info("time scale %g (from %s): rates and latencies are in the server's emulated seconds",
+                 config.time_scale, config.time_scale_source)
 
 
 def load_config(environment) -> LoadConfig:

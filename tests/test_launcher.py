@@ -109,3 +109,135 @@ def test_kvlab_up_restarts_a_worker_that_dies_and_keeps_serving():
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+# -- closing the terminal, a killed launcher, ports ------------------------------------------------
+
+def _free_port_block(count: int) -> int:
+    """A base port with `count` bindable ports after it, below the ephemeral range (where client
+    connections take their local ports and could collide with a server's bind)."""
+    import random
+    import socket
+    for _ in range(100):
+        base = random.randrange(20000, 32000)
+        try:
+            for i in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports")
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tiny_spec_on_free_ports(tmp_path):
+    """tiny-test on ports nobody else uses, so parallel test runs cannot collide: (path, ports)."""
+    from emulator.spec import example_spec_path
+    base = _free_port_block(3)
+    text = example_spec_path("tiny-test").read_text()
+    text = text.replace("base_port = 18100", f"base_port = {base + 1}").replace("port = 18000", f"port = {base}")
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path, [base, base + 1, base + 2]
+
+
+def _start_up(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "up", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "is up" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, line
+
+
+def _wait_gone(children: set[int], ports: list[int], within_s: float) -> tuple[list[int], list[int]]:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        left, busy = [c for c in children if _alive(c)], [p for p in ports if _port_in_use(p)]
+        if not left and not busy:
+            return [], []
+        time.sleep(0.1)
+    return [c for c in children if _alive(c)], [p for p in ports if _port_in_use(p)]
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
+def test_closing_the_terminal_or_killing_the_launcher_leaves_no_process_and_frees_the_ports(tmp_path, how):
+    """SIGHUP (the terminal closed) stops the cluster as Ctrl-C does; SIGKILL cannot be caught, so the
+    children's parent-death signal must do it. Either way the ports are free within 5 s (the bar the
+    next `kvlab up` needs)."""
+    path, ports = _tiny_spec_on_free_ports(tmp_path)
+    proc, _ = _start_up([str(path)])
+    children = _descendants(proc.pid)
+    try:
+        assert len(children) >= 3 and all(_port_in_use(p) for p in ports)
+        proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=30)
+        left, busy = _wait_gone(children, ports, within_s=5.0)
+        assert not left and not busy, f"after {how}: processes {left} alive, ports {busy} in use"
+    finally:
+        for c in children:
+            if _alive(c):
+                os.kill(c, signal.SIGKILL)
+
+
+def test_up_prints_the_dashboard_and_time_scale_and_takes_port(tmp_path):
+    path, ports = _tiny_spec_on_free_ports(tmp_path)
+    other = _free_port_block(1)
+    proc, line = _start_up([str(path), "--port", str(other), "--time-scale", "3"])
+    try:
+        assert f"http://127.0.0.1:{other}/v1" in line and f"http://127.0.0.1:{other}/dashboard" in line
+        assert "time scale 3" in line
+        import httpx
+        deadline, scale = time.monotonic() + 30, None
+        while scale is None and time.monotonic() < deadline:   # the router has not polled its workers yet
+            scale = httpx.get(f"http://127.0.0.1:{other}/cluster", timeout=10).json()["cluster"]["time_scale"]
+            time.sleep(0.2)
+        assert scale == 3
+        assert not _port_in_use(ports[0])   # the spec's router port was left alone
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_a_busy_router_port_names_the_flag_and_the_spec_field(tmp_path):
+    import socket
+    path, ports = _tiny_spec_on_free_ports(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[0]))
+        holder.listen()
+        result = subprocess.run([sys.executable, "-m", "kvlab.cli", "up", str(path)], capture_output=True,
+                                text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"port {ports[0]}" in lines[0] and "--port" in lines[0] and "[router] port" in lines[0]
+
+
+def test_ctrl_c_during_a_stream_stops_the_router_first_and_tells_the_client(tmp_path):
+    """The router drains while its workers still serve; a stream longer than the drain ends with
+    "server shutting down", not with a failover error about workers that went first."""
+    import httpx
+    path, ports = _tiny_spec_on_free_ports(tmp_path)
+    proc, _ = _start_up([str(path), "--time-scale", "20"])   # 400 tokens: well over the 5 s drain
+    body = {"model": "Llama-3.1-8B", "prompt": "hello kvlab", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    events = []
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{ports[0]}/v1/completions", json=body, timeout=60) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        proc.send_signal(signal.SIGINT)
+    except httpx.HTTPError as exc:
+        pytest.fail(f"the stream was cut instead of ended: {exc!r} after {len(events)} events")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert events[-1] == "[DONE]" and "server shutting down" in events[-2], events[-3:]
+    assert not any("no other worker" in e for e in events)

@@ -86,6 +86,16 @@ def test_locust_rows_for_ttft_itl_e2e_and_tokens():
     assert [c["response_time"] for c in events.request.calls if c["request_type"] == "ITL"] == [pytest.approx(400 / 3)]
 
 
+def test_locust_rows_are_in_the_servers_time():
+    """Against an emulated cluster at time scale 10, 1 s of wall time is 100 emulated ms."""
+    result = StreamResult(sent_at=0.0, status=200, ttft_s=1.0, e2e_s=5.0, gaps_s=[2.0], chunks=2,
+                          usage={"completion_tokens": 2})
+    events = _Events()
+    fire_locust_events(events, result, "chat", time_scale=10.0)
+    rows = [(c["request_type"], c["response_time"]) for c in events.request.calls]
+    assert rows == [("TTFT", 100.0), ("ITL", 200.0), ("E2E", 500.0), ("TOKENS", 2)]
+
+
 def test_a_failed_request_is_one_failed_e2e_row():
     events = _Events()
     fire_locust_events(events, StreamResult(sent_at=0.0, status=503, e2e_s=0.01, error="HTTP 503: busy"), "rag")

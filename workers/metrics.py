@@ -58,6 +58,12 @@ class WorkerMetrics:
         self.busy_prefill_s = 0.0
         self.busy_decode_s = 0.0
         self.steps = 0
+        self.decode_steps = 0          # steps that decoded, and the sequences they decoded: mean batch
+        self.decode_tokens = 0
+        self.flops = 0.0               # per GPU, every step's work (roofline.step_traffic): MFU and MBU
+        self.hbm_bytes = 0.0
+        self._gpu = engine.dep.gpu
+        self._weight_dtype = engine.dep.weight_dtype
         self.registry.register(EngineCollector(engine, model_name))
         self._define_request_metrics(model_name, engine.max_model_len)
         self._define_kvlab_metrics()
@@ -116,8 +122,20 @@ class WorkerMetrics:
     def _busy(self, result: StepResult) -> None:
         self.busy_prefill_s += result.prefill_s
         self.busy_decode_s += result.decode_s
+        self.decode_steps += result.decode_steps
+        self.decode_tokens += result.decode_tokens
+        self.flops += result.flops
+        self.hbm_bytes += result.hbm_bytes
         self.busy_prefill.inc(result.prefill_s)
         self.busy_decode.inc(result.decode_s)
+
+    def roofline_figures(self) -> dict:
+        """Per GPU, cumulative: FLOPs done and HBM bytes moved, and the datasheet peaks they divide by.
+        A reader's MBU over a window is delta(hbm_bytes) / (peak_hbm_bytes_per_s x delta(emulated s)); MFU alike."""
+        return {"hbm_bytes": self.hbm_bytes, "flops": self.flops,
+                "peak_hbm_bytes_per_s": self._gpu.hbm_bytes_per_s,
+                "peak_flops": self._gpu.peak_flops(self._weight_dtype),
+                "decode_steps": self.decode_steps, "decode_tokens": self.decode_tokens}
 
     def _tokens(self, result: StepResult) -> None:
         t = result.end
@@ -183,3 +201,4 @@ def _counter(name: str, doc: str, value: float, labels: list[str]) -> CounterMet
     family = CounterMetricFamily(name, doc, labels=["model_name"])
     family.add_metric(labels, value)
     return family
+

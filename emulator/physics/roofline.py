@@ -20,7 +20,7 @@ from emulator.physics.deployment import BatchShape, Deployment, StepTime, batch_
 __all__ = ["ACTIVATION_BYTES", "BatchShape", "Deployment", "StepTime", "batch_shape", "decode_run_times",
            "decode_time", "experts_touched", "kv_bytes_per_token", "kv_bytes_per_token_per_gpu",
            "kv_capacity_tokens", "kv_pool_bytes_per_gpu", "kv_transfer_time", "mixed_time", "prefill_time",
-           "step_flops", "step_time", "step_weight_bytes", "tp_allreduce_time", "weight_bytes",
+           "step_flops", "step_time", "step_traffic", "step_weight_bytes", "tp_allreduce_time", "weight_bytes",
            "weight_bytes_per_gpu"]
 
 ACTIVATION_BYTES = 2  # all-reduce payloads are bf16 activations in every engine modelled here
@@ -69,6 +69,19 @@ def step_weight_bytes(model: Model, dtype: str, tokens: int) -> float:
     # The lm head and final norm are read whole; the embedding table only at the looked-up rows.
     params = model.layers * per_layer + model.lm_head_params + model.hidden + tokens * model.hidden
     return params * DTYPE_BYTES[dtype]
+
+
+def step_traffic(dep: Deployment, shape: BatchShape, steps: int = 1) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) per GPU of `steps` steps of equal width whose shapes sum to `shape`.
+
+    What the work needs, whatever the timing model: the FLOPs of step_flops; the weights read once per
+    step (a MoE model only the experts its tokens hit); every cached token's KV read and every new
+    token's KV written. Divided by a datasheet peak and elapsed time they give MFU and MBU."""
+    m = dep.model
+    per_step = shape.new_tokens // max(steps, 1)
+    weights = steps * step_weight_bytes(m, dep.weight_dtype, per_step) / dep.tp
+    kv = (shape.context_tokens + shape.new_tokens) * kv_bytes_per_token_per_gpu(dep)
+    return step_flops(m, shape) / dep.tp, weights + kv
 
 
 def step_time(dep: Deployment, shape: BatchShape) -> StepTime:

@@ -9,6 +9,7 @@ import msgspec
 
 from emulator import planner
 from emulator.planner import Cluster, EngineLimits, LengthDist, PlannerError, PlanRequest, Slo, Workload
+from kvlab.wire.user_errors import number, positive
 
 _WORKLOAD_FLAGS = ("prompt_mean", "prompt_p50", "prompt_p99", "prompt_sigma", "output_mean", "output_p50",
                    "output_p99", "output_sigma", "reuse", "burstiness")
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--max-num-batched-tokens", type=int, help="per-step token budget (default 8192)")
     hw.add_argument("--max-num-seqs", type=int, help="running-sequence cap (default 256)")
     wl = parser.add_argument_group("workload")
-    wl.add_argument("--rate", type=float, help="target requests/s to size for")
+    wl.add_argument("--rate", type=positive, help="target requests/s to size for")
     for kind, default in (("prompt", 1000), ("output", 250)):
         wl.add_argument(f"--{kind}-mean", type=float, help=f"mean {kind} tokens (default {default})")
         wl.add_argument(f"--{kind}-p50", type=float)
@@ -50,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--itl-p99", type=float, help="default 0.1")
     slo.add_argument("--e2e-p99", type=float)
     plan = parser.add_argument_group("plan")
-    plan.add_argument("--price", type=float, default=0.0, help="USD per GPU-hour")
-    plan.add_argument("--headroom", type=float, default=1.0, help="size for rate x this (>= 1)")
-    plan.add_argument("--redundancy", type=int, default=0, help="spare workers per pool (N+k)")
+    plan.add_argument("--price", type=positive, default=None, help="USD per GPU-hour (for the cost lines)")
+    plan.add_argument("--headroom", type=number(minimum=1.0, inclusive=True), default=1.0,
+                      help="size for rate x this (>= 1)")
+    plan.add_argument("--redundancy", type=number(int, inclusive=True), default=0, help="spare workers per pool (N+k)")
     plan.add_argument("--dispatch", choices=("random", "round_robin", "jsq"),
                       help="how the router spreads load (queueing model; default from the spec's router, else random)")
     plan.add_argument("--curve", action="store_true", help="also print the predicted latency-throughput curve")
@@ -117,7 +119,7 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
     req = PlanRequest(model=pick("model", "Llama-3.1-8B"), gpu=pick("gpu", "H100-SXM"), tp=pick("tp", 1),
                       mode=pick("mode", "colocated"), kv_link=pick("kv_link", "InfiniBand-NDR"),
                       tp_link=base.get("tp_link"), weight_dtype=pick("weight_dtype", "bf16"),
-                      kv_dtype=pick("kv_dtype", "bf16"), price_per_gpu_hour=args.price, headroom=args.headroom,
+                      kv_dtype=pick("kv_dtype", "bf16"), price_per_gpu_hour=args.price or 0.0, headroom=args.headroom,
                       redundancy=args.redundancy, dispatch=pick("dispatch", "random"),
                       cache_affinity=base.get("cache_affinity", True), engine=engine)
     rate = args.rate or base.get("rate", 1.0)
@@ -224,8 +226,11 @@ def _render_plan(p, w) -> str:
                 f"ITL p50/p99 {_ms(pr.itl_p50)} / {_ms(pr.itl_p99)}, decode batch {pr.decode_batch:.1f}, "
                 f"KV use {pr.kv_usage:.0%}")
     c = p.cost
-    rows.append(f"  cost ${c.per_hour:,.2f}/h; ${c.per_million_output_tokens:,.3f} per 1M output tokens; "
-                f"${c.per_million_tokens:,.3f} per 1M tokens; ${c.per_thousand_requests:,.4f} per 1k requests")
+    if c.per_hour > 0:
+        rows.append(f"  cost ${c.per_hour:,.2f}/h; ${c.per_million_output_tokens:,.3f} per 1M output tokens; "
+                    f"${c.per_million_tokens:,.3f} per 1M tokens; ${c.per_thousand_requests:,.4f} per 1k requests")
+    else:
+        rows.append("  cost: pass --price USD_PER_GPU_HOUR to see it")
     rows += [f"  note: {n}" for n in p.notes]
     return "\n".join(rows)
 

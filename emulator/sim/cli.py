@@ -10,22 +10,24 @@ import msgspec
 from emulator import traces, workload
 from emulator.sim.policy_settings import policy_settings
 from emulator.sim.simulator import Simulator
-from emulator.sim.report import Summary
+from emulator.sim.report import Summary, overload_note
 from emulator.spec import SpecError, load_spec, resolve_spec_path
+from kvlab.wire.user_errors import count_or_all, non_negative, positive, positive_int
 from router.policies.registry import check_spec_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default="default", help="cluster spec file or bundled example name")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--rate", type=float, help="synthetic arrivals per second (the spec's [workload] mix)")
+    source.add_argument("--rate", type=positive, help="synthetic arrivals per second (the spec's [workload] mix)")
     source.add_argument("--trace", help="a Mooncake-style JSONL trace to replay instead")
-    parser.add_argument("--requests", type=int, default=None, help="number of synthetic requests")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of synthetic arrivals")
-    parser.add_argument("--speedup", type=float, default=1.0, help="divide trace timestamps by this")
-    parser.add_argument("--limit", type=int, default=None, help="replay only the first N trace requests")
+    parser.add_argument("--requests", type=positive_int, default=None, help="number of synthetic requests")
+    parser.add_argument("--duration", type=positive, default=None, help="seconds of synthetic arrivals")
+    parser.add_argument("--speedup", type=positive, default=1.0, help="divide trace timestamps by this")
+    parser.add_argument("--limit", type=count_or_all, default=None,
+                        help="replay only the first N trace requests (0 or 'all': the whole trace)")
     parser.add_argument("--policy", default=None, help="routing policy (default: the spec's)")
-    parser.add_argument("--warmup", type=float, default=0.0, help="exclude requests arriving before this (s)")
+    parser.add_argument("--warmup", type=non_negative, default=0.0, help="exclude requests arriving before this (s)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -51,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(summary, title=f"{spec.name}: {len(requests)} requests, policy "
                                                 f"{policy}"))
         print(f"simulated {sim.now:.1f} s in {cpu:.1f} CPU s ({sim.now / max(cpu, 1e-9):.0f}x real time)")
+    note = overload_note(summary.ttft.p50, spec.slo.ttft_p99_s, "try a lower --rate, a --speedup below 1 or a "
+                                                                 "spec with more workers")
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

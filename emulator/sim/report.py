@@ -118,3 +118,17 @@ def _span(records: list[RequestRecord]) -> float:
     if not records:
         return 0.0
     return max(r.last for r in records) - min(r.arrival for r in records)
+
+
+OVERLOAD_FACTOR = 10.0   # median TTFT over this many SLOs: queueing, not the engine, sets every latency
+
+
+def overload_note(ttft_p50_s: float, ttft_slo_s: float, fix: str) -> str | None:
+    """A one-line warning when the median request waits over 10x the TTFT SLO (None otherwise).
+
+    At that point requests queue faster than the cluster serves them: every latency grows with the run's
+    length, so the figures describe the backlog rather than the cluster."""
+    if not ttft_p50_s > OVERLOAD_FACTOR * ttft_slo_s:   # NaN (nothing finished) is no verdict
+        return None
+    return (f"note: median TTFT {ttft_p50_s:.1f} s is over {OVERLOAD_FACTOR:g}x the {ttft_slo_s:g} s SLO: the "
+            f"workload overloads this cluster and queueing decides every figure; {fix}")

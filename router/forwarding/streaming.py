@@ -10,13 +10,21 @@ Disconnect: a watcher task waits for ``http.disconnect`` and cancels the relay, 
 the upstream connection so the worker aborts the request and frees its KV blocks. (Starlette's
 StreamingResponse does the same through an anyio task group; one plain task is cheaper.)
 ``unless_client_leaves`` does the same for a non-streaming call.
+
+Shutdown: the server drains streams for its graceful period and then cancels those still running; such a
+stream ends with an OpenAI error event "server shutting down" and [DONE], so a client reads why it ended
+instead of a cut connection.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import AsyncIterator, Awaitable, Callable
 
+from kvlab.wire.openai_api import SSE_DONE, ApiError, sse_error
+
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+SHUTTING_DOWN = sse_error(ApiError(503, "server shutting down", type_="server_error",
+                                   code="server_shutting_down")) + SSE_DONE
 
 
 class RelayResponse:
@@ -28,12 +36,18 @@ class RelayResponse:
         self.headers = headers or SSE_HEADERS
 
     async def __call__(self, scope, receive, send) -> None:
+        started = False
         try:
             with ClientWatch(receive):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
+                started = True
                 async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:   # not the client leaving (ClientWatch ends that quietly): a shutdown
+            if started:
+                await _say_shutting_down(send)
+            raise
         finally:
             await _close(self.chunks)
             if self.on_close is not None:
@@ -65,6 +79,13 @@ class ClientWatch:
             self._task.uncancel()
             return True
         return False
+
+
+async def _say_shutting_down(send) -> None:
+    try:
+        await send({"type": "http.response.body", "body": SHUTTING_DOWN, "more_body": False})
+    except Exception:   # the connection is already gone: nobody to tell
+        pass
 
 
 async def _close(chunks: AsyncIterator[bytes]) -> None:

@@ -10,6 +10,14 @@ Utilization is emulated GPU busy time over emulated elapsed time: on one worker
 its workers. Busy and elapsed are both emulated, so the figure does not depend on the time scale; the
 wall clock only decides which snapshots fall in the window. A step's busy time is credited when the
 step ends, so a window can hold a step more than it covered: that edge is why figures clamp at 1.
+
+Busy time says how often the GPU works, not how hard: at low load a worker decodes a batch of three
+sequences back to back and is "busy" nearly all the time. Three figures show the headroom:
+- decode batch occupancy: sequences per decode step over the engine's max_num_seqs;
+- MBU: HBM bytes moved over what the datasheet bandwidth could move in the window;
+- MFU: FLOPs done over what the datasheet peak could do in the window (both as vLLM and SGLang define them).
+The prefix hit rate has one definition everywhere: prompt tokens served from the prefix cache over prompt
+tokens, over the window (``HIT_RATE_DEFINITION``).
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from router.observability.sliding import SampleWindow, SnapshotWindow, percentil
 # Wall seconds a worker's steps may run late (p99) before its emulated timings are flagged as suspect;
 # the same default as the cluster spec's lag_warn_s.
 LAG_WARN_S = 0.05
+HIT_RATE_DEFINITION = ("prompt tokens served from the prefix cache / prompt tokens, over the last window "
+                       "(workers' counters; per policy: the cached tokens the workers report back)")
 
 Counters = dict[str, dict[tuple[str, ...], float]]   # family -> label values -> cumulative count
 
@@ -41,6 +51,13 @@ class LoadSnapshot(msgspec.Struct):
     lag_p99_s: float = 0.0
     time_scale: float = 1.0
     emulated_now_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    max_num_seqs: int = 0
+    hbm_bytes: float = 0.0                 # per GPU, cumulative
+    flops: float = 0.0
+    peak_hbm_bytes_per_s: float = 0.0      # per GPU, datasheet
+    peak_flops: float = 0.0
 
 
 _load_decoder = msgspec.json.Decoder(LoadSnapshot)
@@ -68,12 +85,23 @@ class Busy:
     hits: float = 0.0
     queries: float = 0.0
     preemptions: float = 0.0
+    decode_steps: float = 0.0
+    decode_tokens: float = 0.0
+    slot_steps: float = 0.0        # decode steps x max_num_seqs: the sequences they could have carried
+    hbm_bytes: float = 0.0
+    hbm_peak_bytes: float = 0.0    # datasheet bandwidth x elapsed
+    flops: float = 0.0
+    peak_flops: float = 0.0        # datasheet FLOP/s x elapsed
 
     @classmethod
     def between(cls, old: LoadSnapshot, new: LoadSnapshot) -> Busy:
+        elapsed, steps = new.emulated_now_s - old.emulated_now_s, new.decode_steps - old.decode_steps
         return cls(new.busy_prefill_s - old.busy_prefill_s, new.busy_decode_s - old.busy_decode_s,
-                   new.emulated_now_s - old.emulated_now_s, new.prefix_cache_hits - old.prefix_cache_hits,
-                   new.prefix_cache_queries - old.prefix_cache_queries, new.preemptions - old.preemptions)
+                   elapsed, new.prefix_cache_hits - old.prefix_cache_hits,
+                   new.prefix_cache_queries - old.prefix_cache_queries, new.preemptions - old.preemptions,
+                   steps, new.decode_tokens - old.decode_tokens, steps * new.max_num_seqs,
+                   new.hbm_bytes - old.hbm_bytes, new.peak_hbm_bytes_per_s * elapsed,
+                   new.flops - old.flops, new.peak_flops * elapsed)
 
     def __add__(self, other: Busy) -> Busy:
         return Busy(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -86,6 +114,10 @@ class Busy:
             "ratio": self.prefill_s / self.decode_s if self.decode_s > 0 else None,
             "prefill_share": self.prefill_s / busy if busy > 0 else None,
             "hit_rate": self.hits / self.queries if self.queries > 0 else None,
+            "decode_batch": self.decode_tokens / self.decode_steps if self.decode_steps > 0 else None,
+            "decode_occupancy": _share(self.decode_tokens, self.slot_steps),
+            "mbu": _share(self.hbm_bytes, self.hbm_peak_bytes),
+            "mfu": _share(self.flops, self.peak_flops),
         }
 
 
@@ -137,6 +169,7 @@ class ClusterView:
         routing = self._routing(now, window)
         return {
             "window_s": window,
+            "hit_rate_definition": HIT_RATE_DEFINITION,
             "cluster": _aggregate(members, busy, latest),
             "pools": {role: _aggregate([m for m in members if m.role == role], busy, latest)
                       for role in sorted({m.role for m in members})},
@@ -150,8 +183,9 @@ class ClusterView:
         """Append one history point (labelled `t`) computed at `now`; returns it."""
         v = self.view(now, members)
         c, lat = v["cluster"], v["latency"]
-        point = {"t": round(t, 3), **{k: c[k] for k in ("prefill_util", "decode_util", "ratio",
-                                                         "prefill_share", "kv_usage", "hit_rate")},
+        point = {"t": round(t, 3), **{k: c[k] for k in ("prefill_util", "decode_util", "ratio", "prefill_share",
+                                                         "kv_usage", "hit_rate", "decode_occupancy", "mbu",
+                                                         "mfu")},
                  "ttft_p50": lat["ttft"]["p50"], "ttft_p99": lat["ttft"]["p99"],
                  "itl_p50": lat["itl"]["p50"], "itl_p99": lat["itl"]["p99"],
                  "routed_per_s": sum(p["routed_per_s"] for p in v["routing"].values()),
@@ -222,6 +256,11 @@ def _worker_row(m: Member, busy: Busy | None, snap: LoadSnapshot | None, routed:
 def _delta(old: Counters, new: Counters) -> Counters:
     return {family: {key: value - old.get(family, {}).get(key, 0.0) for key, value in series.items()}
             for family, series in new.items()}
+
+
+def _share(part: float, whole: float) -> float | None:
+    """part / whole clamped to [0, 1] (a step credited at its end can overfill a window), None on 0."""
+    return min(1.0, max(0.0, part / whole)) if whole > 0 else None
 
 
 def _rate(value: float, dt: float) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 from emulator.spec import ClusterSpec, SpecError
+from kvlab.wire.user_errors import unknown_name
 from router.policies.base import Decision, Policy, RouteRequest, WorkerView
 from router.policies.bounded_load import PrefixBounded
 from router.policies.kv_aware import KvAware
@@ -46,7 +47,7 @@ BUILDERS: dict[str, Callable[..., Policy]] = {
 def build_policy(name: str, settings: Settings | None = None, *, index: KvIndex | None = None) -> Policy:
     """A policy from its name and settings; kv_aware and pd_pair read `index` (a fresh one if None)."""
     if name not in BUILDERS:
-        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(BUILDERS)}")
+        raise unknown_name("routing policy", name, BUILDERS)
     try:
         return BUILDERS[name](index if index is not None else KvIndex(), **dict(settings or {}))
     except TypeError as exc:  # an unknown or misspelt setting

@@ -66,6 +66,10 @@ class StepResult(msgspec.Struct, kw_only=True):
     prefill_s: float = 0.0                    # busy time attributed to prefill work
     decode_s: float = 0.0                     # busy time attributed to decode work
     preempted: int = 0
+    decode_steps: int = 0                     # steps that decoded at least one sequence
+    # The work itself, per GPU (roofline.step_traffic): over elapsed time and the datasheet peaks, MFU and MBU.
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
     next_wakeup: float | None = None          # when idle: the next time something becomes ready
     steps: int = 1                            # engine steps in this result (merged: more than one)
     token_times: list[float] = []             # merged results: each token's own time (else all at end)
@@ -97,6 +101,9 @@ class _Merged:
         r.decode_s += step.decode_s
         r.preempted += step.preempted
         r.steps += step.steps
+        r.decode_steps += step.decode_steps
+        r.flops += step.flops
+        r.hbm_bytes += step.hbm_bytes
 
 
 class Engine:
@@ -232,11 +239,13 @@ class Engine:
                 prefill_tokens += n
         decode_tokens = shape.new_tokens - prefill_tokens
         timing = steptime.step_time(self.dep, shape)
+        flops, hbm_bytes = roofline.step_traffic(self.dep, shape)
         duration = timing.seconds + self._swap_time(sched)
         decode_s = self._decode_share(sched, duration) if prefill_tokens else duration
         result = StepResult(start=now, duration=duration, bound=timing.bound, tokens=[], finished=[],
                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-                            prefill_s=duration - decode_s, decode_s=decode_s,
+                            prefill_s=duration - decode_s, decode_s=decode_s, decode_steps=int(decode_tokens > 0),
+                            flops=flops, hbm_bytes=hbm_bytes,
                             preempted=len(sched.preempted), kv_ready=[r.request_id for r in sched.kv_ready])
         end = now + duration
         for chunk in sched.chunks:

@@ -30,7 +30,18 @@ def fast_forward(engine, now: float, until: float):
     steps = min(cap, 1 + int(np.searchsorted(ends[:-1], until, side="left")))
     if steps < 2 or not _grow_all(engine, steps):
         return None
-    return _advance(engine, now, ends[:steps], steps)
+    context_sum = sum(r.num_computed for r in running)
+    result = _advance(engine, now, ends[:steps], steps)
+    result.flops, result.hbm_bytes = roofline.step_traffic(engine.dep, _run_shape(batch, context_sum, steps), steps)
+    return result
+
+
+def _run_shape(batch: int, context_sum: int, steps: int) -> roofline.BatchShape:
+    """The summed shape of `steps` decode steps of `batch` sequences, step j reading context_sum + j x batch
+    cached tokens (what BatchShape.add over every sequence and step would give)."""
+    contexts = steps * context_sum + batch * steps * (steps - 1) // 2
+    return roofline.BatchShape(new_tokens=batch * steps, context_tokens=contexts,
+                               attention_pairs=contexts + batch * steps, sampled=batch * steps)
 
 
 def _steady(engine) -> bool:
@@ -74,4 +85,4 @@ def _advance(engine, now: float, ends: np.ndarray, steps: int):
     duration = times[-1] - now
     return StepResult(start=now, duration=duration, bound="memory" if duration else "", tokens=tokens,
                       token_times=token_times, finished=[], events=engine.blocks.take_events(),
-                      decode_tokens=len(tokens), decode_s=duration, steps=steps)
+                      decode_tokens=len(tokens), decode_s=duration, steps=steps, decode_steps=steps)

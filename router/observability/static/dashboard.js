@@ -7,7 +7,7 @@ const SPAN_S = 180;          // seconds of history the charts show at most
 const MIN_SPAN_S = 20;       // ...and at least, so a young history fills the width
 const KEEP = 600;            // history points kept in the page
 const COLORS = { prefill: "#e8710a", decode: "#1a73e8", kv: "#8e44ad", p50: "#0f9d8a", p99: "#d93025",
-                 routed: "#1a73e8", rejected: "#d93025" };
+                 routed: "#1a73e8", rejected: "#d93025", occupancy: "#0f9d8a", mbu: "#1a73e8", mfu: "#e8710a" };
 const POLICY_COLORS = ["#1a73e8", "#e8710a", "#0f9d8a", "#8e44ad", "#d93025", "#5f6368"];
 
 const state = { history: [], lastT: null, updates: 0 };
@@ -42,6 +42,12 @@ function renderTiles(view) {
   setMetric("kv_usage", pct(c.kv_usage));
   setMetric("kv_usage_max", pct(c.kv_usage_max));
   setMetric("hit_rate", pct(c.hit_rate));
+  setMetric("decode_occupancy", pct(c.decode_occupancy));
+  setMetric("decode_batch", c.decode_batch == null ? dash : c.decode_batch.toFixed(1));
+  setMetric("mbu", pct(c.mbu));
+  setMetric("mfu", pct(c.mfu));
+  // One hit rate, defined once (by the router): every place that shows it explains it on hover.
+  for (const node of document.querySelectorAll('[data-definition="hit_rate"]')) node.title = view.hit_rate_definition;
   setMetric("ttft_p50", ms(lat.ttft.p50));
   setMetric("ttft_p99", ms(lat.ttft.p99));
   setMetric("itl_p50", ms(lat.itl.p50));
@@ -76,13 +82,18 @@ function workerCard(w) {
   return el("div", { class: "worker" + (w.up ? "" : " down"), "data-worker": w.id },
     el("div", { class: "head" }, el("b", {}, w.id), el("span", { class: "role" }, w.role),
        el("span", { class: "state" + (w.lagging ? " lagging" : "") }, state)),
-    bar("KV", w.kv_usage, "kv"), bar("prefill", w.prefill_util, "prefill"), bar("decode", w.decode_util, "decode"),
+    bar("KV", w.kv_usage, "kv"), bar("prefill busy", w.prefill_util, "prefill"),
+    bar("decode busy", w.decode_util, "decode"), bar("batch occ.", w.decode_occupancy, "occupancy"),
+    bar("MBU", w.mbu, "mbu"),
     el("div", { class: "facts" }, fact("running", num(w.running)), fact("waiting", num(w.waiting)),
        fact("in flight", num(w.in_flight)), fact("routed", rate(w.routed_per_s)),
-       fact("hit", pct(w.hit_rate)), fact("preempt", num(w.preemptions))));
+       fact("seqs/step", w.decode_batch == null ? dash : w.decode_batch.toFixed(1)), fact("MFU", pct(w.mfu)),
+       el("span", { "data-definition": "hit_rate", title: state.hitRateDefinition || "" }, "hit ", el("b", {}, pct(w.hit_rate))),
+       fact("preempt", num(w.preemptions))));
 }
 
 function renderWorkers(view) {
+  state.hitRateDefinition = view.hit_rate_definition;
   document.getElementById("workers").replaceChildren(...view.workers.map(workerCard));
 }
 
@@ -98,11 +109,10 @@ function fillTable(id, rows, columns) {
 
 function renderTables(view) {
   fillTable("policies", Object.entries(view.routing).map(([name, p]) => [
-    name, rate(p.routed_per_s), rate(p.overflow_per_s), pct(p.hit_rate), pct(p.estimated_hit_rate),
-    num(p.decisions_total)]), 6);
+    name, rate(p.routed_per_s), rate(p.overflow_per_s), pct(p.hit_rate), num(p.decisions_total)]), 5);
   fillTable("pools", Object.entries(view.pools).map(([name, p]) => [
-    name, `${p.workers_up}/${p.workers}`, pct(p.prefill_util), pct(p.decode_util), pct(p.kv_usage),
-    pct(p.hit_rate), num(p.running), num(p.waiting)]), 8);
+    name, `${p.workers_up}/${p.workers}`, pct(p.prefill_util), pct(p.decode_util), pct(p.decode_occupancy),
+    pct(p.mbu), pct(p.mfu), pct(p.kv_usage), pct(p.hit_rate), num(p.running), num(p.waiting)]), 11);
   fillTable("rejections", view.rejections.by.slice(0, 8).map(r => [
     r.status, r.reason, r.tenant, num(r.count), rate(r.per_s)]), 5);
 }
@@ -183,6 +193,10 @@ function renderCharts() {
     { label: "prefill", color: COLORS.prefill, get: p => p.prefill_util },
     { label: "decode", color: COLORS.decode, get: p => p.decode_util },
     { label: "KV usage", color: COLORS.kv, get: p => p.kv_usage }], { max: 1, fmt: pct });
+  lineChart(document.getElementById("chart-headroom"), h, [
+    { label: "batch occupancy", color: COLORS.occupancy, get: p => p.decode_occupancy },
+    { label: "MBU", color: COLORS.mbu, get: p => p.mbu },
+    { label: "MFU", color: COLORS.mfu, get: p => p.mfu }], { max: 1, fmt: pct });
   lineChart(document.getElementById("chart-ratio"), h, [
     { label: "prefill : decode", color: COLORS.prefill,
       get: p => p.ratio != null ? p.ratio : p.prefill_share === 1 ? 100 : null }],
