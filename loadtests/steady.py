@@ -63,20 +63,21 @@ def halves_agree(a: float, b: float, rel: float, absolute: float) -> bool:
 
 
 def served_tolerance(sent_rps: float, lifetime_s: float, window_s: float) -> float:
-    """How far served may sit from sent, relative: SERVED_TOLERANCE, or twice the window's edge noise
-    when that is larger. Requests in flight at the window's start finish inside it and those in
+    """How far served may sit from sent, relative: SERVED_TOLERANCE, or three times the window's edge
+    noise (3 sigma, as for the queue) when that is larger. Requests in flight at the window's start finish inside it and those in
     flight at its end do not: about Poisson(rate x lifetime) each, so served - sent wanders by
     sqrt(2 x rate x lifetime) requests even at a perfect steady state (1% of a 10-lifetime window
     at 150 requests in flight; a tiny cluster with a handful in flight needs the wider bound)."""
     if sent_rps <= 0 or lifetime_s <= 0 or window_s <= 0:
         return SERVED_TOLERANCE
     edge = math.sqrt(2 * sent_rps * lifetime_s) / (sent_rps * window_s)
-    return max(SERVED_TOLERANCE, 2 * edge)
+    return max(SERVED_TOLERANCE, 3 * edge)
 
 
-def queue_noise(a: float, b: float, samples: int) -> float:
+def queue_noise(a: float, b: float, samples: float) -> float:
     """Requests in the system wander like a Poisson count (mean = variance, Little's law's M/G/inf);
-    the means of two halves of `samples` polls each differ by this much (3 sigma) at a steady state."""
+    the means of two halves of `samples` independent polls each differ by this much (3 sigma) at a
+    steady state. Polls closer than a request lifetime see mostly the same requests: count lifetimes."""
     return 3 * math.sqrt(max(a + b, 0.0) / max(samples, 1))
 
 

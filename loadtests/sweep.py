@@ -368,7 +368,9 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
         queue, polls = (read[0][0], read[1][0]), min(n for _, n in read)
     sent = summary.requests / summary.duration_s if summary.duration_s else 0.0
     tol = served_tolerance(sent, lifetime_s, summary.duration_s)
-    return check(ttft, queue, sent, summary.throughput_rps, ttft_slo, below_c_max, tol, queue_samples=polls)
+    independent = min(polls, (w.end_s - w.start_s) / 2 / lifetime_s) if lifetime_s > 0 else polls
+    return check(ttft, queue, sent, summary.throughput_rps, ttft_slo, below_c_max, tol,
+                 queue_samples=max(1, int(independent)))
 
 
 def _same_schedule(setup: Setup, plan: LivePlan, windows) -> object | None:

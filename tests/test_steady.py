@@ -58,8 +58,10 @@ def test_stationary_window_passes_and_drifts_are_named():
 
 
 def test_served_tolerance_is_three_percent_unless_the_window_edges_are_noisier():
-    assert served_tolerance(47.0, 3.3, 33.0) == SERVED_TOLERANCE       # the default spec: ~150 in flight
-    assert served_tolerance(20.0, 0.2, 2.0) > SERVED_TOLERANCE          # 4 in flight: edges dominate
+    assert served_tolerance(47.0, 3.3, 100.0) == SERVED_TOLERANCE      # ~150 in flight, 30 lifetimes
+    # 10 lifetimes: 3 x sqrt(2 x 47 x 3.3) / (47 x 33) = 3.4%, the edges' own 3-sigma noise
+    assert served_tolerance(47.0, 3.3, 33.0) == pytest.approx(3 * math.sqrt(2 * 47 * 3.3) / (47 * 33))
+    assert served_tolerance(20.0, 0.2, 2.0) > 0.2                       # 4 in flight: edges dominate
 
 
 def test_queue_halves_may_differ_by_their_sampling_noise_only():
