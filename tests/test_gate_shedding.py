@@ -86,5 +86,25 @@ def test_the_routers_drain_figures_match_the_planners_prefill_laws():
         prof = prefill.profile(ctx, 0)
         alone, per_request = prefill_times(spec)
         assert alone == pytest.approx(prof.mean_alone(ctx), rel=0.2)
-        assert per_request == pytest.approx(prof.mean_share(ctx), rel=0.2)
-        assert per_request <= alone          # packed steps share their fixed costs
+        if spec.disaggregated:               # a prefill worker drains at its packed prefill steps
+            assert per_request == pytest.approx(prof.mean_share(ctx), rel=0.2)
+            assert per_request <= alone      # packed steps share their fixed costs
+        else:                                # colocated: no faster than prefill, nor than slots turn over
+            assert per_request >= 0.8 * prof.mean_share(ctx)
+
+
+def test_a_colocated_worker_drains_no_faster_than_its_sequence_slots_turn_over():
+    """With 2 sequence slots, a waiting request starts only when a running one finishes its whole
+    output: the drain is lifetime / 2 per request, far slower than packed prefill steps alone."""
+    import msgspec
+
+    from emulator.physics import roofline
+    from emulator.spec import load_spec
+    from router.frontdoor.drain import prefill_times, slot_turnover
+    wide = load_spec("default")
+    narrow = msgspec.structs.replace(wide, engine=msgspec.structs.replace(wide.engine, max_num_seqs=2))
+    alone, per_request = prefill_times(narrow)
+    assert per_request > 10 * prefill_times(wide)[1]
+    step = roofline.step_time(narrow.deployment(narrow.pools[0]), roofline.BatchShape().add(1, 500).add(1, 500))
+    assert per_request > alone / 2 + 100 * step.seconds / 2     # >= 100 output tokens each, 2 slots
+    assert slot_turnover(narrow.deployment(narrow.pools[0]), alone, 500, 200, 2) > alone / 2

@@ -5,7 +5,10 @@ From the roofline on the spec's own deployment and workload (the same physics th
          the shared prefix that prefix-aware routing keeps cached), chunked by the step budget, one
          step per chunk, averaged over the samples (long prompts cost more than their share);
   1/mu   the worker time per request once a backlog packs every step full: a budget-filled step of
-         such requests (each its own sequence), times the request's share of that step's tokens.
+         such requests (each its own sequence), times the request's share of that step's tokens; and,
+         on a colocated worker, at least a sequence slot's turnover: a request holds one of the
+         max_num_seqs slots for its prefill and all its decode steps (a full batch's step each), so a
+         waiting request starts no faster than lifetime / max_num_seqs apart.
 The drain figure takes the mean request; the planner (emulator.planner) does the full laws.
 """
 from __future__ import annotations
@@ -36,7 +39,20 @@ def prefill_times(spec: ClusterSpec, samples: int = SAMPLES) -> tuple[float, flo
     for _ in range(max(1, budget // piece)):
         full.add(piece, cached)
     per_request = roofline.step_time(dep, full).seconds * new / full.new_tokens
+    if pool.role == "both":
+        output = float(np.mean([r.max_tokens for r in requests]))
+        per_request = max(per_request, slot_turnover(dep, alone, float(np.mean(prompt)), output,
+                                                     spec.engine.max_num_seqs))
     return alone, per_request
+
+
+def slot_turnover(dep: roofline.Deployment, prefill_s: float, prompt: float, output: float, seqs: int) -> float:
+    """Seconds between slot releases on a worker whose max_num_seqs slots are all held: one request's
+    lifetime (its prefill, then its output in decode steps of a full batch at the mean context) / seqs."""
+    batch = roofline.BatchShape()
+    for _ in range(seqs):
+        batch.add(1, int(prompt + output / 2))
+    return (prefill_s + output * roofline.step_time(dep, batch).seconds) / seqs
 
 
 def prefill_alone(dep: roofline.Deployment, new: int, cached: int, budget: int) -> float:
