@@ -68,6 +68,14 @@ port = {router_port}
 [slo]
 ttft_p99_s = 1.0
 itl_p99_s = 0.1
+
+# What the scenarios send (40-word prompts, 64 output tokens): the router's shedder sizes its drain rate
+# from the spec's workload, so the spec says what the traffic is.
+[workload]
+mix = {{ chat = 1.0 }}
+[workload.params.chat]
+output_len = {{ median = 64, sigma = 0.01, high = 64 }}
+unique_len = {{ median = 80, sigma = 0.1 }}
 """
 
 
