@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import httpx
 import msgspec
-from routing_decision import median_us   # benchmarks/ is on sys.path when run as a script
+from routing_decision import median_us  # benchmarks/ is on sys.path when run as a script
 
 MODEL = "Llama-3.1-8B"
 PYTHON = sys.executable
@@ -244,8 +244,8 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
     from kvlab.wire.kv_events import BlockStored, KVEventBatch
     from kvlab.wire.openai_api import ChatCompletionRequest, ChatMessage
     from kvlab.wire.tokenizer import BuiltinTokenizer
-    from router.policies import KvIndex, PolicySet, WorkerView
     from router.frontdoor.tokenize import PromptTokenizer, TokenIdsCompletion
+    from router.policies import KvIndex, PolicySet, WorkerView
 
     tok = PromptTokenizer(BuiltinTokenizer(), 16)
     first_sight = PromptTokenizer(BuiltinTokenizer(), 16, hash_memo_runs=0)   # hashes every block it reads

@@ -494,7 +494,7 @@ def _check_workload(spec: ClusterSpec) -> None:
         _check_archetype_params(name, overrides)
     tenant_names = {t.name for t in spec.tenants}
     for name in w.tenants:
-        _require(name in tenant_names, f"workload.tenants.{name}", f"no such tenant in [[tenants]]")
+        _require(name in tenant_names, f"workload.tenants.{name}", "no such tenant in [[tenants]]")
     _positive(w.cv, "workload.cv", allow_none=False)
     for i, rate in enumerate(w.rates):
         _positive(rate, f"workload.rates[{i}]", allow_none=False)

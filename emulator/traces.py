@@ -13,8 +13,8 @@ Expansion is lazy (one request at a time): the Mooncake conversation trace holds
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import msgspec
 import numpy as np

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import heapq
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -286,16 +287,16 @@ class RateProfile(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("the last rate must be > 0 (arrivals must not stop forever)")
 
     @classmethod
-    def constant(cls, rate: float) -> "RateProfile":
+    def constant(cls, rate: float) -> RateProfile:
         return cls(starts=(0.0,), rates=(rate,))
 
     @classmethod
-    def step(cls, base: float, factor: float, at_s: float) -> "RateProfile":
+    def step(cls, base: float, factor: float, at_s: float) -> RateProfile:
         """`base` until `at_s`, then `factor` x base (a 2-3x step shows recovery time)."""
         return cls(starts=(0.0, at_s), rates=(base, base * factor))
 
     @classmethod
-    def burst(cls, base: float, peak: float, start_s: float, length_s: float) -> "RateProfile":
+    def burst(cls, base: float, peak: float, start_s: float, length_s: float) -> RateProfile:
         return cls(starts=(0.0, start_s, start_s + length_s), rates=(base, peak, base))
 
     def rate_at(self, t: float) -> float:

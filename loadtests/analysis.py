@@ -11,8 +11,8 @@ would credit every queued request once it is finally served).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

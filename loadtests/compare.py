@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import msgspec
 
 from emulator import traces
+from emulator.sim.policy_settings import policy_settings as sim_policy_settings
 from emulator.sim.report import Summary, overload_note
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
-from emulator.sim.policy_settings import policy_settings as sim_policy_settings
 from kvlab.wire.user_errors import count_or_all, positive, positive_int
 from loadtests.cache_bounds import Bounds, cluster_kv_blocks, hit_rates
 from router.policies.registry import check_spec_settings

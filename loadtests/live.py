@@ -8,9 +8,9 @@ finished, so the last rate is not flattered by an emptying cluster.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from loadtests.analysis import Window, windows
 from loadtests.locust_run import LocustRun, command
@@ -69,7 +69,7 @@ class LivePlan:
         return len(self.rates) * (self.warmup_s + self.duration_s)
 
 
-def measure(plan: LivePlan, on_stage: Callable[[int, "LiveResult"], None] | None = None,
+def measure(plan: LivePlan, on_stage: Callable[[int, LiveResult], None] | None = None,
             progress: Progress | None = None) -> LiveResult:
     stages = plan.stages()
     plan.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ the steady state the planner models. The gap between the two is what the short s
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from emulator import workload
 from emulator.sim.report import Summary

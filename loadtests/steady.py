@@ -10,8 +10,8 @@ requests in the system) and, below C_max, it serves what was sent.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Sizing:
     tail_s: float
 
     @classmethod
-    def of(cls, lifetime_s: float) -> "Sizing":
+    def of(cls, lifetime_s: float) -> Sizing:
         return cls(lifetime_s, WARMUP_LIFETIMES * lifetime_s, WINDOW_LIFETIMES * lifetime_s,
                    TAIL_LIFETIMES * lifetime_s)
 

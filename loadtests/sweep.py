@@ -23,14 +23,24 @@ import time
 from pathlib import Path
 
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
-from loadtests import analysis, report as rpt, sim_curve
+from loadtests import analysis, sim_curve
+from loadtests import report as rpt
 from loadtests.live import LivePlan, LiveResult, measure
 from loadtests.planner_bridge import Prediction, predict
 from loadtests.progress import Progress
 from loadtests.schedule import Stage, spec_requests
 from loadtests.scrape import Scraper
-from loadtests.steady import (BRACKET_RATIO, WARMUP_LIFETIMES, WINDOW_LIFETIMES, Bracket, Sizing, Stationarity,
-                              check, crossing, served_tolerance)
+from loadtests.steady import (
+    BRACKET_RATIO,
+    WARMUP_LIFETIMES,
+    WINDOW_LIFETIMES,
+    Bracket,
+    Sizing,
+    Stationarity,
+    check,
+    crossing,
+    served_tolerance,
+)
 
 CURVE_FACTORS = (0.6,)     # x the expected C_max, measured before the bracket: served tracks offered there
 SIM_STEP = 1.05            # the steady-state simulator steps rates by 5% from the planner's C_max to the crossing
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if args.strict and not report["valid"] else 0
 
 
-def _plan_text(setup: "Setup", planned: Prediction, sim_c: dict | None) -> str:
+def _plan_text(setup: Setup, planned: Prediction, sim_c: dict | None) -> str:
     if setup.rates is not None:
         return f"rates {', '.join(f'{r:g}' for r in setup.rates)} req/s ({setup.why})"
     parts = [f"planned C_max {planned.c_max:.1f}" if planned.c_max else "no planned C_max"]
@@ -137,7 +147,7 @@ class Setup:
         self.steady_enabled = True
 
     @classmethod
-    def build(cls, spec: ClusterSpec, spec_path: Path, args, rates_arg) -> "Setup":
+    def build(cls, spec: ClusterSpec, spec_path: Path, args, rates_arg) -> Setup:
         rates, why = rates_arg, "from --rates"
         if rates is None and spec.workload.rates:
             rates, why = sorted(spec.workload.rates), "from the spec's workload.rates"
@@ -314,7 +324,7 @@ def _distorted(point: dict, setup: Setup) -> bool:
     return point["lagged"] and lag > GIVE_UP_LAG_SLO_SHARE * setup.spec.slo.ttft_p99_s
 
 
-def _gave_up(live: "LiveSweep") -> "LiveSweep":
+def _gave_up(live: LiveSweep) -> LiveSweep:
     scale = live.setup.scale
     live.gave_up = True
     live.warnings.append(f"the host could not keep up at time scale {scale:g}: lag beyond "

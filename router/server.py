@@ -13,8 +13,8 @@ Endpoints
 from __future__ import annotations
 
 import asyncio
-import secrets
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,25 +26,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kvlab.wire.http_body import read_body
+from kvlab.wire.http_errors import error_response, install_error_handlers
 from kvlab.wire.openai_api import ApiError, models_body
 from kvlab.wire.tokenizer import load_tokenizer
 from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_token
 from router.config import RouterConfig
-from router.observability.dashboard import mount_dashboard
+from router.forwarding.proxy import Proxy
+from router.forwarding.streaming import unless_client_leaves
+from router.forwarding.transport import LeanTransport
+from router.forwarding.upstream import Upstream, WorkerRefused
 from router.frontdoor.gate import Gate
-from kvlab.wire.http_body import read_body
-from kvlab.wire.http_errors import error_response, install_error_handlers
 from router.frontdoor.intake import POLICY_HEADER, Intake
 from router.frontdoor.job import Endpoint, Job
-from router.pool.kv_subscriber import KvSubscriber
+from router.frontdoor.tokenize import PromptTokenizer
+from router.observability.dashboard import mount_dashboard
 from router.observability.metrics import RouterMetrics
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
-from router.forwarding.proxy import Proxy
-from router.forwarding.streaming import unless_client_leaves
-from router.frontdoor.tokenize import PromptTokenizer
-from router.forwarding.transport import LeanTransport
-from router.forwarding.upstream import Upstream, WorkerRefused
+from router.pool.kv_subscriber import KvSubscriber
 from router.pool.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger("kvlab.router")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
 from router.config import RouterConfig
-from router.server import create_app
-from router.observability.sliding import SampleWindow, SnapshotWindow, percentiles
 from router.forwarding.stream_timing import StreamTimings
+from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
+from router.observability.sliding import SampleWindow, SnapshotWindow, percentiles
+from router.server import create_app
 
 
 def snap(emulated: float, prefill: float = 0.0, decode: float = 0.0, **fields) -> LoadSnapshot:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from emulator.spec import load_spec

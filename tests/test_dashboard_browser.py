@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from background_load import BackgroundLoad
 from headless_chromium import CHROMIUM, Browser
-from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, start_router  # noqa: F401  (fixture)
+
+from router.frontdoor.tenants import TenantConfig
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed "
                                 "(Debian: apt-get install chromium; .ci/run installs it when run as root)")

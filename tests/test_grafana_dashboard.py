@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from router_fixtures import MODEL, start_router, stream_completion  # noqa: F401  (fixture)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashboards" / "kvlab.json"

@@ -8,7 +8,8 @@ import random
 import statistics
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.policies.hash_ring import HashRing
 

@@ -9,9 +9,23 @@ import pytest
 
 from emulator.physics import roofline
 from emulator.physics.catalog import builtin_catalog
-from emulator.planner import (Cluster, LengthDist, PlannerError, PlanRequest, Slo, Workload, capacity, curve,
-                              plan)
-from emulator.planner import context, decode, kv_capacity, operating, prefill, sizing
+from emulator.planner import (
+    Cluster,
+    LengthDist,
+    PlannerError,
+    PlanRequest,
+    Slo,
+    Workload,
+    capacity,
+    context,
+    curve,
+    decode,
+    kv_capacity,
+    operating,
+    plan,
+    prefill,
+    sizing,
+)
 from emulator.planner.cost import cost
 
 CAT = builtin_catalog()

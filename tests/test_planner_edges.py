@@ -5,7 +5,7 @@ import math
 import pytest
 
 from emulator import planner
-from emulator.planner import EngineLimits, LengthDist, PlanRequest, Slo, Workload, context, colocated, decode
+from emulator.planner import EngineLimits, LengthDist, PlanRequest, Slo, Workload, colocated, context, decode
 from emulator.spec import parse_spec
 from loadtests import sim_curve
 

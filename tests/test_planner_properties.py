@@ -3,8 +3,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from emulator.planner import LengthDist, PlannerError, PlanRequest, Slo, Workload
-from emulator.planner import context, sizing
+from emulator.planner import LengthDist, PlannerError, PlanRequest, Slo, Workload, context, sizing
 from emulator.planner.api import check_feasible
 
 MODES = st.sampled_from([("Llama-3.1-8B", 1, "colocated"), ("Llama-3.1-8B", 1, "disaggregated"),

@@ -5,13 +5,13 @@ import socket
 import time
 
 import msgspec
+from router_fixtures import MODEL
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from router.config import RouterConfig, WorkerConfig
 from router.server import create_app
-from router_fixtures import MODEL
 
 EVENT = b"data: " + msgspec.json.encode({"id": "x", "created": 1, "choices": [
     {"index": 0, "text": " the" * 250, "finish_reason": None}]}) + b"\n\n"   # ~1 KB a token event

@@ -1,10 +1,10 @@
 """Every malformed or refused request gets the right 4xx with an OpenAI error body, and the router keeps serving."""
 import httpx
 import pytest
+from router_fixtures import MODEL, module_cluster
 
 from router.config import Limits
 from router.frontdoor.tenants import TenantConfig
-from router_fixtures import MODEL, module_cluster
 
 KEY = {"Authorization": "Bearer sk-good"}
 

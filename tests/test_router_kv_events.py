@@ -3,7 +3,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import free_port
 from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 

@@ -16,7 +16,6 @@ import random
 
 import httpx
 import pytest
-
 from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 EPS = 0.25

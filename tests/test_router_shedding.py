@@ -3,9 +3,9 @@ import asyncio
 import time
 
 import httpx
+from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 from router.config import SheddingConfig
-from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 SLOW = {"time_scale": 5.0, "max_num_seqs": 1}   # one request at a time, ~35 ms a token: a queue builds
 

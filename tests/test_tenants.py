@@ -1,9 +1,10 @@
 """Tenants: keys, per-tenant limits that count tokens, isolation between tenants, salts."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from router.policies import RouteRequest
 from router.frontdoor.tenants import TenantConfig, Tenants
+from router.policies import RouteRequest
 
 
 def tenants(**limits):

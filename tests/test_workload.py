@@ -5,7 +5,8 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emulator import workload as W
 from emulator.spec import load_spec

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 
@@ -202,7 +202,7 @@ class EngineDriver:
         timeout = None if next_wakeup is None else max(0.0, self._wall_at(next_wakeup) - self.clock())
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _deliver(self, result: StepResult) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio

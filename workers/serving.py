@@ -18,11 +18,11 @@ from starlette.responses import Response, StreamingResponse
 from kvlab.wire import openai_api as api
 from kvlab.wire.openai_api import ApiError, ChatCompletionRequest, CompletionRequest
 from kvlab.wire.tokenizer import EOS_TOKEN_ID, apply_chat_template
-from workers.driver import RequestStream
-from workers.core.engine import EngineError, Finished, QueueFull
 from workers.config import MAX_STREAM_INTERVAL
-from workers.handoff import Handoff, parse_handoff, prefill_params
+from workers.core.engine import EngineError, Finished, QueueFull
 from workers.core.request import SamplingParams
+from workers.driver import RequestStream
+from workers.handoff import Handoff, parse_handoff, prefill_params
 from workers.runtime import WorkerRuntime
 
 RETRY_AFTER_S = "1"                       # a full queue drains in about a batch's decode time

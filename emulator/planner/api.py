@@ -9,7 +9,8 @@ import msgspec
 
 from emulator.physics import roofline
 from emulator.physics.catalog import Catalog
-from emulator.planner import context, cost, curve as curves, decode, prefill, sizing
+from emulator.planner import context, cost, decode, prefill, sizing
+from emulator.planner import curve as curves
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import PlanRequest, Slo, Workload
 from emulator.planner.operating import Cluster, evaluate

@@ -10,8 +10,8 @@ bisection (`solve_batch`); no root below the batch cap means the decode side is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

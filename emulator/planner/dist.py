@@ -7,8 +7,8 @@ Each point is the conditional mean of its quantile bin, so means (which set thro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class Points:
         self.values, self.weights = v, w / w.sum()
 
     @classmethod
-    def fixed(cls, value: float) -> "Points":
+    def fixed(cls, value: float) -> Points:
         return cls([value], [1.0])
 
     def mean(self) -> float:
@@ -41,7 +41,7 @@ class Points:
     def moment2(self) -> float:
         return float((self.values ** 2) @ self.weights)
 
-    def map(self, fn: Callable[[float], float]) -> "Points":
+    def map(self, fn: Callable[[float], float]) -> Points:
         return Points([fn(x) for x in self.values], self.weights)
 
     def _mid_cdf(self) -> tuple[np.ndarray, np.ndarray]:

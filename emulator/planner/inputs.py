@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
 
@@ -29,7 +30,7 @@ class LengthDist(msgspec.Struct, frozen=True, kw_only=True):
     max: int | None = None
 
     @classmethod
-    def fixed(cls, tokens: int) -> "LengthDist":
+    def fixed(cls, tokens: int) -> LengthDist:
         return cls(mean=float(tokens))
 
     def points(self) -> dist.Points:
@@ -123,7 +124,7 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_samples(cls, rate: float, prompts: Sequence[int], outputs: Sequence[int],
                      shared: Sequence[int] | None = None, burstiness: float = 1.0,
-                     groups: Sequence[int] | None = None) -> "Workload":
+                     groups: Sequence[int] | None = None) -> Workload:
         """From generated requests, each with its shared prefix (all shared prefixes assumed warm in the
         cache, as prefix-aware routing keeps them); prefix_reuse = shared / prompt tokens overall."""
         reuse = sum(shared) / sum(prompts) if shared else 0.0

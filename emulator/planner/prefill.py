@@ -29,7 +29,7 @@ class PrefillProfile:
     share: np.ndarray       # per prompt point: its token share of full-budget steps
     last_tokens: np.ndarray  # per prompt point: tokens of its last chunk
     last_step: np.ndarray   # per prompt point: seconds of its last step
-    chunks: "Chunks"
+    chunks: Chunks
     full_step: roofline.StepTime  # a step whose prefill fills the budget
 
     def mean_alone(self, ctx: Context) -> float:

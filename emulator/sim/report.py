@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from array import array
 
-import numpy as np
 import msgspec
+import numpy as np
 
 
 class RequestRecord:

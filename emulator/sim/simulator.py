@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 
@@ -23,7 +23,6 @@ from router.policies.registry import PolicySet
 from workers.core.engine import EngineError, QueueFull, StepResult
 from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
-
 
 INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded")
 
@@ -80,7 +79,7 @@ class Simulator:
         self.merge_steps = merge_steps   # off: one event per engine step (slower; same numbers)
 
     # -- the event loop ----------------------------------------------------------------------
-    def run(self, requests: Iterable) -> "Simulator":
+    def run(self, requests: Iterable) -> Simulator:
         """Replay requests (in arrival order; an iterator is consumed lazily) until every one is done."""
         arrivals = iter(requests)
         self._next_arrival = next(arrivals, None)

@@ -8,7 +8,7 @@ Only full blocks are hashed: a partial last block is never cached.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import xxhash

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 class UserError(ValueError):

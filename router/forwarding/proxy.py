@@ -13,27 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 from starlette.responses import Response
 
 from kvlab.wire.openai_api import ApiError
-from router.forwarding import pd
 from router.config import RouterConfig
-from router.frontdoor.job import Job
-from router.observability.metrics import RouterMetrics
-from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
-from router.policies.registry import PolicySet
+from router.forwarding import pd
 from router.forwarding.relay import StreamRelay
 from router.forwarding.sse import Usage
 from router.forwarding.stream_session import StreamSession
 from router.forwarding.stream_sources import ColocatedSource, Source
 from router.forwarding.streaming import SSE_HEADERS, RelayResponse
-from router.frontdoor.tokenize import PromptTokenizer
 from router.forwarding.upstream import Upstream, UpstreamFailure, WorkerRefused, exhausted
+from router.frontdoor.job import Job
+from router.frontdoor.tokenize import PromptTokenizer
+from router.observability.metrics import RouterMetrics
+from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
+from router.policies.registry import PolicySet
 from router.pool.worker_pool import Worker, WorkerPool
-
 
 WORKER_HEADER = "x-kvlab-worker"
 PREFILL_WORKER_HEADER = "x-kvlab-prefill-worker"

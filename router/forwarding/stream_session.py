@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvlab.wire.openai_api import ApiError
-from router.frontdoor.job import PATHS, Job
-from router.policies.base import Decision, RouteRequest
 from router.forwarding.relay import BadEvent, StreamRelay
 from router.forwarding.stream_sources import Source
 from router.forwarding.upstream import UpstreamFailure, WorkerRefused, exhausted
+from router.frontdoor.job import PATHS, Job
+from router.policies.base import Decision, RouteRequest
 
 if TYPE_CHECKING:
     from router.forwarding.proxy import Proxy

@@ -18,7 +18,7 @@ instead of a cut connection.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from kvlab.wire.openai_api import SSE_DONE, ApiError, sse_error
 
@@ -69,7 +69,7 @@ class ClientWatch:
         self.gone = True
         self._task.cancel()
 
-    def __enter__(self) -> "ClientWatch":
+    def __enter__(self) -> ClientWatch:
         self._watcher = asyncio.create_task(self._watch())
         return self
 

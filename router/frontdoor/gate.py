@@ -16,11 +16,11 @@ import hashlib
 import math
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kvlab.wire.openai_api import ApiError
-from router.frontdoor.admission import STATUS, Admission, RateMeter, reject
 from router.config import SheddingConfig
+from router.frontdoor.admission import STATUS, Admission, RateMeter, reject
 from router.frontdoor.job import Job
 from router.frontdoor.tenants import TenantConfig, Tenants
 

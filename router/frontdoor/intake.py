@@ -11,11 +11,11 @@ import time
 import msgspec
 
 from kvlab.wire.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
-from router.frontdoor.admission import RequestLimits, check_request
 from router.config import Limits
+from router.frontdoor.admission import RequestLimits, check_request
 from router.frontdoor.job import Endpoint, Job
-from router.policies.registry import BUILDERS
 from router.frontdoor.tokenize import PromptTokenizer, TokenIdsCompletion
+from router.policies.registry import BUILDERS
 
 KINDS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
 POLICY_HEADER = "x-kvlab-policy"   # per-request policy override, for side-by-side experiments

@@ -10,7 +10,8 @@ dead worker would have produced.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 

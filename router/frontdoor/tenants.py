@@ -7,7 +7,7 @@ cheapest and most final first, and a rejection leaves every bucket as it was.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 import numpy as np
 
 from kvlab.wire.openai_api import MAX_TOKEN_ID, ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
-from kvlab.wire.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, Tokenizer, apply_chat_template,
-                             split_specials)
+from kvlab.wire.tokenizer import (
+    OUTPUT_WORDS,
+    SPECIALS,
+    BuiltinTokenizer,
+    Tokenizer,
+    apply_chat_template,
+    split_specials,
+)
 from router.policies.base import RouteRequest
 from router.policies.hash_memo import DEFAULT_RUNS, BlockHashMemo
 

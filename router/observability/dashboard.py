@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router.admin import require_metrics_token
-from router.observability.cluster_view import ClusterView, Counters, Member, decode_load
 from router.forwarding.stream_timing import StreamTimings
+from router.observability.cluster_view import ClusterView, Counters, Member, decode_load
 
 log = logging.getLogger("kvlab.router.dashboard")
 

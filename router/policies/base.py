@@ -6,7 +6,8 @@ that worker's part of the request ends. Load-aware policies read those counts on
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import msgspec
 import numpy as np

@@ -33,7 +33,7 @@ workers at the cap that the ring walk passed before the first one under it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from router.policies.base import Decision, RouteRequest, WorkerView, prefix_key
 from router.policies.hash_ring import DEFAULT_VNODES

@@ -19,7 +19,7 @@ bounded, least recently used runs leave first, and it reads no clock and does no
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import msgspec
 import numpy as np

@@ -12,10 +12,9 @@ the same cold prefix lands on the same worker and starts building locality there
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from router.policies.base import (Decision, RouteRequest, StatelessPolicy, WorkerView, healthy,
-                                  prefix_key, rendezvous)
+from router.policies.base import Decision, RouteRequest, StatelessPolicy, WorkerView, healthy, prefix_key, rendezvous
 from router.policies.kv_index import KvIndex
 from router.policies.prefix_ring import DEFAULT_PREFIX_BLOCKS
 

@@ -15,10 +15,10 @@ recovered from the events (vLLM does not publish them), so salted prompts simply
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import and_, neg
-from typing import Iterable, Sequence
 
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
 from kvlab.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch

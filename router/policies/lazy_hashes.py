@@ -9,7 +9,8 @@ Values are identical to ``kvlab.wire.block_hash.block_hashes`` either way.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence, overload
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 import numpy as np
 

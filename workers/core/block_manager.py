@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEvent
 

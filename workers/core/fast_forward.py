@@ -70,7 +70,7 @@ def _grow_all(engine, steps: int) -> bool:
 
 
 def _advance(engine, now: float, ends: np.ndarray, steps: int):
-    from workers.core.engine import StepResult   # engine imports this module
+    from workers.core.engine import StepResult  # engine imports this module
     times = ends.tolist()
     tokens, token_times = [], []
     for req in engine.scheduler.running:
