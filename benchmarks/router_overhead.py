@@ -268,22 +268,30 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
         for name in policies.values():
             for v in views:
                 name.add_worker(v.id)
-        cases = {
-            "token ids -> prefix_bounded": lambda: _decide(tok, tok.completion(ids_req), policies["prefix_bounded"], views),
-            "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"], views),
-            "  same, prompt never seen (no hash memo)": lambda: _decide(first_sight, first_sight.completion(ids_req),
-                                                                        policies["kv_aware"], views),
-            "chat text, system prompt seen -> prefix_bounded": lambda: _decide(tok, tok.chat(chat_req),
-                                                                                policies["prefix_bounded"], views),
-            "chat text, system prompt seen -> kv_aware (half cached)": lambda: _decide(tok, tok.chat(chat_req),
-                                                                                        policies["kv_aware"], views),
-            "chat text, cold tokenizer -> prefix_bounded": lambda: _decide(PromptTokenizer(BuiltinTokenizer(), 16),
-                                                                           None, policies["prefix_bounded"], views,
-                                                                           chat_req),
-        }
+        cases = _cases(tok, first_sight, ids_req, chat_req, policies, views)
         for label, fn in cases.items():
             results.setdefault(label, {})[n] = median_us(fn, runs if "cold" not in label else max(5, runs // 20))
     return results
+
+
+def _cases(tok, first_sight, ids_req, chat_req, policies, views) -> dict:
+    """One size's decisions to time, each a closure over this call's prompts and policies."""
+    from kvlab.wire.tokenizer import BuiltinTokenizer
+    from router.frontdoor.tokenize import PromptTokenizer
+
+    return {
+        "token ids -> prefix_bounded": lambda: _decide(tok, tok.completion(ids_req), policies["prefix_bounded"], views),
+        "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"], views),
+        "  same, prompt never seen (no hash memo)": lambda: _decide(first_sight, first_sight.completion(ids_req),
+                                                                    policies["kv_aware"], views),
+        "chat text, system prompt seen -> prefix_bounded": lambda: _decide(tok, tok.chat(chat_req),
+                                                                            policies["prefix_bounded"], views),
+        "chat text, system prompt seen -> kv_aware (half cached)": lambda: _decide(tok, tok.chat(chat_req),
+                                                                                    policies["kv_aware"], views),
+        "chat text, cold tokenizer -> prefix_bounded": lambda: _decide(PromptTokenizer(BuiltinTokenizer(), 16),
+                                                                       None, policies["prefix_bounded"], views,
+                                                                       chat_req),
+    }
 
 
 def _decide(tok, tokens, policies, views, chat_req=None):

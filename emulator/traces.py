@@ -116,7 +116,7 @@ def trace_requests(trace: str | Path | Sequence[TraceRecord], *, speedup: float 
                    tenant: str = "default", with_text: bool = False) -> Iterator[Request]:
     """Requests in trace order, expanded one at a time; arrival times divided by `speedup`."""
     records = _records(trace, limit)
-    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup))):
+    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup), strict=True)):
         yield Request(request_id=f"trace-{i:06d}", arrival_s=float(t), tokens=expand_tokens(record),
                       max_tokens=max(1, record.output_length), archetype="trace", tenant=tenant,
                       text=expand_text(record) if with_text else None)
@@ -181,7 +181,7 @@ def hashed_requests(trace: str | Path | Sequence[TraceRecord], *, speedup: float
     """Trace requests as lengths and block hashes only: what a discrete-event simulation needs."""
     records = _records(trace, limit)
     hasher = TraceHasher(block_size, salt)
-    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup))):
+    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup), strict=True)):
         yield HashedRequest(request_id=f"trace-{i:06d}", arrival_s=float(t), prompt_len=record.input_length,
                             max_tokens=max(1, record.output_length), block_hashes=hasher.hashes(record))
 

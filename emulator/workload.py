@@ -205,7 +205,7 @@ def _single_turn(arch: Archetype, library: _Library, rng: np.random.Generator, s
     unique = arch.unique_len.sample(rng, len(slots))
     outputs = arch.output_len.sample(rng, len(slots))
     requests = []
-    for (t, number), n_unique, n_out in zip(slots, unique, outputs):
+    for (t, number), n_unique, n_out in zip(slots, unique, outputs, strict=True):
         picked = library.pick(rng, arch.shared_per_request)
         segments = [("system", np.concatenate(picked)), ("user", _unique(rng, int(n_unique), number))]
         # Only the first shared part is surely a common prefix; later ones follow different firsts.
@@ -281,7 +281,7 @@ class RateProfile(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self):
         if len(self.starts) != len(self.rates) or not self.starts or self.starts[0] != 0.0:
             raise ValueError("a rate profile needs one rate per start, starting at 0")
-        if any(b <= a for a, b in zip(self.starts, self.starts[1:])) or min(self.rates) < 0:
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:], strict=False)) or min(self.rates) < 0:
             raise ValueError("starts must increase and rates be >= 0")
         if self.rates[-1] <= 0:
             raise ValueError("the last rate must be > 0 (arrivals must not stop forever)")

@@ -164,7 +164,7 @@ def bound_cells(bounds: Bounds) -> list[list[str]]:
 def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> str:
     body = [cells(r, bounds.pooled_lru if bounds else 0.0) for r in rows] + (bound_cells(bounds) if bounds else [])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
-    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))).rstrip()  # noqa: E731
+    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths, strict=True))).rstrip()  # noqa: E731
     slo = f"goodput: requests/s meeting p99 TTFT <= {spec.slo.ttft_p99_s:g} s and ITL <= {spec.slo.itl_p99_s:g} s"
     notes = [slo, "hit %: cached / prompt tokens (simulated: per request, as kvlab sim reports it; --live: the "
                   "workers' prefix-cache counters); % of LRU: share of the pooled-LRU bound"]

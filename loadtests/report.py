@@ -115,7 +115,7 @@ def table(report: dict) -> str:
     rows = [row_cells(p) for p in report["points"]]
     # A floor of 7 keeps rows printed one at a time (as stages finish) aligned with the header.
     widths = [max(len(h), 7, *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
@@ -183,7 +183,7 @@ def plot(report: dict, path: Path) -> None:
     rates = [p["rate"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     panels = [("p99 TTFT (ms, emulated)", "ttft", slo["ttft_p99_s"]), ("p99 ITL (ms, emulated)", "itl", slo["itl_p99_s"])]
-    for ax, (title, metric, limit) in zip(axes, panels):
+    for ax, (title, metric, limit) in zip(axes[:2], panels, strict=True):   # axes[2]: throughput, below
         for source, label, style, color in SERIES:
             key = f"planned.{metric}_p99" if source == "planned" else f"{source}.{metric}.p99"
             _series(ax, rates, points, key, label, style, color, 1000)
@@ -211,7 +211,7 @@ def plot(report: dict, path: Path) -> None:
 
 def _series(ax, rates, points, key, label, style, color, scale) -> None:
     ys = [get(p, key) for p in points]
-    xs = [r for r, y in zip(rates, ys) if y is not None]
+    xs = [r for r, y in zip(rates, ys, strict=True) if y is not None]
     ys = [y * scale for y in ys if y is not None]
     if xs:
         order = sorted(range(len(xs)), key=xs.__getitem__)

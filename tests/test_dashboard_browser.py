@@ -95,7 +95,7 @@ def test_dashboard_shows_live_cluster_values_that_move(start_worker, start_route
         assert len(page["workers"]) == 2
     # Both workers got traffic (round robin alone sends each a third of it). Utilization is over a window;
     # KV usage is of the instant, and a worker may hold no request at one instant.
-    for before, after in zip(first["workers"], second["workers"]):
+    for before, after in zip(first["workers"], second["workers"], strict=True):
         assert number(after["prefill"]) > 0 and number(after["decode"]) > 0, second["workers"]
         assert number(before["kv"]) > 0 or number(after["kv"]) > 0, (first["workers"], second["workers"])
     assert second["policies"] == 2 and second["charts"]["chart-hits"] > 0

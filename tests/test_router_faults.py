@@ -179,7 +179,7 @@ def test_streams_on_a_worker_the_probe_marks_down_migrate_at_once_not_after_the_
     assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
     survivor = next(w for w in workers if w.config.worker_id != frozen)
     assert stream_text(events) == expected_text(survivor, prompt, 60)   # exactly the tokens, none twice
-    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
     # Migrated when the probe marked the worker down, well before the worker came back by itself.
     assert max(gaps) < freeze_s / 2, max(gaps)
     assert router.metric("kvlab_router_retries_total", kind="migration") >= 1

@@ -78,7 +78,7 @@ def test_live_cluster_and_simulator_agree(tmp_path):
         live = asyncio.run(_drive(cluster.url, spec.model, reqs))
         live_hits = _hit_rate(cluster.worker_urls().values())
     ttft_live = [(times[0] - sent) / TIME_SCALE for sent, times in live.values()]
-    itl_live = [(b - a) / TIME_SCALE for _, times in live.values() for a, b in zip(times, times[1:])]
+    itl_live = [(b - a) / TIME_SCALE for _, times in live.values() for a, b in zip(times, times[1:], strict=False)]
 
     sim = Simulator(parse_spec(text)).run(reqs)
     s = sim.summary()

@@ -115,7 +115,7 @@ def fit(gpu: Gpu, fields: Sequence[str], rows: Sequence, predict: Callable, labe
     measured = np.array([r.ms for r in rows])
 
     def with_values(x: np.ndarray) -> Gpu:
-        return msgspec.structs.replace(gpu, **{f: _decode(f, v) for f, v in zip(fields, x)})
+        return msgspec.structs.replace(gpu, **{f: _decode(f, v) for f, v in zip(fields, x, strict=True)})
 
     def loss(x: np.ndarray) -> float:
         err = np.log(np.array([predict(with_values(x), r) for r in rows]) / measured)

@@ -26,7 +26,7 @@ class LayerProfile(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self):
         if len(self.tokens) < 2 or len(self.tokens) != len(self.layer_ms):
             raise ValueError("a layer profile needs two or more (tokens, layer_ms) points of equal length")
-        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:], strict=False)):
             raise ValueError("layer profile tokens must increase")
 
 

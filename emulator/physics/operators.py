@@ -41,7 +41,7 @@ class Cost(NamedTuple):
     compute_bound_s: float   # the part of `seconds` spent in compute-bound operators
 
     def __add__(self, other: Cost) -> Cost:  # type: ignore[override]
-        return Cost(*(a + b for a, b in zip(self, other)))
+        return Cost(*(a + b for a, b in zip(self, other, strict=True)))
 
     def scaled(self, k: float) -> Cost:
         return Cost(*(a * k for a in self))

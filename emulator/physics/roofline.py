@@ -133,7 +133,7 @@ def mixed_time(dep: Deployment, prefill_chunks: Sequence[tuple[int, int]], conte
     """A chunked-prefill step: prefill chunks (new, cached) batched with decode tokens."""
     shape = batch_shape((1, c) for c in contexts)
     finals = final_chunks or [True] * len(prefill_chunks)
-    for (new, cached), final in zip(prefill_chunks, finals):
+    for (new, cached), final in zip(prefill_chunks, finals, strict=True):
         shape.add(new, cached, samples=final)
     return step_time(dep, shape)
 

@@ -85,7 +85,7 @@ def rebin(pts: Points) -> Points:
 
 
 def _bins() -> list[tuple[float, float]]:
-    return list(zip(LEVEL_EDGES[:-1], LEVEL_EDGES[1:]))
+    return list(zip(LEVEL_EDGES[:-1], LEVEL_EDGES[1:], strict=True))
 
 
 def from_samples(samples: Sequence[float]) -> Points:

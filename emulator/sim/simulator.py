@@ -174,7 +174,7 @@ class Simulator:
 
     def _deliver(self, worker: SimWorker, result: StepResult) -> None:
         times = result.token_times or [result.end] * len(result.tokens)
-        for (request_id, _token), time in zip(result.tokens, times):
+        for (request_id, _token), time in zip(result.tokens, times, strict=True):
             self.log.token(request_id, time)
         for fin in result.finished:
             self._on_finished(worker, fin, result)

@@ -278,7 +278,7 @@ def _policies(totals: Counters, delta: Counters, dt: float) -> dict[str, dict]:
     names = {key[0] for key in totals.get("decisions", {})}
     out = {}
     for name in sorted(names):
-        def d(family: str) -> float:
+        def d(family: str, name: str = name) -> float:   # called within this iteration; bound for clarity
             return sum(v for k, v in delta.get(family, {}).items() if k[0] == name)
         prompt = d("prompt_tokens")
         out[name] = {

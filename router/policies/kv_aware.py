@@ -43,7 +43,7 @@ class KvAware(StatelessPolicy):
         loads = [self._load(w) for w in alive]
         scale = max(max(loads), 1)
         best: list[tuple[tuple, WorkerView]] = []
-        for worker, load in zip(alive, loads):
+        for worker, load in zip(alive, loads, strict=True):
             hit = matched.get(worker.id, 0)
             score = (self.overlap_weight * hit / blocks - self.load_weight * load / scale
                      - self.kv_weight * worker.kv_usage)

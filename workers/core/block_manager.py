@@ -178,7 +178,7 @@ class BlockManager:
         same prefix at once) stays private and returns to the empty list when freed.
         """
         run_start = None
-        for i, (block_id, block_hash) in enumerate(zip(block_ids, hashes)):
+        for i, (block_id, block_hash) in enumerate(zip(block_ids, hashes, strict=True)):
             block = self.blocks[block_id]
             fresh = block.block_hash is None and block_hash not in self._cached
             if fresh:
