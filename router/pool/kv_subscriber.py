@@ -27,6 +27,7 @@ import logging
 import httpx
 import msgspec
 
+from kvlab.wire.block_hash import BlockHash
 from kvlab.wire.kv_events import BlockStored, KVEventBatch, decode_batch
 from router.policies.kv_index import KvIndex
 from router.pool.worker_pool import Worker
@@ -39,7 +40,7 @@ _batches = msgspec.msgpack.Decoder(list[tuple[int, KVEventBatch]])
 class Snapshot(msgspec.Struct):
     seq: int                  # the first event batch not reflected in block_hashes
     block_size: int
-    block_hashes: list[int]
+    block_hashes: list[BlockHash]
 
 
 _snapshot = msgspec.msgpack.Decoder(Snapshot)

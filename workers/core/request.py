@@ -5,7 +5,7 @@ import enum
 
 import msgspec
 
-from kvlab.wire.block_hash import block_hashes, root_hash
+from kvlab.wire.block_hash import BlockHash, block_hashes, root_hash
 
 
 class Status(enum.Enum):
@@ -50,7 +50,7 @@ class Request:
         self.num_prompt = len(prompt)
         self.num_computed = 0                  # tokens whose KV is in the cache
         self.block_ids: list[int] = []
-        self.hashes: list[int] = hashes   # of full blocks, extended as tokens come
+        self.hashes: list[BlockHash] = hashes   # of full blocks, extended as tokens come
         self.status = Status.WAITING
         self.remote = remote
         self.first_token_time: float | None = None
