@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from emulator import workload
-from emulator.sim.report import Summary
+from emulator.sim.report import Summary, served
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec
 
@@ -43,16 +43,12 @@ def schedule(spec: ClusterSpec, items: Sequence[tuple[float, object, int]], wind
     for w in windows:
         start, end = w.start_s / time_scale, w.end_s / time_scale
         summary = sim.summary(window=(start, end))
-        finished = [r for r in sim.log.records.values() if r.done and r.last is not None and start <= r.last < end]
+        finished = [r for r in served(sim.log.records.values()) if start <= r.last < end]
         # Finished inside the window, as the live measurement counts them (analysis.summarize).
         slo = spec.slo
-        good = [r for r in finished if r.first - r.arrival <= slo.ttft_p99_s and _tpot(r) <= slo.itl_p99_s]
+        good = [r for r in finished if r.meets(slo.ttft_p99_s, slo.itl_p99_s)]
         summary.throughput_rps = len(finished) / (end - start)
         summary.goodput_rps = len(good) / (end - start)
         summary.output_tokens_per_s = sum(r.tokens for r in finished) / (end - start)
         out.append(summary)
     return out
-
-
-def _tpot(record) -> float:
-    return (record.last - record.first) / (record.tokens - 1) if record.tokens > 1 else 0.0

@@ -61,7 +61,9 @@ class ClientWatch:
     def __init__(self, receive):
         self.receive = receive
         self.gone = False
-        self._task = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None, "ClientWatch is used inside a task"
+        self._task = task
 
     async def _watch(self) -> None:
         while (await self.receive())["type"] != "http.disconnect":
