@@ -13,7 +13,7 @@ import functools
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeGuard, get_args
 
 import msgspec
 
@@ -21,7 +21,14 @@ from emulator.physics import roofline
 from emulator.physics.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
 from kvlab.wire.user_errors import UserError, did_you_mean
 
-ROLES = ("both", "prefill", "decode")
+Role = Literal["both", "prefill", "decode"]   # a worker's part: whole requests, or one side of P/D
+ROLES: tuple[Role, ...] = get_args(Role)
+
+
+def is_role(value: str) -> TypeGuard[Role]:
+    return value in ROLES
+
+
 # The router's policy names. router/policies/registry.py builds them and checks their settings
 # (`check_spec_settings`); a test keeps the two lists equal.
 POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
@@ -68,7 +75,7 @@ class EngineSpec(_Section):
 
 class PoolSpec(_Section):
     name: str = ""                         # defaults to the role; worker ids are "<name>-<index>"
-    role: Literal["both", "prefill", "decode"] = "both"
+    role: Role = "both"
     count: int = 1
     gpu: str | None = None                 # overrides the spec's gpu for this pool
     tp: int | None = None                  # overrides the spec's tp for this pool
@@ -127,7 +134,7 @@ class WorkloadSpec(_Section):
 class WorkerSlot(NamedTuple):
     id: str
     pool: str
-    role: str
+    role: Role
     port: int
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import msgspec
 
 from emulator.sim.report import LatencyLog, Summary
-from emulator.spec import ClusterSpec
+from emulator.spec import ClusterSpec, Role
 from kvlab.wire.kv_events import KVEventBatch
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
@@ -40,7 +40,7 @@ class SimWorker:
     __slots__ = ("id", "role", "engine", "view", "scheduled", "routed", "busy_prefill", "busy_decode",
                  "usage_time", "steps")
 
-    def __init__(self, worker_id: str, role: str, engine):
+    def __init__(self, worker_id: str, role: Role, engine):
         self.id = worker_id
         self.role = role
         self.engine = engine
