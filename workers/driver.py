@@ -73,6 +73,12 @@ class RequestStream:
         items = self._items
         return self.finished is not None or len(items) >= n or (bool(items) and isinstance(items[-1], Finished))
 
+    @property
+    def outcome(self) -> Finished:
+        """The Finished record, once reading has ended (it ends only on one)."""
+        assert self.finished is not None, "the stream has not ended"
+        return self.finished
+
     def __aiter__(self):
         return self
 

@@ -120,7 +120,7 @@ async def respond(job: Job, rt: WorkerRuntime, request: Request) -> Response:
     tokens = await _collect_unless_gone(job, stream, rt, request)
     if tokens is None:
         return Response(status_code=499)   # nobody is listening; nginx's "client closed request"
-    return json_response(_full_body(job, tokens, stream.finished, rt, request))
+    return json_response(_full_body(job, tokens, stream.outcome, rt, request))
 
 
 def _submit(job: Job, rt: WorkerRuntime) -> RequestStream:
@@ -206,7 +206,7 @@ async def _sse(job: Job, stream: RequestStream, rt: WorkerRuntime):
                 yield api.sse(chunk)
             if outs:
                 last = outs[-1].time
-        for part in _sse_tail(job, stream.finished, created):
+        for part in _sse_tail(job, stream.outcome, created):
             yield part
     finally:
         if stream.finished is None:   # cancelled or closed early: the client went away

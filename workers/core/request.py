@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from kvlab.wire.block_hash import BlockHash, block_hashes, root_hash
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Status(enum.Enum):
@@ -35,7 +39,7 @@ class Request:
                  "first_token_time", "finish_reason", "num_cached_prompt", "num_cached_blocks", "swapped", "kv_ready_at",
                  "preemptions")
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, arrival: float,
+    def __init__(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, arrival: float,
                  priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None):
         self.request_id = request_id
         # A numpy prompt (simulator, traces) is hashed as is and kept as a list for token appends.
