@@ -43,17 +43,17 @@ class StreamSession:
         assert source is not None, "no attempt is open"
         return source
 
-    async def open(self) -> None:
+    async def open(self) -> Decision:
         """Start an attempt (the first, a retry, or a migration); raises ApiError when none is left."""
         proxy, relay = self.proxy, self.relay
         while self.used < self.limit:
             first = self.used == 0
             self.used += 1
             route, path, body = self._attempt_request()
-            self.decision = proxy.route(route, self.exclude, self.job if first else None)
+            decision = self.decision = proxy.route(route, self.exclude, self.job if first else None)
             try:
-                self.source = await proxy.open_source(self.job, self.decision, path, body, relay, first)
-                return
+                self.source = await proxy.open_source(self.job, decision, path, body, relay, first)
+                return decision
             except UpstreamFailure as failure:
                 proxy.failed(failure, self.exclude, relay.started)
                 self.last = failure

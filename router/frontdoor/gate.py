@@ -88,7 +88,7 @@ class Gate:
     def _raise_if_refused(self, admission: Admission, tenant: str | None) -> None:
         if admission.ok:
             return
-        status = STATUS.get(admission.reason, 429)
+        status = STATUS.get(admission.reason or "", 429)   # a refusal always has a reason
         headers = {}
         if admission.retry_after is not None and math.isfinite(admission.retry_after):
             headers["Retry-After"] = str(max(1, math.ceil(admission.retry_after)))

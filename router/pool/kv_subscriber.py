@@ -74,6 +74,9 @@ class KvSubscriber:
     def worker_removed(self, worker: Worker) -> None:
         self.worker_down(worker)
 
+    def worker_suspect(self, worker: Worker) -> None:
+        pass   # its feed reconnects on its own; nothing to do until it is down
+
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
@@ -149,6 +152,7 @@ class KvSubscriber:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        assert worker.kv_endpoint is not None, "worker_up picks this feed only for workers with one"
         sock.connect(worker.kv_endpoint)
         # Subscribed first, then the snapshot: batches published meanwhile arrive on the socket, and
         # those the snapshot already holds (sequence below its own) are skipped.

@@ -119,6 +119,9 @@ class WorkerPool:
     def get(self, worker_id: str) -> Worker | None:
         return self._workers.get(worker_id)
 
+    def __getitem__(self, worker_id: str) -> Worker:
+        return self._workers[worker_id]
+
     def __iter__(self):
         return iter(list(self._workers.values()))
 
