@@ -55,7 +55,7 @@ def op_cost(fixed_s: float, compute_s: float, memory_s: float) -> Cost:
     return Cost(fixed_s + bound, compute_s, memory_s, fixed_s + bound if compute_s >= memory_s else 0.0)
 
 
-def layer_gemms(model: Model, tp: int) -> list[tuple[int, int]]:
+def layer_gemms(model: Model, tp: int) -> list[tuple[float, float]]:
     """(K, N) per GPU of a dense layer's GEMMs: fused QKV, O, fused gate+up, down (Megatron sharding)."""
     d = model.head_dim
     q = model.q_heads * d / tp

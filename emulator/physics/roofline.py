@@ -105,10 +105,12 @@ def allreduce_seconds(dep: Deployment, payload_bytes: float) -> float:
     t = dep.tp
     if t == 1:
         return 0.0
-    fit = dep.tp_link.allreduce_fit(t)
+    link = dep.tp_link
+    assert link is not None, "Deployment requires a tp_link when tp > 1"
+    fit = link.allreduce_fit(t)
     if fit is not None:
         return fit.seconds(payload_bytes)
-    return dep.tp_link.latency_s + 2.0 * (t - 1) / t * payload_bytes / dep.tp_link.bytes_per_s
+    return link.latency_s + 2.0 * (t - 1) / t * payload_bytes / link.bytes_per_s
 
 
 def tp_allreduce_time(dep: Deployment, tokens: int) -> float:

@@ -74,8 +74,9 @@ def step(ctx: Context, n: float) -> roofline.StepTime:
     key = ("decode_step", n)
     if key not in ctx.memo:
         c = profile(ctx).context
-        shape = roofline.BatchShape(new_tokens=n, context_tokens=int(round(n * c)),
-                                    attention_pairs=int(round(n * c)) + n, sampled=n)
+        # A mean batch may be fractional (colocated points): the step cost is linear in these counts.
+        shape = roofline.BatchShape(new_tokens=n, context_tokens=int(round(n * c)),  # type: ignore[arg-type]
+                                    attention_pairs=int(round(n * c)) + n, sampled=n)  # type: ignore[arg-type]
         ctx.memo[key] = roofline.step_time(ctx.dep, shape)
     return ctx.memo[key]
 

@@ -55,7 +55,7 @@ class Points:
         v, mid = self._mid_cdf()
         return float(np.interp(q, mid, v))
 
-    def survival(self, t: np.ndarray | float) -> np.ndarray:
+    def survival(self, t: np.ndarray | float) -> np.ndarray | float:
         """P(X > t) on the interpolated CDF."""
         v, mid = self._mid_cdf()
         return np.interp(t, v, 1.0 - mid, left=1.0, right=0.0)
@@ -93,7 +93,8 @@ def from_samples(samples: Sequence[float]) -> Points:
     return from_paired_samples(samples, samples)[0]
 
 
-def from_paired_samples(samples: Sequence[float], companions: Sequence[float]) -> tuple[Points, np.ndarray]:
+def from_paired_samples(samples: Sequence[float] | np.ndarray,
+                        companions: Sequence[float] | np.ndarray) -> tuple[Points, np.ndarray]:
     """`from_samples(samples)`, and beside each of its points the mean companion value of the samples
     it stands for (e.g. the cached tokens of the prompts in a prompt-length bin)."""
     x = np.asarray(samples, dtype=float)
@@ -104,7 +105,7 @@ def from_paired_samples(samples: Sequence[float], companions: Sequence[float]) -
     return Points(values, counts / len(x)), means
 
 
-def point_of_each(samples: Sequence[float]) -> np.ndarray:
+def point_of_each(samples: Sequence[float] | np.ndarray) -> np.ndarray:
     """Which point of `from_samples(samples)` each sample falls in (its rank, or its quantile bin)."""
     x = np.asarray(samples, dtype=float)
     order = np.argsort(x, kind="stable")

@@ -52,8 +52,10 @@ class LengthDist(msgspec.Struct, frozen=True, kw_only=True):
         for name, value in (("mean", m), ("p50", p50), ("p90", p90), ("p99", p99), ("sigma", self.sigma)):
             if value is not None and (value <= 0 if name != "sigma" else value < 0):
                 raise PlannerError(f"length {name} must be positive (got {value})")
-        if self.sigma is not None and (p50 or m):
-            return (math.log(p50), self.sigma) if p50 else (math.log(m) - self.sigma ** 2 / 2, self.sigma)
+        if self.sigma is not None and p50:
+            return math.log(p50), self.sigma
+        if self.sigma is not None and m:
+            return math.log(m) - self.sigma ** 2 / 2, self.sigma
         if m and p99:
             return _fit_mean_tail(m, p99, Z99)
         if p50 and p99:
@@ -64,8 +66,10 @@ class LengthDist(msgspec.Struct, frozen=True, kw_only=True):
             return math.log(p50), max(0.0, math.log(p90 / p50) / Z90)
         if m and p50:
             return math.log(p50), math.sqrt(2 * math.log(m / p50)) if m > p50 else 0.0
-        if m or p50:
-            return math.log(m or p50), 0.0
+        if m:
+            return math.log(m), 0.0
+        if p50:
+            return math.log(p50), 0.0
         raise PlannerError("a length distribution needs samples, a mean or a p50")
 
 
