@@ -340,6 +340,7 @@ def arrival_times(rng: np.random.Generator, rate: float | RateProfile, *, n: int
         raise ValueError("give n, duration_s or both")
     profile = rate if isinstance(rate, RateProfile) else RateProfile.constant(rate)
     if duration_s is None:
+        assert n is not None   # checked above
         unit = np.cumsum(unit_gaps(rng, n, cv))
     else:
         unit = _unit_until(rng, profile.expected(duration_s), cv, n)

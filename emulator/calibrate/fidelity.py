@@ -13,8 +13,8 @@ import numpy as np
 from emulator.calibrate import measurements as ms
 from emulator.physics.catalog import Catalog
 from emulator.physics.deployment import Deployment
-from emulator.physics.roofline import allreduce_seconds
 from emulator.physics.operators import OperatorModel
+from emulator.physics.roofline import allreduce_seconds
 
 # Vidur's profile folders for the catalog models they measured (data/profiling/compute/h100/...).
 VIDUR_MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-70B": "meta-llama/Llama-2-70b-hf"}
