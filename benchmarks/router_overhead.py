@@ -281,7 +281,8 @@ def _cases(tok, first_sight, ids_req, chat_req, policies, views) -> dict:
 
     return {
         "token ids -> prefix_bounded": lambda: _decide(tok, tok.completion(ids_req), policies["prefix_bounded"], views),
-        "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"], views),
+        "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"],
+                                                               views),
         "  same, prompt never seen (no hash memo)": lambda: _decide(first_sight, first_sight.completion(ids_req),
                                                                     policies["kv_aware"], views),
         "chat text, system prompt seen -> prefix_bounded": lambda: _decide(tok, tok.chat(chat_req),
@@ -338,12 +339,14 @@ def main() -> None:
               f"p99 <= {inside[0.99] * 1e6:.0f} us (bucket bounds)")
         report["router_histogram_added_s"] = inside
         print(f"  router CPU per request (user + system, immune to other processes' load): "
-              f"non-streaming {cpu_plain * 1e6:.0f} us, streaming {args.stream_tokens} tokens {cpu_stream * 1e6:.0f} us")
+              f"non-streaming {cpu_plain * 1e6:.0f} us, "
+              f"streaming {args.stream_tokens} tokens {cpu_stream * 1e6:.0f} us")
         report["router_cpu_us_per_request"] = {"non_streaming": cpu_plain * 1e6, "streaming": cpu_stream * 1e6}
         report["latency"] = {name: {target: {"p50": pct(v[which], 0.5), "p99": pct(v[which], 0.99)}
                                     for target, v in res.items()}
                              for name, res, which in (("non_streaming", plain, 1), ("stream_ttft", streamed, 0),
-                                                      ("stream_total", streamed, 1), ("non_streaming_paced", paced_plain, 1),
+                                                      ("stream_total", streamed, 1),
+                                                      ("non_streaming_paced", paced_plain, 1),
                                                       ("stream_ttft_paced", paced, 0))}
         print(f"\n2. max requests/s, closed loop, {args.connections} connections from {args.client_procs} "
               f"client process(es), {args.workers} worker(s) behind the router")

@@ -16,10 +16,12 @@ COMMANDS = {
     "router": ("router.cli", "run the router in front of workers"),
     "sim": ("emulator.sim.cli", "run a workload through the discrete-event simulator"),
     "plan": ("emulator.planner.cli", "analytical capacity plan for a model, GPU and workload"),
-    "sweep": ("loadtests.sweep", "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
+    "sweep": ("loadtests.sweep",
+              "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
     "compare": ("loadtests.compare", "replay one trace through several routing policies, one table"),
     "render": ("kvlab.render.cli", "deployment manifests from a cluster spec (Kubernetes)"),
-    "calibrate": ("emulator.calibrate.cli", "fit a GPU entry's step-time coefficients to an engine; write a user catalog"),
+    "calibrate": ("emulator.calibrate.cli",
+                  "fit a GPU entry's step-time coefficients to an engine; write a user catalog"),
 }
 
 

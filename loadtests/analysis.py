@@ -43,7 +43,8 @@ def summarize(records: Sequence[dict], window: Window, time_scale: float, ttft_s
     done = [r for r in rows if r.get("error") is None and r.get("ttft") is not None]
     span = (window.end_s - window.start_s) / time_scale
     scale = 1.0 / time_scale
-    gaps: np.ndarray | list[float] = np.concatenate([np.asarray(r["gaps"], dtype=float) for r in done]) * scale if done else []
+    gaps: np.ndarray | list[float] = (np.concatenate([np.asarray(r["gaps"], dtype=float) for r in done]) * scale
+                                      if done else [])
     finished = [r for r in records if r.get("error") is None and r.get("e2e") is not None and not r.get("unfinished")
                 and window.start_s <= _end(r) < window.end_s]
     hits = [r["cached_tokens"] for r in done if r.get("cached_tokens") is not None]

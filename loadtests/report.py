@@ -182,7 +182,8 @@ def plot(report: dict, path: Path) -> None:
     points, slo = report["points"], report["slo"]
     rates = [p["rate"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = [("p99 TTFT (ms, emulated)", "ttft", slo["ttft_p99_s"]), ("p99 ITL (ms, emulated)", "itl", slo["itl_p99_s"])]
+    panels = [("p99 TTFT (ms, emulated)", "ttft", slo["ttft_p99_s"]),
+              ("p99 ITL (ms, emulated)", "itl", slo["itl_p99_s"])]
     for ax, (title, metric, limit) in zip(axes[:2], panels, strict=True):   # axes[2]: throughput, below
         for source, label, style, color in SERIES:
             key = f"planned.{metric}_p99" if source == "planned" else f"{source}.{metric}.p99"

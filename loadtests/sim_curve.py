@@ -35,7 +35,8 @@ def curve(spec: ClusterSpec, rates: list[float], min_requests: int = MIN_REQUEST
     return out
 
 
-def schedule(spec: ClusterSpec, items: Sequence[tuple[float, object, int]], windows, time_scale: float) -> list[Summary]:
+def schedule(spec: ClusterSpec, items: Sequence[tuple[float, object, int]], windows,
+             time_scale: float) -> list[Summary]:
     """The live sweep's own requests (schedule.spec_requests) through the simulator, summarized over the
     same measurement windows (wall offsets / time_scale = emulated seconds)."""
     sim = Simulator(spec).run([request for _, request, _ in items])

@@ -2,7 +2,8 @@
 
 ``create_app(config)`` builds a FastAPI app around a ``Router`` (everything one router process
 holds). The two hot endpoints skip FastAPI's routing and middleware (RouterApp): the raw body is read
-(bounded) and decoded with msgspec, with no per-request pydantic model or dependency injection; the answer is the worker's
+(bounded) and decoded with msgspec, with no per-request pydantic model or dependency injection; the
+answer is the worker's
 body (non-streaming) or a relayed stream. Every refusal is an OpenAI error body with the right status.
 
 Endpoints

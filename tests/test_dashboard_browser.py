@@ -29,10 +29,12 @@ PREFIXES = [[1000 + 97 * g + i for i in range(256)] for g in range(4)]   # share
 
 # Everything the page's script writes that the test checks: tiles, worker bars, chart points, tables.
 READ_PAGE = """JSON.stringify({
-  metrics: Object.fromEntries([...document.querySelectorAll('[data-metric]')].map(e => [e.dataset.metric, e.textContent])),
+  metrics: Object.fromEntries([...document.querySelectorAll('[data-metric]')]
+      .map(e => [e.dataset.metric, e.textContent])),
   workers: [...document.querySelectorAll('[data-worker]')].map(w => Object.fromEntries(
       [...w.querySelectorAll('[data-bar]')].map(b => [b.dataset.bar, b.querySelector('.num').textContent]))),
-  charts: Object.fromEntries([...document.querySelectorAll('svg[id^=chart-]')].map(s => [s.id, +(s.dataset.points || 0)])),
+  charts: Object.fromEntries([...document.querySelectorAll('svg[id^=chart-]')]
+      .map(s => [s.id, +(s.dataset.points || 0)])),
   policies: document.querySelectorAll('#policies tbody tr').length,
   rejections: [...document.querySelectorAll('#rejections tbody td')].map(td => td.textContent),
   updates: window.kvlab.updates,

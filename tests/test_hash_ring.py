@@ -40,7 +40,8 @@ def moved_on_remove(n, seed):
     before = [ring.owner(k) for k in keys]
     ring.remove(f"w{n}")
     after = [ring.owner(k) for k in keys]
-    assert all(a == b for a, b in zip(after, before, strict=True) if b != f"w{n}"), "only the removed worker's keys move"
+    assert all(a == b for a, b in zip(after, before, strict=True) if b != f"w{n}"), \
+        "only the removed worker's keys move"
     return sum(a != b for a, b in zip(after, before, strict=True)) / len(keys)
 
 

@@ -79,7 +79,8 @@ def test_an_unknown_policy_override_is_a_400(router):
 
 
 def test_a_permitted_tenant_may_choose_the_policy(router):
-    r = post(router, {"model": MODEL, "prompt": "hi", "max_tokens": 1}, headers={**KEY, "x-kvlab-policy": "round_robin"})
+    r = post(router, {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+             headers={**KEY, "x-kvlab-policy": "round_robin"})
     assert r.status_code == 200
 
 

@@ -22,7 +22,8 @@ async def flood(url: str, n: int, seconds: float) -> None:
     async with httpx.AsyncClient(timeout=seconds) as client:
         async def one(i):
             try:
-                await client.post(url + "/v1/completions", json={"model": MODEL, "prompt": f"long {i}", "max_tokens": 200})
+                await client.post(url + "/v1/completions",
+                                  json={"model": MODEL, "prompt": f"long {i}", "max_tokens": 200})
             except httpx.TimeoutException:
                 pass
         await asyncio.gather(*(one(i) for i in range(n)))

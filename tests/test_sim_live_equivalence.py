@@ -85,7 +85,8 @@ def test_live_cluster_and_simulator_agree(tmp_path):
     assert s.completed == len(live) == COUNT
     ttft_sim, itl_sim = s.ttft.p50, s.itl.p50
     print(f"TTFT p50 live {statistics.median(ttft_live):.5f} sim {ttft_sim:.5f}; ITL p50 live "
-          f"{statistics.median(itl_live):.5f} sim {itl_sim:.5f}; hit rate live {live_hits:.3f} sim {s.prefix_hit_rate:.3f}")
+          f"{statistics.median(itl_live):.5f} sim {itl_sim:.5f}; "
+          f"hit rate live {live_hits:.3f} sim {s.prefix_hit_rate:.3f}")
     assert statistics.median(ttft_live) == _within(ttft_sim, 0.10)
     assert statistics.median(itl_live) == _within(itl_sim, 0.10)
     assert abs(live_hits - s.prefix_hit_rate) <= 0.05

@@ -66,7 +66,8 @@ def calibrate(args: argparse.Namespace) -> str:
     tables: list[tuple[str, cal.FitResult]] = []
     if args.vidur_allreduce:
         fits = cal.fit_allreduce(ms.smoothed_allreduce(ms.read_allreduce_profile(args.vidur_allreduce)))
-        link = msgspec.structs.replace(link, allreduce=tuple(fits), source=f"all-reduce fitted to {args.vidur_allreduce}")
+        link = msgspec.structs.replace(link, allreduce=tuple(fits),
+                                       source=f"all-reduce fitted to {args.vidur_allreduce}")
         notes.append(f"all-reduce curve: {args.vidur_allreduce}")
     if args.vidur_mlp:
         rows = ms.read_layer_profile(args.vidur_mlp)

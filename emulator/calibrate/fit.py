@@ -141,7 +141,8 @@ def fit_layers(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[LayerRo
 
 
 def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[AllReduceFit]:
-    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull on the worst row)."""
+    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull
+    on the worst row)."""
     fits = []
     for gpus in sorted({r.gpus for r in rows}):
         sel = [r for r in rows if r.gpus == gpus]

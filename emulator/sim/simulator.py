@@ -84,8 +84,9 @@ class Simulator:
         arrivals = iter(requests)
         self._next_arrival = next(arrivals, None)
         while self._next_arrival is not None or self._events:
-            if self._next_arrival is not None and (not self._events or self._next_arrival.arrival_s <= self._events[0][0]):
-                req, self._next_arrival = self._next_arrival, next(arrivals, None)
+            req = self._next_arrival
+            if req is not None and (not self._events or req.arrival_s <= self._events[0][0]):
+                self._next_arrival = next(arrivals, None)
                 if self._next_arrival is not None and self._next_arrival.arrival_s < req.arrival_s:
                     raise ValueError("requests must come in arrival order")
                 self.now = req.arrival_s
@@ -121,7 +122,8 @@ class Simulator:
         salt = self.salts.get(req.tenant)
         views = [w.view for w in self.workers.values()]
         for w in self.workers.values():
-            w.view.running, w.view.waiting, w.view.kv_usage = w.engine.num_running, w.engine.num_waiting, w.engine.blocks.usage
+            view, engine = w.view, w.engine
+            view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
         try:
             decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
                                                                      memo=self.hash_memo), views)

@@ -109,7 +109,8 @@ class WorkerPool:
         self._views: list[WorkerView] = []
         self._roles: set[str] = set()
         self._background = Background(self._run)
-        self.load_hooks: list[Callable[[str, bytes], None]] = []   # see every /load body (router.observability.dashboard)
+        # See every /load body (router.observability.dashboard).
+        self.load_hooks: list[Callable[[str, bytes], None]] = []
 
     # -- membership ------------------------------------------------------------------------------
     def views(self) -> list[WorkerView]:

@@ -36,8 +36,8 @@ class RemotePrefill(msgspec.Struct, kw_only=True):
 class Request:
     __slots__ = ("request_id", "prompt", "params", "arrival", "priority", "salt", "tokens",
                  "num_prompt", "num_computed", "block_ids", "hashes", "status", "remote",
-                 "first_token_time", "finish_reason", "num_cached_prompt", "num_cached_blocks", "swapped", "kv_ready_at",
-                 "preemptions")
+                 "first_token_time", "finish_reason", "num_cached_prompt", "num_cached_blocks", "swapped",
+                 "kv_ready_at", "preemptions")
 
     def __init__(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, arrival: float,
                  priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None):
