@@ -13,8 +13,8 @@ import numpy as np
 from emulator.calibrate import measurements as ms
 from emulator.physics.catalog import Catalog
 from emulator.physics.deployment import Deployment
-from emulator.physics.operators import OperatorModel
 from emulator.physics.roofline import allreduce_seconds
+from emulator.physics.steptime import build_model
 
 # Vidur's profile folders for the catalog models they measured (data/profiling/compute/h100/...).
 VIDUR_MODELS = {"Llama-2-7B": "meta-llama/Llama-2-7b-hf", "Llama-2-70B": "meta-llama/Llama-2-70b-hf"}
@@ -50,8 +50,7 @@ def layer_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path) ->
     rows = []
     for r in ms.read_layer_profile(path):
         dep = Deployment(model=m, gpu=g, tp=r.tp, tp_link=lk if r.tp > 1 else None)
-        # The operator model's layer: a profiled GPU's step model has no layers to compare.
-        kvlab = OperatorModel(dep).linear_layer(r.tokens).seconds * 1e3
+        kvlab = build_model(dep).linear_layer(r.tokens).seconds * 1e3
         rows.append(Row(group=f"{model} tp{r.tp}", label=f"{r.tokens} tokens", reference_ms=r.ms, kvlab_ms=kvlab))
     return rows
 
