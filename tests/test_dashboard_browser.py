@@ -78,6 +78,7 @@ def wait_for_panels(browser: Browser, timeout_s: float = 20.0) -> dict:
         time.sleep(0.25)
 
 
+@pytest.mark.slow
 def test_dashboard_shows_live_cluster_values_that_move(start_worker, start_router, tmp_path):
     workers = [start_worker(worker_id=f"worker-{i}", time_scale=TIME_SCALE, num_blocks=1024) for i in range(2)]
     tenants = [TenantConfig(name="alpha", api_keys=["key-alpha"]),

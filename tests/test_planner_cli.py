@@ -1,6 +1,8 @@
 """`kvlab plan` end to end: flags in, a table or JSON out, clear errors for infeasible inputs."""
 import json
 
+import pytest
+
 from kvlab import cli
 
 
@@ -37,6 +39,7 @@ def test_plan_from_a_spec_reports_the_clusters_cmax(capsys):
     assert doc["capacity"]["max_rate"] > 0 and doc["capacity"]["binding"]
 
 
+@pytest.mark.slow
 def test_plan_from_a_spec_agrees_with_the_sweeps_planned_cmax(capsys, tmp_path):
     """`kvlab plan --spec` and the sweep's planned column read the spec the same way (round robin
     included: it spreads prefixes over every worker, which the prefix-cache model must hear of)."""

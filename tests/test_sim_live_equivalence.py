@@ -14,6 +14,7 @@ import time
 
 import httpx
 import msgspec
+import pytest
 
 from emulator import workload
 from emulator.sim.simulator import Simulator
@@ -68,6 +69,7 @@ def _hit_rate(urls) -> float:
     return hits / queries
 
 
+@pytest.mark.slow
 def test_live_cluster_and_simulator_agree(tmp_path):
     text = open(example_spec_path("tiny-test")).read().replace("time_scale = 1.0", f"time_scale = {TIME_SCALE}")
     spec_path = tmp_path / "equivalence.toml"
