@@ -26,7 +26,7 @@ def test_ruff_reports_nothing():
     assert run.returncode == 0, f"ruff check found problems:\n{run.stdout}{run.stderr}"
 
 
-@pytest.mark.slow
+# Not marked slow: ~6 s on a cold cache, well under 1 s once .mypy_cache holds the unchanged modules.
 def test_mypy_reports_nothing():
     run = _run_tool("mypy", *PACKAGES)
     assert run.returncode == 0, f"mypy found problems:\n{run.stdout}{run.stderr}"
