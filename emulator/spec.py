@@ -34,8 +34,8 @@ def is_role(value: str) -> TypeGuard[Role]:
 POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
 MAX_TP = 8                        # one HGX/DGX node's NVLink domain; TP across nodes is not modelled
 DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM included) listen on by default
-DEFAULT_WORKER_BASE_PORT = 8100
-MAX_STREAM_INTERVAL = 256         # tokens per SSE chunk: beyond this a chunk delays text by whole seconds   # workers count up from here unless a pool sets base_port
+DEFAULT_WORKER_BASE_PORT = 8100   # workers count up from here unless a pool sets base_port
+MAX_STREAM_INTERVAL = 256         # tokens per SSE chunk: beyond this a chunk delays text by whole seconds
 DEFAULT_KV_TRANSFER_LINK = "InfiniBand-NDR"  # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_HOST_SWAP_LINK = "PCIe-Gen5"         # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
 # Pool names become worker ids, compose service names and metric labels: keep them to that safe alphabet.

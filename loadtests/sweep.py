@@ -101,11 +101,12 @@ def run(args: argparse.Namespace) -> int:
     setup.steady_enabled = steady.enabled
     sim_c = steady_crossing(steady, spec.slo, planned.c_max) if setup.rates is None and steady.enabled else None
     guess = (sim_c or {}).get("rate") or planned.c_max
-    if setup.rates is None and not guess:
+    trial_rates = setup.rates or ([guess * BRACKET_RATIO] if guess else None)
+    if trial_rates is None:
         print("kvlab sweep: neither the planner nor the simulator gives a C_max for this spec; pass --rates",
               file=sys.stderr)
         return 2
-    warnings = host_check(setup, steady, setup.rates or [guess * BRACKET_RATIO])
+    warnings = host_check(setup, steady, trial_rates)
     print(f"kvlab sweep '{spec.name}': {_plan_text(setup, planned, sim_c)}; time scale {setup.scale:g}", flush=True)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
@@ -266,8 +267,8 @@ class LiveSweep:
         size, warmup, window, tail = setup.sizing(self.steady.lifetime(rate))
         k = len(self.points)
         plan = LivePlan(url=self.url, worker_urls=self.workers, rates=[rate], warmup_s=warmup, duration_s=window,
-                        tail_s=tail, time_scale=setup.scale, out=setup.out / f"rate-{k}", spec_path=str(setup.spec_path),
-                        model=self.args.model, seed=setup.seed, api=self.args.api)
+                        tail_s=tail, time_scale=setup.scale, out=setup.out / f"rate-{k}",
+                        spec_path=str(setup.spec_path), model=self.args.model, seed=setup.seed, api=self.args.api)
         progress = Progress(warmup + window + tail)
         if not self.header_printed:
             progress.println(rpt.table({"points": []}))
@@ -301,6 +302,7 @@ def _sweep(live: LiveSweep, guess: float | None) -> LiveSweep:
         for rate in setup.rates:
             live.measure(rate)
         return live
+    assert guess is not None, "main() stops when neither --rates nor a C_max to start from is given"
     for factor in CURVE_FACTORS:
         if _distorted(live.measure(factor * guess), setup):
             return _gave_up(live)
@@ -371,8 +373,10 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
                   below_c_max: bool, lifetime_s: float) -> Stationarity:
     mid = (w.start_s + w.end_s) / 2
     halves = [analysis.Window(0, w.rate, w.start_s, mid), analysis.Window(0, w.rate, mid, w.end_s)]
-    ttft = tuple(analysis.ttft_p99_with_failures(result.records, h, scale) for h in halves)
-    queue, polls = (None, None), 0
+    first, second = (analysis.ttft_p99_with_failures(result.records, h, scale) for h in halves)
+    ttft = (first, second)
+    queue: tuple[float | None, float | None] = (None, None)
+    polls = 0
     if result.scraper is not None and result.t0:
         read = [result.scraper.in_system(result.t0 + h.start_s, result.t0 + h.end_s) for h in halves]
         queue, polls = (read[0][0], read[1][0]), min(n for _, n in read)
@@ -383,7 +387,7 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
                  queue_samples=max(1, int(independent)))
 
 
-def _same_schedule(setup: Setup, plan: LivePlan, windows) -> object | None:
+def _same_schedule(setup: Setup, plan: LivePlan | None, windows) -> object | None:
     """The simulator on the very requests this rate's live run sent, over the same window."""
     if plan is None or not setup.steady_enabled:
         return None

@@ -217,7 +217,7 @@ def _gaps(outs, last: float | None) -> list[float]:
     """Emulated seconds between each token and the one before it in this stream (the stream's very
     first token has none)."""
     times = ([] if last is None else [last]) + [o.time for o in outs]
-    return [round(b - a, 6) for a, b in zip(times, times[1:])]
+    return [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
 
 
 def _chunk(chat: bool, rid: str, model: str, created: int, text: str, finish: str | None) -> dict:
