@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import cast
 
 import httpx
 
@@ -154,9 +155,8 @@ class UpstreamStream:
         self._wait: asyncio.Timeout | None = None   # the pending read's deadline (abandon() moves it to now)
         self._abandoned: str | None = None
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
-        stream = response.stream
-        assert isinstance(stream, httpx.AsyncByteStream), "an AsyncClient's response"
-        self._parts = aiter(stream)
+        # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
+        self._parts = aiter(cast(httpx.AsyncByteStream, response.stream))
         self._splitter = EventSplitter()
         self._ready: deque[bytes] = deque()
         self._first_s = timeouts.first_byte_s
