@@ -5,6 +5,7 @@ import socket
 import time
 
 import msgspec
+import pytest
 from router_fixtures import MODEL
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
@@ -75,6 +76,7 @@ def wait_until(condition, timeout=5.0):
     return condition()
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_stalls_the_worker_stream(serve):
     worker = EndlessWorker()
     upstream = serve(worker.app)

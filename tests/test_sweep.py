@@ -180,6 +180,7 @@ def tiny_steady_spec(path: Path) -> Path:
     return write_spec(d, path)
 
 
+@pytest.mark.slow
 def test_served_tracks_offered_below_capacity_over_windows_sized_in_lifetimes(tmp_path):
     spec_path = tiny_steady_spec(tmp_path / "tiny.toml")
     c = predict(load_spec(spec_path), []).c_max
