@@ -72,7 +72,8 @@ def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(c
     from workers.core.from_spec import build_engine
     (tmp_path / "slow.toml").write_text(
         '[[gpu]]\nname = "H100-SXM"\nbf16_tflops = 989.4\nfp8_tflops = 1978.9\nhbm_gb = 80.0\nhbm_tb_s = 3.35\n'
-        'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\nintra_node_link = "NVLink4"\n')
+        'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\n'
+        'intra_node_link = "NVLink4"\n')
     text = open(example_spec_path("default")).read()
     path = tmp_path / "calibrated.toml"
     path.write_text('catalog = "slow.toml"\n' + text)

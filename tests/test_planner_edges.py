@@ -26,9 +26,13 @@ ttft_p99_s = 0.2
 itl_p99_s = 0.025
 [workload]
 mix = { chat = 1.0 }
-params = { chat = { shared_count = 1, shared_len = { median = 1, sigma = 0 }, unique_len = { median = 1023, sigma = 0 }, output_len = { median = 256, sigma = 0 } } }
 warmup_s = 20
 duration_s = 600
+[workload.params.chat]
+shared_count = 1
+shared_len = { median = 1, sigma = 0 }
+unique_len = { median = 1023, sigma = 0 }
+output_len = { median = 256, sigma = 0 }
 '''
 
 
@@ -131,9 +135,13 @@ ttft_p99_s = 2.0
 itl_p99_s = 0.1
 [workload]
 mix = { rag = 1.0 }
-params = { rag = { shared_count = 1, shared_len = { median = 1, sigma = 0 }, unique_len = { median = 8191, sigma = 0, high = 8191 }, output_len = { median = 256, sigma = 0 } } }
 warmup_s = 60
 duration_s = 4000
+[workload.params.rag]
+shared_count = 1
+shared_len = { median = 1, sigma = 0 }
+unique_len = { median = 8191, sigma = 0, high = 8191 }
+output_len = { median = 256, sigma = 0 }
 '''
 
 

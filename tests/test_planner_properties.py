@@ -90,7 +90,7 @@ def test_planned_percentiles_never_fall_as_the_rate_rises(dep, prompt, sigma, ou
         op = evaluate(ctx, cluster, load * ceiling)
         now = [getattr(op, name) for name in names]
         if last is not None:
-            for name, a, b in zip(names, last, now):
+            for name, a, b in zip(names, last, now, strict=True):
                 assert b >= a * (1 - 1e-3), (name, load, a, b)   # grid rounding: 0.1%
         last = now
 

@@ -9,6 +9,7 @@ bisection (`solve_batch`); no root below the batch cap means the decode side is 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def decode_only_gaps(ctx: Context, others: float) -> dist.Points:
         return batches.map(lambda n: step_seconds(ctx, n))
     parts = []
     for z, w in ((-math.sqrt(3.0), 1 / 6), (0.0, 2 / 3), (math.sqrt(3.0), 1 / 6)):
-        parts.append((w, batches.map(lambda n, z=z: _step_spread(ctx, n, z * sd))))
+        parts.append((w, batches.map(functools.partial(_step_spread, ctx, sd_one=z * sd))))
     return dist.mixture(parts)
 
 

@@ -3,8 +3,8 @@
 It wires the pure parts (router.frontdoor.tenants, router.frontdoor.admission) to the request path: 401 for a missing
 or unknown key when keys are configured, 429 with Retry-After when a tenant is over a limit, 503
 with Retry-After when the cluster's queue is past what the TTFT SLO allows (`DrainLimit`), each with
-an OpenAI error body (the server counts refusals by status, reason and tenant). A request admitted here is settled exactly
-once when it ends (``release``): its concurrency slot freed and its token reservation reconciled
+an OpenAI error body (the server counts refusals by status, reason and tenant). A request admitted
+here is settled exactly once when it ends (``release``): its concurrency slot freed and its token reservation reconciled
 with the tokens it really used.
 
 Tenant salts: a salted tenant's prompts are hashed with a salt derived from a router secret and the
@@ -127,13 +127,13 @@ class DrainLimit:
 
     def drain_rate(self, now: float) -> float:
         """Requests per second the cluster's queues empty at."""
-        if self.drain_s is not None:
+        if self.drain_s is not None and self.workers is not None:   # drain_s is set only with workers
             return max(0, self.workers()) / self.drain_s
         return self.done.rate(now)
 
     def max_queue(self, now: float) -> float:
         slack = max(0.0, self.slo_s - self.prefill_s)
-        if self.drain_s is not None:
+        if self.drain_s is not None and self.workers is not None:
             return max(0, self.workers()) * math.floor(slack / self.drain_s)
         return max(self.min_queue, math.floor(self.drain_rate(now) * slack))
 
