@@ -62,6 +62,7 @@ def test_infeasible_slo_is_explained_not_computed(capsys):
     assert "below the minimum possible p99 TTFT" in err
 
 
+@pytest.mark.slow
 def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(capsys, tmp_path):
     """A calibrated catalog (here: an H100 at half its compute and bandwidth efficiency) changes the engine's step
     times in the simulator; `kvlab plan --spec` must plan from the same steps."""

@@ -61,6 +61,7 @@ def test_slot_wait_exists_when_the_chunk_budget_leaves_no_room_at_the_sequence_c
     assert colocated.slot_wait(ctx, 19.0) is not None
 
 
+@pytest.mark.slow
 def test_colocated_8b_small_chunk_cmax_agrees_with_the_simulator():
     req, work, slo = small_chunk_inputs()
     cap = planner.capacity(req, work, slo)
@@ -145,6 +146,7 @@ output_len = { median = 256, sigma = 0 }
 '''
 
 
+@pytest.mark.slow
 def test_70b_rag_cmax_agrees_with_the_simulator():
     req, work, slo = rag_70b_inputs()
     best = planner.capacity(req, work, slo).max_rate

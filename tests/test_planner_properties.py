@@ -69,6 +69,7 @@ def one_cluster(ctx):
     return Cluster(workers=1) if ctx.mode == "colocated" else Cluster(prefill=1, decode=1)
 
 
+@pytest.mark.slow
 @SOME
 @given(DEPLOYMENTS, st.integers(100, 8000), st.floats(0.0, 1.0), st.integers(16, 600),
        st.sampled_from([256, 512, 2048, 8192]), st.sampled_from([32, 256, 1024]))
@@ -95,6 +96,7 @@ def test_planned_percentiles_never_fall_as_the_rate_rises(dep, prompt, sigma, ou
         last = now
 
 
+@pytest.mark.slow
 @SOME
 @given(DEPLOYMENTS, st.integers(100, 8000), st.floats(0.0, 1.0), st.integers(16, 600),
        st.sampled_from([256, 512, 2048, 8192]), st.sampled_from([32, 256, 1024]), st.floats(1.2, 20.0),
