@@ -20,7 +20,7 @@ import msgspec
 import numpy as np
 
 from emulator.workload import VOCAB_WORDS, Request, vocabulary
-from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, block_hashes, root_hash
 from kvlab.wire.user_errors import UserError
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash_id in Mooncake traces (FAST'25 release README)
@@ -48,7 +48,7 @@ class HashedRequest(msgspec.Struct, frozen=True, kw_only=True):
     arrival_s: float
     prompt_len: int
     max_tokens: int
-    block_hashes: list[int]
+    block_hashes: list[BlockHash]
 
 
 def shared_trace(name: str = MOONCAKE_CONVERSATION) -> Path | None:
@@ -142,11 +142,12 @@ class TraceHasher:
             raise ValueError(f"block_size must divide {TRACE_BLOCK_TOKENS} (got {block_size})")
         self.block_size = block_size
         self.root = root_hash(salt)
-        self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[BlockHash, int], list[BlockHash]] = OrderedDict()   # (parent, id)
         self._capacity = cache_blocks
 
-    def hashes(self, record: TraceRecord) -> list[int]:
-        out, parent, ids = [], self.root, record.hash_ids
+    def hashes(self, record: TraceRecord) -> list[BlockHash]:
+        out: list[BlockHash] = []
+        parent, ids = self.root, record.hash_ids
         done = 0
         while done < len(ids) and (sub := self._cached(parent, ids[done])) is not None:
             out += sub
@@ -158,13 +159,13 @@ class TraceHasher:
         # A truncated last block's tokens are a prefix of the full block's: its full sub-blocks match.
         return out[:record.input_length // self.block_size]
 
-    def _cached(self, parent: int, hash_id: int) -> list[int] | None:
+    def _cached(self, parent: BlockHash, hash_id: int) -> list[BlockHash] | None:
         sub = self._cache.get((parent, hash_id))
         if sub is not None:
             self._cache.move_to_end((parent, hash_id))
         return sub
 
-    def _hash_rest(self, parent: int, ids: Sequence[int]) -> list[int]:
+    def _hash_rest(self, parent: BlockHash, ids: Sequence[int]) -> list[BlockHash]:
         tokens = vocabulary()[0][block_words(ids)].reshape(-1)
         hashes = block_hashes(tokens, self.block_size, parent=parent)
         per_block = TRACE_BLOCK_TOKENS // self.block_size

@@ -1,6 +1,6 @@
 """The `kvlab` command. Each subcommand lives beside the part it drives and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; this file only maps names to modules and turns a user's mistake (``UserError``, a bad flag) into one
-line and exit status 2."""
+``add_arguments(parser)`` and ``run(args) -> int``; this file only maps names to modules and turns a
+user's mistake (``UserError``, a bad flag) into one line and exit status 2."""
 from __future__ import annotations
 
 import argparse

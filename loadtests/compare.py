@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=count_or_all, default=1000,
                         help="first N trace requests, 0 or 'all' for the whole trace (default %(default)s)")
     parser.add_argument("--speedup", type=positive, default=1.0, help="divide trace timestamps by this")
-    parser.add_argument("--workers", type=positive_int, default=None, help="override the worker count (colocated specs)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="override the worker count (colocated specs)")
     parser.add_argument("--prefix-blocks", type=positive_int, default=None,
                         help="blocks that key prefix_ring/prefix_bounded (default for a trace: two 512-token "
                              "trace blocks, see below)")

@@ -48,7 +48,8 @@ DEPLOYMENTS = st.sampled_from([("Llama-3.1-8B", 1, "colocated"), ("Llama-3.1-8B"
                                ("Llama-3.1-70B", 8, "colocated")])
 SOME = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=[Phase.explicit, Phase.reuse, Phase.generate],   # no shrinking: each example is slow
-                derandomize=True)   # the same examples on every host: known defects are pinned below, not rediscovered by chance
+                # The same examples on every host: known defects are pinned below, not rediscovered by chance.
+                derandomize=True)
 
 
 def drawn_context(dep, prompt, sigma, output, budget, seqs):
