@@ -158,7 +158,8 @@ def markdown(report: dict) -> str:
            "lifetimes (the steady-state simulator's mean end-to-end latency at that rate). sent/s: arrivals in "
            "the window (Poisson around the offered rate); served/s: requests finished in it. Stationary: the "
            "window's halves agree on p99 TTFT and requests in the system, and below C_max served is within 3% "
-           "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). TTFT p99 counts refused requests as misses.", "",
+           "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). "
+           "TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]
     out += [""] + [f"- {line}" for line in capacity_lines(report)]
