@@ -456,7 +456,7 @@ def restart() -> tuple[str, str, bool]:
         time.sleep(2.0)   # the new router's first KV feed round
         routed = [httpx.post(URL + "/v1/completions", json={"model": MODEL, "prompt": doc + [8], "max_tokens": 1},
                              timeout=30).headers.get("x-kvlab-worker") for doc in docs]
-    right = sum(h == r for h, r in zip(homes, routed))
+    right = sum(h == r for h, r in zip(homes, routed, strict=True))
     measured = (f"{right}/8 documents routed to their cache after {reached} event batches per worker "
                 f"(replay buffer {REPLAY_BATCHES}); router restarted by kvlab up: {back}")
     return "every cached document routed right", measured, right == len(docs) and reached > REPLAY_BATCHES

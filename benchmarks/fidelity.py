@@ -79,7 +79,8 @@ def _print_step_figures(catalog, gpu: str) -> None:
         dep = roofline.Deployment(model=catalog.model(name), gpu=catalog.gpu(gpu))
         b1 = roofline.decode_time(dep, [0]).seconds * 1e3
         slope = (roofline.decode_time(dep, [1000] * 8).seconds - roofline.decode_time(dep, [0] * 8).seconds) * 1e3 / 8
-        per_seq = (roofline.decode_time(dep, [512] * 64).seconds - roofline.decode_time(dep, [512] * 32).seconds) * 1e3 / 32
+        per_seq = (roofline.decode_time(dep, [512] * 64).seconds
+                   - roofline.decode_time(dep, [512] * 32).seconds) * 1e3 / 32
         decodes = roofline.batch_shape((1, 1024) for _ in range(64))
         mixed = step_time(dep, roofline.batch_shape([(512, 0)] + [(1, 1024)] * 64)).seconds * 1e3
         print(f"  {name:<13} decode batch 1: {b1:.2f}  per 1K context tokens: {slope:.3f}  per extra sequence "

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 import httpx
 import msgspec
-from routing_decision import median_us   # benchmarks/ is on sys.path when run as a script
+from routing_decision import median_us  # benchmarks/ is on sys.path when run as a script
 
 MODEL = "Llama-3.1-8B"
 PYTHON = sys.executable
@@ -244,8 +244,8 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
     from kvlab.wire.kv_events import BlockStored, KVEventBatch
     from kvlab.wire.openai_api import ChatCompletionRequest, ChatMessage
     from kvlab.wire.tokenizer import BuiltinTokenizer
-    from router.policies import KvIndex, PolicySet, WorkerView
     from router.frontdoor.tokenize import PromptTokenizer, TokenIdsCompletion
+    from router.policies import KvIndex, PolicySet, WorkerView
 
     tok = PromptTokenizer(BuiltinTokenizer(), 16)
     first_sight = PromptTokenizer(BuiltinTokenizer(), 16, hash_memo_runs=0)   # hashes every block it reads
@@ -268,22 +268,31 @@ def decision_times(runs: int) -> dict[str, dict[int, float]]:
         for name in policies.values():
             for v in views:
                 name.add_worker(v.id)
-        cases = {
-            "token ids -> prefix_bounded": lambda: _decide(tok, tok.completion(ids_req), policies["prefix_bounded"], views),
-            "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"], views),
-            "  same, prompt never seen (no hash memo)": lambda: _decide(first_sight, first_sight.completion(ids_req),
-                                                                        policies["kv_aware"], views),
-            "chat text, system prompt seen -> prefix_bounded": lambda: _decide(tok, tok.chat(chat_req),
-                                                                                policies["prefix_bounded"], views),
-            "chat text, system prompt seen -> kv_aware (half cached)": lambda: _decide(tok, tok.chat(chat_req),
-                                                                                        policies["kv_aware"], views),
-            "chat text, cold tokenizer -> prefix_bounded": lambda: _decide(PromptTokenizer(BuiltinTokenizer(), 16),
-                                                                           None, policies["prefix_bounded"], views,
-                                                                           chat_req),
-        }
+        cases = _cases(tok, first_sight, ids_req, chat_req, policies, views)
         for label, fn in cases.items():
             results.setdefault(label, {})[n] = median_us(fn, runs if "cold" not in label else max(5, runs // 20))
     return results
+
+
+def _cases(tok, first_sight, ids_req, chat_req, policies, views) -> dict:
+    """One size's decisions to time, each a closure over this call's prompts and policies."""
+    from kvlab.wire.tokenizer import BuiltinTokenizer
+    from router.frontdoor.tokenize import PromptTokenizer
+
+    return {
+        "token ids -> prefix_bounded": lambda: _decide(tok, tok.completion(ids_req), policies["prefix_bounded"], views),
+        "token ids -> kv_aware (half cached)": lambda: _decide(tok, tok.completion(ids_req), policies["kv_aware"],
+                                                               views),
+        "  same, prompt never seen (no hash memo)": lambda: _decide(first_sight, first_sight.completion(ids_req),
+                                                                    policies["kv_aware"], views),
+        "chat text, system prompt seen -> prefix_bounded": lambda: _decide(tok, tok.chat(chat_req),
+                                                                            policies["prefix_bounded"], views),
+        "chat text, system prompt seen -> kv_aware (half cached)": lambda: _decide(tok, tok.chat(chat_req),
+                                                                                    policies["kv_aware"], views),
+        "chat text, cold tokenizer -> prefix_bounded": lambda: _decide(PromptTokenizer(BuiltinTokenizer(), 16),
+                                                                       None, policies["prefix_bounded"], views,
+                                                                       chat_req),
+    }
 
 
 def _decide(tok, tokens, policies, views, chat_req=None):
@@ -330,12 +339,14 @@ def main() -> None:
               f"p99 <= {inside[0.99] * 1e6:.0f} us (bucket bounds)")
         report["router_histogram_added_s"] = inside
         print(f"  router CPU per request (user + system, immune to other processes' load): "
-              f"non-streaming {cpu_plain * 1e6:.0f} us, streaming {args.stream_tokens} tokens {cpu_stream * 1e6:.0f} us")
+              f"non-streaming {cpu_plain * 1e6:.0f} us, "
+              f"streaming {args.stream_tokens} tokens {cpu_stream * 1e6:.0f} us")
         report["router_cpu_us_per_request"] = {"non_streaming": cpu_plain * 1e6, "streaming": cpu_stream * 1e6}
         report["latency"] = {name: {target: {"p50": pct(v[which], 0.5), "p99": pct(v[which], 0.99)}
                                     for target, v in res.items()}
                              for name, res, which in (("non_streaming", plain, 1), ("stream_ttft", streamed, 0),
-                                                      ("stream_total", streamed, 1), ("non_streaming_paced", paced_plain, 1),
+                                                      ("stream_total", streamed, 1),
+                                                      ("non_streaming_paced", paced_plain, 1),
                                                       ("stream_ttft_paced", paced, 0))}
         print(f"\n2. max requests/s, closed loop, {args.connections} connections from {args.client_procs} "
               f"client process(es), {args.workers} worker(s) behind the router")

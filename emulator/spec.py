@@ -13,7 +13,7 @@ import functools
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeGuard, get_args
 
 import msgspec
 
@@ -21,14 +21,21 @@ from emulator.physics import roofline
 from emulator.physics.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
 from kvlab.wire.user_errors import UserError, did_you_mean
 
-ROLES = ("both", "prefill", "decode")
+Role = Literal["both", "prefill", "decode"]   # a worker's part: whole requests, or one side of P/D
+ROLES: tuple[Role, ...] = get_args(Role)
+
+
+def is_role(value: str) -> TypeGuard[Role]:
+    return value in ROLES
+
+
 # The router's policy names. router/policies/registry.py builds them and checks their settings
 # (`check_spec_settings`); a test keeps the two lists equal.
 POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
 MAX_TP = 8                        # one HGX/DGX node's NVLink domain; TP across nodes is not modelled
 DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM included) listen on by default
-DEFAULT_WORKER_BASE_PORT = 8100
-MAX_STREAM_INTERVAL = 256         # tokens per SSE chunk: beyond this a chunk delays text by whole seconds   # workers count up from here unless a pool sets base_port
+DEFAULT_WORKER_BASE_PORT = 8100   # workers count up from here unless a pool sets base_port
+MAX_STREAM_INTERVAL = 256         # tokens per SSE chunk: beyond this a chunk delays text by whole seconds
 DEFAULT_KV_TRANSFER_LINK = "InfiniBand-NDR"  # the RDMA fabric of DistServe/Mooncake-style P/D deployments
 DEFAULT_HOST_SWAP_LINK = "PCIe-Gen5"         # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
 # Pool names become worker ids, compose service names and metric labels: keep them to that safe alphabet.
@@ -68,7 +75,7 @@ class EngineSpec(_Section):
 
 class PoolSpec(_Section):
     name: str = ""                         # defaults to the role; worker ids are "<name>-<index>"
-    role: Literal["both", "prefill", "decode"] = "both"
+    role: Role = "both"
     count: int = 1
     gpu: str | None = None                 # overrides the spec's gpu for this pool
     tp: int | None = None                  # overrides the spec's tp for this pool
@@ -127,7 +134,7 @@ class WorkloadSpec(_Section):
 class WorkerSlot(NamedTuple):
     id: str
     pool: str
-    role: str
+    role: Role
     port: int
 
 
@@ -494,7 +501,7 @@ def _check_workload(spec: ClusterSpec) -> None:
         _check_archetype_params(name, overrides)
     tenant_names = {t.name for t in spec.tenants}
     for name in w.tenants:
-        _require(name in tenant_names, f"workload.tenants.{name}", f"no such tenant in [[tenants]]")
+        _require(name in tenant_names, f"workload.tenants.{name}", "no such tenant in [[tenants]]")
     _positive(w.cv, "workload.cv", allow_none=False)
     for i, rate in enumerate(w.rates):
         _positive(rate, f"workload.rates[{i}]", allow_none=False)

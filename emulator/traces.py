@@ -13,14 +13,14 @@ Expansion is lazy (one request at a time): the Mooncake conversation trace holds
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import msgspec
 import numpy as np
 
 from emulator.workload import VOCAB_WORDS, Request, vocabulary
-from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, block_hashes, root_hash
 from kvlab.wire.user_errors import UserError
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash_id in Mooncake traces (FAST'25 release README)
@@ -48,7 +48,7 @@ class HashedRequest(msgspec.Struct, frozen=True, kw_only=True):
     arrival_s: float
     prompt_len: int
     max_tokens: int
-    block_hashes: list[int]
+    block_hashes: list[BlockHash]
 
 
 def shared_trace(name: str = MOONCAKE_CONVERSATION) -> Path | None:
@@ -116,7 +116,7 @@ def trace_requests(trace: str | Path | Sequence[TraceRecord], *, speedup: float 
                    tenant: str = "default", with_text: bool = False) -> Iterator[Request]:
     """Requests in trace order, expanded one at a time; arrival times divided by `speedup`."""
     records = _records(trace, limit)
-    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup))):
+    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup), strict=True)):
         yield Request(request_id=f"trace-{i:06d}", arrival_s=float(t), tokens=expand_tokens(record),
                       max_tokens=max(1, record.output_length), archetype="trace", tenant=tenant,
                       text=expand_text(record) if with_text else None)
@@ -142,11 +142,12 @@ class TraceHasher:
             raise ValueError(f"block_size must divide {TRACE_BLOCK_TOKENS} (got {block_size})")
         self.block_size = block_size
         self.root = root_hash(salt)
-        self._cache: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[BlockHash, int], list[BlockHash]] = OrderedDict()   # (parent, id)
         self._capacity = cache_blocks
 
-    def hashes(self, record: TraceRecord) -> list[int]:
-        out, parent, ids = [], self.root, record.hash_ids
+    def hashes(self, record: TraceRecord) -> list[BlockHash]:
+        out: list[BlockHash] = []
+        parent, ids = self.root, record.hash_ids
         done = 0
         while done < len(ids) and (sub := self._cached(parent, ids[done])) is not None:
             out += sub
@@ -158,13 +159,13 @@ class TraceHasher:
         # A truncated last block's tokens are a prefix of the full block's: its full sub-blocks match.
         return out[:record.input_length // self.block_size]
 
-    def _cached(self, parent: int, hash_id: int) -> list[int] | None:
+    def _cached(self, parent: BlockHash, hash_id: int) -> list[BlockHash] | None:
         sub = self._cache.get((parent, hash_id))
         if sub is not None:
             self._cache.move_to_end((parent, hash_id))
         return sub
 
-    def _hash_rest(self, parent: int, ids: Sequence[int]) -> list[int]:
+    def _hash_rest(self, parent: BlockHash, ids: Sequence[int]) -> list[BlockHash]:
         tokens = vocabulary()[0][block_words(ids)].reshape(-1)
         hashes = block_hashes(tokens, self.block_size, parent=parent)
         per_block = TRACE_BLOCK_TOKENS // self.block_size
@@ -181,7 +182,7 @@ def hashed_requests(trace: str | Path | Sequence[TraceRecord], *, speedup: float
     """Trace requests as lengths and block hashes only: what a discrete-event simulation needs."""
     records = _records(trace, limit)
     hasher = TraceHasher(block_size, salt)
-    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup))):
+    for i, (record, t) in enumerate(zip(records, _arrivals(records, speedup), strict=True)):
         yield HashedRequest(request_id=f"trace-{i:06d}", arrival_s=float(t), prompt_len=record.input_length,
                             max_tokens=max(1, record.output_length), block_hashes=hasher.hashes(record))
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import heapq
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -204,7 +205,7 @@ def _single_turn(arch: Archetype, library: _Library, rng: np.random.Generator, s
     unique = arch.unique_len.sample(rng, len(slots))
     outputs = arch.output_len.sample(rng, len(slots))
     requests = []
-    for (t, number), n_unique, n_out in zip(slots, unique, outputs):
+    for (t, number), n_unique, n_out in zip(slots, unique, outputs, strict=True):
         picked = library.pick(rng, arch.shared_per_request)
         segments = [("system", np.concatenate(picked)), ("user", _unique(rng, int(n_unique), number))]
         # Only the first shared part is surely a common prefix; later ones follow different firsts.
@@ -280,22 +281,22 @@ class RateProfile(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self):
         if len(self.starts) != len(self.rates) or not self.starts or self.starts[0] != 0.0:
             raise ValueError("a rate profile needs one rate per start, starting at 0")
-        if any(b <= a for a, b in zip(self.starts, self.starts[1:])) or min(self.rates) < 0:
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:], strict=False)) or min(self.rates) < 0:
             raise ValueError("starts must increase and rates be >= 0")
         if self.rates[-1] <= 0:
             raise ValueError("the last rate must be > 0 (arrivals must not stop forever)")
 
     @classmethod
-    def constant(cls, rate: float) -> "RateProfile":
+    def constant(cls, rate: float) -> RateProfile:
         return cls(starts=(0.0,), rates=(rate,))
 
     @classmethod
-    def step(cls, base: float, factor: float, at_s: float) -> "RateProfile":
+    def step(cls, base: float, factor: float, at_s: float) -> RateProfile:
         """`base` until `at_s`, then `factor` x base (a 2-3x step shows recovery time)."""
         return cls(starts=(0.0, at_s), rates=(base, base * factor))
 
     @classmethod
-    def burst(cls, base: float, peak: float, start_s: float, length_s: float) -> "RateProfile":
+    def burst(cls, base: float, peak: float, start_s: float, length_s: float) -> RateProfile:
         return cls(starts=(0.0, start_s, start_s + length_s), rates=(base, peak, base))
 
     def rate_at(self, t: float) -> float:
@@ -339,6 +340,7 @@ def arrival_times(rng: np.random.Generator, rate: float | RateProfile, *, n: int
         raise ValueError("give n, duration_s or both")
     profile = rate if isinstance(rate, RateProfile) else RateProfile.constant(rate)
     if duration_s is None:
+        assert n is not None   # checked above
         unit = np.cumsum(unit_gaps(rng, n, cv))
     else:
         unit = _unit_until(rng, profile.expected(duration_s), cv, n)

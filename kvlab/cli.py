@@ -1,6 +1,6 @@
 """The `kvlab` command. Each subcommand lives beside the part it drives and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; this file only maps names to modules and turns a user's mistake (``UserError``, a bad flag) into one
-line and exit status 2."""
+``add_arguments(parser)`` and ``run(args) -> int``; this file only maps names to modules and turns a
+user's mistake (``UserError``, a bad flag) into one line and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,12 @@ COMMANDS = {
     "router": ("router.cli", "run the router in front of workers"),
     "sim": ("emulator.sim.cli", "run a workload through the discrete-event simulator"),
     "plan": ("emulator.planner.cli", "analytical capacity plan for a model, GPU and workload"),
-    "sweep": ("loadtests.sweep", "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
+    "sweep": ("loadtests.sweep",
+              "measure a cluster's latency-throughput curve with Locust and compare with the planner"),
     "compare": ("loadtests.compare", "replay one trace through several routing policies, one table"),
     "render": ("kvlab.render.cli", "deployment manifests from a cluster spec (Kubernetes)"),
-    "calibrate": ("emulator.calibrate.cli", "fit a GPU entry's step-time coefficients to an engine; write a user catalog"),
+    "calibrate": ("emulator.calibrate.cli",
+                  "fit a GPU entry's step-time coefficients to an engine; write a user catalog"),
 }
 
 

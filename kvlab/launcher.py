@@ -68,7 +68,7 @@ class Cluster:
     def worker_urls(self) -> dict[str, str]:
         return {w.id: f"http://{self.host}:{w.port}" for w in self.spec.worker_list()}
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         self._check_ports_free()
         try:
             for worker in self.spec.worker_list():
@@ -164,7 +164,7 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

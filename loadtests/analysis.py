@@ -11,8 +11,8 @@ would credit every queued request once it is finally served).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -43,7 +43,8 @@ def summarize(records: Sequence[dict], window: Window, time_scale: float, ttft_s
     done = [r for r in rows if r.get("error") is None and r.get("ttft") is not None]
     span = (window.end_s - window.start_s) / time_scale
     scale = 1.0 / time_scale
-    gaps = np.concatenate([np.asarray(r["gaps"], dtype=float) for r in done]) * scale if done else []
+    gaps: np.ndarray | list[float] = (np.concatenate([np.asarray(r["gaps"], dtype=float) for r in done]) * scale
+                                      if done else [])
     finished = [r for r in records if r.get("error") is None and r.get("e2e") is not None and not r.get("unfinished")
                 and window.start_s <= _end(r) < window.end_s]
     hits = [r["cached_tokens"] for r in done if r.get("cached_tokens") is not None]
@@ -110,7 +111,7 @@ def c_max(rates: Sequence[float], ttft_p99: Sequence[float], itl_p99: Sequence[f
     Latency grows roughly exponentially near the knee, so the crossing is interpolated linearly in
     log(latency) against rate; the smaller crossing of the two metrics wins.
     """
-    points = sorted(zip(rates, ttft_p99, itl_p99))
+    points = sorted(zip(rates, ttft_p99, itl_p99, strict=True))
     if not points:
         return Capacity(None, "none")
     meets = [_meets(t, i, ttft_slo, itl_slo) for _, t, i in points]
@@ -159,11 +160,11 @@ def knee(rates: Sequence[float], ttft_p99: Sequence[float], factor: float = 2.0)
     A simple, reproducible definition: below the knee the cluster has spare capacity and TTFT is
     prefill time; past it requests queue and TTFT climbs steeply. None if it never doubles.
     """
-    points = sorted((r, t) for r, t in zip(rates, ttft_p99) if np.isfinite(t))
+    points = sorted((r, t) for r, t in zip(rates, ttft_p99, strict=True) if np.isfinite(t))
     if len(points) < 2 or points[0][1] <= 0:
         return None
     threshold = factor * points[0][1]
-    for (r0, t0), (r1, t1) in zip(points, points[1:]):
+    for (r0, t0), (r1, t1) in zip(points, points[1:], strict=False):
         if t1 >= threshold:
             return _log_interp(r0, r1, t0, t1, threshold)
     return None

@@ -15,8 +15,8 @@ reports per request.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from workers.core.from_spec import build_engine
 

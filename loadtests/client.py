@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import httpx
 
@@ -11,7 +12,6 @@ from loadtests.llm_measure import StreamResult, fire_locust_events, record, stre
 from loadtests.options import LoadConfig, load_config
 from loadtests.payloads import body, path_for
 from loadtests.records import RecordWriter
-
 
 # httpx logs every request at INFO: thousands of lines a minute under load, drowning Locust's own output.
 logging.getLogger("httpx").setLevel(logging.WARNING)

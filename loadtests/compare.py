@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import msgspec
 
 from emulator import traces
+from emulator.sim.policy_settings import policy_settings as sim_policy_settings
 from emulator.sim.report import Summary, overload_note
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
-from emulator.sim.policy_settings import policy_settings as sim_policy_settings
 from kvlab.wire.user_errors import count_or_all, positive, positive_int
 from loadtests.cache_bounds import Bounds, cluster_kv_blocks, hit_rates
 from router.policies.registry import check_spec_settings
@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=count_or_all, default=1000,
                         help="first N trace requests, 0 or 'all' for the whole trace (default %(default)s)")
     parser.add_argument("--speedup", type=positive, default=1.0, help="divide trace timestamps by this")
-    parser.add_argument("--workers", type=positive_int, default=None, help="override the worker count (colocated specs)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="override the worker count (colocated specs)")
     parser.add_argument("--prefix-blocks", type=positive_int, default=None,
                         help="blocks that key prefix_ring/prefix_bounded (default for a trace: two 512-token "
                              "trace blocks, see below)")
@@ -147,7 +148,8 @@ HEADER = ["policy", "hit %", "% of LRU", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 
 def cells(row: Row, bound: float) -> list[str]:
     s = row.summary
     ms = lambda v: f"{v * 1000:.0f}" if v == v else "-"  # noqa: E731  (NaN != NaN)
-    return [row.policy, f"{100 * s.prefix_hit_rate:.1f}", _share(s.prefix_hit_rate, bound), ms(s.ttft.p50), ms(s.ttft.p99), ms(s.itl.p99),
+    return [row.policy, f"{100 * s.prefix_hit_rate:.1f}", _share(s.prefix_hit_rate, bound),
+            ms(s.ttft.p50), ms(s.ttft.p99), ms(s.itl.p99),
             f"{s.goodput_rps:.2f}", f"{s.throughput_rps:.2f}", f"{row.load_max_over_avg:.2f}", str(s.rejected)]
 
 
@@ -164,7 +166,11 @@ def bound_cells(bounds: Bounds) -> list[list[str]]:
 def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> str:
     body = [cells(r, bounds.pooled_lru if bounds else 0.0) for r in rows] + (bound_cells(bounds) if bounds else [])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
-    line = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))).rstrip()  # noqa: E731
+
+    def line(row: list[str]) -> str:   # the first column left-aligned, the rest right
+        return "  ".join(x.rjust(w) if i else x.ljust(w)
+                         for i, (x, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
     slo = f"goodput: requests/s meeting p99 TTFT <= {spec.slo.ttft_p99_s:g} s and ITL <= {spec.slo.itl_p99_s:g} s"
     notes = [slo, "hit %: cached / prompt tokens (simulated: per request, as kvlab sim reports it; --live: the "
                   "workers' prefix-cache counters); % of LRU: share of the pooled-LRU bound"]
@@ -177,7 +183,8 @@ def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> s
 def _write(out: Path, title: str, rows: list[Row], text: str, bounds: Bounds) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {"title": title, "bounds": {"infinite": bounds.infinite, "pooled_lru": bounds.pooled_lru,
-                                       "capacity_blocks": bounds.capacity_blocks}, "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
+                                       "capacity_blocks": bounds.capacity_blocks},
+            "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
                                       "summary": msgspec.to_builtins(r.summary)} for r in rows]}
     (out / "compare.json").write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
     (out / "compare.md").write_text(f"# {title}\n\n```\n{text}\n```\n")

@@ -64,7 +64,8 @@ def replay(spec: ClusterSpec, spec_path: Path, trace: Path, out: Path, args):
         started = time.monotonic()
         while run.running():
             time.sleep(1.0)
-            progress.update(time.monotonic() - started, f"{spec.router.policy}: {len(run.progress()[1])}/{total} requests")
+            done = len(run.progress()[1])
+            progress.update(time.monotonic() - started, f"{spec.router.policy}: {done}/{total} requests")
         run.stop()
         progress.close()
         scraper.sample_now()

@@ -9,8 +9,9 @@ are counted, never silently skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import gevent
 from gevent.event import Event

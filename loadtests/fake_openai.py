@@ -35,7 +35,7 @@ class FakeOpenAI(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass   # clients hang up mid-stream when a load test ends: expected, not worth a traceback
 
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         threading.Thread(target=self.serve_forever, name="fake-openai", daemon=True).start()
         return self
 

@@ -7,10 +7,11 @@ finished, so the last rate is not flattered by an emptying cluster.
 """
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from loadtests.analysis import Window, windows
 from loadtests.locust_run import LocustRun, command
@@ -69,7 +70,7 @@ class LivePlan:
         return len(self.rates) * (self.warmup_s + self.duration_s)
 
 
-def measure(plan: LivePlan, on_stage: Callable[[int, "LiveResult"], None] | None = None,
+def measure(plan: LivePlan, on_stage: Callable[[int, LiveResult], None] | None = None,
             progress: Progress | None = None) -> LiveResult:
     stages = plan.stages()
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -141,11 +142,8 @@ def _status(result: LiveResult, stages) -> str:
     if not result.header:
         return "starting Locust"
     elapsed = time.time() - result.t0
-    i, t = 0, 0.0
-    for i, (_, length) in enumerate(stages):
-        if elapsed < t + length:
-            break
-        t += length
+    ends = itertools.accumulate(length for _, length in stages)
+    i = next((k for k, end in enumerate(ends) if elapsed < end), len(stages) - 1)   # the stage running now
     rate = stages[i][0]
     label = f"rate {rate:g}/s" if i < len(stages) - 1 else "draining at the last rate"
     done = len(result.records)

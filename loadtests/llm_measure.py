@@ -161,14 +161,16 @@ def fire_locust_events(events, result: StreamResult, name: str, per_gap: bool = 
                             response_length=0, exception=RuntimeError(result.error or f"HTTP {result.status}"),
                             context={})
         return
+    ttft_s, e2e_s = result.ttft_s, result.e2e_s
+    assert ttft_s is not None and e2e_s is not None, "an ok stream had a token and an end"
     fire = events.request.fire
-    fire(request_type="TTFT", name=name, response_time=result.ttft_s * ms, response_length=0,
+    fire(request_type="TTFT", name=name, response_time=ttft_s * ms, response_length=0,
          exception=None, context={})
     gaps = result.gaps_s if per_gap else _mean_gap(result)
     for gap in gaps:
         fire(request_type="ITL", name=name, response_time=gap * ms, response_length=0, exception=None,
              context={})
-    fire(request_type="E2E", name=name, response_time=result.e2e_s * ms,
+    fire(request_type="E2E", name=name, response_time=e2e_s * ms,
          response_length=result.output_tokens, exception=None, context={})
     fire(request_type="TOKENS", name=name, response_time=result.output_tokens,
          response_length=result.output_tokens, exception=None, context={})

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from loadtests.records import RecordReader
 
@@ -55,7 +55,7 @@ class LocustRun:
         self.proc: subprocess.Popen | None = None
         self._reader = RecordReader(records)
 
-    def start(self) -> "LocustRun":
+    def start(self) -> LocustRun:
         self.records.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as log:

@@ -98,10 +98,12 @@ def _build(host: str, options) -> LoadConfig:
     scale, source = resolve_time_scale(options.time_scale, host, spec)
     return LoadConfig(
         host=host.rstrip("/"), model=options.model or detect_model(host, keys.headers(next(iter(tenants)))),
-        api=options.api, mix=parse_weights(options.mix) if options.mix else dict(workload.mix if workload else {"chat": 1.0}),
+        api=options.api,
+        mix=parse_weights(options.mix) if options.mix else dict(workload.mix if workload else {"chat": 1.0}),
         params=dict(workload.params) if workload else {}, tenants=tenants, keys=keys,
         time_scale=scale, time_scale_source=source,
-        seed=options.seed if options.seed is not None else (workload.seed if workload else 0), records=options.records, itl_per_gap=options.itl_events == "gap",
+        seed=options.seed if options.seed is not None else (workload.seed if workload else 0),
+        records=options.records, itl_per_gap=options.itl_events == "gap",
         ignore_eos=not options.no_ignore_eos, spec=spec)
 
 

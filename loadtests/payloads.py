@@ -5,7 +5,8 @@ share the same leading text, so any server's prefix cache (kvlab's or vLLM's) se
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class TenantKeys:
         self.default = default
 
     @classmethod
-    def from_spec(cls, spec, default: str | None = None) -> "TenantKeys":
+    def from_spec(cls, spec, default: str | None = None) -> TenantKeys:
         return cls({t.name: t.api_keys[0] for t in spec.tenants if t.api_keys}, default)
 
     def headers(self, tenant: str | None) -> dict[str, str]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from emulator import workload
 from emulator.physics import roofline
+from emulator.sim.report import served
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, parse_spec
 from loadtests import analysis, planner_bridge
@@ -95,7 +96,7 @@ def _draw(rng: np.random.Generator, index: int) -> Draw:
     weights = rng.dirichlet(np.ones(len(kinds)))
     return Draw(index=index, model=model, gpu=str(rng.choice(GPUS)), tp=int(rng.choice(MODELS[model])),
                 mode=str(rng.choice(["colocated", "disaggregated"])), budget=int(rng.choice(BUDGETS)),
-                max_num_seqs=int(rng.choice(SEQ_CAPS)), mix={k: float(w) for k, w in zip(kinds, weights)})
+                max_num_seqs=int(rng.choice(SEQ_CAPS)), mix={k: float(w) for k, w in zip(kinds, weights, strict=True)})
 
 
 def _with_slos(d: Draw, rng: np.random.Generator) -> Draw | None:
@@ -168,6 +169,7 @@ def warmup_s(spec: ClusterSpec, rate: float) -> float:
     if "agentic" not in spec.workload.mix:
         return base
     arch = workload.make_archetype("agentic", spec.workload.params.get("agentic"))
+    assert isinstance(arch, workload.Agentic)
     return max(base, 3.0 * arch.turns.mean * arch.think_s.mean)
 
 
@@ -176,14 +178,14 @@ def simulate(spec: ClusterSpec, rate: float, requests: int = MIN_REQUESTS) -> Ru
     warmup = warmup_s(spec, rate)
     end = warmup + requests / rate
     sim = Simulator(spec).run(workload.from_spec(spec, rate, duration_s=end))
-    done = [r for r in sim.log.records.values() if warmup <= r.arrival < end and r.done and r.first is not None]
+    done = [r for r in served(sim.log.records.values()) if warmup <= r.arrival < end]
     gaps = np.frombuffer(sim.log.gaps, dtype=np.float32).astype(float)
     at = np.frombuffer(sim.log.gap_arrivals, dtype=np.float64)
     inside = (at >= warmup) & (at < end)
     order = np.argsort(at[inside], kind="stable")            # by arrival, for the bootstrap's blocks
     ttft_at = np.asarray([r.arrival for r in done])
     first = np.argsort(ttft_at, kind="stable")
-    return Run(rate=rate, ttft=np.asarray([r.first - r.arrival for r in done])[first], ttft_at=ttft_at[first],
+    return Run(rate=rate, ttft=np.asarray([r.ttft for r in done])[first], ttft_at=ttft_at[first],
                gaps=gaps[inside][order], gaps_at=at[inside][order], window=(warmup, end))
 
 
@@ -232,7 +234,7 @@ def _meets(run: Run, d: Draw) -> bool:
 
 
 def _c_max(runs: list[Run], d: Draw, p99s=None) -> analysis.Capacity:
-    t, i = zip(*(p99s or [(r.ttft_p99, r.itl_p99) for r in runs]))
+    t, i = zip(*(p99s or [(r.ttft_p99, r.itl_p99) for r in runs]), strict=True)
     return analysis.c_max([r.rate for r in runs], t, i, d.ttft_slo, d.itl_slo)
 
 

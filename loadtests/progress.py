@@ -18,7 +18,8 @@ class Progress:
     def update(self, elapsed_s: float, text: str) -> None:
         frac = min(1.0, elapsed_s / self.total_s)
         filled = int(frac * self.width)
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%} {_mmss(elapsed_s)}/{_mmss(self.total_s)} {text}"
+        bar = f"[{'#' * filled}{'.' * (self.width - filled)}]"
+        line = f"{bar} {frac:4.0%} {_mmss(elapsed_s)}/{_mmss(self.total_s)} {text}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self._shown = True

@@ -115,7 +115,7 @@ def table(report: dict) -> str:
     rows = [row_cells(p) for p in report["points"]]
     # A floor of 7 keeps rows printed one at a time (as stages finish) aligned with the header.
     widths = [max(len(h), 7, *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
@@ -158,7 +158,8 @@ def markdown(report: dict) -> str:
            "lifetimes (the steady-state simulator's mean end-to-end latency at that rate). sent/s: arrivals in "
            "the window (Poisson around the offered rate); served/s: requests finished in it. Stationary: the "
            "window's halves agree on p99 TTFT and requests in the system, and below C_max served is within 3% "
-           "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). TTFT p99 counts refused requests as misses.", "",
+           "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). "
+           "TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]
     out += [""] + [f"- {line}" for line in capacity_lines(report)]
@@ -182,8 +183,9 @@ def plot(report: dict, path: Path) -> None:
     points, slo = report["points"], report["slo"]
     rates = [p["rate"] for p in points]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = [("p99 TTFT (ms, emulated)", "ttft", slo["ttft_p99_s"]), ("p99 ITL (ms, emulated)", "itl", slo["itl_p99_s"])]
-    for ax, (title, metric, limit) in zip(axes, panels):
+    panels = [("p99 TTFT (ms, emulated)", "ttft", slo["ttft_p99_s"]),
+              ("p99 ITL (ms, emulated)", "itl", slo["itl_p99_s"])]
+    for ax, (title, metric, limit) in zip(axes[:2], panels, strict=True):   # axes[2]: throughput, below
         for source, label, style, color in SERIES:
             key = f"planned.{metric}_p99" if source == "planned" else f"{source}.{metric}.p99"
             _series(ax, rates, points, key, label, style, color, 1000)
@@ -211,7 +213,7 @@ def plot(report: dict, path: Path) -> None:
 
 def _series(ax, rates, points, key, label, style, color, scale) -> None:
     ys = [get(p, key) for p in points]
-    xs = [r for r, y in zip(rates, ys) if y is not None]
+    xs = [r for r, y in zip(rates, ys, strict=True) if y is not None]
     ys = [y * scale for y in ys if y is not None]
     if xs:
         order = sorted(range(len(xs)), key=xs.__getitem__)

@@ -33,6 +33,8 @@ class RequestPool:
     def next_session(self) -> list[Request]:
         """The turns of one agentic session, in order (agentic pools only)."""
         first = self.next()
+        if first.session_id is None:
+            return [first]
         return self._sessions.pop(first.session_id, [first])
 
     def _refill(self) -> None:

@@ -6,8 +6,8 @@ r / time_scale per wall second, and think times stretch alike. For a real server
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

@@ -81,7 +81,7 @@ class Scraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kvlab-scraper", daemon=True)
 
-    def start(self) -> "Scraper":
+    def start(self) -> Scraper:
         if self.urls:
             self._thread.start()
         return self

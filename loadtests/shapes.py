@@ -24,7 +24,9 @@ from loadtests.schedule import users_at
 
 class StepBurstShape(LoadTestShape):
     def tick(self):
-        o = self.runner.environment.parsed_options
+        runner = self.runner
+        assert runner is not None and runner.environment.parsed_options is not None   # locust sets both first
+        o = runner.environment.parsed_options
         t = self.get_run_time()
         if t >= o.shape_duration:
             return None

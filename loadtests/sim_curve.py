@@ -7,10 +7,10 @@ the steady state the planner models. The gap between the two is what the short s
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from emulator import workload
-from emulator.sim.report import Summary
+from emulator.sim.report import Summary, served
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec
 
@@ -35,7 +35,8 @@ def curve(spec: ClusterSpec, rates: list[float], min_requests: int = MIN_REQUEST
     return out
 
 
-def schedule(spec: ClusterSpec, items: Sequence[tuple[float, object, int]], windows, time_scale: float) -> list[Summary]:
+def schedule(spec: ClusterSpec, items: Sequence[tuple[float, object, int]], windows,
+             time_scale: float) -> list[Summary]:
     """The live sweep's own requests (schedule.spec_requests) through the simulator, summarized over the
     same measurement windows (wall offsets / time_scale = emulated seconds)."""
     sim = Simulator(spec).run([request for _, request, _ in items])
@@ -43,16 +44,12 @@ def schedule(spec: ClusterSpec, items: Sequence[tuple[float, object, int]], wind
     for w in windows:
         start, end = w.start_s / time_scale, w.end_s / time_scale
         summary = sim.summary(window=(start, end))
-        finished = [r for r in sim.log.records.values() if r.done and r.last is not None and start <= r.last < end]
+        finished = [r for r in served(sim.log.records.values()) if start <= r.last < end]
         # Finished inside the window, as the live measurement counts them (analysis.summarize).
         slo = spec.slo
-        good = [r for r in finished if r.first - r.arrival <= slo.ttft_p99_s and _tpot(r) <= slo.itl_p99_s]
+        good = [r for r in finished if r.meets(slo.ttft_p99_s, slo.itl_p99_s)]
         summary.throughput_rps = len(finished) / (end - start)
         summary.goodput_rps = len(good) / (end - start)
         summary.output_tokens_per_s = sum(r.tokens for r in finished) / (end - start)
         out.append(summary)
     return out
-
-
-def _tpot(record) -> float:
-    return (record.last - record.first) / (record.tokens - 1) if record.tokens > 1 else 0.0

@@ -10,8 +10,8 @@ requests in the system) and, below C_max, it serves what was sent.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Sizing:
     tail_s: float
 
     @classmethod
-    def of(cls, lifetime_s: float) -> "Sizing":
+    def of(cls, lifetime_s: float) -> Sizing:
         return cls(lifetime_s, WARMUP_LIFETIMES * lifetime_s, WINDOW_LIFETIMES * lifetime_s,
                    TAIL_LIFETIMES * lifetime_s)
 
@@ -64,10 +64,10 @@ def halves_agree(a: float, b: float, rel: float, absolute: float) -> bool:
 
 def served_tolerance(sent_rps: float, lifetime_s: float, window_s: float) -> float:
     """How far served may sit from sent, relative: SERVED_TOLERANCE, or three times the window's edge
-    noise (3 sigma, as for the queue) when that is larger. Requests in flight at the window's start finish inside it and those in
-    flight at its end do not: about Poisson(rate x lifetime) each, so served - sent wanders by
-    sqrt(2 x rate x lifetime) requests even at a perfect steady state (1% of a 10-lifetime window
-    at 150 requests in flight; a tiny cluster with a handful in flight needs the wider bound)."""
+    noise (3 sigma, as for the queue) when that is larger. Requests in flight at the window's start
+    finish inside it and those in flight at its end do not: about Poisson(rate x lifetime) each, so
+    served - sent wanders by sqrt(2 x rate x lifetime) requests even at a perfect steady state (1% of a
+    10-lifetime window at 150 requests in flight; a tiny cluster with a handful in flight needs the wider bound)."""
     if sent_rps <= 0 or lifetime_s <= 0 or window_s <= 0:
         return SERVED_TOLERANCE
     edge = math.sqrt(2 * sent_rps * lifetime_s) / (sent_rps * window_s)

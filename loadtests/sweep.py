@@ -23,14 +23,24 @@ import time
 from pathlib import Path
 
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
-from loadtests import analysis, report as rpt, sim_curve
+from loadtests import analysis, sim_curve
+from loadtests import report as rpt
 from loadtests.live import LivePlan, LiveResult, measure
 from loadtests.planner_bridge import Prediction, predict
 from loadtests.progress import Progress
 from loadtests.schedule import Stage, spec_requests
 from loadtests.scrape import Scraper
-from loadtests.steady import (BRACKET_RATIO, WARMUP_LIFETIMES, WINDOW_LIFETIMES, Bracket, Sizing, Stationarity,
-                              check, crossing, served_tolerance)
+from loadtests.steady import (
+    BRACKET_RATIO,
+    WARMUP_LIFETIMES,
+    WINDOW_LIFETIMES,
+    Bracket,
+    Sizing,
+    Stationarity,
+    check,
+    crossing,
+    served_tolerance,
+)
 
 CURVE_FACTORS = (0.6,)     # x the expected C_max, measured before the bracket: served tracks offered there
 SIM_STEP = 1.05            # the steady-state simulator steps rates by 5% from the planner's C_max to the crossing
@@ -91,11 +101,12 @@ def run(args: argparse.Namespace) -> int:
     setup.steady_enabled = steady.enabled
     sim_c = steady_crossing(steady, spec.slo, planned.c_max) if setup.rates is None and steady.enabled else None
     guess = (sim_c or {}).get("rate") or planned.c_max
-    if setup.rates is None and not guess:
+    trial_rates = setup.rates or ([guess * BRACKET_RATIO] if guess else None)
+    if trial_rates is None:
         print("kvlab sweep: neither the planner nor the simulator gives a C_max for this spec; pass --rates",
               file=sys.stderr)
         return 2
-    warnings = host_check(setup, steady, setup.rates or [guess * BRACKET_RATIO])
+    warnings = host_check(setup, steady, trial_rates)
     print(f"kvlab sweep '{spec.name}': {_plan_text(setup, planned, sim_c)}; time scale {setup.scale:g}", flush=True)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
@@ -108,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if args.strict and not report["valid"] else 0
 
 
-def _plan_text(setup: "Setup", planned: Prediction, sim_c: dict | None) -> str:
+def _plan_text(setup: Setup, planned: Prediction, sim_c: dict | None) -> str:
     if setup.rates is not None:
         return f"rates {', '.join(f'{r:g}' for r in setup.rates)} req/s ({setup.why})"
     parts = [f"planned C_max {planned.c_max:.1f}" if planned.c_max else "no planned C_max"]
@@ -137,7 +148,7 @@ class Setup:
         self.steady_enabled = True
 
     @classmethod
-    def build(cls, spec: ClusterSpec, spec_path: Path, args, rates_arg) -> "Setup":
+    def build(cls, spec: ClusterSpec, spec_path: Path, args, rates_arg) -> Setup:
         rates, why = rates_arg, "from --rates"
         if rates is None and spec.workload.rates:
             rates, why = sorted(spec.workload.rates), "from the spec's workload.rates"
@@ -256,8 +267,8 @@ class LiveSweep:
         size, warmup, window, tail = setup.sizing(self.steady.lifetime(rate))
         k = len(self.points)
         plan = LivePlan(url=self.url, worker_urls=self.workers, rates=[rate], warmup_s=warmup, duration_s=window,
-                        tail_s=tail, time_scale=setup.scale, out=setup.out / f"rate-{k}", spec_path=str(setup.spec_path),
-                        model=self.args.model, seed=setup.seed, api=self.args.api)
+                        tail_s=tail, time_scale=setup.scale, out=setup.out / f"rate-{k}",
+                        spec_path=str(setup.spec_path), model=self.args.model, seed=setup.seed, api=self.args.api)
         progress = Progress(warmup + window + tail)
         if not self.header_printed:
             progress.println(rpt.table({"points": []}))
@@ -291,6 +302,7 @@ def _sweep(live: LiveSweep, guess: float | None) -> LiveSweep:
         for rate in setup.rates:
             live.measure(rate)
         return live
+    assert guess is not None, "main() stops when neither --rates nor a C_max to start from is given"
     for factor in CURVE_FACTORS:
         if _distorted(live.measure(factor * guess), setup):
             return _gave_up(live)
@@ -314,7 +326,7 @@ def _distorted(point: dict, setup: Setup) -> bool:
     return point["lagged"] and lag > GIVE_UP_LAG_SLO_SHARE * setup.spec.slo.ttft_p99_s
 
 
-def _gave_up(live: "LiveSweep") -> "LiveSweep":
+def _gave_up(live: LiveSweep) -> LiveSweep:
     scale = live.setup.scale
     live.gave_up = True
     live.warnings.append(f"the host could not keep up at time scale {scale:g}: lag beyond "
@@ -361,8 +373,10 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
                   below_c_max: bool, lifetime_s: float) -> Stationarity:
     mid = (w.start_s + w.end_s) / 2
     halves = [analysis.Window(0, w.rate, w.start_s, mid), analysis.Window(0, w.rate, mid, w.end_s)]
-    ttft = tuple(analysis.ttft_p99_with_failures(result.records, h, scale) for h in halves)
-    queue, polls = (None, None), 0
+    first, second = (analysis.ttft_p99_with_failures(result.records, h, scale) for h in halves)
+    ttft = (first, second)
+    queue: tuple[float | None, float | None] = (None, None)
+    polls = 0
     if result.scraper is not None and result.t0:
         read = [result.scraper.in_system(result.t0 + h.start_s, result.t0 + h.end_s) for h in halves]
         queue, polls = (read[0][0], read[1][0]), min(n for _, n in read)
@@ -373,7 +387,7 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
                  queue_samples=max(1, int(independent)))
 
 
-def _same_schedule(setup: Setup, plan: LivePlan, windows) -> object | None:
+def _same_schedule(setup: Setup, plan: LivePlan | None, windows) -> object | None:
     """The simulator on the very requests this rate's live run sent, over the same window."""
     if plan is None or not setup.steady_enabled:
         return None

@@ -18,12 +18,12 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from emulator.spec import ROLES, is_role
 from kvlab.wire.http_body import read_body
 from kvlab.wire.openai_api import ApiError
 from router.config import WorkerConfig
 from router.pool.worker_pool import Worker
 
-ROLES = ("both", "prefill", "decode")
 ROUTER_ID_HEADER = "x-kvlab-router-id"   # on the router's /health: how it recognises its own URL
 _WORKER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
@@ -52,7 +52,7 @@ def base_url(raw: str) -> str:
 
 def checked_worker(spec: NewWorker, workers: list[Worker]) -> WorkerConfig:
     """The WorkerConfig to register, after every check that needs no network."""
-    if spec.role not in ROLES:
+    if not is_role(spec.role):
         raise _bad("role", f"role must be one of {', '.join(ROLES)}")
     if spec.kv_events is not None and not spec.kv_events.startswith("tcp://"):
         raise _bad("kv_events", "kv_events must be a tcp:// ZMQ endpoint")

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import uvicorn
 
+from emulator.spec import ROLES, is_role
 from kvlab.wire.http_server import uvicorn_settings
 from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS
@@ -103,7 +104,10 @@ def _apply_flags(config: RouterConfig, args: argparse.Namespace) -> RouterConfig
 def _worker(item: str) -> WorkerConfig:
     item, _, role = item.strip().partition("#")
     worker_id, _, url = item.rpartition("=") if "=" in item else ("", "", item)
-    return WorkerConfig(url=url, id=worker_id, role=role or "both")
+    role = role or "both"
+    if not is_role(role):
+        raise ValueError(f"--workers: role {role!r} of {url} is not one of {', '.join(ROLES)}")
+    return WorkerConfig(url=url, id=worker_id, role=role)
 
 
 def _setting(item: str) -> tuple[str, object]:

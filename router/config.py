@@ -10,14 +10,12 @@ from typing import Any, Literal
 
 import msgspec
 
-from emulator.spec import load_spec
+from emulator.spec import Role, load_spec
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
 from kvlab.wire.http_server import ServerLimits
+from router.frontdoor.tenants import TenantConfig
 from router.policies.hash_memo import DEFAULT_RUNS
 from router.policies.registry import check_spec_settings
-from router.frontdoor.tenants import TenantConfig
-
-Role = Literal["both", "prefill", "decode"]
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):

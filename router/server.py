@@ -2,7 +2,8 @@
 
 ``create_app(config)`` builds a FastAPI app around a ``Router`` (everything one router process
 holds). The two hot endpoints skip FastAPI's routing and middleware (RouterApp): the raw body is read
-(bounded) and decoded with msgspec, with no per-request pydantic model or dependency injection; the answer is the worker's
+(bounded) and decoded with msgspec, with no per-request pydantic model or dependency injection; the
+answer is the worker's
 body (non-streaming) or a relayed stream. Every refusal is an OpenAI error body with the right status.
 
 Endpoints
@@ -13,8 +14,8 @@ Endpoints
 from __future__ import annotations
 
 import asyncio
-import secrets
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,25 +27,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kvlab.wire.http_body import read_body
+from kvlab.wire.http_errors import error_response, install_error_handlers
 from kvlab.wire.openai_api import ApiError, models_body
 from kvlab.wire.tokenizer import load_tokenizer
 from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_token
 from router.config import RouterConfig
-from router.observability.dashboard import mount_dashboard
+from router.forwarding.proxy import Proxy
+from router.forwarding.streaming import RelayResponse, unless_client_leaves
+from router.forwarding.transport import LeanTransport
+from router.forwarding.upstream import Upstream, WorkerRefused
 from router.frontdoor.gate import Gate
-from kvlab.wire.http_body import read_body
-from kvlab.wire.http_errors import error_response, install_error_handlers
 from router.frontdoor.intake import POLICY_HEADER, Intake
 from router.frontdoor.job import Endpoint, Job
-from router.pool.kv_subscriber import KvSubscriber
+from router.frontdoor.tokenize import PromptTokenizer
+from router.observability.dashboard import mount_dashboard
 from router.observability.metrics import RouterMetrics
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
-from router.forwarding.proxy import Proxy
-from router.forwarding.streaming import unless_client_leaves
-from router.frontdoor.tokenize import PromptTokenizer
-from router.forwarding.transport import LeanTransport
-from router.forwarding.upstream import Upstream, WorkerRefused
+from router.pool.kv_subscriber import KvSubscriber
 from router.pool.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger("kvlab.router")
@@ -64,6 +65,9 @@ class _PolicyMembership:
 
     def worker_removed(self, worker: Worker) -> None:
         pass   # already down
+
+    def worker_suspect(self, worker: Worker) -> None:
+        pass   # still routable: the rings keep it
 
 
 class Router:
@@ -124,7 +128,7 @@ class Router:
         self.gate.release(job, completion_tokens)
 
     # -- the request path ------------------------------------------------------------------------
-    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
+    async def handle(self, request: Request, endpoint: Endpoint) -> Response | RelayResponse:
         received = time.perf_counter()
         job = tenant = None
         limits = self.config.limits
@@ -135,18 +139,19 @@ class Router:
             raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
             job = await self._intake(endpoint, raw, received, policy, tenant)
             self.gate.admit(job)
+            response: Response | RelayResponse
             if job.stream:
                 response = await self.proxy.stream(job)
             else:
                 response = await unless_client_leaves(request.receive, self.proxy.complete(job)) or CLIENT_GONE
         except ApiError as err:
-            return self._refused(endpoint, job, tenant, err.status, err.code or _GENERIC.get(err.status, "refused"),
-                                 error_response(err))
+            self._refused(endpoint, job, tenant, err.status, err.code or _GENERIC.get(err.status, "refused"))
+            return error_response(err)
         except WorkerRefused as refused:
-            answer = Response(refused.body, status_code=refused.status, media_type="application/json")
-            return self._refused(endpoint, job, tenant, refused.status, "worker_refused", answer)
+            self._refused(endpoint, job, tenant, refused.status, "worker_refused")
+            return Response(refused.body, status_code=refused.status, media_type="application/json")
         except BaseException:
-            self._refused(endpoint, job, tenant, 500, "internal_error", None)
+            self._refused(endpoint, job, tenant, 500, "internal_error")
             raise
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
@@ -168,13 +173,12 @@ class Router:
         raise ApiError(403, f"this key may not choose the routing policy ({POLICY_HEADER})", param=POLICY_HEADER,
                        code="policy_override_forbidden")
 
-    def _refused(self, endpoint: Endpoint, job: Job | None, tenant: str | None, status: int, reason: str,
-                 response: Response | None) -> Response | None:
+    def _refused(self, endpoint: Endpoint, job: Job | None, tenant: str | None, status: int, reason: str) -> None:
+        """Account a refused request."""
         if job is not None:
             self.gate.release(job, 0)   # admitted but never served: free its slot, refund its tokens
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.reject(status, reason, tenant)
-        return response
 
 
 # Reason labels for refusals without a code of their own: by status, never from the request.
@@ -210,7 +214,7 @@ def create_app(config: RouterConfig) -> FastAPI:
 
 
 def _handler(router: Router, endpoint: Endpoint):
-    async def handle(request: Request) -> Response:
+    async def handle(request: Request) -> Response | RelayResponse:
         return await router.handle(request, endpoint)
     return handle
 
@@ -229,6 +233,7 @@ class RouterApp(FastAPI):
         endpoint = self.hot_paths.get(scope.get("path", "")) if scope["type"] == "http" else None
         if endpoint is None or scope["method"] != "POST":
             return await super().__call__(scope, receive, send)
+        response: Response | RelayResponse
         try:
             response = await self.state.router.handle(Request(scope, receive), endpoint)
         except Exception:  # a bug, not a client error: still an OpenAI body, and the router keeps serving

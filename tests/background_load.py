@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import threading
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 

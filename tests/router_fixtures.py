@@ -19,8 +19,8 @@ import time
 import httpx
 import msgspec
 import pytest
-
 from conftest import WORKER_TEST_DEFAULTS, RunningServer, RunningWorker
+
 from router.config import HealthConfig, RouterConfig, WorkerConfig
 from router.server import create_app
 from workers.config import WorkerConfig as WorkerConfig_

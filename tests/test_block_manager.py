@@ -1,5 +1,6 @@
 """Invariants of the KV block pool under arbitrary request traffic (hypothesis state machine)."""
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvlab.wire.block_hash import block_hashes

@@ -10,7 +10,8 @@ average never falls and every worker stays under the cap always.
 import math
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvlab.wire.kv_events import BlockStored, KVEventBatch
 from router.policies import KvIndex, RouteRequest, WorkerView

@@ -44,6 +44,7 @@ def _tiny_spec_on_free_ports(folder: Path) -> Path:
     """tiny-test on ports nobody else holds (below the ephemeral range, checked by binding)."""
     import random
     import socket
+
     from emulator.spec import example_spec_path
     for _ in range(100):
         base = random.randrange(20000, 32000)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
 from router.config import RouterConfig
-from router.server import create_app
-from router.observability.sliding import SampleWindow, SnapshotWindow, percentiles
 from router.forwarding.stream_timing import StreamTimings
+from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
+from router.observability.sliding import SampleWindow, SnapshotWindow, percentiles
+from router.server import create_app
 
 
 def snap(emulated: float, prefill: float = 0.0, decode: float = 0.0, **fields) -> LoadSnapshot:
@@ -49,7 +49,7 @@ def test_a_restarted_worker_starts_a_new_series():
 def test_pools_and_cluster_sum_their_workers():
     view = ClusterView(window_s=10.0)
     members = [Member(id="p0", role="prefill"), Member(id="d0", role="decode"), Member(id="d1", role="decode")]
-    for m, (prefill, decode, usage) in zip(members, [(8.0, 0.0, 0.1), (0.0, 6.0, 0.5), (0.0, 2.0, 0.7)]):
+    for m, (prefill, decode, usage) in zip(members, [(8.0, 0.0, 0.1), (0.0, 6.0, 0.5), (0.0, 2.0, 0.7)], strict=True):
         view.observe_load(m.id, 0.0, snap(0.0, role=m.role))
         view.observe_load(m.id, 10.0, snap(10.0, prefill, decode, kv_usage=usage, prefix_cache_queries=100,
                                            prefix_cache_hits=25))

@@ -94,6 +94,7 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.slow
 def test_compose_commands_serve_a_request_on_loopback():
     ports = [SPEC.router.port] + [w.port for w in SPEC.worker_list()]
     busy = [p for p in ports if not _port_free(p)]

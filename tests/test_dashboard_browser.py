@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from background_load import BackgroundLoad
 from headless_chromium import CHROMIUM, Browser
-from router.frontdoor.tenants import TenantConfig
 from router_fixtures import MODEL, start_router  # noqa: F401  (fixture)
+
+from router.frontdoor.tenants import TenantConfig
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed "
                                 "(Debian: apt-get install chromium; .ci/run installs it when run as root)")
@@ -29,10 +29,12 @@ PREFIXES = [[1000 + 97 * g + i for i in range(256)] for g in range(4)]   # share
 
 # Everything the page's script writes that the test checks: tiles, worker bars, chart points, tables.
 READ_PAGE = """JSON.stringify({
-  metrics: Object.fromEntries([...document.querySelectorAll('[data-metric]')].map(e => [e.dataset.metric, e.textContent])),
+  metrics: Object.fromEntries([...document.querySelectorAll('[data-metric]')]
+      .map(e => [e.dataset.metric, e.textContent])),
   workers: [...document.querySelectorAll('[data-worker]')].map(w => Object.fromEntries(
       [...w.querySelectorAll('[data-bar]')].map(b => [b.dataset.bar, b.querySelector('.num').textContent]))),
-  charts: Object.fromEntries([...document.querySelectorAll('svg[id^=chart-]')].map(s => [s.id, +(s.dataset.points || 0)])),
+  charts: Object.fromEntries([...document.querySelectorAll('svg[id^=chart-]')]
+      .map(s => [s.id, +(s.dataset.points || 0)])),
   policies: document.querySelectorAll('#policies tbody tr').length,
   rejections: [...document.querySelectorAll('#rejections tbody td')].map(td => td.textContent),
   updates: window.kvlab.updates,
@@ -76,6 +78,7 @@ def wait_for_panels(browser: Browser, timeout_s: float = 20.0) -> dict:
         time.sleep(0.25)
 
 
+@pytest.mark.slow
 def test_dashboard_shows_live_cluster_values_that_move(start_worker, start_router, tmp_path):
     workers = [start_worker(worker_id=f"worker-{i}", time_scale=TIME_SCALE, num_blocks=1024) for i in range(2)]
     tenants = [TenantConfig(name="alpha", api_keys=["key-alpha"]),
@@ -95,7 +98,7 @@ def test_dashboard_shows_live_cluster_values_that_move(start_worker, start_route
         assert len(page["workers"]) == 2
     # Both workers got traffic (round robin alone sends each a third of it). Utilization is over a window;
     # KV usage is of the instant, and a worker may hold no request at one instant.
-    for before, after in zip(first["workers"], second["workers"]):
+    for before, after in zip(first["workers"], second["workers"], strict=True):
         assert number(after["prefill"]) > 0 and number(after["decode"]) > 0, second["workers"]
         assert number(before["kv"]) > 0 or number(after["kv"]) > 0, (first["workers"], second["workers"])
     assert second["policies"] == 2 and second["charts"]["chart-hits"] > 0

@@ -137,7 +137,6 @@ def test_the_documented_default_time_scale_is_the_default_specs():
 
 
 def test_the_documented_compare_defaults_are_the_codes():
-    from loadtests import compare
     text = (ROOT / "loadtests/README.md").read_text()
     blocks = 2 * traces.TRACE_BLOCK_TOKENS // load_spec("default").engine.block_size
     assert f"`--prefix-blocks`, default {blocks} sixteen-token blocks" in " ".join(text.split())

@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from router_fixtures import MODEL, start_router, stream_completion  # noqa: F401  (fixture)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashboards" / "kvlab.json"
@@ -93,7 +92,8 @@ def test_every_query_names_metrics_the_services_export(start_worker, start_route
     available = {**exported(httpx.get(worker.url + "/metrics", trust_env=False).text),
                  **exported(httpx.get(router.url + "/metrics", trust_env=False).text)}
 
-    missing = {(name, expr) for expr in queries(load_dashboard()) for name in metric_names(expr) if name not in available}
+    missing = {(name, expr) for expr in queries(load_dashboard()) for name in metric_names(expr)
+               if name not in available}
     assert not missing, sorted(missing)
     for expr in queries(load_dashboard()):   # rate() over a gauge is always a mistake
         for name in re.findall(r"\brate\(\s*([A-Za-z_:][A-Za-z0-9_:]*)", expr):

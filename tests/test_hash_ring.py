@@ -8,7 +8,8 @@ import random
 import statistics
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.policies.hash_ring import HashRing
 
@@ -30,8 +31,8 @@ def moved_on_add(n, seed):
     before = [ring.owner(k) for k in keys]
     ring.add("new")
     after = [ring.owner(k) for k in keys]
-    assert all(a == b or a == "new" for a, b in zip(after, before)), "keys may only move to the new worker"
-    return sum(a != b for a, b in zip(after, before)) / len(keys)
+    assert all(a == b or a == "new" for a, b in zip(after, before, strict=True)), "keys may only move to the new worker"
+    return sum(a != b for a, b in zip(after, before, strict=True)) / len(keys)
 
 
 def moved_on_remove(n, seed):
@@ -39,8 +40,9 @@ def moved_on_remove(n, seed):
     before = [ring.owner(k) for k in keys]
     ring.remove(f"w{n}")
     after = [ring.owner(k) for k in keys]
-    assert all(a == b for a, b in zip(after, before) if b != f"w{n}"), "only the removed worker's keys move"
-    return sum(a != b for a, b in zip(after, before)) / len(keys)
+    assert all(a == b for a, b in zip(after, before, strict=True) if b != f"w{n}"), \
+        "only the removed worker's keys move"
+    return sum(a != b for a, b in zip(after, before, strict=True)) / len(keys)
 
 
 @settings(max_examples=40, derandomize=True, deadline=None)

@@ -2,7 +2,8 @@
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvlab.wire.block_hash import block_hashes
 from kvlab.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch

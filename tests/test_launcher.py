@@ -37,6 +37,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("name", sorted(example_specs()))
+@pytest.mark.slow
 def test_kvlab_up_serves_the_openai_sdk_and_ctrl_c_stops_everything(name):
     spec = load_spec(name)
     proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "up", name], stdout=subprocess.PIPE,
@@ -81,6 +82,7 @@ def _worker_pid(launcher_pid: int, worker_id: str) -> int:
     raise AssertionError(f"no process for worker {worker_id}")
 
 
+@pytest.mark.slow
 def test_kvlab_up_restarts_a_worker_that_dies_and_keeps_serving():
     import httpx
     spec = load_spec("tiny-test")

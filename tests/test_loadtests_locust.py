@@ -89,6 +89,7 @@ def test_closed_loop_shapes_step_and_burst_the_user_count():
 
 # -- Locust subprocesses ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_open_loop_locustfile_writes_one_record_per_scheduled_request(fake, tmp_path):
     records = tmp_path / "r.jsonl"
     done = locust("-f", "loadtests/open_loop.py", "--host", fake.url, "--stages", "20:2,40:1,40:2",
@@ -102,6 +103,7 @@ def test_open_loop_locustfile_writes_one_record_per_scheduled_request(fake, tmp_
     assert np.median([r["ttft"] for r in measured]) == pytest.approx(0.02, abs=0.02)
 
 
+@pytest.mark.slow
 def test_closed_loop_locustfile_reports_ttft_itl_e2e_and_tokens_rows(fake, tmp_path):
     done = locust("-f", "loadtests/locustfile.py", "--host", fake.url, "-u", "4", "-r", "4", "-t", "4s",
                   "--mix", "chat=1,agentic=1", "--csv", str(tmp_path / "s"), "--api-key", "sk-test")

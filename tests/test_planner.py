@@ -9,9 +9,23 @@ import pytest
 
 from emulator.physics import roofline
 from emulator.physics.catalog import builtin_catalog
-from emulator.planner import (Cluster, LengthDist, PlannerError, PlanRequest, Slo, Workload, capacity, curve,
-                              plan)
-from emulator.planner import context, decode, kv_capacity, operating, prefill, sizing
+from emulator.planner import (
+    Cluster,
+    LengthDist,
+    PlannerError,
+    PlanRequest,
+    Slo,
+    Workload,
+    capacity,
+    context,
+    curve,
+    decode,
+    kv_capacity,
+    operating,
+    plan,
+    prefill,
+    sizing,
+)
 from emulator.planner.cost import cost
 
 CAT = builtin_catalog()
@@ -112,7 +126,7 @@ def test_each_prompt_is_served_its_own_shared_prefix_not_the_average_share():
     prompts, shared = [500] * 50 + [8000] * 50, [480] * 50 + [300] * 50
     workload = Workload.from_samples(10.0, prompts, [100] * 100, shared=shared)
     ctx = context.build(PlanRequest(model="Llama-3.1-8B", gpu=H100), workload)
-    cached = dict(zip(ctx.prompts.values, ctx.cached))
+    cached = dict(zip(ctx.prompts.values, ctx.cached, strict=True))
     assert cached == {500: 480, 8000: 288}
     assert workload.prefix_reuse == pytest.approx(780 / 8500)
 

@@ -1,6 +1,8 @@
 """`kvlab plan` end to end: flags in, a table or JSON out, clear errors for infeasible inputs."""
 import json
 
+import pytest
+
 from kvlab import cli
 
 
@@ -37,6 +39,7 @@ def test_plan_from_a_spec_reports_the_clusters_cmax(capsys):
     assert doc["capacity"]["max_rate"] > 0 and doc["capacity"]["binding"]
 
 
+@pytest.mark.slow
 def test_plan_from_a_spec_agrees_with_the_sweeps_planned_cmax(capsys, tmp_path):
     """`kvlab plan --spec` and the sweep's planned column read the spec the same way (round robin
     included: it spreads prefixes over every worker, which the prefix-cache model must hear of)."""
@@ -59,6 +62,7 @@ def test_infeasible_slo_is_explained_not_computed(capsys):
     assert "below the minimum possible p99 TTFT" in err
 
 
+@pytest.mark.slow
 def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(capsys, tmp_path):
     """A calibrated catalog (here: an H100 at half its compute and bandwidth efficiency) changes the engine's step
     times in the simulator; `kvlab plan --spec` must plan from the same steps."""
@@ -69,7 +73,8 @@ def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(c
     from workers.core.from_spec import build_engine
     (tmp_path / "slow.toml").write_text(
         '[[gpu]]\nname = "H100-SXM"\nbf16_tflops = 989.4\nfp8_tflops = 1978.9\nhbm_gb = 80.0\nhbm_tb_s = 3.35\n'
-        'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\nintra_node_link = "NVLink4"\n')
+        'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\n'
+        'intra_node_link = "NVLink4"\n')
     text = open(example_spec_path("default")).read()
     path = tmp_path / "calibrated.toml"
     path.write_text('catalog = "slow.toml"\n' + text)

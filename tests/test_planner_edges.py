@@ -5,7 +5,7 @@ import math
 import pytest
 
 from emulator import planner
-from emulator.planner import EngineLimits, LengthDist, PlanRequest, Slo, Workload, context, colocated, decode
+from emulator.planner import EngineLimits, LengthDist, PlanRequest, Slo, Workload, colocated, context, decode
 from emulator.spec import parse_spec
 from loadtests import sim_curve
 
@@ -26,9 +26,13 @@ ttft_p99_s = 0.2
 itl_p99_s = 0.025
 [workload]
 mix = { chat = 1.0 }
-params = { chat = { shared_count = 1, shared_len = { median = 1, sigma = 0 }, unique_len = { median = 1023, sigma = 0 }, output_len = { median = 256, sigma = 0 } } }
 warmup_s = 20
 duration_s = 600
+[workload.params.chat]
+shared_count = 1
+shared_len = { median = 1, sigma = 0 }
+unique_len = { median = 1023, sigma = 0 }
+output_len = { median = 256, sigma = 0 }
 '''
 
 
@@ -57,6 +61,7 @@ def test_slot_wait_exists_when_the_chunk_budget_leaves_no_room_at_the_sequence_c
     assert colocated.slot_wait(ctx, 19.0) is not None
 
 
+@pytest.mark.slow
 def test_colocated_8b_small_chunk_cmax_agrees_with_the_simulator():
     req, work, slo = small_chunk_inputs()
     cap = planner.capacity(req, work, slo)
@@ -131,12 +136,17 @@ ttft_p99_s = 2.0
 itl_p99_s = 0.1
 [workload]
 mix = { rag = 1.0 }
-params = { rag = { shared_count = 1, shared_len = { median = 1, sigma = 0 }, unique_len = { median = 8191, sigma = 0, high = 8191 }, output_len = { median = 256, sigma = 0 } } }
 warmup_s = 60
 duration_s = 4000
+[workload.params.rag]
+shared_count = 1
+shared_len = { median = 1, sigma = 0 }
+unique_len = { median = 8191, sigma = 0, high = 8191 }
+output_len = { median = 256, sigma = 0 }
 '''
 
 
+@pytest.mark.slow
 def test_70b_rag_cmax_agrees_with_the_simulator():
     req, work, slo = rag_70b_inputs()
     best = planner.capacity(req, work, slo).max_rate

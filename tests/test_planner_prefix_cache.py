@@ -46,6 +46,7 @@ def simulated_hit_rate(spec, rate: float) -> float:
     return sim.summary(window=(w.warmup_s, end)).prefix_hit_rate
 
 
+@pytest.mark.slow
 def test_spreading_prefixes_over_every_worker_costs_hits_as_the_simulator_finds():
     # Four 8B workers, 56 shared prefixes (two tenants, one salted) of up to ~3K tokens, Zipf-popular.
     # Round robin makes every worker cache every prefix, each asked for 4x less often, so the rare RAG

@@ -3,8 +3,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from emulator.planner import LengthDist, PlannerError, PlanRequest, Slo, Workload
-from emulator.planner import context, sizing
+from emulator.planner import LengthDist, PlannerError, PlanRequest, Slo, Workload, context, sizing
 from emulator.planner.api import check_feasible
 
 MODES = st.sampled_from([("Llama-3.1-8B", 1, "colocated"), ("Llama-3.1-8B", 1, "disaggregated"),
@@ -49,7 +48,8 @@ DEPLOYMENTS = st.sampled_from([("Llama-3.1-8B", 1, "colocated"), ("Llama-3.1-8B"
                                ("Llama-3.1-70B", 8, "colocated")])
 SOME = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=[Phase.explicit, Phase.reuse, Phase.generate],   # no shrinking: each example is slow
-                derandomize=True)   # the same examples on every host: known defects are pinned below, not rediscovered by chance
+                # The same examples on every host: known defects are pinned below, not rediscovered by chance.
+                derandomize=True)
 
 
 def drawn_context(dep, prompt, sigma, output, budget, seqs):
@@ -70,6 +70,7 @@ def one_cluster(ctx):
     return Cluster(workers=1) if ctx.mode == "colocated" else Cluster(prefill=1, decode=1)
 
 
+@pytest.mark.slow
 @SOME
 @given(DEPLOYMENTS, st.integers(100, 8000), st.floats(0.0, 1.0), st.integers(16, 600),
        st.sampled_from([256, 512, 2048, 8192]), st.sampled_from([32, 256, 1024]))
@@ -91,11 +92,12 @@ def test_planned_percentiles_never_fall_as_the_rate_rises(dep, prompt, sigma, ou
         op = evaluate(ctx, cluster, load * ceiling)
         now = [getattr(op, name) for name in names]
         if last is not None:
-            for name, a, b in zip(names, last, now):
+            for name, a, b in zip(names, last, now, strict=True):
                 assert b >= a * (1 - 1e-3), (name, load, a, b)   # grid rounding: 0.1%
         last = now
 
 
+@pytest.mark.slow
 @SOME
 @given(DEPLOYMENTS, st.integers(100, 8000), st.floats(0.0, 1.0), st.integers(16, 600),
        st.sampled_from([256, 512, 2048, 8192]), st.sampled_from([32, 256, 1024]), st.floats(1.2, 20.0),

@@ -10,6 +10,8 @@ import pytest
 from emulator.spec import load_spec
 from loadtests.capacity_check import check
 
+pytestmark = pytest.mark.slow   # each spec simulates a rate sweep: 25-40 s
+
 
 @pytest.mark.parametrize("name", ["default", "disagg-70b-h100"])
 def test_planner_cmax_within_15_percent_of_the_simulators(name):

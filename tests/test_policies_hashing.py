@@ -1,7 +1,8 @@
 """Block hashes: the faster block_hashes, the lazy sequence and the memo all keep the reference values."""
 import numpy as np
 import xxhash
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvlab.wire.block_hash import block_hashes, root_hash
 from router.policies import LazyBlockHashes, RouteRequest

@@ -2,7 +2,6 @@
 import httpx
 import openai
 import pytest
-
 from router_fixtures import MODEL, module_cluster, start_router, stream_completion  # noqa: F401 (fixture)
 
 

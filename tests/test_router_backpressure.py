@@ -5,13 +5,14 @@ import socket
 import time
 
 import msgspec
+import pytest
+from router_fixtures import MODEL
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from router.config import RouterConfig, WorkerConfig
 from router.server import create_app
-from router_fixtures import MODEL
 
 EVENT = b"data: " + msgspec.json.encode({"id": "x", "created": 1, "choices": [
     {"index": 0, "text": " the" * 250, "finish_reason": None}]}) + b"\n\n"   # ~1 KB a token event
@@ -75,6 +76,7 @@ def wait_until(condition, timeout=5.0):
     return condition()
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_stalls_the_worker_stream(serve):
     worker = EndlessWorker()
     upstream = serve(worker.app)

@@ -53,8 +53,8 @@ def test_a_config_file_is_read_and_flags_override_it(tmp_path):
 
 def test_the_salt_secret_comes_from_a_file_the_spec_names_or_the_environment(tmp_path, monkeypatch):
     from emulator.spec import example_spec_path
-    from router.frontdoor.gate import Gate
     from router.config import SheddingConfig
+    from router.frontdoor.gate import Gate
     from router.frontdoor.tenants import TenantConfig
     (tmp_path / "salt.key").write_text("s3cret-from-file\n")
     spec = example_spec_path("colocated-8b-h100").read_text().replace(

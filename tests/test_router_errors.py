@@ -1,10 +1,10 @@
 """Every malformed or refused request gets the right 4xx with an OpenAI error body, and the router keeps serving."""
 import httpx
 import pytest
+from router_fixtures import MODEL, module_cluster
 
 from router.config import Limits
 from router.frontdoor.tenants import TenantConfig
-from router_fixtures import MODEL, module_cluster
 
 KEY = {"Authorization": "Bearer sk-good"}
 
@@ -79,7 +79,8 @@ def test_an_unknown_policy_override_is_a_400(router):
 
 
 def test_a_permitted_tenant_may_choose_the_policy(router):
-    r = post(router, {"model": MODEL, "prompt": "hi", "max_tokens": 1}, headers={**KEY, "x-kvlab-policy": "round_robin"})
+    r = post(router, {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+             headers={**KEY, "x-kvlab-policy": "round_robin"})
     assert r.status_code == 200
 
 

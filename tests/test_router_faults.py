@@ -2,13 +2,12 @@
 import time
 
 import httpx
-import pytest
+from router_fixtures import MODEL, kill, start_router, stream_completion, stream_text  # noqa: F401 (fixture)
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from router.config import HealthConfig
-from router_fixtures import MODEL, kill, start_router, stream_completion, stream_text  # noqa: F401 (fixture)
 
 SLOW = {"time_scale": 4.0}   # ~30 ms a token on the wall clock: time to kill a worker mid-stream
 
@@ -154,8 +153,9 @@ def test_health_checks_remove_a_sick_worker_from_the_ring_and_bring_it_back(star
 
 def test_streams_on_a_worker_the_probe_marks_down_migrate_at_once_not_after_the_idle_timeout(start_worker,
                                                                                              start_router):
-    from router.config import Timeouts
     from router_fixtures import freeze
+
+    from router.config import Timeouts
     workers = [start_worker(worker_id=f"w{i}", **SLOW) for i in range(2)]
     freeze_s = 8.0
     router = start_router(workers, policy="prefix_bounded", timeouts=Timeouts(health_s=0.3, idle_s=30.0),
@@ -179,7 +179,7 @@ def test_streams_on_a_worker_the_probe_marks_down_migrate_at_once_not_after_the_
     assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
     survivor = next(w for w in workers if w.config.worker_id != frozen)
     assert stream_text(events) == expected_text(survivor, prompt, 60)   # exactly the tokens, none twice
-    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
     # Migrated when the probe marked the worker down, well before the worker came back by itself.
     assert max(gaps) < freeze_s / 2, max(gaps)
     assert router.metric("kvlab_router_retries_total", kind="migration") >= 1

@@ -11,11 +11,11 @@ import threading
 import time
 
 import httpx
+from router_fixtures import MODEL, RunningRouter, router_app
 
 from kvlab.wire.http_server import ServerLimits, uvicorn_settings
 from router.config import Limits
 from router.frontdoor.tenants import TenantConfig
-from router_fixtures import MODEL, RunningRouter, router_app
 
 
 def _raw(url: str) -> socket.socket:
@@ -33,7 +33,7 @@ def _reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
             out += chunk
             if b"\r\n\r\n" in out and b'"error"' in out:
                 break
-    except socket.timeout:
+    except TimeoutError:
         out += b"<timeout>"
     return out
 

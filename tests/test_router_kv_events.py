@@ -3,7 +3,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import free_port
 from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
@@ -82,7 +81,7 @@ def test_a_restarted_router_knows_every_cached_document_not_only_the_replay_buff
     extra = (lambda: {"kv_events_endpoint": f"tcp://127.0.0.1:{free_port()}"}) if transport == "zmq" else dict
     workers = [start_worker(worker_id=f"w{i}", kv_events_buffer=4, **extra()) for i in range(2)]
     docs = [list(range(40_000 + 1000 * d, 40_000 + 1000 * d + 160)) for d in range(8)]
-    for d, doc in enumerate(docs):   # cached on w0 before the router (re)starts
+    for doc in docs:   # cached on w0 before the router (re)starts
         assert workers[0].http.post("/v1/completions", json={"model": MODEL, "prompt": doc, "max_tokens": 1}
                                     ).status_code == 200
     assert workers[0].runtime.events.first_seq > 0   # the early batches are gone from the buffer

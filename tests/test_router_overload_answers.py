@@ -1,11 +1,11 @@
 """One rule for overload answers: 503 + Retry-After when the cluster is overloaded, 429 when a tenant
 is over its own limits (with Retry-After whenever waiting helps), 400 for a request too big to serve."""
 import httpx
+from router_fixtures import MODEL, kill, start_router  # noqa: F401 (fixture)
 
+from router.forwarding.upstream import exhausted
 from router.frontdoor.admission import STATUS
 from router.frontdoor.tenants import TenantConfig
-from router.forwarding.upstream import exhausted
-from router_fixtures import MODEL, kill, start_router  # noqa: F401 (fixture)
 
 TENANT_LIMITS = {"tokens_exceed_burst", "concurrency", "requests_per_s", "tokens_per_s"}
 

@@ -3,7 +3,6 @@ import time
 
 import httpx
 import pytest
-
 from router_fixtures import MODEL, start_router, stream_completion, stream_text  # noqa: F401 (fixture)
 
 PROMPT = "Summarize the history of the printing press in a few sentences, please, with dates."

@@ -16,7 +16,6 @@ import random
 
 import httpx
 import pytest
-
 from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 EPS = 0.25
@@ -97,7 +96,7 @@ def test_a_fifth_worker_takes_over_about_a_fifth_of_the_prefixes_and_nothing_els
                        headers={"Authorization": "Bearer t"})
     assert added.status_code == 201
     after = asyncio.run(send_all(running.url, prompts, 1, max_tokens=1))
-    moved = [(a, b) for a, b in zip(before, after) if a != b]
+    moved = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
     fraction = len(moved) / len(prompts)
     assert all(b == "w4" for _, b in moved)      # consistent hashing: keys only move to the newcomer
     assert 0.1 <= fraction <= 0.3, fraction      # ~1/5 (128 virtual nodes a worker: +-~0.05)

@@ -3,9 +3,9 @@ import asyncio
 import time
 
 import httpx
+from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 from router.config import SheddingConfig
-from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 SLOW = {"time_scale": 5.0, "max_num_seqs": 1}   # one request at a time, ~35 ms a token: a queue builds
 
@@ -22,7 +22,8 @@ async def flood(url: str, n: int, seconds: float) -> None:
     async with httpx.AsyncClient(timeout=seconds) as client:
         async def one(i):
             try:
-                await client.post(url + "/v1/completions", json={"model": MODEL, "prompt": f"long {i}", "max_tokens": 200})
+                await client.post(url + "/v1/completions",
+                                  json={"model": MODEL, "prompt": f"long {i}", "max_tokens": 200})
             except httpx.TimeoutException:
                 pass
         await asyncio.gather(*(one(i) for i in range(n)))

@@ -6,9 +6,9 @@ import time
 
 import httpx
 import pytest
+from router_fixtures import MODEL, module_cluster
 
 from router.frontdoor.tenants import TenantConfig
-from router_fixtures import MODEL, module_cluster
 
 TENANTS = [
     TenantConfig("flood", ["sk-flood"], requests_per_s=2.0),

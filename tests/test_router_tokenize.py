@@ -2,11 +2,18 @@
 import re
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvlab.wire.openai_api import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvlab.wire.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, apply_chat_template, split_specials,
-                             token_text)
+from kvlab.wire.tokenizer import (
+    OUTPUT_WORDS,
+    SPECIALS,
+    BuiltinTokenizer,
+    apply_chat_template,
+    split_specials,
+    token_text,
+)
 from router.frontdoor.tokenize import MEMO_MIN_CHARS, PromptTokenizer
 
 # Text with special tokens inside it, where segment-wise encoding could go wrong.

@@ -11,8 +11,7 @@ import pytest
 
 from emulator.physics import roofline
 from emulator.physics.catalog import builtin_catalog
-from emulator.planner import LengthDist, PlanRequest, Slo, Workload, plan
-from emulator.planner import context, decode, prefill
+from emulator.planner import LengthDist, PlanRequest, Slo, Workload, context, decode, plan, prefill
 
 CAT = builtin_catalog()
 L70 = CAT.model("Llama-3.1-70B")

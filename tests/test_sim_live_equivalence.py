@@ -14,6 +14,7 @@ import time
 
 import httpx
 import msgspec
+import pytest
 
 from emulator import workload
 from emulator.sim.simulator import Simulator
@@ -68,6 +69,7 @@ def _hit_rate(urls) -> float:
     return hits / queries
 
 
+@pytest.mark.slow
 def test_live_cluster_and_simulator_agree(tmp_path):
     text = open(example_spec_path("tiny-test")).read().replace("time_scale = 1.0", f"time_scale = {TIME_SCALE}")
     spec_path = tmp_path / "equivalence.toml"
@@ -78,14 +80,15 @@ def test_live_cluster_and_simulator_agree(tmp_path):
         live = asyncio.run(_drive(cluster.url, spec.model, reqs))
         live_hits = _hit_rate(cluster.worker_urls().values())
     ttft_live = [(times[0] - sent) / TIME_SCALE for sent, times in live.values()]
-    itl_live = [(b - a) / TIME_SCALE for _, times in live.values() for a, b in zip(times, times[1:])]
+    itl_live = [(b - a) / TIME_SCALE for _, times in live.values() for a, b in zip(times, times[1:], strict=False)]
 
     sim = Simulator(parse_spec(text)).run(reqs)
     s = sim.summary()
     assert s.completed == len(live) == COUNT
     ttft_sim, itl_sim = s.ttft.p50, s.itl.p50
     print(f"TTFT p50 live {statistics.median(ttft_live):.5f} sim {ttft_sim:.5f}; ITL p50 live "
-          f"{statistics.median(itl_live):.5f} sim {itl_sim:.5f}; hit rate live {live_hits:.3f} sim {s.prefix_hit_rate:.3f}")
+          f"{statistics.median(itl_live):.5f} sim {itl_sim:.5f}; "
+          f"hit rate live {live_hits:.3f} sim {s.prefix_hit_rate:.3f}")
     assert statistics.median(ttft_live) == _within(ttft_sim, 0.10)
     assert statistics.median(itl_live) == _within(itl_sim, 0.10)
     assert abs(live_hits - s.prefix_hit_rate) <= 0.05

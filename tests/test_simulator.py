@@ -2,8 +2,8 @@
 import msgspec
 import pytest
 
-from emulator.physics import roofline as r
 from emulator import workload
+from emulator.physics import roofline as r
 from emulator.sim.simulator import SimRequest, Simulator
 from emulator.spec import example_spec_path, load_spec, parse_spec
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from loadtests.steady import (BRACKET_RATIO, SERVED_TOLERANCE, Bracket, Sizing, check, crossing, served_tolerance)
+from loadtests.steady import BRACKET_RATIO, SERVED_TOLERANCE, Bracket, Sizing, check, crossing, served_tolerance
 
 
 def test_windows_are_sized_in_lifetimes():

@@ -136,6 +136,7 @@ def sweep_report(tmp_path_factory):
     return json.loads((tmp / "out" / "sweep.json").read_text()), done.stdout, tmp / "out"
 
 
+@pytest.mark.slow
 def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
     report, stdout, out = sweep_report
     for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "rate-0/records.jsonl", "rate-4/records.jsonl"):
@@ -152,6 +153,7 @@ def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
     assert len((out / "sweep.csv").read_text().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_throughput_rises_then_saturates_while_p99_ttft_climbs_past_the_knee(sweep_report):
     report = sweep_report[0]
     rates = [p["rate"] for p in report["points"]]
@@ -178,6 +180,7 @@ def tiny_steady_spec(path: Path) -> Path:
     return write_spec(d, path)
 
 
+@pytest.mark.slow
 def test_served_tracks_offered_below_capacity_over_windows_sized_in_lifetimes(tmp_path):
     spec_path = tiny_steady_spec(tmp_path / "tiny.toml")
     c = predict(load_spec(spec_path), []).c_max

@@ -1,9 +1,10 @@
 """Tenants: keys, per-tenant limits that count tokens, isolation between tenants, salts."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from router.policies import RouteRequest
 from router.frontdoor.tenants import TenantConfig, Tenants
+from router.policies import RouteRequest
 
 
 def tenants(**limits):
@@ -77,6 +78,7 @@ def test_oversized_reservation_is_refused_outright():
 def test_concurrency_cap_frees_on_release():
     t = tenants(max_concurrency=2)
     first, second = t.admit("a", 1, 0.0), t.admit("a", 1, 0.0)
+    assert first.ok and second.ok
     assert t.admit("a", 1, 0.0).reason == "concurrency"
     t.release(first, 1, 0.1)
     assert t.in_flight("a") == 1 and t.admit("a", 1, 0.1).ok

@@ -101,7 +101,7 @@ def test_trace_requests_sharing_leading_ids_share_exactly_that_many_blocks(recor
     per_block = T.TRACE_BLOCK_TOKENS // 16
     hasher = T.TraceHasher()
     pairs = 0
-    for a, b in zip(records[:200], records[1:201]):
+    for a, b in zip(records[:200], records[1:201], strict=False):
         common = _common_prefix(a.hash_ids, b.hash_ids)
         ha, hb = hasher.hashes(a), hasher.hashes(b)
         shared = min(common * per_block, len(ha), len(hb))
@@ -122,7 +122,7 @@ def test_trace_hasher_matches_expanded_tokens_on_real_records(records):
 def test_limit_and_lazy_expansion_of_the_real_trace():
     requests = list(T.trace_requests(TRACE, limit=50, speedup=10.0))
     assert len(requests) == 50
-    assert all(r.prompt_len == rec.input_length for r, rec in zip(requests, T.read_trace(TRACE, limit=50)))
+    assert all(r.prompt_len == rec.input_length for r, rec in zip(requests, T.read_trace(TRACE, limit=50), strict=True))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -11,10 +11,10 @@ import time
 
 import httpx
 import pytest
-
 from background_load import BackgroundLoad
-from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
 from router_fixtures import MODEL, start_router  # noqa: F401  (fixture)
+
+from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
 from workers.config import WorkerConfig, build_engine
 from workers.core.request import SamplingParams
 

@@ -138,7 +138,7 @@ def test_a_decode_worker_never_calls_a_remote_url_outside_its_peers(start_worker
     try:
         trap.accept()
         called = True
-    except socket.timeout:
+    except TimeoutError:
         called = False
     finally:
         trap.close()

@@ -5,7 +5,8 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emulator import workload as W
 from emulator.spec import load_spec
@@ -24,13 +25,13 @@ def _same(a: W.Request, b: W.Request) -> bool:
 def test_same_seed_same_requests_token_for_token():
     a = W.generate(5.0, num_requests=300, mix=MIX, seed=7)
     b = W.generate(5.0, num_requests=300, mix=MIX, seed=7)
-    assert all(_same(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 300
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True)) and len(a) == len(b) == 300
 
 
 def test_another_seed_other_requests():
     a = W.generate(5.0, num_requests=50, seed=1)
     b = W.generate(5.0, num_requests=50, seed=2)
-    assert not any(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b))
+    assert not any(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b, strict=True))
 
 
 def test_requests_come_in_arrival_order_with_int32_tokens():
@@ -117,7 +118,7 @@ def test_agentic_sessions_resend_their_growing_history():
     for turns in long:
         assert [t.turn for t in turns] == list(range(len(turns)))
         assert len({t.tenant for t in turns}) == 1
-        for prev, nxt in zip(turns, turns[1:]):
+        for prev, nxt in zip(turns, turns[1:], strict=False):
             assert nxt.prompt_len > prev.prompt_len + prev.max_tokens            # history + answer + new turn
             assert np.array_equal(nxt.tokens[:prev.prompt_len], prev.tokens)     # exact prefix
             assert nxt.shared_tokens == prev.prompt_len

@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "catalog", "role", "worker_id",
-                 "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "stream_interval", "num_blocks",
+                 "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "stream_interval",
+                 "num_blocks",
                  "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
                  "preemption", "eviction", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint", "peers")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 
@@ -72,6 +72,12 @@ class RequestStream:
     def _ready(self, n: int) -> bool:
         items = self._items
         return self.finished is not None or len(items) >= n or (bool(items) and isinstance(items[-1], Finished))
+
+    @property
+    def outcome(self) -> Finished:
+        """The Finished record, once reading has ended (it ends only on one)."""
+        assert self.finished is not None, "the stream has not ended"
+        return self.finished
 
     def __aiter__(self):
         return self
@@ -202,7 +208,7 @@ class EngineDriver:
         timeout = None if next_wakeup is None else max(0.0, self._wall_at(next_wakeup) - self.clock())
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _deliver(self, result: StepResult) -> None:

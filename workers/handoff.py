@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import httpx
 import msgspec
@@ -103,10 +104,11 @@ class KvReleaser:
         self._pending: set[asyncio.Task] = set()
         self.failures = 0
 
-    def open(self) -> None:
+    def open(self) -> httpx.AsyncClient:
         # Built up front: creating a client loads CA certificates (tens of ms) and would stall the
         # event loop, and every token stream on it, at the first release.
         self._client = httpx.AsyncClient(timeout=self._timeout, trust_env=False)
+        return self._client
 
     def release(self, source: RemoteSource) -> None:
         if len(self._pending) >= self._max_pending:
@@ -118,10 +120,9 @@ class KvReleaser:
         task.add_done_callback(self._pending.discard)
 
     async def _post(self, source: RemoteSource) -> None:
-        if self._client is None:
-            self.open()
+        client = self._client or self.open()
         try:
-            resp = await self._client.post(f"{source.remote_url}/v1/kv/release",
+            resp = await client.post(f"{source.remote_url}/v1/kv/release",
                                            json={"request_id": source.remote_request_id})
             if resp.status_code >= 400:
                 self.failures += 1

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -86,7 +86,7 @@ class ZmqKvPublisher:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._send_loop()))
         if self._replay is not None:
-            self._tasks.append(loop.create_task(self._replay_loop()))
+            self._tasks.append(loop.create_task(self._replay_loop(self._replay)))
 
     def _enqueue(self, seq: int, payload: bytes) -> None:
         try:
@@ -103,23 +103,23 @@ class ZmqKvPublisher:
             except zmq.ZMQError:
                 log.exception("KV event batch %d not published", seq)
 
-    async def _replay_loop(self) -> None:
+    async def _replay_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await self._replay.recv_multipart()
+            frames = await sock.recv_multipart()
             try:
-                await self._answer_replay(frames)
+                await self._answer_replay(sock, frames)
             except (zmq.ZMQError, ValueError):
                 log.exception("KV event replay request failed")
 
-    async def _answer_replay(self, frames: list[bytes]) -> None:
+    async def _answer_replay(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
         # REQ clients send [identity, b"", start]; DEALER clients [identity, start].
         if len(frames) not in (2, 3) or len(frames[-1]) != 8:
             log.warning("malformed KV event replay request: %d frames", len(frames))
             return
         envelope, start = frames[:-1], int.from_bytes(frames[-1], "big", signed=True)
         for seq, payload in self.log.payloads_from(start):
-            await self._replay.send_multipart((*envelope, seq_bytes(seq), payload))
-        await self._replay.send_multipart((*envelope, END_SEQ, b""))
+            await sock.send_multipart((*envelope, seq_bytes(seq), payload))
+        await sock.send_multipart((*envelope, END_SEQ, b""))
 
     async def close(self) -> None:
         for task in self._tasks:

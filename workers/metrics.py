@@ -35,7 +35,8 @@ _REASON_LABEL = {"held": "length"}
 
 def token_buckets(limit: int) -> tuple[float, ...]:
     """1-2-5 series up to the context limit, for token-count histograms."""
-    out, scale = [], 1
+    out: list[int] = []
+    scale = 1
     while scale <= limit:
         out.extend(v for v in (scale, 2 * scale, 5 * scale) if v <= limit)
         scale *= 10

@@ -13,12 +13,12 @@ import logging
 from emulator.physics.catalog import Catalog
 from kvlab.wire.tokenizer import load_tokenizer
 from workers.config import WorkerConfig, build_engine
-from workers.driver import EngineDriver, RequestStream
 from workers.core.engine import StepResult
+from workers.core.request import SamplingParams
+from workers.driver import EngineDriver, RequestStream
 from workers.handoff import Handoff, KvReleaser, RemoteSource
 from workers.kv_publisher import KvEventLog, ZmqKvPublisher
 from workers.metrics import WorkerMetrics
-from workers.core.request import SamplingParams
 
 log = logging.getLogger(__name__)
 

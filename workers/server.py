@@ -24,9 +24,9 @@ from starlette.responses import Response
 
 from emulator.physics.catalog import Catalog
 from kvlab.wire import openai_api as api
-from kvlab.wire.openai_api import ApiError
 from kvlab.wire.http_body import read_body
 from kvlab.wire.http_errors import install_error_handlers
+from kvlab.wire.openai_api import ApiError
 from workers import serving
 from workers.config import WorkerConfig
 from workers.runtime import WorkerRuntime

@@ -18,11 +18,11 @@ from starlette.responses import Response, StreamingResponse
 from kvlab.wire import openai_api as api
 from kvlab.wire.openai_api import ApiError, ChatCompletionRequest, CompletionRequest
 from kvlab.wire.tokenizer import EOS_TOKEN_ID, apply_chat_template
-from workers.driver import RequestStream
-from workers.core.engine import EngineError, Finished, QueueFull
 from workers.config import MAX_STREAM_INTERVAL
-from workers.handoff import Handoff, parse_handoff, prefill_params
+from workers.core.engine import EngineError, Finished, QueueFull
 from workers.core.request import SamplingParams
+from workers.driver import RequestStream
+from workers.handoff import Handoff, parse_handoff, prefill_params
 from workers.runtime import WorkerRuntime
 
 RETRY_AFTER_S = "1"                       # a full queue drains in about a batch's decode time
@@ -120,7 +120,7 @@ async def respond(job: Job, rt: WorkerRuntime, request: Request) -> Response:
     tokens = await _collect_unless_gone(job, stream, rt, request)
     if tokens is None:
         return Response(status_code=499)   # nobody is listening; nginx's "client closed request"
-    return json_response(_full_body(job, tokens, stream.finished, rt, request))
+    return json_response(_full_body(job, tokens, stream.outcome, rt, request))
 
 
 def _submit(job: Job, rt: WorkerRuntime) -> RequestStream:
@@ -206,7 +206,7 @@ async def _sse(job: Job, stream: RequestStream, rt: WorkerRuntime):
                 yield api.sse(chunk)
             if outs:
                 last = outs[-1].time
-        for part in _sse_tail(job, stream.finished, created):
+        for part in _sse_tail(job, stream.outcome, created):
             yield part
     finally:
         if stream.finished is None:   # cancelled or closed early: the client went away
@@ -217,7 +217,7 @@ def _gaps(outs, last: float | None) -> list[float]:
     """Emulated seconds between each token and the one before it in this stream (the stream's very
     first token has none)."""
     times = ([] if last is None else [last]) + [o.time for o in outs]
-    return [round(b - a, 6) for a, b in zip(times, times[1:])]
+    return [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
 
 
 def _chunk(chat: bool, rid: str, model: str, created: int, text: str, finish: str | None) -> dict:

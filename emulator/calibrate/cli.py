@@ -66,7 +66,8 @@ def calibrate(args: argparse.Namespace) -> str:
     tables: list[tuple[str, cal.FitResult]] = []
     if args.vidur_allreduce:
         fits = cal.fit_allreduce(ms.smoothed_allreduce(ms.read_allreduce_profile(args.vidur_allreduce)))
-        link = msgspec.structs.replace(link, allreduce=tuple(fits), source=f"all-reduce fitted to {args.vidur_allreduce}")
+        link = msgspec.structs.replace(link, allreduce=tuple(fits),
+                                       source=f"all-reduce fitted to {args.vidur_allreduce}")
         notes.append(f"all-reduce curve: {args.vidur_allreduce}")
     if args.vidur_mlp:
         rows = ms.read_layer_profile(args.vidur_mlp)
@@ -143,6 +144,6 @@ def render(gpu: Gpu, link: Link | None, model: str, tables: list[tuple[str, cal.
     for title, result in tables:
         out += ["", f"# per-row error table: {title} (ms; error of fitted and of {start.name} vs measured)",
                 f"# {'row':<52} {'measured':>10} {'fitted':>10} {'error':>8} {'built-in':>10} {'error':>8}"]
-        for label, m, f, b in zip(result.labels, result.measured_ms, result.fitted_ms, result.builtin_ms):
+        for label, m, f, b in zip(result.labels, result.measured_ms, result.fitted_ms, result.builtin_ms, strict=True):
             out.append(f"# {label:<52} {m:>10.4f} {f:>10.4f} {f / m - 1:>+8.1%} {b:>10.4f} {b / m - 1:>+8.1%}")
     return "\n".join(out) + "\n"

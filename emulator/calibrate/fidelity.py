@@ -91,7 +91,7 @@ def holdout_rows(model: str, path: Path) -> list[Row]:
     rows = []
     for tp in sorted({r.tp for r in ms.read_layer_profile(path)}):
         sel = [r for r in ms.read_layer_profile(path) if r.tp == tp]
-        for lo, mid, hi in zip(sel, sel[1:], sel[2:]):
+        for lo, mid, hi in zip(sel, sel[1:], sel[2:], strict=False):
             w = (mid.tokens - lo.tokens) / (hi.tokens - lo.tokens)
             rows.append(Row(group=f"{model} tp{tp} holdout", label=f"{mid.tokens} tokens", reference_ms=mid.ms,
                             kvlab_ms=lo.ms + w * (hi.ms - lo.ms)))

@@ -115,7 +115,7 @@ def fit(gpu: Gpu, fields: Sequence[str], rows: Sequence, predict: Callable, labe
     measured = np.array([r.ms for r in rows])
 
     def with_values(x: np.ndarray) -> Gpu:
-        return msgspec.structs.replace(gpu, **{f: _decode(f, v) for f, v in zip(fields, x)})
+        return msgspec.structs.replace(gpu, **{f: _decode(f, v) for f, v in zip(fields, x, strict=True)})
 
     def loss(x: np.ndarray) -> float:
         err = np.log(np.array([predict(with_values(x), r) for r in rows]) / measured)
@@ -141,7 +141,8 @@ def fit_layers(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[LayerRo
 
 
 def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[AllReduceFit]:
-    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull on the worst row)."""
+    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull
+    on the worst row)."""
     fits = []
     for gpus in sorted({r.gpus for r in rows}):
         sel = [r for r in rows if r.gpus == gpus]

@@ -69,7 +69,7 @@ class Prober:
         def one() -> None:
             try:
                 t = self.stream(context, self.output)
-                gaps.append(statistics.median(b - a for a, b in zip(t[1:], t[2:])))
+                gaps.append(statistics.median(b - a for a, b in zip(t[1:], t[2:], strict=False)))
             except Exception as exc:   # reported below, after every stream ended
                 errors.append(exc)
 

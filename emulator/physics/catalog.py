@@ -26,7 +26,7 @@ class LayerProfile(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self):
         if len(self.tokens) < 2 or len(self.tokens) != len(self.layer_ms):
             raise ValueError("a layer profile needs two or more (tokens, layer_ms) points of equal length")
-        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:], strict=False)):
             raise ValueError("layer profile tokens must increase")
 
 
@@ -45,7 +45,8 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     layer_overhead_us: float               # fixed per layer per step, beyond every operator's own time
     intra_node_link: str
     gemm_bandwidth_efficiency: float = 0.0     # weight streaming by GEMMs; 0: bandwidth_efficiency
-    gemm_half_work: float = 0.0                # output elements per GPU at which a GEMM runs at half its peak efficiency
+    gemm_half_work: float = 0.0                # output elements per GPU at which a GEMM runs at half its peak
+                                               # efficiency
     gemm_token_tile: int = 1                   # GEMM compute pads the token dimension to a multiple of this
     kernel_latency_us: float = 0.0             # fixed time of each GEMM / attention kernel
     attention_efficiency: float = 0.0          # attention FLOPs: fraction of peak; 0: compute_efficiency

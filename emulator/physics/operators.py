@@ -41,7 +41,7 @@ class Cost(NamedTuple):
     compute_bound_s: float   # the part of `seconds` spent in compute-bound operators
 
     def __add__(self, other: Cost) -> Cost:  # type: ignore[override]
-        return Cost(*(a + b for a, b in zip(self, other)))
+        return Cost(*(a + b for a, b in zip(self, other, strict=True)))
 
     def scaled(self, k: float) -> Cost:
         return Cost(*(a * k for a in self))
@@ -55,7 +55,7 @@ def op_cost(fixed_s: float, compute_s: float, memory_s: float) -> Cost:
     return Cost(fixed_s + bound, compute_s, memory_s, fixed_s + bound if compute_s >= memory_s else 0.0)
 
 
-def layer_gemms(model: Model, tp: int) -> list[tuple[int, int]]:
+def layer_gemms(model: Model, tp: int) -> list[tuple[float, float]]:
     """(K, N) per GPU of a dense layer's GEMMs: fused QKV, O, fused gate+up, down (Megatron sharding)."""
     d = model.head_dim
     q = model.q_heads * d / tp

@@ -105,10 +105,12 @@ def allreduce_seconds(dep: Deployment, payload_bytes: float) -> float:
     t = dep.tp
     if t == 1:
         return 0.0
-    fit = dep.tp_link.allreduce_fit(t)
+    link = dep.tp_link
+    assert link is not None, "Deployment requires a tp_link when tp > 1"
+    fit = link.allreduce_fit(t)
     if fit is not None:
         return fit.seconds(payload_bytes)
-    return dep.tp_link.latency_s + 2.0 * (t - 1) / t * payload_bytes / dep.tp_link.bytes_per_s
+    return link.latency_s + 2.0 * (t - 1) / t * payload_bytes / link.bytes_per_s
 
 
 def tp_allreduce_time(dep: Deployment, tokens: int) -> float:
@@ -133,7 +135,7 @@ def mixed_time(dep: Deployment, prefill_chunks: Sequence[tuple[int, int]], conte
     """A chunked-prefill step: prefill chunks (new, cached) batched with decode tokens."""
     shape = batch_shape((1, c) for c in contexts)
     finals = final_chunks or [True] * len(prefill_chunks)
-    for (new, cached), final in zip(prefill_chunks, finals):
+    for (new, cached), final in zip(prefill_chunks, finals, strict=True):
         shape.add(new, cached, samples=final)
     return step_time(dep, shape)
 

@@ -29,8 +29,9 @@ class StepModel(Protocol):
     def decode_run_times(self, batch: int, context_sum: int, steps: int) -> np.ndarray: ...
 
 
-def build_model(dep: Deployment) -> StepModel:
-    """A fresh step model for `dep` (fitting builds many; everyone else uses the cached model_for)."""
+def build_model(dep: Deployment) -> OperatorModel:
+    """A fresh step model for `dep` (fitting builds many; everyone else uses the cached model_for): the
+    operator model, or its subclass that reads a profiled GPU's layer times."""
     profile = dep.gpu.profile_for(dep.model.name, dep.tp)
     return ProfiledModel(dep, profile) if profile is not None else OperatorModel(dep)
 

@@ -9,7 +9,8 @@ import msgspec
 
 from emulator.physics import roofline
 from emulator.physics.catalog import Catalog
-from emulator.planner import context, cost, curve as curves, decode, prefill, sizing
+from emulator.planner import context, cost, decode, prefill, sizing
+from emulator.planner import curve as curves
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import PlanRequest, Slo, Workload
 from emulator.planner.operating import Cluster, evaluate
@@ -117,10 +118,12 @@ def _pools(ctx, slo, sized, per) -> list[PoolPlan]:
     out = []
     for role, workers in roles:
         one = Cluster(workers=1) if role == "colocated" else (
-            Cluster(prefill=1, decode=sizing.MAX_WORKERS) if role == "prefill" else Cluster(prefill=sizing.MAX_WORKERS, decode=1))
+            Cluster(prefill=1, decode=sizing.MAX_WORKERS) if role == "prefill"
+            else Cluster(prefill=sizing.MAX_WORKERS, decode=1))
         bind = sizing.binding(ctx, slo, one, per[role], rules=True) if per[role] > 0 else "infeasible"
         out.append(PoolPlan(role=role, workers=workers, spares=req.redundancy, gpus=workers * req.tp,
-                            max_rate_per_worker=float(per[role]), usable_rate_per_worker=float(per[role] / req.headroom),
+                            max_rate_per_worker=float(per[role]),
+                            usable_rate_per_worker=float(per[role] / req.headroom),
                             binding=bind))
     return out
 

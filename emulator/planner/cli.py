@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Any
 
 import msgspec
 
@@ -112,7 +113,9 @@ def _serving(plan) -> Cluster:
 def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
     spec = _load_spec(args)
     base = _from_spec(spec, args) if spec is not None else {}
-    pick = lambda name, default: getattr(args, name) if getattr(args, name, None) is not None else base.get(name, default)
+    def pick(name: str, default: Any) -> Any:   # the flag if given, else the spec's value
+        return getattr(args, name) if getattr(args, name, None) is not None else base.get(name, default)
+
     engine = EngineLimits(**{k: v for k, v in {
         "max_num_batched_tokens": pick("max_num_batched_tokens", None), "max_num_seqs": pick("max_num_seqs", None),
         **base.get("engine", {})}.items() if v is not None})
@@ -158,7 +161,9 @@ def _from_spec(spec, args) -> dict:
 
     roles = {p.role for p in spec.pools}
     disagg = roles != {"both"}
-    count = lambda role: sum(p.count for p in spec.pools if p.role == role)
+    def count(role: str) -> int:
+        return sum(p.count for p in spec.pools if p.role == role)
+
     cluster = Cluster(prefill=count("prefill"), decode=count("decode")) if disagg else Cluster(workers=count("both"))
     rate = args.rate or (spec.workload.rates[0] if spec.workload.rates else 1.0)
     sampled = planner_spec.sampled_workload(spec, rate)

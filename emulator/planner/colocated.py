@@ -77,7 +77,7 @@ def _mixed_steps(ctx: Context, prof: prefill.PrefillProfile, q: prefill_queue.Pr
     """Durations of prefill-carrying steps: each chunk, with queued prompts packed behind it."""
     ch = prof.chunks
     values = [prefill.with_packing(ctx, prof, n, c, bool(f), s, q.packed)
-              for n, c, f, s in zip(ch.tokens, ch.cached, ch.final, ch.seconds)]
+              for n, c, f, s in zip(ch.tokens, ch.cached, ch.final, ch.seconds, strict=True)]
     return dist.Points(values, ch.weight)
 
 
@@ -135,7 +135,7 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
     mu_run = chunk_rate * _packed_step(ctx, prof, point.queue.packed)
     mu_start = chunk_rate * decode.step_seconds(ctx, max(point.batch, 1.0))
     first = math.exp(-min(mu_run, 50.0))                        # share of steps that start a run
-    counts = [first * a + (1 - first) * b for a, b in zip(_ztp(mu_start), _ztp(mu_run))]
+    counts = [first * a + (1 - first) * b for a, b in zip(_ztp(mu_start), _ztp(mu_run), strict=True)]
     sizes = dist.Points(ch.tokens, ch.weight)
     total, parts = sizes, []
     for k, p_k in enumerate(counts):

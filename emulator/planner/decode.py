@@ -9,9 +9,10 @@ bisection (`solve_batch`); no root below the batch cap means the decode side is 
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -74,8 +75,9 @@ def step(ctx: Context, n: float) -> roofline.StepTime:
     key = ("decode_step", n)
     if key not in ctx.memo:
         c = profile(ctx).context
-        shape = roofline.BatchShape(new_tokens=n, context_tokens=int(round(n * c)),
-                                    attention_pairs=int(round(n * c)) + n, sampled=n)
+        # A mean batch may be fractional (colocated points): the step cost is linear in these counts.
+        shape = roofline.BatchShape(new_tokens=n, context_tokens=int(round(n * c)),  # type: ignore[arg-type]
+                                    attention_pairs=int(round(n * c)) + n, sampled=n)  # type: ignore[arg-type]
         ctx.memo[key] = roofline.step_time(ctx.dep, shape)
     return ctx.memo[key]
 
@@ -137,7 +139,7 @@ def decode_only_gaps(ctx: Context, others: float) -> dist.Points:
         return batches.map(lambda n: step_seconds(ctx, n))
     parts = []
     for z, w in ((-math.sqrt(3.0), 1 / 6), (0.0, 2 / 3), (math.sqrt(3.0), 1 / 6)):
-        parts.append((w, batches.map(lambda n, z=z: _step_spread(ctx, n, z * sd))))
+        parts.append((w, batches.map(functools.partial(_step_spread, ctx, sd_one=z * sd))))
     return dist.mixture(parts)
 
 

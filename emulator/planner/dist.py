@@ -7,8 +7,8 @@ Each point is the conditional mean of its quantile bin, so means (which set thro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class Points:
         self.values, self.weights = v, w / w.sum()
 
     @classmethod
-    def fixed(cls, value: float) -> "Points":
+    def fixed(cls, value: float) -> Points:
         return cls([value], [1.0])
 
     def mean(self) -> float:
@@ -41,7 +41,7 @@ class Points:
     def moment2(self) -> float:
         return float((self.values ** 2) @ self.weights)
 
-    def map(self, fn: Callable[[float], float]) -> "Points":
+    def map(self, fn: Callable[[float], float]) -> Points:
         return Points([fn(x) for x in self.values], self.weights)
 
     def _mid_cdf(self) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +55,7 @@ class Points:
         v, mid = self._mid_cdf()
         return float(np.interp(q, mid, v))
 
-    def survival(self, t: np.ndarray | float) -> np.ndarray:
+    def survival(self, t: np.ndarray | float) -> np.ndarray | float:
         """P(X > t) on the interpolated CDF."""
         v, mid = self._mid_cdf()
         return np.interp(t, v, 1.0 - mid, left=1.0, right=0.0)
@@ -85,7 +85,7 @@ def rebin(pts: Points) -> Points:
 
 
 def _bins() -> list[tuple[float, float]]:
-    return list(zip(LEVEL_EDGES[:-1], LEVEL_EDGES[1:]))
+    return list(zip(LEVEL_EDGES[:-1], LEVEL_EDGES[1:], strict=True))
 
 
 def from_samples(samples: Sequence[float]) -> Points:
@@ -93,7 +93,8 @@ def from_samples(samples: Sequence[float]) -> Points:
     return from_paired_samples(samples, samples)[0]
 
 
-def from_paired_samples(samples: Sequence[float], companions: Sequence[float]) -> tuple[Points, np.ndarray]:
+def from_paired_samples(samples: Sequence[float] | np.ndarray,
+                        companions: Sequence[float] | np.ndarray) -> tuple[Points, np.ndarray]:
     """`from_samples(samples)`, and beside each of its points the mean companion value of the samples
     it stands for (e.g. the cached tokens of the prompts in a prompt-length bin)."""
     x = np.asarray(samples, dtype=float)
@@ -104,7 +105,7 @@ def from_paired_samples(samples: Sequence[float], companions: Sequence[float]) -
     return Points(values, counts / len(x)), means
 
 
-def point_of_each(samples: Sequence[float]) -> np.ndarray:
+def point_of_each(samples: Sequence[float] | np.ndarray) -> np.ndarray:
     """Which point of `from_samples(samples)` each sample falls in (its rank, or its quantile bin)."""
     x = np.asarray(samples, dtype=float)
     order = np.argsort(x, kind="stable")

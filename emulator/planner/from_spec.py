@@ -9,6 +9,7 @@ import xxhash
 
 from emulator import workload as wl
 from emulator.planner import EngineLimits, PlanRequest, Workload
+from emulator.planner.inputs import Dispatch
 from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
 
@@ -16,13 +17,13 @@ SAMPLE_REQUESTS = 4000   # generated requests whose lengths and prefixes the pla
 
 # Router policy -> the planner's dispatch model: load-aware policies pool the queue (join the
 # shortest), prefix hashing is load-blind (random split), round robin smooths each worker's arrivals.
-DISPATCH = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq",
+DISPATCH: dict[str, Dispatch] = {"round_robin": "round_robin", "least_loaded": "jsq", "kv_aware": "jsq",
             "prefix_ring": "random", "prefix_bounded": "random"}
 # Policies that send a prefix's requests to one worker (so each worker caches its share of prefixes).
 CACHE_AFFINE = {"prefix_ring", "prefix_bounded", "kv_aware", "pd_pair"}
 
 
-def dispatch(spec: ClusterSpec) -> str:
+def dispatch(spec: ClusterSpec) -> Dispatch:
     return DISPATCH.get(spec.router.policy, "random")
 
 
@@ -46,7 +47,7 @@ def _prefix_groups(spec: ClusterSpec, requests, shared: list[int]) -> list[int]:
     salted = {t.name for t in spec.tenants if t.cache_salt}
     return [xxhash.xxh3_64_intdigest(token_bytes(r.tokens, 0, n),
                                      xxhash.xxh3_64_intdigest(r.tenant.encode()) if r.tenant in salted else 0)
-            for r, n in zip(requests, shared)]
+            for r, n in zip(requests, shared, strict=True)]
 
 
 def plan_request(spec: ClusterSpec) -> PlanRequest:

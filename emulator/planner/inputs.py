@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
 
@@ -29,7 +30,7 @@ class LengthDist(msgspec.Struct, frozen=True, kw_only=True):
     max: int | None = None
 
     @classmethod
-    def fixed(cls, tokens: int) -> "LengthDist":
+    def fixed(cls, tokens: int) -> LengthDist:
         return cls(mean=float(tokens))
 
     def points(self) -> dist.Points:
@@ -51,8 +52,10 @@ class LengthDist(msgspec.Struct, frozen=True, kw_only=True):
         for name, value in (("mean", m), ("p50", p50), ("p90", p90), ("p99", p99), ("sigma", self.sigma)):
             if value is not None and (value <= 0 if name != "sigma" else value < 0):
                 raise PlannerError(f"length {name} must be positive (got {value})")
-        if self.sigma is not None and (p50 or m):
-            return (math.log(p50), self.sigma) if p50 else (math.log(m) - self.sigma ** 2 / 2, self.sigma)
+        if self.sigma is not None and p50:
+            return math.log(p50), self.sigma
+        if self.sigma is not None and m:
+            return math.log(m) - self.sigma ** 2 / 2, self.sigma
         if m and p99:
             return _fit_mean_tail(m, p99, Z99)
         if p50 and p99:
@@ -63,8 +66,10 @@ class LengthDist(msgspec.Struct, frozen=True, kw_only=True):
             return math.log(p50), max(0.0, math.log(p90 / p50) / Z90)
         if m and p50:
             return math.log(p50), math.sqrt(2 * math.log(m / p50)) if m > p50 else 0.0
-        if m or p50:
-            return math.log(m or p50), 0.0
+        if m:
+            return math.log(m), 0.0
+        if p50:
+            return math.log(p50), 0.0
         raise PlannerError("a length distribution needs samples, a mean or a p50")
 
 
@@ -123,7 +128,7 @@ class Workload(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_samples(cls, rate: float, prompts: Sequence[int], outputs: Sequence[int],
                      shared: Sequence[int] | None = None, burstiness: float = 1.0,
-                     groups: Sequence[int] | None = None) -> "Workload":
+                     groups: Sequence[int] | None = None) -> Workload:
         """From generated requests, each with its shared prefix (all shared prefixes assumed warm in the
         cache, as prefix-aware routing keeps them); prefix_reuse = shared / prompt tokens overall."""
         reuse = sum(shared) / sum(prompts) if shared else 0.0

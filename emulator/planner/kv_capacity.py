@@ -5,7 +5,8 @@ over the running sequences. Their number is Poisson (an infinite-server queue; s
 so occupancy is compound Poisson: mean = n x E[t], variance = dispersion x n x E[t^2] (t: tokens one
 sequence holds, time-averaged over its life). An arriving request must find room for its prompt; by
 PASTA it sees the time-average occupancy. Prefix blocks common to running requests are counted once
-(workload.kv_sharing; they are assumed to take a small part of the pool). The pool is adequate while P(occupancy + need > pool) stays
+(workload.kv_sharing; they are assumed to take a small part of the pool). The pool is adequate while
+P(occupancy + need > pool) stays
 at or below kv_wait_fraction (1%, design 3b); sizing at 100% use would make a large share wait, and
 the engine preempts (recompute) once the mean occupancy reaches the pool.
 """

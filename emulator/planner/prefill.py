@@ -29,7 +29,7 @@ class PrefillProfile:
     share: np.ndarray       # per prompt point: its token share of full-budget steps
     last_tokens: np.ndarray  # per prompt point: tokens of its last chunk
     last_step: np.ndarray   # per prompt point: seconds of its last step
-    chunks: "Chunks"
+    chunks: Chunks
     full_step: roofline.StepTime  # a step whose prefill fills the budget
 
     def mean_alone(self, ctx: Context) -> float:
@@ -122,7 +122,7 @@ def _budget(ctx: Context, decodes: int) -> int:
 
 def _chunking(ctx: Context, budget: int):
     """(prompt point, chunk tokens, cached before it, weight, final) for every chunk of every point."""
-    for i, (new, cached, weight) in enumerate(zip(ctx.new_tokens, ctx.cached, ctx.prompts.weights)):
+    for i, (new, cached, weight) in enumerate(zip(ctx.new_tokens, ctx.cached, ctx.prompts.weights, strict=True)):
         done, new = 0, int(new)
         while done < new:
             chunk = min(budget, new - done)
@@ -143,12 +143,12 @@ def _profile(ctx: Context, decodes: int) -> PrefillProfile:
         share[i] += full * chunk / budget
         last_tokens[i], last_step[i] = chunk, t
         rows.append((chunk, cached, final, weight, t))
-    cols = list(zip(*rows))
-    chunks = Chunks(*(np.asarray(c, dtype=float) for c in cols[:2]), np.asarray(cols[2], dtype=bool),
-                    *(np.asarray(c, dtype=float) for c in cols[3:]))
-    full = packed_step(ctx, decodes, budget)
+    tokens, cached_tokens, finals, weights, seconds = zip(*rows, strict=True)
+    chunks = Chunks(np.asarray(tokens, dtype=float), np.asarray(cached_tokens, dtype=float),
+                    np.asarray(finals, dtype=bool), np.asarray(weights, dtype=float), np.asarray(seconds, dtype=float))
+    full_step = packed_step(ctx, decodes, budget)
     return PrefillProfile(decodes=decodes, budget=budget, alone=alone, share=share, last_tokens=last_tokens,
-                          last_step=last_step, chunks=chunks, full_step=full)
+                          last_step=last_step, chunks=chunks, full_step=full_step)
 
 
 def token_seconds(ctx: Context, prof: PrefillProfile) -> float:

@@ -160,7 +160,7 @@ def _own_latency(ctx: Context, prof: prefill.PrefillProfile, flow: float) -> dis
     also carries prompts that arrived behind it: those that came during its earlier chunks are added
     here; those that came while the step before it finished are `PrefillQueue._packed_behind`."""
     values = []
-    for i, (alone, last, last_s) in enumerate(zip(prof.alone, prof.last_tokens, prof.last_step)):
+    for i, (alone, last, last_s) in enumerate(zip(prof.alone, prof.last_tokens, prof.last_step, strict=True)):
         behind = flow * (alone - last_s)
         cached = ctx.cached[i] + ctx.new_tokens[i] - last
         values.append(alone - last_s + prefill.with_packing(ctx, prof, last, cached, True, last_s, last + behind))

@@ -15,7 +15,7 @@ prefill can be scheduled, so it adds to TTFT.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -30,6 +30,7 @@ def max_rate(ctx: Context, slo: Slo | None, cluster: Cluster, only: tuple[str, .
     """Largest rate with no violation: of the SLOs and ceilings (C_max), plus the sizing rules when
     `rules`; or only of `only` and the ceilings; with side "prefill" / "decode", only those that pool
     causes. 0 if even a trickle fails."""
+    watched: set[str] | None
     if only is not None:
         watched = set(only) | set(CEILINGS)
     else:
@@ -39,7 +40,8 @@ def max_rate(ctx: Context, slo: Slo | None, cluster: Cluster, only: tuple[str, .
         point = evaluate(ctx, cluster, rate, slo)
         if side is None and not point.stable:   # never a rate at which any queue grows without bound
             return False
-        found = {"prefill": point.prefill_side, "decode": point.decode_side}.get(side, point.violations)
+        found = point.violations if side is None else {"prefill": point.prefill_side,
+                                                         "decode": point.decode_side}.get(side, point.violations)
         return not (found if watched is None else [v for v in found if v in watched])
 
     lo, hi = 0.0, _first_guess(ctx, cluster)

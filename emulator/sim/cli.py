@@ -9,8 +9,8 @@ import msgspec
 
 from emulator import traces, workload
 from emulator.sim.policy_settings import policy_settings
-from emulator.sim.simulator import Simulator
 from emulator.sim.report import Summary, overload_note
+from emulator.sim.simulator import Simulator
 from emulator.spec import SpecError, load_spec, resolve_spec_path
 from kvlab.wire.user_errors import count_or_all, non_negative, positive, positive_int
 from router.policies.registry import check_spec_settings

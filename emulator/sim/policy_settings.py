@@ -5,6 +5,8 @@ the same way by both commands.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from emulator import traces
 from emulator.spec import ClusterSpec
 from router.policies.registry import build_policy
@@ -21,7 +23,7 @@ def trace_prefix_blocks(block_size: int) -> int:
 
 
 def policy_settings(spec: ClusterSpec, policy: str, *, trace: bool = False, prefix_blocks: int | None = None,
-                    overrides: list[str] = ()) -> dict:
+                    overrides: Sequence[str] = ()) -> dict:
     """The spec's router settings that `policy` takes, the prefix key (`prefix_blocks`, else the trace
     rule when replaying a trace, else the spec's), then POLICY.KEY=VALUE overrides."""
     candidates = dict(spec.router.settings)

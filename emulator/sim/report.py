@@ -6,9 +6,11 @@ predictions, so they can be compared field by field. Latencies are emulated seco
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
+from typing import NamedTuple
 
-import numpy as np
 import msgspec
+import numpy as np
 
 
 class RequestRecord:
@@ -24,6 +26,31 @@ class RequestRecord:
         self.worker = ""
         self.done = False
         self.error: str | None = None
+
+
+class Served(NamedTuple):
+    """A finished request that produced tokens: arrival, first and last token times, token count."""
+    arrival: float
+    first: float
+    last: float
+    tokens: int
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.arrival
+
+    @property
+    def tpot(self) -> float:
+        return (self.last - self.first) / (self.tokens - 1) if self.tokens > 1 else 0.0
+
+    def meets(self, ttft_slo: float, itl_slo: float) -> bool:
+        return self.ttft <= ttft_slo and self.tpot <= itl_slo
+
+
+def served(records: Iterable[RequestRecord]) -> list[Served]:
+    """The records of finished requests that produced a token."""
+    return [Served(r.arrival, r.first, r.last, r.tokens) for r in records
+            if r.done and r.first is not None and r.last is not None]
 
 
 class Percentiles(msgspec.Struct, kw_only=True):
@@ -75,10 +102,11 @@ class LatencyLog:
 
     def token(self, request_id: str, time: float) -> None:
         record = self.records[request_id]
-        if record.first is None:
+        last = record.last   # set with `first`, at the first token
+        if last is None:
             record.first = time
         else:
-            self.gaps.append(time - record.last)
+            self.gaps.append(time - last)
             self.gap_arrivals.append(record.arrival)
         record.last = time
         record.tokens += 1
@@ -87,11 +115,11 @@ class LatencyLog:
                   **extra) -> Summary:
         """Summary over requests arriving inside `window` (warm-up and drain excluded)."""
         records = [r for r in self.records.values() if window is None or window[0] <= r.arrival < window[1]]
-        done = [r for r in records if r.done and r.first is not None]
+        done = served(records)
         span = (window[1] - window[0]) if window else _span(done)
-        ttft = [r.first - r.arrival for r in done]
-        tpot = [(r.last - r.first) / (r.tokens - 1) for r in done if r.tokens > 1]
-        good = [r for r in done if r.first - r.arrival <= ttft_slo and _tpot(r) <= itl_slo]
+        ttft = [r.ttft for r in done]
+        tpot = [r.tpot for r in done if r.tokens > 1]
+        good = [r for r in done if r.meets(ttft_slo, itl_slo)]
         return Summary(
             requests=len(records), completed=len(done), rejected=sum(1 for r in records if r.error),
             duration_s=span, throughput_rps=len(done) / span if span else 0.0,
@@ -110,11 +138,7 @@ class LatencyLog:
         return gaps[(arrivals >= window[0]) & (arrivals < window[1])]
 
 
-def _tpot(record: RequestRecord) -> float:
-    return (record.last - record.first) / (record.tokens - 1) if record.tokens > 1 else 0.0
-
-
-def _span(records: list[RequestRecord]) -> float:
+def _span(records: list[Served]) -> float:
     if not records:
         return 0.0
     return max(r.last for r in records) - min(r.arrival for r in records)

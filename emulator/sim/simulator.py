@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 
 from emulator.sim.report import LatencyLog, Summary
-from emulator.spec import ClusterSpec
+from emulator.spec import ClusterSpec, Role
 from kvlab.wire.kv_events import KVEventBatch
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
@@ -23,7 +23,6 @@ from router.policies.registry import PolicySet
 from workers.core.engine import EngineError, QueueFull, StepResult
 from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
-
 
 INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded")
 
@@ -41,7 +40,7 @@ class SimWorker:
     __slots__ = ("id", "role", "engine", "view", "scheduled", "routed", "busy_prefill", "busy_decode",
                  "usage_time", "steps")
 
-    def __init__(self, worker_id: str, role: str, engine):
+    def __init__(self, worker_id: str, role: Role, engine):
         self.id = worker_id
         self.role = role
         self.engine = engine
@@ -80,13 +79,14 @@ class Simulator:
         self.merge_steps = merge_steps   # off: one event per engine step (slower; same numbers)
 
     # -- the event loop ----------------------------------------------------------------------
-    def run(self, requests: Iterable) -> "Simulator":
+    def run(self, requests: Iterable) -> Simulator:
         """Replay requests (in arrival order; an iterator is consumed lazily) until every one is done."""
         arrivals = iter(requests)
         self._next_arrival = next(arrivals, None)
         while self._next_arrival is not None or self._events:
-            if self._next_arrival is not None and (not self._events or self._next_arrival.arrival_s <= self._events[0][0]):
-                req, self._next_arrival = self._next_arrival, next(arrivals, None)
+            req = self._next_arrival
+            if req is not None and (not self._events or req.arrival_s <= self._events[0][0]):
+                self._next_arrival = next(arrivals, None)
                 if self._next_arrival is not None and self._next_arrival.arrival_s < req.arrival_s:
                     raise ValueError("requests must come in arrival order")
                 self.now = req.arrival_s
@@ -122,7 +122,8 @@ class Simulator:
         salt = self.salts.get(req.tenant)
         views = [w.view for w in self.workers.values()]
         for w in self.workers.values():
-            w.view.running, w.view.waiting, w.view.kv_usage = w.engine.num_running, w.engine.num_waiting, w.engine.blocks.usage
+            view, engine = w.view, w.engine
+            view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
         try:
             decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
                                                                      memo=self.hash_memo), views)
@@ -175,7 +176,7 @@ class Simulator:
 
     def _deliver(self, worker: SimWorker, result: StepResult) -> None:
         times = result.token_times or [result.end] * len(result.tokens)
-        for (request_id, _token), time in zip(result.tokens, times):
+        for (request_id, _token), time in zip(result.tokens, times, strict=True):
             self.log.token(request_id, time)
         for fin in result.finished:
             self._on_finished(worker, fin, result)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 class Background:
-    def __init__(self, run: Callable[[], Awaitable[None]]):
+    def __init__(self, run: Callable[[], Coroutine[Any, Any, None]]):
         self._run = run
         self.task: asyncio.Task | None = None
 

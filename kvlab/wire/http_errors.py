@@ -25,7 +25,8 @@ def install_error_handlers(app: FastAPI, component: str, log: logging.Logger) ->
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(exc.status_code, str(exc.detail), type_=kind, headers=exc.headers))
+        return error_response(ApiError(exc.status_code, str(exc.detail), type_=kind,
+                                        headers=dict(exc.headers) if exc.headers else None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:

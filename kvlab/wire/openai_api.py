@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
-Prompt = Union[str, list[Any]]   # text, [text], token ids, or [token ids]; see prompt_input()
+Prompt = str | list[Any]   # text, [text], token ids, or [token ids]; see prompt_input()
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):

@@ -9,7 +9,8 @@ A real Hugging Face ``tokenizer.json`` can be used instead (needs the ``tokenize
 from __future__ import annotations
 
 import re
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import xxhash
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 class UserError(ValueError):
@@ -55,7 +55,7 @@ def count_or_all(text: str) -> int | None:
     """An argparse type for --limit: a positive count, or 0 / 'all' for everything (None)."""
     if text.strip().lower() == "all":
         return None
-    value = number(int, inclusive=True, what=", or 0 / 'all' for the whole trace")(text)
+    value = int(number(int, inclusive=True, what=", or 0 / 'all' for the whole trace")(text))   # already an int
     return value or None
 
 

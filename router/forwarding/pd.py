@@ -19,10 +19,10 @@ import httpx
 import msgspec
 
 from kvlab.wire.openai_api import SSE_DONE, sse
-from router.frontdoor.body import with_fields
 from router.forwarding.sse import Usage
-from router.frontdoor.tokenize import PromptTokenizer
 from router.forwarding.upstream import Upstream, UpstreamFailure, UpstreamStream
+from router.frontdoor.body import with_fields
+from router.frontdoor.tokenize import PromptTokenizer
 from router.pool.worker_pool import Worker
 
 log = logging.getLogger("kvlab.router.pd")

@@ -13,27 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 from starlette.responses import Response
 
 from kvlab.wire.openai_api import ApiError
-from router.forwarding import pd
 from router.config import RouterConfig
-from router.frontdoor.job import Job
-from router.observability.metrics import RouterMetrics
-from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
-from router.policies.registry import PolicySet
+from router.forwarding import pd
 from router.forwarding.relay import StreamRelay
 from router.forwarding.sse import Usage
 from router.forwarding.stream_session import StreamSession
 from router.forwarding.stream_sources import ColocatedSource, Source
 from router.forwarding.streaming import SSE_HEADERS, RelayResponse
+from router.forwarding.upstream import Upstream, UpstreamFailure, exhausted
+from router.frontdoor.job import Job
 from router.frontdoor.tokenize import PromptTokenizer
-from router.forwarding.upstream import Upstream, UpstreamFailure, WorkerRefused, exhausted
+from router.observability.metrics import RouterMetrics
+from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
+from router.policies.registry import PolicySet
 from router.pool.worker_pool import Worker, WorkerPool
-
 
 WORKER_HEADER = "x-kvlab-worker"
 PREFILL_WORKER_HEADER = "x-kvlab-prefill-worker"
@@ -103,12 +102,13 @@ class Proxy:
         return decision
 
     def _charge(self, decision: Decision) -> Lease:
-        return Lease([self.pool.get(worker_id) for worker_id in decision.charged])
+        return Lease([self.pool[worker_id] for worker_id in decision.charged])   # chosen from the pool just now
 
     def failed(self, failure: UpstreamFailure, exclude: set[str], started: bool) -> None:
         """Account for a failed attempt; a worker's own 4xx ends the request with its answer."""
-        if failure.client_error and not started:
-            raise WorkerRefused(failure.status, failure.body)
+        refusal = failure.refusal()
+        if refusal is not None and not started:
+            raise refusal
         if failure.dead:
             self.pool.report_failure(failure.worker_id, failure.reason)
         exclude.add(failure.worker_id)
@@ -188,8 +188,8 @@ class Proxy:
     async def stream(self, job: Job) -> RelayResponse:
         """Open the first attempt before answering, so a refusal can still get its own status code."""
         session = StreamSession(self, job)
-        await session.open()
-        headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(session.decision).items()]
+        decision = await session.open()
+        headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(decision).items()]
         return RelayResponse(session.events(), on_close=session.close, headers=headers)
 
     async def open_source(self, job: Job, decision: Decision, path: str, body: bytes, relay: StreamRelay,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import msgspec
 
 from kvlab.wire.openai_api import SSE_DONE, ApiError, chat_chunk, completion_chunk, sse, sse_error, usage, usage_chunk
+from router.forwarding.sse import DONE, Chunk, Usage, data_of, decode_chunk
 from router.frontdoor.job import Job
 from router.frontdoor.tokenize import PromptTokenizer
-from router.forwarding.sse import DONE, Chunk, Usage, data_of, decode_chunk
 
 
 class BadEvent(Exception):

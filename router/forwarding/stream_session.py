@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvlab.wire.openai_api import ApiError
-from router.frontdoor.job import PATHS, Job
-from router.policies.base import Decision, RouteRequest
 from router.forwarding.relay import BadEvent, StreamRelay
 from router.forwarding.stream_sources import Source
 from router.forwarding.upstream import UpstreamFailure, WorkerRefused, exhausted
+from router.frontdoor.job import PATHS, Job
+from router.policies.base import Decision, RouteRequest
 
 if TYPE_CHECKING:
     from router.forwarding.proxy import Proxy
@@ -36,17 +36,24 @@ class StreamSession:
         self.source: Source | None = None
         self._closed = False
 
-    async def open(self) -> None:
+    @property
+    def current(self) -> Source:
+        """The open attempt's source; events flow only after open() succeeded, so there is one."""
+        source = self.source
+        assert source is not None, "no attempt is open"
+        return source
+
+    async def open(self) -> Decision:
         """Start an attempt (the first, a retry, or a migration); raises ApiError when none is left."""
         proxy, relay = self.proxy, self.relay
         while self.used < self.limit:
             first = self.used == 0
             self.used += 1
             route, path, body = self._attempt_request()
-            self.decision = proxy.route(route, self.exclude, self.job if first else None)
+            decision = self.decision = proxy.route(route, self.exclude, self.job if first else None)
             try:
-                self.source = await proxy.open_source(self.job, self.decision, path, body, relay, first)
-                return
+                self.source = await proxy.open_source(self.job, decision, path, body, relay, first)
+                return decision
             except UpstreamFailure as failure:
                 proxy.failed(failure, self.exclude, relay.started)
                 self.last = failure
@@ -65,7 +72,7 @@ class StreamSession:
             out = await self._step()
             # Events that came in the same read go out in one write: each send is a syscall for the
             # router, and the client, which would get them back to back, loses nothing.
-            while not relay.done and self.source.buffered:
+            while not relay.done and self.current.buffered:
                 more = await self._step()
                 if more:
                     out = out + more if out else more
@@ -81,19 +88,20 @@ class StreamSession:
             return await self._recover(exc)
 
     async def _next(self) -> bytes | None:
-        event = await self.source.next_event()
+        source = self.current
+        event = await source.next_event()
         if event is None:
             if self.relay.finish_reason is not None:
                 return self.relay.finish_done()
-            raise UpstreamFailure(self.source.worker_id, "stream ended before [DONE]", dead=True)
-        return self.relay.accept(event, self.source.rewrite)
+            raise UpstreamFailure(source.worker_id, "stream ended before [DONE]", dead=True)
+        return self.relay.accept(event, source.rewrite)
 
     async def _recover(self, exc: Exception) -> bytes | None:
         """After a failed source: finish, migrate, or end the stream with an error event."""
         relay = self.relay
-        await self.source.aclose()
-        failure = exc if isinstance(exc, UpstreamFailure) else UpstreamFailure(self.source.worker_id, str(exc),
-                                                                                dead=False)
+        source = self.current
+        await source.aclose()
+        failure = exc if isinstance(exc, UpstreamFailure) else UpstreamFailure(source.worker_id, str(exc), dead=False)
         if relay.finish_reason is not None:       # every token arrived; only [DONE] was lost
             return relay.finish_done()
         if relay.started and relay.remaining <= 0:

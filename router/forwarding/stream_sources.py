@@ -1,7 +1,8 @@
 """Where a stream's events come from during one attempt: one worker, or a P/D pair (router.forwarding.pd)."""
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from router.forwarding.upstream import UpstreamStream
 from router.pool.worker_pool import Worker

@@ -11,7 +11,8 @@ compare with the workers' own vLLM histograms and with SLOs written in emulated 
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class LatencySink(Protocol):

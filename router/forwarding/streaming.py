@@ -18,7 +18,7 @@ instead of a cut connection.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from kvlab.wire.openai_api import SSE_DONE, ApiError, sse_error
 
@@ -61,7 +61,9 @@ class ClientWatch:
     def __init__(self, receive):
         self.receive = receive
         self.gone = False
-        self._task = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None, "ClientWatch is used inside a task"
+        self._task = task
 
     async def _watch(self) -> None:
         while (await self.receive())["type"] != "http.disconnect":
@@ -69,7 +71,7 @@ class ClientWatch:
         self.gone = True
         self._task.cancel()
 
-    def __enter__(self) -> "ClientWatch":
+    def __enter__(self) -> ClientWatch:
         self._watcher = asyncio.create_task(self._watch())
         return self
 

@@ -33,11 +33,10 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._parser = None
         self._reset()
 
     def _reset(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
         self.complete = False
@@ -61,6 +60,7 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
             return
         if self.buffered > HIGH_WATER and not self._paused:
+            assert self.transport is not None   # set by connection_made, before any data
             self._paused = True
             self.transport.pause_reading()
 
@@ -119,6 +119,7 @@ class _Connection(asyncio.Protocol):
         self.chunks.clear()
         self.buffered = 0
         if self._paused and not self.closed:
+            assert self.transport is not None   # paused by data_received, so connected
             self._paused = False
             self.transport.resume_reading()
         return data
@@ -133,9 +134,11 @@ class _Connection(asyncio.Protocol):
 
     def start_request(self, head: bytes, body: bytes) -> None:
         self._reset()
-        self.transport.write(head + body if len(body) < 65536 else head)
+        transport = self.transport
+        assert transport is not None   # the pool hands out connected connections only
+        transport.write(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
-            self.transport.write(body)   # large bodies: no copy into one buffer
+            transport.write(body)   # large bodies: no copy into one buffer
 
     def close(self) -> None:
         self.closed = True
@@ -147,11 +150,14 @@ class _Body(httpx.AsyncByteStream):
     """A response body read from its connection, returned to the pool when fully read."""
 
     def __init__(self, pool: LeanTransport, origin, conn: _Connection, read_timeout: float | None):
-        self._pool, self._origin, self._conn, self._timeout = pool, origin, conn, read_timeout
+        self._pool, self._origin, self._timeout = pool, origin, read_timeout
+        self._conn: _Connection | None = conn   # None once closed
         self._done = False
 
     async def __aiter__(self):
         conn = self._conn
+        if conn is None:
+            raise httpx.StreamClosed()
         while True:
             if conn.chunks:
                 yield conn.take()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import cast
 
 import httpx
 
@@ -32,10 +33,13 @@ class UpstreamFailure(Exception):
         self.status = status
         self.body = body
 
-    @property
-    def client_error(self) -> bool:
-        """The worker refused the request itself (4xx other than 408/429): retrying cannot help."""
-        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 429)
+    def refusal(self) -> WorkerRefused | None:
+        """The worker's own refusal of the request (4xx other than 408/429, where retrying cannot help),
+        or None for a failure another attempt may get past."""
+        status = self.status
+        if status is not None and 400 <= status < 500 and status not in (408, 429):
+            return WorkerRefused(status, self.body)
+        return None
 
 
 class WorkerRefused(Exception):
@@ -151,7 +155,8 @@ class UpstreamStream:
         self._wait: asyncio.Timeout | None = None   # the pending read's deadline (abandon() moves it to now)
         self._abandoned: str | None = None
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
-        self._parts = aiter(response.stream)
+        # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
+        self._parts = aiter(cast(httpx.AsyncByteStream, response.stream))
         self._splitter = EventSplitter()
         self._ready: deque[bytes] = deque()
         self._first_s = timeouts.first_byte_s
@@ -187,9 +192,10 @@ class UpstreamStream:
     def silent_for(self) -> float:
         """Seconds the pending read has waited since the stream's last bytes (0: no read pending, or
         no token yet)."""
-        if self._wait is None or not self._started or self._wait.when() is None:
+        when = self._wait.when() if self._wait is not None else None
+        if when is None or not self._started:
             return 0.0
-        return asyncio.get_running_loop().time() - (self._wait.when() - self._idle_s)
+        return asyncio.get_running_loop().time() - (when - self._idle_s)
 
     def abandon(self, reason: str) -> None:
         """Fail the stream now: the pending read (if any) ends at once, later reads raise. Events

@@ -65,7 +65,8 @@ def check_request(prompt_tokens: int, max_tokens: int, limits: RequestLimits) ->
     if prompt_tokens <= 0:
         return reject("prompt_empty", "the prompt is empty")
     if limits.max_input_tokens is not None and prompt_tokens > limits.max_input_tokens:
-        return reject("prompt_too_long", f"the prompt has {prompt_tokens} tokens; the limit is {limits.max_input_tokens}")
+        return reject("prompt_too_long",
+                      f"the prompt has {prompt_tokens} tokens; the limit is {limits.max_input_tokens}")
     if max_tokens <= 0:
         return reject("max_tokens_invalid", f"max_tokens must be at least 1, got {max_tokens}")
     if limits.max_tokens_limit is not None and max_tokens > limits.max_tokens_limit:

@@ -32,7 +32,7 @@ def prefill_times(spec: ClusterSpec, samples: int = SAMPLES) -> tuple[float, flo
     block = spec.engine.block_size
     hits = np.floor(shared / block) * block
     budget = spec.engine.max_num_batched_tokens
-    alone = float(np.mean([prefill_alone(dep, int(p - h), int(h), budget) for p, h in zip(prompt, hits)]))
+    alone = float(np.mean([prefill_alone(dep, int(p - h), int(h), budget) for p, h in zip(prompt, hits, strict=True)]))
     new, cached = max(1, int(round(float(np.mean(prompt - hits))))), int(np.mean(hits))
     piece = min(budget, new)
     full = roofline.BatchShape()

@@ -3,8 +3,8 @@
 It wires the pure parts (router.frontdoor.tenants, router.frontdoor.admission) to the request path: 401 for a missing
 or unknown key when keys are configured, 429 with Retry-After when a tenant is over a limit, 503
 with Retry-After when the cluster's queue is past what the TTFT SLO allows (`DrainLimit`), each with
-an OpenAI error body (the server counts refusals by status, reason and tenant). A request admitted here is settled exactly
-once when it ends (``release``): its concurrency slot freed and its token reservation reconciled
+an OpenAI error body (the server counts refusals by status, reason and tenant). A request admitted
+here is settled exactly once when it ends (``release``): its concurrency slot freed and its token reservation reconciled
 with the tokens it really used.
 
 Tenant salts: a salted tenant's prompts are hashed with a salt derived from a router secret and the
@@ -16,11 +16,11 @@ import hashlib
 import math
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kvlab.wire.openai_api import ApiError
-from router.frontdoor.admission import STATUS, Admission, RateMeter, reject
 from router.config import SheddingConfig
+from router.frontdoor.admission import STATUS, Admission, RateMeter, reject
 from router.frontdoor.job import Job
 from router.frontdoor.tenants import TenantConfig, Tenants
 
@@ -88,7 +88,7 @@ class Gate:
     def _raise_if_refused(self, admission: Admission, tenant: str | None) -> None:
         if admission.ok:
             return
-        status = STATUS.get(admission.reason, 429)
+        status = STATUS.get(admission.reason or "", 429)   # a refusal always has a reason
         headers = {}
         if admission.retry_after is not None and math.isfinite(admission.retry_after):
             headers["Retry-After"] = str(max(1, math.ceil(admission.retry_after)))
@@ -127,13 +127,13 @@ class DrainLimit:
 
     def drain_rate(self, now: float) -> float:
         """Requests per second the cluster's queues empty at."""
-        if self.drain_s is not None:
+        if self.drain_s is not None and self.workers is not None:   # drain_s is set only with workers
             return max(0, self.workers()) / self.drain_s
         return self.done.rate(now)
 
     def max_queue(self, now: float) -> float:
         slack = max(0.0, self.slo_s - self.prefill_s)
-        if self.drain_s is not None:
+        if self.drain_s is not None and self.workers is not None:
             return max(0, self.workers()) * math.floor(slack / self.drain_s)
         return max(self.min_queue, math.floor(self.drain_rate(now) * slack))
 

@@ -11,11 +11,11 @@ import time
 import msgspec
 
 from kvlab.wire.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
-from router.frontdoor.admission import RequestLimits, check_request
 from router.config import Limits
+from router.frontdoor.admission import RequestLimits, check_request
 from router.frontdoor.job import Endpoint, Job
-from router.policies.registry import BUILDERS
 from router.frontdoor.tokenize import PromptTokenizer, TokenIdsCompletion
+from router.policies.registry import BUILDERS
 
 KINDS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
 POLICY_HEADER = "x-kvlab-policy"   # per-request policy override, for side-by-side experiments
@@ -127,7 +127,7 @@ def _refuse_early(at_least: int, max_tokens: int, limits: RequestLimits) -> None
 def _check_sizes(prompt_tokens: int, max_tokens: int, limits: RequestLimits, max_field: str) -> None:
     verdict = check_request(prompt_tokens, max_tokens, limits)
     if not verdict.ok:
-        param = max_field if verdict.reason.startswith("max_tokens") else "prompt"
+        param = max_field if (verdict.reason or "").startswith("max_tokens") else "prompt"
         raise ApiError(400, verdict.message, param=param, code=verdict.reason)
 
 

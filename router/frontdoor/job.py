@@ -10,12 +10,14 @@ dead worker would have produced.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from kvlab.wire.openai_api import ChatCompletionRequest, CompletionRequest
+from router.frontdoor.admission import Admission
 from router.frontdoor.body import rebuilt, with_fields
+from router.frontdoor.tokenize import TokenIds
 from router.policies.base import RouteRequest
 
 Endpoint = Literal["completions", "chat"]
@@ -30,7 +32,7 @@ class Job:
                  "received", "fields", "tokenize_s", "ticket")
 
     def __init__(self, endpoint: Endpoint, raw: bytes, request: CompletionRequest | ChatCompletionRequest,
-                 prompt: Sequence[int], route: RouteRequest, max_tokens: int, salt: str | None = None,
+                 prompt: TokenIds, route: RouteRequest, max_tokens: int, salt: str | None = None,
                  tenant: str | None = None, received: float | None = None):
         self.endpoint = endpoint
         self.raw = raw
@@ -43,7 +45,7 @@ class Job:
         self.received = time.perf_counter() if received is None else received
         self.fields: dict[str, Any] = {}      # spliced into every upstream body
         self.tokenize_s = 0.0                 # time spent tokenizing (for the decision-time metric)
-        self.ticket = None                    # admission's record of this request, settled at the end
+        self.ticket: Admission | None = None  # admission's record of this request, settled at the end
 
     @property
     def stream(self) -> bool:

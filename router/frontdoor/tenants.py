@@ -7,7 +7,7 @@ cheapest and most final first, and a rejection leaves every bucket as it was.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 
@@ -62,7 +62,8 @@ class Tenants:
             for key in config.api_keys:
                 digest = _key_digest(key)
                 if digest in self._by_key:
-                    raise ValueError(f"an API key of tenant {config.name!r} already belongs to {self._by_key[digest]!r}")
+                    raise ValueError(f"an API key of tenant {config.name!r} already belongs to "
+                                     f"{self._by_key[digest]!r}")
                 self._by_key[digest] = config.name
 
     def tenant_for_key(self, api_key: str) -> str | None:

@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 import numpy as np
 
 from kvlab.wire.openai_api import MAX_TOKEN_ID, ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
-from kvlab.wire.tokenizer import (OUTPUT_WORDS, SPECIALS, BuiltinTokenizer, Tokenizer, apply_chat_template,
-                             split_specials)
+from kvlab.wire.tokenizer import (
+    OUTPUT_WORDS,
+    SPECIALS,
+    BuiltinTokenizer,
+    Tokenizer,
+    apply_chat_template,
+    split_specials,
+)
 from router.policies.base import RouteRequest
 from router.policies.hash_memo import DEFAULT_RUNS, BlockHashMemo
 
+TokenIds = Sequence[int] | np.ndarray   # a prompt's ids: as the client sent them, or the tokenizer's array
 _OUTPUT_IDS = {word: i for i, word in enumerate(OUTPUT_WORDS)}
 MEMO_MIN_CHARS = 512      # shorter segments are cheaper to encode than to look up and copy
 MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
@@ -110,11 +118,11 @@ class PromptTokenizer:
         self.hashes = BlockHashMemo(block_size, hash_memo_runs) if hash_memo_runs else None
         self.memo = SegmentMemo(tokenizer.encode) if isinstance(tokenizer, BuiltinTokenizer) else None
 
-    def completion(self, request: CompletionRequest) -> Sequence[int]:
+    def completion(self, request: CompletionRequest) -> TokenIds:
         """Token ids pass through as the list msgspec decoded; text is tokenized (an int32 array)."""
         return self.encode(self.completion_input(request))
 
-    def chat(self, request: ChatCompletionRequest) -> Sequence[int]:
+    def chat(self, request: ChatCompletionRequest) -> TokenIds:
         return self.encode(self.chat_input(request))
 
     @staticmethod
@@ -133,7 +141,7 @@ class PromptTokenizer:
             raise ApiError(400, "messages must not be empty", param="messages")
         return apply_chat_template([{"role": m.role, "content": m.text()} for m in request.messages])
 
-    def encode(self, prompt: str | Sequence[int]) -> Sequence[int]:
+    def encode(self, prompt: str | Sequence[int]) -> TokenIds:
         return self._encode(prompt) if isinstance(prompt, str) else prompt
 
     def min_tokens(self, texts: Sequence[str], above: int) -> int:
@@ -151,7 +159,7 @@ class PromptTokenizer:
                     break
         return -(-nonspace // MAX_NONSPACE_PER_PIECE)
 
-    def _encode(self, text: str) -> Sequence[int]:
+    def _encode(self, text: str) -> TokenIds:
         return self.memo.encode(text) if self.memo is not None else self.tokenizer.encode(text)
 
     def output_ids(self, text: str) -> list[int]:
@@ -168,7 +176,7 @@ class PromptTokenizer:
                 return [_OUTPUT_IDS[w] for w in words[1:]]
         return self.tokenizer.encode(text)
 
-    def route_request(self, tokens: Sequence[int], salt: str | None, policy: str | None) -> RouteRequest:
+    def route_request(self, tokens: TokenIds, salt: str | None, policy: str | None) -> RouteRequest:
         # Block hashes are lazy (a prefix policy hashes only the blocks it reads) and remembered in
         # runs (a repeated prefix is looked up, not re-hashed).
         return RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt, policy=policy,

@@ -209,7 +209,7 @@ class ClusterView:
         return Busy.between(span[0][1], span[1][1]) if span else None
 
     def _latency(self, now: float) -> dict:
-        out = {}
+        out: dict[str, object] = {}
         for name, samples in (("ttft", self._ttft), ("itl", self._itl)):
             values = samples.values(now, self.latency_window_s)
             p50, p99 = percentiles(values, (0.5, 0.99))
@@ -232,7 +232,8 @@ class ClusterView:
 
 # -- aggregation helpers (plain functions of plain data) ------------------------------------------
 def _aggregate(members: list[Member], busy: dict[str, Busy | None], latest: dict) -> dict:
-    total = sum((busy[m.id] for m in members if busy[m.id] is not None), Busy())
+    windows = [b for b in (busy[m.id] for m in members) if b is not None]
+    total = sum(windows, Busy())
     snaps = [latest[m.id] for m in members if m.up and latest[m.id] is not None]
     usage = [s.kv_usage for s in snaps]
     lag = max((s.lag_p99_s for s in snaps), default=0.0)
@@ -278,7 +279,7 @@ def _policies(totals: Counters, delta: Counters, dt: float) -> dict[str, dict]:
     names = {key[0] for key in totals.get("decisions", {})}
     out = {}
     for name in sorted(names):
-        def d(family: str) -> float:
+        def d(family: str, name: str = name) -> float:   # called within this iteration; bound for clarity
             return sum(v for k, v in delta.get(family, {}).items() if k[0] == name)
         prompt = d("prompt_tokens")
         out[name] = {
@@ -294,11 +295,11 @@ def _policies(totals: Counters, delta: Counters, dt: float) -> dict[str, dict]:
 
 def _rejections(totals: Counters, delta: Counters, dt: float) -> dict:
     window = delta.get("rejections", {})
+    counts = sorted(totals.get("rejections", {}).items(), key=lambda kv: (-kv[1], kv[0][1]))   # most, then reason
     by = [{"status": k[0], "reason": k[1], "tenant": k[2], "count": v, "per_s": _rate(window.get(k, 0.0), dt)}
-          for k, v in totals.get("rejections", {}).items()]
-    by.sort(key=lambda r: (-r["count"], r["reason"]))
+          for k, v in counts]
     tenants: dict[str, float] = {}
-    for r in by:
-        tenants[r["tenant"]] = tenants.get(r["tenant"], 0.0) + r["count"]
-    return {"total": sum(r["count"] for r in by), "per_s": _rate(sum(window.values()), dt), "by": by,
+    for (_status, _reason, tenant), count in counts:
+        tenants[tenant] = tenants.get(tenant, 0.0) + count
+    return {"total": sum(v for _, v in counts), "per_s": _rate(sum(window.values()), dt), "by": by,
             "by_tenant": tenants}

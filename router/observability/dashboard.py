@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router.admin import require_metrics_token
-from router.observability.cluster_view import ClusterView, Counters, Member, decode_load
 from router.forwarding.stream_timing import StreamTimings
+from router.observability.cluster_view import ClusterView, Counters, Member, decode_load
 
 log = logging.getLogger("kvlab.router.dashboard")
 
@@ -68,7 +68,8 @@ def read_counters(registry: CollectorRegistry) -> Counters:
 def observe_many(hist: Histogram, value: float, n: int) -> None:
     """`n` observations of `value` (prometheus_client observes one at a time; its bucket and sum
     values are what observe() updates, so the exposition is the same)."""
-    buckets, bounds, total = getattr(hist, "_buckets", None), getattr(hist, "_upper_bounds", None), getattr(hist, "_sum", None)
+    buckets, bounds = getattr(hist, "_buckets", None), getattr(hist, "_upper_bounds", None)
+    total = getattr(hist, "_sum", None)
     if buckets is None or bounds is None or total is None:
         for _ in range(n):
             hist.observe(value)

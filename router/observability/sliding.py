@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Generic, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 

@@ -1,6 +1,5 @@
 """Routing policies: pure, synchronous choices of a worker from block hashes and worker snapshots."""
-from router.policies.base import (Decision, NoWorkerAvailable, Policy, RouteRequest, WorkerView,
-                                  prefix_key)
+from router.policies.base import Decision, NoWorkerAvailable, Policy, RouteRequest, WorkerView, prefix_key
 from router.policies.kv_index import KvIndex
 from router.policies.lazy_hashes import LazyBlockHashes
 from router.policies.registry import PolicySet, build_policy

@@ -6,13 +6,14 @@ that worker's part of the request ends. Load-aware policies read those counts on
 """
 from __future__ import annotations
 
-from typing import Literal, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import msgspec
 import numpy as np
 import xxhash
 
-from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, root_hash, token_bytes
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, root_hash, token_bytes
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.lazy_hashes import LazyBlockHashes
 
@@ -36,7 +37,7 @@ class WorkerView(msgspec.Struct):
 
 class RouteRequest(msgspec.Struct):
     """What a policy may look at: the prompt's block hashes (lazy or a plain list) and its size."""
-    blocks: Sequence[int]
+    blocks: Sequence[BlockHash]
     prompt_tokens: int
     policy: str | None = None   # per-request override of the policy name (experiments)
     short_key: int = 0          # ring key for prompts with no full block: hash of their partial block

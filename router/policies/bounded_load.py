@@ -27,13 +27,14 @@ every worker holds, like a common system prompt, and crediting them draws all tr
 that cached it first). So a conversation follows its history, an overflowing prefix lands on a
 worker that already holds it, replicas of a hot prefix share its load, and a cold prompt goes to the
 least loaded worker (measured: sending cold prompts to the ring owner instead cost up to 9 points
-of the pooled-LRU bound on the trace and raised TTFT p99 on the RAG and agentic mixes by 5-17%). ``overflow_skips`` counts the
+of the pooled-LRU bound on the trace and raised TTFT p99 on the RAG and agentic mixes by 5-17%).
+``overflow_skips`` counts the
 workers at the cap that the ring walk passed before the first one under it.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from router.policies.base import Decision, RouteRequest, WorkerView, prefix_key
 from router.policies.hash_ring import DEFAULT_VNODES

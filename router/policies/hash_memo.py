@@ -19,13 +19,13 @@ bounded, least recently used runs leave first, and it reads no clock and does no
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import msgspec
 import numpy as np
 import xxhash
 
-from kvlab.wire.block_hash import chain, token_bytes
+from kvlab.wire.block_hash import BlockHash, chain, token_bytes
 
 RUN_BLOCKS = 64       # blocks per remembered run: 1,024 tokens at 16 a block; a miss costs ~7.5 us
 DEFAULT_RUNS = 8192   # 512K blocks (8M tokens at 16 a block), more than a large cluster's KV cache
@@ -42,11 +42,12 @@ class BlockHashMemo:
         self.block_size = block_size
         self.width = 4 * block_size             # bytes per block (int32 tokens)
         self.capacity = runs
-        self._runs: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self._runs: OrderedDict[int, tuple[BlockHash, ...]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def run(self, tokens: Sequence[int] | np.ndarray, start: int, stop: int, parent: int) -> tuple[int, ...]:
+    def run(self, tokens: Sequence[int] | np.ndarray, start: int, stop: int,
+            parent: BlockHash) -> tuple[BlockHash, ...]:
         """The chained hashes of the run of blocks in tokens[start:stop] (RUN_BLOCKS whole blocks),
         the first seeded by `parent`."""
         key = _key(tokens, start, stop, parent)
@@ -70,5 +71,5 @@ def _key(tokens: Sequence[int] | np.ndarray, start: int, stop: int, parent: int)
     if isinstance(tokens, np.ndarray):
         ids = tokens[start:stop]
         data = ids if ids.dtype == np.dtype("<i4") else ids.astype("<i4")   # int32: hashed in place
-        return xxhash.xxh3_128_intdigest(data, parent)
+        return xxhash.xxh3_128_intdigest(data, parent)   # type: ignore[arg-type]  # ndarray is a buffer; stubs disagree
     return _LIST_KEYS + xxhash.xxh3_128_intdigest(_msgpack(tokens[start:stop]), parent)

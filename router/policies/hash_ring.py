@@ -7,7 +7,7 @@ clockwise from it. More virtual nodes even out the shares (the spread of a share
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Iterator
+from collections.abc import Iterator
 
 import xxhash
 

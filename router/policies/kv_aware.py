@@ -12,10 +12,9 @@ the same cold prefix lands on the same worker and starts building locality there
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from router.policies.base import (Decision, RouteRequest, StatelessPolicy, WorkerView, healthy,
-                                  prefix_key, rendezvous)
+from router.policies.base import Decision, RouteRequest, StatelessPolicy, WorkerView, healthy, prefix_key, rendezvous
 from router.policies.kv_index import KvIndex
 from router.policies.prefix_ring import DEFAULT_PREFIX_BLOCKS
 
@@ -44,7 +43,7 @@ class KvAware(StatelessPolicy):
         loads = [self._load(w) for w in alive]
         scale = max(max(loads), 1)
         best: list[tuple[tuple, WorkerView]] = []
-        for worker, load in zip(alive, loads):
+        for worker, load in zip(alive, loads, strict=True):
             hit = matched.get(worker.id, 0)
             score = (self.overlap_weight * hit / blocks - self.load_weight * load / scale
                      - self.kv_weight * worker.kv_usage)

@@ -15,12 +15,12 @@ recovered from the events (vLLM does not publish them), so salted prompts simply
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import and_, neg
-from typing import Iterable, Sequence
 
-from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, block_hashes, root_hash
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, block_hashes, root_hash
 from kvlab.wire.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
 
 # Blocks read per step, doubling: a miss wastes < max(64, matched) hashes. Steps end on multiples of
@@ -37,9 +37,10 @@ class KvIndex:
         self._root = root_hash(salt)
         self.media = frozenset(media)
         self.skipped_blocks = 0                       # rehash mode: stored blocks with an unknown parent
-        self._owners: dict[int, int] = {}             # block hash -> bit mask of worker slots
-        self._refs: dict[str, dict[int, int]] = {}    # worker -> block hash -> copies held
-        self._engine: dict[str, dict[int, tuple[tuple[int, ...], int]]] = {}  # rehash: engine hash -> (ours, copies)
+        self._owners: dict[BlockHash, int] = {}             # block hash -> bit mask of worker slots
+        self._refs: dict[str, dict[BlockHash, int]] = {}    # worker -> block hash -> copies held
+        # rehash: engine hash -> (our hashes, copies)
+        self._engine: dict[str, dict[BlockHash, tuple[tuple[BlockHash, ...], int]]] = {}
         self._slot: dict[str, int] = {}
         self._ids: list[str | None] = []
 
@@ -72,7 +73,7 @@ class KvIndex:
 
     # ---- questions -----------------------------------------------------------------------------
 
-    def match(self, blocks: Sequence[int]) -> dict[str, int]:
+    def match(self, blocks: Sequence[BlockHash]) -> dict[str, int]:
         """Leading blocks of `blocks` each worker holds, for workers holding at least the first.
 
         Reads `blocks` in growing chunks, so a lazy hash sequence is hashed only a little past the
@@ -101,7 +102,7 @@ class KvIndex:
             self._record(active, total, matched)
         return matched
 
-    def workers_with(self, block_hash: int) -> set[str]:
+    def workers_with(self, block_hash: BlockHash) -> set[str]:
         return self._bits_to_ids(self._owners.get(block_hash, 0))
 
     def block_count(self, worker_id: str) -> int:
@@ -138,7 +139,7 @@ class KvIndex:
                 if not count:
                     self._owners[h] = self._owners.get(h, 0) | bit
 
-    def _recompute(self, worker_id: str, event: BlockStored) -> list[tuple[int, tuple[int, ...]]]:
+    def _recompute(self, worker_id: str, event: BlockStored) -> list[tuple[BlockHash, tuple[BlockHash, ...]]]:
         """Our hashes for each engine block of the event: (engine hash, our sub-block hashes)."""
         size = event.block_size
         if size % self.block_size:
@@ -158,7 +159,7 @@ class KvIndex:
         per = size // self.block_size
         return [(e, tuple(ours[i * per:(i + 1) * per])) for i, e in enumerate(event.block_hashes)]
 
-    def _removed(self, worker_id: str, hashes: Sequence[int]) -> None:
+    def _removed(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
         if worker_id not in self._slot:
             return
         engine = self._engine.get(worker_id, {})
@@ -177,7 +178,7 @@ class KvIndex:
             for h in ours:
                 self._release(worker_id, h)
 
-    def _release(self, worker_id: str, h: int) -> None:
+    def _release(self, worker_id: str, h: BlockHash) -> None:
         refs = self._refs[worker_id]
         count = refs.get(h, 0)
         if count > 1:
@@ -195,14 +196,14 @@ class KvIndex:
         self._refs[worker_id] = {}
         self._engine.pop(worker_id, None)
 
-    def _drop_bit(self, h: int, bit: int) -> None:
+    def _drop_bit(self, h: BlockHash, bit: int) -> None:
         mask = self._owners[h] & ~bit
         if mask:
             self._owners[h] = mask
         else:
             del self._owners[h]
 
-    def _worker_refs(self, worker_id: str) -> dict[int, int]:
+    def _worker_refs(self, worker_id: str) -> dict[BlockHash, int]:
         if worker_id not in self._slot:
             free = [i for i, w in enumerate(self._ids) if w is None]
             slot = free[0] if free else len(self._ids)

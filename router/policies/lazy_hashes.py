@@ -9,23 +9,24 @@ Values are identical to ``kvlab.wire.block_hash.block_hashes`` either way.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence, overload
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 import numpy as np
 
-from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, chain, root_hash, token_bytes
+from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, chain, root_hash, token_bytes
 from router.policies.hash_memo import RUN_BLOCKS, BlockHashMemo
 
 CHUNK_BLOCKS = RUN_BLOCKS  # iteration hashes a memo run at a time, so a loop that breaks early stops soon
 
 
-class LazyBlockHashes(Sequence[int]):
+class LazyBlockHashes(Sequence[BlockHash]):
     """Sequence of the full-block hashes of `tokens`; ``len`` is free, items are hashed on first use."""
 
     __slots__ = ("_tokens", "_block_size", "_count", "_hashes", "_seed", "_memo")
 
     def __init__(self, tokens: Sequence[int] | np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE,
-                 salt: str | None = None, parent: int | None = None, memo: BlockHashMemo | None = None):
+                 salt: str | None = None, parent: BlockHash | None = None, memo: BlockHashMemo | None = None):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if memo is not None and memo.block_size != block_size:
@@ -34,16 +35,16 @@ class LazyBlockHashes(Sequence[int]):
         self._tokens = tokens
         self._block_size = block_size
         self._count = len(tokens) // block_size
-        self._hashes: list[int] = []
+        self._hashes: list[BlockHash] = []
         self._seed = root_hash(salt) if parent is None else parent
 
     def __len__(self) -> int:
         return self._count
 
     @overload
-    def __getitem__(self, index: int) -> int: ...
+    def __getitem__(self, index: int) -> BlockHash: ...
     @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: slice) -> list[BlockHash]: ...
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -55,7 +56,7 @@ class LazyBlockHashes(Sequence[int]):
             raise IndexError("block index out of range")
         return self.upto(index + 1)[index]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[BlockHash]:
         for start in range(0, self._count, CHUNK_BLOCKS):
             yield from self.upto(start + CHUNK_BLOCKS)[start:start + CHUNK_BLOCKS]
 
@@ -64,7 +65,7 @@ class LazyBlockHashes(Sequence[int]):
         """How many blocks have been hashed so far (for benchmarks and tests)."""
         return len(self._hashes)
 
-    def upto(self, stop: int) -> list[int]:
+    def upto(self, stop: int) -> list[BlockHash]:
         """The internal hash list, extended to at least min(stop, len) blocks; do not mutate it."""
         stop = min(stop, self._count)
         done = len(self._hashes)
@@ -98,5 +99,5 @@ class LazyBlockHashes(Sequence[int]):
             bs = self._block_size
             self._hashes += chain(token_bytes(self._tokens, start * bs, stop * bs), 4 * bs, self._parent())
 
-    def _parent(self) -> int:
+    def _parent(self) -> BlockHash:
         return self._hashes[-1] if self._hashes else self._seed

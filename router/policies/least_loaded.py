@@ -1,7 +1,7 @@
 """Least loaded: the worker with the smallest queue, in-flight count or KV usage."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from router.policies.base import Decision, RouteRequest, StatelessPolicy, WorkerView, healthy
 

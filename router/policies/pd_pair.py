@@ -8,7 +8,7 @@ worker is chosen from the prefill pool. "both" workers belong to both pools.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
 from router.policies.base import Decision, NoWorkerAvailable, Policy, RouteRequest, WorkerView

@@ -6,7 +6,7 @@ and come back on recovery); only ``remove_worker`` takes a worker off the ring.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from router.policies.base import Decision, RouteRequest, WorkerView, healthy, prefix_key
 from router.policies.hash_ring import DEFAULT_VNODES, HashRing

@@ -10,7 +10,8 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from emulator.spec import ClusterSpec, SpecError
 from kvlab.wire.user_errors import unknown_name

@@ -1,7 +1,7 @@
 """Round robin over the healthy workers: the cache-blind baseline."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from router.policies.base import Decision, RouteRequest, StatelessPolicy, WorkerView, healthy
 

@@ -27,6 +27,7 @@ import logging
 import httpx
 import msgspec
 
+from kvlab.wire.block_hash import BlockHash
 from kvlab.wire.kv_events import BlockStored, KVEventBatch, decode_batch
 from router.policies.kv_index import KvIndex
 from router.pool.worker_pool import Worker
@@ -39,7 +40,7 @@ _batches = msgspec.msgpack.Decoder(list[tuple[int, KVEventBatch]])
 class Snapshot(msgspec.Struct):
     seq: int                  # the first event batch not reflected in block_hashes
     block_size: int
-    block_hashes: list[int]
+    block_hashes: list[BlockHash]
 
 
 _snapshot = msgspec.msgpack.Decoder(Snapshot)
@@ -72,6 +73,9 @@ class KvSubscriber:
 
     def worker_removed(self, worker: Worker) -> None:
         self.worker_down(worker)
+
+    def worker_suspect(self, worker: Worker) -> None:
+        pass   # its feed reconnects on its own; nothing to do until it is down
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -148,6 +152,7 @@ class KvSubscriber:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        assert worker.kv_endpoint is not None, "worker_up picks this feed only for workers with one"
         sock.connect(worker.kv_endpoint)
         # Subscribed first, then the snapshot: batches published meanwhile arrive on the socket, and
         # those the snapshot already holds (sequence below its own) are skipped.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import httpx
 import msgspec
@@ -108,7 +109,8 @@ class WorkerPool:
         self._views: list[WorkerView] = []
         self._roles: set[str] = set()
         self._background = Background(self._run)
-        self.load_hooks: list[Callable[[str, bytes], None]] = []   # see every /load body (router.observability.dashboard)
+        # See every /load body (router.observability.dashboard).
+        self.load_hooks: list[Callable[[str, bytes], None]] = []
 
     # -- membership ------------------------------------------------------------------------------
     def views(self) -> list[WorkerView]:
@@ -117,6 +119,9 @@ class WorkerPool:
 
     def get(self, worker_id: str) -> Worker | None:
         return self._workers.get(worker_id)
+
+    def __getitem__(self, worker_id: str) -> Worker:
+        return self._workers[worker_id]
 
     def __iter__(self):
         return iter(list(self._workers.values()))

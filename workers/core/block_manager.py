@@ -11,8 +11,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
+from kvlab.wire.block_hash import BlockHash
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEvent
 
 
@@ -22,7 +23,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.block_hash: int | None = None
+        self.block_hash: BlockHash | None = None
         self.hits = 0
 
 
@@ -72,7 +73,7 @@ class LfuOrder:
         return len(self._live)
 
 
-EVICTION_ORDERS = {"lru": LruOrder, "lfu": LfuOrder}
+EVICTION_ORDERS: dict[str, type[LruOrder | LfuOrder]] = {"lru": LruOrder, "lfu": LfuOrder}
 
 
 class BlockManager:
@@ -86,9 +87,9 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free slots holding no cached KV
         self._evictable = EVICTION_ORDERS[eviction]()                  # free slots holding cached KV
-        self._cached: dict[int, int] = {}                              # block hash -> block id
+        self._cached: dict[BlockHash, int] = {}                        # block hash -> block id
         self._events: list[KVEvent] = []
-        self._removed: list[int] = []                                  # evicted hashes not yet reported
+        self._removed: list[BlockHash] = []                            # evicted hashes not yet reported
         self.num_used = 0
         self.prefix_queries = 0   # tokens looked up in the prefix cache (vLLM counts tokens)
         self.prefix_hits = 0      # tokens found
@@ -104,7 +105,7 @@ class BlockManager:
         """Fraction of blocks referenced by requests (vLLM's kv_cache_usage_perc)."""
         return self.num_used / self.num_blocks
 
-    def cached_prefix_length(self, hashes: Sequence[int]) -> int:
+    def cached_prefix_length(self, hashes: Sequence[BlockHash]) -> int:
         """How many leading blocks of a hash chain are in the cache (no side effects)."""
         count = 0
         for h in hashes:
@@ -113,18 +114,18 @@ class BlockManager:
             count += 1
         return count
 
-    def cached_hashes(self) -> list[int]:
+    def cached_hashes(self) -> list[BlockHash]:
         """Every block hash in the prefix cache now (in use or evictable): the KV index's full state."""
         return list(self._cached)
 
-    def is_cached(self, block_hash: int) -> bool:
+    def is_cached(self, block_hash: BlockHash) -> bool:
         return block_hash in self._cached
 
-    def block_of(self, block_hash: int) -> int:
+    def block_of(self, block_hash: BlockHash) -> int:
         return self._cached[block_hash]
 
     # -- allocation --------------------------------------------------------------------------
-    def acquire_cached(self, hashes: Sequence[int], query_tokens: int) -> list[int]:
+    def acquire_cached(self, hashes: Sequence[BlockHash], query_tokens: int) -> list[int]:
         """Reference the cached blocks matching the chain's prefix; counts the lookup."""
         block_ids = []
         for h in hashes:
@@ -170,7 +171,7 @@ class BlockManager:
                 else:
                     self._evictable.push(block)
 
-    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[int], parent_hash: int | None,
+    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[BlockHash], parent_hash: BlockHash | None,
                      token_ids: Sequence[int]) -> None:
         """Register full, computed blocks under their chain hashes: one BlockStored per contiguous run.
 
@@ -178,7 +179,7 @@ class BlockManager:
         same prefix at once) stays private and returns to the empty list when freed.
         """
         run_start = None
-        for i, (block_id, block_hash) in enumerate(zip(block_ids, hashes)):
+        for i, (block_id, block_hash) in enumerate(zip(block_ids, hashes, strict=True)):
             block = self.blocks[block_id]
             fresh = block.block_hash is None and block_hash not in self._cached
             if fresh:
@@ -191,7 +192,7 @@ class BlockManager:
         if run_start is not None:
             self._stored(run_start, len(hashes), hashes, parent_hash, token_ids)
 
-    def _stored(self, lo: int, hi: int, hashes: Sequence[int], parent_hash: int | None,
+    def _stored(self, lo: int, hi: int, hashes: Sequence[BlockHash], parent_hash: BlockHash | None,
                 token_ids: Sequence[int]) -> None:
         self._flush_removed()  # report evictions that happened first, first
         bs = self.block_size
@@ -218,7 +219,9 @@ class BlockManager:
         block.hits += 1
 
     def _evict(self, block: Block) -> None:
-        del self._cached[block.block_hash]
-        self._removed.append(block.block_hash)
+        block_hash = block.block_hash
+        assert block_hash is not None, "only cached blocks are evictable"
+        del self._cached[block_hash]
+        self._removed.append(block_hash)
         block.block_hash = None
         self.evictions += 1

@@ -151,7 +151,7 @@ class Engine:
         self.scheduler.add(req)
         return req
 
-    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, prompt: list[int] | np.ndarray, params: SamplingParams) -> None:
         if len(prompt) == 0:
             raise EngineError("the prompt is empty")
         if params.max_tokens < 1:

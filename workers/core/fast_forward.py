@@ -63,14 +63,14 @@ def _grow_all(engine, steps: int) -> bool:
     needs = [max(0, -(-(r.num_computed + steps) // bs) - len(r.block_ids)) for r in engine.scheduler.running]
     if sum(needs) > engine.blocks.num_free:
         return False
-    for req, need in zip(engine.scheduler.running, needs):
+    for req, need in zip(engine.scheduler.running, needs, strict=True):
         if need:
             req.block_ids.extend(engine.blocks.allocate(need))
     return True
 
 
 def _advance(engine, now: float, ends: np.ndarray, steps: int):
-    from workers.core.engine import StepResult   # engine imports this module
+    from workers.core.engine import StepResult  # engine imports this module
     times = ends.tolist()
     tokens, token_times = [], []
     for req in engine.scheduler.running:

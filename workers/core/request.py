@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvlab.wire.block_hash import block_hashes, root_hash
+from kvlab.wire.block_hash import BlockHash, block_hashes, root_hash
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Status(enum.Enum):
@@ -32,10 +36,10 @@ class RemotePrefill(msgspec.Struct, kw_only=True):
 class Request:
     __slots__ = ("request_id", "prompt", "params", "arrival", "priority", "salt", "tokens",
                  "num_prompt", "num_computed", "block_ids", "hashes", "status", "remote",
-                 "first_token_time", "finish_reason", "num_cached_prompt", "num_cached_blocks", "swapped", "kv_ready_at",
-                 "preemptions")
+                 "first_token_time", "finish_reason", "num_cached_prompt", "num_cached_blocks", "swapped",
+                 "kv_ready_at", "preemptions")
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, arrival: float,
+    def __init__(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, arrival: float,
                  priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None):
         self.request_id = request_id
         # A numpy prompt (simulator, traces) is hashed as is and kept as a list for token appends.
@@ -50,7 +54,7 @@ class Request:
         self.num_prompt = len(prompt)
         self.num_computed = 0                  # tokens whose KV is in the cache
         self.block_ids: list[int] = []
-        self.hashes: list[int] = hashes   # of full blocks, extended as tokens come
+        self.hashes: list[BlockHash] = hashes   # of full blocks, extended as tokens come
         self.status = Status.WAITING
         self.remote = remote
         self.first_token_time: float | None = None

@@ -156,12 +156,18 @@ class Scheduler:
         if need > self.blocks.num_free - self._evictable_among(hit_ids):
             return None
         req.block_ids = self.blocks.acquire_cached(req.hashes[:len(hit_ids)], req.num_tokens)
-        req.block_ids.extend(self.blocks.allocate(need))
+        req.block_ids.extend(self._allocate_checked(need))
         req.num_computed = computed
         req.num_cached_blocks = len(hit_ids)
         if req.preemptions == 0:
             req.num_cached_prompt = computed
         return num_new
+
+    def _allocate_checked(self, count: int) -> list[int]:
+        """`count` blocks that the caller already checked the pool can supply."""
+        ids = self.blocks.allocate(count)
+        assert ids is not None, "allocation after a capacity check failed"
+        return ids
 
     def _admit_swapped(self, req: Request, budget: int, out: SchedulerOutput) -> int | None:
         num_new = min(req.num_tokens - req.num_computed, budget)
@@ -180,7 +186,7 @@ class Scheduler:
         if need > self.blocks.num_free - self._evictable_among(hit_ids):
             return None
         req.block_ids = self.blocks.acquire_cached(req.hashes[:len(hit_ids)], req.num_prompt)
-        req.block_ids.extend(self.blocks.allocate(need))
+        req.block_ids.extend(self._allocate_checked(need))
         req.num_cached_prompt = len(hit_ids) * self.block_size
         req.num_cached_blocks = len(hit_ids)
         req.status = Status.WAITING_FOR_KV
