@@ -1,19 +1,8 @@
-"""Admission before routing: request-size limits and load shedding against the TTFT SLO.
+"""Admission before routing: request-size limits, the refusal record, and a rate meter.
 
-Shedding threshold, from Little's law (L = lambda * W) applied to the cluster-wide wait queue:
-requests leave the queue (start prefill) at rate lambda, so a request that joins behind Q waiting
-requests waits about W_q = Q / lambda before its prefill starts, and its first token comes about
-W_q + t_prefill after arrival. Keeping TTFT within the SLO therefore needs
-
-    Q / lambda + t_prefill <= ttft_slo   <=>   Q <= lambda * (ttft_slo - t_prefill)
-
-so a request is shed (answered early, 503/429 with Retry-After) when the queue already exceeds
-Q_max = headroom * lambda * (ttft_slo - t_prefill): queueing it would only turn into an SLO miss.
-The rate to pass is the rate requests leave the queue; below saturation that equals the arrival
-rate (measure either with ``RateMeter``); in overload the arrival rate overstates it, so pass the
-dequeue rate when the caller has it. Retry-After is the time the excess takes to drain,
-(Q - Q_max) / lambda. ``min_queue`` keeps a cold or idle cluster (lambda ~ 0) from shedding a burst:
-below saturation the queue drains at the cluster's capacity, which the arrival rate understates.
+Load shedding against the TTFT SLO lives in ``router.frontdoor.gate.DrainLimit``: it limits the queue
+from the rate requests leave it (the drain rate), never from the arrival rate, which counts the very
+requests it refuses.
 """
 from __future__ import annotations
 
@@ -75,31 +64,6 @@ def check_request(prompt_tokens: int, max_tokens: int, limits: RequestLimits) ->
         return reject("context_length_exceeded", f"{prompt_tokens} prompt tokens + {max_tokens} max_tokens exceed "
                                                  f"the model's context of {limits.max_model_len}")
     return ADMITTED
-
-
-class LoadShedder:
-    """Sheds when the cluster-wide queue exceeds what the TTFT SLO allows (see module docstring)."""
-
-    def __init__(self, ttft_slo_s: float, prefill_s: float = 0.0, headroom: float = 1.0,
-                 min_queue: float = 8.0) -> None:
-        if ttft_slo_s <= prefill_s:
-            raise ValueError(f"the TTFT SLO ({ttft_slo_s} s) must exceed the prefill time ({prefill_s} s)")
-        self.ttft_slo_s = ttft_slo_s
-        self.prefill_s = prefill_s
-        self.headroom = headroom
-        self.min_queue = min_queue
-
-    def max_queue(self, rate: float) -> float:
-        """Q_max = headroom * rate * (ttft_slo - t_prefill), floored at min_queue."""
-        return max(self.min_queue, self.headroom * rate * (self.ttft_slo_s - self.prefill_s))
-
-    def check(self, queue_depth: float, rate: float) -> Admission:
-        limit = self.max_queue(rate)
-        if queue_depth <= limit:
-            return ADMITTED
-        drain = (queue_depth - limit) / rate if rate > 0 else self.ttft_slo_s
-        return reject("overloaded", f"{queue_depth:g} requests are queued; beyond {limit:.0f} the first token "
-                                    f"would miss the {self.ttft_slo_s:g} s TTFT target", retry_after=drain)
 
 
 class RateMeter:
