@@ -27,7 +27,7 @@ def main() -> int:
     parser.add_argument("--link", default="NVLink4")
     parser.add_argument("--rows", choices=("all", "powers", "none"), default="powers",
                         help="per-row lines: every row, token counts / sizes that are powers of two, or none")
-    parser.add_argument("--profiles", help="Vidur profile folder (default: shared/data/profiles/vidur)")
+    parser.add_argument("--profiles", help="Vidur profile folder (default: $KVLAB_DATA_DIR/profiles/vidur)")
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--holdout", action="store_true",
                         help="also: each profiled token count interpolated from its neighbours (what a table is worth)")

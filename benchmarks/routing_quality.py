@@ -41,7 +41,7 @@ def scenario(name: str, requests: int, trace: str | None, seed: int = 0):
     if name.startswith("conv"):
         path = trace or traces.shared_trace()
         if path is None:
-            raise SystemExit("the shared Mooncake trace is absent (../shared/data/traces): pass --trace")
+            raise SystemExit("the Mooncake trace is not in $KVLAB_DATA_DIR/traces: pass --trace")
         limit = None if name == "conv-all" else int(name[4:])
         pairs = [(r.prompt_len, r.block_hashes) for r in traces.hashed_requests(path, limit=limit)]
         return (lambda: traces.trace_requests(path, limit=limit)), pairs, True

@@ -41,7 +41,7 @@ def main() -> None:
     spec = parse_spec(base.replace("count = 4", f"count = {args.workers}"))
     path = traces.shared_trace()
     if path is None:
-        raise SystemExit("the Mooncake trace is not at ../shared/data/traces")
+        raise SystemExit("the Mooncake trace is not in $KVLAB_DATA_DIR/traces (see emulator/datasets.py)")
     records = tiled(traces.read_trace(path), args.requests)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     sim = Simulator(spec, policy=args.policy).run(traces.trace_requests(records, speedup=args.speedup))

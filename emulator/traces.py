@@ -2,9 +2,9 @@
 
 A trace line is ``{"timestamp": ms, "input_length": n, "output_length": m, "hash_ids": [...]}`` with one
 id per 512-token prompt block; requests that share a leading run of ids share that prefix block for
-block (see ../shared/data/traces/README.md). To replay it with kvlab's 16-token blocks, each id expands
-into 512 token ids that are a pure function of the id (the same wherever the id appears), and the last
-block is truncated to ``input_length``.
+block (see the traces' README in the data folder, emulator.datasets). To replay it with kvlab's 16-token
+blocks, each id expands into 512 token ids that are a pure function of the id (the same wherever the id
+appears), and the last block is truncated to ``input_length``.
 
 Token ids come from the workload vocabulary (emulator.workload), so an expanded prompt also has an exact
 text form that the built-in tokenizer encodes back to the same ids: HTTP clients may send either.
@@ -19,13 +19,12 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from emulator.datasets import dataset
 from emulator.workload import VOCAB_WORDS, Request, vocabulary
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, block_hashes, root_hash
 from kvlab.wire.user_errors import UserError
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash_id in Mooncake traces (FAST'25 release README)
-# The layout this repository keeps: ../shared/data/traces next to the repository root.
-SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
 MOONCAKE_CONVERSATION = "mooncake_conversation.jsonl"
 
 # splitmix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014):
@@ -52,9 +51,8 @@ class HashedRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def shared_trace(name: str = MOONCAKE_CONVERSATION) -> Path | None:
-    """A trace from the shared data folder, or None when this checkout has none."""
-    path = SHARED_TRACES / name
-    return path if path.is_file() else None
+    """A trace from the data folder (``$KVLAB_DATA_DIR/traces``, see emulator.datasets), or None."""
+    return dataset("traces", name)
 
 
 def read_trace(path: str | Path, limit: int | None = None) -> list[TraceRecord]:

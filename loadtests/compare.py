@@ -37,7 +37,7 @@ DEFAULT_POLICIES = "round_robin,prefix_ring,prefix_bounded,kv_aware"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default="default", help="cluster spec file or bundled example name")
     parser.add_argument("--trace", default=None, help="Mooncake-style JSONL trace (default: the shared "
-                                                      "mooncake_conversation.jsonl in ../shared/data/traces)")
+                                                      "mooncake_conversation.jsonl in $KVLAB_DATA_DIR/traces)")
     parser.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated (default: %(default)s)")
     parser.add_argument("--limit", type=count_or_all, default=1000,
                         help="first N trace requests, 0 or 'all' for the whole trace (default %(default)s)")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         check_spec_settings(spec)
         trace = Path(args.trace) if args.trace else traces.shared_trace()
         if trace is None or not trace.is_file():
-            raise FileNotFoundError(f"no trace at {args.trace or traces.SHARED_TRACES}; pass --trace PATH")
+            raise FileNotFoundError(f"no trace at {args.trace or '$KVLAB_DATA_DIR/traces'}; pass --trace PATH")
         count = len(traces.read_trace(trace, args.limit))   # a bad file fails here, before any output
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         settings = {p: policy_settings(spec, p, args.prefix_blocks, args.set) for p in policies}

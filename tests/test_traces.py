@@ -10,9 +10,8 @@ from emulator import traces as T
 from kvlab.wire.block_hash import block_hashes
 from kvlab.wire.tokenizer import BuiltinTokenizer
 
-# The shared data folder sits beside the repository root (../shared/data/traces).
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / T.MOONCAKE_CONVERSATION
-needs_trace = pytest.mark.skipif(not TRACE.is_file(), reason=f"the Mooncake trace is not in this checkout ({TRACE})")
+TRACE = T.shared_trace() or Path("absent")
+needs_trace = pytest.mark.skipif(not TRACE.is_file(), reason="the Mooncake trace is not in $KVLAB_DATA_DIR/traces")
 
 # Two requests sharing their first two blocks, then diverging; the second is cut mid-block.
 SMALL = [T.TraceRecord(0, 1500, 10, [7, 8, 9]), T.TraceRecord(250, 1100, 20, [7, 8, 42])]

@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 
 from emulator.calibrate import measurements as ms
+from emulator.datasets import dataset
 from emulator.physics.catalog import Catalog
 from emulator.physics.deployment import Deployment
 from emulator.physics.roofline import allreduce_seconds
@@ -33,15 +34,8 @@ class Row(msgspec.Struct, frozen=True):
 
 
 def profiles_dir(explicit: str | None = None) -> Path | None:
-    """The Vidur profile folder: explicit, else shared/data/profiles/vidur beside or above the checkout."""
-    if explicit:
-        return Path(explicit)
-    repo = Path(__file__).resolve().parents[2]
-    for base in (repo, *repo.parents[:3]):
-        candidate = base / "shared" / "data" / "profiles" / "vidur"
-        if candidate.is_dir():
-            return candidate
-    return None
+    """The Vidur profile folder: explicit, else profiles/vidur in the data folder (emulator.datasets)."""
+    return Path(explicit) if explicit else dataset("profiles", "vidur")
 
 
 def layer_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path) -> list[Row]:
