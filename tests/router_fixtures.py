@@ -19,10 +19,10 @@ import time
 import httpx
 import msgspec
 import pytest
-from conftest import WORKER_TEST_DEFAULTS, RunningServer, RunningWorker
 
 from router.config import HealthConfig, RouterConfig, WorkerConfig
 from router.server import create_app
+from tests.conftest import WORKER_TEST_DEFAULTS, RunningServer, RunningWorker
 from workers.config import WorkerConfig as WorkerConfig_
 
 MODEL = "Llama-3.1-8B"

@@ -1,5 +1,5 @@
 """The kvlab services a cluster spec implies: the router and one worker per spec slot, with the command each
-runs. docker compose (checked by tests/test_compose.py) and the Kubernetes manifests both come from this list,
+runs. docker compose (checked by tests/repo/test_compose.py) and the Kubernetes manifests both come from this list,
 so a spec change cannot leave one of them behind."""
 from __future__ import annotations
 

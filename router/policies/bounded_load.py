@@ -6,7 +6,7 @@ The cap. With T requests in flight over n healthy workers, a worker may hold at 
     cap(T) = max(ceil((1 + eps) * (T + 1) / n),  ceil((T + 1) / n) + slack)
 
 of them once the next request is placed. The caps sum to at least T + 1, so some worker is always
-under its cap. **Guarantee** (tests/test_bounded_load.py checks it with hypothesis): no placement
+under its cap. **Guarantee** (tests/router/policies/test_bounded_load.py checks it with hypothesis): no placement
 lifts a worker above max((1 + eps) * a, a + slack) + 1, where a = (T + 1) / n is the average load
 after the placement; with slack = 0 this is the paper's (1 + eps) * a + 1.
 

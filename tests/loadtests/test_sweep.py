@@ -1,0 +1,199 @@
+"""`kvlab sweep`: C_max and knee arithmetic, the report, and one short live sweep end to end.
+
+The live sweep runs a deliberately small cluster (tiny-test with 4 sequences per worker and short
+answers, time scale 16) so that its knee sits at a few requests per wall second: throughput must
+rise with the offered rate, then saturate, while p99 TTFT climbs past the knee.
+"""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from emulator.spec import example_spec_path, example_specs, load_spec, parse_spec
+from loadtests import analysis
+from loadtests.planner_bridge import predict
+from loadtests.spec_file import dumps, write_spec
+from tests import ROOT
+
+# -- pure arithmetic --------------------------------------------------------------------------------
+
+def test_c_max_interpolates_the_slo_crossing_in_log_latency():
+    c = analysis.c_max([10, 20, 30], [0.1, 0.2, 2.0], [0.01, 0.01, 0.01], 0.5, 0.1)
+    # log(0.5) is 40% of the way from log(0.2) to log(2.0)
+    assert c.bound == "interpolated" and c.limited_by == "ttft" and c.rate == pytest.approx(24.0, abs=0.05)
+
+
+def test_c_max_takes_the_metric_that_crosses_first_and_reports_open_bounds():
+    c = analysis.c_max([10, 20], [0.1, 0.4], [0.05, 0.2], 0.5, 0.1)
+    assert c.limited_by == "itl" and c.rate == pytest.approx(15.0)
+    assert analysis.c_max([10, 20], [0.1, 0.2], [0.01, 0.01], 0.5, 0.1).describe() == ">= 20"
+    assert analysis.c_max([10, 20], [0.9, 2.0], [0.01, 0.01], 0.5, 0.1).describe() == "< 10"
+    nothing_finished = analysis.c_max([10, 20], [0.1, math.nan], [0.01, math.nan], 0.5, 0.1)
+    assert nothing_finished.bound == "bracket" and (nothing_finished.rate, nothing_finished.upper) == (10, 20)
+    assert nothing_finished.describe() == "10-20"
+
+
+def test_knee_is_where_p99_ttft_doubles_from_its_low_load_value():
+    # 2 x 0.1 = 0.2 is reached 17% of the way (in log latency) from 0.15 at 30 to 0.8 at 40
+    assert analysis.knee([10, 20, 30, 40], [0.1, 0.11, 0.15, 0.8]) == pytest.approx(31.7, abs=0.1)
+    assert analysis.knee([10, 20], [0.1, 0.12]) is None
+
+
+def _rec(sched, ttft=0.1, gaps=(0.01, 0.01), e2e=0.2, error=None, **kw):
+    return {"sched": sched, "lag": 0.0, "ttft": ttft, "gaps": list(gaps), "e2e": e2e, "tokens": len(gaps) + 1,
+            "error": error, "prompt_tokens": 10, "cached_tokens": 5, **kw}
+
+
+def test_summaries_window_latencies_by_send_time_and_throughput_by_finish_time():
+    w = analysis.Window(0, 10.0, 10.0, 20.0)   # wall offsets, time scale 2: a 5 emulated s window
+    records = [_rec(5.0, e2e=6.0),              # sent before the window, finished inside it
+               *[_rec(10.0 + i, ttft=0.2 * (i + 1)) for i in range(8)],
+               _rec(19.0, e2e=5.0),             # sent inside, finished after it
+               _rec(12.0, ttft=None, e2e=None, error="HTTP 503: busy")]
+    s = analysis.summarize(records, w, time_scale=2.0, ttft_slo=0.5, itl_slo=0.1)
+    assert s.requests == 10 and s.completed == 9 and s.rejected == 1 and s.duration_s == 5.0
+    assert s.throughput_rps == pytest.approx(9 / 5.0)          # 8 sent inside + 1 from before, by finish time
+    assert s.ttft.p50 == pytest.approx(0.4)                     # emulated: wall / 2
+    assert s.goodput_rps == pytest.approx(6 / 5.0)              # finished inside with TTFT <= 0.5 emulated s
+    assert s.prefix_hit_rate == pytest.approx(0.5)
+
+
+def test_failure_aware_p99_counts_rejections_and_bounds_cut_short_requests_by_their_wait():
+    w = analysis.Window(0, 1.0, 0.0, 100.0)
+    ok = [_rec(float(i)) for i in range(98)]
+    cut = [_rec(98.0, ttft=None, e2e=None, unfinished=True, waited=0.3)]
+    assert analysis.ttft_p99_with_failures(ok + cut, w, 1.0) == pytest.approx(0.3)
+    rejected = [_rec(98.0, ttft=None, e2e=None, error="HTTP 429"), _rec(99.0, ttft=None, e2e=None, error="x")]
+    assert analysis.ttft_p99_with_failures(ok + rejected, w, 1.0) == math.inf
+
+
+# -- spec files and the planner bridge --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", example_specs())
+def test_written_specs_read_back_identical(name):
+    spec = load_spec(name)
+    assert parse_spec(dumps(msgspec.to_builtins(spec))) == spec
+
+
+def test_the_planner_sees_the_spec_the_cluster_runs():
+    p = predict(load_spec("default"), [20.0, 200.0])
+    assert p.error is None and 20 < p.c_max < 200
+    low, high = p.points
+    assert low.stable and low.ttft_p99 < 0.5 and not high.stable
+
+
+# -- a short live sweep -----------------------------------------------------------------------------
+
+def _free_ports(n: int) -> int:
+    """The first of n consecutive free loopback ports (workers take base_port, base_port + 1, ...)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65536 and all(_free(base + k) for k in range(n)):
+            return base
+    raise RuntimeError("no run of free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def small_cluster_spec(path: Path) -> Path:
+    """tiny-test with a knee at ~110 req/s emulated = ~7 req/s of wall time at time scale 16."""
+    d = msgspec.toml.decode(example_spec_path("tiny-test").read_bytes())
+    d["engine"] = {**d["engine"], "max_num_seqs": 4, "time_scale": 16.0}
+    d["workload"] = {"mix": {"chat": 1.0}, "seed": 3, "params": {"chat": {
+        "output_len": {"median": 12, "sigma": 0.3, "high": 64}, "unique_len": {"median": 32, "sigma": 0.5}}}}
+    d["router"] = {**d["router"], "port": _free_ports(1)}
+    d["pools"] = [{**d["pools"][0], "base_port": _free_ports(2)}]
+    return write_spec(d, path)
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = small_cluster_spec(tmp / "small.toml")
+    cmd = [sys.executable, "-m", "kvlab.cli", "sweep", str(spec), "--rates", "40,80,120,160,200",
+           "--warmup", "1.5", "--duration", "3.5", "--tail", "5", "--out", str(tmp / "out"), "--sim-requests", "500",
+           "--same-schedule"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((tmp / "out" / "sweep.json").read_text()), done.stdout, tmp / "out"
+
+
+@pytest.mark.slow
+def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
+    report, stdout, out = sweep_report
+    for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "rate-0/records.jsonl", "rate-4/records.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    assert [p["rate"] for p in report["points"]] == [40, 80, 120, 160, 200]
+    for p in report["points"]:
+        for key in ("measured", "simulated", "steady", "planned", "lag_p99_s", "valid", "ttft_p99_with_failures",
+                    "stationary", "sent_rps", "served_rps", "window"):
+            assert key in p
+        assert {"p50", "p90", "p99", "mean"} <= set(p["measured"]["ttft"]) and p["measured"]["requests"] > 0
+    assert set(report["c_max"]) >= {"measured", "steady", "planned", "gap_pct"}
+    assert report["c_max"]["planned"]["rate"] > 0 and report["time_scale"] == 16
+    assert "C_max measured" in stdout and "TTFT p99" in stdout
+    assert len((out / "sweep.csv").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_throughput_rises_then_saturates_while_p99_ttft_climbs_past_the_knee(sweep_report):
+    report = sweep_report[0]
+    rates = [p["rate"] for p in report["points"]]
+    thru = [p["measured"]["throughput_rps"] for p in report["points"]]
+    ttft = [p["measured"]["ttft"]["p99"] for p in report["points"]]
+    assert max(thru) > 1.8 * thru[0]                         # rises with the offered rate ...
+    assert thru[-1] < 0.75 * rates[-1]                       # ... then falls behind it: saturated
+    assert thru[-1] > 0.7 * max(thru)                        # (served, not collapsed)
+    assert ttft[-1] > 4 * ttft[0] and ttft[-1] > ttft[-2] > ttft[1]
+    assert report["knee"]["measured"] is not None and rates[0] < report["knee"]["measured"] < rates[-1]
+
+
+# -- steady-state windows on the tiny spec ------------------------------------------------------------
+
+def tiny_steady_spec(path: Path) -> Path:
+    """tiny-test (64 sequences per worker) with short chats at time scale 8: requests live ~0.2
+    emulated s, so a window of 10 lifetimes is a quarter of a minute of wall time."""
+    d = msgspec.toml.decode(example_spec_path("tiny-test").read_bytes())
+    d["engine"] = {**d["engine"], "time_scale": 8.0}
+    d["workload"] = {"mix": {"chat": 1.0}, "seed": 3, "params": {"chat": {
+        "output_len": {"median": 24, "sigma": 0.3, "high": 64}, "unique_len": {"median": 64, "sigma": 0.5}}}}
+    d["router"] = {**d["router"], "port": _free_ports(1)}
+    d["pools"] = [{**d["pools"][0], "base_port": _free_ports(2)}]
+    return write_spec(d, path)
+
+
+@pytest.mark.slow
+def test_served_tracks_offered_below_capacity_over_windows_sized_in_lifetimes(tmp_path):
+    spec_path = tiny_steady_spec(tmp_path / "tiny.toml")
+    c = predict(load_spec(spec_path), []).c_max
+    rates = [round(0.5 * c)]    # one rate well below capacity (each live rate costs ~30 s of wall time)
+    cmd = [sys.executable, "-m", "kvlab.cli", "sweep", str(spec_path), "--rates", *map(str, rates),
+           "--out", str(tmp_path / "out"), "--sim-requests", "800"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    for p in report["points"]:
+        w, st = p["window"], p["stationarity"]
+        assert w["lifetimes"] == pytest.approx(10, rel=0.01) and w["warmup_lifetimes"] == pytest.approx(3, rel=0.01)
+        assert p["met_slo"], p
+        assert st["served_ok"], st                # served tracks what was sent, which tracks the offered rate
+        expected = p["rate"] * w["window_s"]      # arrivals: Poisson, within 4 sigma
+        assert abs(p["sent_rps"] * w["window_s"] - expected) <= 4 * math.sqrt(expected)
+        assert p["measured"]["requests"] > 100
+    assert "lifetimes" in (tmp_path / "out" / "sweep.md").read_text()
