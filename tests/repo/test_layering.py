@@ -75,3 +75,14 @@ def test_no_two_files_import_each_other_even_round_a_loop():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_every_test_module_sits_in_the_folder_of_the_code_it_tests():
+    """tests/ mirrors the code: tests/router/frontdoor/ tests router/frontdoor/; tests/repo/ holds the
+    whole-repository checks (docs, layering, the static gate, compose)."""
+    misplaced = []
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        folder = path.parent.relative_to(ROOT / "tests")
+        if not folder.parts or (folder.parts[0] != "repo" and not (ROOT / folder).is_dir()):
+            misplaced.append(str(path.relative_to(ROOT)))
+    assert not misplaced, f"move these into the tests/ folder that mirrors their code's folder: {misplaced}"
