@@ -69,4 +69,5 @@ def cluster_host_blocks(spec) -> int:
     if spec.engine.host_kv_gb <= 0:
         return 0
     slots = [s for s in spec.worker_list() if s.role != "decode"]
-    return sum(build_engine(spec, s.pool).blocks.host.capacity for s in slots)
+    hosts = [build_engine(spec, s.pool).blocks.host for s in slots]
+    return sum(h.capacity for h in hosts if h is not None)

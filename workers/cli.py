@@ -75,7 +75,8 @@ _CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "c
                  "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "stream_interval",
                  "num_blocks",
                  "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
-                 "preemption", "eviction", "host_kv_gb", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint", "peers")
+                 "preemption", "eviction", "host_kv_gb", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint",
+                 "peers")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:

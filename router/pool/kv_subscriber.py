@@ -28,7 +28,7 @@ import httpx
 import msgspec
 
 from kvlab.wire.block_hash import BlockHash
-from kvlab.wire.kv_events import BlockStored, KVEventBatch, decode_batch
+from kvlab.wire.kv_events import BlockStored, KVEvent, KVEventBatch, decode_batch
 from router.policies.kv_index import KvIndex
 from router.pool.worker_pool import Worker
 
@@ -126,8 +126,8 @@ class KvSubscriber:
         response.raise_for_status()
         snap = _snapshot.decode(response.content)
         self.index.remove_worker(worker.id)
-        events = [BlockStored(block_hashes=snap.block_hashes, parent_block_hash=None, token_ids=[],
-                              block_size=snap.block_size)]
+        events: list[KVEvent] = [BlockStored(block_hashes=snap.block_hashes, parent_block_hash=None,
+                                             token_ids=[], block_size=snap.block_size)]
         if snap.host_block_hashes:
             events.append(BlockStored(block_hashes=snap.host_block_hashes, parent_block_hash=None, token_ids=[],
                                       block_size=snap.block_size, medium="CPU"))
