@@ -150,3 +150,27 @@ def test_host_credit_comes_from_the_spec_roofline_only_with_a_host_tier():
     assert host_credit(tiered) == pytest.approx(steptime.host_hit_credit(dep, PCIE5, 8192))
     index = Simulator(tiered, policy="kv_aware").policies.index
     assert index.host_credit == host_credit(tiered)
+
+
+def test_merged_steps_give_the_numbers_of_single_steps_with_a_host_tier():
+    from emulator import traces
+    recs = [traces.TraceRecord(timestamp=300 * i, input_length=1024, output_length=20,
+                               hash_ids=[i % 20, 100 + i]) for i in range(120)]
+    spec = load_spec("kvlab/specs/default.toml")
+    spec = msgspec.structs.replace(spec, engine=msgspec.structs.replace(spec.engine, host_kv_gb=2.0))
+    runs = [Simulator(spec, policy="kv_aware", num_blocks=100, merge_steps=m).run(traces.trace_requests(recs))
+            for m in (False, True)]
+    single, merged = (msgspec.to_builtins(s.summary()) for s in runs)
+    assert single["host_hit_rate"] > 0
+    for summary in (single, merged):   # KV usage is sampled at the end of merged runs: not comparable
+        for worker in summary["workers"].values():
+            worker.pop("kv_usage_mean")
+    assert _close(merged, single)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
