@@ -174,3 +174,19 @@ def _close(a, b) -> bool:
     if isinstance(a, float):
         return a == pytest.approx(b, rel=1e-9, abs=1e-12)
     return a == b
+
+
+def test_prefix_bounded_follows_a_history_kept_in_host_memory():
+    from router.policies.bounded_load import PrefixBounded
+    h = _chain(range(1, 21))
+    request = RouteRequest(blocks=h, prompt_tokens=320)
+    workers = [WorkerView("w0"), WorkerView("w1")]
+    for credit, winner in ((0.9, "w0"), (None, "w1")):
+        index = KvIndex(host_credit=credit)
+        _apply(index, "w0", [BlockStored(h[:6], None, [], 16), BlockStored(h[6:], None, [], 16, medium="CPU")])
+        _apply(index, "w1", [BlockStored(h[:10], None, [], 16)])
+        policy = PrefixBounded(index=index, prefix_blocks=4)
+        for w in workers:
+            policy.add_worker(w.id)
+        # w0: 6 + 14 x 0.9 = 18.6 credited blocks; w1: 10. Without a host tier the CPU events are ignored.
+        assert policy.choose(request, workers).worker == winner

@@ -16,7 +16,7 @@ the same cold prefix lands on the same worker and starts building locality there
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from router.policies.base import Decision, RouteRequest, StatelessPolicy, WorkerView, healthy, prefix_key, rendezvous
 from router.policies.kv_index import KvIndex
@@ -42,7 +42,7 @@ class KvAware(StatelessPolicy):
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         alive = healthy(workers)
-        matched = self._matched(request)
+        matched = self.index.credited_match(request.blocks)
         blocks = max(len(request.blocks), 1)
         loads = [self._load(w) for w in alive]
         scale = max(max(loads), 1)
@@ -61,13 +61,6 @@ class KvAware(StatelessPolicy):
             key = prefix_key(request, self.prefix_blocks)
             winner = max((w for _, w in best), key=lambda w: rendezvous(key, w.id))
         return Decision(worker=winner.id, policy=self.name, matched_blocks=round(hit), score=score)
-
-    def _matched(self, request: RouteRequest) -> Mapping[str, float]:
-        """Leading cached blocks per worker; host-held ones count host_credit each."""
-        credit = self.index.host_credit
-        if credit is None:
-            return self.index.match(request.blocks)
-        return {w: gpu + credit * host for w, (gpu, host) in self.index.match_tiers(request.blocks).items()}
 
     def _load(self, worker: WorkerView) -> int:
         if self.load_metric == "queue":

@@ -22,7 +22,7 @@ this needs the engines' own hashes (not ``rehash``).
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import and_, neg
@@ -129,6 +129,14 @@ class KvIndex:
         if self.any_tier is None:
             return {w: (n, 0) for w, n in gpu.items()}
         return {w: (gpu.get(w, 0), n - gpu.get(w, 0)) for w, n in self.any_tier.match(blocks).items()}
+
+    def credited_match(self, blocks: Sequence[BlockHash]) -> Mapping[str, float]:
+        """Leading cached blocks per worker as a policy weighs them: HBM blocks count 1, the host-held
+        blocks after them host_credit each (just ``match`` without a host tier)."""
+        credit = self.host_credit
+        if credit is None:
+            return self.match(blocks)
+        return {w: gpu + credit * host for w, (gpu, host) in self.match_tiers(blocks).items()}
 
     def workers_with(self, block_hash: BlockHash) -> set[str]:
         return self._bits_to_ids(self._owners.get(block_hash, 0))
