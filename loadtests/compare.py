@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 
 from emulator import traces
+from emulator.planner.tiered_cache import TierHits, spec_trace_tier_hits
 from emulator.sim.policy_settings import policy_settings as sim_policy_settings
 from emulator.sim.report import Summary, overload_note
 from emulator.sim.simulator import Simulator
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = [simulate(spec, trace, p, s, args.limit, args.speedup) for p, s in settings.items()]
     bounds = trace_bounds(spec, trace, args.limit)
-    text = table(rows, spec, bounds)
+    planned = spec_trace_tier_hits(spec, trace, args.limit, args.speedup) if spec.engine.host_kv_gb > 0 else None
+    text = table(rows, spec, bounds, planned)
     print(text)
     note = rows and overload_note(min(r.summary.ttft.p50 for r in rows), spec.slo.ttft_p99_s,
                                   "under overload queueing, not cache reuse, decides the table; try --workers "
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note)
     if args.out:
-        _write(Path(args.out), title, rows, text, bounds)
+        _write(Path(args.out), title, rows, text, bounds, planned)
     return 0
 
 
@@ -192,11 +194,18 @@ def bound_cells(bounds: Bounds, tiered: bool = False) -> list[list[str]]:
             for name, rate in rows]
 
 
-def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> str:
+def planned_cells(planned: TierHits, bound: float, width: int) -> list[str]:
+    return ["planner: Che, HBM + host", f"{100 * planned.total:.1f}", f"{100 * planned.hbm:.1f}",
+            f"{100 * planned.host:.1f}", _share(planned.total, bound)] + [""] * (width - 5)
+
+
+def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None, planned: TierHits | None = None) -> str:
     tiered = spec.engine.host_kv_gb > 0
     head = header(tiered)
     body = [cells(r, bounds.pooled_lru if bounds else 0.0, tiered) for r in rows]
     body += bound_cells(bounds, tiered) if bounds else []
+    if planned is not None and tiered:
+        body.append(planned_cells(planned, bounds.pooled_lru if bounds else 0.0, len(head)))
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 
     def line(row: list[str]) -> str:   # the first column left-aligned, the rest right
@@ -209,6 +218,9 @@ def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> s
     if tiered:
         notes.append(f"HBM / host hit %: the part of hit % found in HBM / onboarded from host memory "
                      f"({spec.engine.host_kv_gb:g} GB per worker)")
+    if planned is not None and tiered:
+        notes.append("planner: two-level Che estimate on the trace's reuse times, the workers' caches pooled "
+                     "(emulator/planner/tiered_cache.py)")
     if bounds:
         notes.append(f"bounds: the same requests through one cache; pooled LRU holds the cluster's "
                      f"{bounds.capacity_blocks * spec.engine.block_size:,} KV tokens"
@@ -217,11 +229,13 @@ def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> s
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body), *notes])
 
 
-def _write(out: Path, title: str, rows: list[Row], text: str, bounds: Bounds) -> None:
+def _write(out: Path, title: str, rows: list[Row], text: str, bounds: Bounds,
+           planned: TierHits | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {"title": title, "bounds": {"infinite": bounds.infinite, "pooled_lru": bounds.pooled_lru,
                                        "capacity_blocks": bounds.capacity_blocks,
                                        "pooled_tiered": bounds.pooled_tiered, "host_blocks": bounds.host_blocks},
+            "planned": None if planned is None else {"hbm": planned.hbm, "host": planned.host},
             "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
                                       "summary": msgspec.to_builtins(r.summary)} for r in rows]}
     (out / "compare.json").write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
