@@ -24,12 +24,12 @@ the prompt's ring key, else the next worker clockwise under the cap. With the ro
 worker holding the longest cached prefix of the prompt wins, then the least loaded, then the first
 clockwise (with a host KV tier, host-held blocks count at the index's host_credit); a match counts
 only where it runs past the ring key (the key's blocks are usually a prefix every worker holds, like
-a common system prompt, and crediting them draws all traffic to the workers that cached it first). So a conversation follows its history, an overflowing prefix lands on a
-worker that already holds it, replicas of a hot prefix share its load, and a cold prompt goes to the
-least loaded worker (measured: sending cold prompts to the ring owner instead cost up to 9 points
-of the pooled-LRU bound on the trace and raised TTFT p99 on the RAG and agentic mixes by 5-17%).
-``overflow_skips`` counts the
-workers at the cap that the ring walk passed before the first one under it.
+a common system prompt, and crediting them draws all traffic to the workers that cached it first).
+So a conversation follows its history, an overflowing prefix lands on a worker that already holds
+it, replicas of a hot prefix share its load, and a cold prompt goes to the least loaded worker
+(measured: sending cold prompts to the ring owner instead cost up to 9 points of the pooled-LRU
+bound on the trace and raised TTFT p99 on the RAG and agentic mixes by 5-17%). ``overflow_skips``
+counts the workers at the cap that the ring walk passed before the first one under it.
 """
 from __future__ import annotations
 
