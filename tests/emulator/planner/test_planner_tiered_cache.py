@@ -25,7 +25,7 @@ def zipf_trace(n=500, docs=40, seed=3) -> list[traces.TraceRecord]:
 
 
 def simulated(records, host_kv_gb):
-    spec = load_spec("kvlab/specs/default.toml")
+    spec = load_spec("default")
     spec = msgspec.structs.replace(spec, pools=[msgspec.structs.replace(spec.pools[0], count=1)],
                                    engine=msgspec.structs.replace(spec.engine, host_kv_gb=host_kv_gb))
     sim = Simulator(spec, policy="round_robin", num_blocks=HBM_BLOCKS).run(traces.trace_requests(records))

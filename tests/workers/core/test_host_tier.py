@@ -8,12 +8,7 @@ from emulator.physics import steptime
 from emulator.physics.catalog import builtin_catalog
 from emulator.sim.simulator import Simulator
 from emulator.spec import load_spec
-from kvlab.wire.block_hash import block_hashes
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch, encode_batch
-from router.policies.base import RouteRequest, WorkerView
-from router.policies.kv_aware import KvAware
-from router.policies.kv_index import KvIndex
-from router.policies.registry import host_credit
 from workers.core.engine import Engine, EngineConfig
 from workers.core.from_spec import build_engine
 from workers.core.request import SamplingParams
@@ -45,7 +40,7 @@ def serve(e: Engine, rid: str, prompt: list[int], now: float):
 
 
 def test_default_spec_has_no_host_tier():
-    assert build_engine(load_spec("kvlab/specs/default.toml"), "both").blocks.host is None
+    assert build_engine(load_spec("default"), "both").blocks.host is None
 
 
 def test_evicted_prefix_is_onboarded_from_host_not_recomputed():
@@ -103,60 +98,11 @@ def test_host_credit_is_between_zero_and_one_and_falls_with_a_slower_link():
     assert 0.0 < slow < fast < 1.0
 
 
-# -- tier-aware routing ------------------------------------------------------------------------
-
-def _chain(ids):
-    return block_hashes([i for i in ids for _ in range(16)])
-
-
-def _apply(index, worker, events):
-    index.apply(worker, KVEventBatch(0.0, events))
-
-
-def test_index_keeps_the_medium_of_each_block():
-    index = KvIndex(host_credit=0.5)
-    h = _chain([1, 2, 3, 4])
-    _apply(index, "w0", [BlockStored(h[:2], None, [], 16)])
-    _apply(index, "w0", [BlockStored(h[2:], None, [], 16, medium="CPU")])
-    _apply(index, "w1", [BlockStored(h, None, [], 16)])
-    assert index.match_tiers(h) == {"w0": (2, 2), "w1": (4, 0)}
-    assert index.match(h) == {"w0": 2, "w1": 4}          # HBM-only questions are unchanged
-    # demotion as the engine reports it: removed from HBM, stored on the CPU
-    _apply(index, "w1", [BlockRemoved(h[1:], medium="GPU"), BlockStored(h[1:], None, [], 16, medium="CPU")])
-    assert index.match_tiers(h)["w1"] == (1, 3)
-    _apply(index, "w1", [BlockRemoved(h[1:], medium="CPU")])
-    assert index.match_tiers(h)["w1"] == (1, 0)
-
-
-def test_kv_aware_credits_host_blocks_by_their_onboarding_saving():
-    h = _chain(range(1, 11))
-    request = RouteRequest(blocks=h, prompt_tokens=160)
-    workers = [WorkerView("w0"), WorkerView("w1")]
-    for credit, winner in ((0.9, "w0"), (0.3, "w1")):
-        index = KvIndex(host_credit=credit)
-        _apply(index, "w0", [BlockStored(h[:2], None, [], 16), BlockStored(h[2:], None, [], 16, medium="CPU")])
-        _apply(index, "w1", [BlockStored(h[:5], None, [], 16)])
-        # w0: 2 + 8 x credit blocks; w1: 5 blocks in HBM
-        decision = KvAware(index).choose(request, workers)
-        assert decision.worker == winner
-        assert decision.score == pytest.approx(max(2 + 8 * credit, 5) / 10)
-
-
-def test_host_credit_comes_from_the_spec_roofline_only_with_a_host_tier():
-    spec = load_spec("kvlab/specs/default.toml")
-    assert host_credit(spec) is None
-    tiered = msgspec.structs.replace(spec, engine=msgspec.structs.replace(spec.engine, host_kv_gb=320.0))
-    dep = tiered.deployment("both")
-    assert host_credit(tiered) == pytest.approx(steptime.host_hit_credit(dep, PCIE5, 8192))
-    index = Simulator(tiered, policy="kv_aware").policies.index
-    assert index.host_credit == host_credit(tiered)
-
-
 def test_merged_steps_give_the_numbers_of_single_steps_with_a_host_tier():
     from emulator import traces
     recs = [traces.TraceRecord(timestamp=300 * i, input_length=1024, output_length=20,
                                hash_ids=[i % 20, 100 + i]) for i in range(120)]
-    spec = load_spec("kvlab/specs/default.toml")
+    spec = load_spec("default")
     spec = msgspec.structs.replace(spec, engine=msgspec.structs.replace(spec.engine, host_kv_gb=2.0))
     runs = [Simulator(spec, policy="kv_aware", num_blocks=100, merge_steps=m).run(traces.trace_requests(recs))
             for m in (False, True)]
@@ -174,19 +120,3 @@ def _close(a, b) -> bool:
     if isinstance(a, float):
         return a == pytest.approx(b, rel=1e-9, abs=1e-12)
     return a == b
-
-
-def test_prefix_bounded_follows_a_history_kept_in_host_memory():
-    from router.policies.bounded_load import PrefixBounded
-    h = _chain(range(1, 21))
-    request = RouteRequest(blocks=h, prompt_tokens=320)
-    workers = [WorkerView("w0"), WorkerView("w1")]
-    for credit, winner in ((0.9, "w0"), (None, "w1")):
-        index = KvIndex(host_credit=credit)
-        _apply(index, "w0", [BlockStored(h[:6], None, [], 16), BlockStored(h[6:], None, [], 16, medium="CPU")])
-        _apply(index, "w1", [BlockStored(h[:10], None, [], 16)])
-        policy = PrefixBounded(index=index, prefix_blocks=4)
-        for w in workers:
-            policy.add_worker(w.id)
-        # w0: 6 + 14 x 0.9 = 18.6 credited blocks; w1: 10. Without a host tier the CPU events are ignored.
-        assert policy.choose(request, workers).worker == winner
