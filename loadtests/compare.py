@@ -219,8 +219,9 @@ def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None, plan
         notes.append(f"HBM / host hit %: the part of hit % found in HBM / onboarded from host memory "
                      f"({spec.engine.host_kv_gb:g} GB per worker)")
     if planned is not None and tiered:
-        notes.append("planner: two-level Che estimate on the trace's reuse times, the workers' caches pooled "
-                     "(emulator/planner/tiered_cache.py)")
+        notes.append(f"planner: two-level Che estimate on the trace's reuse times, the workers' caches pooled "
+                     f"(emulator/planner/tiered_cache.py); prompt tokens to prefill: {planned.prefill_load:.0%} "
+                     f"of those without the host tier")
     if bounds:
         notes.append(f"bounds: the same requests through one cache; pooled LRU holds the cluster's "
                      f"{bounds.capacity_blocks * spec.engine.block_size:,} KV tokens"

@@ -49,6 +49,12 @@ class TierHits:
     def total(self) -> float:
         return self.hbm + self.host
 
+    @property
+    def prefill_load(self) -> float:
+        """Prompt tokens prefilled with the host tier over those prefilled without it. The HBM tier's hits
+        are those of the same HBM cache alone (its LRU stack is the top of the two-level one)."""
+        return (1.0 - self.total) / (1.0 - self.hbm) if self.hbm < 1.0 else 1.0
+
 
 class TraceRequest:
     """What the estimate reads of a request: arrival (s), prompt tokens, its full prompt blocks' hashes,

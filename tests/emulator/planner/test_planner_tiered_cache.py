@@ -62,6 +62,10 @@ def test_host_tier_raises_the_hit_rate_the_planner_predicts():
     assert without.host_hit_rate == 0.0
     assert with_host.prefix_hit_rate > without.prefix_hit_rate
     assert planned(records, 0).total == pytest.approx(without.prefix_hit_rate, rel=0.10)
+    # The prefill the host tier saves: computed prompt tokens fall as the planner says.
+    plan = planned(records, host_blocks)
+    simulated_load = (1 - with_host.prefix_hit_rate) / (1 - without.prefix_hit_rate)
+    assert plan.prefill_load == pytest.approx(simulated_load, rel=0.10)
 
 
 def test_two_level_hits_split_one_lru_of_both_sizes():
