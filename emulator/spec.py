@@ -66,6 +66,8 @@ class EngineSpec(_Section):
     preemption: Literal["recompute", "swap"] = "recompute"  # vLLM V1 preempts by recompute
     swap_space_gb: float = 4.0             # vLLM's default --swap-space (GiB of host memory per GPU)
     eviction: Literal["lru", "lfu"] = "lru"  # vLLM's prefix cache evicts least recently used free blocks
+    host_kv_gb: float = 0.0                # host memory per worker for KV blocks evicted from HBM (0: no host tier),
+                                           # reached over links.host_swap, as vLLM's CPU offloading connector
     enable_prefix_caching: bool = True     # on by default in vLLM V1
     time_scale: float = 1.0                # >1 stretches emulated time: every duration x time_scale on the wall clock
     lag_warn_s: float = 0.05               # a worker this far behind its schedule (wall s) is flagged as lagging
@@ -392,6 +394,7 @@ def _check_engine(e: EngineSpec) -> None:
     _require(e.activation_reserve_gb >= 0, "engine.activation_reserve_gb",
              f"must be >= 0 (got {e.activation_reserve_gb})")
     _require(e.swap_space_gb >= 0, "engine.swap_space_gb", f"must be >= 0 (got {e.swap_space_gb})")
+    _require(e.host_kv_gb >= 0, "engine.host_kv_gb", f"must be >= 0 (got {e.host_kv_gb})")
     _require(e.time_scale >= 1, "engine.time_scale",
              f"must be >= 1 (got {e.time_scale}): below 1 the host would have to run faster than real time")
     _positive(e.lag_warn_s, "engine.lag_warn_s")

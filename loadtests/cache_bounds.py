@@ -26,6 +26,8 @@ class Bounds:
     infinite: float      # hit rate of an infinite cache
     pooled_lru: float    # hit rate of one LRU cache the size of the cluster's KV
     capacity_blocks: int
+    pooled_tiered: float | None = None   # one LRU of the cluster's KV plus its host tiers (None: no host tier)
+    host_blocks: int = 0
 
 
 def _leading_hits(hashes: Sequence[int], prompt_len: int, block_size: int, cached) -> int:
@@ -60,3 +62,12 @@ def cluster_kv_blocks(spec) -> int:
     """KV blocks of the workers that compute prompts (prefill and colocated): the pooled cache's size."""
     slots = [s for s in spec.worker_list() if s.role != "decode"]
     return sum(build_engine(spec, s.pool).blocks.num_blocks for s in slots)
+
+
+def cluster_host_blocks(spec) -> int:
+    """Host-tier KV blocks of the workers that compute prompts (0 without a host tier)."""
+    if spec.engine.host_kv_gb <= 0:
+        return 0
+    slots = [s for s in spec.worker_list() if s.role != "decode"]
+    hosts = [build_engine(spec, s.pool).blocks.host for s in slots]
+    return sum(h.capacity for h in hosts if h is not None)

@@ -15,6 +15,7 @@ given as a share of the pooled LRU. Traces are keyed as `kvlab sim --trace` keys
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,12 +24,13 @@ from pathlib import Path
 import msgspec
 
 from emulator import traces
+from emulator.planner.tiered_cache import TierHits, spec_trace_tier_hits
 from emulator.sim.policy_settings import policy_settings as sim_policy_settings
 from emulator.sim.report import Summary, overload_note
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
 from kvlab.wire.user_errors import count_or_all, positive, positive_int
-from loadtests.cache_bounds import Bounds, cluster_kv_blocks, hit_rates
+from loadtests.cache_bounds import Bounds, cluster_host_blocks, cluster_kv_blocks, hit_rates
 from router.policies.registry import check_spec_settings
 
 DEFAULT_POLICIES = "round_robin,prefix_ring,prefix_bounded,kv_aware"
@@ -49,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trace blocks, see below)")
     parser.add_argument("--set", action="append", default=[], metavar="POLICY.KEY=VALUE",
                         help="a policy setting, e.g. kv_aware.load_weight=0.2 (repeatable)")
+    parser.add_argument("--host-kv-gb", type=float, default=None,
+                        help="override engine.host_kv_gb: host memory per worker for KV evicted from HBM (0: none)")
     parser.add_argument("--live", action="store_true", help="replay through the live router and workers")
     parser.add_argument("--time-scale", type=positive, default=None, help="--live: override the spec's time scale")
     parser.add_argument("--out", default=None, help="also write compare.json and compare.md here (--live: and "
@@ -65,7 +69,7 @@ class Row:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        spec = _with_workers(load_spec(resolve_spec_path(args.spec)), args.workers)
+        spec = _with_host_tier(_with_workers(load_spec(resolve_spec_path(args.spec)), args.workers), args.host_kv_gb)
         check_spec_settings(spec)
         trace = Path(args.trace) if args.trace else traces.shared_trace()
         if trace is None or not trace.is_file():
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = [simulate(spec, trace, p, s, args.limit, args.speedup) for p, s in settings.items()]
     bounds = trace_bounds(spec, trace, args.limit)
-    text = table(rows, spec, bounds)
+    planned = spec_trace_tier_hits(spec, trace, args.limit, args.speedup) if spec.engine.host_kv_gb > 0 else None
+    text = table(rows, spec, bounds, planned)
     print(text)
     note = rows and overload_note(min(r.summary.ttft.p50 for r in rows), spec.slo.ttft_p99_s,
                                   "under overload queueing, not cache reuse, decides the table; try --workers "
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note)
     if args.out:
-        _write(Path(args.out), title, rows, text, bounds)
+        _write(Path(args.out), title, rows, text, bounds, planned)
     return 0
 
 
@@ -105,6 +110,14 @@ def _with_workers(spec: ClusterSpec, workers: int | None) -> ClusterSpec:
         raise ValueError("--workers applies to colocated specs; edit the pools of a disaggregated spec instead")
     pools = [msgspec.structs.replace(spec.pools[0], count=workers)] + list(spec.pools[1:])
     return msgspec.structs.replace(spec, pools=pools)
+
+
+def _with_host_tier(spec: ClusterSpec, host_kv_gb: float | None) -> ClusterSpec:
+    if host_kv_gb is None:
+        return spec
+    if host_kv_gb < 0:
+        raise ValueError(f"--host-kv-gb must be >= 0, got {host_kv_gb:g}")
+    return msgspec.structs.replace(spec, engine=msgspec.structs.replace(spec.engine, host_kv_gb=host_kv_gb))
 
 
 def policy_settings(spec: ClusterSpec, policy: str, prefix_blocks: int | None, overrides: list[str]) -> dict:
@@ -131,8 +144,14 @@ def whole_run(sim: Simulator) -> tuple[float, float]:
 def trace_bounds(spec: ClusterSpec, trace: Path, limit: int) -> Bounds:
     """The infinite-cache and pooled-LRU hit rates of the same requests, in the simulator's blocks."""
     size = spec.engine.block_size
-    pairs = ((r.prompt_len, r.block_hashes) for r in traces.hashed_requests(trace, limit=limit, block_size=size))
-    return hit_rates(pairs, cluster_kv_blocks(spec), size)
+    def pairs():
+        return ((r.prompt_len, r.block_hashes) for r in traces.hashed_requests(trace, limit=limit, block_size=size))
+    bounds = hit_rates(pairs(), cluster_kv_blocks(spec), size)
+    host = cluster_host_blocks(spec)
+    if not host:
+        return bounds
+    with_host = hit_rates(pairs(), bounds.capacity_blocks + host, size)
+    return dataclasses.replace(bounds, pooled_tiered=with_host.pooled_lru, host_blocks=host)
 
 
 def load_imbalance(loads: list[float]) -> float:
@@ -145,10 +164,18 @@ HEADER = ["policy", "hit %", "% of LRU", "TTFT p50 ms", "TTFT p99 ms", "ITL p99 
           "max/avg load", "rejected"]
 
 
-def cells(row: Row, bound: float) -> list[str]:
+TIER_HEADER = ["HBM hit %", "host hit %"]
+
+
+def header(tiered: bool) -> list[str]:
+    return HEADER[:2] + TIER_HEADER + HEADER[2:] if tiered else HEADER
+
+
+def cells(row: Row, bound: float, tiered: bool = False) -> list[str]:
     s = row.summary
     ms = lambda v: f"{v * 1000:.0f}" if v == v else "-"  # noqa: E731  (NaN != NaN)
-    return [row.policy, f"{100 * s.prefix_hit_rate:.1f}", _share(s.prefix_hit_rate, bound),
+    tiers = [f"{100 * (s.prefix_hit_rate - s.host_hit_rate):.1f}", f"{100 * s.host_hit_rate:.1f}"] if tiered else []
+    return [row.policy, f"{100 * s.prefix_hit_rate:.1f}", *tiers, _share(s.prefix_hit_rate, bound),
             ms(s.ttft.p50), ms(s.ttft.p99), ms(s.itl.p99),
             f"{s.goodput_rps:.2f}", f"{s.throughput_rps:.2f}", f"{row.load_max_over_avg:.2f}", str(s.rejected)]
 
@@ -157,15 +184,29 @@ def _share(rate: float, bound: float) -> str:
     return f"{100 * rate / bound:.0f}" if bound > 0 else "-"
 
 
-def bound_cells(bounds: Bounds) -> list[list[str]]:
+def bound_cells(bounds: Bounds, tiered: bool = False) -> list[list[str]]:
     rows = [("bound: infinite cache", bounds.infinite), ("bound: pooled LRU", bounds.pooled_lru)]
-    return [[name, f"{100 * rate:.1f}", _share(rate, bounds.pooled_lru)] + [""] * (len(HEADER) - 3)
+    if bounds.pooled_tiered is not None:
+        rows.append(("bound: pooled LRU, HBM + host", bounds.pooled_tiered))
+    width = len(header(tiered))
+    pad = ["", ""] if tiered else []
+    return [[name, f"{100 * rate:.1f}", *pad, _share(rate, bounds.pooled_lru)] + [""] * (width - 3 - len(pad))
             for name, rate in rows]
 
 
-def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> str:
-    body = [cells(r, bounds.pooled_lru if bounds else 0.0) for r in rows] + (bound_cells(bounds) if bounds else [])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
+def planned_cells(planned: TierHits, bound: float, width: int) -> list[str]:
+    return ["planner: Che, HBM + host", f"{100 * planned.total:.1f}", f"{100 * planned.hbm:.1f}",
+            f"{100 * planned.host:.1f}", _share(planned.total, bound)] + [""] * (width - 5)
+
+
+def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None, planned: TierHits | None = None) -> str:
+    tiered = spec.engine.host_kv_gb > 0
+    head = header(tiered)
+    body = [cells(r, bounds.pooled_lru if bounds else 0.0, tiered) for r in rows]
+    body += bound_cells(bounds, tiered) if bounds else []
+    if planned is not None and tiered:
+        body.append(planned_cells(planned, bounds.pooled_lru if bounds else 0.0, len(head)))
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 
     def line(row: list[str]) -> str:   # the first column left-aligned, the rest right
         return "  ".join(x.rjust(w) if i else x.ljust(w)
@@ -174,16 +215,28 @@ def table(rows: list[Row], spec: ClusterSpec, bounds: Bounds | None = None) -> s
     slo = f"goodput: requests/s meeting p99 TTFT <= {spec.slo.ttft_p99_s:g} s and ITL <= {spec.slo.itl_p99_s:g} s"
     notes = [slo, "hit %: cached / prompt tokens (simulated: per request, as kvlab sim reports it; --live: the "
                   "workers' prefix-cache counters); % of LRU: share of the pooled-LRU bound"]
+    if tiered:
+        notes.append(f"HBM / host hit %: the part of hit % found in HBM / onboarded from host memory "
+                     f"({spec.engine.host_kv_gb:g} GB per worker)")
+    if planned is not None and tiered:
+        notes.append(f"planner: two-level Che estimate on the trace's reuse times, the workers' caches pooled "
+                     f"(emulator/planner/tiered_cache.py); prompt tokens to prefill: {planned.prefill_load:.0%} "
+                     f"of those without the host tier")
     if bounds:
         notes.append(f"bounds: the same requests through one cache; pooled LRU holds the cluster's "
-                     f"{bounds.capacity_blocks * spec.engine.block_size:,} KV tokens")
-    return "\n".join([line(HEADER), line(["-" * w for w in widths]), *(line(b) for b in body), *notes])
+                     f"{bounds.capacity_blocks * spec.engine.block_size:,} KV tokens"
+                     + (f" (+ {bounds.host_blocks * spec.engine.block_size:,} in host memory)"
+                        if bounds.host_blocks else ""))
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body), *notes])
 
 
-def _write(out: Path, title: str, rows: list[Row], text: str, bounds: Bounds) -> None:
+def _write(out: Path, title: str, rows: list[Row], text: str, bounds: Bounds,
+           planned: TierHits | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {"title": title, "bounds": {"infinite": bounds.infinite, "pooled_lru": bounds.pooled_lru,
-                                       "capacity_blocks": bounds.capacity_blocks},
+                                       "capacity_blocks": bounds.capacity_blocks,
+                                       "pooled_tiered": bounds.pooled_tiered, "host_blocks": bounds.host_blocks},
+            "planned": None if planned is None else {"hbm": planned.hbm, "host": planned.host},
             "rows": [{"policy": r.policy, "settings": r.settings, "load_max_over_avg": r.load_max_over_avg,
                                       "summary": msgspec.to_builtins(r.summary)} for r in rows]}
     (out / "compare.json").write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))

@@ -15,7 +15,7 @@ from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
 from kvlab.wire.http_server import ServerLimits
 from router.frontdoor.tenants import TenantConfig
 from router.policies.hash_memo import DEFAULT_RUNS
-from router.policies.registry import check_spec_settings
+from router.policies.registry import check_spec_settings, host_credit
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):
@@ -127,10 +127,16 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
     prefill_s, drain_s = _prefill_times(spec) if r.shedding else (None, None)
     config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
                           limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
-                          block_size=spec.engine.block_size,
+                          block_size=spec.engine.block_size, kv_index=_index_settings(spec),
                           shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s, prefill_s=prefill_s,
                                                   drain_s=drain_s), models=[spec.model])
     return config, r.port, r.host
+
+
+def _index_settings(spec) -> dict[str, Any]:
+    """With a host KV tier, the index follows host-held blocks and credits them (router.policies.kv_index)."""
+    credit = host_credit(spec)
+    return {} if credit is None else {"host_credit": credit}
 
 
 def _prefill_times(spec) -> tuple[float, float]:

@@ -53,7 +53,8 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     eos_probability: float = 0.0
     eviction: str = "lru"
     preemption: str = "recompute"
-    swap_link: str | None = None          # None: PCIe Gen5 when preemption is "swap"
+    host_kv_gb: float = 0.0               # host memory for KV evicted from HBM (0: no host tier)
+    swap_link: str | None = None          # None: PCIe Gen5 when preemption is "swap" or a host tier is on
     hold_timeout_s: float = 60.0          # prefill role: KV nobody pulled is freed after this long
     # P/D handoff and KV events
     kv_link: str | None = None            # decode role: None means InfiniBand NDR
@@ -82,6 +83,8 @@ def validate(cfg: WorkerConfig) -> None:
         raise ValueError("time_scale must be > 0")
     if not 1 <= cfg.stream_interval <= MAX_STREAM_INTERVAL:
         raise ValueError(f"stream_interval must be in 1..{MAX_STREAM_INTERVAL}")
+    if cfg.host_kv_gb < 0:
+        raise ValueError("host_kv_gb must be >= 0")
     if cfg.max_body_bytes < 1024:
         raise ValueError("max_body_bytes must be at least 1024")
 
@@ -107,11 +110,13 @@ def engine_config(cfg: WorkerConfig) -> EngineConfig:
                         activation_reserve_gb=cfg.activation_reserve_gb, eviction=cfg.eviction,
                         enable_prefix_caching=cfg.enable_prefix_caching, max_model_len=cfg.max_model_len,
                         eos_probability=cfg.eos_probability, hold_timeout_s=cfg.hold_timeout_s,
+                        host_kv_gb=cfg.host_kv_gb,
                         scheduler=sched)
 
 
 def build_engine(cfg: WorkerConfig, catalog: Catalog | None = None) -> Engine:
     validate(cfg)
     catalog = catalog or load_catalog(cfg.catalog)
-    swap = catalog.link(cfg.swap_link or DEFAULT_SWAP_LINK) if cfg.preemption == "swap" else None
+    host_link = cfg.preemption == "swap" or cfg.host_kv_gb > 0
+    swap = catalog.link(cfg.swap_link or DEFAULT_SWAP_LINK) if host_link else None
     return Engine(deployment(cfg, catalog), engine_config(cfg), kv_link=kv_link(cfg, catalog), swap_link=swap)

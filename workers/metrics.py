@@ -182,6 +182,14 @@ class EngineCollector(Collector):
                        blocks.prefix_queries, labels)
         yield _counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                        blocks.prefix_hits, labels)
+        if blocks.host is not None:   # vLLM's KV-connector counters: here the connector is the host tier
+            yield _counter("vllm:external_prefix_cache_queries", "Prompt tokens looked up in host memory.",
+                           blocks.host_queries, labels)
+            yield _counter("vllm:external_prefix_cache_hits", "Prompt tokens onboarded from host memory.",
+                           blocks.host_hits, labels)
+            yield _gauge("kvlab:host_kv_blocks", "KV blocks held in host memory.", len(blocks.host), labels)
+            yield _counter("kvlab:host_kv_demotions", "KV blocks evicted from HBM and kept in host memory.",
+                           blocks.demotions, labels)
         yield _counter("vllm:num_preemptions", "Preemptions of running requests.",
                        eng.scheduler.preemptions, labels)
         yield _gauge("kvlab:kv_blocks_total", "KV blocks in the pool.", blocks.num_blocks, labels)

@@ -127,7 +127,8 @@ class WorkerRuntime:
         if pending:
             self.events.append(pending)
         return {"seq": self.events.next_seq, "block_size": self.engine.blocks.block_size,
-                "block_hashes": self.engine.blocks.cached_hashes()}
+                "block_hashes": self.engine.blocks.cached_hashes(),
+                "host_block_hashes": self.engine.blocks.host_hashes()}
 
     def load(self) -> dict:
         eng, blocks, cfg = self.engine, self.engine.blocks, self.cfg
@@ -137,6 +138,7 @@ class WorkerRuntime:
             "kv_usage": blocks.usage, "num_blocks": blocks.num_blocks, "free_blocks": blocks.num_free,
             "block_size": blocks.block_size,
             "prefix_cache_queries": blocks.prefix_queries, "prefix_cache_hits": blocks.prefix_hits,
+            "host_cache_hits": blocks.host_hits,
             "preemptions": eng.scheduler.preemptions,
             "busy_prefill_s": self.metrics.busy_prefill_s, "busy_decode_s": self.metrics.busy_decode_s,
             "engine_steps": self.metrics.steps, **self.metrics.roofline_figures(),

@@ -73,7 +73,8 @@ def format_summary(s: Summary, title: str = "") -> str:
             f"requests {s.requests}  completed {s.completed}  rejected {s.rejected}  preemptions {s.preemptions}",
             f"throughput {s.throughput_rps:.2f} req/s  {s.output_tokens_per_s:.0f} output tok/s",
             f"goodput {s.goodput_rps:.2f} req/s  SLO attainment {s.slo_attainment:.1%}  "
-            f"prefix hit rate {s.prefix_hit_rate:.1%}",
+            f"prefix hit rate {s.prefix_hit_rate:.1%}"
+            + (f" ({s.host_hit_rate:.1%} from host memory)" if s.host_hit_rate else ""),
             "            p50 ms   p90 ms   p99 ms",
             f"TTFT      {ms(s.ttft.p50)} {ms(s.ttft.p90)} {ms(s.ttft.p99)}",
             f"ITL       {ms(s.itl.p50)} {ms(s.itl.p90)} {ms(s.itl.p99)}",

@@ -14,7 +14,8 @@ import numpy as np
 
 
 class RequestRecord:
-    __slots__ = ("arrival", "first", "last", "tokens", "prompt_tokens", "cached_tokens", "worker", "done", "error")
+    __slots__ = ("arrival", "first", "last", "tokens", "prompt_tokens", "cached_tokens", "host_cached_tokens",
+                 "worker", "done", "error")
 
     def __init__(self, arrival: float, prompt_tokens: int):
         self.arrival = arrival
@@ -23,6 +24,7 @@ class RequestRecord:
         self.tokens = 0
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = 0
+        self.host_cached_tokens = 0   # of cached_tokens, those onboarded from a host KV tier
         self.worker = ""
         self.done = False
         self.error: str | None = None
@@ -77,6 +79,7 @@ class Summary(msgspec.Struct, kw_only=True):
                                # cached / prompt tokens of the requests that arrived in it)
     preemptions: int
     workers: dict[str, dict]
+    host_hit_rate: float = 0.0  # the part of prefix_hit_rate onboarded from host memory (host KV tier)
 
 
 def percentiles(values) -> Percentiles:

@@ -19,7 +19,7 @@ from kvlab.wire.kv_events import KVEventBatch
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.kv_index import KvIndex
-from router.policies.registry import PolicySet
+from router.policies.registry import PolicySet, host_credit
 from workers.core.engine import EngineError, QueueFull, StepResult
 from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
@@ -60,7 +60,8 @@ class Simulator:
         name = policy or spec.router.policy
         opts = settings if settings is not None else (dict(spec.router.settings) if name == spec.router.policy else {})
         self.block_size = spec.engine.block_size
-        self.policies = PolicySet(name, {name: opts}, KvIndex(block_size=self.block_size))
+        index = KvIndex(block_size=self.block_size, host_credit=host_credit(spec))
+        self.policies = PolicySet(name, {name: opts}, index)
         self.hash_memo = BlockHashMemo(self.block_size)   # as the router: repeated prefixes are looked up
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
@@ -195,6 +196,7 @@ class Simulator:
             return
         record.done = True
         record.cached_tokens = max(record.cached_tokens, fin.cached_tokens)
+        record.host_cached_tokens = max(record.host_cached_tokens, fin.host_cached_tokens)
 
     def _hand_off(self, prefill: SimWorker, request_id: str, result: StepResult) -> None:
         """P/D: the prefill worker produced the first token; the decode worker pulls the KV."""
@@ -212,11 +214,13 @@ class Simulator:
     def summary(self, window: tuple[float, float] | None = None) -> Summary:
         if window is None:   # the engines' own counters (vLLM's hit rate: hits / queried tokens)
             queries = sum(w.engine.blocks.prefix_queries for w in self.workers.values())
-            hits = sum(w.engine.blocks.prefix_hits for w in self.workers.values())
+            host = sum(w.engine.blocks.host_hits for w in self.workers.values())
+            hits = sum(w.engine.blocks.prefix_hits for w in self.workers.values()) + host
         else:                # the finished prompts that arrived in the window: warm-up misses stay out
             inside = [r for r in self.log.records.values() if r.done and window[0] <= r.arrival < window[1]]
             queries = sum(r.prompt_tokens for r in inside)
             hits = sum(r.cached_tokens for r in inside)
+            host = sum(r.host_cached_tokens for r in inside)
         horizon = self.now or 1.0
         workers = {w.id: {"role": w.role, "routed": w.routed, "steps": w.steps,
                           "prefill_busy": w.busy_prefill / horizon, "decode_busy": w.busy_decode / horizon,
@@ -224,5 +228,6 @@ class Simulator:
                    for w in self.workers.values()}
         return self.log.summarize(self.spec.slo.ttft_p99_s, self.spec.slo.itl_p99_s, window,
                                   prefix_hit_rate=hits / queries if queries else 0.0,
+                                  host_hit_rate=host / queries if queries else 0.0,
                                   preemptions=sum(w.engine.scheduler.preemptions for w in self.workers.values()),
                                   workers=workers)

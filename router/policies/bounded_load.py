@@ -22,19 +22,19 @@ large totals the relative term dominates and the cap is the paper's.
 The choice, among the workers under the cap. Without a KV index it is the paper's: the owner of
 the prompt's ring key, else the next worker clockwise under the cap. With the router's KV index, the
 worker holding the longest cached prefix of the prompt wins, then the least loaded, then the first
-clockwise; a match counts only where it runs past the ring key (the key's blocks are usually a prefix
-every worker holds, like a common system prompt, and crediting them draws all traffic to the workers
-that cached it first). So a conversation follows its history, an overflowing prefix lands on a
-worker that already holds it, replicas of a hot prefix share its load, and a cold prompt goes to the
-least loaded worker (measured: sending cold prompts to the ring owner instead cost up to 9 points
-of the pooled-LRU bound on the trace and raised TTFT p99 on the RAG and agentic mixes by 5-17%).
-``overflow_skips`` counts the
-workers at the cap that the ring walk passed before the first one under it.
+clockwise (with a host KV tier, host-held blocks count at the index's host_credit); a match counts
+only where it runs past the ring key (the key's blocks are usually a prefix every worker holds, like
+a common system prompt, and crediting them draws all traffic to the workers that cached it first).
+So a conversation follows its history, an overflowing prefix lands on a worker that already holds
+it, replicas of a hot prefix share its load, and a cold prompt goes to the least loaded worker
+(measured: sending cold prompts to the ring owner instead cost up to 9 points of the pooled-LRU
+bound on the trace and raised TTFT p99 on the RAG and agentic mixes by 5-17%). ``overflow_skips``
+counts the workers at the cap that the ring walk passed before the first one under it.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from router.policies.base import Decision, RouteRequest, WorkerView, prefix_key
 from router.policies.hash_ring import DEFAULT_VNODES
@@ -82,15 +82,15 @@ class PrefixBounded(RingPolicy):
             raise AssertionError("the caps sum past the total load, so some worker is under its cap")
         winner, matched = under[0], None   # without an index: the key's owner, else clockwise
         if self.index is not None:
-            matched = self.index.match(request.blocks)
+            matched = self.index.credited_match(request.blocks)   # host-held blocks at their credit
             # Python's min keeps the first of equal keys, so ring order breaks the last ties.
             winner = min(under, key=lambda w: (-self._credit(matched, w), w.in_flight))
         skips = order.index(under[0])   # workers at the cap passed over on the walk
         self.overflow_total += skips
         return Decision(worker=winner.id, policy=self.name, overflow_skips=skips,
-                        matched_blocks=None if matched is None else matched.get(winner.id, 0))
+                        matched_blocks=None if matched is None else round(matched.get(winner.id, 0)))
 
-    def _credit(self, matched: dict[str, int], worker: WorkerView) -> int:
+    def _credit(self, matched: Mapping[str, float], worker: WorkerView) -> float:
         """Cached blocks that count for `worker`: only a match longer than the ring key. The key's
         blocks are what the ring itself places (often a prefix every worker holds, such as a common
         system prompt); crediting them would draw all traffic to the workers that hold them first."""

@@ -4,6 +4,10 @@
             - load_weight * load / max(load over healthy workers, 1)
             - kv_weight * kv_usage
 
+With a host KV tier (KvIndex.host_credit set) matched_blocks counts a worker's HBM blocks plus its
+host-held blocks after them at host_credit each: what onboarding them saves against recomputing them,
+from the roofline (emulator.physics.steptime.host_hit_credit), not a fixed weight.
+
 The worker with the highest score wins. Loads are normalized by the busiest worker, so equal loads
 cost nothing and the cache decides; with the defaults a worker holding the whole prompt still beats
 an idle worker holding none, but a half-cached prompt goes to an idle worker rather than the busiest
@@ -38,7 +42,7 @@ class KvAware(StatelessPolicy):
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         alive = healthy(workers)
-        matched = self.index.match(request.blocks)
+        matched = self.index.credited_match(request.blocks)
         blocks = max(len(request.blocks), 1)
         loads = [self._load(w) for w in alive]
         scale = max(max(loads), 1)
@@ -56,7 +60,7 @@ class KvAware(StatelessPolicy):
         if len(best) > 1:
             key = prefix_key(request, self.prefix_blocks)
             winner = max((w for _, w in best), key=lambda w: rendezvous(key, w.id))
-        return Decision(worker=winner.id, policy=self.name, matched_blocks=hit, score=score)
+        return Decision(worker=winner.id, policy=self.name, matched_blocks=round(hit), score=score)
 
     def _load(self, worker: WorkerView) -> int:
         if self.load_metric == "queue":

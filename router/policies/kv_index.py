@@ -11,11 +11,18 @@ differs from ours (vLLM's sha256 or builtin hash) still line up with the router'
 blocks may then be any multiple of our block size. In that mode a block whose parent was never seen
 (the index joined mid-stream) cannot be placed and is skipped, and per-tenant salts cannot be
 recovered from the events (vLLM does not publish them), so salted prompts simply never match.
+
+Host tier: with ``host_credit`` set, the index also follows blocks a worker keeps in host memory
+(events with ``medium="CPU"``, as vLLM's offloading connector publishes them) in a second index over
+every medium, and ``match_tiers`` answers, per worker, how many leading blocks it holds in HBM and how
+many more it holds in host memory after them; ``host_credit`` is what a host block is worth against an
+HBM block to a policy (emulator.physics.steptime.host_hit_credit). CPU events carry no token ids, so
+this needs the engines' own hashes (not ``rehash``).
 """
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import reduce
 from itertools import accumulate, repeat
 from operator import and_, neg
@@ -31,7 +38,8 @@ DEFAULT_MEDIA = ("GPU", None)  # blocks offloaded to CPU are not a prefix-cache 
 
 class KvIndex:
     def __init__(self, rehash: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
-                 salt: str | None = None, media: Iterable[str | None] = DEFAULT_MEDIA) -> None:
+                 salt: str | None = None, media: Iterable[str | None] = DEFAULT_MEDIA,
+                 host_credit: float | None = None) -> None:
         self.rehash = rehash
         self.block_size = block_size
         self._root = root_hash(salt)
@@ -43,6 +51,14 @@ class KvIndex:
         self._engine: dict[str, dict[BlockHash, tuple[tuple[BlockHash, ...], int]]] = {}
         self._slot: dict[str, int] = {}
         self._ids: list[str | None] = []
+        self.host_credit = host_credit
+        self.any_tier: KvIndex | None = None   # every medium: HBM and host together
+        if host_credit is not None:
+            if rehash:
+                raise ValueError("a host tier's events carry no token ids: host_credit needs rehash=False")
+            if not 0.0 <= host_credit <= 1.0:
+                raise ValueError(f"host_credit must be in [0, 1], got {host_credit}")
+            self.any_tier = KvIndex(block_size=block_size, salt=salt, media=(*self.media, "CPU"))
 
     # ---- feeding -------------------------------------------------------------------------------
 
@@ -51,6 +67,8 @@ class KvIndex:
             self.apply_event(worker_id, event)
 
     def apply_event(self, worker_id: str, event: KVEvent) -> None:
+        if self.any_tier is not None:
+            self.any_tier.apply_event(worker_id, event)
         if isinstance(event, BlockStored):
             if event.medium in self.media:
                 self._stored(worker_id, event)
@@ -64,6 +82,8 @@ class KvIndex:
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker (it left the cluster or restarted with an empty cache)."""
+        if self.any_tier is not None:
+            self.any_tier.remove_worker(worker_id)
         if worker_id in self._slot:
             self._clear(worker_id)
             slot = self._slot.pop(worker_id)
@@ -101,6 +121,22 @@ class KvIndex:
         if active:
             self._record(active, total, matched)
         return matched
+
+    def match_tiers(self, blocks: Sequence[BlockHash]) -> dict[str, tuple[int, int]]:
+        """Per worker holding the first block in any tier: (leading blocks in HBM, blocks after them in
+        host memory). Without a host tier the second number is always 0."""
+        gpu = self.match(blocks)
+        if self.any_tier is None:
+            return {w: (n, 0) for w, n in gpu.items()}
+        return {w: (gpu.get(w, 0), n - gpu.get(w, 0)) for w, n in self.any_tier.match(blocks).items()}
+
+    def credited_match(self, blocks: Sequence[BlockHash]) -> Mapping[str, float]:
+        """Leading cached blocks per worker as a policy weighs them: HBM blocks count 1, the host-held
+        blocks after them host_credit each (just ``match`` without a host tier)."""
+        credit = self.host_credit
+        if credit is None:
+            return self.match(blocks)
+        return {w: gpu + credit * host for w, (gpu, host) in self.match_tiers(blocks).items()}
 
     def workers_with(self, block_hash: BlockHash) -> set[str]:
         return self._bits_to_ids(self._owners.get(block_hash, 0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from emulator.physics import steptime
 from emulator.spec import ClusterSpec, SpecError
 from kvlab.wire.user_errors import unknown_name
 from router.policies.base import Decision, Policy, RouteRequest, WorkerView
@@ -43,6 +44,16 @@ BUILDERS: dict[str, Callable[..., Policy]] = {
     "kv_aware": lambda index, **s: KvAware(index, **s),
     "pd_pair": _pd_pair,
 }
+
+
+def host_credit(spec: ClusterSpec) -> float | None:
+    """What a block in a worker's host memory is worth to kv_aware against one in HBM, from the spec's
+    roofline and host link (emulator.physics.steptime.host_hit_credit); None when the spec has no host tier."""
+    if spec.engine.host_kv_gb <= 0:
+        return None
+    prompt_pools = [p for p in spec.pools if p.role != "decode"]
+    return min(steptime.host_hit_credit(spec.deployment(p), spec.host_swap_link(), spec.engine.max_num_batched_tokens)
+               for p in prompt_pools)
 
 
 def build_policy(name: str, settings: Settings | None = None, *, index: KvIndex | None = None) -> Policy:

@@ -28,7 +28,7 @@ import httpx
 import msgspec
 
 from kvlab.wire.block_hash import BlockHash
-from kvlab.wire.kv_events import BlockStored, KVEventBatch, decode_batch
+from kvlab.wire.kv_events import BlockStored, KVEvent, KVEventBatch, decode_batch
 from router.policies.kv_index import KvIndex
 from router.pool.worker_pool import Worker
 
@@ -41,6 +41,7 @@ class Snapshot(msgspec.Struct):
     seq: int                  # the first event batch not reflected in block_hashes
     block_size: int
     block_hashes: list[BlockHash]
+    host_block_hashes: list[BlockHash] = []   # a host KV tier's blocks (medium CPU)
 
 
 _snapshot = msgspec.msgpack.Decoder(Snapshot)
@@ -125,8 +126,12 @@ class KvSubscriber:
         response.raise_for_status()
         snap = _snapshot.decode(response.content)
         self.index.remove_worker(worker.id)
-        self._apply(worker.id, KVEventBatch(ts=0.0, events=[BlockStored(
-            block_hashes=snap.block_hashes, parent_block_hash=None, token_ids=[], block_size=snap.block_size)]))
+        events: list[KVEvent] = [BlockStored(block_hashes=snap.block_hashes, parent_block_hash=None,
+                                             token_ids=[], block_size=snap.block_size)]
+        if snap.host_block_hashes:
+            events.append(BlockStored(block_hashes=snap.host_block_hashes, parent_block_hash=None, token_ids=[],
+                                      block_size=snap.block_size, medium="CPU"))
+        self._apply(worker.id, KVEventBatch(ts=0.0, events=events))
         self.snapshots += 1
         return snap.seq - 1, True
 

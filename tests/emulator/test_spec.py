@@ -109,6 +109,7 @@ BAD = [
     (BASE + ONE_POOL + '[links]\nkv_transfer = "Carrier-Pigeon"\n', "links.kv_transfer", ["InfiniBand-NDR"]),
     (BASE + ONE_POOL + "[engine]\nblock_size = 12\n", "engine.block_size", ["power of two"]),
     (BASE + ONE_POOL + "[engine]\ntime_scale = 0.5\n", "engine.time_scale", [">= 1"]),
+    (BASE + ONE_POOL + "[engine]\nhost_kv_gb = -1\n", "engine.host_kv_gb", [">= 0"]),
     (BASE + ONE_POOL + "[engine]\ngpu_memory_utilization = 1.5\n", "engine.gpu_memory_utilization", ["(0, 1]"]),
     (BASE + ONE_POOL + '[engine]\npreemption = "drop"\n', "engine.preemption", ["recompute, swap"]),
     (BASE + ONE_POOL + '[router]\npolicy = "random"\n', "router.policy", ["prefix_bounded"]),

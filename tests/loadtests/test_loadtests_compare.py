@@ -56,3 +56,19 @@ def test_a_missing_trace_is_a_clear_error(tmp_path, capsys):
     compare.add_arguments(parser)
     assert compare.run(parser.parse_args(["default", "--trace", str(tmp_path / "none.jsonl")])) == 2
     assert "no trace" in capsys.readouterr().err
+
+
+@needs_trace
+def test_a_host_tier_is_reported_per_tier_and_lifts_hits_past_the_hbm_bound(capsys):
+    """Two workers, 300 requests: their HBM holds about half the reuse; a host tier of 4x HBM holds the rest."""
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    args = ["default", "--limit", "300", "--policies", "kv_aware", "--host-kv-gb", "320"]
+    assert compare.run(parser.parse_args(args)) == 0
+    out = capsys.readouterr().out
+    assert "HBM hit %" in out and "host hit %" in out
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines() if line.split()}
+    total, hbm, host = (float(x) for x in rows["kv_aware"][1:4])
+    assert host > 0 and total == pytest.approx(hbm + host, abs=0.15)
+    assert total > float(rows["bound: pooled LRU"][3])   # past what the HBM alone could hold
+    assert "planner: Che, HBM + host" in rows

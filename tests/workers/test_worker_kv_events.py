@@ -87,3 +87,22 @@ def test_http_event_log_resyncs_a_router_without_zmq(start_worker):
     assert int(r.headers["x-kv-events-next-seq"]) == newer[-1][0] + 1
     assert int(r.headers["x-kv-events-first-seq"]) <= newer[0][0]
     assert httpx.get(w.url + "/v1/kv_events", params={"after": "x"}).status_code == 400
+
+
+def test_host_tier_blocks_travel_as_cpu_medium_events_and_in_the_snapshot(start_worker):
+    w = start_worker(num_blocks=3, host_kv_gb=0.1)   # 48 tokens of HBM: each prompt evicts the other
+    first, other = list(range(500, 547)), list(range(600, 647))   # two full blocks each
+    for prompt in (first, other):
+        w.http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
+    r = w.http.get("/v1/kv_events", params={"after": -1, "format": "msgpack"})
+    events = [e for _, b in msgspec.msgpack.decode(r.content, type=list[tuple[int, KVEventBatch]]) for e in b.events]
+    demoted = {h for e in events if isinstance(e, BlockStored) and e.medium == "CPU" for h in e.block_hashes}
+    assert set(block_hashes(first)[:2]) <= demoted
+    snapshot = w.http.get("/v1/kv_events/snapshot").json()
+    assert set(block_hashes(first)[:2]) <= set(snapshot["host_block_hashes"])
+    assert not set(snapshot["host_block_hashes"]) & set(snapshot["block_hashes"])
+
+    w.http.post("/v1/completions", json={"model": MODEL, "prompt": first, "max_tokens": 1})   # onboarded
+    metrics = w.http.get("/metrics").text
+    hits = next(line for line in metrics.splitlines() if line.startswith("vllm:external_prefix_cache_hits_total"))
+    assert float(hits.split()[-1]) == 32.0   # both blocks came back from host memory

@@ -5,6 +5,13 @@ block hash and enters the prefix cache (``hash -> block``). Unreferenced blocks 
 their slot is needed: free slots without a hash are used first, then cached blocks are evicted in
 LRU order (least recently released first) or LFU order (fewest hits, then oldest). Every change to
 the cache emits a vLLM-format KV event at the moment it happens.
+
+With a host tier (``host_blocks > 0``) an evicted block is not forgotten but demoted to host memory,
+itself an LRU of block hashes; a prompt whose GPU prefix is followed by blocks held there onboards
+them (``onboard``) instead of recomputing them. The tiers are exclusive, as a victim cache: a hash
+is in at most one of them, so GPU plus host behave as one LRU of both sizes (what the planner's
+two-level Che estimate assumes). Host changes are reported with ``medium="CPU"`` and, as vLLM's
+offloading connector reports them, without parent hash or token ids.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from collections.abc import Sequence
 
 from kvlab.wire.block_hash import BlockHash
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEvent
+
+GPU, CPU = "GPU", "CPU"   # vLLM's medium names (vllm.v1.kv_offload.mediums)
 
 
 class Block:
@@ -76,12 +85,45 @@ class LfuOrder:
 EVICTION_ORDERS: dict[str, type[LruOrder | LfuOrder]] = {"lru": LruOrder, "lfu": LfuOrder}
 
 
+class HostTier:
+    """Block hashes whose KV sits in host memory, least recently demoted first out."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._order: OrderedDict[BlockHash, None] = OrderedDict()
+
+    def __contains__(self, block_hash: BlockHash) -> bool:
+        return block_hash in self._order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def hashes(self) -> list[BlockHash]:
+        return list(self._order)
+
+    def put(self, block_hash: BlockHash) -> BlockHash | None:
+        """Hold `block_hash` as the most recent; returns the hash pushed out to make room, if any."""
+        self._order[block_hash] = None
+        if len(self._order) > self.capacity:
+            return self._order.popitem(last=False)[0]
+        return None
+
+    def discard(self, block_hash: BlockHash) -> bool:
+        """Drop `block_hash`; whether it was held."""
+        if block_hash not in self._order:
+            return False
+        del self._order[block_hash]
+        return True
+
+
 class BlockManager:
     """Owns every KV block; the scheduler asks it questions and never touches blocks itself."""
 
-    def __init__(self, num_blocks: int, block_size: int = 16, eviction: str = "lru"):
+    def __init__(self, num_blocks: int, block_size: int = 16, eviction: str = "lru", host_blocks: int = 0):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
+        if host_blocks < 0:
+            raise ValueError("host_blocks must be >= 0")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -89,11 +131,15 @@ class BlockManager:
         self._evictable = EVICTION_ORDERS[eviction]()                  # free slots holding cached KV
         self._cached: dict[BlockHash, int] = {}                        # block hash -> block id
         self._events: list[KVEvent] = []
-        self._removed: list[BlockHash] = []                            # evicted hashes not yet reported
+        self.host = HostTier(host_blocks) if host_blocks else None
+        self._pending: tuple[type, str, list[BlockHash]] | None = None  # a run of removals/demotions to report
         self.num_used = 0
         self.prefix_queries = 0   # tokens looked up in the prefix cache (vLLM counts tokens)
-        self.prefix_hits = 0      # tokens found
+        self.prefix_hits = 0      # tokens found on the GPU
+        self.host_queries = 0     # tokens looked up in host memory: those past the GPU hit
+        self.host_hits = 0        # tokens found there (onboarded)
         self.evictions = 0
+        self.demotions = 0        # evicted blocks kept in host memory
 
     # -- questions ---------------------------------------------------------------------------
     @property
@@ -113,6 +159,21 @@ class BlockManager:
                 break
             count += 1
         return count
+
+    def host_prefix_length(self, hashes: Sequence[BlockHash]) -> int:
+        """How many leading blocks of `hashes` host memory holds (no side effects; 0 without a host tier)."""
+        host = self.host
+        if host is None:
+            return 0
+        count = 0
+        for h in hashes:
+            if h not in host:
+                break
+            count += 1
+        return count
+
+    def host_hashes(self) -> list[BlockHash]:
+        return self.host.hashes() if self.host is not None else []
 
     def cached_hashes(self) -> list[BlockHash]:
         """Every block hash in the prefix cache now (in use or evictable): the KV index's full state."""
@@ -136,7 +197,26 @@ class BlockManager:
             block_ids.append(block_id)
         self.prefix_queries += query_tokens
         self.prefix_hits += len(block_ids) * self.block_size
+        if self.host is not None:   # every lookup goes on to host memory (vLLM counts the whole prompt)
+            self.host_queries += query_tokens
         return block_ids
+
+    def onboard(self, hashes: Sequence[BlockHash], parent_hash: BlockHash | None,
+                token_ids: Sequence[int]) -> list[int] | None:
+        """Fresh GPU blocks for host-held blocks (their KV copied back), moved out of host memory and
+        into the GPU prefix cache; None (and nothing changed) if the pool cannot supply them."""
+        host = self.host
+        assert host is not None and all(h in host for h in hashes), "onboarding needs host-held blocks"
+        if len(hashes) > self.num_free:
+            return None
+        for h in hashes:   # out of host first, so the demotions this allocation causes cannot push them out
+            host.discard(h)
+            self._note(BlockRemoved, CPU, h)
+        ids = self.allocate(len(hashes))
+        assert ids is not None
+        self.host_hits += len(hashes) * self.block_size
+        self.cache_blocks(ids, hashes, parent_hash, token_ids)
+        return ids
 
     def allocate(self, count: int) -> list[int] | None:
         """`count` fresh blocks, or None (and nothing taken) if the pool cannot supply them."""
@@ -146,10 +226,13 @@ class BlockManager:
         from_empty = min(count, len(empty))
         ids = empty[len(empty) - from_empty:][::-1]   # the same order as popping one at a time
         del empty[len(empty) - from_empty:]
+        evicted = []
         for _ in range(count - from_empty):
             block_id = self._evictable.pop()
-            self._evict(self.blocks[block_id])
+            evicted.append(self._evict(self.blocks[block_id]))
             ids.append(block_id)
+        if evicted:
+            self._report_evictions(evicted)
         blocks = self.blocks
         for block_id in ids:
             block = blocks[block_id]
@@ -185,6 +268,8 @@ class BlockManager:
             if fresh:
                 block.block_hash = block_hash
                 self._cached[block_hash] = block_id
+                if self.host is not None and self.host.discard(block_hash):
+                    self._note(BlockRemoved, CPU, block_hash)   # recomputed: the tiers stay exclusive
                 run_start = i if run_start is None else run_start
             elif run_start is not None:
                 self._stored(run_start, i, hashes, parent_hash, token_ids)
@@ -194,21 +279,36 @@ class BlockManager:
 
     def _stored(self, lo: int, hi: int, hashes: Sequence[BlockHash], parent_hash: BlockHash | None,
                 token_ids: Sequence[int]) -> None:
-        self._flush_removed()  # report evictions that happened first, first
+        self._flush_pending()  # report evictions that happened first, first
         bs = self.block_size
         self._events.append(BlockStored(block_hashes=list(hashes[lo:hi]),
                                         parent_block_hash=hashes[lo - 1] if lo else parent_hash,
                                         token_ids=list(token_ids[lo * bs:hi * bs]), block_size=bs))
 
     def take_events(self) -> list[KVEvent]:
-        self._flush_removed()
+        self._flush_pending()
         events, self._events = self._events, []
         return events
 
-    def _flush_removed(self) -> None:
-        if self._removed:
-            self._events.append(BlockRemoved(block_hashes=self._removed))
-            self._removed = []
+    def _note(self, kind: type, medium: str, block_hash: BlockHash) -> None:
+        """Queue one hash's removal or demotion; a run of the same kind and medium is one event."""
+        pending = self._pending
+        if pending is not None and pending[0] is kind and pending[1] == medium:
+            pending[2].append(block_hash)
+            return
+        self._flush_pending()
+        self._pending = (kind, medium, [block_hash])
+
+    def _flush_pending(self) -> None:
+        if self._pending is None:
+            return
+        kind, medium, hashes = self._pending
+        self._pending = None
+        if kind is BlockRemoved:
+            self._events.append(BlockRemoved(block_hashes=hashes, medium=medium))
+        else:
+            self._events.append(BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=[],
+                                            block_size=self.block_size, medium=medium))
 
     # -- internals ---------------------------------------------------------------------------
     def _ref(self, block: Block) -> None:
@@ -218,10 +318,29 @@ class BlockManager:
         block.ref_count += 1
         block.hits += 1
 
-    def _evict(self, block: Block) -> None:
+    def _evict(self, block: Block) -> BlockHash:
         block_hash = block.block_hash
         assert block_hash is not None, "only cached blocks are evictable"
         del self._cached[block_hash]
-        self._removed.append(block_hash)
         block.block_hash = None
         self.evictions += 1
+        return block_hash
+
+    def _report_evictions(self, hashes: list[BlockHash]) -> None:
+        """Removed from the GPU, then (with a host tier) demoted: stored on the CPU, the oldest host
+        blocks dropped to make room. One run per kind: within one eviction batch no hash is both
+        dropped and stored again (it would have to be on the GPU and the host at once), so the order
+        across kinds does not change what a reader ends up holding."""
+        for h in hashes:
+            self._note(BlockRemoved, GPU, h)
+        if self.host is None:
+            return
+        dropped = []
+        for h in hashes:   # the copy to host is the offloading connector's store
+            self._note(BlockStored, CPU, h)
+            out = self.host.put(h)
+            if out is not None:
+                dropped.append(out)
+        self.demotions += len(hashes)
+        for h in dropped:
+            self._note(BlockRemoved, CPU, h)

@@ -30,6 +30,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
     num_blocks: int | None = None         # override the pool size (tests, small experiments)
     eviction: str = "lru"
+    host_kv_gb: float = 0.0               # host memory for evicted KV blocks (0: no host tier), over swap_link
     enable_prefix_caching: bool = True    # vLLM V1 default
     max_model_len: int | None = None      # defaults to the model's context length
     eos_probability: float = 0.0          # worker-wide default EOS chance per token (0: exactly max_tokens)
@@ -51,6 +52,7 @@ class Finished(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     output_tokens: int
     cached_tokens: int
+    host_cached_tokens: int = 0   # of cached_tokens, those onboarded from host memory
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -114,14 +116,18 @@ class Engine:
         if self.config.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         self.kv_link = kv_link        # decode role: where remote KV comes from
-        self.swap_link = swap_link    # swap preemption: host <-> GPU copies
+        self.swap_link = swap_link    # host <-> GPU copies: swap preemption and the host KV tier
+        if self.config.host_kv_gb and swap_link is None:
+            raise ValueError("a host KV tier needs the host link (swap_link)")
         self.max_model_len = self.config.max_model_len or deployment.model.max_context
-        self.blocks = BlockManager(self._pool_blocks(), self.config.block_size, self.config.eviction)
+        self.kv_per_token_gpu = roofline.kv_bytes_per_token_per_gpu(deployment)
+        self.blocks = BlockManager(self._pool_blocks(), self.config.block_size, self.config.eviction,
+                                   host_blocks=self._host_blocks())
         self.scheduler = Scheduler(self.config.scheduler, self.blocks)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, float] = {}     # prefill role: request id -> hold expiry
         self._link_free_at = 0.0             # decode role: transfers share one NIC per GPU, in order
-        self.kv_per_token_gpu = roofline.kv_bytes_per_token_per_gpu(deployment)
+        self._host_link_free_at = 0.0        # host tier: onboarding loads share the host link, in order
 
     def _pool_blocks(self) -> int:
         if self.config.num_blocks is not None:
@@ -132,6 +138,11 @@ class Engine:
             raise EngineError(f"{self.dep.model.name} does not fit on {self.dep.tp} x {self.dep.gpu.name}: "
                               "no HBM is left for the KV cache")
         return tokens // self.config.block_size
+
+    def _host_blocks(self) -> int:
+        """Blocks host memory holds: each GPU of the TP group keeps its own shard there."""
+        per_block = self.config.block_size * self.kv_per_token_gpu * self.dep.tp
+        return int(self.config.host_kv_gb * 1e9 // per_block)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, now: float,
@@ -301,7 +312,8 @@ class Engine:
             self._release_blocks(req)
             del self.requests[req.request_id]
         result.finished.append(Finished(request_id=req.request_id, reason=reason, prompt_tokens=req.num_prompt,
-                                        output_tokens=req.num_output, cached_tokens=req.num_cached_prompt))
+                                        output_tokens=req.num_output, cached_tokens=req.num_cached_prompt,
+                                        host_cached_tokens=req.num_onboarded))
 
     def _release_blocks(self, req: Request) -> None:
         if req.block_ids:
@@ -310,15 +322,25 @@ class Engine:
 
     # -- time-dependent bookkeeping ----------------------------------------------------------
     def _start_transfers(self, now: float) -> None:
-        """Decode role: KV for newly admitted remote requests starts crossing the link, one at a time."""
+        """KV for newly admitted requests starts crossing its link, one at a time per link: remote KV
+        (decode role) over the KV link, host-held blocks (host tier) over the host link."""
         for req in self.scheduler.receiving:
             if req.kv_ready_at is not None:
+                continue
+            if req.remote is None:
+                self._start_onboarding(req, now)
                 continue
             start = max(now, self._link_free_at)
             seconds = roofline.kv_transfer_time(self.kv_transfer_bytes(req), self.kv_link) if self.kv_link else 0.0
             req.kv_ready_at = start + seconds
             self._link_free_at = req.kv_ready_at
             req.num_computed = req.num_prompt
+
+    def _start_onboarding(self, req: Request, now: float) -> None:
+        assert self.swap_link is not None, "host-held blocks exist only with a host link"
+        start = max(now, self._host_link_free_at)
+        req.kv_ready_at = start + steptime.host_onboard_time(self.dep, req.loading_tokens, self.swap_link)
+        self._host_link_free_at = req.kv_ready_at
 
     def _swap_time(self, sched: SchedulerOutput) -> float:
         tokens = sched.swapped_out_tokens + sched.swapped_in_tokens

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 class Status(enum.Enum):
     WAITING = "waiting"            # queued; holds no blocks
-    WAITING_FOR_KV = "waiting_kv"  # decode role: blocks held, KV arriving over the link
+    WAITING_FOR_KV = "waiting_kv"  # blocks held, KV arriving over a link (decode role: remote; host tier: onboarding)
     RUNNING = "running"
     PREEMPTED = "preempted"        # evicted from the batch under memory pressure; resumes first
     HELD = "held"                  # prefill role: prompt done, KV held until a decode worker pulls it
@@ -37,7 +37,7 @@ class Request:
     __slots__ = ("request_id", "prompt", "params", "arrival", "priority", "salt", "tokens",
                  "num_prompt", "num_computed", "block_ids", "hashes", "status", "remote",
                  "first_token_time", "finish_reason", "num_cached_prompt", "num_cached_blocks", "swapped",
-                 "kv_ready_at", "preemptions")
+                 "kv_ready_at", "preemptions", "num_onboarded", "loading_tokens")
 
     def __init__(self, request_id: str, prompt: list[int] | np.ndarray, params: SamplingParams, arrival: float,
                  priority: int = 0, salt: str | None = None, remote: RemotePrefill | None = None):
@@ -62,8 +62,10 @@ class Request:
         self.num_cached_prompt = 0             # prompt tokens served from the prefix cache
         self.num_cached_blocks = 0             # leading blocks already registered in the prefix cache
         self.swapped = False
-        self.kv_ready_at: float | None = None  # decode role: when the remote KV lands
+        self.kv_ready_at: float | None = None  # when the remote or onboarded KV lands
         self.preemptions = 0
+        self.num_onboarded = 0                 # prompt tokens onboarded from host memory (host tier)
+        self.loading_tokens = 0                # host tier: tokens of KV the pending load copies back
 
     @property
     def num_tokens(self) -> int:

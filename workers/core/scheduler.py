@@ -150,18 +150,37 @@ class Scheduler:
         # A hit may cover at most num_tokens - 1 tokens: the last one must run to give logits.
         usable = (req.num_tokens - 1) // self.block_size
         hit_ids = self._cached_ids(req.hashes[:usable])
-        computed = len(hit_ids) * self.block_size
+        gpu_hit = len(hit_ids)
+        host_hit = self.blocks.host_prefix_length(req.hashes[gpu_hit:usable])   # continues the GPU prefix
+        computed = (gpu_hit + host_hit) * self.block_size
         num_new = min(req.num_tokens - computed, budget)
-        need = self._blocks_for(computed + num_new) - len(hit_ids)
+        need = self._blocks_for(computed + num_new) - gpu_hit
         if need > self.blocks.num_free - self._evictable_among(hit_ids):
             return None
-        req.block_ids = self.blocks.acquire_cached(req.hashes[:len(hit_ids)], req.num_tokens)
-        req.block_ids.extend(self._allocate_checked(need))
+        req.block_ids = self.blocks.acquire_cached(req.hashes[:gpu_hit], req.num_tokens)
+        if host_hit:
+            req.block_ids.extend(self._onboard(req, gpu_hit, host_hit))
+        req.block_ids.extend(self._allocate_checked(need - host_hit))
         req.num_computed = computed
-        req.num_cached_blocks = len(hit_ids)
+        req.num_cached_blocks = gpu_hit + host_hit
         if req.preemptions == 0:
             req.num_cached_prompt = computed
+            req.num_onboarded = host_hit * self.block_size
+        if host_hit:   # the prefill waits for its blocks, outside the batch (vLLM: WAITING_FOR_REMOTE_KVS)
+            req.loading_tokens = host_hit * self.block_size
+            req.kv_ready_at = None
+            req.status = Status.WAITING_FOR_KV
+            self.receiving.append(req)
+            return 0
         return num_new
+
+    def _onboard(self, req: Request, start: int, count: int) -> list[int]:
+        """GPU blocks for the `count` host-held blocks after the first `start`, moved into the GPU cache."""
+        bs = self.block_size
+        ids = self.blocks.onboard(req.hashes[start:start + count], req.hashes[start - 1] if start else None,
+                                  req.tokens[start * bs:(start + count) * bs])
+        assert ids is not None, "onboarding after a capacity check failed"
+        return ids
 
     def _allocate_checked(self, count: int) -> list[int]:
         """`count` blocks that the caller already checked the pool can supply."""

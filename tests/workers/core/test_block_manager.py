@@ -4,6 +4,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvlab.wire.block_hash import block_hashes
+from kvlab.wire.kv_events import BlockRemoved, BlockStored
 from workers.core.block_manager import BlockManager
 
 BS = 4
@@ -120,3 +121,85 @@ def test_lfu_evicts_the_least_hit_block_first():
         pool.free(pool.acquire_cached([ha], BS))
     pool.allocate(1)
     assert pool.is_cached(ha) and not pool.is_cached(hb)
+
+
+class TieredPoolMachine(RuleBasedStateMachine):
+    """A pool with a host tier: evicted blocks are demoted, host hits onboarded, and a reader of the
+    KV events (per medium) always holds exactly what each tier holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = BlockManager(num_blocks=10, block_size=BS, host_blocks=6)
+        self.live: dict[int, list[int]] = {}
+        self.next_id = 0
+        self.seen = {"GPU": set(), "CPU": set()}   # what a KV-event reader holds, per medium
+
+    def _read_events(self):
+        events = self.pool.take_events()
+        for e in events:
+            held = self.seen[e.medium]
+            if isinstance(e, BlockStored):
+                held.update(e.block_hashes)
+            else:
+                held.difference_update(e.block_hashes)
+        return events
+
+    @rule(prefix=st.sampled_from(PREFIXES), extra=st.integers(0, 2))
+    def start_request(self, prefix, extra):
+        tokens = prefix + [9000 + self.next_id * 10 + i for i in range(extra * BS)]
+        hashes = block_hashes(tokens, BS)
+        gpu = self.pool.cached_prefix_length(hashes)
+        host = self.pool.host_prefix_length(hashes[gpu:])
+        evictable = sum(1 for h in hashes[:gpu] if self.pool.blocks[self.pool.block_of(h)].ref_count == 0)
+        if len(hashes) - gpu > self.pool.num_free - evictable:
+            return
+        hits_before = self.pool.host_hits
+        ids = self.pool.acquire_cached(hashes[:gpu], len(tokens))
+        ids += self.pool.onboard(hashes[gpu:gpu + host], hashes[gpu - 1] if gpu else None,
+                                 tokens[gpu * BS:(gpu + host) * BS]) if host else []
+        assert self.pool.host_hits - hits_before == host * BS
+        assert all(self.pool.is_cached(h) and h not in self.pool.host for h in hashes[:gpu + host])
+        done = gpu + host
+        ids += self.pool.allocate(len(hashes) - done)
+        self.pool.cache_blocks(ids[done:], hashes[done:], hashes[done - 1] if done else None, tokens[done * BS:])
+        self.live[self.next_id] = ids
+        self.next_id += 1
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def finish_request(self, data):
+        self.pool.free(self.live.pop(data.draw(st.sampled_from(sorted(self.live)))))
+
+    @rule(count=st.integers(1, 6))
+    def pressure_demotes_evicted_blocks(self, count):
+        """Blocks evicted to make room go to host memory as its most recent entries."""
+        self._read_events()
+        ids = self.pool.allocate(count)
+        if ids is None:
+            return
+        events = self._read_events()
+        evicted = [h for e in events if isinstance(e, BlockRemoved) and e.medium == "GPU" for h in e.block_hashes]
+        kept = self.pool.host_hashes()
+        assert kept[len(kept) - min(len(evicted), len(kept)):] == evicted[len(evicted) - min(len(evicted), len(kept)):]
+        self.pool.free(ids)
+
+    @invariant()
+    def tiers_are_exclusive_and_bounded(self):
+        gpu = set(self.pool.cached_hashes())
+        host = set(self.pool.host_hashes())
+        assert not gpu & host
+        assert len(host) <= 6
+
+    @invariant()
+    def kv_events_per_medium_track_each_tier(self):
+        self._read_events()
+        assert self.seen["GPU"] == set(self.pool.cached_hashes())
+        assert self.seen["CPU"] == set(self.pool.host_hashes())
+
+    @invariant()
+    def every_block_is_accounted_for(self):
+        assert self.pool.num_used + self.pool.num_free == self.pool.num_blocks
+
+
+TestTieredPool = TieredPoolMachine.TestCase
+TestTieredPool.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
