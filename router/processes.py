@@ -33,6 +33,8 @@ log = logging.getLogger("kvlab.router.processes")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_PAUSE_S = 1.0   # between a crash and its restart: a process that dies at start must not spin
+EARLY_DEATH_S = 10.0    # a process that dies this soon after its start died of its start-up ...
+EARLY_DEATHS = 3        # ... and after this many such deaths in a row the supervisor gives up (exit 1)
 
 
 def usable_cores() -> int:
@@ -74,10 +76,14 @@ def serve(config: RouterConfig, host: str, port: int, processes: int, log_level:
     ctx = mp.get_context("spawn")   # a fresh interpreter each: nothing of the supervisor's state is forked
     stopping = False
 
+    started: dict[int, float] = {}
+    early: dict[int, int] = {}
+
     def start(index: int):
         proc = ctx.Process(target=child, args=(index, share, config, host, port, log_level, os.getpid()),
                            name=f"kvlab-router-{index}", daemon=False)
         proc.start()
+        started[index] = time.monotonic()
         return proc
 
     def stop(signum, _frame) -> None:
@@ -93,8 +99,13 @@ def serve(config: RouterConfig, host: str, port: int, processes: int, log_level:
             for i, proc in enumerate(procs):
                 if proc.is_alive() or stopping:
                     continue
-                log.error("router process %d (pid %s) exited with %s; restarting it", i, proc.pid, proc.exitcode)
                 _forget(share, i, proc.pid, metrics_dir)
+                early[i] = early.get(i, 0) + 1 if time.monotonic() - started[i] < EARLY_DEATH_S else 0
+                if early[i] >= EARLY_DEATHS:
+                    log.error("router process %d exited with %s %d times at start; stopping", i, proc.exitcode,
+                              early[i])
+                    return 1
+                log.error("router process %d (pid %s) exited with %s; restarting it", i, proc.pid, proc.exitcode)
                 time.sleep(RESTART_PAUSE_S)
                 procs[i] = start(i)
     finally:

@@ -6,11 +6,14 @@ import asyncio
 import copy
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -229,3 +232,39 @@ def test_the_supervisor_refuses_a_port_in_use(tmp_path):
         with pytest.raises(OSError, match="cannot listen"):
             check_port_free("127.0.0.1", holder.getsockname()[1])
 
+
+
+def _router_children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():   # not the resource tracker
+                kids.append(int(child))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_router_process_that_dies_is_replaced_and_what_it_held_is_forgotten(cluster):
+    start, opened = cluster
+    routers, stubs = start()
+    pool = ThreadPoolExecutor(8)
+    held = [pool.submit(_post_or_dropped, routers.url) for _ in range(6)]
+    _wait_for(lambda: sum(s.active for s in stubs) == 6, what="6 requests held")
+    victim = _router_children(routers.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: routers._health_ids() >= 3, 60, "a third router process (the replacement)")
+    # What the dead process had in flight no longer counts; the survivor's requests still do.
+    survivors = 6 - sum(a.done() for a in held)
+    _wait_for(lambda: httpx.get(routers.url + "/cluster", timeout=5).json()["cluster"]["in_flight"] == survivors,
+              what="in-flight counts without the dead process's")
+    opened.set()
+    statuses = [a.result() for a in held]
+    assert statuses.count(200) == survivors and statuses.count("dropped") == 6 - survivors
+    pool.shutdown()
+
+
+def _post_or_dropped(url: str) -> int | str:
+    try:
+        return _post(url)
+    except httpx.RemoteProtocolError:   # its router process was killed under it
+        return "dropped"
