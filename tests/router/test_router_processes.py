@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -25,6 +24,7 @@ from starlette.routing import Route
 
 from router.frontdoor.tenants import TenantConfig
 from router.shared_state import ProcessShare
+from tests.conftest import free_port
 
 MODEL = "Llama-3.1-8B"
 PROMPT = [7] * 64   # one prompt for every request: one ring key, so only the load cap spreads them
