@@ -112,6 +112,7 @@ def serve(config: RouterConfig, host: str, port: int, processes: int, log_level:
         _stop_all(procs)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        share.remove()
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -16,7 +16,9 @@ with one process is the same with + 1). Placements that do not overlap in time o
 bound exactly.
 
 Tenant limits. The request and token buckets of every tenant live in one shared array of doubles
-(level and last refill time per bucket), updated under one cross-process lock; a tenant's requests in
+(level and last refill time per bucket), updated under one cross-process lock (an flock on a file,
+which the kernel releases when its holder dies: a process killed inside the lock cannot wedge the
+others, as it would a semaphore); a tenant's requests in
 flight are its column of the per-process rows, summed under the same lock. peek, admit and release
 run whole under the lock, so the buckets and the concurrency cap behave exactly as in one process:
 **no error bound beyond one process's** (the clock is CLOCK_MONOTONIC, one clock for every process on
@@ -26,8 +28,12 @@ errs on the strict side).
 """
 from __future__ import annotations
 
+import copy
+import fcntl
 import math
 import multiprocessing as mp
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
@@ -50,15 +56,25 @@ class ProcessShare:
         self.counts = ctx.RawArray("q", max(1, processes * self.width))
         # NaN: not yet used (a bucket starts full at its first use; router.shared_state.SharedBucket)
         self.buckets = ctx.RawArray("d", [math.nan] * max(1, 2 * _BUCKET_FIELDS * len(self.tenants)))
-        self.lock = ctx.Lock()
+        fd, path = tempfile.mkstemp(prefix="kvlab-router-lock-")
+        os.close(fd)
+        self.lock = FileLock(path)
         self.index = -1
 
     def joined(self, index: int) -> ProcessShare:
-        """This share as process `index` uses it (after unpickling in that process)."""
+        """This share as process `index` uses it: its own row, and its own handle on the lock."""
         if not 0 <= index < self.processes:
             raise ValueError(f"process index {index} outside 0..{self.processes - 1}")
-        self.index = index
-        return self
+        mine = copy.copy(self)
+        mine.index, mine.lock = index, FileLock(self.lock.path)
+        return mine
+
+    def remove(self) -> None:
+        """Delete the lock file (the supervisor, once every process has stopped)."""
+        try:
+            os.unlink(self.lock.path)
+        except FileNotFoundError:
+            pass
 
     def clear(self, index: int) -> None:
         """Forget what process `index` had in flight (it died; the supervisor calls this)."""
@@ -83,6 +99,28 @@ class ProcessShare:
     def tenant_table(self, configs: list[TenantConfig], now: float) -> Tenants:
         """The Gate's tenant table, backed by this share (router.frontdoor.gate.Gate's make_tenants)."""
         return SharedTenants(configs, now, self)
+
+
+class FileLock:
+    """A lock between processes: an exclusive flock on `path`, through a descriptor this process opens
+    (flock excludes open file descriptions, so each process opens its own; not between threads)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_fd": None}   # a descriptor means nothing in another process
+
+    def __enter__(self) -> FileLock:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._fd is not None   # entered
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 class SharedBucket(TokenBucket):

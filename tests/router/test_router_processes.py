@@ -3,7 +3,6 @@ loads, tenant limits, metrics and /cluster hold across the processes (router.sha
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import math
 import os
@@ -199,18 +198,19 @@ def test_membership_is_fixed_and_the_admin_api_says_so(cluster):
 def test_a_share_sums_every_process_row_and_forgets_a_dead_one():
     share = ProcessShare(3, ["a", "b"], [])
     for index, delta in ((0, 2), (1, 3), (2, 1)):
-        copy.copy(share).joined(index).add(1, delta)
+        share.joined(index).add(1, delta)
     assert share.total(share.worker_slot("b")) == 6 and share.total(share.worker_slot("a")) == 0
     share.clear(1)
     assert share.total(share.worker_slot("b")) == 3
+    share.remove()
 
 
 def test_shared_tenant_tables_are_one_table():
     """Two tables over one share (as two processes hold them) admit what one table would."""
     config = TenantConfig(name="t", requests_per_s=1.0, requests_burst=3, max_concurrency=2)
     share = ProcessShare(2, [], [config])
-    a = copy.copy(share).joined(0).tenant_table([config], 0.0)   # as each process unpickles its own
-    b = copy.copy(share).joined(1).tenant_table([config], 0.0)
+    a = share.joined(0).tenant_table([config], 0.0)   # as two processes hold them
+    b = share.joined(1).tenant_table([config], 0.0)
     first, second = a.admit("t", 1, 0.0), b.admit("t", 1, 0.0)
     assert first.ok and second.ok
     assert b.admit("t", 1, 0.0).reason == "concurrency"   # two in flight, one in each "process"
@@ -220,6 +220,7 @@ def test_shared_tenant_tables_are_one_table():
     a.release(second, 1, 0.0)
     assert a.admit("t", 1, 0.5).reason == "requests_per_s"   # the burst is spent, half a token refilled
     assert b.admit("t", 1, 1.0).ok                         # one second later: one more
+    share.remove()
 
 
 def test_the_supervisor_refuses_a_port_in_use(tmp_path):
@@ -268,3 +269,23 @@ def _post_or_dropped(url: str) -> int | str:
         return _post(url)
     except httpx.RemoteProtocolError:   # its router process was killed under it
         return "dropped"
+
+
+def _die_holding(lock) -> None:
+    lock.__enter__()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_process_killed_inside_the_tenant_lock_does_not_wedge_the_others():
+    import multiprocessing as mp
+    share = ProcessShare(2, [], [])
+    try:
+        proc = mp.get_context("spawn").Process(target=_die_holding, args=(share.joined(1).lock,))
+        proc.start()
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        done = threading.Event()
+        threading.Thread(target=lambda: (share.joined(0).lock.__enter__(), done.set()), daemon=True).start()
+        assert done.wait(10), "the lock stayed held after its holder died"
+    finally:
+        share.remove()
