@@ -10,6 +10,12 @@ in PROMETHEUS_MULTIPROC_DIR and every process's /metrics and /cluster sum them (
 The supervisor restarts a process that dies (clearing what it had in flight first) and stops them
 all on SIGTERM or SIGINT. Membership is fixed at start while more than one process runs: the admin
 API's worker changes answer 409 (each process has its own pool, and a change would reach one).
+
+Not shared, so seen by the answering process only: the TTFT/ITL windows and history of ``/cluster``
+(the streams that process relayed: a sample of the whole), the block-hash memo's hit counts (left out
+of the summed /metrics), and the finished-request rate that load shedding falls back on when the
+spec gives no drain time (each process then measures about 1/N of the cluster's rate, and sheds
+earlier than one process would). Health probes and KV-event polls run in every process.
 """
 from __future__ import annotations
 
