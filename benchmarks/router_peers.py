@@ -254,7 +254,8 @@ def transport_verdict(cs: list[Contender]) -> str:
     return (f"Transport: with aiohttp's client the router spends {cpu:+.0%} CPU per non-streaming request and "
             f"{cpu_s:+.0%} per streaming one, and serves {rps:+.0%} req/s, against its own transport: "
             + ("within 10%." if within else "not within 10%, so kvlab keeps its own transport "
-               "(router.forwarding.transport, with conformance tests in tests/test_router_transport.py)."))
+               "(router.forwarding.transport, with conformance tests in "
+               "tests/router/forwarding/test_router_transport.py)."))
 
 
 def write_doc(path: Path, cs: list[Contender], args, started: str) -> None:
