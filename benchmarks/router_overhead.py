@@ -97,8 +97,9 @@ def _wait_ready(url: str, timeout: float = 60.0) -> None:
 
 # -- a minimal keep-alive HTTP/1.1 client (less client overhead than httpx: the router is what we time) --
 class Connection:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, headers: bytes = b""):
         self.host, self.port = host, port
+        self.headers = headers   # extra header lines, each ending in CRLF (an API key for some routers)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -107,8 +108,8 @@ class Connection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         started = time.perf_counter()
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n%s"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.headers, len(body), body))
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         headers = head.lower()
@@ -147,12 +148,16 @@ def body(i: int, stream: bool, max_tokens: int) -> bytes:
 
 
 # -- 1. latency, direct vs through the router ------------------------------------------------------------
-async def latency_pass(direct: str, routed: str, n: int, stream: bool, max_tokens: int, gap_s: float = 0.0) -> dict:
-    a, b = Connection(*_address(direct)), Connection(*_address(routed))
+async def latency_pass(direct: str, routed: str, n: int, stream: bool, max_tokens: int, gap_s: float = 0.0,
+                       make_body=None, headers: bytes = b"") -> dict:
+    """Latencies of `n` requests to each target, alternating; `make_body(i, stream, max_tokens)` builds
+    request i (default: ``body``), `headers` go to the routed target only."""
+    make_body = make_body or body
+    a, b = Connection(*_address(direct)), Connection(*_address(routed), headers)
     out = {"direct": ([], []), "router": ([], [])}
     try:
         for i in range(n + 50):
-            payload = body(i, stream, max_tokens)
+            payload = make_body(i, stream, max_tokens)
             order = ((a, "direct"), (b, "router")) if i % 2 else ((b, "router"), (a, "direct"))
             for conn, label in order:   # alternate who goes first, so drift hits both alike
                 if gap_s:
@@ -196,18 +201,20 @@ def latency_report(label: str, res: dict, which: int) -> str:
 
 
 # -- 2. throughput -----------------------------------------------------------------------------------
-async def _closed_loop(url: str, connections: int, seconds: float, stream: bool, max_tokens: int, seed: int) -> int:
+async def _closed_loop(url: str, connections: int, seconds: float, stream: bool, max_tokens: int, seed: int,
+                       make_body=None, headers: bytes = b"") -> int:
     host, port = _address(url)
+    make_body = make_body or body
     deadline = time.perf_counter() + seconds
     done = 0
 
     async def loop(k: int) -> None:
         nonlocal done
-        conn = Connection(host, port)
+        conn = Connection(host, port, headers)
         i = seed * 1_000_000 + k * 10_000
         try:
             while time.perf_counter() < deadline:
-                status, _, _ = await conn.post("/v1/completions", body(i, stream, max_tokens))
+                status, _, _ = await conn.post("/v1/completions", make_body(i, stream, max_tokens))
                 if status == 200:
                     done += 1
                 i += 1
@@ -219,20 +226,22 @@ async def _closed_loop(url: str, connections: int, seconds: float, stream: bool,
 
 
 def _client_proc(args) -> int:
-    url, connections, seconds, stream, max_tokens, seed = args
+    url, connections, seconds, stream, max_tokens, seed, *rest = args   # rest: make_body, headers
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_closed_loop(url, connections, seconds, stream, max_tokens, seed))
+    return asyncio.run(_closed_loop(url, connections, seconds, stream, max_tokens, seed, *rest))
 
 
-def throughput(url: str, procs: int, connections: int, seconds: float, stream: bool, max_tokens: int) -> float:
+def throughput(url: str, procs: int, connections: int, seconds: float, stream: bool, max_tokens: int,
+               make_body=None, headers: bytes = b"") -> float:
     per = max(1, connections // procs)
     with mp.get_context("spawn").Pool(procs) as pool:
         started = time.perf_counter()
-        counts = pool.map(_client_proc, [(url, per, seconds, stream, max_tokens, s) for s in range(procs)])
+        counts = pool.map(_client_proc, [(url, per, seconds, stream, max_tokens, s, make_body, headers)
+                                         for s in range(procs)])
         elapsed = time.perf_counter() - started
     return sum(counts) / max(seconds, elapsed - 1.0)   # pool start-up (~1 s) is not serving time
 

@@ -101,6 +101,11 @@ def add_admin_routes(app: FastAPI, router) -> None:
         if not bearer_ok(request, token):
             raise ApiError(401, "a valid admin token is required", code="invalid_admin_token")
 
+    def changeable() -> None:
+        if router.pool.load is not None:   # each process has its own pool: a change would reach one of them
+            raise ApiError(409, "membership is fixed while the router runs several processes (--processes 1 "
+                                "lets it change at run time)", code="membership_fixed")
+
     @app.get("/admin/workers")
     async def list_workers(request: Request) -> Response:
         authorize(request)
@@ -109,6 +114,7 @@ def add_admin_routes(app: FastAPI, router) -> None:
     @app.post("/admin/workers")
     async def add_worker(request: Request) -> Response:
         authorize(request)
+        changeable()
         raw = await read_body(request, 64 * 1024)
         try:
             spec = msgspec.json.decode(raw, type=NewWorker)
@@ -125,6 +131,7 @@ def add_admin_routes(app: FastAPI, router) -> None:
     @app.delete("/admin/workers/{worker_id:path}")
     async def remove_worker(worker_id: str, request: Request) -> Response:
         authorize(request)
+        changeable()
         if router.pool.get(worker_id) is None:
             raise ApiError(404, f"no worker {worker_id!r}", type_="not_found_error", code="worker_not_found")
         return _json(describe(router.pool.remove(worker_id)))

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from emulator.spec import ROLES, is_role
 from kvlab.wire.http_server import uvicorn_settings
 from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS
+from router.processes import usable_cores
 
 DEFAULT_PORT = 8000   # the port OpenAI-compatible servers (vLLM included) listen on by default
 
@@ -49,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events", choices=["http", "zmq", "off"], help="how to follow the workers' KV events")
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-tokens-limit", type=int)
+    p.add_argument("--processes", type=int, default=None,
+                   help="router processes on the port (SO_REUSEPORT), sharing in-flight counts and tenant "
+                        "limits; default: the usable cores, or 1 with an admin token or no workers (membership "
+                        "changes at run time need one process)")
     p.add_argument("--log-level", default="info")
 
 
@@ -123,8 +129,14 @@ def run(args: argparse.Namespace) -> int:
     # httpx logs every request at info: the health and KV-event polls alone would be ~20 lines a second.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.processes is not None and args.processes < 1:
+        print("kvlab router: --processes must be at least 1", file=sys.stderr)
+        return 2
     try:
         config, host, port = config_from_args(args)
+        processes = args.processes or default_processes(config)
+        if processes > 1:
+            return _serve_processes(config, host, port, processes, args.log_level)
         from router.server import create_app
         app = create_app(config)
     except ImportError as exc:   # --spec without the emulator package installed
@@ -133,14 +145,40 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, msgspec.MsgspecError) as exc:
         print(f"kvlab router: {exc}", file=sys.stderr)
         return 2
+    _warn_about(config)
+    # uvloop + httptools (with a header deadline, kvlab.wire.http_server): the fastest stack uvicorn offers;
+    # no access log on the hot path.
+    uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=5, **uvicorn_settings(config.server))
+    return 0
+
+
+def default_processes(config: RouterConfig) -> int:
+    """The usable cores; one process where membership may change at run time (an admin token, or no
+    workers yet): with several, each process has its own pool and an admin change would reach one."""
+    if config.admin_token is not None or not config.workers:
+        return 1
+    return usable_cores()
+
+
+def _warn_about(config: RouterConfig) -> None:
     log = logging.getLogger("kvlab.router")
     if not config.workers:
         log.warning("no workers configured: add some with POST /admin/workers")
     if config.salt_secret is None and any(t.cache_salt for t in config.tenants):
         log.warning("salted tenants but no salt secret (--salt-secret-file or $%s): their cached prefixes "
                     "will not survive a router restart", SALT_SECRET_ENV)
-    # uvloop + httptools (with a header deadline, kvlab.wire.http_server): the fastest stack uvicorn offers;
-    # no access log on the hot path.
-    uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5, **uvicorn_settings(config.server))
-    return 0
+
+
+def _serve_processes(config: RouterConfig, host: str, port: int, processes: int, log_level: str) -> int:
+    """Several processes on the port (router.processes). Every process needs the same salt secret, or
+    a salted tenant's prompts would hash differently in each: a random one is drawn here when none is set."""
+    from router.processes import serve
+    if config.salt_secret is None:
+        config = msgspec.structs.replace(config, salt_secret=secrets.token_hex(16))
+    if not config.workers:
+        print("kvlab router: several processes need their workers at start (--workers or --spec), or "
+              "--processes 1 to add them with POST /admin/workers", file=sys.stderr)
+        return 2
+    _warn_about(config)
+    return serve(config, host, port, processes, log_level)

@@ -40,6 +40,7 @@ from router.forwarding.upstream import Upstream, WorkerRefused
 from router.frontdoor.gate import Gate
 from router.frontdoor.intake import POLICY_HEADER, Intake
 from router.frontdoor.job import Endpoint, Job
+from router.frontdoor.tenants import Tenants
 from router.frontdoor.tokenize import PromptTokenizer
 from router.observability.dashboard import mount_dashboard
 from router.observability.metrics import RouterMetrics
@@ -47,6 +48,7 @@ from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet
 from router.pool.kv_subscriber import KvSubscriber
 from router.pool.worker_pool import Worker, WorkerPool
+from router.shared_state import ProcessShare
 
 log = logging.getLogger("kvlab.router")
 
@@ -73,17 +75,17 @@ class _PolicyMembership:
 class Router:
     """One router process: pool, policies, KV feed, proxy and front door, built from a RouterConfig."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, share: ProcessShare | None = None):
         self.config = config
         self.instance_id = secrets.token_hex(16)   # lets the admin API recognise this router's own URL
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(multiprocess=share is not None)
         # One client for every upstream call, on the lean keep-alive transport (see router.forwarding.transport);
         # trust_env=False: no proxy variables consulted on the hot path.
         self.transport = LeanTransport()
         self.client = httpx.AsyncClient(transport=self.transport, trust_env=False)
         index = KvIndex(**{"block_size": config.block_size, **config.kv_index})
         self.policies = PolicySet(config.policy, config.policies, index)
-        self.pool = WorkerPool(self.client, config.health, config.timeouts, self.metrics)
+        self.pool = WorkerPool(self.client, config.health, config.timeouts, self.metrics, share)
         self.subscriber = KvSubscriber(index, self.client, config.kv_events, config.kv_events_poll_s,
                                        config.timeouts.health_s)
         self.pool.listeners += [_PolicyMembership(self.policies), self.subscriber]
@@ -92,7 +94,8 @@ class Router:
         if self.tokenizer.hashes is not None:
             self.metrics.watch_hash_memo(self.tokenizer.hashes)
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret,
-                         prefill_workers=self.prefill_workers)
+                         prefill_workers=self.prefill_workers,
+                         make_tenants=share.tenant_table if share is not None else Tenants)
         self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length)
         self._large_intake = ThreadPoolExecutor(1, thread_name_prefix="kvlab-intake")
         upstream = Upstream(self.client, self.transport, config.timeouts)
@@ -190,8 +193,9 @@ _GENERIC = {400: "invalid_request", 403: "forbidden", 404: "not_found", 408: "re
 CLIENT_GONE = Response(status_code=499)
 
 
-def create_app(config: RouterConfig) -> FastAPI:
-    router = Router(config)
+def create_app(config: RouterConfig, share: ProcessShare | None = None) -> FastAPI:
+    """The app of one router process; `share`: what it shares with its sibling processes (router.processes)."""
+    router = Router(config, share)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

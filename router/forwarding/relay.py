@@ -5,6 +5,13 @@ any later source (a migration target, a P/D decode worker) are rebuilt under the
 id, creation time and model and in the client's format (chat chunks from a completions stream), with
 usage corrected to the client's prompt and every token the client received. The relay also records
 the generated token ids, which a migration appends to the prompt.
+
+Counting output tokens costs nothing when the upstream says how many there are: its ``token_ids``
+(vLLM's return_token_ids, kvlab workers) are kept as they come, and its ``usage`` gives the count.
+Text from an upstream that sends no ids is encoded to ids only when they are needed (a migration, or a
+stream that ended without usage), never per chunk where a usage report is on its way: on the first
+source, whose events go to the client byte for byte, when the client asked for usage
+(``stream_options.include_usage``, which the upstream received too) or the chunks carry usage.
 """
 from __future__ import annotations
 
@@ -24,7 +31,9 @@ class StreamRelay:
     def __init__(self, job: Job, tokenizer: PromptTokenizer):
         self.job = job
         self.tokenizer = tokenizer
-        self.generated: list[int] = []
+        self._ids: list[int] = []       # output token ids known so far
+        self._pending: list[str] = []   # text pieces after them, not yet encoded (see the module doc)
+        self._reported: int | None = None   # completion tokens the first source's usage reported
         self.rid = ""
         self.created = 0
         self.model = job.model
@@ -38,6 +47,28 @@ class StreamRelay:
     def started(self) -> bool:
         """Some event reached the client, so a failure now needs a migration, not a plain retry."""
         return bool(self.rid)
+
+    @property
+    def generated(self) -> list[int]:
+        """Every output token id so far (encodes the text still pending, once)."""
+        if self._pending:
+            for piece in self._pending:
+                self._ids += self.tokenizer.output_ids(piece)
+            self._pending = []
+        return self._ids
+
+    @property
+    def completion_tokens(self) -> int:
+        """Output tokens so far: as the upstream reported them where it did, else counted from ids."""
+        if self._pending and self._reported is not None:
+            return self._reported
+        return len(self.generated)
+
+    @property
+    def streamed(self) -> int:
+        """Tokens the client has received, for TTFT/ITL: exact where ids are known; a text piece
+        awaiting its usage count counts as one token (an upstream streams a token per chunk)."""
+        return len(self._ids) + len(self._pending)
 
     @property
     def remaining(self) -> int:
@@ -59,11 +90,14 @@ class StreamRelay:
             raise BadEvent(f"error event: {chunk.error.get('message', chunk.error)}")
         if not self.rid:
             self.rid, self.created = chunk.id, chunk.created or self.created
-        text = self._record(chunk)
+        text = self._record(chunk, defer=not rewrite and (self.job.include_usage or chunk.usage is not None))
         if chunk.token_gaps:
             self.gaps += chunk.token_gaps
-        if chunk.usage is not None and not self.cached_tokens:
-            self.cached_tokens = chunk.usage.cached_tokens
+        if chunk.usage is not None:
+            if not self.cached_tokens:
+                self.cached_tokens = chunk.usage.cached_tokens
+            if not rewrite:
+                self._reported = chunk.usage.completion_tokens
         if not rewrite:
             if self.job.endpoint == "chat":
                 self.role_sent = True   # the worker's first chat chunk carries the role
@@ -75,18 +109,20 @@ class StreamRelay:
         gaps, self.gaps = self.gaps, []
         return gaps
 
-    def _record(self, chunk: Chunk) -> str:
-        text, ids = "", []
+    def _record(self, chunk: Chunk, defer: bool) -> str:
+        text = ""
         for choice in chunk.choices:
             piece = choice.content()
             text += piece
             if choice.token_ids is not None:
-                ids += choice.token_ids
+                self.generated.extend(choice.token_ids)   # after any pending text: the order is kept
             elif piece:
-                ids += self.tokenizer.output_ids(piece)   # a server that streams no token ids
+                if defer:
+                    self._pending.append(piece)   # counted by the usage to come, encoded only if needed
+                else:
+                    self._ids += self.tokenizer.output_ids(piece)   # a server that streams no token ids
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason
-        self.generated += ids
         return text
 
     def _rebuilt(self, chunk: Chunk, text: str) -> bytes | None:
@@ -116,7 +152,7 @@ class StreamRelay:
             return b""
         cached = min(self.cached_tokens, len(self.job.prompt))
         obj = "chat.completion.chunk" if self.job.endpoint == "chat" else "text_completion"
-        body = usage(len(self.job.prompt), len(self.generated), cached)
+        body = usage(len(self.job.prompt), self.completion_tokens, cached)
         return sse(usage_chunk(self.rid, self.model, self.created, obj, body))
 
     def finish_done(self) -> bytes:

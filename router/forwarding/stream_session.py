@@ -77,7 +77,7 @@ class StreamSession:
                 if more:
                     out = out + more if out else more
             if self.clock is not None and self.source is not None:
-                self.clock.seen(self.source.worker_id, len(relay.generated), relay.take_gaps())
+                self.clock.seen(self.source.worker_id, relay.streamed, relay.take_gaps())
             if out:
                 yield out
 
@@ -124,4 +124,4 @@ class StreamSession:
         if self.source is not None:
             await self.source.aclose()
         policy = self.decision.policy if self.decision else "-"
-        self.proxy.account(self.job, policy, len(self.relay.generated), self.relay.cached_tokens)
+        self.proxy.account(self.job, policy, self.relay.completion_tokens, self.relay.cached_tokens)

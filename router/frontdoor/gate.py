@@ -30,9 +30,10 @@ SALT_PREFIX = "kvlab-tenant:"
 class Gate:
     def __init__(self, tenants: list[TenantConfig], shedding: SheddingConfig,
                  queue_depth: Callable[[], float], salt_secret: str | None = None,
-                 clock: Callable[[], float] = time.monotonic, prefill_workers: Callable[[], int] | None = None):
+                 clock: Callable[[], float] = time.monotonic, prefill_workers: Callable[[], int] | None = None,
+                 make_tenants: Callable[[list[TenantConfig], float], Tenants] = Tenants):
         self.clock = clock
-        self.tenants = Tenants(tenants, clock())
+        self.tenants = make_tenants(tenants, clock())   # several processes: router.shared_state's table
         self.keys_required = any(t.api_keys for t in tenants)
         self.queue_depth = queue_depth
         self.shedder = DrainLimit(shedding, prefill_workers, clock()) if shedding.enabled else None

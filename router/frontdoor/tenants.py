@@ -58,13 +58,16 @@ class Tenants:
         for config in configs:
             if config.name in self._state:
                 raise ValueError(f"duplicate tenant {config.name!r}")
-            self._state[config.name] = _TenantState(config, now)
+            self._state[config.name] = self._new_state(config, now)
             for key in config.api_keys:
                 digest = _key_digest(key)
                 if digest in self._by_key:
                     raise ValueError(f"an API key of tenant {config.name!r} already belongs to "
                                      f"{self._by_key[digest]!r}")
                 self._by_key[digest] = config.name
+
+    def _new_state(self, config: TenantConfig, now: float) -> _TenantState:
+        return _TenantState(config, now)   # router.shared_state keeps it in shared memory instead
 
     def tenant_for_key(self, api_key: str) -> str | None:
         """The tenant owning `api_key`, or None (the HTTP layer answers 401)."""

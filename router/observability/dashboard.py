@@ -135,7 +135,7 @@ class Observatory:
         self._last_point = now
         members = self.members()
         self.view.forget({m.id for m in members})
-        self.view.observe_counters(now, read_counters(self.router.metrics.registry))
+        self.view.observe_counters(now, read_counters(self.router.metrics.aggregate()))   # every process's
         self.view.record(now - self.t0, now, members)
 
     def cluster(self, since: float | None = None, window_s: float | None = None) -> dict:

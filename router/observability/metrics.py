@@ -6,26 +6,37 @@ the upstream request is handed to the HTTP client for sending. It covers reading
 and validating it, tenant and admission checks, tokenization, block hashing, the policy decision and
 building the upstream body; it excludes the network and everything the worker does. The end-to-end
 difference (through the router minus direct) is measured by benchmarks/router_overhead.py.
+
+Several router processes (router.processes) write their metrics to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, chosen by that variable when prometheus_client is imported);
+``render`` and ``aggregate`` then sum every process's counters and histograms, in-flight gauges are
+summed over live processes and health gauges show the latest probe. The hash-memo counts, read from
+one process's memory, are left out of that aggregate.
 """
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Sub-millisecond buckets: the added latency target is < 1 ms at p50.
 _LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6, 750e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if multiprocess else None
         self.registry = CollectorRegistry()
         r = self.registry
         self.decisions = Counter("kvlab_router_decisions", "Routing decisions", ["policy", "worker"], registry=r)
         self.overflow = Counter("kvlab_router_overflow",
                                 "Workers skipped because they were at the bounded-load cap", ["policy"], registry=r)
         self.in_flight = Gauge("kvlab_router_in_flight", "Requests routed to a worker and not yet finished",
-                               ["worker"], registry=r)
-        self.healthy = Gauge("kvlab_router_worker_healthy", "1 if the worker takes traffic", ["worker"], registry=r)
+                               ["worker"], registry=r, multiprocess_mode="livesum")
+        self.healthy = Gauge("kvlab_router_worker_healthy", "1 if the worker takes traffic", ["worker"], registry=r,
+                             multiprocess_mode="livemostrecent")
         self.prompt_tokens = Counter("kvlab_router_prompt_tokens", "Prompt tokens routed", ["policy"], registry=r)
         self.estimated_hit_tokens = Counter(
             "kvlab_router_estimated_prefix_hit_tokens",
@@ -52,7 +63,15 @@ class RouterMetrics:
         self.registry.register(_HashMemoCollector(memo))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.aggregate())
+
+    def aggregate(self) -> CollectorRegistry:
+        """Every router process's metrics (one process: its own registry)."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)
+        return registry
 
     def reject(self, status: int, reason: str, tenant: str | None) -> None:
         self.rejections.labels(str(status), reason, tenant or "-").inc()

@@ -45,8 +45,10 @@ _models_decoder = msgspec.json.Decoder(_Models)
 class Worker:
     """One upstream worker as the router tracks it. ``view`` is what the policies read."""
 
-    def __init__(self, config: WorkerConfig, metrics: RouterMetrics):
+    def __init__(self, config: WorkerConfig, metrics: RouterMetrics, load: SharedLoad | None = None):
         self.config = config
+        self._load = load   # several router processes: this worker's column of the shared counts
+        self._slot = load.worker_slot(config.id) if load is not None else None
         self.view = WorkerView(id=config.id, role=config.role, healthy=False)
         self.failures = 0
         self.models: list[str] = []
@@ -80,14 +82,30 @@ class Worker:
     def charge(self) -> None:
         self.view.in_flight += 1
         self._gauge.inc()
+        if self._slot is not None:
+            self._load.add(self._slot, 1)   # type: ignore[union-attr]
 
     def release(self) -> None:
         self.view.in_flight -= 1
         self._gauge.dec()
+        if self._slot is not None:
+            self._load.add(self._slot, -1)   # type: ignore[union-attr]
+
+    def refresh(self) -> None:
+        """Take the in-flight count of every router process (only with a shared load)."""
+        if self._slot is not None:
+            self.view.in_flight = self._load.total(self._slot)   # type: ignore[union-attr]
 
     def set_up(self, up: bool) -> None:
         self.view.healthy = up
         self._health_gauge.set(1 if up else 0)
+
+
+class SharedLoad(Protocol):
+    """In-flight counts shared by several router processes (router.shared_state.ProcessShare)."""
+    def worker_slot(self, worker_id: str) -> int | None: ...
+    def add(self, slot: int, delta: int) -> None: ...
+    def total(self, slot: int) -> int: ...
 
 
 class PoolListener(Protocol):
@@ -99,8 +117,9 @@ class PoolListener(Protocol):
 
 class WorkerPool:
     def __init__(self, client: httpx.AsyncClient, health: HealthConfig, timeouts: Timeouts,
-                 metrics: RouterMetrics):
+                 metrics: RouterMetrics, load: SharedLoad | None = None):
         self.client = client
+        self.load = load
         self.health = health
         self.timeouts = timeouts
         self.metrics = metrics
@@ -114,7 +133,11 @@ class WorkerPool:
 
     # -- membership ------------------------------------------------------------------------------
     def views(self) -> list[WorkerView]:
-        """Snapshots for the policies (live objects: in-flight counts are always current)."""
+        """Snapshots for the policies (live objects: in-flight counts are always current; with
+        several router processes they are refreshed here, before every decision, from the share)."""
+        if self.load is not None:
+            for worker in self._workers.values():
+                worker.refresh()
         return self._views
 
     def get(self, worker_id: str) -> Worker | None:
@@ -148,7 +171,10 @@ class WorkerPool:
         """Register a worker and probe it once, so a live worker is routable when this returns."""
         if config.id in self._workers:
             raise ValueError(f"worker {config.id!r} is already registered")
-        worker = Worker(config, self.metrics)
+        if self.load is not None and self.load.worker_slot(config.id) is None:
+            raise ValueError(f"worker {config.id!r} is not among the configured workers: with several router "
+                             "processes membership is fixed at start (run one process to change it at run time)")
+        worker = Worker(config, self.metrics, self.load)
         self._workers[config.id] = worker
         self._membership_changed()
         try:

@@ -192,3 +192,150 @@ async def test_a_stream_abandoned_before_done_drops_its_connection():
             await stream.aclose()   # the client left mid-stream: the worker must see the request dropped
         assert server.connections == 2
     await transport.aclose()
+
+
+# -- conformance: what an HTTP/1.1 server may legally (or wrongly) send ---------------------------------
+def scripted(*writes: bytes, pause: float = 0.0, keep: bool = True):
+    """A response written in the given pieces, `pause` seconds apart (bytes split anywhere)."""
+    async def respond(writer) -> bool:
+        for piece in writes:
+            writer.write(piece)
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        return keep
+    return respond
+
+
+async def _body_of(transport, url) -> bytes:
+    response = await transport.handle_async_request(request(url))
+    try:
+        return await response.aread()
+    finally:
+        await response.aclose()
+
+
+@pytest.mark.parametrize("writes", [
+    # size lines, data and CRLFs split across TCP segments
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5", b"\r\nhel", b"lo\r", b"\n0\r\n", b"\r\n"),
+    # chunk extensions, upper-case hex, a trailer after the last chunk
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;name=value\r\nhel\r\n2\r\nlo\r\n",
+     b"0\r\nX-Trailer: yes\r\n\r\n"),
+    # one byte per chunk
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(b"1\r\n%c\r\n" % c for c in b"hello")
+     + b"0\r\n\r\n",),
+])
+async def test_chunked_bodies_in_any_framing_are_read_whole_and_the_connection_reused(writes):
+    transport = LeanTransport()
+    async with RawServer(scripted(*writes, pause=0.01)) as server:
+        for _ in range(2):
+            assert await _body_of(transport, server.url) == b"hello"
+        assert server.connections == 1
+    await transport.aclose()
+
+
+async def test_a_large_chunk_past_the_high_water_mark_arrives_whole():
+    data = bytes(range(256)) * 4096   # 1 MiB, four times the transport's high-water mark
+    transport = LeanTransport()
+    async with RawServer(scripted(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(data),
+                                  data, b"\r\n0\r\n\r\n")) as server:
+        assert await _body_of(transport, server.url) == data
+    await transport.aclose()
+
+
+async def test_connection_close_in_the_headers_is_never_reused():
+    transport = LeanTransport()
+    async with RawServer(scripted(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                                  keep=True)) as server:
+        for _ in range(3):
+            assert await _body_of(transport, server.url) == b"ok"
+        assert server.connections == 3   # each request on a new connection, though the server kept them open
+    await transport.aclose()
+
+
+async def test_a_reused_connection_cut_after_part_of_the_answer_is_an_error_not_a_resend():
+    """A resend is safe only while the server has said nothing: once a byte of the answer came, the
+    worker may be running the request, and sending it again would run it twice."""
+    answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Le"])
+
+    async def first_whole_then_cut(writer) -> bool:
+        piece = next(answers)
+        writer.write(piece)
+        await writer.drain()
+        return piece.endswith(b"ok")
+
+    transport = LeanTransport()
+    async with RawServer(first_whole_then_cut) as server:
+        assert await _body_of(transport, server.url) == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _body_of(transport, server.url)
+        assert server.connections == 1   # no second connection: nothing was sent again
+    await transport.aclose()
+
+
+async def test_a_server_that_closes_every_idle_connection_at_once_costs_no_request():
+    """The close races each reuse: whichever wins, every request gets its answer (a resend on a fresh
+    connection where the reused one died before answering)."""
+    transport = LeanTransport()
+    async with RawServer(scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=False)) as server:
+        bodies = [await _body_of(transport, server.url) for _ in range(20)]
+        assert bodies == [b"ok"] * 20
+        assert server.connections == 20
+    await transport.aclose()
+
+
+async def test_a_reader_that_stops_reading_stops_the_socket_and_so_the_server():
+    """Backpressure: the transport buffers at most about its high-water mark for a body nobody reads,
+    so a fast server's writes block until the reader resumes, and then every byte arrives in order."""
+    from router.forwarding.transport import HIGH_WATER
+    total, piece = 256 * HIGH_WATER, b"x" * 65536   # 64 MiB: past what loopback's socket buffers hold
+    sent = 0
+    blocked = asyncio.Event()
+
+    async def flood(writer) -> bool:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        while sent < total:
+            writer.write(piece)
+            sent += len(piece)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.2)
+            except TimeoutError:
+                blocked.set()          # the client's window is full: it stopped reading
+                await writer.drain()
+        return True
+
+    transport = LeanTransport()
+    async with RawServer(flood) as server:
+        response = await transport.handle_async_request(request(server.url))
+        await asyncio.wait_for(blocked.wait(), 20)
+        assert sent < total                                   # the server is held back
+        assert response.stream._conn.buffered <= HIGH_WATER + 4 * len(piece)   # and little is buffered here
+        body = await response.aread()
+        assert len(body) == total and sent == total
+        await response.aclose()
+    await transport.aclose()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\nok",                       # status not a number
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",   # chunk size not hex
+    b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",                       # negative length
+    b"HTTP/1.1 200 OK\r\nBad Header Without Colon\r\nContent-Length: 2\r\n\r\nok",
+    b"SSH-2.0-OpenSSH_9.6\r\n",                                               # not HTTP at all
+])
+async def test_a_malformed_response_is_a_protocol_error_and_its_connection_is_dropped(garbage):
+    answers = iter([garbage, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+
+    async def bad_then_good(writer) -> bool:
+        writer.write(next(answers))
+        await writer.drain()
+        return True
+
+    transport = LeanTransport()
+    async with RawServer(bad_then_good) as server:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _body_of(transport, server.url)
+        assert await _body_of(transport, server.url) == b"ok"   # a fresh connection, not the broken one
+        assert server.connections == 2
+    await transport.aclose()
