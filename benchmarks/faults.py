@@ -374,6 +374,7 @@ def overload() -> tuple[str, str, bool]:
     with cluster(max_num_seqs=2):
         capacity = asyncio.run(_capacity(10.0, 16))
         results = asyncio.run(_open_loop(3 * capacity, 20.0))
+        lag = max(_worker_lag(port) for port in (WORKER_PORT, WORKER_PORT + 1))
     admitted = [s for s in results if s.status == 200]
     ttft = p99([s.ttft for s in admitted if s.ttft is not None])
     unanswered = sum(1 for s in results if s.status == 0 or (s.status == 200 and not s.done))
@@ -382,8 +383,14 @@ def overload() -> tuple[str, str, bool]:
     statuses = {code: sum(1 for s in results if s.status == code) for code in sorted({s.status for s in results})}
     measured = (f"capacity {capacity:.1f} req/s, offered {3 * capacity:.0f} req/s: {statuses}; admitted TTFT p99 "
                 f"{ttft:.2f} s (SLO 1.0 s); {unanswered} without a full response; refusals 503/429 + Retry-After: "
-                f"{by_rule}")
+                f"{by_rule}; worker lag p99 {lag * 1e3:.0f} ms")
     return "admitted p99 <= SLO, 0 unanswered", measured, ttft <= 1.0 and unanswered == 0 and by_rule
+
+
+def _worker_lag(port: int) -> float:
+    """How late a worker's engine steps ran against their emulated schedule (p99, seconds): the share
+    of a TTFT that this host, not the emulated GPU, is responsible for."""
+    return float(httpx.get(f"http://127.0.0.1:{port}/load", timeout=5).json()["lag_p99_s"])
 
 
 def slowloris() -> tuple[str, str, bool]:

@@ -120,8 +120,8 @@ class Router:
         return self.config.models or self.pool.models()
 
     def queue_depth(self) -> float:
-        """Cluster-wide waiting requests, as the workers last reported them (for shedding)."""
-        return float(sum(v.waiting for v in self.pool.views() if v.healthy))
+        """Cluster-wide waiting requests: the workers' last reports plus this router's traffic since."""
+        return float(self.pool.queued())
 
     def prefill_workers(self) -> int:
         """Healthy workers that prefill (each drains its own queue, for shedding)."""
