@@ -324,9 +324,12 @@ class WorkerPool:
     async def _run(self) -> None:
         # Fixed rate: a round starts every interval_s, however long the last one took. Waiting the
         # interval after a hung worker's probe timed out would double the time to mark it down.
+        # The first round waits an interval too: ``add`` has just probed every worker, and a second
+        # round at once would only race whatever happens to the workers right after start-up.
         loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
+            await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))
             started = loop.time()
             workers = list(self._workers.values())
             await asyncio.gather(*(self.probe(w) for w in workers), return_exceptions=True)
-            await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))
