@@ -9,7 +9,6 @@ import httpx
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 from kvlab.wire.tokenizer import SPECIALS, BuiltinTokenizer, load_tokenizer
 from router.config import Limits, SheddingConfig
@@ -18,6 +17,7 @@ from router.frontdoor.intake import Intake
 from router.frontdoor.tenants import TenantConfig
 from router.frontdoor.tokenize import PromptTokenizer
 from router.policies.registry import PolicySet
+from tests.router_fixtures import MODEL, start_router  # noqa: F401 (fixture)
 
 BLOCK = 16
 
@@ -143,7 +143,7 @@ def test_a_request_refused_after_admission_is_refunded_whole():
 
 def test_a_stream_asks_its_worker_for_usage_and_the_client_gets_none_it_did_not_ask_for(start_worker,
                                                                                         start_router):
-    from router_fixtures import stream_completion
+    from tests.router_fixtures import stream_completion
     worker = start_worker(worker_id="w0")
     router = start_router([worker], policy="round_robin")
     _, events = stream_completion(router.url, {"model": MODEL, "prompt": LONG[:3000], "max_tokens": 3})
