@@ -98,6 +98,18 @@ def test_the_head_of_a_prompt_is_exactly_the_first_ids_of_the_whole(pieces, n):
     assert list(tokenizer.head(text, n)) == list(tokenizer.encode(text))[:n]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "bc", "defgh", "1", "2345", " ", "  ", "\n", " \t", "<", "|", ".", "é"]),
+                min_size=1, max_size=80),
+       st.integers(min_value=1, max_value=12))
+def test_a_long_text_tokenized_in_chunks_gives_the_ids_of_the_whole(pieces, size):
+    from router.frontdoor.tokenize import _chunks
+    text = "".join(pieces)
+    chunks = _chunks(text, size)
+    assert "".join(chunks) == text
+    assert [i for chunk in chunks for i in BuiltinTokenizer().encode(chunk)] == BuiltinTokenizer().encode(text)
+
+
 # -- admission before tokenizing ---------------------------------------------------------------------
 def test_a_request_refused_by_its_tenant_is_never_tokenized(start_worker, start_router):
     worker = start_worker(worker_id="w0")
