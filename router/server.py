@@ -96,7 +96,8 @@ class Router:
         self.gate = Gate(config.tenants, config.shedding, self.queue_depth, config.salt_secret,
                          prefill_workers=self.prefill_workers,
                          make_tenants=share.tenant_table if share is not None else Tenants)
-        self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length)
+        self.intake = Intake(config.limits, self.tokenizer, self.models, self.context_length,
+                             self.policies.prompt_blocks)
         self._large_intake = ThreadPoolExecutor(1, thread_name_prefix="kvlab-intake")
         upstream = Upstream(self.client, self.transport, config.timeouts)
         self.pool.listeners.append(upstream)   # a worker going down fails its open streams: they migrate now
@@ -120,8 +121,8 @@ class Router:
         return self.config.models or self.pool.models()
 
     def queue_depth(self) -> float:
-        """Cluster-wide waiting requests, as the workers last reported them (for shedding)."""
-        return float(sum(v.waiting for v in self.pool.views() if v.healthy))
+        """Cluster-wide waiting requests: the workers' last reports plus this router's traffic since."""
+        return float(self.pool.queued())
 
     def prefill_workers(self) -> int:
         """Healthy workers that prefill (each drains its own queue, for shedding)."""
@@ -140,8 +141,10 @@ class Router:
             self.gate.precheck(tenant)   # before the body is read or tokenized: a refused tenant costs ~nothing
             policy = self._policy_override(request.headers.get(POLICY_HEADER), tenant)
             raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
-            job = await self._intake(endpoint, raw, received, policy, tenant)
-            self.gate.admit(job)
+            job = await self._off_loop(raw, self.intake.job, endpoint, raw, received, policy, tenant,
+                                       self.gate.salt(tenant))
+            self.gate.admit(job)   # before tokenizing: a shed or over-limit request costs no tokenizer time
+            await self._off_loop(raw, self.intake.tokenize, job)
             response: Response | RelayResponse
             if job.stream:
                 response = await self.proxy.stream(job)
@@ -159,15 +162,13 @@ class Router:
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
-    async def _intake(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None,
-                      tenant: str | None) -> Job:
-        """Decode, check and tokenize; a large body on a thread, so the event loop (every other
-        stream, /health) keeps running while it is tokenized. One thread: large prompts queue
+    async def _off_loop(self, raw: bytes, step, *args):
+        """Run an intake step (decoding, tokenizing) on a thread when the body is large, so the event
+        loop (every other stream, /health) keeps running meanwhile. One thread: large prompts queue
         behind each other instead of taking every core."""
-        args = (endpoint, raw, received, policy, tenant, self.gate.salt(tenant))
         if len(raw) < self.config.limits.offload_bytes:
-            return self.intake.job(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._large_intake, self.intake.job, *args)
+            return step(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._large_intake, step, *args)
 
     def _policy_override(self, policy: str | None, tenant: str | None) -> str | None:
         """A request may pick the routing policy only where the config or its tenant allows it."""
@@ -179,7 +180,7 @@ class Router:
     def _refused(self, endpoint: Endpoint, job: Job | None, tenant: str | None, status: int, reason: str) -> None:
         """Account a refused request."""
         if job is not None:
-            self.gate.release(job, 0)   # admitted but never served: free its slot, refund its tokens
+            self.gate.release(job, 0, served=False)   # admitted but never served: free its slot, refund its tokens
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.reject(status, reason, tenant)
 

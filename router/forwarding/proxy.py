@@ -127,7 +127,7 @@ class Proxy:
         if matched is None and self.estimate_hits:
             matched = self.policies.index.match(job.route.blocks).get(decision.worker, 0)
         if matched:
-            hit = min(matched * self.tokenizer.block_size, len(job.prompt))
+            hit = min(matched * self.tokenizer.block_size, job.prompt_tokens)
             self.metrics.estimated_hit_tokens.labels(decision.policy).inc(hit)
 
     # -- non-streaming ---------------------------------------------------------------------------
@@ -176,10 +176,12 @@ class Proxy:
             usage = None
         completion = usage.completion_tokens if usage else job.max_tokens
         cached = usage.cached_tokens if usage else 0
+        if usage is not None:
+            job.reported_prompt_tokens = usage.prompt_tokens
         self.account(job, decision.policy, completion, cached)
 
     def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
-        self.metrics.prompt_tokens.labels(policy).inc(len(job.prompt))
+        self.metrics.prompt_tokens.labels(policy).inc(job.prompt_tokens)
         if cached:
             self.metrics.cached_tokens.labels(policy).inc(cached)
         self.on_finish(job, completion, cached)

@@ -11,7 +11,8 @@ Counting output tokens costs nothing when the upstream says how many there are: 
 Text from an upstream that sends no ids is encoded to ids only when they are needed (a migration, or a
 stream that ended without usage), never per chunk where a usage report is on its way: on the first
 source, whose events go to the client byte for byte, when the client asked for usage
-(``stream_options.include_usage``, which the upstream received too) or the chunks carry usage.
+(``stream_options.include_usage``, which the router also asks of the upstream for every stream: see
+router.frontdoor.intake) or the chunks carry usage.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class StreamRelay:
             raise BadEvent(f"error event: {chunk.error.get('message', chunk.error)}")
         if not self.rid:
             self.rid, self.created = chunk.id, chunk.created or self.created
-        text = self._record(chunk, defer=not rewrite and (self.job.include_usage or chunk.usage is not None))
+        text = self._record(chunk, defer=not rewrite and (self.job.upstream_usage or chunk.usage is not None))
         if chunk.token_gaps:
             self.gaps += chunk.token_gaps
         if chunk.usage is not None:
@@ -99,6 +100,10 @@ class StreamRelay:
             if not rewrite:
                 self._reported = chunk.usage.completion_tokens
         if not rewrite:
+            if chunk.usage is not None:
+                self.job.reported_prompt_tokens = chunk.usage.prompt_tokens   # the first attempt's own prompt
+                if not chunk.choices and not self.job.include_usage:
+                    return None   # usage the router asked for itself (router.frontdoor.intake)
             if self.job.endpoint == "chat":
                 self.role_sent = True   # the worker's first chat chunk carries the role
             return event
@@ -150,9 +155,12 @@ class StreamRelay:
     def usage_event(self, upstream: Usage | None = None) -> bytes:
         if not self.job.include_usage:
             return b""
-        cached = min(self.cached_tokens, len(self.job.prompt))
-        obj = "chat.completion.chunk" if self.job.endpoint == "chat" else "text_completion"
-        body = usage(len(self.job.prompt), self.completion_tokens, cached)
+        # A migrated stream's usage came from a continuation (prompt + tokens before it): count the prompt here.
+        job = self.job
+        prompt = job.reported_prompt_tokens if job.reported_prompt_tokens is not None else len(job.prompt)
+        cached = min(self.cached_tokens, prompt)
+        obj = "chat.completion.chunk" if job.endpoint == "chat" else "text_completion"
+        body = usage(prompt, self.completion_tokens, cached)
         return sse(usage_chunk(self.rid, self.model, self.created, obj, body))
 
     def finish_done(self) -> bytes:

@@ -70,21 +70,26 @@ class Gate:
                 self._raise_if_refused(refusal, tenant)
 
     def admit(self, job: Job) -> None:
-        """Shed or admit `job`; on success job.ticket must later go to ``release``."""
+        """Shed or admit `job`, before its prompt is tokenized (a refused request costs no tokenizing):
+        a tenant's token bucket reserves the prompt estimate + max_tokens, settled at ``release``
+        with the prompt tokens the worker reported. On success job.ticket must later go to ``release``."""
         now = self.clock()
         if self.shedder is not None:
             self._raise_if_refused(self.shedder.check(self.queue_depth(), now), job.tenant)
         if job.tenant is not None:
-            admission = self.tenants.admit(job.tenant, len(job.prompt) + job.max_tokens, now)
+            admission = self.tenants.admit(job.tenant, job.prompt_estimate + job.max_tokens, now)
             self._raise_if_refused(admission, job.tenant)
             job.ticket = admission
 
-    def release(self, job: Job, completion_tokens: int) -> None:
+    def release(self, job: Job, completion_tokens: int, served: bool = True) -> None:
+        """Settle an admitted request: its tokens are the worker-reported prompt plus `completion_tokens`;
+        one refused before a worker served it (`served` False) used none."""
         if self.shedder is not None:
             self.shedder.finished(self.clock())
         ticket, job.ticket = job.ticket, None
         if ticket is not None:
-            self.tenants.release(ticket, len(job.prompt) + completion_tokens, self.clock())
+            used = job.prompt_tokens + completion_tokens if served else 0
+            self.tenants.release(ticket, used, self.clock())
 
     def _raise_if_refused(self, admission: Admission, tenant: str | None) -> None:
         if admission.ok:

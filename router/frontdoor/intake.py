@@ -1,4 +1,12 @@
-"""From a raw request body to a validated Job: decode, check, tokenize, salt.
+"""From a raw request body to a validated Job: decode, check and salt (``job``), then, once the request
+is admitted, tokenize (``tokenize``).
+
+Admission (router.frontdoor.gate) sits between the two steps, so a shed or over-limit request costs no
+tokenizer time: token limits reserve an estimate from the body's size. Tokenizing then covers only the
+leading blocks the routing policy reads (none for round robin and least loaded; the ring key's blocks
+for a prefix ring), unless the size limits need the whole prompt's count: a text's characters bound
+its tokens from above (every built-in piece covers one), so a prompt whose characters fit the limits
+is never counted. The whole prompt is tokenized later only where it is needed (a migration).
 
 Every refusal is an ApiError with the OpenAI status and body: 400 for a malformed or invalid request
 (naming the field), 404 for an unknown model, 413 for a body over the limit. Checks run before any
@@ -7,14 +15,17 @@ worker is involved, so a bad request costs the cluster nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import msgspec
 
 from kvlab.wire.openai_api import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
+from kvlab.wire.tokenizer import PIECE_CHARS
 from router.config import Limits
 from router.frontdoor.admission import RequestLimits, check_request
 from router.frontdoor.job import Endpoint, Job
 from router.frontdoor.tokenize import PromptTokenizer, TokenIdsCompletion
+from router.policies.base import RouteRequest
 from router.policies.registry import BUILDERS
 
 KINDS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
@@ -36,36 +47,72 @@ _ids_decoder = msgspec.json.Decoder(TokenIdsCompletion)
 
 
 class Intake:
-    """Turns bodies into Jobs. ``job`` is synchronous and touches no event-loop state, so the server
-    may run it on a thread for large bodies (router.server)."""
+    """Turns bodies into Jobs in two steps, so that admission comes between them: ``job`` decodes and
+    checks (no tokenizing), ``tokenize`` gives the Job the prompt ids its policy reads and checks the
+    prompt's size. Both are synchronous and touch no event-loop state, so the server may run them on
+    a thread for large bodies (router.server)."""
 
-    def __init__(self, limits: Limits, tokenizer: PromptTokenizer, models, context_length=lambda: None):
+    def __init__(self, limits: Limits, tokenizer: PromptTokenizer, models, context_length=lambda: None,
+                 prompt_blocks=lambda policy: None):
         self.limits = limits
         self.tokenizer = tokenizer
         self.models = models                   # () -> list of served model names (empty: accept any)
         self.context_length = context_length   # () -> the model's context in tokens, or None (unknown)
+        self.prompt_blocks = prompt_blocks     # (policy name or None) -> leading blocks it reads; None: all
 
     def job(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None = None,
             tenant: str | None = None, tenant_salt: str | None = None) -> Job:
+        """The decoded, checked request, with a prompt-size estimate for admission; not tokenized."""
         request = _decode(raw, endpoint)
         self._check_fields(request, policy)
         max_tokens = self._max_tokens(endpoint, request)
-        max_field = "max_completion_tokens" if endpoint == "chat" and request.max_completion_tokens is not None \
-            else "max_tokens"
-        limits = RequestLimits(max_input_tokens=self.limits.max_input_tokens,
-                               max_tokens_limit=self.limits.max_tokens_limit, max_model_len=self.context_length())
-        started = time.perf_counter()
-        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(limits, max_tokens)), max_tokens, limits)
-        given = self.tokenizer.chat_input(request) if endpoint == "chat" else self.tokenizer.completion_input(request)
-        prompt = self.tokenizer.encode(given)
-        _check_sizes(len(prompt), max_tokens, limits, max_field)
-        salt = _salt(request.cache_salt, tenant_salt)
-        route = self.tokenizer.route_request(prompt, salt, policy)
-        job = Job(endpoint, raw, request, prompt, route, max_tokens, salt, tenant, received)
-        job.tokenize_s = time.perf_counter() - started
+        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(self._limits(), max_tokens)), max_tokens,
+                      self._limits())
+        # Token ids count themselves; text is guessed from the body's size at ~4 characters a token
+        # (kvlab.wire.tokenizer.PIECE_CHARS), and the tenant's bucket is settled with the real count.
+        prompt = request.prompt if isinstance(request, CompletionRequest) else None
+        if isinstance(prompt, list) and all(type(t) is int for t in prompt[:1]):
+            estimate = len(prompt)
+        else:
+            estimate = -(-len(raw) // PIECE_CHARS)
+        job = Job(endpoint, raw, request, max_tokens, _salt(request.cache_salt, tenant_salt), tenant, received,
+                  prompt_estimate=estimate)
+        job.route = RouteRequest(blocks=[], prompt_tokens=0, policy=policy)   # its policy, until tokenized
+        if request.stream and not job.include_usage:
+            # The worker's usage settles the tenant's tokens and counts the prompt, which routing may
+            # have tokenized only the head of; the relay keeps it from a client that did not ask.
+            job.fields["stream_options"] = {"include_usage": True}
         if tenant_salt is not None:
-            job.fields["cache_salt"] = salt   # forced: spliced last, it overrides the client's own
+            job.fields["cache_salt"] = job.salt   # forced: spliced last, it overrides the client's own
         return job
+
+    def tokenize(self, job: Job) -> None:
+        """Tokenize as much of the prompt as the routing policy reads (all of it where the size limits
+        cannot be checked otherwise), check its size, and build the policy's RouteRequest."""
+        started = time.perf_counter()
+        request, limits = job.request, self._limits()
+        if isinstance(request, ChatCompletionRequest):
+            given: str | Sequence[int] = self.tokenizer.chat_input(request)
+            asked_completion = request.max_completion_tokens is not None
+        else:
+            given, asked_completion = self.tokenizer.completion_input(request), False
+        blocks = self.prompt_blocks(job.route.policy)
+        at_most = self.tokenizer.max_tokens(given)
+        if blocks is None or at_most is None or at_most > _prompt_cap(limits, job.max_tokens):
+            job.set_prompt(self.tokenizer.encode(given))
+            count = len(job.prompt)
+        else:   # fits whatever it tokenizes to: only the head the policy reads
+            tokenizer = self.tokenizer
+            job.set_prompt(tokenizer.head(given, blocks * tokenizer.block_size), lambda: tokenizer.encode(given))
+            count = max(1, at_most)
+        max_field = "max_completion_tokens" if asked_completion else "max_tokens"
+        _check_sizes(count, job.max_tokens, limits, max_field)
+        job.route = self.tokenizer.route_request(job.prompt_head, job.salt, job.route.policy)
+        job.tokenize_s = time.perf_counter() - started
+
+    def _limits(self) -> RequestLimits:
+        return RequestLimits(max_input_tokens=self.limits.max_input_tokens,
+                             max_tokens_limit=self.limits.max_tokens_limit, max_model_len=self.context_length())
 
     def _check_fields(self, request, policy: str | None) -> None:
         self._check_model(request.model)

@@ -10,6 +10,7 @@ dead worker would have produced.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -28,17 +29,18 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
 
 
 class Job:
-    __slots__ = ("endpoint", "raw", "request", "prompt", "salt", "route", "tenant", "max_tokens",
-                 "received", "fields", "tokenize_s", "ticket")
+    __slots__ = ("endpoint", "raw", "request", "_prompt", "_whole", "salt", "route", "tenant", "max_tokens",
+                 "received", "fields", "tokenize_s", "ticket", "prompt_estimate", "reported_prompt_tokens")
 
     def __init__(self, endpoint: Endpoint, raw: bytes, request: CompletionRequest | ChatCompletionRequest,
-                 prompt: TokenIds, route: RouteRequest, max_tokens: int, salt: str | None = None,
-                 tenant: str | None = None, received: float | None = None):
+                 max_tokens: int, salt: str | None = None, tenant: str | None = None,
+                 received: float | None = None, prompt_estimate: int = 0):
         self.endpoint = endpoint
         self.raw = raw
         self.request = request
-        self.prompt = prompt                  # token ids: a list, or an int32 array from the tokenizer
-        self.route = route
+        self._prompt: TokenIds = []
+        self._whole: Callable[[], TokenIds] | None = None   # set while only the prompt's head is tokenized
+        self.route = RouteRequest(blocks=[], prompt_tokens=0)   # set once tokenized (router.frontdoor.intake)
         self.max_tokens = max_tokens
         self.salt = salt
         self.tenant = tenant
@@ -46,6 +48,33 @@ class Job:
         self.fields: dict[str, Any] = {}      # spliced into every upstream body
         self.tokenize_s = 0.0                 # time spent tokenizing (for the decision-time metric)
         self.ticket: Admission | None = None  # admission's record of this request, settled at the end
+        self.prompt_estimate = prompt_estimate         # prompt tokens guessed before tokenizing (admission)
+        self.reported_prompt_tokens: int | None = None  # prompt tokens in the worker's usage, once it came
+
+    @property
+    def prompt(self) -> TokenIds:
+        """The whole prompt's token ids, tokenized on first use where routing needed only its head
+        (a migration, a router-written usage event)."""
+        if self._whole is not None:
+            self._prompt, self._whole = self._whole(), None
+        return self._prompt
+
+    @property
+    def prompt_head(self) -> TokenIds:
+        """The prompt's ids as far as they are tokenized (what routing reads)."""
+        return self._prompt
+
+    def set_prompt(self, tokens: TokenIds, whole: Callable[[], TokenIds] | None = None) -> None:
+        """The prompt's token ids, or (with `whole`) its leading ids and how to get all of them."""
+        self._prompt, self._whole = tokens, whole
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's token count as far as it is known without tokenizing: the worker's usage, the
+        whole prompt if tokenized, else the admission estimate (what token limits settle with)."""
+        if self.reported_prompt_tokens is not None:
+            return self.reported_prompt_tokens
+        return self.prompt_estimate if self._whole is not None else len(self._prompt)
 
     @property
     def stream(self) -> bool:
@@ -55,6 +84,11 @@ class Job:
     def include_usage(self) -> bool:
         options = self.request.stream_options
         return bool(options and options.include_usage)
+
+    @property
+    def upstream_usage(self) -> bool:
+        """The upstream was asked for a usage report (by the client, or by the router for a stream)."""
+        return self.include_usage or "stream_options" in self.fields
 
     @property
     def model(self) -> str:

@@ -73,6 +73,9 @@ class Decision(msgspec.Struct):
 
 class Policy(Protocol):
     name: str
+    # Leading blocks of the prompt that ``choose`` reads (None: all, as far as the KV index matches);
+    # the router tokenizes only that much of a prompt (router.frontdoor.intake).
+    prompt_blocks: int | None
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision: ...
 
@@ -84,6 +87,7 @@ class Policy(Protocol):
 class StatelessPolicy:
     """Base for policies that keep no per-worker state: membership hooks do nothing."""
     name = "stateless"
+    prompt_blocks: int | None = None
 
     def add_worker(self, worker_id: str) -> None:
         pass

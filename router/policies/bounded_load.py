@@ -71,6 +71,7 @@ class PrefixBounded(RingPolicy):
         self.eps = eps
         self.slack = int(slack)
         self.index = index if kv_choice else None
+        self.prompt_blocks = prefix_blocks if self.index is None else None   # the index matches past the key
         self.overflow_total = 0  # skips over the policy's lifetime (a metrics counter)
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:

@@ -16,6 +16,7 @@ METRICS: dict[str, Callable[[WorkerView], tuple]] = {
 
 class LeastLoaded(StatelessPolicy):
     name = "least_loaded"
+    prompt_blocks: int | None = 0   # reads loads only
 
     def __init__(self, metric: str = "queue") -> None:
         if metric not in METRICS:

@@ -19,6 +19,7 @@ DEFAULT_LOCAL_PREFILL_TOKENS = 512  # a setting; calibrate with the roofline's p
 
 class PdPair:
     name = "pd_pair"
+    prompt_blocks: int | None = None   # the whole prompt: its uncached tokens choose local or remote prefill
 
     def __init__(self, prefill: Policy, decode: Policy, index: KvIndex | None = None,
                  local_prefill_tokens: int = DEFAULT_LOCAL_PREFILL_TOKENS,

@@ -23,6 +23,7 @@ class RingPolicy:
         if prefix_blocks < 1:
             raise ValueError(f"prefix_blocks must be >= 1, got {prefix_blocks}")
         self.prefix_blocks = prefix_blocks
+        self.prompt_blocks: int | None = prefix_blocks   # the ring key's blocks
         self.ring = HashRing(vnodes, seed)
 
     def add_worker(self, worker_id: str) -> None:

@@ -108,6 +108,12 @@ class PolicySet:
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         return self.get(request.policy or self.default).choose(request, workers)
 
+    def prompt_blocks(self, name: str | None) -> int | None:
+        """Leading prompt blocks policy `name` (None: the default) reads; None: all. A policy not yet
+        built counts as reading all (this may run off the event loop, where nothing is built)."""
+        policy = self._built.get(name or self.default)
+        return None if policy is None else policy.prompt_blocks
+
     def add_worker(self, worker_id: str) -> None:
         self._members.add(worker_id)
         for policy in self._built.values():

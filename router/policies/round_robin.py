@@ -8,6 +8,7 @@ from router.policies.base import Decision, RouteRequest, StatelessPolicy, Worker
 
 class RoundRobin(StatelessPolicy):
     name = "round_robin"
+    prompt_blocks: int | None = 0   # reads no prompt
 
     def __init__(self) -> None:
         self._next = 0

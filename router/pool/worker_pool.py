@@ -30,6 +30,7 @@ class LoadReport(msgspec.Struct):
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    max_num_seqs: int | None = None        # sequence slots (kvlab workers say; stock vLLM does not)
     worker_id: str | None = None
     kv_events_endpoint: str | None = None   # ZMQ PUB endpoint, if the worker publishes there
 
@@ -55,6 +56,8 @@ class Worker:
         self.max_model_len: int | None = None   # from its /v1/models cards (vLLM's field), when given
         self.kv_endpoint = config.kv_events
         self.has_load_endpoint = True
+        self.slots: int | None = None          # its sequence slots, from /load
+        self._in_flight_at_poll = 0            # view.in_flight when the last /load was read
         self._urls: dict[str, httpx.URL] = {}
         self._gauge = metrics.in_flight.labels(config.id)
         self._health_gauge = metrics.healthy.labels(config.id)
@@ -96,6 +99,19 @@ class Worker:
         if self._slot is not None:
             self.view.in_flight = self._load.total(self._slot)   # type: ignore[union-attr]
 
+    def queued(self) -> int:
+        """Requests waiting in its queue now, by the last /load plus this router's traffic since (all
+        its processes', with a shared load)."""
+        view = self.view
+        return waiting_now(view.waiting, view.running, self.slots, view.in_flight - self._in_flight_at_poll)
+
+    def read_load(self, report: LoadReport) -> None:
+        self.refresh()
+        view = self.view
+        view.running, view.waiting, view.kv_usage = report.running, report.waiting, report.kv_usage
+        self.slots = report.max_num_seqs
+        self._in_flight_at_poll = view.in_flight
+
     def set_up(self, up: bool) -> None:
         self.view.healthy = up
         self._health_gauge.set(1 if up else 0)
@@ -106,6 +122,22 @@ class SharedLoad(Protocol):
     def worker_slot(self, worker_id: str) -> int | None: ...
     def add(self, slot: int, delta: int) -> None: ...
     def total(self, slot: int) -> int: ...
+
+
+def waiting_now(waiting: int, running: int, slots: int | None, sent_since: int) -> int:
+    """A worker's waiting queue now, from its last report (`waiting`, `running`, `slots`) and the net
+    number of requests this router has sent it since (`sent_since`: sent less finished, may be < 0).
+
+    A poll is up to a probe interval old, and at 3x overload ~30 requests arrive in that second: a
+    shedder that trusts the poll admits them all and the queue swings between empty and twice its
+    limit, so admitted requests miss the TTFT SLO in waves. A worker with a queue is saturated, so
+    each request sent since joins the queue and each one finished lets one in; one without a queue
+    fills its free slots first; with its slots unknown (no /load, e.g. stock vLLM) the poll is all
+    there is. Other routers' traffic since the poll is unseen until the next one.
+    """
+    if waiting > 0:
+        return max(0, waiting + sent_since)
+    return max(0, running + sent_since - slots) if slots is not None else 0
 
 
 class PoolListener(Protocol):
@@ -151,6 +183,14 @@ class WorkerPool:
 
     def up_count(self) -> int:
         return sum(1 for w in self._workers.values() if w.up)
+
+    def queued(self) -> int:
+        """Requests waiting in the up workers' queues now (Worker.queued), for the shedder."""
+        up = [w for w in self._workers.values() if w.up]
+        if self.load is not None:
+            for worker in up:
+                worker.refresh()   # every process's requests sent since the last /load count
+        return sum(w.queued() for w in up)
 
     def has_role(self, role: str) -> bool:
         return role in self._roles
@@ -244,8 +284,7 @@ class WorkerPool:
             report = _load_decoder.decode(body)
         except msgspec.MsgspecError:
             return False
-        view = worker.view
-        view.running, view.waiting, view.kv_usage = report.running, report.waiting, report.kv_usage
+        worker.read_load(report)
         if report.kv_events_endpoint and not worker.config.kv_events:
             worker.kv_endpoint = report.kv_events_endpoint
         for hook in self.load_hooks:
@@ -285,9 +324,12 @@ class WorkerPool:
     async def _run(self) -> None:
         # Fixed rate: a round starts every interval_s, however long the last one took. Waiting the
         # interval after a hung worker's probe timed out would double the time to mark it down.
+        # The first round waits an interval too: ``add`` has just probed every worker, and a second
+        # round at once would only race whatever happens to the workers right after start-up.
         loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
+            await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))
             started = loop.time()
             workers = list(self._workers.values())
             await asyncio.gather(*(self.probe(w) for w in workers), return_exceptions=True)
-            await asyncio.sleep(max(0.0, self.health.interval_s - (loop.time() - started)))

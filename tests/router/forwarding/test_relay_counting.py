@@ -26,8 +26,9 @@ def _relay(include_usage: bool) -> tuple[StreamRelay, CountingTokenizer]:
     if include_usage:
         body["stream_options"] = {"include_usage": True}
     raw = msgspec.json.encode(body)
-    job = Job("completions", raw, msgspec.json.decode(raw, type=CompletionRequest), [1, 2, 3],
-              RouteRequest(blocks=[], prompt_tokens=3), max_tokens=8)
+    job = Job("completions", raw, msgspec.json.decode(raw, type=CompletionRequest), max_tokens=8)
+    job.set_prompt([1, 2, 3])
+    job.route = RouteRequest(blocks=[], prompt_tokens=3)
     tokenizer = CountingTokenizer()
     return StreamRelay(job, tokenizer), tokenizer   # type: ignore[arg-type]
 

@@ -123,16 +123,35 @@ class FlakyWorker:
 
     def __init__(self):
         self.ok = True
+        self.probes = 0
         self.app = Starlette(routes=[Route("/load", self.load), Route("/health", self.load),
                                      Route("/v1/models", self.models)])
 
     async def load(self, request):
+        self.probes += 1
         if not self.ok:
             return JSONResponse({"status": "sick"}, status_code=503)
         return JSONResponse({"worker_id": "flaky", "running": 0, "waiting": 0, "kv_usage": 0.0})
 
     async def models(self, request):
         return JSONResponse({"object": "list", "data": [{"id": MODEL}]})
+
+
+def test_after_start_up_the_next_probe_round_waits_a_whole_interval(start_router, serve):
+    # Start-up probes every worker once; an immediate second round would race whatever a test (or an
+    # operator) does to the workers right after start-up, e.g. take the discovery of a dead worker
+    # away from live traffic.
+    flaky = FlakyWorker()
+    server = serve(flaky.app)
+
+    class Declared:   # what router_app reads from a worker
+        url = server.url
+        config = type("C", (), {"worker_id": "flaky", "role": "both", "kv_events_endpoint": None})
+
+    router = start_router([Declared], health=HealthConfig(interval_s=60, failures_to_remove=1))
+    assert router.workers() == {"flaky": True}
+    time.sleep(0.5)
+    assert flaky.probes == 1
 
 
 def test_health_checks_remove_a_sick_worker_from_the_ring_and_bring_it_back(start_worker, start_router, serve):
