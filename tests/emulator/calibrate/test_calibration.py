@@ -113,6 +113,22 @@ def test_profile_tables_put_every_profiled_token_count_within_15_percent(tmp_pat
         assert s.within == 1.0, s
 
 
+def test_vidur_allreduce_size_is_read_as_bytes(tmp_path: Path):
+    # Vidur's collective profiler writes size = fp16 elements x 2 (bytes); its predictor divides by 2 x hidden
+    path = tmp_path / "all_reduce.csv"
+    path.write_text(",time_stats.all_reduce.median,rank,num_workers,size,collective\n"
+                    "0,0.05,0,8,8388608,all_reduce\n1,0.05,1,8,8388608,all_reduce\n")
+    (row,) = ms.read_allreduce_profile(path)
+    assert (row.gpus, row.payload_bytes, row.ms) == (8, 8388608, 0.05)
+
+
+def test_nvlink_allreduce_bus_bandwidth_stays_under_the_link():
+    # a ring all-reduce moves 2(t-1)/t of the payload over each GPU's link: its bus bandwidth cannot
+    # exceed the link's per-direction bandwidth (a payload read in the wrong unit would break this)
+    for fit_ in NVLINK.allreduce:
+        assert 2 * (fit_.gpus - 1) / fit_.gpus * fit_.gb_s <= NVLINK.gb_s, fit_
+
+
 @needs_profiles
 def test_calibrated_allreduce_curve_matches_the_nvlink_profile(tmp_path: Path):
     path = VIDUR / "network" / fidelity.ALLREDUCE_TOPOLOGY / "all_reduce.csv"
