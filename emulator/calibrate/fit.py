@@ -140,6 +140,18 @@ def fit_layers(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[LayerRo
     return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model, link, r), labels, minimax=minimax)
 
 
+def fit_layer_profiles(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],
+                       fields: Sequence[str] = LAYER_FIELDS, minimax: float = 0.3) -> FitResult:
+    """One set of kernel coefficients for several models' layer profiles on the same GPU (how the
+    built-in H100 and A100 entries were fitted: Llama-2-7B and Llama-2-70B together)."""
+    pairs = [(m, r) for m, rows in profiles for r in rows]
+    labels = [f"{m.name} tp {r.tp} tokens {r.tokens}" for m, r in pairs]
+    rows = [r for _, r in pairs]
+    model_of = {id(r): m for m, r in pairs}
+    return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model_of[id(r)], link, r), labels,
+               minimax=minimax)
+
+
 def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[AllReduceFit]:
     """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull
     on the worst row)."""

@@ -82,6 +82,8 @@ def read_allreduce_profile(path: str | Path) -> list[AllReduceRow]:
         try:
             if r.get("collective", "all_reduce") != "all_reduce" or r.get("rank", "0") != "0":
                 continue
+            if r.get("devices_per_node", r["num_workers"]) != r["num_workers"]:
+                continue   # a group spread over nodes; a TP group sits in one node (as Vidur's predictor selects)
             rows.append(AllReduceRow(gpus=int(r["num_workers"]), payload_bytes=int(r["size"]),
                                      ms=float(r["time_stats.all_reduce.median"])))
         except (KeyError, ValueError) as exc:
