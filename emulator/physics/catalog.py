@@ -57,6 +57,19 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     profiles: tuple[LayerProfile, ...] = ()    # measured per-layer tables (calibration), by model and TP
     source: str = ""
     coefficient_sources: str = ""
+    calibration: str = ""                      # the measurements the kernel coefficients were fitted to;
+                                               # empty: uncalibrated (datasheet peaks, generic efficiencies)
+    estimated: tuple[str, ...] = ()            # coefficients that are estimates: no measurement or published
+                                               # figure behind them
+
+    @property
+    def calibration_note(self) -> str:
+        """One line for plan and simulation output: how far this entry's step times can be trusted."""
+        if not self.calibration:
+            return (f"{self.name} step model: UNCALIBRATED (datasheet peaks with generic efficiency estimates; "
+                    "fit it with `kvlab calibrate`)")
+        estimated = f"; estimated, not measured: {', '.join(self.estimated)}" if self.estimated else ""
+        return f"{self.name} step model: calibrated to {self.calibration}{estimated}"
 
     def profile_for(self, model: str, tp: int) -> LayerProfile | None:
         return next((p for p in self.profiles if p.model == model and p.tp == tp), None)

@@ -50,6 +50,20 @@ def test_calibrate_recovers_a_known_perturbation_end_to_end(tmp_path: Path):
     text = out.read_text()
     assert "per-row error table" in text and "prefill batch 1 tokens 16384" in text
     assert "steps.csv" in fitted.coefficient_sources
+    # the fitted host costs are measured now: no longer listed as estimates
+    assert "steps.csv" in fitted.calibration and "calibrated to" in fitted.calibration_note
+    assert not {"step_overhead_us", "sequence_overhead_us"} & set(fitted.estimated)
+    assert {"step_overhead_us", "sequence_overhead_us"} <= set(H100.estimated)
+
+
+def test_plan_and_sim_say_whether_the_gpu_entry_is_calibrated(capsys):
+    assert cli.main(["plan", "--gpu", "B200", "--rate", "5"]) == 0
+    assert "B200 step model: UNCALIBRATED" in capsys.readouterr().out
+    assert cli.main(["plan", "--rate", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "H100-SXM step model: calibrated to Vidur H100" in out and "step_overhead_us" in out
+    assert cli.main(["sim", "default", "--requests", "20"]) == 0
+    assert "H100-SXM step model: calibrated" in capsys.readouterr().out
 
 
 def test_a_step_table_with_a_bad_row_is_refused_with_its_line(tmp_path: Path, capsys):
