@@ -125,9 +125,9 @@ def test_tp4_allreduce_follows_the_nvlink_curve_and_tp_more_than_halves_the_rest
 
 
 def test_allreduce_without_a_measured_curve_is_a_ring():
-    a100 = r.Deployment(model=L70B, gpu=CAT.gpu("A100-80GB-SXM"), tp=4, tp_link=CAT.link("NVLink3"))
+    b200 = r.Deployment(model=L70B, gpu=CAT.gpu("B200"), tp=4, tp_link=CAT.link("NVLink5"))
     payload = 1000 * 8192 * 2
-    assert r.allreduce_seconds(a100, payload) == pytest.approx(6e-6 + 1.5 * payload / 300e9, rel=1e-9)
+    assert r.allreduce_seconds(b200, payload) == pytest.approx(5e-6 + 1.5 * payload / 900e9, rel=1e-9)
 
 
 def test_transfer_time_is_bytes_over_bandwidth_plus_latency():
