@@ -169,7 +169,7 @@ def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0, bulk_gain:
 
         one = minimize(loss, [math.log(20.0), math.log(10.0), math.log(400.0)], iters=800)
         floor, lat, gb_s = np.exp(one)
-        two = minimize(loss, np.log([floor, lat, gb_s / 2, 3 * lat, 1.2 * gb_s]), iters=1500)
+        two = minimize(loss, [math.log(v) for v in (floor, lat, gb_s / 2, 3 * lat, 1.2 * gb_s)], iters=1500)
         x = np.exp(two) if loss(two) < bulk_gain * loss(one) else np.exp(one)
         fit_ = AllReduceFit(gpus=gpus, floor_us=round(float(x[0]), 2), latency_us=round(float(x[1]), 2),
                             gb_s=round(float(x[2]), 1))

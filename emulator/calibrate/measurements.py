@@ -6,11 +6,12 @@
 
 Vidur's files (github.com/microsoft/vidur, data/profiling) hold CUDA-event times in milliseconds, one
 column ``time_stats.<op>.median`` per operator. All-reduce ``size`` is already in bytes: the profiler
-allocates ``size`` fp16 elements and records ``size * 2`` (vidur/profiling/collectives/collectives_wrapper.py),
-and Vidur's own predictor reads it back as bytes (tokens = size / hidden / 2). Each all-reduce time is
-the median, over 3 samples, of the NCCL kernels of 11 back-to-back eager launches as rank 0 sees them
-(kineto), so a kernel that waits for a late peer counts its wait. A Llama layer is QKV + rope + O + two RMSNorms + gate/up + SiLU-and-mul
-+ down + one residual add (vidur/entities/execution_time.py sums the same operators per block).
+allocates N fp16 elements and records size = 2N (vidur/profiling/collectives/collectives_wrapper.py), and
+Vidur's own predictor reads it back as bytes (tokens = size / hidden / 2). Each all-reduce time is the
+median, over 3 samples, of the NCCL kernels of 11 back-to-back eager launches as rank 0 sees them (kineto),
+so a kernel that waits for a late peer counts its wait. A Llama layer is QKV + rope + O + two RMSNorms +
+gate/up + SiLU-and-mul + down + one residual add (vidur/entities/execution_time.py sums the same operators
+per block).
 Reading is bounded: files over MAX_BYTES are refused.
 """
 from __future__ import annotations
