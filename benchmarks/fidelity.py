@@ -9,7 +9,7 @@ and data/profiling/network/a100_dgx from github.com/microsoft/vidur into one fol
 
 Reference datasets (Vidur, MIT; see shared/data/profiles/README.md):
 - Llama-2-7B and Llama-2-70B per-layer GEMM + elementwise time, TP 1/2/4/8, 1..4096 tokens;
-- NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 4 KiB..128 MiB payloads
+- NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 2 KiB..64 MiB payloads
   (running median over 9 neighbouring sizes: single small-message medians are noisy).
 Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
 """
