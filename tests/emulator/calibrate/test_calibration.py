@@ -66,6 +66,20 @@ def test_plan_and_sim_say_whether_the_gpu_entry_is_calibrated(capsys):
     assert "H100-SXM step model: calibrated" in capsys.readouterr().out
 
 
+def test_one_kernel_fit_over_two_models_recovers_the_coefficients_behind_both():
+    truth = msgspec.structs.replace(H100, compute_efficiency=0.7, gemm_bandwidth_efficiency=0.7, kernel_latency_us=7.0)
+    profiles = []
+    for name in ("Llama-2-7B", "Llama-2-70B"):
+        m = CAT.model(name)
+        rows = [ms.LayerRow(tp=tp, tokens=n, ms=1.0) for tp in (1, 4) for n in (1, 64, 512, 1024, 4096)]
+        profiles.append((m, [msgspec.structs.replace(r, ms=cal.predict_layer_ms(truth, m, NVLINK, r)) for r in rows]))
+    fields = ("compute_efficiency", "gemm_bandwidth_efficiency", "kernel_latency_us")
+    result = cal.fit_layer_profiles(H100, NVLINK, profiles, fields=fields)
+    for field in fields:
+        assert result.values[field] == pytest.approx(getattr(truth, field), rel=0.02), field
+    assert len(result.labels) == 20 and result.max_error < 0.01
+
+
 def test_a_step_table_with_a_bad_row_is_refused_with_its_line(tmp_path: Path, capsys):
     steps = tmp_path / "steps.csv"
     steps.write_text("phase,batch,tokens,context,tp,ms\ndecode,1,1,100,1,7.0\nwarmup,1,1,100,1,7.0\n")
