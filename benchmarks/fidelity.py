@@ -1,11 +1,15 @@
 """kvlab's step model against Vidur's H100 operator profiles: per row reference ms, kvlab ms, error; summary.
 
     .venv/bin/python benchmarks/fidelity.py [--catalog calibrated.toml] [--gpu H100-SXM] [--rows all|powers|none]
-        [--profiles PATH/TO/vidur]
+        [--profiles PATH/TO/vidur] [--device h100|a100]
+
+The A100 entry is compared the same way with Vidur's A100 files (not bundled: take data/profiling/compute/a100
+and data/profiling/network/a100_dgx from github.com/microsoft/vidur into one folder), e.g.
+    benchmarks/fidelity.py --profiles vidur --device a100 --gpu A100-80GB-SXM --link NVLink3
 
 Reference datasets (Vidur, MIT; see shared/data/profiles/README.md):
 - Llama-2-7B and Llama-2-70B per-layer GEMM + elementwise time, TP 1/2/4/8, 1..4096 tokens;
-- NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 4 KiB..128 MiB payloads
+- NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 2 KiB..64 MiB payloads
   (running median over 9 neighbouring sizes: single small-message medians are noisy).
 Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
 """
@@ -28,6 +32,7 @@ def main() -> int:
     parser.add_argument("--rows", choices=("all", "powers", "none"), default="powers",
                         help="per-row lines: every row, token counts / sizes that are powers of two, or none")
     parser.add_argument("--profiles", help="Vidur profile folder (default: $KVLAB_DATA_DIR/profiles/vidur)")
+    parser.add_argument("--device", default="h100", help="Vidur device folder: compute/<device>, network/<device>_dgx")
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--holdout", action="store_true",
                         help="also: each profiled token count interpolated from its neighbours (what a table is worth)")
@@ -39,11 +44,11 @@ def main() -> int:
     catalog = load_catalog(args.catalog)
     rows = []
     for model, folder in fidelity.VIDUR_MODELS.items():
-        mlp = base / "compute" / "h100" / folder / "mlp.csv"
+        mlp = base / "compute" / args.device / folder / "mlp.csv"
         rows += fidelity.layer_rows(catalog, args.gpu, args.link, model, mlp)
         rows += fidelity.holdout_rows(model, mlp) if args.holdout else []
     rows += fidelity.allreduce_rows(catalog, args.gpu, args.link,
-                                    base / "network" / fidelity.ALLREDUCE_TOPOLOGY / "all_reduce.csv")
+                                    base / "network" / f"{args.device}_dgx" / "all_reduce.csv")
     _print_rows(rows, args.rows)
     _print_summary(fidelity.summarize(rows, args.tolerance), args.tolerance)
     _print_step_figures(catalog, args.gpu)

@@ -91,9 +91,18 @@ def calibrate(args: argparse.Namespace) -> str:
         tables.append(("whole steps", result))
         if args.steps:
             notes.append(f"step table: {args.steps}")
+    fitted = {field for _, result in tables for field in result.values}
     gpu = msgspec.structs.replace(gpu, name=args.name or gpu.name,
-                                  coefficient_sources=f"kvlab calibrate from {start.name}: " + "; ".join(notes))
+                                  coefficient_sources=f"kvlab calibrate from {start.name}: " + "; ".join(notes),
+                                  calibration=_calibration(start, tables, notes),
+                                  estimated=tuple(f for f in start.estimated if f not in fitted))
     return render(gpu, link if args.vidur_allreduce else None, model.name, tables, start)
+
+
+def _calibration(start: Gpu, tables: list[tuple[str, cal.FitResult]], notes: list[str]) -> str:
+    """What the entry is now calibrated to: this run's kernel or step fits, else what it started with
+    (an all-reduce fit alone changes the link, not the GPU's coefficients)."""
+    return "; ".join(notes) if tables else start.calibration
 
 
 def _profiles(gpu: Gpu, model: str, rows: list[ms.LayerRow], source: str) -> tuple[LayerProfile, ...]:

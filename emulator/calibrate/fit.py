@@ -3,7 +3,8 @@
 Coefficients are fitted by Nelder-Mead (on a log scale; efficiencies on a logit scale, so they stay
 below 1) to the squared log error of predicted vs measured times, optionally plus a weight on the
 worst row (a minimax pull, used for operator profiles whose acceptance bar is a per-row bound).
-All-reduce curves fit max(floor, latency + bytes / bandwidth) per GPU count the same way.
+All-reduce curves fit max(floor, latency + bytes / bandwidth) per GPU count the same way, with a second
+(bulk-protocol) line where it fits materially better.
 """
 from __future__ import annotations
 
@@ -140,9 +141,22 @@ def fit_layers(gpu: Gpu, model: Model, link: Link | None, rows: Sequence[LayerRo
     return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model, link, r), labels, minimax=minimax)
 
 
-def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[AllReduceFit]:
-    """max(floor, latency + bytes / bandwidth) per GPU count: squared log error (plus, if asked, a pull
-    on the worst row)."""
+def fit_layer_profiles(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],
+                       fields: Sequence[str] = LAYER_FIELDS, minimax: float = 0.3) -> FitResult:
+    """One set of kernel coefficients for several models' layer profiles on the same GPU (how the
+    built-in H100 and A100 entries were fitted: Llama-2-7B and Llama-2-70B together)."""
+    pairs = [(m, r) for m, rows in profiles for r in rows]
+    labels = [f"{m.name} tp {r.tp} tokens {r.tokens}" for m, r in pairs]
+    rows = [r for _, r in pairs]
+    model_of = {id(r): m for m, r in pairs}
+    return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model_of[id(r)], link, r), labels,
+               minimax=minimax)
+
+
+def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0, bulk_gain: float = 0.9) -> list[AllReduceFit]:
+    """Per GPU count: max(floor, latency + bytes / bandwidth) by squared log error (plus, if asked, a pull on
+    the worst row); then the same with a second, bulk-protocol line (the faster line wins), kept when it
+    cuts the loss below `bulk_gain` of the one-line fit's."""
     fits = []
     for gpus in sorted({r.gpus for r in rows}):
         sel = [r for r in rows if r.gpus == gpus]
@@ -150,11 +164,24 @@ def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0) -> list[Al
         b = np.array([float(r.payload_bytes) for r in sel])
 
         def loss(x: np.ndarray, b: np.ndarray = b, t: np.ndarray = t) -> float:
-            floor, lat, gb_s = np.exp(x)
-            err = np.log(np.maximum(floor, lat + b / (gb_s * 1e3)) / t)
+            err = np.log(_allreduce_us(np.exp(x), b) / t)
             return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2)
 
-        floor, lat, gb_s = np.exp(minimize(loss, [math.log(20.0), math.log(10.0), math.log(400.0)], iters=800))
-        fits.append(AllReduceFit(gpus=gpus, latency_us=round(float(lat), 2), gb_s=round(float(gb_s), 1),
-                                 floor_us=round(float(floor), 2)))
+        one = minimize(loss, [math.log(20.0), math.log(10.0), math.log(400.0)], iters=800)
+        floor, lat, gb_s = np.exp(one)
+        two = minimize(loss, [math.log(v) for v in (floor, lat, gb_s / 2, 3 * lat, 1.2 * gb_s)], iters=1500)
+        x = np.exp(two) if loss(two) < bulk_gain * loss(one) else np.exp(one)
+        fit_ = AllReduceFit(gpus=gpus, floor_us=round(float(x[0]), 2), latency_us=round(float(x[1]), 2),
+                            gb_s=round(float(x[2]), 1))
+        if len(x) == 5:
+            fit_ = msgspec.structs.replace(fit_, bulk_latency_us=round(float(x[3]), 2), bulk_gb_s=round(float(x[4]), 1))
+        fits.append(fit_)
     return fits
+
+
+def _allreduce_us(x: np.ndarray, payload: np.ndarray) -> np.ndarray:
+    """AllReduceFit.seconds in microseconds, vectorized: x = (floor, latency, GB/s[, bulk latency, bulk GB/s])."""
+    line = x[1] + payload / (x[2] * 1e3)
+    if len(x) == 5:
+        line = np.minimum(line, x[3] + payload / (x[4] * 1e3))
+    return np.maximum(x[0], line)

@@ -5,9 +5,13 @@
 - StepRow: a whole engine step (a CSV ``phase,batch,tokens,context,tp,ms`` or live probes).
 
 Vidur's files (github.com/microsoft/vidur, data/profiling) hold CUDA-event times in milliseconds, one
-column ``time_stats.<op>.median`` per operator; all-reduce ``size`` counts fp16 elements
-(vidur/profiling/collectives). A Llama layer is QKV + rope + O + two RMSNorms + gate/up + SiLU-and-mul
-+ down + one residual add (vidur/entities/execution_time.py sums the same operators per block).
+column ``time_stats.<op>.median`` per operator. All-reduce ``size`` is already in bytes: the profiler
+allocates N fp16 elements and records size = 2N (vidur/profiling/collectives/collectives_wrapper.py), and
+Vidur's own predictor reads it back as bytes (tokens = size / hidden / 2). Each all-reduce time is the
+median, over 3 samples, of the NCCL kernels of 11 back-to-back eager launches as rank 0 sees them (kineto),
+so a kernel that waits for a late peer counts its wait. A Llama layer is QKV + rope + O + two RMSNorms +
+gate/up + SiLU-and-mul + down + one residual add (vidur/entities/execution_time.py sums the same operators
+per block).
 Reading is bounded: files over MAX_BYTES are refused.
 """
 from __future__ import annotations
@@ -79,7 +83,9 @@ def read_allreduce_profile(path: str | Path) -> list[AllReduceRow]:
         try:
             if r.get("collective", "all_reduce") != "all_reduce" or r.get("rank", "0") != "0":
                 continue
-            rows.append(AllReduceRow(gpus=int(r["num_workers"]), payload_bytes=2 * int(r["size"]),
+            if r.get("devices_per_node", r["num_workers"]) != r["num_workers"]:
+                continue   # a group spread over nodes; a TP group sits in one node (as Vidur's predictor selects)
+            rows.append(AllReduceRow(gpus=int(r["num_workers"]), payload_bytes=int(r["size"]),
                                      ms=float(r["time_stats.all_reduce.median"])))
         except (KeyError, ValueError) as exc:
             raise MeasurementError(f"{path}: not a Vidur all_reduce profile ({exc})") from None

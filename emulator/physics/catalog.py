@@ -57,6 +57,19 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     profiles: tuple[LayerProfile, ...] = ()    # measured per-layer tables (calibration), by model and TP
     source: str = ""
     coefficient_sources: str = ""
+    calibration: str = ""                      # the measurements the kernel coefficients were fitted to;
+                                               # empty: uncalibrated (datasheet peaks, generic efficiencies)
+    estimated: tuple[str, ...] = ()            # coefficients that are estimates: no measurement or published
+                                               # figure behind them
+
+    @property
+    def calibration_note(self) -> str:
+        """One line for plan and simulation output: how far this entry's step times can be trusted."""
+        if not self.calibration:
+            return (f"{self.name} step model: UNCALIBRATED (datasheet peaks with generic efficiency estimates; "
+                    "fit it with `kvlab calibrate`)")
+        estimated = f"; estimated, not measured: {', '.join(self.estimated)}" if self.estimated else ""
+        return f"{self.name} step model: calibrated to {self.calibration}{estimated}"
 
     def profile_for(self, model: str, tp: int) -> LayerProfile | None:
         return next((p for p in self.profiles if p.model == model and p.tp == tp), None)
@@ -77,14 +90,27 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
 
 class AllReduceFit(msgspec.Struct, frozen=True, kw_only=True):
     """All-reduce of a payload over `gpus` GPUs on a link: latency_us + payload / gb_s (algorithm
-    bandwidth), and never under floor_us (small messages cost a flat time until bandwidth dominates)."""
+    bandwidth), and never under floor_us (small messages cost a flat time until bandwidth dominates).
+
+    NCCL runs each size with whichever of its protocols it predicts fastest: low-latency ones for small
+    and medium messages, a higher-latency, higher-bandwidth one for bulk transfers. With bulk_gb_s set,
+    the time is the faster of the two lines (bulk_latency_us + payload / bulk_gb_s being the bulk one)."""
     gpus: int
     latency_us: float
     gb_s: float
     floor_us: float = 0.0
+    bulk_latency_us: float = 0.0
+    bulk_gb_s: float = 0.0
 
     def seconds(self, payload_bytes: float) -> float:
-        return max(self.floor_us, self.latency_us + payload_bytes / (self.gb_s * 1e3)) * 1e-6
+        line = self.latency_us + payload_bytes / (self.gb_s * 1e3)
+        if self.bulk_gb_s > 0:
+            line = min(line, self.bulk_latency_us + payload_bytes / (self.bulk_gb_s * 1e3))
+        return max(self.floor_us, line) * 1e-6
+
+    @property
+    def peak_gb_s(self) -> float:
+        return max(self.gb_s, self.bulk_gb_s)
 
 
 class Link(msgspec.Struct, frozen=True, kw_only=True):

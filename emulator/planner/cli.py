@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _compute(req, workload, slo, cluster, args) -> dict:
     out: dict = {"request": req, "workload": workload, "slo": slo}
     catalog = _catalog(args)
+    out["step_model"] = _step_model_note(catalog, req.gpu)
     if cluster is not None:
         out["capacity"] = planner.capacity(req, workload, slo, cluster, catalog)
     if args.rate is not None or cluster is None:
@@ -87,6 +88,14 @@ def _compute(req, workload, slo, cluster, args) -> dict:
         target = cluster if cluster is not None else _serving(out["plan"])
         out["curve"] = planner.curve(req, workload, slo, target, catalog=catalog)
     return out
+
+
+def _step_model_note(catalog, gpu: str) -> str:
+    from emulator.physics.catalog import CatalogError, builtin_catalog
+    try:
+        return (catalog or builtin_catalog()).gpu(gpu).calibration_note
+    except CatalogError as exc:
+        raise PlannerError(str(exc)) from None
 
 
 def _catalog(args):
@@ -194,6 +203,8 @@ def _render(out: dict) -> str:
     req, w, slo = out["request"], out["workload"], out["slo"]
     lines = [f"{req.model} on {req.tp} x {req.gpu}, {req.mode}; SLO p99 TTFT {_s(slo.ttft_p99)}, "
              f"ITL {_ms(slo.itl_p99)}" + (f", e2e {_s(slo.e2e_p99)}" if slo.e2e_p99 else "")]
+    if out.get("step_model"):
+        lines.append(out["step_model"])
     if "capacity" in out:
         lines += ["", _render_capacity(out["capacity"])]
     if "plan" in out:

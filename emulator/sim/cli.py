@@ -47,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
     cpu = time.process_time() - started
     last_arrival = max((r.arrival_s for r in requests), default=0.0)
     summary = sim.summary(window=(args.warmup, last_arrival + 1e-9))
+    step_model = spec.catalog_data().gpu(spec.gpu).calibration_note
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(summary)).decode())
+        print(step_model, file=sys.stderr)
     else:
         print(format_summary(summary, title=f"{spec.name}: {len(requests)} requests, policy "
                                                 f"{policy}"))
+        print(step_model)
         print(f"simulated {sim.now:.1f} s in {cpu:.1f} CPU s ({sim.now / max(cpu, 1e-9):.0f}x real time)")
     note = overload_note(summary.ttft.p50, spec.slo.ttft_p99_s, "try a lower --rate, a --speedup below 1 or a "
                                                                  "spec with more workers")

@@ -50,6 +50,34 @@ def test_calibrate_recovers_a_known_perturbation_end_to_end(tmp_path: Path):
     text = out.read_text()
     assert "per-row error table" in text and "prefill batch 1 tokens 16384" in text
     assert "steps.csv" in fitted.coefficient_sources
+    # the fitted host costs are measured now: no longer listed as estimates
+    assert "steps.csv" in fitted.calibration and "calibrated to" in fitted.calibration_note
+    assert not {"step_overhead_us", "sequence_overhead_us"} & set(fitted.estimated)
+    assert {"step_overhead_us", "sequence_overhead_us"} <= set(H100.estimated)
+
+
+def test_plan_and_sim_say_whether_the_gpu_entry_is_calibrated(capsys):
+    assert cli.main(["plan", "--gpu", "B200", "--rate", "5"]) == 0
+    assert "B200 step model: UNCALIBRATED" in capsys.readouterr().out
+    assert cli.main(["plan", "--rate", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "H100-SXM step model: calibrated to Vidur H100" in out and "step_overhead_us" in out
+    assert cli.main(["sim", "default", "--requests", "20"]) == 0
+    assert "H100-SXM step model: calibrated" in capsys.readouterr().out
+
+
+def test_one_kernel_fit_over_two_models_recovers_the_coefficients_behind_both():
+    truth = msgspec.structs.replace(H100, compute_efficiency=0.7, gemm_bandwidth_efficiency=0.7, kernel_latency_us=7.0)
+    profiles = []
+    for name in ("Llama-2-7B", "Llama-2-70B"):
+        m = CAT.model(name)
+        rows = [ms.LayerRow(tp=tp, tokens=n, ms=1.0) for tp in (1, 4) for n in (1, 64, 512, 1024, 4096)]
+        profiles.append((m, [msgspec.structs.replace(r, ms=cal.predict_layer_ms(truth, m, NVLINK, r)) for r in rows]))
+    fields = ("compute_efficiency", "gemm_bandwidth_efficiency", "kernel_latency_us")
+    result = cal.fit_layer_profiles(H100, NVLINK, profiles, fields=fields)
+    for field in fields:
+        assert result.values[field] == pytest.approx(getattr(truth, field), rel=0.02), field
+    assert len(result.labels) == 20 and result.max_error < 0.01
 
 
 def test_a_step_table_with_a_bad_row_is_refused_with_its_line(tmp_path: Path, capsys):
@@ -111,6 +139,23 @@ def test_profile_tables_put_every_profiled_token_count_within_15_percent(tmp_pat
     catalog = load_catalog(out)
     for s in fidelity.summarize(fidelity.layer_rows(catalog, "H100-SXM", "NVLink4", name, mlp)):
         assert s.within == 1.0, s
+
+
+def test_vidur_allreduce_size_is_read_as_bytes(tmp_path: Path):
+    # Vidur's collective profiler writes size = fp16 elements x 2 (bytes); its predictor divides by 2 x hidden
+    path = tmp_path / "all_reduce.csv"
+    path.write_text(",time_stats.all_reduce.median,rank,num_workers,size,collective\n"
+                    "0,0.05,0,8,8388608,all_reduce\n1,0.05,1,8,8388608,all_reduce\n")
+    (row,) = ms.read_allreduce_profile(path)
+    assert (row.gpus, row.payload_bytes, row.ms) == (8, 8388608, 0.05)
+
+
+def test_nvlink_allreduce_bus_bandwidth_stays_under_the_link():
+    # a ring all-reduce moves 2(t-1)/t of the payload over each GPU's link: its bus bandwidth cannot
+    # exceed the link's per-direction bandwidth (a payload read in the wrong unit would break this)
+    for link in (NVLINK, CAT.link("NVLink3")):
+        for fit_ in link.allreduce:
+            assert 2 * (fit_.gpus - 1) / fit_.gpus * fit_.peak_gb_s <= link.gb_s, fit_
 
 
 @needs_profiles

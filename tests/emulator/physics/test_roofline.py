@@ -118,16 +118,16 @@ def test_tp4_allreduce_follows_the_nvlink_curve_and_tp_more_than_halves_the_rest
     one, four = dep(L70B, tp=1), dep(L70B, tp=4)
     for n in (2000, 8000):
         s1, s4 = r.prefill_time(one, n), r.prefill_time(four, n)
-        # 2 all-reduces per layer of n x 8192 x 2 B on 4 GPUs: 26.5 us + bytes / 477.1 GB/s (NVLink4 curve)
-        per = 26.5e-6 + n * 8192 * 2 / 477.1e9
+        # 2 all-reduces per layer of n x 8192 x 2 B on 4 GPUs: 26.5 us + bytes / 238.6 GB/s (NVLink4 curve)
+        per = 26.5e-6 + n * 8192 * 2 / 238.6e9
         assert s4.comm_s == pytest.approx(80 * 2 * per, rel=1e-9)
         assert s4.seconds - s4.comm_s <= s1.seconds / 2
 
 
 def test_allreduce_without_a_measured_curve_is_a_ring():
-    a100 = r.Deployment(model=L70B, gpu=CAT.gpu("A100-80GB-SXM"), tp=4, tp_link=CAT.link("NVLink3"))
+    b200 = r.Deployment(model=L70B, gpu=CAT.gpu("B200"), tp=4, tp_link=CAT.link("NVLink5"))
     payload = 1000 * 8192 * 2
-    assert r.allreduce_seconds(a100, payload) == pytest.approx(6e-6 + 1.5 * payload / 300e9, rel=1e-9)
+    assert r.allreduce_seconds(b200, payload) == pytest.approx(5e-6 + 1.5 * payload / 900e9, rel=1e-9)
 
 
 def test_transfer_time_is_bytes_over_bandwidth_plus_latency():

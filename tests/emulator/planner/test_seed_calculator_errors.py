@@ -47,10 +47,10 @@ def test_error_2_prefill_throughput_exceeds_the_gpus_peak_flops():
     assert 50_000 > 1.7 * peak_tokens_per_s
     # Planner: a full 8,192-token prefill step on 70B TP=4 (GEMMs at 81% of peak, 0.35 s; attention,
     # elementwise kernels and all-reduce included), costed as the separate prompts it packs (each attends
-    # to its own tokens only), takes 0.50 s -> ~16,300 tokens/s per TP group, a third of the seed's figure.
+    # to its own tokens only), takes 0.55 s -> ~14,900 tokens/s per TP group, under a third of the seed's figure.
     prof = prefill.profile(context.build(REQ_70B, CHAT), 0)
     planner_tokens_per_s = prof.budget / prof.full_step.seconds
-    assert planner_tokens_per_s == pytest.approx(16_280, rel=0.01)
+    assert planner_tokens_per_s == pytest.approx(14_945, rel=0.01)
     assert 50_000 / planner_tokens_per_s > 3
 
 
