@@ -19,12 +19,14 @@ from kvlab.wire.kv_events import KVEventBatch
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.kv_index import KvIndex
-from router.policies.registry import PolicySet, host_credit
+from router.policies.registry import NEEDS_TABLE, PolicySet, host_credit
+from router.policies.slo_ledger import PrefillLedger
+from router.policies.slo_table import from_spec as slo_table
 from workers.core.engine import EngineError, QueueFull, StepResult
 from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
 
-INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded")
+INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded", "slo_aware")
 
 
 class SimRequest(msgspec.Struct, kw_only=True):
@@ -61,7 +63,9 @@ class Simulator:
         opts = settings if settings is not None else (dict(spec.router.settings) if name == spec.router.policy else {})
         self.block_size = spec.engine.block_size
         index = KvIndex(block_size=self.block_size, host_credit=host_credit(spec))
-        self.policies = PolicySet(name, {name: opts}, index)
+        self.policies = PolicySet(name, {name: opts}, index, slo_table(spec) if name in NEEDS_TABLE else None)
+        self.ledger = PrefillLedger()   # slo_aware's queue figures, as the HTTP router keeps them
+        self.ttft_predictions: list[tuple[float, float]] = []   # (predicted, actual) TTFT per request
         self.hash_memo = BlockHashMemo(self.block_size)   # as the router: repeated prefixes are looked up
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
@@ -125,6 +129,7 @@ class Simulator:
         for w in self.workers.values():
             view, engine = w.view, w.engine
             view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
+        self.ledger.fill(views)
         try:
             decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
                                                                      memo=self.hash_memo), views)
@@ -138,6 +143,8 @@ class Simulator:
             self._pending_decode[req.request_id] = (decision.worker, params, tokens, salt)
         record.worker = decision.worker
         self._submit(self.workers[first], req.request_id, tokens, params, salt, None, record)
+        if record.error is None:
+            self.ledger.sent(req.request_id, decision, len(tokens))
 
     def _submit(self, worker: SimWorker, request_id: str, tokens: list[int], params: SamplingParams,
                 salt: str | None, remote: RemotePrefill | None, record) -> None:
@@ -177,7 +184,10 @@ class Simulator:
 
     def _deliver(self, worker: SimWorker, result: StepResult) -> None:
         times = result.token_times or [result.end] * len(result.tokens)
+        watch = len(self.ledger) > 0
         for (request_id, _token), time in zip(result.tokens, times, strict=True):
+            if watch and self.log.records[request_id].first is None:
+                self._first_token(request_id, time)
             self.log.token(request_id, time)
         for fin in result.finished:
             self._on_finished(worker, fin, result)
@@ -188,8 +198,14 @@ class Simulator:
         if result.events and self._feed_index:
             self.policies.index.apply(worker.id, KVEventBatch(ts=result.end, events=result.events))
 
+    def _first_token(self, request_id: str, time: float) -> None:
+        pair = self.ledger.first_token(request_id, time - self.log.records[request_id].arrival)
+        if pair is not None:
+            self.ttft_predictions.append(pair)
+
     def _on_finished(self, worker: SimWorker, fin, result: StepResult) -> None:
         worker.view.in_flight -= 1
+        self.ledger.ended(fin.request_id)
         record = self.log.records[fin.request_id]
         if fin.reason == "held":
             self._hand_off(worker, fin.request_id, result)

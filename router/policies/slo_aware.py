@@ -1,0 +1,121 @@
+"""SLO-aware routing: send a request where its predicted time to first token is least, among the
+workers whose predicted inter-token latency stays within the SLO; refuse it when none can meet the
+SLOs it states (the HTTP layer answers 429, the simulator records a rejection).
+
+Per healthy worker, from the router's own ledger (router.policies.slo_ledger: what it sent and has not
+seen produce a first token) and the spec's roofline table (router.policies.slo_table):
+
+  TTFT = the step in progress there (half, on average, when the worker is busy)
+         + steps x decode step of the batch there     (every step of the queue carries the decoders)
+         + queued prefill work ahead                (FCFS: vLLM's scheduler prefills in arrival order)
+         + this prompt's uncached tokens' prefill    (HBM hits from the KV index skip compute)
+         + onboarding the host-held prefix           (the host tier's blocks after the HBM run)
+  ITL  = one decode step of the batch it would join (batch + 1, its prompt added to the context read)
+
+where steps = ceil((queued + uncached tokens) / max_num_batched_tokens). A worker with no ITL headroom
+is skipped; when every worker lacks it, the least ITL wins (or the request is refused when it stated
+a TPOT SLO). Ties, such as a cold prompt on idle workers, fall to the rendezvous hash of the prompt's
+leading blocks, as in kv_aware, so the same cold prefix starts its locality on one worker.
+
+Not modelled: prefills that arrive after this one yet share its last step (the scheduler fills a
+step's budget with every waiting prompt, so they finish together: the prediction is at decision time),
+waiting for free KV blocks when the decoders fill HBM, and preemption.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from router.policies.base import (
+    Decision,
+    NoWorkerAvailable,
+    RouteRequest,
+    StatelessPolicy,
+    WorkerView,
+    healthy,
+    prefix_key,
+    rendezvous,
+)
+from router.policies.kv_index import KvIndex
+from router.policies.prefix_ring import DEFAULT_PREFIX_BLOCKS
+from router.policies.slo_table import SloTable, steps
+
+
+class SloUnmet(NoWorkerAvailable):
+    """No worker is predicted to meet the SLOs the request stated (the HTTP layer answers 429)."""
+
+
+class Prediction(msgspec.Struct, frozen=True):
+    ttft_s: float
+    itl_s: float
+    work_s: float         # this prompt's own marginal prefill seconds (what it adds to the queue)
+    new_tokens: int       # prompt tokens left to compute there
+    gpu_blocks: int
+    host_blocks: int
+
+
+def predict(table: SloTable, view: WorkerView, prompt_tokens: int, gpu_blocks: int, host_blocks: int) -> Prediction:
+    """TTFT and ITL of a prompt of `prompt_tokens` on `view`, holding `gpu_blocks` of its leading blocks in
+    HBM and `host_blocks` more in host memory (the engine recomputes at least the prompt's last token)."""
+    size = table.block_size
+    cached = min((gpu_blocks + host_blocks) * size, max(prompt_tokens - 1, 0))
+    onboarded = max(0, cached - gpu_blocks * size)
+    new = prompt_tokens - cached
+    decoders = max(0, view.in_flight - view.prefill_queue)
+    # The context the decoders read: their prompts (the ledger), or what the engine reports holding,
+    # which also counts the tokens they have generated.
+    context = max(view.decode_context_tokens, int(view.kv_usage * table.kv_tokens))
+    step = table.decode_step(decoders, context)
+    work = table.prefill_work(new, cached, decoders)
+    # A busy worker is mid-step when the request lands: on average half a step passes before it can join.
+    residual = step / 2 if view.in_flight else 0.0
+    queue_steps = steps(view.prefill_queue_tokens + new, table.chunk_budget(decoders))
+    ttft = residual + queue_steps * step + view.prefill_queue_s + work + table.onboard(onboarded)
+    itl = table.decode_step(decoders + 1, context + prompt_tokens)
+    return Prediction(ttft, itl, work, new, gpu_blocks, host_blocks)
+
+
+class SloAware(StatelessPolicy):
+    name = "slo_aware"
+
+    def __init__(self, index: KvIndex, table: SloTable | None = None, itl_slo_s: float | None = None,
+                 prefix_blocks: int = DEFAULT_PREFIX_BLOCKS) -> None:
+        if itl_slo_s is not None and itl_slo_s <= 0:
+            raise ValueError(f"slo_aware itl_slo_s must be > 0, got {itl_slo_s}")
+        self.index = index
+        self.table = table   # None only while settings are checked; PolicySet passes the spec's
+        self.itl_slo_s = itl_slo_s
+        self.prefix_blocks = prefix_blocks
+
+    def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
+        table = self.table
+        if table is None:
+            raise RuntimeError("slo_aware needs the spec's roofline table (router.policies.slo_table.from_spec)")
+        alive = healthy(workers)
+        tiers = self.index.match_tiers(request.blocks)
+        preds = [(predict(table, w, request.prompt_tokens, *tiers.get(w.id, (0, 0))), w) for w in alive]
+        itl_slo = request.slo_tpot_s or self.itl_slo_s or table.itl_slo_s
+        fits = [(p, w) for p, w in preds if p.itl_s <= itl_slo]
+        if not fits:
+            if request.slo_tpot_s is not None:
+                best_itl = min(p.itl_s for p, _ in preds)
+                raise SloUnmet(f"no worker can keep the time per output token within {_ms(itl_slo)} "
+                               f"(best predicted {_ms(best_itl)})")
+            fits = [min(preds, key=lambda pw: pw[0].itl_s)]
+        least = min(round(p.ttft_s, 9) for p, _ in fits)
+        tied = [(p, w) for p, w in fits if round(p.ttft_s, 9) == least]
+        pred, winner = tied[0]
+        if len(tied) > 1:
+            key = prefix_key(request, self.prefix_blocks)
+            pred, winner = max(tied, key=lambda pw: rendezvous(key, pw[1].id))
+        if request.slo_ttft_s is not None and pred.ttft_s > request.slo_ttft_s:
+            raise SloUnmet(f"no worker can produce the first token within {_ms(request.slo_ttft_s)} "
+                           f"(best predicted {_ms(pred.ttft_s)})")
+        return Decision(worker=winner.id, policy=self.name, matched_blocks=pred.gpu_blocks + pred.host_blocks,
+                        score=-pred.ttft_s, predicted_ttft_s=pred.ttft_s, predicted_itl_s=pred.itl_s,
+                        prefill_work_s=pred.work_s, prefill_tokens=pred.new_tokens)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.0f} ms"
