@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import msgspec
 import numpy as np
 
 from emulator import workload
@@ -40,6 +41,8 @@ def prediction_error(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 def run(rate: float, policies: list[str], requests: int, mix: dict[str, float], ttft_slo: float, seed: int) -> None:
     spec = spec_with_workers(8)
+    # The spec describes the workload it serves: slo_aware's table takes decoders' mean output from it.
+    spec = msgspec.structs.replace(spec, workload=msgspec.structs.replace(spec.workload, mix=mix))
     reqs = workload.generate(rate, num_requests=requests, mix=mix, seed=seed)
     print(f"\nrate {rate:g}/s, {requests} requests, mix {mix}, TTFT SLO {1000 * ttft_slo:.0f} ms, "
           f"ITL SLO {1000 * spec.slo.itl_p99_s:.0f} ms")

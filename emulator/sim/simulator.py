@@ -129,7 +129,7 @@ class Simulator:
         for w in self.workers.values():
             view, engine = w.view, w.engine
             view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
-        self.ledger.fill(views)
+        self.ledger.fill(views, self.now)
         try:
             decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
                                                                      memo=self.hash_memo), views)
@@ -144,7 +144,7 @@ class Simulator:
         record.worker = decision.worker
         self._submit(self.workers[first], req.request_id, tokens, params, salt, None, record)
         if record.error is None:
-            self.ledger.sent(req.request_id, decision, len(tokens))
+            self.ledger.sent(req.request_id, decision, len(tokens), self.now)
 
     def _submit(self, worker: SimWorker, request_id: str, tokens: list[int], params: SamplingParams,
                 salt: str | None, remote: RemotePrefill | None, record) -> None:

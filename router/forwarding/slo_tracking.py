@@ -31,13 +31,17 @@ class SloTracker:
             route.slo_ttft_s = None if target.ttft_s is None else target.ttft_s / self.time_scale
             route.slo_tpot_s = None if target.tpot_s is None else target.tpot_s / self.time_scale
 
+    def now(self) -> float:
+        """The router's clock in emulated seconds (the ledger's prefill-rate clock)."""
+        return time.perf_counter() / self.time_scale
+
     def fill(self, views: Sequence[WorkerView]) -> None:
-        self.ledger.fill(views)
+        self.ledger.fill(views, self.now())
 
     def sent(self, key: str, decision: Decision, prompt_tokens: int) -> None:
         """An attempt went out; a retry's new decision replaces the old one's entry."""
         self.ledger.ended(key)
-        self.ledger.sent(key, decision, prompt_tokens)
+        self.ledger.sent(key, decision, prompt_tokens, self.now())
 
     def first_token(self, key: str, worker_id: str, received: float, policy: str,
                     scale: float | None = None) -> None:

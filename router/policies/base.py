@@ -35,11 +35,13 @@ class WorkerView(msgspec.Struct):
     kv_usage: float = 0.0   # engine-reported fraction of KV blocks in use, 0..1
     # Router-side, kept by router.policies.slo_ledger for slo_aware: requests sent here that have not
     # produced a first token, their prompt tokens left to compute and predicted marginal prefill
-    # seconds; and the prompt tokens of those past their first token (the decode batch's context).
+    # seconds; the prompt tokens of those past their first token (the decode batch's context); and
+    # the rate prefill tokens have lately been sent here.
     prefill_queue: int = 0
     prefill_queue_tokens: int = 0
     prefill_queue_s: float = 0.0
     decode_context_tokens: int = 0
+    prefill_rate: float = 0.0   # prefill tokens per (emulated) second lately sent here
 
 
 class RouteRequest(msgspec.Struct):

@@ -6,10 +6,12 @@ Per healthy worker, from the router's own ledger (router.policies.slo_ledger: wh
 seen produce a first token) and the spec's roofline table (router.policies.slo_table):
 
   TTFT = the step in progress there (half, on average, when the worker is busy)
+         + waiting for a sequence slot or KV blocks  (when the batch or HBM is full: decoders must finish)
          + steps x decode step of the batch there     (every step of the queue carries the decoders)
          + queued prefill work ahead                (FCFS: vLLM's scheduler prefills in arrival order)
          + this prompt's uncached tokens' prefill    (HBM hits from the KV index skip compute)
          + onboarding the host-held prefix           (the host tier's blocks after the HBM run)
+         + prompts sent there before its last step (at the lately observed rate; they share that step)
   ITL  = one decode step of the batch it would join (batch + 1, its prompt added to the context read)
 
 where steps = ceil((queued + uncached tokens) / max_num_batched_tokens). A worker with no ITL headroom
@@ -17,9 +19,8 @@ is skipped; when every worker lacks it, the least ITL wins (or the request is re
 a TPOT SLO). Ties, such as a cold prompt on idle workers, fall to the rendezvous hash of the prompt's
 leading blocks, as in kv_aware, so the same cold prefix starts its locality on one worker.
 
-Not modelled: prefills that arrive after this one yet share its last step (the scheduler fills a
-step's budget with every waiting prompt, so they finish together: the prediction is at decision time),
-waiting for free KV blocks when the decoders fill HBM, and preemption.
+Not modelled: the phase of the step in progress (the router cannot see it: half a step stands in),
+the decoders' real remaining outputs (the spec workload's mean stands in), and preemption.
 """
 from __future__ import annotations
 
@@ -67,11 +68,20 @@ def predict(table: SloTable, view: WorkerView, prompt_tokens: int, gpu_blocks: i
     # which also counts the tokens they have generated.
     context = max(view.decode_context_tokens, int(view.kv_usage * table.kv_tokens))
     step = table.decode_step(decoders, context)
-    work = table.prefill_work(new, cached, decoders)
+    per_decoder = context // decoders if decoders else 0
+    work = table.prefill_work(new, cached, decoders, per_decoder)
     # A busy worker is mid-step when the request lands: on average half a step passes before it can join.
     residual = step / 2 if view.in_flight else 0.0
-    queue_steps = steps(view.prefill_queue_tokens + new, table.chunk_budget(decoders))
-    ttft = residual + queue_steps * step + view.prefill_queue_s + work + table.onboard(onboarded)
+    room = table.chunk_budget(decoders)
+    ahead = view.prefill_queue_tokens + new
+    queue_steps = steps(ahead, room)
+    # KV held, for room: what the engine reports (shared prefix blocks count once, unlike in `context`)
+    wait = table.admission_wait(decoders, step, int(view.kv_usage * table.kv_tokens), view.prefill_queue, ahead)
+    ttft = residual + wait + queue_steps * step + view.prefill_queue_s + work + table.onboard(onboarded)
+    # Prompts sent here before its last step starts share that step, up to the budget left in it.
+    joining = min(view.prefill_rate * (ttft - step - work / queue_steps), room - (ahead - (queue_steps - 1) * room))
+    if joining >= 1:
+        ttft += table.chunk_marginal(int(joining), 0, decoders, per_decoder)
     itl = table.decode_step(decoders + 1, context + prompt_tokens)
     return Prediction(ttft, itl, work, new, gpu_blocks, host_blocks)
 

@@ -1,29 +1,43 @@
 """The router-side queue estimate slo_aware reads, and its predicted-vs-actual TTFT, one glue for the
 simulator and the HTTP proxy alike (pure: the caller says when things happen and what they measured).
 
-    ledger.fill(views)                              # before policies.choose: per-worker queue figures
-    ledger.sent(request_id, decision, prompt_tokens)     # the request went to decision.worker
+    ledger.fill(views, now)                         # before policies.choose: per-worker queue figures
+    ledger.sent(request_id, decision, prompt_tokens, now)   # the request went to decision.worker
     ledger.first_token(request_id, actual_ttft_s)   # -> (predicted, actual) or None: settles its prefill
     ledger.ended(request_id)                        # finished, failed or cancelled: forget it
 
 A request is in its worker's prefill queue from `sent` until its first token (its uncached tokens and
 the policy's predicted marginal prefill seconds), then in that worker's decode batch (its prompt tokens
-are context the decode steps read) until `ended`. Only decisions that carry a prediction (slo_aware's)
+are context the decode steps read) until `ended`. `now` (emulated seconds on the caller's clock; the
+ledger reads none) times the rate of prefill tokens sent to each worker, an exponentially weighted
+average over RATE_TAU_S: prompts that arrive while one waits share its last step. Only decisions that carry a prediction (slo_aware's)
 enter the ledger; the others' queues are invisible to it, which is why slo_aware keeps its own figures
 rather than trusting scraped engine counts (stale by a scrape interval).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from router.policies.base import Decision, WorkerView
 
+# Time constant of the prefill-token rate per worker: long enough to average a few dozen arrivals at
+# tens of requests per second per worker, short enough to follow a burst.
+RATE_TAU_S = 1.0
+
 
 class _Queue:
-    __slots__ = ("requests", "tokens", "seconds", "context")
+    __slots__ = ("requests", "tokens", "seconds", "context", "rate", "rate_at")
 
     def __init__(self) -> None:
         self.requests, self.tokens, self.seconds, self.context = 0, 0, 0.0, 0
+        self.rate, self.rate_at = 0.0, 0.0   # prefill tokens per second sent here, as of rate_at
+
+    def rate_now(self, now: float) -> float:
+        if now > self.rate_at:
+            self.rate *= math.exp(-(now - self.rate_at) / RATE_TAU_S)
+            self.rate_at = now
+        return self.rate
 
 
 class _Entry:
@@ -40,17 +54,18 @@ class PrefillLedger:
         self._queues: dict[str, _Queue] = {}
         self._entries: dict[str, _Entry] = {}
 
-    def fill(self, views: Iterable[WorkerView]) -> None:
+    def fill(self, views: Iterable[WorkerView], now: float | None = None) -> None:
         for view in views:
             q = self._queues.get(view.id)
             if q is None:
                 view.prefill_queue = view.prefill_queue_tokens = view.decode_context_tokens = 0
-                view.prefill_queue_s = 0.0
+                view.prefill_queue_s = view.prefill_rate = 0.0
             else:
                 view.prefill_queue, view.prefill_queue_tokens = q.requests, q.tokens
                 view.prefill_queue_s, view.decode_context_tokens = max(0.0, q.seconds), q.context
+                view.prefill_rate = q.rate_now(now) if now is not None else 0.0
 
-    def sent(self, request_id: str, decision: Decision, prompt_tokens: int) -> None:
+    def sent(self, request_id: str, decision: Decision, prompt_tokens: int, now: float | None = None) -> None:
         if decision.predicted_ttft_s is None or request_id in self._entries:
             return
         entry = _Entry(decision.worker, decision.prefill_tokens or 0, decision.prefill_work_s or 0.0,
@@ -60,6 +75,8 @@ class PrefillLedger:
         q.requests += 1
         q.tokens += entry.tokens
         q.seconds += entry.seconds
+        if now is not None:
+            q.rate = q.rate_now(now) + entry.tokens / RATE_TAU_S
 
     def first_token(self, request_id: str, actual_ttft_s: float) -> tuple[float, float] | None:
         """Move the request from its worker's prefill queue to its decode batch; (predicted, actual)."""

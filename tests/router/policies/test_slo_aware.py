@@ -138,3 +138,33 @@ def test_predicted_ttft_matches_the_simulator_on_an_idle_worker_and_behind_a_que
     for predicted, actual in sim.ttft_predictions:
         assert predicted == pytest.approx(actual, rel=0.15)
     assert len(sim.ledger) == 0   # every request settled
+
+
+def test_prompts_arriving_behind_it_and_a_full_batch_delay_the_first_token():
+    quiet = WorkerView("a", in_flight=3, prefill_queue=1, prefill_queue_tokens=2000,
+                       prefill_queue_s=TABLE.prefill_work(2000, 0))
+    streaming = WorkerView("a", in_flight=3, prefill_queue=1, prefill_queue_tokens=2000,
+                           prefill_queue_s=TABLE.prefill_work(2000, 0), prefill_rate=50_000.0)
+    assert predict(TABLE, streaming, 512, 0, 0).ttft_s > predict(TABLE, quiet, 512, 0, 0).ttft_s
+    free = WorkerView("a", in_flight=200, decode_context_tokens=200_000, kv_usage=0.5)
+    full = WorkerView("a", in_flight=TABLE.max_num_seqs, decode_context_tokens=200_000, kv_usage=0.5)
+    roomy = WorkerView("a", in_flight=200, decode_context_tokens=420_000, kv_usage=0.9)
+    kv_full = WorkerView("a", in_flight=200, decode_context_tokens=420_000, kv_usage=0.999)   # same step time
+    # a full batch admits it once a decoder finishes: ~one decoder's remaining life / the batch size later
+    life = TABLE.mean_output_tokens / 2 * TABLE.decode_step(TABLE.max_num_seqs, 200_000)
+    gap = predict(TABLE, full, 512, 0, 0).ttft_s - predict(TABLE, free, 512, 0, 0).ttft_s
+    assert gap > 0.5 * life / TABLE.max_num_seqs
+    assert predict(TABLE, kv_full, 4096, 0, 0).ttft_s > predict(TABLE, roomy, 4096, 0, 0).ttft_s + 0.005
+    assert predict(TABLE, kv_full, 16, 0, 0).ttft_s < predict(TABLE, kv_full, 4096, 0, 0).ttft_s
+
+
+def test_the_ledger_follows_the_rate_of_prefill_tokens_sent_to_each_worker():
+    ledger = PrefillLedger()
+    for i in range(20):
+        ledger.sent(f"r{i}", Decision(worker="a", policy="slo_aware", predicted_ttft_s=0.1, prefill_work_s=0.01,
+                                      prefill_tokens=1000), 1000, now=0.05 * i)
+    a, b = WorkerView("a"), WorkerView("b")
+    ledger.fill([a, b], now=1.0)
+    assert 8_000 < a.prefill_rate < 20_000 and b.prefill_rate == 0.0   # ~20,000 tokens/s, averaged in
+    ledger.fill([a], now=20.0)
+    assert a.prefill_rate < 1.0   # forgotten once traffic stops
