@@ -10,9 +10,10 @@ A request is in its worker's prefill queue from `sent` until its first token (it
 the policy's predicted marginal prefill seconds), then in that worker's decode batch (its prompt tokens
 are context the decode steps read) until `ended`. `now` (emulated seconds on the caller's clock; the
 ledger reads none) times the rate of prefill tokens sent to each worker, an exponentially weighted
-average over RATE_TAU_S: prompts that arrive while one waits share its last step. Only decisions that carry a prediction (slo_aware's)
-enter the ledger; the others' queues are invisible to it, which is why slo_aware keeps its own figures
-rather than trusting scraped engine counts (stale by a scrape interval).
+average over RATE_TAU_S: prompts that arrive while one waits share its last step.
+
+Only decisions that carry a prediction (slo_aware's) enter the ledger; the others' queues are invisible
+to it. slo_aware keeps its own figures rather than trusting scraped engine counts (stale by a scrape).
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_a_long_prefill_queue_outweighs_the_cached_prefix():
 def test_a_worker_whose_decode_batch_breaks_the_itl_slo_is_passed_over():
     index = KvIndex()
     cached_on(index, "b", PROMPT)
-    crowded = WorkerView("b", in_flight=256, decode_context_tokens=300_000)   # faster to first token than a cold prefill
+    crowded = WorkerView("b", in_flight=256, decode_context_tokens=300_000)   # still first to the first token
     itl = predict(TABLE, crowded, len(PROMPT), 256, 0).itl_s
     policy = SloAware(index, TABLE, itl_slo_s=itl * 0.9)
     assert policy.choose(route(), [WorkerView("a"), crowded]).worker == "a"
