@@ -123,7 +123,7 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                     max_model_len=spec.max_model_len)
     tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
                             tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
-                            cache_salt=t.cache_salt) for t in spec.tenants]
+                            cache_salt=t.cache_salt, priority=t.priority) for t in spec.tenants]
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
     salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None

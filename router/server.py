@@ -148,6 +148,7 @@ class Router:
             self.gate.admit(job)   # before tokenizing: a shed or over-limit request costs no tokenizer time
             await self._off_loop(raw, self.intake.tokenize, job)
             self.proxy.slo.targets(job.route, slo)
+            self._force_priority(job, tenant)
             response: Response | RelayResponse
             if job.stream:
                 response = await self.proxy.stream(job)
@@ -172,6 +173,13 @@ class Router:
         if len(raw) < self.config.limits.offload_bytes:
             return step(*args)
         return await asyncio.get_running_loop().run_in_executor(self._large_intake, step, *args)
+
+    def _force_priority(self, job: Job, tenant: str | None) -> None:
+        """The tenant's class sets the upstream `priority`, never the client: a batch tenant's requests
+        carry its value, and a client's own non-zero priority is overwritten (it could jump the queue)."""
+        priority = self.gate.tenants.priority_of(tenant)
+        if priority or job.request.priority:
+            job.fields["priority"] = priority
 
     def _policy_override(self, policy: str | None, tenant: str | None) -> str | None:
         """A request may pick the routing policy only where the config or its tenant allows it."""

@@ -16,6 +16,7 @@ import msgspec
 from emulator.sim.report import LatencyLog, Summary
 from emulator.spec import ClusterSpec, Role
 from kvlab.wire.kv_events import KVEventBatch
+from kvlab.wire.openai_api import PRIORITY_CLASSES
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.kv_index import KvIndex
@@ -73,6 +74,8 @@ class Simulator:
             self.workers[slot.id] = SimWorker(slot.id, slot.role, build_engine(spec, slot.pool, num_blocks))
             self.policies.add_worker(slot.id)
         self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}
+        self.priorities = {t.name: PRIORITY_CLASSES[t.priority] for t in spec.tenants}   # as the router forces
+        self._priority: dict[str, int] = {}   # requests of a non-zero priority class, until they finish
         self.log = LatencyLog()
         self._events: list = []
         self._seq = itertools.count()
@@ -138,6 +141,8 @@ class Simulator:
             return
         self.overflow_skips += decision.overflow_skips
         params = SamplingParams(max_tokens=req.max_tokens)
+        if self.priorities.get(req.tenant):
+            self._priority[req.request_id] = self.priorities[req.tenant]
         first = decision.prefill_worker if decision.prefill_worker not in (None, decision.worker) else decision.worker
         if first != decision.worker:
             self._pending_decode[req.request_id] = (decision.worker, params, tokens, salt)
@@ -149,7 +154,8 @@ class Simulator:
     def _submit(self, worker: SimWorker, request_id: str, tokens: list[int], params: SamplingParams,
                 salt: str | None, remote: RemotePrefill | None, record) -> None:
         try:
-            worker.engine.add_request(request_id, tokens, params, self.now, salt=salt, remote=remote)
+            worker.engine.add_request(request_id, tokens, params, self.now, self._priority.get(request_id, 0),
+                                      salt=salt, remote=remote)
         except (QueueFull, EngineError) as exc:
             record.error = type(exc).__name__
             self._pending_decode.pop(request_id, None)
@@ -211,6 +217,7 @@ class Simulator:
             self._hand_off(worker, fin.request_id, result)
             return
         record.done = True
+        self._priority.pop(fin.request_id, None)
         record.cached_tokens = max(record.cached_tokens, fin.cached_tokens)
         record.host_cached_tokens = max(record.host_cached_tokens, fin.host_cached_tokens)
 
