@@ -42,6 +42,10 @@ from router.policies.kv_index import KvIndex
 from router.policies.prefix_ring import DEFAULT_PREFIX_BLOCKS
 from router.policies.slo_table import SloTable, steps
 
+# Predicted TTFT below this share of the SLO is comfortable: among such workers the longest cached
+# prefix wins, keeping conversations where their history is (measured: benchmarks/slo_routing.py).
+DEFAULT_AFFINITY = 0.5
+
 
 class SloUnmet(NoWorkerAvailable):
     """No worker is predicted to meet the SLOs the request stated (the HTTP layer answers 429)."""
@@ -90,9 +94,14 @@ class SloAware(StatelessPolicy):
     name = "slo_aware"
 
     def __init__(self, index: KvIndex, table: SloTable | None = None, itl_slo_s: float | None = None,
+                 affinity: float = DEFAULT_AFFINITY, miss_cost: float = 0.0,
                  prefix_blocks: int = DEFAULT_PREFIX_BLOCKS) -> None:
         if itl_slo_s is not None and itl_slo_s <= 0:
             raise ValueError(f"slo_aware itl_slo_s must be > 0, got {itl_slo_s}")
+        if not 0.0 <= affinity <= 1.0:
+            raise ValueError(f"slo_aware affinity must be in [0, 1], got {affinity}")
+        self.affinity = affinity
+        self.miss_cost = miss_cost
         self.index = index
         self.table = table   # None only while settings are checked; PolicySet passes the spec's
         self.itl_slo_s = itl_slo_s
@@ -113,8 +122,14 @@ class SloAware(StatelessPolicy):
                 raise SloUnmet(f"no worker can keep the time per output token within {_ms(itl_slo)} "
                                f"(best predicted {_ms(best_itl)})")
             fits = [min(preds, key=lambda pw: pw[0].itl_s)]
-        least = min(round(p.ttft_s, 9) for p, _ in fits)
-        tied = [(p, w) for p, w in fits if round(p.ttft_s, 9) == least]
+        ttft_slo = request.slo_ttft_s or table.ttft_slo_s
+        roomy = [(p, w) for p, w in fits if p.ttft_s <= self.affinity * ttft_slo]
+        if roomy:   # comfortably within the SLO: the longest cached prefix, then the least TTFT
+            fewest = min(p.new_tokens for p, _ in roomy)
+            fits = [(p, w) for p, w in roomy if p.new_tokens == fewest]
+        cost = self.miss_cost
+        least = min(round(p.ttft_s + cost * p.work_s, 9) for p, _ in fits)
+        tied = [(p, w) for p, w in fits if round(p.ttft_s + cost * p.work_s, 9) == least]
         pred, winner = tied[0]
         if len(tied) > 1:
             key = prefix_key(request, self.prefix_blocks)
