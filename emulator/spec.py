@@ -31,7 +31,7 @@ def is_role(value: str) -> TypeGuard[Role]:
 
 # The router's policy names. router/policies/registry.py builds them and checks their settings
 # (`check_spec_settings`); a test keeps the two lists equal.
-POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair")
+POLICIES = ("round_robin", "least_loaded", "prefix_ring", "prefix_bounded", "kv_aware", "pd_pair", "slo_aware")
 MAX_TP = 8                        # one HGX/DGX node's NVLink domain; TP across nodes is not modelled
 DEFAULT_ROUTER_PORT = 8000        # the port OpenAI-compatible servers (vLLM included) listen on by default
 DEFAULT_WORKER_BASE_PORT = 8100   # workers count up from here unless a pool sets base_port
@@ -64,6 +64,8 @@ class EngineSpec(_Section):
     max_model_len: int | None = None       # None: the model's max_context, as vLLM does
     max_waiting: int = 1024                # bounded queue: beyond ~4 batches of waiting work, reject, don't queue
     preemption: Literal["recompute", "swap"] = "recompute"  # vLLM V1 preempts by recompute
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"  # vLLM's --scheduling-policy; "priority": tenants'
+                                           # priority classes order the waiting queue (README: Routing)
     swap_space_gb: float = 4.0             # vLLM's default --swap-space (GiB of host memory per GPU)
     eviction: Literal["lru", "lfu"] = "lru"  # vLLM's prefix cache evicts least recently used free blocks
     host_kv_gb: float = 0.0                # host memory per worker for KV blocks evicted from HBM (0: no host tier),
@@ -110,6 +112,8 @@ class TenantSpec(_Section):
     tokens_per_s: float | None = None
     max_concurrency: int | None = None
     cache_salt: bool = False               # salt this tenant's block hashes so no KV block is shared
+    priority: Literal["interactive", "batch"] = "interactive"   # with engine.scheduling_policy = "priority",
+                                           # interactive requests are scheduled before batch ones
 
 
 class SloSpec(_Section):

@@ -16,6 +16,8 @@ from kvlab.wire.http_server import ServerLimits
 from router.frontdoor.tenants import TenantConfig
 from router.policies.hash_memo import DEFAULT_RUNS
 from router.policies.registry import check_spec_settings, host_credit
+from router.policies.slo_table import SloTable
+from router.policies.slo_table import from_spec as slo_table
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):
@@ -92,6 +94,7 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     kv_events: Literal["zmq", "http", "off"] = "http"
     kv_events_poll_s: float = 0.1           # HTTP polling period of /v1/kv_events (index lag <= this)
     models: list[str] = []                  # served model names; empty: learned from workers' /v1/models
+    slo_table: SloTable | None = None       # the spec's roofline figures for slo_aware (None: not from a spec)
 
 
 SALT_SECRET_ENV = "KVLAB_SALT_SECRET"
@@ -120,7 +123,7 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                     max_model_len=spec.max_model_len)
     tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
                             tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
-                            cache_salt=t.cache_salt) for t in spec.tenants]
+                            cache_salt=t.cache_salt, priority=t.priority) for t in spec.tenants]
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
     salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
@@ -129,7 +132,7 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                           limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
                           block_size=spec.engine.block_size, kv_index=_index_settings(spec),
                           shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s, prefill_s=prefill_s,
-                                                  drain_s=drain_s), models=[spec.model])
+                                                  drain_s=drain_s), models=[spec.model], slo_table=slo_table(spec))
     return config, r.port, r.host
 
 

@@ -40,6 +40,7 @@ from router.forwarding.upstream import Upstream, WorkerRefused
 from router.frontdoor.gate import Gate
 from router.frontdoor.intake import POLICY_HEADER, Intake
 from router.frontdoor.job import Endpoint, Job
+from router.frontdoor.slo_headers import parse_slo_headers
 from router.frontdoor.tenants import Tenants
 from router.frontdoor.tokenize import PromptTokenizer
 from router.observability.dashboard import mount_dashboard
@@ -84,7 +85,7 @@ class Router:
         self.transport = LeanTransport()
         self.client = httpx.AsyncClient(transport=self.transport, trust_env=False)
         index = KvIndex(**{"block_size": config.block_size, **config.kv_index})
-        self.policies = PolicySet(config.policy, config.policies, index)
+        self.policies = PolicySet(config.policy, config.policies, index, config.slo_table)
         self.pool = WorkerPool(self.client, config.health, config.timeouts, self.metrics, share)
         self.subscriber = KvSubscriber(index, self.client, config.kv_events, config.kv_events_poll_s,
                                        config.timeouts.health_s)
@@ -140,11 +141,14 @@ class Router:
             tenant = self.gate.tenant_of(request.headers.get("authorization"))
             self.gate.precheck(tenant)   # before the body is read or tokenized: a refused tenant costs ~nothing
             policy = self._policy_override(request.headers.get(POLICY_HEADER), tenant)
+            slo = parse_slo_headers(request.headers)   # x-slo-ttft-ms / x-slo-tpot-ms: a bad value is a 400 now
             raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
             job = await self._off_loop(raw, self.intake.job, endpoint, raw, received, policy, tenant,
                                        self.gate.salt(tenant))
             self.gate.admit(job)   # before tokenizing: a shed or over-limit request costs no tokenizer time
             await self._off_loop(raw, self.intake.tokenize, job)
+            self.proxy.slo.targets(job.route, slo)
+            self._force_priority(job, tenant)
             response: Response | RelayResponse
             if job.stream:
                 response = await self.proxy.stream(job)
@@ -169,6 +173,13 @@ class Router:
         if len(raw) < self.config.limits.offload_bytes:
             return step(*args)
         return await asyncio.get_running_loop().run_in_executor(self._large_intake, step, *args)
+
+    def _force_priority(self, job: Job, tenant: str | None) -> None:
+        """The tenant's class sets the upstream `priority`, never the client: a batch tenant's requests
+        carry its value, and a client's own non-zero priority is overwritten (it could jump the queue)."""
+        priority = self.gate.tenants.priority_of(tenant)
+        if priority or job.request.priority:
+            job.fields["priority"] = priority
 
     def _policy_override(self, policy: str | None, tenant: str | None) -> str | None:
         """A request may pick the routing policy only where the config or its tenant allows it."""

@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--eos-probability", type=float, help="per-token EOS chance (default 0: exactly max_tokens)")
     eng.add_argument("--preemption", choices=["recompute", "swap"])
     eng.add_argument("--eviction", choices=["lru", "lfu"])
+    eng.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                     help="priority: lower request priority first (the router's tenant classes); default fcfs")
     eng.add_argument("--host-kv-gb", type=float, help="host memory for KV evicted from HBM (default 0: no host tier)")
     kv = p.add_argument_group("P/D handoff and KV events")
     kv.add_argument("--peer", dest="peers", action="append",
@@ -75,7 +77,8 @@ _CONFIG_FLAGS = ("model", "gpu", "tp", "tp_link", "weight_dtype", "kv_dtype", "c
                  "served_model_name", "model_aliases", "advertise_url", "tokenizer", "time_scale", "stream_interval",
                  "num_blocks",
                  "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len", "eos_probability",
-                 "preemption", "eviction", "host_kv_gb", "kv_link", "kv_events_endpoint", "kv_events_replay_endpoint",
+                 "preemption", "scheduling_policy", "eviction", "host_kv_gb", "kv_link", "kv_events_endpoint",
+                 "kv_events_replay_endpoint",
                  "peers")
 
 

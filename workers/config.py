@@ -53,6 +53,7 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     eos_probability: float = 0.0
     eviction: str = "lru"
     preemption: str = "recompute"
+    scheduling_policy: str = "fcfs"       # vLLM's --scheduling-policy: "fcfs" or "priority" (lower value first)
     host_kv_gb: float = 0.0               # host memory for KV evicted from HBM (0: no host tier)
     swap_link: str | None = None          # None: PCIe Gen5 when preemption is "swap" or a host tier is on
     hold_timeout_s: float = 60.0          # prefill role: KV nobody pulled is freed after this long
@@ -83,6 +84,8 @@ def validate(cfg: WorkerConfig) -> None:
         raise ValueError("time_scale must be > 0")
     if not 1 <= cfg.stream_interval <= MAX_STREAM_INTERVAL:
         raise ValueError(f"stream_interval must be in 1..{MAX_STREAM_INTERVAL}")
+    if cfg.scheduling_policy not in ("fcfs", "priority"):
+        raise ValueError(f"scheduling_policy must be fcfs or priority, got {cfg.scheduling_policy!r}")
     if cfg.host_kv_gb < 0:
         raise ValueError("host_kv_gb must be >= 0")
     if cfg.max_body_bytes < 1024:
@@ -104,7 +107,7 @@ def kv_link(cfg: WorkerConfig, catalog: Catalog) -> Link | None:
 
 def engine_config(cfg: WorkerConfig) -> EngineConfig:
     sched = SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                            max_waiting=cfg.max_waiting, preemption=cfg.preemption)
+                            max_waiting=cfg.max_waiting, preemption=cfg.preemption, policy=cfg.scheduling_policy)
     return EngineConfig(role=cfg.role, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                         gpu_memory_utilization=cfg.gpu_memory_utilization,
                         activation_reserve_gb=cfg.activation_reserve_gb, eviction=cfg.eviction,

@@ -22,6 +22,7 @@ def spec_fields(spec: ClusterSpec, worker_id: str) -> dict[str, Any]:
         "max_model_len": e.max_model_len, "gpu_memory_utilization": e.gpu_memory_utilization,
         "activation_reserve_gb": e.activation_reserve_gb, "enable_prefix_caching": e.enable_prefix_caching,
         "eviction": e.eviction, "host_kv_gb": e.host_kv_gb, "preemption": e.preemption, "time_scale": e.time_scale,
+        "scheduling_policy": e.scheduling_policy,
         "stream_interval": e.stream_interval,
         "kv_link": spec.links.kv_transfer, "swap_link": spec.links.host_swap,
     }

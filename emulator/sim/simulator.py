@@ -16,15 +16,18 @@ import msgspec
 from emulator.sim.report import LatencyLog, Summary
 from emulator.spec import ClusterSpec, Role
 from kvlab.wire.kv_events import KVEventBatch
+from kvlab.wire.openai_api import PRIORITY_CLASSES
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.kv_index import KvIndex
-from router.policies.registry import PolicySet, host_credit
+from router.policies.registry import NEEDS_TABLE, PolicySet, host_credit
+from router.policies.slo_ledger import PrefillLedger
+from router.policies.slo_table import from_spec as slo_table
 from workers.core.engine import EngineError, QueueFull, StepResult
 from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
 
-INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded")
+INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded", "slo_aware")
 
 
 class SimRequest(msgspec.Struct, kw_only=True):
@@ -61,7 +64,9 @@ class Simulator:
         opts = settings if settings is not None else (dict(spec.router.settings) if name == spec.router.policy else {})
         self.block_size = spec.engine.block_size
         index = KvIndex(block_size=self.block_size, host_credit=host_credit(spec))
-        self.policies = PolicySet(name, {name: opts}, index)
+        self.policies = PolicySet(name, {name: opts}, index, slo_table(spec) if name in NEEDS_TABLE else None)
+        self.ledger = PrefillLedger()   # slo_aware's queue figures, as the HTTP router keeps them
+        self.ttft_predictions: list[tuple[float, float]] = []   # (predicted, actual) TTFT per request
         self.hash_memo = BlockHashMemo(self.block_size)   # as the router: repeated prefixes are looked up
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
@@ -69,6 +74,8 @@ class Simulator:
             self.workers[slot.id] = SimWorker(slot.id, slot.role, build_engine(spec, slot.pool, num_blocks))
             self.policies.add_worker(slot.id)
         self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}
+        self.priorities = {t.name: PRIORITY_CLASSES[t.priority] for t in spec.tenants}   # as the router forces
+        self._priority: dict[str, int] = {}   # requests of a non-zero priority class, until they finish
         self.log = LatencyLog()
         self._events: list = []
         self._seq = itertools.count()
@@ -125,6 +132,7 @@ class Simulator:
         for w in self.workers.values():
             view, engine = w.view, w.engine
             view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
+        self.ledger.fill(views, self.now)
         try:
             decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
                                                                      memo=self.hash_memo), views)
@@ -133,16 +141,21 @@ class Simulator:
             return
         self.overflow_skips += decision.overflow_skips
         params = SamplingParams(max_tokens=req.max_tokens)
+        if self.priorities.get(req.tenant):
+            self._priority[req.request_id] = self.priorities[req.tenant]
         first = decision.prefill_worker if decision.prefill_worker not in (None, decision.worker) else decision.worker
         if first != decision.worker:
             self._pending_decode[req.request_id] = (decision.worker, params, tokens, salt)
         record.worker = decision.worker
         self._submit(self.workers[first], req.request_id, tokens, params, salt, None, record)
+        if record.error is None:
+            self.ledger.sent(req.request_id, decision, len(tokens), self.now)
 
     def _submit(self, worker: SimWorker, request_id: str, tokens: list[int], params: SamplingParams,
                 salt: str | None, remote: RemotePrefill | None, record) -> None:
         try:
-            worker.engine.add_request(request_id, tokens, params, self.now, salt=salt, remote=remote)
+            worker.engine.add_request(request_id, tokens, params, self.now, self._priority.get(request_id, 0),
+                                      salt=salt, remote=remote)
         except (QueueFull, EngineError) as exc:
             record.error = type(exc).__name__
             self._pending_decode.pop(request_id, None)
@@ -177,7 +190,10 @@ class Simulator:
 
     def _deliver(self, worker: SimWorker, result: StepResult) -> None:
         times = result.token_times or [result.end] * len(result.tokens)
+        watch = len(self.ledger) > 0
         for (request_id, _token), time in zip(result.tokens, times, strict=True):
+            if watch and self.log.records[request_id].first is None:
+                self._first_token(request_id, time)
             self.log.token(request_id, time)
         for fin in result.finished:
             self._on_finished(worker, fin, result)
@@ -188,13 +204,20 @@ class Simulator:
         if result.events and self._feed_index:
             self.policies.index.apply(worker.id, KVEventBatch(ts=result.end, events=result.events))
 
+    def _first_token(self, request_id: str, time: float) -> None:
+        pair = self.ledger.first_token(request_id, time - self.log.records[request_id].arrival)
+        if pair is not None:
+            self.ttft_predictions.append(pair)
+
     def _on_finished(self, worker: SimWorker, fin, result: StepResult) -> None:
         worker.view.in_flight -= 1
+        self.ledger.ended(fin.request_id)
         record = self.log.records[fin.request_id]
         if fin.reason == "held":
             self._hand_off(worker, fin.request_id, result)
             return
         record.done = True
+        self._priority.pop(fin.request_id, None)
         record.cached_tokens = max(record.cached_tokens, fin.cached_tokens)
         record.host_cached_tokens = max(record.host_cached_tokens, fin.host_cached_tokens)
 

@@ -20,6 +20,11 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+# Tenant priority classes and the `priority` value the router forces into upstream bodies for them
+# (vLLM's convention: with --scheduling-policy priority, a lower value is scheduled first).
+PRIORITY_CLASSES = {"interactive": 0, "batch": 1}
+
+
 class _Common(msgspec.Struct, kw_only=True):
     model: str
     max_tokens: int | None = None

@@ -22,6 +22,7 @@ from kvlab.wire.openai_api import ApiError
 from router.config import RouterConfig
 from router.forwarding import pd
 from router.forwarding.relay import StreamRelay
+from router.forwarding.slo_tracking import SloTracker
 from router.forwarding.sse import Usage
 from router.forwarding.stream_session import StreamSession
 from router.forwarding.stream_sources import ColocatedSource, Source
@@ -32,6 +33,7 @@ from router.frontdoor.tokenize import PromptTokenizer
 from router.observability.metrics import RouterMetrics
 from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
 from router.policies.registry import PolicySet
+from router.policies.slo_aware import SloUnmet
 from router.pool.worker_pool import Worker, WorkerPool
 
 WORKER_HEADER = "x-kvlab-worker"
@@ -77,6 +79,7 @@ class Proxy:
         self.on_finish = on_finish or (lambda job, completion, cached: None)
         self.estimate_hits = config.kv_events != "off"   # the KV index is fed, so it can estimate
         self.timings = None   # router.forwarding.stream_timing.StreamTimings: TTFT/ITL of relayed streams
+        self.slo = SloTracker(metrics, policies.table.time_scale if policies.table else 1.0)   # slo_aware's ledger
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, route: RouteRequest, exclude: set[str], job: Job | None = None) -> Decision:
@@ -88,8 +91,12 @@ class Proxy:
             views = [v for v in views if v.id not in exclude]
         if (route.policy or self.policies.default) != "pd_pair" and self.pool.has_role("prefill"):
             views = [v for v in views if v.role != "prefill"]   # a colocated policy must not pick them
+        self.slo.fill(views)
         try:
             decision = self.policies.choose(route, views)
+        except SloUnmet as unmet:
+            raise ApiError(429, f"SLO cannot be met: {unmet}", type_="rate_limit_error", code="slo_unattainable",
+                           headers={"Retry-After": "1"}) from None
         except NoWorkerAvailable:
             reason = "no other worker is left to try" if exclude else "no healthy worker can take the request"
             raise ApiError(503, reason, type_="server_error", code="no_worker_available",
@@ -115,6 +122,7 @@ class Proxy:
         self.metrics.retries.labels("migration" if started else "retry").inc()
 
     def _sent_upstream(self, job: Job, decision: Decision, first: bool) -> None:
+        self.slo.sent(slo_key(job), decision, len(job.prompt))
         if first:
             self.metrics.added_latency.observe(time.perf_counter() - job.received)
             # After the request is on its way (call_soon runs once this task yields to send it), so
@@ -132,6 +140,12 @@ class Proxy:
 
     # -- non-streaming ---------------------------------------------------------------------------
     async def complete(self, job: Job) -> Response:
+        try:
+            return await self._complete(job)
+        finally:
+            self.slo.ended(slo_key(job))
+
+    async def _complete(self, job: Job) -> Response:
         exclude: set[str] = set()
         last: UpstreamFailure | None = None
         for attempt in range(self.config.limits.max_attempts):
@@ -180,7 +194,13 @@ class Proxy:
             job.reported_prompt_tokens = usage.prompt_tokens
         self.account(job, decision.policy, completion, cached)
 
+    def first_token(self, job: Job, worker_id: str, policy: str) -> None:
+        """A stream's first token reached the client: settle its predicted TTFT against the actual."""
+        scale = self.timings.scale_of(worker_id) if self.timings else None
+        self.slo.first_token(slo_key(job), worker_id, job.received, policy, scale)
+
     def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
+        self.slo.ended(slo_key(job))
         self.metrics.prompt_tokens.labels(policy).inc(job.prompt_tokens)
         if cached:
             self.metrics.cached_tokens.labels(policy).inc(cached)
@@ -190,7 +210,11 @@ class Proxy:
     async def stream(self, job: Job) -> RelayResponse:
         """Open the first attempt before answering, so a refusal can still get its own status code."""
         session = StreamSession(self, job)
-        decision = await session.open()
+        try:
+            decision = await session.open()
+        except BaseException:
+            self.slo.ended(slo_key(job))
+            raise
         headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(decision).items()]
         return RelayResponse(session.events(), on_close=session.close, headers=headers)
 
@@ -219,6 +243,12 @@ class Proxy:
         if source.prefill_only:
             await pd.release_held(self.upstream.client, answer, self.config.timeouts.health_s)
         return source
+
+
+def slo_key(job: Job) -> str:
+    """The job's key in slo_aware's ledger: unique while the job is alive, and the ledger forgets it
+    when the job ends."""
+    return str(id(job))
 
 
 def worker_headers(decision: Decision) -> dict[str, str]:

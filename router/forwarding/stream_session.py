@@ -35,6 +35,7 @@ class StreamSession:
         self.decision: Decision | None = None
         self.source: Source | None = None
         self._closed = False
+        self._first = False
 
     @property
     def current(self) -> Source:
@@ -78,6 +79,9 @@ class StreamSession:
                     out = out + more if out else more
             if self.clock is not None and self.source is not None:
                 self.clock.seen(self.source.worker_id, relay.streamed, relay.take_gaps())
+            if not self._first and relay.streamed and self.source is not None and self.decision is not None:
+                self._first = True   # slo_aware: predicted against actual TTFT
+                self.proxy.first_token(self.job, self.source.worker_id, self.decision.policy)
             if out:
                 yield out
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Literal
 
 import msgspec
 
+from kvlab.wire.openai_api import PRIORITY_CLASSES
 from router.frontdoor.admission import Admission, reject
 from router.frontdoor.token_bucket import TokenBucket
 
@@ -28,6 +30,7 @@ class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_concurrency: int | None = None
     cache_salt: bool | str = False          # True: salt with the tenant's name; a string: that salt
     choose_policy: bool = False             # may pick the routing policy per request (x-kvlab-policy)
+    priority: Literal["interactive", "batch"] = "interactive"   # forced into upstream bodies (README: Routing)
 
 
 class _TenantState:
@@ -79,6 +82,10 @@ class Tenants:
         if salt is True:
             return tenant
         return salt or None
+
+    def priority_of(self, tenant: str | None) -> int:
+        """The `priority` value of the tenant's class (PRIORITY_CLASSES; no tenant: interactive)."""
+        return PRIORITY_CLASSES[self._get(tenant).config.priority if tenant is not None else "interactive"]
 
     def may_choose_policy(self, tenant: str | None) -> bool:
         return tenant is not None and self._get(tenant).config.choose_policy

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # Sub-millisecond buckets: the added latency target is < 1 ms at p50.
+_ERROR_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 _LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6, 750e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
 
 
@@ -57,6 +58,11 @@ class RouterMetrics:
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.decision_time = Histogram("kvlab_router_decision_seconds", "Tokenize + hash + policy",
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        # slo_aware's TTFT prediction: |predicted - actual| / actual per streamed request (policy: the
+        # registry's names only, so the label set is bounded)
+        self.ttft_prediction_error = Histogram("kvlab_router_ttft_prediction_error_ratio",
+                                               "Relative error of the predicted TTFT", ["policy"],
+                                               buckets=_ERROR_BUCKETS, registry=r)
 
     def watch_hash_memo(self, memo) -> None:
         """Export a BlockHashMemo's hit and miss counts (read at scrape time; the memo stays pure)."""

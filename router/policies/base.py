@@ -33,6 +33,15 @@ class WorkerView(msgspec.Struct):
     running: int = 0        # engine-reported, from the last metrics scrape (stale by up to one scrape)
     waiting: int = 0
     kv_usage: float = 0.0   # engine-reported fraction of KV blocks in use, 0..1
+    # Router-side, kept by router.policies.slo_ledger for slo_aware: requests sent here that have not
+    # produced a first token, their prompt tokens left to compute and predicted marginal prefill
+    # seconds; the prompt tokens of those past their first token (the decode batch's context); and
+    # the rate prefill tokens have lately been sent here.
+    prefill_queue: int = 0
+    prefill_queue_tokens: int = 0
+    prefill_queue_s: float = 0.0
+    decode_context_tokens: int = 0
+    prefill_rate: float = 0.0   # prefill tokens per (emulated) second lately sent here
 
 
 class RouteRequest(msgspec.Struct):
@@ -41,6 +50,8 @@ class RouteRequest(msgspec.Struct):
     prompt_tokens: int
     policy: str | None = None   # per-request override of the policy name (experiments)
     short_key: int = 0          # ring key for prompts with no full block: hash of their partial block
+    slo_ttft_s: float | None = None   # SLOs the request states (x-slo-ttft-ms / x-slo-tpot-ms); slo_aware
+    slo_tpot_s: float | None = None   # refuses a request no worker is predicted to meet
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[int] | np.ndarray, *, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -62,6 +73,10 @@ class Decision(msgspec.Struct):
     overflow_skips: int = 0              # bounded-load: workers passed over because they were at the cap
     score: float | None = None           # kv_aware: the winning score
     uncached_tokens: int | None = None   # P/D: prompt tokens the decode worker lacks
+    predicted_ttft_s: float | None = None   # slo_aware: its predictions on `worker`
+    predicted_itl_s: float | None = None
+    prefill_work_s: float | None = None     # slo_aware: marginal prefill seconds it adds to `worker`'s queue
+    prefill_tokens: int | None = None       # slo_aware: prompt tokens `worker` must compute
 
     @property
     def charged(self) -> tuple[str, ...]:

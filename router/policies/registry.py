@@ -24,6 +24,8 @@ from router.policies.least_loaded import LeastLoaded
 from router.policies.pd_pair import PdPair
 from router.policies.prefix_ring import PrefixRing
 from router.policies.round_robin import RoundRobin
+from router.policies.slo_aware import SloAware
+from router.policies.slo_table import SloTable
 
 Settings = Mapping[str, Any]
 
@@ -43,7 +45,9 @@ BUILDERS: dict[str, Callable[..., Policy]] = {
     "prefix_bounded": lambda index, **s: PrefixBounded(index=index, **s),
     "kv_aware": lambda index, **s: KvAware(index, **s),
     "pd_pair": _pd_pair,
+    "slo_aware": lambda index, **s: SloAware(index, **s),
 }
+NEEDS_TABLE = frozenset({"slo_aware"})   # built with the spec's roofline table (router.policies.slo_table)
 
 
 def host_credit(spec: ClusterSpec) -> float | None:
@@ -56,12 +60,15 @@ def host_credit(spec: ClusterSpec) -> float | None:
                for p in prompt_pools)
 
 
-def build_policy(name: str, settings: Settings | None = None, *, index: KvIndex | None = None) -> Policy:
-    """A policy from its name and settings; kv_aware and pd_pair read `index` (a fresh one if None)."""
+def build_policy(name: str, settings: Settings | None = None, *, index: KvIndex | None = None,
+                 table: SloTable | None = None) -> Policy:
+    """A policy from its name and settings; kv_aware and pd_pair read `index` (a fresh one if None),
+    slo_aware the spec's roofline `table` (without one it is built only to check its settings)."""
     if name not in BUILDERS:
         raise unknown_name("routing policy", name, BUILDERS)
+    extra = {"table": table} if name in NEEDS_TABLE and table is not None else {}
     try:
-        return BUILDERS[name](index if index is not None else KvIndex(), **dict(settings or {}))
+        return BUILDERS[name](index if index is not None else KvIndex(), **dict(settings or {}), **extra)
     except TypeError as exc:  # an unknown or misspelt setting
         raise ValueError(f"bad settings for policy {name!r}: {exc}") from None
 
@@ -80,8 +87,9 @@ class PolicySet:
     name = "policy_set"
 
     def __init__(self, default: str, settings: Mapping[str, Settings] | None = None,
-                 index: KvIndex | None = None) -> None:
+                 index: KvIndex | None = None, table: SloTable | None = None) -> None:
         self.index = index if index is not None else KvIndex()
+        self.table = table   # the spec's roofline table, for slo_aware
         self.default = default
         self._settings = dict(settings or {})
         self._built: dict[str, Policy] = {}
@@ -99,7 +107,7 @@ class PolicySet:
     def get(self, name: str) -> Policy:
         policy = self._built.get(name)
         if policy is None:
-            policy = build_policy(name, self._settings.get(name), index=self.index)
+            policy = build_policy(name, self._settings.get(name), index=self.index, table=self.table)
             for worker_id in sorted(self._members):
                 policy.add_worker(worker_id)
             self._built[name] = policy

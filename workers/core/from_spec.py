@@ -13,7 +13,7 @@ def engine_config(spec: ClusterSpec, pool: PoolSpec, num_blocks: int | None = No
         activation_reserve_gb=e.activation_reserve_gb, num_blocks=num_blocks, eviction=e.eviction,
         max_model_len=e.max_model_len, enable_prefix_caching=e.enable_prefix_caching, host_kv_gb=e.host_kv_gb,
         scheduler=SchedulerConfig(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
-                                  max_waiting=e.max_waiting, preemption=e.preemption))
+                                  max_waiting=e.max_waiting, preemption=e.preemption, policy=e.scheduling_policy))
 
 
 def build_engine(spec: ClusterSpec, pool: PoolSpec | str, num_blocks: int | None = None) -> Engine:

@@ -1,0 +1,114 @@
+"""The router-side queue estimate slo_aware reads, and its predicted-vs-actual TTFT, one glue for the
+simulator and the HTTP proxy alike (pure: the caller says when things happen and what they measured).
+
+    ledger.fill(views, now)                         # before policies.choose: per-worker queue figures
+    ledger.sent(request_id, decision, prompt_tokens, now)   # the request went to decision.worker
+    ledger.first_token(request_id, actual_ttft_s)   # -> (predicted, actual) or None: settles its prefill
+    ledger.ended(request_id)                        # finished, failed or cancelled: forget it
+
+A request is in its worker's prefill queue from `sent` until its first token (its uncached tokens and
+the policy's predicted marginal prefill seconds), then in that worker's decode batch (its prompt tokens
+are context the decode steps read) until `ended`. `now` (emulated seconds on the caller's clock; the
+ledger reads none) times the rate of prefill tokens sent to each worker, an exponentially weighted
+average over RATE_TAU_S: prompts that arrive while one waits share its last step.
+
+Only decisions that carry a prediction (slo_aware's) enter the ledger; the others' queues are invisible
+to it. slo_aware keeps its own figures rather than trusting scraped engine counts (stale by a scrape).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from router.policies.base import Decision, WorkerView
+
+# Time constant of the prefill-token rate per worker: long enough to average a few dozen arrivals at
+# tens of requests per second per worker, short enough to follow a burst.
+RATE_TAU_S = 1.0
+
+
+class _Queue:
+    __slots__ = ("requests", "tokens", "seconds", "context", "rate", "rate_at")
+
+    def __init__(self) -> None:
+        self.requests, self.tokens, self.seconds, self.context = 0, 0, 0.0, 0
+        self.rate, self.rate_at = 0.0, 0.0   # prefill tokens per second sent here, as of rate_at
+
+    def rate_now(self, now: float) -> float:
+        if now > self.rate_at:
+            self.rate *= math.exp(-(now - self.rate_at) / RATE_TAU_S)
+            self.rate_at = now
+        return self.rate
+
+
+class _Entry:
+    __slots__ = ("worker", "tokens", "seconds", "prompt", "predicted", "prefilling")
+
+    def __init__(self, worker: str, tokens: int, seconds: float, prompt: int, predicted: float) -> None:
+        self.worker, self.tokens, self.seconds, self.prompt = worker, tokens, seconds, prompt
+        self.predicted = predicted
+        self.prefilling = True
+
+
+class PrefillLedger:
+    def __init__(self) -> None:
+        self._queues: dict[str, _Queue] = {}
+        self._entries: dict[str, _Entry] = {}
+
+    def fill(self, views: Iterable[WorkerView], now: float | None = None) -> None:
+        for view in views:
+            q = self._queues.get(view.id)
+            if q is None:
+                view.prefill_queue = view.prefill_queue_tokens = view.decode_context_tokens = 0
+                view.prefill_queue_s = view.prefill_rate = 0.0
+            else:
+                view.prefill_queue, view.prefill_queue_tokens = q.requests, q.tokens
+                view.prefill_queue_s, view.decode_context_tokens = max(0.0, q.seconds), q.context
+                view.prefill_rate = q.rate_now(now) if now is not None else 0.0
+
+    def sent(self, request_id: str, decision: Decision, prompt_tokens: int, now: float | None = None) -> None:
+        if decision.predicted_ttft_s is None or request_id in self._entries:
+            return
+        entry = _Entry(decision.worker, decision.prefill_tokens or 0, decision.prefill_work_s or 0.0,
+                       prompt_tokens, decision.predicted_ttft_s)
+        self._entries[request_id] = entry
+        q = self._queues.setdefault(entry.worker, _Queue())
+        q.requests += 1
+        q.tokens += entry.tokens
+        q.seconds += entry.seconds
+        if now is not None:
+            q.rate = q.rate_now(now) + entry.tokens / RATE_TAU_S
+
+    def first_token(self, request_id: str, actual_ttft_s: float) -> tuple[float, float] | None:
+        """Move the request from its worker's prefill queue to its decode batch; (predicted, actual)."""
+        entry = self._entries.get(request_id)
+        if entry is None or not entry.prefilling:
+            return None
+        self._settle(entry)
+        entry.prefilling = False
+        self._queues[entry.worker].context += entry.prompt
+        return entry.predicted, actual_ttft_s
+
+    def ended(self, request_id: str) -> None:
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return
+        if entry.prefilling:
+            self._settle(entry)
+        else:
+            self._queues[entry.worker].context -= entry.prompt
+
+    def forget_worker(self, worker_id: str) -> None:
+        """A worker left: its requests are gone with it."""
+        self._queues.pop(worker_id, None)
+        for request_id in [r for r, e in self._entries.items() if e.worker == worker_id]:
+            del self._entries[request_id]
+
+    def _settle(self, entry: _Entry) -> None:
+        q = self._queues[entry.worker]
+        q.requests -= 1
+        q.tokens -= entry.tokens
+        q.seconds -= entry.seconds
+
+    def __len__(self) -> int:
+        return len(self._entries)
