@@ -13,16 +13,17 @@ from collections.abc import Iterable
 
 import msgspec
 
+from emulator.engine_config import Role
 from emulator.sim.report import LatencyLog, Summary
-from emulator.spec import ClusterSpec, Role
+from emulator.spec import ClusterSpec
 from kvlab.wire.kv_events import KVEventBatch
 from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet, host_credit
 from workers.core.engine import EngineError, QueueFull, StepResult
-from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
+from workers.spec_config import spec_engine
 
 INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded")
 
@@ -66,7 +67,7 @@ class Simulator:
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
         for slot in spec.worker_list():
-            self.workers[slot.id] = SimWorker(slot.id, slot.role, build_engine(spec, slot.pool, num_blocks))
+            self.workers[slot.id] = SimWorker(slot.id, slot.role, spec_engine(spec, slot.id, num_blocks))
             self.policies.add_worker(slot.id)
         self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}
         self.log = LatencyLog()

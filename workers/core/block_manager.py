@@ -119,7 +119,7 @@ class HostTier:
 class BlockManager:
     """Owns every KV block; the scheduler asks it questions and never touches blocks itself."""
 
-    def __init__(self, num_blocks: int, block_size: int = 16, eviction: str = "lru", host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, eviction: str = "lru", host_blocks: int = 0):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         if host_blocks < 0:

@@ -11,6 +11,7 @@ import math
 import msgspec
 import numpy as np
 
+from emulator.engine_config import ROLES, EngineConfig
 from emulator.physics import roofline, steptime
 from emulator.physics.catalog import Link
 from kvlab.wire.kv_events import KVEvent
@@ -18,24 +19,7 @@ from workers.core import output
 from workers.core.block_manager import BlockManager
 from workers.core.fast_forward import fast_forward
 from workers.core.request import RemotePrefill, Request, SamplingParams, Status
-from workers.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-
-ROLES = ("both", "prefill", "decode")
-
-
-class EngineConfig(msgspec.Struct, kw_only=True):
-    role: str = "both"
-    block_size: int = 16                  # vLLM default KV block size
-    gpu_memory_utilization: float = 0.9   # vLLM default fraction of HBM the engine may use
-    activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
-    num_blocks: int | None = None         # override the pool size (tests, small experiments)
-    eviction: str = "lru"
-    host_kv_gb: float = 0.0               # host memory for evicted KV blocks (0: no host tier), over swap_link
-    enable_prefix_caching: bool = True    # vLLM V1 default
-    max_model_len: int | None = None      # defaults to the model's context length
-    eos_probability: float = 0.0          # worker-wide default EOS chance per token (0: exactly max_tokens)
-    hold_timeout_s: float = 60.0          # prefill role: free held KV nobody pulled after this long
-    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+from workers.core.scheduler import Scheduler, SchedulerOutput
 
 
 class EngineError(ValueError):
@@ -123,7 +107,7 @@ class Engine:
         self.kv_per_token_gpu = roofline.kv_bytes_per_token_per_gpu(deployment)
         self.blocks = BlockManager(self._pool_blocks(), self.config.block_size, self.config.eviction,
                                    host_blocks=self._host_blocks())
-        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self.scheduler = Scheduler(self.config, self.blocks)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, float] = {}     # prefill role: request id -> hold expiry
         self._link_free_at = 0.0             # decode role: transfers share one NIC per GPU, in order
@@ -151,8 +135,8 @@ class Engine:
         if remote is not None and params.max_tokens < 2:
             raise EngineError("a remote-prefill request needs max_tokens >= 2: its first token came from "
                               "the prefill worker")
-        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
-            raise QueueFull(f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.config.max_waiting} requests)")
         if params.eos_probability == 0.0 and self.config.eos_probability:
             params.eos_probability = self.config.eos_probability
         req = Request(request_id, prompt, params, now, priority, salt, remote)
