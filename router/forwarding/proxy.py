@@ -30,31 +30,14 @@ from router.forwarding.upstream import Upstream, UpstreamFailure, exhausted
 from router.frontdoor.job import Job
 from router.frontdoor.tokenize import PromptTokenizer
 from router.observability.metrics import RouterMetrics
+from router.policies import routing
 from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
 from router.policies.registry import PolicySet
+from router.policies.routing import Lease
 from router.pool.worker_pool import Worker, WorkerPool
 
 WORKER_HEADER = "x-kvlab-worker"
 PREFILL_WORKER_HEADER = "x-kvlab-prefill-worker"
-
-
-class Lease:
-    """The in-flight charges of one attempt; each worker is released exactly once."""
-    __slots__ = ("workers",)
-
-    def __init__(self, workers: list[Worker]):
-        self.workers = workers
-        for worker in workers:
-            worker.charge()
-
-    def release(self, worker: Worker) -> None:
-        if worker in self.workers:
-            self.workers.remove(worker)
-            worker.release()
-
-    def release_all(self) -> None:
-        for worker in list(self.workers):
-            self.release(worker)
 
 
 class _UsageOnly(msgspec.Struct):
@@ -83,13 +66,8 @@ class Proxy:
         """The policy's decision among routable workers not in `exclude`. With `job` (its first
         attempt) the decision time, tokenizing included, goes to the metrics."""
         started = time.perf_counter()
-        views = self.pool.views()
-        if exclude:
-            views = [v for v in views if v.id not in exclude]
-        if (route.policy or self.policies.default) != "pd_pair" and self.pool.has_role("prefill"):
-            views = [v for v in views if v.role != "prefill"]   # a colocated policy must not pick them
         try:
-            decision = self.policies.choose(route, views)
+            decision = routing.choose(self.policies, route, self.pool.views(), exclude)
         except NoWorkerAvailable:
             reason = "no other worker is left to try" if exclude else "no healthy worker can take the request"
             raise ApiError(503, reason, type_="server_error", code="no_worker_available",
@@ -101,8 +79,9 @@ class Proxy:
             self.metrics.overflow.labels(decision.policy).inc(decision.overflow_skips)
         return decision
 
-    def _charge(self, decision: Decision) -> Lease:
-        return Lease([self.pool[worker_id] for worker_id in decision.charged])   # chosen from the pool just now
+    def _charge(self, decision: Decision) -> tuple[Lease[Worker], routing.Plan]:
+        """The decision's charges, and its workers in order (chosen from the pool just now)."""
+        return routing.charge(decision, self.pool.__getitem__), routing.plan(decision)
 
     def failed(self, failure: UpstreamFailure, exclude: set[str], started: bool) -> None:
         """Account for a failed attempt; a worker's own 4xx ends the request with its answer."""
@@ -147,18 +126,18 @@ class Proxy:
         raise exhausted(last)
 
     async def _complete_once(self, job: Job, decision: Decision, first: bool) -> bytes:
-        lease = self._charge(decision)
-        workers = list(lease.workers)
+        lease, steps = self._charge(decision)
+        worker = self.pool[steps.first]
         try:
             body = job.body()
             self._sent_upstream(job, decision, first)
-            if len(workers) == 2:
-                return await self._complete_pd(job, lease, workers[0], workers[1], body)
-            return await self.upstream.post(workers[0].id, workers[0].endpoint(job.path), body)
+            if steps.decode is not None:
+                return await self._complete_pd(job, lease, self.pool[steps.decode], worker, body)
+            return await self.upstream.post(worker.id, worker.endpoint(job.path), body)
         finally:
             lease.release_all()
 
-    async def _complete_pd(self, job: Job, lease: Lease, decode: Worker, prefill: Worker, body: bytes) -> bytes:
+    async def _complete_pd(self, job: Job, lease: Lease[Worker], decode: Worker, prefill: Worker, body: bytes) -> bytes:
         try:
             answer, prefilled = await pd.prefill(self.upstream, prefill, job.path, body)
         finally:
@@ -196,19 +175,19 @@ class Proxy:
 
     async def open_source(self, job: Job, decision: Decision, path: str, body: bytes, relay: StreamRelay,
                           first: bool) -> Source:
-        lease = self._charge(decision)
-        workers = list(lease.workers)
+        lease, steps = self._charge(decision)
+        worker = self.pool[steps.first]
         try:
             self._sent_upstream(job, decision, first)
-            if len(workers) == 2:
-                return await self._open_pd(lease, workers[0], workers[1], path, body, relay)
-            stream = await self.upstream.open_stream(workers[0].id, workers[0].endpoint(path), body)
+            if steps.decode is not None:
+                return await self._open_pd(lease, self.pool[steps.decode], worker, path, body, relay)
+            stream = await self.upstream.open_stream(worker.id, worker.endpoint(path), body)
         except BaseException:
             lease.release_all()
             raise
-        return ColocatedSource(stream, workers[0], rewrite=relay.started, release=lease.release)
+        return ColocatedSource(stream, worker, rewrite=relay.started, release=lease.release)
 
-    async def _open_pd(self, lease: Lease, decode: Worker, prefill: Worker, path: str, body: bytes,
+    async def _open_pd(self, lease: Lease[Worker], decode: Worker, prefill: Worker, path: str, body: bytes,
                        relay: StreamRelay) -> Source:
         try:
             answer, _ = await pd.prefill(self.upstream, prefill, path, body)
