@@ -25,6 +25,7 @@ from router.forwarding.relay import StreamRelay
 from router.forwarding.sse import Usage
 from router.forwarding.stream_session import StreamSession
 from router.forwarding.stream_sources import ColocatedSource, Source
+from router.forwarding.stream_timing import StreamTimings
 from router.forwarding.streaming import SSE_HEADERS, RelayResponse
 from router.forwarding.upstream import Upstream, UpstreamFailure, exhausted
 from router.frontdoor.job import Job
@@ -59,7 +60,11 @@ class Proxy:
         self.tokenizer = tokenizer
         self.on_finish = on_finish or (lambda job, completion, cached: None)
         self.estimate_hits = config.kv_events != "off"   # the KV index is fed, so it can estimate
-        self.timings = None   # router.forwarding.stream_timing.StreamTimings: TTFT/ITL of relayed streams
+        self._timings: StreamTimings | None = None   # TTFT/ITL of relayed streams, once someone watches
+
+    def time_streams(self, timings: StreamTimings) -> None:
+        """Give every stream from now on a clock from `timings` (the dashboard's TTFT/ITL feed)."""
+        self._timings = timings
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, route: RouteRequest, exclude: set[str], job: Job | None = None) -> Decision:
@@ -168,7 +173,8 @@ class Proxy:
     # -- streaming -------------------------------------------------------------------------------
     async def stream(self, job: Job) -> RelayResponse:
         """Open the first attempt before answering, so a refusal can still get its own status code."""
-        session = StreamSession(self, job)
+        clock = self._timings.start(job.received) if self._timings else None
+        session = StreamSession(self, job, self.config.limits.max_attempts, clock)
         decision = await session.open()
         headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(decision).items()]
         return RelayResponse(session.events(), on_close=session.close, headers=headers)

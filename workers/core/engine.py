@@ -16,7 +16,7 @@ from emulator.physics import roofline, steptime
 from emulator.physics.catalog import Link
 from kvlab.wire.kv_events import KVEvent
 from workers.core import output
-from workers.core.block_manager import BlockManager
+from workers.core.block_manager import BlockManager, cache_computed_blocks
 from workers.core.fast_forward import fast_forward
 from workers.core.request import RemotePrefill, Request, SamplingParams, Status
 from workers.core.scheduler import Scheduler, SchedulerOutput
@@ -259,7 +259,8 @@ class Engine:
 
     def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
         req.num_computed += num_new
-        self._cache_computed_blocks(req)
+        if self.config.enable_prefix_caching:
+            cache_computed_blocks(self.blocks, req)
         if req.num_computed < len(req.tokens):
             return  # a prefill chunk that did not reach the end of the prompt
         token, reason = output.sample(req)
@@ -273,17 +274,6 @@ class Engine:
             reason = "held"  # the first token is ours; the rest is the decode worker's
         if reason is not None:
             self._finish(req, reason, end, result)
-
-    def _cache_computed_blocks(self, req: Request) -> None:
-        full = req.num_computed // self.blocks.block_size
-        if full <= req.num_cached_blocks or not self.config.enable_prefix_caching:
-            return
-        req.extend_hashes(self.blocks.block_size)
-        bs, first = self.blocks.block_size, req.num_cached_blocks
-        parent = req.hashes[first - 1] if first else None
-        self.blocks.cache_blocks(req.block_ids[first:full], req.hashes[first:full], parent,
-                                 req.tokens[first * bs:full * bs])
-        req.num_cached_blocks = full
 
     def _finish(self, req: Request, reason: str, end: float, result: StepResult) -> None:
         self.scheduler.running.remove(req)
