@@ -3,13 +3,13 @@ with their medium, per-tier hit counters and metrics, and the router credit deri
 import msgspec
 import pytest
 
+from emulator.engine_config import EngineConfig
 from emulator.physics import roofline as r
 from emulator.physics import steptime
 from emulator.physics.catalog import builtin_catalog
 from emulator.sim.simulator import Simulator
 from emulator.spec import load_spec
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch, encode_batch
-from emulator.engine_config import EngineConfig
 from workers.core.engine import Engine
 from workers.core.request import SamplingParams
 from workers.metrics import WorkerMetrics
