@@ -13,11 +13,11 @@ import cProfile
 import pstats
 import time
 
+from emulator.engine_config import EngineConfig
 from emulator.physics import roofline
 from emulator.physics.catalog import builtin_catalog
-from workers.core.engine import Engine, EngineConfig
+from workers.core.engine import Engine
 from workers.core.request import SamplingParams
-from workers.core.scheduler import SchedulerConfig
 
 
 def running_engine(batch: int, prompt: int, steps: int, model: str, gpu: str) -> Engine:
@@ -27,7 +27,7 @@ def running_engine(batch: int, prompt: int, steps: int, model: str, gpu: str) ->
     # Early finishers of prefill decode while the rest prefill: leave slack so nobody finishes.
     max_tokens = steps + 64
     blocks = batch * -(-(prompt + max_tokens) // 16)   # room for every request's whole decode
-    engine = Engine(dep, EngineConfig(num_blocks=blocks, scheduler=SchedulerConfig(max_num_seqs=batch)))
+    engine = Engine(dep, EngineConfig(num_blocks=blocks, max_num_seqs=batch))
     params = SamplingParams(max_tokens=max_tokens)
     for i in range(batch):
         engine.add_request(f"r{i}", [1024 + i * prompt + j for j in range(prompt)], params, 0.0)

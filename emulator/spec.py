@@ -13,21 +13,15 @@ import functools
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeGuard, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import msgspec
 
+from emulator.engine_config import DEFAULTS, ROLES, EngineConfig, Eviction, Preemption, Role, SchedulingPolicy
 from emulator.physics import roofline
 from emulator.physics.catalog import DTYPE_BYTES, Catalog, CatalogError, Link, load_catalog
+from emulator.physics.deployment import deployment
 from kvlab.wire.user_errors import UserError, did_you_mean
-
-Role = Literal["both", "prefill", "decode"]   # a worker's part: whole requests, or one side of P/D
-ROLES: tuple[Role, ...] = get_args(Role)
-
-
-def is_role(value: str) -> TypeGuard[Role]:
-    return value in ROLES
-
 
 # The router's policy names. router/policies/registry.py builds them and checks their settings
 # (`check_spec_settings`); a test keeps the two lists equal.
@@ -56,21 +50,21 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class EngineSpec(_Section):
-    block_size: int = 16                   # vLLM's default --block-size (tokens per KV block)
-    max_num_batched_tokens: int = 8192     # vLLM V1's token budget per step for its OpenAI server on >=70 GB GPUs
-    max_num_seqs: int = 256                # vLLM's long-standing default running-batch cap
-    gpu_memory_utilization: float = 0.9    # vLLM's default share of HBM it budgets
-    activation_reserve_gb: float = 2.0     # peak activations found by vLLM's profiling run; an estimate (roofline)
-    max_model_len: int | None = None       # None: the model's max_context, as vLLM does
-    max_waiting: int = 1024                # bounded queue: beyond ~4 batches of waiting work, reject, don't queue
-    preemption: Literal["recompute", "swap"] = "recompute"  # vLLM V1 preempts by recompute
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"  # vLLM's --scheduling-policy; "priority": tenants'
-                                           # priority classes order the waiting queue (README: Routing)
-    swap_space_gb: float = 4.0             # vLLM's default --swap-space (GiB of host memory per GPU)
-    eviction: Literal["lru", "lfu"] = "lru"  # vLLM's prefix cache evicts least recently used free blocks
-    host_kv_gb: float = 0.0                # host memory per worker for KV blocks evicted from HBM (0: no host tier),
-                                           # reached over links.host_swap, as vLLM's CPU offloading connector
-    enable_prefix_caching: bool = True     # on by default in vLLM V1
+    """The ``[engine]`` table: EngineConfig's settings (defaults and their sources there) plus the driver's."""
+    block_size: int = DEFAULTS.block_size
+    max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
+    max_num_seqs: int = DEFAULTS.max_num_seqs
+    gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
+    activation_reserve_gb: float = DEFAULTS.activation_reserve_gb
+    max_model_len: int | None = DEFAULTS.max_model_len
+    max_waiting: int = DEFAULTS.max_waiting
+    preemption: Preemption = DEFAULTS.preemption
+    scheduling_policy: SchedulingPolicy = DEFAULTS.scheduling_policy   # "priority": tenants' priority
+                                                                       # classes order the queue (README: Routing)
+    swap_space_gb: float = DEFAULTS.swap_space_gb
+    eviction: Eviction = DEFAULTS.eviction
+    host_kv_gb: float = DEFAULTS.host_kv_gb
+    enable_prefix_caching: bool = DEFAULTS.enable_prefix_caching
     time_scale: float = 1.0                # >1 stretches emulated time: every duration x time_scale on the wall clock
     lag_warn_s: float = 0.05               # a worker this far behind its schedule (wall s) is flagged as lagging
     stream_interval: int = 1               # tokens per SSE chunk after the first (SGLang's --stream-interval); each
@@ -185,11 +179,21 @@ class ClusterSpec(_Section):
     def deployment(self, pool: PoolSpec | str) -> roofline.Deployment:
         """What one worker of `pool` runs: model, GPU, TP group and dtypes."""
         pool = self.pool(pool) if isinstance(pool, str) else pool
-        cat = self.catalog_data()
-        gpu = cat.gpu(pool.gpu or self.gpu)
-        return roofline.Deployment(model=cat.model(self.model), gpu=gpu, tp=pool.tp or self.tp,
-                                   tp_link=cat.link(self.links.tp or gpu.intra_node_link),
-                                   weight_dtype=self.weight_dtype, kv_dtype=self.kv_dtype)
+        return deployment(self.catalog_data(), self.model, pool.gpu or self.gpu, pool.tp or self.tp, self.links.tp,
+                          self.weight_dtype, self.kv_dtype)
+
+    def engine_config(self, pool: PoolSpec | str | None = None) -> EngineConfig:
+        """The engine of one worker of `pool` (None: the settings every pool shares, role "both"): the one
+        translation of ``[engine]`` the live worker, the simulator and the planner all take."""
+        pool = self.pool(pool) if isinstance(pool, str) else pool
+        e = self.engine
+        return EngineConfig(
+            role=pool.role if pool else "both", block_size=e.block_size,
+            max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
+            gpu_memory_utilization=e.gpu_memory_utilization, activation_reserve_gb=e.activation_reserve_gb,
+            max_model_len=e.max_model_len, max_waiting=e.max_waiting, preemption=e.preemption,
+            scheduling_policy=e.scheduling_policy, swap_space_gb=e.swap_space_gb, eviction=e.eviction,
+            host_kv_gb=e.host_kv_gb, enable_prefix_caching=e.enable_prefix_caching)
 
     def kv_capacity_tokens(self, pool: PoolSpec | str) -> int:
         return roofline.kv_capacity_tokens(self.deployment(pool), self.engine.gpu_memory_utilization,
@@ -305,7 +309,7 @@ def _from_validation(exc: msgspec.ValidationError) -> SpecError:
 
 
 # Fields typed as Literal, for listing their choices in an error (msgspec names only the bad value).
-_CHOICES = {"role": ROLES, "preemption": ("recompute", "swap"), "eviction": ("lru", "lfu"),
+_CHOICES = {"role": ROLES, "preemption": get_args(Preemption), "eviction": get_args(Eviction),
             "arrival": ("poisson", "gamma")}
 
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.core.from_spec import build_engine
+from workers.spec_config import spec_engine
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def hit_rates(requests: Iterable[tuple[int, Sequence[int]]], capacity_blocks: in
 def cluster_kv_blocks(spec) -> int:
     """KV blocks of the workers that compute prompts (prefill and colocated): the pooled cache's size."""
     slots = [s for s in spec.worker_list() if s.role != "decode"]
-    return sum(build_engine(spec, s.pool).blocks.num_blocks for s in slots)
+    return sum(spec.kv_blocks(s.pool) for s in slots)
 
 
 def cluster_host_blocks(spec) -> int:
@@ -69,5 +69,5 @@ def cluster_host_blocks(spec) -> int:
     if spec.engine.host_kv_gb <= 0:
         return 0
     slots = [s for s in spec.worker_list() if s.role != "decode"]
-    hosts = [build_engine(spec, s.pool).blocks.host for s in slots]
+    hosts = [spec_engine(spec, s.id).blocks.host for s in slots]
     return sum(h.capacity for h in hosts if h is not None)

@@ -22,17 +22,9 @@ class Prediction:
 
 def planner_inputs(spec: ClusterSpec):
     """(PlanRequest, Workload, Cluster, Slo) for a spec: its deployment, engine limits, workload, SLO."""
-    from emulator.planner import Cluster, EngineLimits, PlanRequest, Slo
+    from emulator.planner import Cluster, Slo
 
-    e = spec.engine
-    request = PlanRequest(
-        model=spec.model, gpu=spec.gpu, tp=spec.tp, tp_link=spec.links.tp, kv_link=spec.links.kv_transfer,
-        weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
-        mode="disaggregated" if spec.disaggregated else "colocated",
-        dispatch=planner_spec.dispatch(spec), cache_affinity=planner_spec.cache_affinity(spec),
-        engine=EngineLimits(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
-                            block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
-                            activation_reserve_gb=e.activation_reserve_gb))
+    request = planner_spec.plan_request(spec)
     workload = planner_spec.sampled_workload(spec, 1.0)
     cluster = Cluster(workers=_count(spec, "both"), prefill=_count(spec, "prefill"), decode=_count(spec, "decode"))
     slo = Slo(ttft_p99=spec.slo.ttft_p99_s, itl_p99=spec.slo.itl_p99_s, e2e_p99=spec.slo.e2e_p99_s)

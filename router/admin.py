@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from emulator.spec import ROLES, is_role
+from emulator.engine_config import ROLES, is_role
 from kvlab.wire.http_body import read_body
 from kvlab.wire.openai_api import ApiError
 from router.config import WorkerConfig

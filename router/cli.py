@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import uvicorn
 
-from emulator.spec import ROLES, is_role
+from emulator.engine_config import ROLES, is_role
 from kvlab.wire.http_server import uvicorn_settings
 from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from emulator.spec import Role, load_spec
+from emulator.engine_config import Role
+from emulator.spec import load_spec
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE
 from kvlab.wire.http_server import ServerLimits
 from router.frontdoor.tenants import TenantConfig

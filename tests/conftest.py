@@ -2,7 +2,7 @@
 
 - ``serve(app) -> RunningServer``: runs any ASGI app under uvicorn (uvloop) in a background thread on
   a free 127.0.0.1 port; stopped at teardown.
-- ``start_worker(**config) -> RunningWorker``: builds a worker app from ``WorkerConfig`` fields
+- ``start_worker(**config) -> RunningWorker``: builds a worker app from ``WorkerConfig`` and ``EngineConfig`` fields
   (small defaults: Llama-3.1-8B on H100-SXM, 256 KV blocks) and serves it. ``RunningWorker`` has
   ``url``, ``config``, ``runtime`` (the in-process WorkerRuntime), ``http`` (a persistent
   ``httpx.Client`` on ``url``: a new client costs tens of ms of TLS setup, so time with this one),
@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers.config import WorkerConfig
+from workers.config import WorkerConfig, worker_config
 from workers.server import create_app
 
 try:
@@ -125,7 +125,7 @@ def start_worker():
     workers: list[RunningWorker] = []
 
     def _start(**fields) -> RunningWorker:
-        worker = RunningWorker(WorkerConfig(**{**WORKER_TEST_DEFAULTS, **fields}))
+        worker = RunningWorker(worker_config(**{**WORKER_TEST_DEFAULTS, **fields}))
         workers.append(worker)
         return worker
 

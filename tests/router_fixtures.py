@@ -23,7 +23,7 @@ import pytest
 from router.config import HealthConfig, RouterConfig, WorkerConfig
 from router.server import create_app
 from tests.conftest import WORKER_TEST_DEFAULTS, RunningServer, RunningWorker
-from workers.config import WorkerConfig as WorkerConfig_
+from workers.config import worker_config
 
 MODEL = "Llama-3.1-8B"
 
@@ -64,7 +64,7 @@ def start_router(serve):
 @contextlib.contextmanager
 def module_cluster(worker_fields: list[dict], **router_fields):
     """Workers and a router that live for a whole test module (for read-only tests: faster)."""
-    workers = [RunningWorker(WorkerConfig_(**{**WORKER_TEST_DEFAULTS, **f})) for f in worker_fields]
+    workers = [RunningWorker(worker_config(**{**WORKER_TEST_DEFAULTS, **f})) for f in worker_fields]
     app = router_app(workers, **router_fields)
     server = RunningServer(app)
     try:

@@ -14,10 +14,11 @@ import logging
 
 import uvicorn
 
+from emulator.engine_config import DEFAULTS, ROLES
 from emulator.physics.catalog import CatalogError
 from kvlab.wire.http_server import ServerLimits, uvicorn_settings
-from workers.config import WorkerConfig
-from workers.core.engine import ROLES, EngineError
+from workers.config import WorkerConfig, worker_config
+from workers.core.engine import EngineError
 
 DEFAULT_PORT = 8100
 log = logging.getLogger("kvlab.worker")
@@ -51,9 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--stream-interval", type=int,
                      help="tokens per SSE chunk after the first (default 1); each chunk carries its tokens' gaps")
     eng.add_argument("--num-blocks", type=int, help="KV pool size in blocks (default: from HBM)")
-    eng.add_argument("--max-num-seqs", type=int, help=f"default {d.max_num_seqs}")
-    eng.add_argument("--max-num-batched-tokens", type=int, help=f"default {d.max_num_batched_tokens}")
-    eng.add_argument("--max-waiting", type=int, help=f"queued requests before 503 (default {d.max_waiting})")
+    eng.add_argument("--max-num-seqs", type=int, help=f"default {DEFAULTS.max_num_seqs}")
+    eng.add_argument("--max-num-batched-tokens", type=int, help=f"default {DEFAULTS.max_num_batched_tokens}")
+    eng.add_argument("--max-waiting", type=int, help=f"queued requests before 503 (default {DEFAULTS.max_waiting})")
     eng.add_argument("--max-model-len", type=int, help="default: the model's context length")
     eng.add_argument("--eos-probability", type=float, help="per-token EOS chance (default 0: exactly max_tokens)")
     eng.add_argument("--preemption", choices=["recompute", "swap"])
@@ -91,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     port = args.port or spec_port
     fields.update({k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None})
     fields.setdefault("worker_id", f"{fields.get('role', 'both')}-{port}")
-    return WorkerConfig(**fields), port
+    return worker_config(**fields), port
 
 
 def _spec_fields(args: argparse.Namespace) -> dict:

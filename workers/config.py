@@ -1,22 +1,26 @@
 """One worker's configuration (plain data) and the engine it describes.
 
-The CLI, the launcher and the tests fill a ``WorkerConfig``; ``build_engine`` turns it into an engine
-on a roofline ``Deployment`` looked up in the catalog. Nothing here does I/O beyond reading an
-optional user catalog file.
+The CLI, the launcher and the tests fill a ``WorkerConfig``: what is served and how it answers, and the
+engine's settings as one ``EngineConfig`` (from a spec: ``workers.spec_config``). ``build_engine`` turns
+it into an engine on a roofline ``Deployment`` looked up in the catalog. Nothing here does I/O beyond
+reading an optional user catalog file.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, get_args
+
 import msgspec
 
+from emulator.engine_config import ROLES, EngineConfig, SchedulingPolicy
 from emulator.physics import roofline
 from emulator.physics.catalog import Catalog, Link, load_catalog
-from workers.core.engine import ROLES, Engine, EngineConfig
-from workers.core.scheduler import SchedulerConfig
+from emulator.physics.deployment import deployment as catalog_deployment
+from emulator.spec import DEFAULT_HOST_SWAP_LINK, DEFAULT_KV_TRANSFER_LINK, MAX_STREAM_INTERVAL
+from workers.core.engine import Engine
 
-DEFAULT_KV_LINK = "InfiniBand-NDR"   # the RDMA fabric of DistServe/Mooncake-style P/D deployments
-DEFAULT_SWAP_LINK = "PCIe-Gen5"      # host memory of a Hopper/Blackwell node sits behind PCIe Gen5 x16
 MiB = 1 << 20
-MAX_STREAM_INTERVAL = 256             # as a spec's engine.stream_interval
+ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineConfig))
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True):
@@ -29,7 +33,6 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     kv_dtype: str = "bf16"
     catalog: str | None = None            # user catalog file adding or overriding entries
     # identity and API surface
-    role: str = "both"
     worker_id: str = "worker-0"
     served_model_name: str | None = None  # None: the catalog model name
     model_aliases: list[str] = []         # other names accepted in the request's `model`
@@ -38,25 +41,11 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     max_body_bytes: int = 8 * MiB
     completion_max_tokens: int = 16       # OpenAI's documented default for /v1/completions
     chat_max_tokens: int = 256            # chat has no OpenAI default; keep emulated answers short
-    # engine
+    # the engine, and the driver that runs it on the wall clock
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     time_scale: float = 1.0
     stream_interval: int = 1              # tokens per SSE chunk after the first (requests may ask for their own)
-    num_blocks: int | None = None         # None: sized from HBM minus weights (roofline)
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_waiting: int = 1024
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9   # vLLM's default share of HBM (sizes the pool without num_blocks)
-    activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
-    enable_prefix_caching: bool = True    # vLLM V1 default
-    eos_probability: float = 0.0
-    eviction: str = "lru"
-    preemption: str = "recompute"
-    scheduling_policy: str = "fcfs"       # vLLM's --scheduling-policy: "fcfs" or "priority" (lower value first)
-    host_kv_gb: float = 0.0               # host memory for KV evicted from HBM (0: no host tier)
     swap_link: str | None = None          # None: PCIe Gen5 when preemption is "swap" or a host tier is on
-    hold_timeout_s: float = 60.0          # prefill role: KV nobody pulled is freed after this long
     # P/D handoff and KV events
     kv_link: str | None = None            # decode role: None means InfiniBand NDR
     release_timeout_s: float = 5.0        # decode role: POST /v1/kv/release to the prefill worker
@@ -69,12 +58,23 @@ class WorkerConfig(msgspec.Struct, kw_only=True):
     kv_events_buffer: int = 4096          # batches kept for replay (ZMQ and HTTP)
 
     @property
+    def role(self) -> str:
+        return self.engine.role
+
+    @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
     @property
     def accepted_models(self) -> frozenset[str]:
         return frozenset([self.model_name, self.model, *self.model_aliases])
+
+
+def worker_config(engine: EngineConfig | None = None, **fields: Any) -> WorkerConfig:
+    """A WorkerConfig from flat settings (flags, fixtures): engine settings among them (``role``,
+    ``num_blocks``, ...) replace those of `engine`, the rest are WorkerConfig fields."""
+    changes = {name: fields.pop(name) for name in list(fields) if name in ENGINE_FIELDS}
+    return WorkerConfig(engine=dataclasses.replace(engine or EngineConfig(), **changes), **fields)
 
 
 def validate(cfg: WorkerConfig) -> None:
@@ -84,42 +84,32 @@ def validate(cfg: WorkerConfig) -> None:
         raise ValueError("time_scale must be > 0")
     if not 1 <= cfg.stream_interval <= MAX_STREAM_INTERVAL:
         raise ValueError(f"stream_interval must be in 1..{MAX_STREAM_INTERVAL}")
-    if cfg.scheduling_policy not in ("fcfs", "priority"):
-        raise ValueError(f"scheduling_policy must be fcfs or priority, got {cfg.scheduling_policy!r}")
-    if cfg.host_kv_gb < 0:
+    if cfg.engine.host_kv_gb < 0:
         raise ValueError("host_kv_gb must be >= 0")
+    if cfg.engine.scheduling_policy not in get_args(SchedulingPolicy):
+        raise ValueError(f"scheduling_policy must be fcfs or priority, got {cfg.engine.scheduling_policy!r}")
     if cfg.max_body_bytes < 1024:
         raise ValueError("max_body_bytes must be at least 1024")
 
 
 def deployment(cfg: WorkerConfig, catalog: Catalog) -> roofline.Deployment:
-    gpu = catalog.gpu(cfg.gpu)
-    tp_link = catalog.link(cfg.tp_link or gpu.intra_node_link) if cfg.tp > 1 else None
-    return roofline.Deployment(model=catalog.model(cfg.model), gpu=gpu, tp=cfg.tp, tp_link=tp_link,
-                               weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype)
+    return catalog_deployment(catalog, cfg.model, cfg.gpu, cfg.tp, cfg.tp_link, cfg.weight_dtype, cfg.kv_dtype)
 
 
 def kv_link(cfg: WorkerConfig, catalog: Catalog) -> Link | None:
     if cfg.kv_link is not None:
         return catalog.link(cfg.kv_link)
-    return catalog.link(DEFAULT_KV_LINK) if cfg.role == "decode" else None
+    return catalog.link(DEFAULT_KV_TRANSFER_LINK) if cfg.role == "decode" else None
 
 
-def engine_config(cfg: WorkerConfig) -> EngineConfig:
-    sched = SchedulerConfig(max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                            max_waiting=cfg.max_waiting, preemption=cfg.preemption, policy=cfg.scheduling_policy)
-    return EngineConfig(role=cfg.role, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        activation_reserve_gb=cfg.activation_reserve_gb, eviction=cfg.eviction,
-                        enable_prefix_caching=cfg.enable_prefix_caching, max_model_len=cfg.max_model_len,
-                        eos_probability=cfg.eos_probability, hold_timeout_s=cfg.hold_timeout_s,
-                        host_kv_gb=cfg.host_kv_gb,
-                        scheduler=sched)
+def swap_link(cfg: WorkerConfig, catalog: Catalog) -> Link | None:
+    """Host memory's link: swap preemption and the host KV tier cross it, nothing else reads it."""
+    host = cfg.engine.preemption == "swap" or cfg.engine.host_kv_gb > 0
+    return catalog.link(cfg.swap_link or DEFAULT_HOST_SWAP_LINK) if host else None
 
 
 def build_engine(cfg: WorkerConfig, catalog: Catalog | None = None) -> Engine:
     validate(cfg)
     catalog = catalog or load_catalog(cfg.catalog)
-    host_link = cfg.preemption == "swap" or cfg.host_kv_gb > 0
-    swap = catalog.link(cfg.swap_link or DEFAULT_SWAP_LINK) if host_link else None
-    return Engine(deployment(cfg, catalog), engine_config(cfg), kv_link=kv_link(cfg, catalog), swap_link=swap)
+    return Engine(deployment(cfg, catalog), cfg.engine, kv_link=kv_link(cfg, catalog),
+                  swap_link=swap_link(cfg, catalog))

@@ -1,9 +1,13 @@
-"""A cluster spec's worker slot as a WorkerConfig (what `kvlab up` starts with `kvlab worker --spec`)."""
+"""A cluster spec's worker slot as a WorkerConfig: what `kvlab up` starts with `kvlab worker --spec`, and the
+engine each simulated worker runs (emulator.sim), so the live and the simulated worker are built alike."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from emulator.spec import ClusterSpec
+from workers.config import WorkerConfig, build_engine
+from workers.core.engine import Engine
 
 
 def spec_fields(spec: ClusterSpec, worker_id: str) -> dict[str, Any]:
@@ -12,20 +16,23 @@ def spec_fields(spec: ClusterSpec, worker_id: str) -> dict[str, Any]:
     if worker_id not in slots:
         raise ValueError(f"no worker {worker_id!r} in spec {spec.name!r}; workers: {', '.join(slots)}")
     slot = slots[worker_id]
-    pool, e = spec.pool(slot.pool), spec.engine
+    pool = spec.pool(slot.pool)
     return {
         "model": spec.model, "gpu": pool.gpu or spec.gpu, "tp": pool.tp or spec.tp, "tp_link": spec.links.tp,
         "weight_dtype": spec.weight_dtype, "kv_dtype": spec.kv_dtype, "catalog": spec.catalog,
-        "role": slot.role, "worker_id": slot.id, "port": slot.port,
-        "block_size": e.block_size, "max_num_seqs": e.max_num_seqs,
-        "max_num_batched_tokens": e.max_num_batched_tokens, "max_waiting": e.max_waiting,
-        "max_model_len": e.max_model_len, "gpu_memory_utilization": e.gpu_memory_utilization,
-        "activation_reserve_gb": e.activation_reserve_gb, "enable_prefix_caching": e.enable_prefix_caching,
-        "eviction": e.eviction, "host_kv_gb": e.host_kv_gb, "preemption": e.preemption, "time_scale": e.time_scale,
-        "scheduling_policy": e.scheduling_policy,
-        "stream_interval": e.stream_interval,
+        "worker_id": slot.id, "port": slot.port, "engine": spec.engine_config(pool),
+        "time_scale": spec.engine.time_scale, "stream_interval": spec.engine.stream_interval,
         "kv_link": spec.links.kv_transfer, "swap_link": spec.links.host_swap,
     }
+
+
+def spec_engine(spec: ClusterSpec, worker_id: str, num_blocks: int | None = None) -> Engine:
+    """The engine of the spec's worker `worker_id` (`num_blocks` overrides its KV pool), as `kvlab up` builds it."""
+    fields = spec_fields(spec, worker_id)
+    del fields["port"]
+    if num_blocks is not None:
+        fields["engine"] = dataclasses.replace(fields["engine"], num_blocks=num_blocks)
+    return build_engine(WorkerConfig(**fields), spec.catalog_data())
 
 
 def prefill_peers(spec: ClusterSpec, host: str, peer_host: str | None = None,

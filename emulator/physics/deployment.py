@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from emulator.physics.catalog import DTYPE_BYTES, Gpu, Link, Model
+from emulator.physics.catalog import DTYPE_BYTES, Catalog, Gpu, Link, Model
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +28,16 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
         for field in ("weight_dtype", "kv_dtype"):
             if getattr(self, field) not in DTYPE_BYTES:
                 raise ValueError(f"{field} must be one of {sorted(DTYPE_BYTES)}")
+
+
+def deployment(catalog: Catalog, model: str, gpu: str, tp: int = 1, tp_link: str | None = None,
+               weight_dtype: str = "bf16", kv_dtype: str = "bf16") -> Deployment:
+    """A deployment from catalog names, with the one link rule every caller shares: a TP group all-reduces
+    over `tp_link`, by default its GPU's intra-node link (NVLink on HGX boards); one GPU needs no link."""
+    m, g = catalog.model(model), catalog.gpu(gpu)
+    link = catalog.link(tp_link or g.intra_node_link) if tp > 1 else None
+    return Deployment(model=m, gpu=g, tp=tp, tp_link=link, weight_dtype=weight_dtype,
+                      kv_dtype=kv_dtype)
 
 
 class BatchShape(msgspec.Struct, kw_only=True):

@@ -147,19 +147,17 @@ def kv_transfer_time(num_bytes: float, link: Link) -> float:
     return num_bytes / link.bytes_per_s + link.latency_s
 
 
-def kv_pool_bytes_per_gpu(dep: Deployment, gpu_memory_utilization: float = 0.9,
-                          activation_reserve_gb: float = 2.0) -> float:
+def kv_pool_bytes_per_gpu(dep: Deployment, gpu_memory_utilization: float, activation_reserve_gb: float) -> float:
     """HBM left for KV blocks on each GPU.
 
-    vLLM budgets gpu_memory_utilization (default 0.9) of HBM, then subtracts weights and the peak
-    activation memory found by a profiling run; a couple of GB is typical for 8-70B models at the
-    default batch token budget (an estimate to calibrate). Negative means the model does not fit.
+    vLLM budgets gpu_memory_utilization of HBM (its default: emulator.engine_config), then subtracts weights
+    and the peak activation memory found by a profiling run; a couple of GB is typical for 8-70B models at
+    the default batch token budget (an estimate to calibrate). Negative means the model does not fit.
     """
     budget = dep.gpu.hbm_bytes * gpu_memory_utilization
     return budget - weight_bytes_per_gpu(dep) - activation_reserve_gb * 1e9
 
 
-def kv_capacity_tokens(dep: Deployment, gpu_memory_utilization: float = 0.9,
-                       activation_reserve_gb: float = 2.0) -> int:
+def kv_capacity_tokens(dep: Deployment, gpu_memory_utilization: float, activation_reserve_gb: float) -> int:
     pool = kv_pool_bytes_per_gpu(dep, gpu_memory_utilization, activation_reserve_gb)
     return max(0, int(pool // kv_bytes_per_token_per_gpu(dep)))

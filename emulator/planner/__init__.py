@@ -7,8 +7,8 @@ from emulator.planner.api import Capacity, Limit, Plan, PoolPlan, capacity, curv
 from emulator.planner.cost import Cost
 from emulator.planner.curve import Curve, CurvePoint
 from emulator.planner.errors import PlannerError
-from emulator.planner.inputs import EngineLimits, LengthDist, PlanRequest, Slo, Workload
+from emulator.planner.inputs import LengthDist, PlanRequest, Slo, Workload
 from emulator.planner.operating import Cluster
 
-__all__ = ["Capacity", "Cluster", "Cost", "Curve", "CurvePoint", "EngineLimits", "LengthDist", "Limit", "Plan",
+__all__ = ["Capacity", "Cluster", "Cost", "Curve", "CurvePoint", "LengthDist", "Limit", "Plan",
            "PlanRequest", "PlannerError", "PoolPlan", "Slo", "Workload", "capacity", "curve", "plan"]

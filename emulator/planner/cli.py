@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import msgspec
 
 from emulator import planner
-from emulator.planner import Cluster, EngineLimits, LengthDist, PlannerError, PlanRequest, Slo, Workload
+from emulator.engine_config import DEFAULTS, EngineConfig
+from emulator.planner import Cluster, LengthDist, PlannerError, PlanRequest, Slo, Workload
 from kvlab.wire.user_errors import number, positive
 
 _WORKLOAD_FLAGS = ("prompt_mean", "prompt_p50", "prompt_p99", "prompt_sigma", "output_mean", "output_p50",
@@ -36,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hw.add_argument("--weight-dtype", choices=("bf16", "fp16", "fp8"))
     hw.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8"))
     hw.add_argument("--catalog", help="user catalog TOML (default: the spec's catalog, if any)")
-    hw.add_argument("--max-num-batched-tokens", type=int, help="per-step token budget (default 8192)")
-    hw.add_argument("--max-num-seqs", type=int, help="running-sequence cap (default 256)")
+    hw.add_argument("--max-num-batched-tokens", type=int,
+                    help=f"per-step token budget (default {DEFAULTS.max_num_batched_tokens})")
+    hw.add_argument("--max-num-seqs", type=int, help=f"running-sequence cap (default {DEFAULTS.max_num_seqs})")
     wl = parser.add_argument_group("workload")
     wl.add_argument("--rate", type=positive, help="target requests/s to size for")
     for kind, default in (("prompt", 1000), ("output", 250)):
@@ -125,9 +128,8 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
     def pick(name: str, default: Any) -> Any:   # the flag if given, else the spec's value
         return getattr(args, name) if getattr(args, name, None) is not None else base.get(name, default)
 
-    engine = EngineLimits(**{k: v for k, v in {
-        "max_num_batched_tokens": pick("max_num_batched_tokens", None), "max_num_seqs": pick("max_num_seqs", None),
-        **base.get("engine", {})}.items() if v is not None})
+    flags = {k: getattr(args, k) for k in ("max_num_batched_tokens", "max_num_seqs") if getattr(args, k, None)}
+    engine = dataclasses.replace(base.get("engine", EngineConfig()), **flags)   # the flags given win over the spec
     req = PlanRequest(model=pick("model", "Llama-3.1-8B"), gpu=pick("gpu", "H100-SXM"), tp=pick("tp", 1),
                       mode=pick("mode", "colocated"), kv_link=pick("kv_link", "InfiniBand-NDR"),
                       tp_link=base.get("tp_link"), weight_dtype=pick("weight_dtype", "bf16"),
@@ -176,7 +178,6 @@ def _from_spec(spec, args) -> dict:
     cluster = Cluster(prefill=count("prefill"), decode=count("decode")) if disagg else Cluster(workers=count("both"))
     rate = args.rate or (spec.workload.rates[0] if spec.workload.rates else 1.0)
     sampled = planner_spec.sampled_workload(spec, rate)
-    e = spec.engine
     return {"model": spec.model, "gpu": spec.gpu, "tp": spec.tp, "mode": "disaggregated" if disagg else "colocated",
             "kv_link": spec.links.kv_transfer, "tp_link": spec.links.tp, "weight_dtype": spec.weight_dtype,
             "kv_dtype": spec.kv_dtype, "rate": rate, "workload": sampled, "prompt": sampled.prompt,
@@ -184,9 +185,7 @@ def _from_spec(spec, args) -> dict:
             "ttft_p99": spec.slo.ttft_p99_s, "itl_p99": spec.slo.itl_p99_s, "e2e_p99": spec.slo.e2e_p99_s,
             "cluster": cluster, "dispatch": planner_spec.dispatch(spec),
             "cache_affinity": planner_spec.cache_affinity(spec),
-            "engine": {"max_num_batched_tokens": e.max_num_batched_tokens, "max_num_seqs": e.max_num_seqs,
-                       "block_size": e.block_size, "gpu_memory_utilization": e.gpu_memory_utilization,
-                       "activation_reserve_gb": e.activation_reserve_gb}}
+            "engine": spec.engine_config()}
 
 
 # -- output --------------------------------------------------------------------------------------

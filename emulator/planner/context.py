@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from emulator.engine_config import EngineConfig
 from emulator.physics import roofline
-from emulator.physics.catalog import Catalog, CatalogError, Link, builtin_catalog
+from emulator.physics.catalog import Catalog, Link, builtin_catalog
+from emulator.physics.deployment import deployment
 from emulator.planner import dist
 from emulator.planner.errors import PlannerError
-from emulator.planner.inputs import EngineLimits, PlanRequest, Workload
+from emulator.planner.inputs import PlanRequest, Workload
 
 
 @dataclass
@@ -20,7 +22,7 @@ class Context:
     workload: Workload
     dep: roofline.Deployment
     kv_link: Link | None
-    limits: EngineLimits
+    limits: EngineConfig
     prompts: dist.Points           # prompt tokens per request point
     cached: np.ndarray             # prompt tokens served from the prefix cache, per prompt point
     outputs: dist.Points           # output tokens (first included)
@@ -49,15 +51,9 @@ class Context:
 def build(req: PlanRequest, workload: Workload, catalog: Catalog | None = None) -> Context:
     cat = catalog or builtin_catalog()
     try:
-        model, gpu = cat.model(req.model), cat.gpu(req.gpu)
-        tp_link = cat.link(req.tp_link or gpu.intra_node_link) if req.tp > 1 else None
+        dep = deployment(cat, req.model, req.gpu, req.tp, req.tp_link, req.weight_dtype, req.kv_dtype)
         kv_link = cat.link(req.kv_link) if req.mode == "disaggregated" else None
-    except CatalogError as exc:
-        raise PlannerError(str(exc)) from None
-    try:
-        dep = roofline.Deployment(model=model, gpu=gpu, tp=req.tp, tp_link=tp_link,
-                                  weight_dtype=req.weight_dtype, kv_dtype=req.kv_dtype)
-    except ValueError as exc:
+    except ValueError as exc:   # an unknown name (CatalogError) or a deployment that cannot be
         raise PlannerError(str(exc)) from None
     limits = req.engine
     prompts, outputs = workload.prompt.points(), workload.output.points()
@@ -107,7 +103,7 @@ def per_point(index: np.ndarray, tokens: np.ndarray, prompts: dist.Points) -> np
     return np.minimum(np.round(cached), prompts.values - 1)
 
 
-def _check_fit(dep: roofline.Deployment, limits: EngineLimits, prompts: dist.Points, outputs: dist.Points) -> int:
+def _check_fit(dep: roofline.Deployment, limits: EngineConfig, prompts: dist.Points, outputs: dist.Points) -> int:
     where = f"{dep.model.name} ({dep.weight_dtype}) on {dep.tp} x {dep.gpu.name}"
     pool_bytes = roofline.kv_pool_bytes_per_gpu(dep, limits.gpu_memory_utilization, limits.activation_reserve_gb)
     if pool_bytes <= 0:

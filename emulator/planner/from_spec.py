@@ -8,7 +8,7 @@ from __future__ import annotations
 import xxhash
 
 from emulator import workload as wl
-from emulator.planner import EngineLimits, PlanRequest, Workload
+from emulator.planner import PlanRequest, Workload
 from emulator.planner.inputs import Dispatch
 from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
@@ -52,13 +52,10 @@ def _prefix_groups(spec: ClusterSpec, requests, shared: list[int]) -> list[int]:
 
 def plan_request(spec: ClusterSpec) -> PlanRequest:
     """The spec's deployment, engine limits and routing in the planner's terms."""
-    e = spec.engine
     return PlanRequest(
         model=spec.model, gpu=spec.gpu, tp=spec.tp, tp_link=spec.links.tp, kv_link=spec.links.kv_transfer,
         weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
         mode="disaggregated" if spec.disaggregated else "colocated",
         dispatch=dispatch(spec), cache_affinity=cache_affinity(spec),
-        engine=EngineLimits(max_num_batched_tokens=e.max_num_batched_tokens, max_num_seqs=e.max_num_seqs,
-                            block_size=e.block_size, gpu_memory_utilization=e.gpu_memory_utilization,
-                            activation_reserve_gb=e.activation_reserve_gb))
+        engine=spec.engine_config())
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 import msgspec
 
+from emulator.engine_config import EngineConfig
 from emulator.planner import dist
 from emulator.planner.errors import PlannerError
 
@@ -151,16 +152,6 @@ class Slo(msgspec.Struct, frozen=True, kw_only=True):
                 raise PlannerError(f"SLO {name} must be > 0 seconds (got {value})")
 
 
-class EngineLimits(msgspec.Struct, frozen=True, kw_only=True):
-    """The engine settings that change the numbers (the same defaults as workers/ and the spec)."""
-    max_num_batched_tokens: int = 8192  # vLLM V1 per-step token budget for online serving
-    max_num_seqs: int = 256             # vLLM default cap on running sequences
-    block_size: int = 16                # vLLM default KV block size (tokens)
-    gpu_memory_utilization: float = 0.9  # vLLM default share of HBM
-    activation_reserve_gb: float = 2.0  # see roofline.kv_pool_bytes_per_gpu
-    kv_wait_fraction: float = 0.01      # design 3b: at most 1% of requests may wait for KV blocks
-
-
 Mode = Literal["colocated", "disaggregated"]
 Dispatch = Literal["random", "round_robin", "jsq"]
 
@@ -185,7 +176,8 @@ class PlanRequest(msgspec.Struct, frozen=True, kw_only=True):
     # loaded), so every worker caches every prefix. Used with Workload.prefix_groups.
     cache_affinity: bool = True
     first_token_after_transfer: bool = False  # design 3b: False, the prefill worker emits token 1
-    engine: EngineLimits = msgspec.field(default_factory=EngineLimits)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)  # the settings that change the numbers
+    kv_wait_fraction: float = 0.01      # design 3b: at most 1% of requests may wait for KV blocks
 
     def __post_init__(self):
         if self.tp < 1:

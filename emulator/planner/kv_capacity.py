@@ -31,7 +31,7 @@ class KvState:
         return self.mean_tokens / self.pool_tokens
 
     def ok(self, ctx: Context) -> bool:
-        return self.wait_probability <= ctx.limits.kv_wait_fraction
+        return self.wait_probability <= ctx.req.kv_wait_fraction
 
 
 def state(ctx: Context, running: float, extra_tokens: float = 0.0) -> KvState:

@@ -151,7 +151,7 @@ def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean,
         point.violations.append("preemption")
     if not kv.ok(ctx):
         point.violations.append("kv_memory")
-    if kv_capacity.seq_cap_probability(ctx, batch) > ctx.limits.kv_wait_fraction:
+    if kv_capacity.seq_cap_probability(ctx, batch) > ctx.req.kv_wait_fraction:
         point.violations.append("max_num_seqs")
     if slo is not None:
         _check_slo(point, slo)

@@ -13,19 +13,22 @@ from collections.abc import Iterable
 
 import msgspec
 
+from emulator.engine_config import Role
 from emulator.sim.report import LatencyLog, Summary
-from emulator.spec import ClusterSpec, Role
+from emulator.spec import ClusterSpec
 from kvlab.wire.kv_events import KVEventBatch
 from kvlab.wire.openai_api import PRIORITY_CLASSES
-from router.policies.base import NoWorkerAvailable, RouteRequest, WorkerView
+from router.policies import routing
+from router.policies.base import Decision, NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.kv_index import KvIndex
 from router.policies.registry import NEEDS_TABLE, PolicySet, host_credit
+from router.policies.routing import Lease
 from router.policies.slo_ledger import PrefillLedger
 from router.policies.slo_table import from_spec as slo_table
 from workers.core.engine import EngineError, QueueFull, StepResult
-from workers.core.from_spec import build_engine
 from workers.core.request import RemotePrefill, SamplingParams
+from workers.spec_config import spec_engine
 
 INDEX_POLICIES = ("kv_aware", "pd_pair", "prefix_bounded", "slo_aware")
 
@@ -55,6 +58,12 @@ class SimWorker:
         self.usage_time = 0.0    # integral of KV usage over busy time
         self.steps = 0
 
+    def charge(self) -> None:   # routing.Lease: the router-side in-flight count the policies read
+        self.view.in_flight += 1
+
+    def release(self) -> None:
+        self.view.in_flight -= 1
+
 
 class Simulator:
     def __init__(self, spec: ClusterSpec, policy: str | None = None, settings: dict | None = None,
@@ -71,8 +80,9 @@ class Simulator:
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
         for slot in spec.worker_list():
-            self.workers[slot.id] = SimWorker(slot.id, slot.role, build_engine(spec, slot.pool, num_blocks))
+            self.workers[slot.id] = SimWorker(slot.id, slot.role, spec_engine(spec, slot.id, num_blocks))
             self.policies.add_worker(slot.id)
+        self._views = [w.view for w in self.workers.values()]
         self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}
         self.priorities = {t.name: PRIORITY_CLASSES[t.priority] for t in spec.tenants}   # as the router forces
         self._priority: dict[str, int] = {}   # requests of a non-zero priority class, until they finish
@@ -81,6 +91,7 @@ class Simulator:
         self._seq = itertools.count()
         self._pending_decode: dict[str, tuple[str, SamplingParams, list[int], str | None]] = {}
         self._prefill_of: dict[str, str] = {}   # P/D: request -> prefill worker holding its KV
+        self._leases: dict[str, Lease[SimWorker]] = {}   # request -> its in-flight charges, as the proxy holds
         self.now = 0.0
         self.overflow_skips = 0
         self._next_arrival = None
@@ -128,28 +139,33 @@ class Simulator:
         tokens = req.tokens   # a list or an int32 array; the engine and the router hash arrays directly
         record = self.log.arrive(req.request_id, req.arrival_s, len(tokens))
         salt = self.salts.get(req.tenant)
-        views = [w.view for w in self.workers.values()]
-        for w in self.workers.values():
-            view, engine = w.view, w.engine
-            view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
-        self.ledger.fill(views, self.now)
         try:
-            decision = self.policies.choose(RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt,
-                                                                     memo=self.hash_memo), views)
+            decision, self._leases[req.request_id] = self.route(tokens, salt)
         except NoWorkerAvailable:
             record.error = "no_worker"
             return
-        self.overflow_skips += decision.overflow_skips
+        steps = routing.plan(decision)
         params = SamplingParams(max_tokens=req.max_tokens)
         if self.priorities.get(req.tenant):
             self._priority[req.request_id] = self.priorities[req.tenant]
-        first = decision.prefill_worker if decision.prefill_worker not in (None, decision.worker) else decision.worker
-        if first != decision.worker:
-            self._pending_decode[req.request_id] = (decision.worker, params, tokens, salt)
+        if steps.decode is not None:
+            self._pending_decode[req.request_id] = (steps.decode, params, tokens, salt)
         record.worker = decision.worker
-        self._submit(self.workers[first], req.request_id, tokens, params, salt, None, record)
+        self._submit(self.workers[steps.first], req.request_id, tokens, params, salt, None, record)
         if record.error is None:
             self.ledger.sent(req.request_id, decision, len(tokens), self.now)
+
+    def route(self, tokens, salt: str | None = None) -> tuple[Decision, Lease[SimWorker]]:
+        """Choose a worker for a prompt and charge it, as the router's proxy does (router.policies.routing),
+        from the engines' load now; raises NoWorkerAvailable. The lease ends with each worker's part."""
+        for w in self.workers.values():
+            view, engine = w.view, w.engine
+            view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
+        self.ledger.fill(self._views, self.now)
+        route = RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt, memo=self.hash_memo)
+        decision = routing.choose(self.policies, route, self._views)
+        self.overflow_skips += decision.overflow_skips
+        return decision, routing.charge(decision, self.workers.__getitem__)
 
     def _submit(self, worker: SimWorker, request_id: str, tokens: list[int], params: SamplingParams,
                 salt: str | None, remote: RemotePrefill | None, record) -> None:
@@ -159,8 +175,8 @@ class Simulator:
         except (QueueFull, EngineError) as exc:
             record.error = type(exc).__name__
             self._pending_decode.pop(request_id, None)
+            self._leases.pop(request_id).release_all()
             return
-        worker.view.in_flight += 1
         worker.routed += 1
         self._wake(worker, self.now)
 
@@ -210,14 +226,13 @@ class Simulator:
             self.ttft_predictions.append(pair)
 
     def _on_finished(self, worker: SimWorker, fin, result: StepResult) -> None:
-        worker.view.in_flight -= 1
+        self._leases[fin.request_id].release(worker)   # this worker's part is over
         self.ledger.ended(fin.request_id)
         record = self.log.records[fin.request_id]
         if fin.reason == "held":
             self._hand_off(worker, fin.request_id, result)
             return
-        record.done = True
-        self._priority.pop(fin.request_id, None)
+        self._done(fin.request_id)
         record.cached_tokens = max(record.cached_tokens, fin.cached_tokens)
         record.host_cached_tokens = max(record.host_cached_tokens, fin.host_cached_tokens)
 
@@ -227,11 +242,18 @@ class Simulator:
         first_token = next(t for rid, t in result.tokens if rid == request_id)
         if params.max_tokens <= 1:
             prefill.engine.release(request_id)
-            self.log.records[request_id].done = True
+            self._done(request_id)
             return
         self._prefill_of[request_id] = prefill.id
         self._submit(self.workers[decode_id], request_id, tokens, params, salt,
                      RemotePrefill(first_token=first_token), self.log.records[request_id])
+
+    def _done(self, request_id: str) -> None:
+        """The request is answered: any charge left (a decode the first token made unneeded) ends."""
+        self.log.records[request_id].done = True
+        self._priority.pop(request_id, None)
+        self._pending_decode.pop(request_id, None)
+        self._leases.pop(request_id).release_all()
 
     # -- results -----------------------------------------------------------------------------
     def summary(self, window: tuple[float, float] | None = None) -> Summary:

@@ -26,37 +26,21 @@ from router.forwarding.slo_tracking import SloTracker
 from router.forwarding.sse import Usage
 from router.forwarding.stream_session import StreamSession
 from router.forwarding.stream_sources import ColocatedSource, Source
+from router.forwarding.stream_timing import StreamTimings
 from router.forwarding.streaming import SSE_HEADERS, RelayResponse
 from router.forwarding.upstream import Upstream, UpstreamFailure, exhausted
 from router.frontdoor.job import Job
 from router.frontdoor.tokenize import PromptTokenizer
 from router.observability.metrics import RouterMetrics
+from router.policies import routing
 from router.policies.base import Decision, NoWorkerAvailable, RouteRequest
 from router.policies.registry import PolicySet
+from router.policies.routing import Lease
 from router.policies.slo_aware import SloUnmet
 from router.pool.worker_pool import Worker, WorkerPool
 
 WORKER_HEADER = "x-kvlab-worker"
 PREFILL_WORKER_HEADER = "x-kvlab-prefill-worker"
-
-
-class Lease:
-    """The in-flight charges of one attempt; each worker is released exactly once."""
-    __slots__ = ("workers",)
-
-    def __init__(self, workers: list[Worker]):
-        self.workers = workers
-        for worker in workers:
-            worker.charge()
-
-    def release(self, worker: Worker) -> None:
-        if worker in self.workers:
-            self.workers.remove(worker)
-            worker.release()
-
-    def release_all(self) -> None:
-        for worker in list(self.workers):
-            self.release(worker)
 
 
 class _UsageOnly(msgspec.Struct):
@@ -78,8 +62,12 @@ class Proxy:
         self.tokenizer = tokenizer
         self.on_finish = on_finish or (lambda job, completion, cached: None)
         self.estimate_hits = config.kv_events != "off"   # the KV index is fed, so it can estimate
-        self.timings = None   # router.forwarding.stream_timing.StreamTimings: TTFT/ITL of relayed streams
+        self._timings: StreamTimings | None = None   # TTFT/ITL of relayed streams, once someone watches
         self.slo = SloTracker(metrics, policies.table.time_scale if policies.table else 1.0)   # slo_aware's ledger
+
+    def time_streams(self, timings: StreamTimings) -> None:
+        """Give every stream from now on a clock from `timings` (the dashboard's TTFT/ITL feed)."""
+        self._timings = timings
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, route: RouteRequest, exclude: set[str], job: Job | None = None) -> Decision:
@@ -87,13 +75,9 @@ class Proxy:
         attempt) the decision time, tokenizing included, goes to the metrics."""
         started = time.perf_counter()
         views = self.pool.views()
-        if exclude:
-            views = [v for v in views if v.id not in exclude]
-        if (route.policy or self.policies.default) != "pd_pair" and self.pool.has_role("prefill"):
-            views = [v for v in views if v.role != "prefill"]   # a colocated policy must not pick them
         self.slo.fill(views)
         try:
-            decision = self.policies.choose(route, views)
+            decision = routing.choose(self.policies, route, views, exclude)
         except SloUnmet as unmet:
             raise ApiError(429, f"SLO cannot be met: {unmet}", type_="rate_limit_error", code="slo_unattainable",
                            headers={"Retry-After": "1"}) from None
@@ -108,8 +92,9 @@ class Proxy:
             self.metrics.overflow.labels(decision.policy).inc(decision.overflow_skips)
         return decision
 
-    def _charge(self, decision: Decision) -> Lease:
-        return Lease([self.pool[worker_id] for worker_id in decision.charged])   # chosen from the pool just now
+    def _charge(self, decision: Decision) -> tuple[Lease[Worker], routing.Plan]:
+        """The decision's charges, and its workers in order (chosen from the pool just now)."""
+        return routing.charge(decision, self.pool.__getitem__), routing.plan(decision)
 
     def failed(self, failure: UpstreamFailure, exclude: set[str], started: bool) -> None:
         """Account for a failed attempt; a worker's own 4xx ends the request with its answer."""
@@ -161,18 +146,18 @@ class Proxy:
         raise exhausted(last)
 
     async def _complete_once(self, job: Job, decision: Decision, first: bool) -> bytes:
-        lease = self._charge(decision)
-        workers = list(lease.workers)
+        lease, steps = self._charge(decision)
+        worker = self.pool[steps.first]
         try:
             body = job.body()
             self._sent_upstream(job, decision, first)
-            if len(workers) == 2:
-                return await self._complete_pd(job, lease, workers[0], workers[1], body)
-            return await self.upstream.post(workers[0].id, workers[0].endpoint(job.path), body)
+            if steps.decode is not None:
+                return await self._complete_pd(job, lease, self.pool[steps.decode], worker, body)
+            return await self.upstream.post(worker.id, worker.endpoint(job.path), body)
         finally:
             lease.release_all()
 
-    async def _complete_pd(self, job: Job, lease: Lease, decode: Worker, prefill: Worker, body: bytes) -> bytes:
+    async def _complete_pd(self, job: Job, lease: Lease[Worker], decode: Worker, prefill: Worker, body: bytes) -> bytes:
         try:
             answer, prefilled = await pd.prefill(self.upstream, prefill, job.path, body)
         finally:
@@ -196,7 +181,7 @@ class Proxy:
 
     def first_token(self, job: Job, worker_id: str, policy: str) -> None:
         """A stream's first token reached the client: settle its predicted TTFT against the actual."""
-        scale = self.timings.scale_of(worker_id) if self.timings else None
+        scale = self._timings.scale_of(worker_id) if self._timings else None
         self.slo.first_token(slo_key(job), worker_id, job.received, policy, scale)
 
     def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
@@ -209,7 +194,8 @@ class Proxy:
     # -- streaming -------------------------------------------------------------------------------
     async def stream(self, job: Job) -> RelayResponse:
         """Open the first attempt before answering, so a refusal can still get its own status code."""
-        session = StreamSession(self, job)
+        clock = self._timings.start(job.received) if self._timings else None
+        session = StreamSession(self, job, self.config.limits.max_attempts, clock)
         try:
             decision = await session.open()
         except BaseException:
@@ -220,19 +206,19 @@ class Proxy:
 
     async def open_source(self, job: Job, decision: Decision, path: str, body: bytes, relay: StreamRelay,
                           first: bool) -> Source:
-        lease = self._charge(decision)
-        workers = list(lease.workers)
+        lease, steps = self._charge(decision)
+        worker = self.pool[steps.first]
         try:
             self._sent_upstream(job, decision, first)
-            if len(workers) == 2:
-                return await self._open_pd(lease, workers[0], workers[1], path, body, relay)
-            stream = await self.upstream.open_stream(workers[0].id, workers[0].endpoint(path), body)
+            if steps.decode is not None:
+                return await self._open_pd(lease, self.pool[steps.decode], worker, path, body, relay)
+            stream = await self.upstream.open_stream(worker.id, worker.endpoint(path), body)
         except BaseException:
             lease.release_all()
             raise
-        return ColocatedSource(stream, workers[0], rewrite=relay.started, release=lease.release)
+        return ColocatedSource(stream, worker, rewrite=relay.started, release=lease.release)
 
-    async def _open_pd(self, lease: Lease, decode: Worker, prefill: Worker, path: str, body: bytes,
+    async def _open_pd(self, lease: Lease[Worker], decode: Worker, prefill: Worker, path: str, body: bytes,
                        relay: StreamRelay) -> Source:
         try:
             answer, _ = await pd.prefill(self.upstream, prefill, path, body)

@@ -7,28 +7,43 @@ event and [DONE] when no attempt is left.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvlab.wire.openai_api import ApiError
 from router.forwarding.relay import BadEvent, StreamRelay
 from router.forwarding.stream_sources import Source
+from router.forwarding.stream_timing import StreamClock
 from router.forwarding.upstream import UpstreamFailure, WorkerRefused, exhausted
 from router.frontdoor.job import PATHS, Job
+from router.frontdoor.tokenize import PromptTokenizer
 from router.policies.base import Decision, RouteRequest
 
-if TYPE_CHECKING:
-    from router.forwarding.proxy import Proxy
+
+class Attempts(Protocol):
+    """What a session asks of the forwarder that opened it (router.forwarding.proxy.Proxy)."""
+    tokenizer: PromptTokenizer
+
+    def route(self, route: RouteRequest, exclude: set[str], job: Job | None = None) -> Decision: ...
+
+    async def open_source(self, job: Job, decision: Decision, path: str, body: bytes, relay: StreamRelay,
+                          first: bool) -> Source: ...
+
+    def failed(self, failure: UpstreamFailure, exclude: set[str], started: bool) -> None: ...
+
+    def first_token(self, job: Job, worker_id: str, policy: str) -> None: ...
+
+    def account(self, job: Job, policy: str, completion: int, cached: int) -> None: ...
 
 
 class StreamSession:
     """One streaming request: its attempts, the current source, and the relay that stitches them."""
 
-    def __init__(self, proxy: Proxy, job: Job):
+    def __init__(self, proxy: Attempts, job: Job, max_attempts: int, clock: StreamClock | None = None):
         self.proxy = proxy
         self.job = job
         self.relay = StreamRelay(job, proxy.tokenizer)
-        self.clock = proxy.timings.start(job.received) if proxy.timings else None
-        self.limit = proxy.config.limits.max_attempts
+        self.clock = clock   # the stream's TTFT/ITL for the dashboard, when one watches
+        self.limit = max_attempts
         self.used = 0
         self.exclude: set[str] = set()
         self.last: UpstreamFailure | None = None

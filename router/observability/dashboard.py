@@ -3,7 +3,7 @@
 ``mount_dashboard(app, router)`` wires three feeds into one ``ClusterView`` (router.observability.cluster_view):
 - every ``/load`` body the pool's health probe reads (``WorkerPool.load_hooks``): no extra polling;
 - the router's own Prometheus counters, sampled at most once per ``interval_s``;
-- TTFT/ITL of relayed streams (``Proxy.timings``), also exported as router histograms so Grafana can
+- TTFT/ITL of relayed streams (``Proxy.time_streams``), also exported as router histograms so Grafana can
   show what clients see next to what the workers measure.
 
 A history point is recorded when a probe or a ``/cluster`` request finds the last one
@@ -97,7 +97,7 @@ class Observatory:
                               "Inter-token latency of relayed streams (emulated seconds)",
                               buckets=ITL_BUCKETS, registry=registry)
         router.pool.load_hooks.append(self.on_load)
-        router.proxy.timings = StreamTimings(self, self.view.time_scale)
+        router.proxy.time_streams(StreamTimings(self, self.view.time_scale))
 
     # -- feeds -----------------------------------------------------------------------------------
     def on_load(self, worker_id: str, body: bytes) -> None:

@@ -7,17 +7,16 @@ that worker's part of the request ends. Load-aware policies read those counts on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
 import msgspec
 import numpy as np
 import xxhash
 
+from emulator.engine_config import Role
 from kvlab.wire.block_hash import DEFAULT_BLOCK_SIZE, BlockHash, root_hash, token_bytes
 from router.policies.hash_memo import BlockHashMemo
 from router.policies.lazy_hashes import LazyBlockHashes
-
-Role = Literal["both", "prefill", "decode"]
 
 
 class NoWorkerAvailable(RuntimeError):

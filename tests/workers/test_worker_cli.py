@@ -25,7 +25,8 @@ def test_flags_become_the_worker_config():
         "--kv-events-endpoint", "tcp://127.0.0.1:5557"))
     assert port == 9001
     assert (config.model, config.gpu, config.tp, config.role) == ("Llama-3.1-70B", "H200", 2, "decode")
-    assert (config.kv_link, config.num_blocks, config.max_waiting, config.time_scale) == ("RoCE-400G", 512, 8, 2.0)
+    assert (config.kv_link, config.time_scale, config.engine.num_blocks, config.engine.max_waiting) == (
+        "RoCE-400G", 2.0, 512, 8)
     assert config.accepted_models == {"llama-70b", "Llama-3.1-70B", "a", "b"}
     assert config.worker_id == "decode-9001" and config.kv_events_endpoint == "tcp://127.0.0.1:5557"
 
@@ -33,13 +34,15 @@ def test_flags_become_the_worker_config():
 def test_defaults_without_flags():
     config, port = cli.config_from_args(parse())
     assert port == cli.DEFAULT_PORT
-    assert (config.model, config.gpu, config.role, config.num_blocks) == ("Llama-3.1-8B", "H100-SXM", "both", None)
+    assert (config.model, config.gpu, config.role) == ("Llama-3.1-8B", "H100-SXM", "both")
+    assert config.engine.num_blocks is None
 
 
 def test_spec_slot_sets_the_config_and_given_flags_override_it():
     config, port = cli.config_from_args(parse("--spec", "tiny-test", "--worker-id", "both-1", "--time-scale", "3"))
     assert port == 18101 and config.worker_id == "both-1"
-    assert (config.max_model_len, config.max_num_seqs, config.max_num_batched_tokens) == (8192, 64, 2048)
+    e = config.engine
+    assert (e.role, e.max_model_len, e.max_num_seqs, e.max_num_batched_tokens) == ("both", 8192, 64, 2048)
     assert config.time_scale == 3.0
     with pytest.raises(ValueError, match="no worker"):
         cli.config_from_args(parse("--spec", "tiny-test", "--worker-id", "nope-0"))

@@ -19,9 +19,13 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kvlab.wire.block_hash import BlockHash
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEvent
+
+if TYPE_CHECKING:
+    from workers.core.request import Request
 
 GPU, CPU = "GPU", "CPU"   # vLLM's medium names (vllm.v1.kv_offload.mediums)
 
@@ -119,7 +123,7 @@ class HostTier:
 class BlockManager:
     """Owns every KV block; the scheduler asks it questions and never touches blocks itself."""
 
-    def __init__(self, num_blocks: int, block_size: int = 16, eviction: str = "lru", host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, eviction: str = "lru", host_blocks: int = 0):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         if host_blocks < 0:
@@ -344,3 +348,16 @@ class BlockManager:
         self.demotions += len(hashes)
         for h in dropped:
             self._note(BlockRemoved, CPU, h)
+
+
+def cache_computed_blocks(blocks: BlockManager, req: Request) -> None:
+    """Put the request's newly computed full blocks in the prefix cache, hashing them on first need
+    (the engine step and the fast-forward of a steady decode batch both call this)."""
+    full = req.num_computed // blocks.block_size
+    if full <= req.num_cached_blocks:
+        return
+    req.extend_hashes(blocks.block_size)
+    bs, first = blocks.block_size, req.num_cached_blocks
+    parent = req.hashes[first - 1] if first else None
+    blocks.cache_blocks(req.block_ids[first:full], req.hashes[first:full], parent, req.tokens[first * bs:full * bs])
+    req.num_cached_blocks = full

@@ -11,31 +11,15 @@ import math
 import msgspec
 import numpy as np
 
+from emulator.engine_config import ROLES, EngineConfig
 from emulator.physics import roofline, steptime
 from emulator.physics.catalog import Link
 from kvlab.wire.kv_events import KVEvent
 from workers.core import output
-from workers.core.block_manager import BlockManager
+from workers.core.block_manager import BlockManager, cache_computed_blocks
 from workers.core.fast_forward import fast_forward
 from workers.core.request import RemotePrefill, Request, SamplingParams, Status
-from workers.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-
-ROLES = ("both", "prefill", "decode")
-
-
-class EngineConfig(msgspec.Struct, kw_only=True):
-    role: str = "both"
-    block_size: int = 16                  # vLLM default KV block size
-    gpu_memory_utilization: float = 0.9   # vLLM default fraction of HBM the engine may use
-    activation_reserve_gb: float = 2.0    # see roofline.kv_pool_bytes_per_gpu
-    num_blocks: int | None = None         # override the pool size (tests, small experiments)
-    eviction: str = "lru"
-    host_kv_gb: float = 0.0               # host memory for evicted KV blocks (0: no host tier), over swap_link
-    enable_prefix_caching: bool = True    # vLLM V1 default
-    max_model_len: int | None = None      # defaults to the model's context length
-    eos_probability: float = 0.0          # worker-wide default EOS chance per token (0: exactly max_tokens)
-    hold_timeout_s: float = 60.0          # prefill role: free held KV nobody pulled after this long
-    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+from workers.core.scheduler import Scheduler, SchedulerOutput
 
 
 class EngineError(ValueError):
@@ -123,7 +107,7 @@ class Engine:
         self.kv_per_token_gpu = roofline.kv_bytes_per_token_per_gpu(deployment)
         self.blocks = BlockManager(self._pool_blocks(), self.config.block_size, self.config.eviction,
                                    host_blocks=self._host_blocks())
-        self.scheduler = Scheduler(self.config.scheduler, self.blocks)
+        self.scheduler = Scheduler(self.config, self.blocks)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, float] = {}     # prefill role: request id -> hold expiry
         self._link_free_at = 0.0             # decode role: transfers share one NIC per GPU, in order
@@ -151,8 +135,8 @@ class Engine:
         if remote is not None and params.max_tokens < 2:
             raise EngineError("a remote-prefill request needs max_tokens >= 2: its first token came from "
                               "the prefill worker")
-        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
-            raise QueueFull(f"waiting queue is full ({self.config.scheduler.max_waiting} requests)")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"waiting queue is full ({self.config.max_waiting} requests)")
         if params.eos_probability == 0.0 and self.config.eos_probability:
             params.eos_probability = self.config.eos_probability
         req = Request(request_id, prompt, params, now, priority, salt, remote)
@@ -275,7 +259,8 @@ class Engine:
 
     def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
         req.num_computed += num_new
-        self._cache_computed_blocks(req)
+        if self.config.enable_prefix_caching:
+            cache_computed_blocks(self.blocks, req)
         if req.num_computed < len(req.tokens):
             return  # a prefill chunk that did not reach the end of the prompt
         token, reason = output.sample(req)
@@ -289,17 +274,6 @@ class Engine:
             reason = "held"  # the first token is ours; the rest is the decode worker's
         if reason is not None:
             self._finish(req, reason, end, result)
-
-    def _cache_computed_blocks(self, req: Request) -> None:
-        full = req.num_computed // self.blocks.block_size
-        if full <= req.num_cached_blocks or not self.config.enable_prefix_caching:
-            return
-        req.extend_hashes(self.blocks.block_size)
-        bs, first = self.blocks.block_size, req.num_cached_blocks
-        parent = req.hashes[first - 1] if first else None
-        self.blocks.cache_blocks(req.block_ids[first:full], req.hashes[first:full], parent,
-                                 req.tokens[first * bs:full * bs])
-        req.num_cached_blocks = full
 
     def _finish(self, req: Request, reason: str, end: float, result: StepResult) -> None:
         self.scheduler.running.remove(req)

@@ -13,6 +13,7 @@ import numpy as np
 
 from emulator.physics import roofline, steptime
 from workers.core import output
+from workers.core.block_manager import cache_computed_blocks
 
 
 def fast_forward(engine, now: float, until: float):
@@ -81,7 +82,8 @@ def _advance(engine, now: float, ends: np.ndarray, steps: int):
             tokens.append((req.request_id, prev))
         token_times.extend(times)
         req.num_computed += steps
-        engine._cache_computed_blocks(req)
+        if engine.config.enable_prefix_caching:
+            cache_computed_blocks(engine.blocks, req)
     duration = times[-1] - now
     return StepResult(start=now, duration=duration, bound="memory" if duration else "", tokens=tokens,
                       token_times=token_times, finished=[], events=engine.blocks.take_events(),

@@ -12,16 +12,9 @@ import math
 
 import msgspec
 
+from emulator.engine_config import EngineConfig
 from workers.core.block_manager import BlockManager
 from workers.core.request import Request, Status
-
-
-class SchedulerConfig(msgspec.Struct, kw_only=True):
-    max_num_batched_tokens: int = 8192   # vLLM V1 default token budget per step for online serving
-    max_num_seqs: int = 256              # vLLM default cap on sequences in a batch
-    max_waiting: int = 1024              # bounded queue: beyond it the server answers 503
-    policy: str = "fcfs"                 # "fcfs" or "priority" (lower value first)
-    preemption: str = "recompute"        # "recompute" or "swap"
 
 
 class ScheduledChunk(msgspec.Struct):
@@ -38,7 +31,7 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: EngineConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
         self.waiting: list[Request] = []
@@ -52,7 +45,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
-        if self.config.policy == "priority":
+        if self.config.scheduling_policy == "priority":
             keys = [(r.priority, r.arrival) for r in self.waiting]
             self.waiting.insert(bisect.bisect_right(keys, (req.priority, req.arrival)), req)
         else:
@@ -102,7 +95,7 @@ class Scheduler:
 
     def _enter_running(self, req: Request) -> None:
         req.status = Status.RUNNING
-        if self.config.policy == "priority":
+        if self.config.scheduling_policy == "priority":
             keys = [(r.priority, r.arrival) for r in self.running]
             self.running.insert(bisect.bisect_right(keys, (req.priority, req.arrival)), req)
         else:

@@ -198,10 +198,10 @@ rates = [2.0]
 def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(tmp_path: Path):
     from emulator.planner import cli as planner_cli
     from emulator.planner import context
+    from emulator.sim.simulator import Simulator
     from emulator.spec import load_spec
     from workers.cli import config_from_args
     from workers.config import build_engine
-    from workers.core import from_spec
     from workers.core.request import SamplingParams
 
     calibrated = msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5)
@@ -216,7 +216,7 @@ def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(t
     worker_args = cli.build_parser().parse_args(["worker", "--spec", str(spec_path), "--worker-id",
                                                  spec.worker_list()[0].id])
     worker = build_engine(config_from_args(worker_args)[0])        # what `kvlab up` starts
-    simulated = from_spec.build_engine(spec, spec.pools[0])        # what `kvlab sim` steps
+    simulated = Simulator(spec).workers[spec.worker_list()[0].id].engine   # what `kvlab sim` steps
     plan_args = cli.build_parser().parse_args(["plan", "--spec", str(spec_path)])
     req, workload, _, _ = planner_cli._inputs(plan_args)
     planned = context.build(req, workload, planner_cli._catalog(plan_args))   # what `kvlab plan` plans with

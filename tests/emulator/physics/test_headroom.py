@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from emulator.engine_config import EngineConfig
 from emulator.physics import roofline as r
 from emulator.physics.catalog import builtin_catalog
 from router.observability.cluster_view import HIT_RATE_DEFINITION, ClusterView, LoadSnapshot, Member
-from workers.core.engine import Engine, EngineConfig
+from workers.core.engine import Engine
 from workers.core.request import SamplingParams
-from workers.core.scheduler import SchedulerConfig
 
 CAT = builtin_catalog()
 DEP = r.Deployment(model=CAT.model("Llama-3.1-8B"), gpu=CAT.gpu("H100-SXM"))
@@ -18,7 +18,7 @@ DEP = r.Deployment(model=CAT.model("Llama-3.1-8B"), gpu=CAT.gpu("H100-SXM"))
 
 def decode_run(batch: int, *, until: float | None) -> tuple[list, float]:
     """`batch` short prompts decoding 200 tokens each: (results, emulated seconds)."""
-    e = Engine(DEP, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=64)))
+    e = Engine(DEP, EngineConfig(max_num_seqs=64))
     for i in range(batch):
         e.add_request(f"r{i}", list(range(i * 1000, i * 1000 + 64)), SamplingParams(max_tokens=200), 0.0)
     results, now = [], 0.0

@@ -70,7 +70,7 @@ def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(c
     from emulator.planner import context, prefill
     from emulator.spec import example_spec_path, load_spec
     from loadtests import planner_bridge
-    from workers.core.from_spec import build_engine
+    from workers.spec_config import spec_engine
     (tmp_path / "slow.toml").write_text(
         '[[gpu]]\nname = "H100-SXM"\nbf16_tflops = 989.4\nfp8_tflops = 1978.9\nhbm_gb = 80.0\nhbm_tb_s = 3.35\n'
         'compute_efficiency = 0.35\nbandwidth_efficiency = 0.45\nlayer_overhead_us = 8.0\n'
@@ -95,6 +95,6 @@ def test_plan_from_a_spec_reads_its_catalog_and_sees_the_simulators_step_times(c
     req, work, _, _ = planner_cli._inputs(args)
     catalog = planner_cli._catalog(args)
     ctx = context.build(req, work, catalog)
-    engine = build_engine(spec, spec.pools[0].name)
+    engine = spec_engine(spec, spec.worker_list()[0].id)
     shape = roofline.BatchShape().add(2048, 0)
     assert prefill.step_with(ctx, 0, 2048, 0, True).seconds == roofline.step_time(engine.dep, shape).seconds

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from emulator import planner
-from emulator.planner import EngineLimits, LengthDist, PlanRequest, Slo, Workload, colocated, context, decode
+from emulator.engine_config import EngineConfig
+from emulator.planner import LengthDist, PlanRequest, Slo, Workload, colocated, context, decode
 from emulator.spec import parse_spec
 from loadtests import sim_curve
 
@@ -37,7 +38,7 @@ output_len = { median = 256, sigma = 0 }
 
 
 def small_chunk_inputs():
-    req = PlanRequest(model="Llama-3.1-8B", gpu="H100-SXM", engine=EngineLimits(max_num_batched_tokens=512))
+    req = PlanRequest(model="Llama-3.1-8B", gpu="H100-SXM", engine=EngineConfig(max_num_batched_tokens=512))
     work = Workload(rate=1.0, prompt=LengthDist.fixed(1024), output=LengthDist.fixed(256))
     return req, work, Slo(ttft_p99=0.2, itl_p99=0.025)
 

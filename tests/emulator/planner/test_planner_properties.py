@@ -54,11 +54,11 @@ SOME = settings(max_examples=12, deadline=None, suppress_health_check=[HealthChe
 
 def drawn_context(dep, prompt, sigma, output, budget, seqs):
     model, tp, mode = dep
-    from emulator.planner import EngineLimits
+    from emulator.engine_config import EngineConfig
     w = Workload(rate=1.0, prompt=LengthDist(p50=prompt, sigma=sigma, max=16000),
                  output=LengthDist(p50=output, sigma=0.6, max=2000))
     req = PlanRequest(model=model, gpu="H100-SXM", tp=tp, mode=mode,
-                      engine=EngineLimits(max_num_batched_tokens=budget, max_num_seqs=seqs))
+                      engine=EngineConfig(max_num_batched_tokens=budget, max_num_seqs=seqs))
     try:
         return context.build(req, w)
     except PlannerError:

@@ -15,7 +15,7 @@ import pytest
 from router.observability.cluster_view import ClusterView, LoadSnapshot, Member
 from tests.background_load import BackgroundLoad
 from tests.router_fixtures import MODEL, start_router  # noqa: F401  (fixture)
-from workers.config import WorkerConfig, build_engine
+from workers.config import build_engine, worker_config
 from workers.core.request import SamplingParams
 
 ME = [Member(id="w0")]
@@ -25,7 +25,7 @@ class EngineRun:
     """One engine under a closed loop of `concurrency` requests; `make(rng)` -> (prompt, max_tokens)."""
 
     def __init__(self, make, concurrency: int, seed: int = 0):
-        self.engine = build_engine(WorkerConfig(num_blocks=4096))
+        self.engine = build_engine(worker_config(num_blocks=4096))
         self.make = make
         self.rng = random.Random(seed)
         self.view = ClusterView(window_s=1.0)

@@ -1,19 +1,18 @@
 """Behaviour of the pure engine: batching, prefix reuse, preemption, roles, timing from the roofline."""
 import pytest
 
+from emulator.engine_config import EngineConfig
 from emulator.physics import roofline as r
 from emulator.physics.catalog import builtin_catalog
-from workers.core.engine import Engine, EngineConfig, EngineError, QueueFull
+from workers.core.engine import Engine, EngineError, QueueFull
 from workers.core.request import RemotePrefill, SamplingParams
-from workers.core.scheduler import SchedulerConfig
 
 CAT = builtin_catalog()
 DEP = r.Deployment(model=CAT.model("Llama-3.1-8B"), gpu=CAT.gpu("H100-SXM"))
 
 
 def engine(**kw) -> Engine:
-    sched = {k: kw.pop(k) for k in list(kw) if k in SchedulerConfig.__struct_fields__}
-    return Engine(DEP, EngineConfig(scheduler=SchedulerConfig(**sched), **kw), kv_link=CAT.link("InfiniBand-NDR"),
+    return Engine(DEP, EngineConfig(**kw), kv_link=CAT.link("InfiniBand-NDR"),
                   swap_link=CAT.link("PCIe-Gen5"))
 
 

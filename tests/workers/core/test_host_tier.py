@@ -3,16 +3,17 @@ with their medium, per-tier hit counters and metrics, and the router credit deri
 import msgspec
 import pytest
 
+from emulator.engine_config import EngineConfig
 from emulator.physics import roofline as r
 from emulator.physics import steptime
 from emulator.physics.catalog import builtin_catalog
 from emulator.sim.simulator import Simulator
 from emulator.spec import load_spec
 from kvlab.wire.kv_events import BlockRemoved, BlockStored, KVEventBatch, decode_batch, encode_batch
-from workers.core.engine import Engine, EngineConfig
-from workers.core.from_spec import build_engine
+from workers.core.engine import Engine
 from workers.core.request import SamplingParams
 from workers.metrics import WorkerMetrics
+from workers.spec_config import spec_engine
 
 CAT = builtin_catalog()
 DEP = r.Deployment(model=CAT.model("Llama-3.1-8B"), gpu=CAT.gpu("H100-SXM"))
@@ -40,7 +41,8 @@ def serve(e: Engine, rid: str, prompt: list[int], now: float):
 
 
 def test_default_spec_has_no_host_tier():
-    assert build_engine(load_spec("default"), "both").blocks.host is None
+    spec = load_spec("default")
+    assert spec_engine(spec, spec.worker_list()[0].id).blocks.host is None
 
 
 def test_evicted_prefix_is_onboarded_from_host_not_recomputed():
