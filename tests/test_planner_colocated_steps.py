@@ -44,7 +44,7 @@ def test_mixed_steps_spread_at_least_as_the_decode_only_steps_do(ctx, point):
     steps' (it was nil: every mixed step at the mean packing, ITL p99 9.4 ms where the engine's is 10.2)."""
     from emulator.planner import decode
     mixed = colocated._mixed_spread(ctx, point)
-    steady = decode.decode_only_gaps(ctx, point.batch)
+    steady = decode.decode_only_gaps(ctx, point.batch, point.running)
     assert mixed.quantile(0.99) - mixed.quantile(0.5) >= 0.95 * (steady.quantile(0.99) - steady.quantile(0.5))
     chunk_steps = prefill.profile(ctx, int(round(point.batch))).chunks.seconds
     assert mixed.quantile(0.99) > chunk_steps.max()     # decodes above the mean batch lengthen the costliest chunk

@@ -32,6 +32,7 @@ class ColocatedPoint:
     mixed_steps: dist.Points  # durations of steps that carry prefill
     stable: bool
     limit: str                # what saturates when unstable: "compute" or "bandwidth" (else "")
+    running: dist.Points | None = None  # law of the number of decodes running (`decode.running_law`)
 
 
 def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
@@ -99,8 +100,9 @@ def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
     itl = _mean_itl(ctx, rate, workers, b)
     share = q.busy / _packed_step(ctx, prof, q.packed) * itl if math.isfinite(itl) else 1.0
     limit = "" if stable else _limit(ctx, q, b)
+    running = decode.running_law(ctx, per_worker, lambda n: _state_itl(ctx, rate, workers, n)) if stable else None
     return ColocatedPoint(rate=per_worker, batch=b, itl_mean=itl, mixed_share=min(1.0, share), queue=q,
-                          mixed_steps=mixed, stable=stable, limit=limit)
+                          mixed_steps=mixed, stable=stable, limit=limit, running=running)
 
 
 def slot_wait(ctx: Context, rate: float, workers: int = 1) -> dist.Points | None:
@@ -118,7 +120,7 @@ def _limit(ctx: Context, q: prefill_queue.PrefillQueue, b: float) -> str:
 
 def gaps(ctx: Context, point: ColocatedPoint) -> dist.Points:
     """All inter-token gaps: decode-only steps (over the batch sizes a token sees) and mixed steps."""
-    steady = decode.decode_only_gaps(ctx, point.batch)
+    steady = decode.decode_only_gaps(ctx, point.batch, point.running)
     mixed = _mixed_spread(ctx, point) if point.stable else point.mixed_steps
     return dist.mixture([(1.0 - point.mixed_share, steady), (point.mixed_share, mixed)])
 
@@ -148,7 +150,7 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
         others = sizes if others is None else dist.outer_sum(others, sizes)
         parts.append((p_k, _led_by_each_chunk(ctx, prof, others)))
     steps = dist.rebin(dist.mixture(parts))
-    return dist.outer_sum(steps, _decode_spread(ctx, point.batch, prof.decodes))
+    return dist.outer_sum(steps, _decode_spread(ctx, point, prof.decodes))
 
 
 def _led_by_each_chunk(ctx: Context, prof: prefill.PrefillProfile, others: dist.Points) -> dist.Points:
@@ -171,10 +173,10 @@ def _led_by_each_chunk(ctx: Context, prof: prefill.PrefillProfile, others: dist.
     return dist.Points(values, weights)
 
 
-def _decode_spread(ctx: Context, batch: float, decodes: int) -> dist.Points:
+def _decode_spread(ctx: Context, point: ColocatedPoint, decodes: int) -> dist.Points:
     """How much a step's decode part differs from `decodes` sequences at the mean context: over the
     batch sizes a token sees (itself included) and their total context (`decode.decode_only_gaps`)."""
-    gaps = decode.decode_only_gaps(ctx, batch)
+    gaps = decode.decode_only_gaps(ctx, point.batch, point.running)
     base = decode.step_seconds(ctx, max(decodes, 1))
     return dist.Points(gaps.values - base, gaps.weights)
 
