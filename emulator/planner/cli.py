@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--headroom", type=number(minimum=1.0, inclusive=True), default=1.0,
                       help="size for rate x this (>= 1)")
     plan.add_argument("--redundancy", type=number(int, inclusive=True), default=0, help="spare workers per pool (N+k)")
+    plan.add_argument("--availability", type=number(minimum=0.0), default=None,
+                      help="target availability per pool, e.g. 0.999: spares from GPU failures (at least --redundancy)")
+    plan.add_argument("--gpu-failures-per-hour", type=number(minimum=0.0, inclusive=True), default=None,
+                      help="per-GPU failure rate (default: the Llama 3 paper's, 1.97e-5)")
+    plan.add_argument("--repair-hours", type=number(minimum=0.0, inclusive=True), default=None,
+                      help="mean time to repair a failed GPU (default 24)")
     plan.add_argument("--dispatch", choices=("random", "round_robin", "jsq"),
                       help="how the router spreads load (queueing model; default from the spec's router, else random)")
     plan.add_argument("--curve", action="store_true", help="also print the predicted latency-throughput curve")
@@ -134,7 +140,9 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
                       mode=pick("mode", "colocated"), kv_link=pick("kv_link", "InfiniBand-NDR"),
                       tp_link=base.get("tp_link"), weight_dtype=pick("weight_dtype", "bf16"),
                       kv_dtype=pick("kv_dtype", "bf16"), price_per_gpu_hour=args.price or 0.0, headroom=args.headroom,
-                      redundancy=args.redundancy, dispatch=pick("dispatch", "random"),
+                      redundancy=args.redundancy, availability=args.availability,
+                      gpu_failures_per_hour=args.gpu_failures_per_hour, repair_hours=args.repair_hours,
+                      dispatch=pick("dispatch", "random"),
                       cache_affinity=base.get("cache_affinity", True), engine=engine)
     rate = args.rate or base.get("rate", 1.0)
     if "workload" in base and not any(getattr(args, f, None) is not None for f in _WORKLOAD_FLAGS):
@@ -229,8 +237,10 @@ def _render_capacity(c) -> str:
 
 
 def _render_plan(p, w) -> str:
+    spares = sorted({pool.spares for pool in p.pools})
     rows = [f"Plan for {p.target_rate:g} req/s (sized for {p.sized_rate:g}: headroom {p.headroom:g}, "
-            f"N+{p.redundancy})",
+            + (f"N+{spares[0]})" if len(spares) == 1 else
+               "spares " + ", ".join(f"{pool.role} N+{pool.spares}" for pool in p.pools) + ")"),
             f"  {'pool':<10} {'workers':>7} {'GPUs':>5} {'C_max/worker':>13} {'usable/worker':>14}  binds"]
     rows += [f"  {pool.role:<10} {pool.workers:>7} {pool.gpus:>5} {pool.max_rate_per_worker:>13,.2f} "
              f"{pool.usable_rate_per_worker:>14,.2f}  {pool.binding}" for pool in p.pools]

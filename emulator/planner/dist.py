@@ -81,7 +81,7 @@ def rebin(pts: Points) -> Points:
     if len(pts.values) <= len(LEVEL_EDGES) * 2:
         return pts
     order = np.argsort(pts.values, kind="stable")
-    return _bin_pmf(pts.values[order], pts.weights[order])
+    return bin_pmf(pts.values[order], pts.weights[order])
 
 
 def _bins() -> list[tuple[float, float]]:
@@ -159,14 +159,14 @@ def poisson(mean: float, dispersion: float = 1.0) -> Points:
     k = np.arange(k_max + 1, dtype=float)
     log_pmf = k * math.log(mean) - mean - np.array([math.lgamma(i + 1) for i in k])
     pmf = np.exp(log_pmf)
-    pts = _bin_pmf(k, pmf / pmf.sum())
+    pts = bin_pmf(k, pmf / pmf.sum())
     if dispersion != 1.0:
         stretched = mean + math.sqrt(dispersion) * (pts.values - mean)
         pts = Points(np.maximum(stretched, 0.0), pts.weights)
     return pts
 
 
-def _bin_pmf(k: np.ndarray, pmf: np.ndarray) -> Points:
+def bin_pmf(k: np.ndarray, pmf: np.ndarray) -> Points:
     """Group a pmf into the quantile bins (splitting an atom across bins where it straddles them)."""
     cum_hi = np.cumsum(pmf)
     cum_lo = cum_hi - pmf

@@ -168,6 +168,11 @@ class PlanRequest(msgspec.Struct, frozen=True, kw_only=True):
     price_per_gpu_hour: float = 0.0     # USD
     headroom: float = 1.0               # size for rate x headroom: bursts above the stated mean rate
     redundancy: int = 0                 # spare workers per pool (N+k): the plan survives k failures per pool
+    # Target availability per pool (e.g. 0.999): spares from GPU failures and repairs (`spares`), at least
+    # `redundancy`; None: `redundancy` alone. Defaults: the Llama 3 paper's failure rate, a day's repair.
+    availability: float | None = None
+    gpu_failures_per_hour: float | None = None
+    repair_hours: float | None = None
     # How the router spreads requests: "random" (load-blind, e.g. prefix hashing: M/G/1 per worker),
     # "round_robin" (cyclic: smoother arrivals per worker), "jsq" (least loaded: one M/G/c pool).
     dispatch: Dispatch = "random"
@@ -188,3 +193,9 @@ class PlanRequest(msgspec.Struct, frozen=True, kw_only=True):
             raise PlannerError(f"redundancy (spare workers per pool) must be >= 0 (got {self.redundancy})")
         if self.price_per_gpu_hour < 0:
             raise PlannerError("price_per_gpu_hour must be >= 0")
+        if self.availability is not None and not 0.0 < self.availability < 1.0:
+            raise PlannerError(f"availability must be in (0, 1) (got {self.availability})")
+        for name in ("gpu_failures_per_hour", "repair_hours"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise PlannerError(f"{name} must be a finite number >= 0 (got {value})")

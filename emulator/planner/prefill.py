@@ -176,10 +176,8 @@ def packing(ctx: Context, prof: PrefillProfile, per_worker: float, before: float
     if flow <= 0:
         return size, 0.0
 
-    def step_s(n: float) -> float:  # packed sizes rounded to whole KV blocks: close enough, and memoizable
-        blocks = ctx.limits.block_size
-        n = min(float(prof.budget), max(1.0, n))
-        return packed_step(ctx, prof.decodes, max(1, int(round(n / blocks)) * blocks)).seconds
+    def step_s(n: float) -> float:
+        return packed_step(ctx, prof.decodes, packed_tokens(ctx, prof, n)).seconds
 
     start = _truncated_mean(chunk_rate * before)
     t, n = step_s(size), size
@@ -192,6 +190,16 @@ def packing(ctx: Context, prof: PrefillProfile, per_worker: float, before: float
             break
         t = t_new
     return n, flow * step_s(n) / n
+
+
+def packed_tokens(ctx: Context, prof: PrefillProfile, n: float) -> int:
+    """A mean packing of n prefill tokens as a memoizable count: rounded to whole KV blocks (close
+    enough), but never past the step's budget. Rounding up past it costed a step the engine never
+    runs: with a 256-token budget beside 21 decodes, 235 tokens rounded to 240 put the step over a
+    GEMM tile boundary (8B, TP2: 11.0 ms instead of 9.4 ms), and the mean ITL and batch with it."""
+    blocks = ctx.limits.block_size
+    n = min(float(prof.budget), max(1.0, n))
+    return max(1, min(prof.budget, int(round(n / blocks)) * blocks))
 
 
 def _truncated_mean(mu: float) -> float:

@@ -7,7 +7,7 @@ C_max, on the worker count for sizing (the smallest count that passes, found by 
 Headroom and redundancy are applied explicitly, after the search:
   workers for rate x headroom (burst headroom: the mean rate is what the workload states; bursts
   above it, beyond what its CV already puts in the queueing terms, need spare throughput),
-  then + redundancy spares per pool (N+k: a plan that must survive k failed workers per pool).
+  then + spares per pool (N+k: `redundancy`, or what a target availability needs, see `spares`).
 """
 from __future__ import annotations
 
@@ -141,11 +141,24 @@ def size(ctx: Context, slo: Slo, rate: float) -> Sizing:
     if ctx.mode == "colocated":
         n = smallest_count(lambda c: not evaluate(ctx, Cluster(workers=c), sized, slo).violations)
         serving = Cluster(workers=n)
-        spares = Cluster(workers=n + ctx.req.redundancy)
+        spares = Cluster(workers=n + pool_spares(ctx, n))
     else:
         serving = _size_disaggregated(ctx, slo, sized)
-        spares = Cluster(prefill=serving.prefill + ctx.req.redundancy, decode=serving.decode + ctx.req.redundancy)
+        spares = Cluster(prefill=serving.prefill + pool_spares(ctx, serving.prefill),
+                         decode=serving.decode + pool_spares(ctx, serving.decode))
     return Sizing(cluster=spares, serving=serving, rate=sized, point=evaluate(ctx, serving, rate, slo))
+
+
+def pool_spares(ctx: Context, serving: int) -> int:
+    """Spare workers for a pool of `serving` workers: `redundancy`, or more where a target availability
+    needs more (emulator.planner.spares: N+k from GPU failures and repairs)."""
+    req = ctx.req
+    if req.availability is None:
+        return req.redundancy
+    from emulator.planner import spares
+    failures = spares.GPU_FAILURES_PER_HOUR if req.gpu_failures_per_hour is None else req.gpu_failures_per_hour
+    repair = spares.REPAIR_HOURS if req.repair_hours is None else req.repair_hours
+    return max(req.redundancy, spares.spares(serving, req.tp, req.availability, failures, repair))
 
 
 def _size_disaggregated(ctx: Context, slo: Slo, rate: float) -> Cluster:

@@ -1,0 +1,40 @@
+"""The simulator's C_max in the random-draw harness: a bracket across a knee is bisected before it is
+interpolated (log-linear interpolation across a knee lands next to the passing rate)."""
+import math
+
+import numpy as np
+
+from loadtests import planner_draws
+from loadtests.planner_draws import Draw, Run
+
+DRAW = Draw(index=0, model="Llama-3.1-8B", gpu="H100-SXM", tp=1, mode="colocated", budget=256, max_num_seqs=64,
+            mix={"chat": 1.0}, ttft_slo=0.24, itl_slo=1.0)
+KNEE = 20.0     # req/s: the synthetic TTFT p99 crosses 0.24 s at 19.0 req/s
+
+
+def synthetic(rate: float) -> Run:
+    """p99 TTFT of an M/M/1-like queue with its ceiling at KNEE: 0.012 / (1 - rate / KNEE), inf past it."""
+    p99 = 0.012 / (1 - rate / KNEE) if rate < KNEE else math.inf
+    values = np.full(200, p99) if math.isfinite(p99) else np.empty(0)
+    return Run(rate=rate, ttft=values, ttft_at=np.arange(values.size, dtype=float), gaps=np.full(200, 0.01),
+               gaps_at=np.arange(200, dtype=float), window=(0.0, 200.0))
+
+
+def test_a_bracket_across_the_knee_is_bisected_to_the_crossing(monkeypatch):
+    monkeypatch.setattr(planner_draws, "simulate", lambda spec, rate, requests: synthetic(rate))
+    planned = 18.0
+    runs = {f: synthetic(planned * f) for f in (0.9, 1.1, 1.25)}      # 16.2 passes, 19.8 and 22.5 fail
+    before = planner_draws._c_max([runs[f] for f in sorted(runs)], DRAW).rate
+    planner_draws._refine(None, DRAW, planned, runs, 100)
+    after = planner_draws._c_max([runs[f] for f in sorted(runs)], DRAW)
+    assert after.bound == "interpolated"
+    assert abs(after.rate / 19.0 - 1) < 0.02
+    assert before is None or abs(before / 19.0 - 1) > abs(after.rate / 19.0 - 1)
+
+
+def test_a_bracket_near_the_slo_is_left_as_it_is(monkeypatch):
+    calls = []
+    monkeypatch.setattr(planner_draws, "simulate", lambda spec, rate, requests: calls.append(rate))
+    runs = {0.9: synthetic(17.0), 1.1: synthetic(19.2)}               # 0.08 s, 0.30 s: within 25% of 0.24
+    planner_draws._refine(None, DRAW, 1.0, runs, 100)
+    assert not calls
