@@ -85,15 +85,17 @@ def check(ttft_halves: tuple[float, float], queue_halves: tuple[float | None, fl
           served_rps: float, ttft_slo: float, below_c_max: bool, served_tol: float = SERVED_TOLERANCE,
           queue_samples: int = 1_000_000) -> Stationarity:
     """Judge one window from its halves' p99 TTFT (emulated s), mean requests in the system, and its
-    sent and served rates. The served check applies below C_max only: above it nothing serves all."""
+    sent and served rates. Only a rate below C_max (one that meets the SLO) must be stationary: above it
+    the queue grows by definition, so drift there is the finding (overload), not a window too short,
+    and it is recorded in the flags without a note that would invalidate the run."""
     notes = []
     ttft_ok = halves_agree(*ttft_halves, TTFT_HALVES_REL, TTFT_HALVES_ABS_SLO * ttft_slo)
-    if not ttft_ok:
+    if not ttft_ok and below_c_max:
         notes.append(f"p99 TTFT of the window's halves differ: {_ms(ttft_halves[0])} vs {_ms(ttft_halves[1])} ms")
     qa, qb = queue_halves
     queue_ok = qa is None or qb is None or halves_agree(
         qa, qb, QUEUE_HALVES_REL, max(QUEUE_HALVES_ABS, queue_noise(qa, qb, queue_samples)))
-    if not queue_ok:
+    if not queue_ok and below_c_max:
         notes.append(f"requests in the system drift: {qa:.0f} in the first half, {qb:.0f} in the second")
     served_ok = True
     if below_c_max and sent_rps > 0:

@@ -11,7 +11,7 @@ steady-state simulator place the SLO crossing, then live rates bisect it until i
 5% (loadtests.steady.Bracket), after one rate well below it. Every rate is its own run from an idle
 cluster: a warm-up of 3 and a window of 10 mean request lifetimes at that rate (emulated; the
 simulator's mean end-to-end latency), unless --warmup/--duration give wall seconds. A point is marked
-(`!`) when a worker or the load generator lagged, or its window was not stationary.
+(`!`) when a worker or the load generator lagged, or a window below C_max was not stationary.
 """
 from __future__ import annotations
 

@@ -57,6 +57,13 @@ def test_stationary_window_passes_and_drifts_are_named():
     assert check((0.9, 0.95), (300.0, 310.0), 90.0, 80.0, ttft_slo=0.5, below_c_max=False).stationary
 
 
+def test_a_growing_queue_above_c_max_is_flagged_but_does_not_invalidate_the_run():
+    over = check((0.46, math.inf), (100.0, 400.0), 60.0, 55.0, ttft_slo=0.5, below_c_max=False)
+    assert not over.stationary and not over.notes   # overload is the finding there, not a short window
+    under = check((0.46, math.inf), (100.0, 400.0), 60.0, 55.0, ttft_slo=0.5, below_c_max=True)
+    assert not under.stationary and len(under.notes) == 3
+
+
 def test_served_tolerance_is_three_percent_unless_the_window_edges_are_noisier():
     assert served_tolerance(47.0, 3.3, 100.0) == SERVED_TOLERANCE      # ~150 in flight, 30 lifetimes
     # 10 lifetimes: 3 x sqrt(2 x 47 x 3.3) / (47 x 33) = 3.4%, the edges' own 3-sigma noise
