@@ -113,14 +113,20 @@ def stream_completion(url: str, body: dict, path: str = "/v1/completions", heade
     """(response, events): each event is the decoded JSON payload, or the string "[DONE]"."""
     events = []
     with httpx.stream("POST", url + path, json={**body, "stream": True}, headers=headers, timeout=timeout) as r:
-        buffer = b""
-        for part in r.iter_bytes():
-            buffer += part
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                data = event.removeprefix(b"data: ")
-                events.append("[DONE]" if data == b"[DONE]" else msgspec.json.decode(data))
+        for event in sse_frames(r):
+            data = event.removeprefix(b"data: ")
+            events.append("[DONE]" if data == b"[DONE]" else msgspec.json.decode(data))
     return r, events
+
+
+def sse_frames(response: httpx.Response):
+    """The raw SSE events of a streaming response, each as soon as its blank line arrives."""
+    buffer = b""
+    for part in response.iter_bytes():
+        buffer += part
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            yield event
 
 
 def stream_text(events: list) -> str:

@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from router.config import HealthConfig
-from tests.router_fixtures import MODEL, kill, start_router, stream_completion, stream_text  # noqa: F401 (fixture)
+from tests.router_fixtures import MODEL, kill, sse_frames, start_router, stream_completion, stream_text  # noqa: F401 (fixture)
 
 SLOW = {"time_scale": 4.0}   # ~30 ms a token on the wall clock: time to kill a worker mid-stream
 
@@ -32,15 +32,11 @@ def read_then_kill(router, workers, body, path, after_events=6):
     events, killed = [], None
     with httpx.stream("POST", router.url + path, json={**body, "stream": True}, timeout=30) as r:
         serving = r.headers["x-kvlab-worker"]
-        buffer = b""
-        for part in r.iter_bytes():
-            buffer += part
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                events.append(event)
-                if len(events) == after_events and killed is None:
-                    kill(by_id[serving])
-                    killed = serving
+        for event in sse_frames(r):
+            events.append(event)
+            if len(events) == after_events and killed is None:
+                kill(by_id[serving])
+                killed = serving
     return events, killed
 
 
@@ -184,15 +180,11 @@ def test_streams_on_a_worker_the_probe_marks_down_migrate_at_once_not_after_the_
     with httpx.stream("POST", router.url + "/v1/completions", timeout=60,
                       json={"model": MODEL, "prompt": prompt, "max_tokens": 60, "stream": True}) as r:
         serving = r.headers["x-kvlab-worker"]
-        buffer = b""
-        for part in r.iter_bytes():
-            buffer += part
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                arrivals.append((time.perf_counter(), event))
-                if len(arrivals) == 5 and frozen is None:
-                    freeze(by_id[serving], freeze_s)   # hung, not dead: its connections stay open
-                    frozen = serving
+        for event in sse_frames(r):
+            arrivals.append((time.perf_counter(), event))
+            if len(arrivals) == 5 and frozen is None:
+                freeze(by_id[serving], freeze_s)   # hung, not dead: its connections stay open
+                frozen = serving
     events = decode_events([e for _, e in arrivals])
     assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
     survivor = next(w for w in workers if w.config.worker_id != frozen)
