@@ -97,6 +97,8 @@ class RouterSpec(_Section):
     max_input_tokens: int | None = None    # None: no router-side cap (workers still refuse > max_model_len)
     max_tokens_limit: int | None = None    # None: no router-side cap on max_tokens
     shedding: bool = True                  # Little's-law load shedding against the TTFT SLO
+    processes: int | None = None           # router processes under `kvlab up`; None: the cores
+                                           # left once each of this host's workers has one
 
 
 class TenantSpec(_Section):
@@ -477,6 +479,7 @@ def _check_router(spec: ClusterSpec) -> None:
         _positive(value, f"router.{field}")
         _require(value is None or value <= spec.max_model_len, f"router.{field}",
                  f"{value} exceeds the model length {spec.max_model_len}")
+    _positive(r.processes, "router.processes")
 
 
 def _check_tenants(tenants: list[TenantSpec]) -> None:

@@ -29,6 +29,7 @@ import httpx
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
 from kvlab.wire.user_errors import UserError, number, positive
 from router.policies.registry import check_spec_settings
+from router.processes import usable_cores
 
 DEFAULT_SPEC = "default"
 READY_TIMEOUT_S = 60.0
@@ -51,13 +52,14 @@ class Cluster:
     """Processes of a running cluster; a context manager that always cleans up."""
 
     def __init__(self, spec_path: Path, spec: ClusterSpec, host: str = "127.0.0.1", quiet: bool = True,
-                 time_scale: float | None = None, port: int | None = None):
+                 time_scale: float | None = None, port: int | None = None, load_generator: bool = False):
         self.spec_path = spec_path
         self.spec = spec
         self.host = host
         self.quiet = quiet
         self.time_scale = time_scale
         self.port = port or spec.router.port
+        self.load_generator = load_generator   # a load generator shares this host: leave it a core
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._children: dict[str, _Child] = {}
 
@@ -76,12 +78,21 @@ class Cluster:
                                         "--host", self.host])
             self._wait_ready(self.worker_urls().values())
             self._spawn("router", ["router", "--spec", str(self.spec_path), "--host", self.host,
-                                   "--port", str(self.port)])
+                                   "--port", str(self.port), "--processes", str(self.router_processes())])
             self._wait_ready([self.url])
         except BaseException:
             self.stop()
             raise
         return self
+
+    def router_processes(self) -> int:
+        """The spec's [router] processes, else the cores this host has left once each worker (and a load
+        generator) has one: a router process more than the free cores only steals time from the engines'
+        clocks, which then lag."""
+        if self.spec.router.processes is not None:
+            return self.spec.router.processes
+        busy = len(self.spec.worker_list()) + (1 if self.load_generator else 0)
+        return max(1, usable_cores() - busy)
 
     def _check_ports_free(self) -> None:
         """A busy port would let /health answer from someone else's server: refuse to start instead."""
@@ -223,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         scale = args.time_scale or spec.engine.time_scale
-        print(f"kvlab cluster '{spec.name}' is up: {len(spec.worker_list())} workers; "
+        print(f"kvlab cluster '{spec.name}' is up: {len(spec.worker_list())} workers, "
+              f"{cluster.router_processes()} router processes; "
               f"OpenAI endpoint {cluster.url}/v1; dashboard {cluster.url}/dashboard; time scale {scale:g} "
               f"(1 emulated second takes {scale:g} wall seconds; latencies are reported emulated) "
               f"(Ctrl-C to stop)", flush=True)

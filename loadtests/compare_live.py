@@ -52,7 +52,7 @@ def replay(spec: ClusterSpec, spec_path: Path, trace: Path, out: Path, args):
     """One policy: start its cluster, replay the trace with Locust, read the workers' counters."""
     scale = args.time_scale or spec.engine.time_scale
     out.mkdir(parents=True, exist_ok=True)
-    with Cluster(spec_path, spec, time_scale=args.time_scale) as cluster:
+    with Cluster(spec_path, spec, time_scale=args.time_scale, load_generator=True) as cluster:
         scraper = Scraper(cluster.worker_urls())
         before = _served(cluster.worker_urls())
         scraper.sample_now()

@@ -288,8 +288,10 @@ def run_live(setup: Setup, args, steady: SteadySims, guess: float | None) -> Liv
     from kvlab.launcher import Cluster
 
     spec = setup.spec
-    print(f"starting the cluster ({len(spec.worker_list())} workers + router) ...", flush=True)
-    with Cluster(setup.spec_path, spec, quiet=not args.verbose, time_scale=args.time_scale) as cluster:
+    cluster = Cluster(setup.spec_path, spec, quiet=not args.verbose, time_scale=args.time_scale, load_generator=True)
+    print(f"starting the cluster ({len(spec.worker_list())} workers + {cluster.router_processes()} router "
+          "processes) ...", flush=True)
+    with cluster:
         return _sweep(LiveSweep(setup, args, cluster.url, cluster.worker_urls(), steady), guess)
 
 
@@ -468,10 +470,10 @@ def _measured_c_max(points: list[dict], slo, bracket: Bracket | None) -> dict:
         text = "n/a" if rate is None else (f"no rate missed the SLO (>= {rate:.3g})" if hi is None
                                            else f"every rate missed it (< {rate:.3g})")
         return {"rate": rate, "bound": bound, "bracket": None, "text": text}
-    trio = lambda p: (p["rate"], _num(p["ttft_p99_with_failures"]), _num(rpt.get(p, "measured.itl.p99")))  # noqa: E731
+    trio = lambda p: (p["rate"], _ttft_p99(p), _num(rpt.get(p, "measured.itl.p99")))  # noqa: E731
     rate = crossing(trio(lo), trio(hi), slo.ttft_p99_s, slo.itl_p99_s)
     width = hi["rate"] / lo["rate"] - 1
-    limited = "ttft" if _num(hi["ttft_p99_with_failures"]) > slo.ttft_p99_s else "itl"
+    limited = "ttft" if _ttft_p99(hi) > slo.ttft_p99_s else "itl"
     return {"rate": rate, "bound": "interpolated", "bracket": [lo["rate"], hi["rate"]], "bracket_pct": width * 100,
             "limited_by": limited, "text": f"{rate:.3g} in [{lo['rate']:.3g}, {hi['rate']:.3g}]"}
 
@@ -491,6 +493,12 @@ def _sim_ttft(s: dict | None) -> float | None:
     if s["requests"] and failed / s["requests"] > 0.01:
         return math.inf
     return rpt.get(s, "ttft.p99")
+
+
+def _ttft_p99(point: dict) -> float:
+    """The point's p99 TTFT counting failures; the report stores an infinite one (over 1% failed) as null."""
+    value = point["ttft_p99_with_failures"]
+    return math.inf if value is None else float(value)
 
 
 def _num(x) -> float:

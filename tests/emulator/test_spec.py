@@ -116,6 +116,7 @@ BAD = [
     (BASE + '[[pools]]\nrole = "prefill"\n[[pools]]\nrole = "decode"\n[router]\npolicy = "kv_aware"\n',
      "router.policy", ["pd_pair"]),
     (BASE + ONE_POOL + "[router]\nmax_input_tokens = 200000\n", "router.max_input_tokens", ["exceeds"]),
+    (BASE + ONE_POOL + "[router]\nprocesses = 0\n", "router.processes", ["> 0"]),
     (BASE + "[[pools]]\nbase_port = 8000\n", "pools[0].base_port", ["taken by the router"]),
     (BASE + ONE_POOL + '[[tenants]]\nname = "a"\napi_keys = ["k"]\n[[tenants]]\nname = "b"\napi_keys = ["k"]\n',
      "tenants[1].api_keys", ["already belongs to tenant 'a'"]),

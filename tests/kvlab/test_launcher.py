@@ -243,3 +243,18 @@ def test_ctrl_c_during_a_stream_stops_the_router_first_and_tells_the_client(tmp_
         proc.wait(timeout=60)
     assert events[-1] == "[DONE]" and "server shutting down" in events[-2], events[-3:]
     assert not any("no other worker" in e for e in events)
+
+
+def test_router_processes_leave_each_local_worker_and_the_load_generator_a_core(monkeypatch):
+    import msgspec
+
+    from kvlab import launcher
+    spec = load_spec("default")
+    workers = len(spec.worker_list())
+    monkeypatch.setattr(launcher, "usable_cores", lambda: 16)
+    assert launcher.Cluster(None, spec).router_processes() == 16 - workers
+    assert launcher.Cluster(None, spec, load_generator=True).router_processes() == 16 - workers - 1
+    monkeypatch.setattr(launcher, "usable_cores", lambda: 2)
+    assert launcher.Cluster(None, spec, load_generator=True).router_processes() == 1
+    pinned = msgspec.structs.replace(spec, router=msgspec.structs.replace(spec.router, processes=3))
+    assert launcher.Cluster(None, pinned, load_generator=True).router_processes() == 3

@@ -40,6 +40,18 @@ def test_c_max_takes_the_metric_that_crosses_first_and_reports_open_bounds():
     assert nothing_finished.describe() == "10-20"
 
 
+def test_live_c_max_names_ttft_when_the_failing_rate_lost_over_one_percent():
+    from emulator.spec import SloSpec
+    from loadtests.sweep import _measured_c_max
+
+    def point(rate, ttft, itl, met):   # as the report stores it: an infinite p99 is null
+        return {"rate": rate, "ttft_p99_with_failures": ttft, "measured": {"itl": {"p99": itl}}, "met_slo": met}
+
+    slo = SloSpec(ttft_p99_s=0.5, itl_p99_s=0.1)
+    c = _measured_c_max([point(50, 0.1, 0.04, True), point(60, None, 0.05, False)], slo, None)
+    assert c["limited_by"] == "ttft" and c["rate"] == pytest.approx(math.sqrt(50 * 60))
+
+
 def test_knee_is_where_p99_ttft_doubles_from_its_low_load_value():
     # 2 x 0.1 = 0.2 is reached 17% of the way (in log latency) from 0.15 at 30 to 0.8 at 40
     assert analysis.knee([10, 20, 30, 40], [0.1, 0.11, 0.15, 0.8]) == pytest.approx(31.7, abs=0.1)
