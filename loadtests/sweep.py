@@ -47,10 +47,17 @@ SIM_STEP = 1.05            # the steady-state simulator steps rates by 5% from t
 SIM_MAX_STEPS = 8
 DEFAULT_LIFETIME_S = 5.0   # emulated: a request's lifetime when neither simulator nor planner gives one
 HOST_BUDGET_CORES = 1.5    # of a 2-core host: the sweep process and the OS keep the rest
-# CPU microseconds per emulated output token for worker + router + load generator together, with the
-# default spec's token coalescing: 45 measured by benchmarks/host_cost.py (default spec at 78 req/s,
-# time scale 2, stream_interval 16; 2-core host). One-token chunks cost about twice that.
-HOST_COST_US_PER_TOKEN = 45.0
+HOST_HEADROOM = 0.5        # use at most half the budget: a shared host's neighbours take the rest
+# CPU microseconds per emulated output token for workers + router + load generator together: a cost
+# per token plus a cost per SSE chunk shared by the chunk's tokens. benchmarks/host_cost.py,
+# colocated-8b-h100 (4 workers) at 40 req/s, time scale 2, 2-core host: 124 us at stream_interval 1,
+# 56 us at 16, so 51.5 + 72.5 / stream_interval (the default spec's 2 workers measured 45 at 16).
+HOST_COST_US = (51.5, 72.5)
+
+
+def host_cost_us_per_token(stream_interval: int) -> float:
+    per_token, per_chunk = HOST_COST_US
+    return per_token + per_chunk / max(1, stream_interval)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print("kvlab sweep: neither the planner nor the simulator gives a C_max for this spec; pass --rates",
               file=sys.stderr)
         return 2
-    warnings = host_check(setup, steady, trial_rates)
+    warnings = fit_time_scale(setup, steady, trial_rates, chosen=bool(args.time_scale or args.url))
     print(f"kvlab sweep '{spec.name}': {_plan_text(setup, planned, sim_c)}; time scale {setup.scale:g}", flush=True)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
@@ -222,21 +229,26 @@ def steady_crossing(steady: SteadySims, slo, guess: float | None) -> dict | None
     return None
 
 
-def host_check(setup: Setup, steady: SteadySims, rates: list[float]) -> list[str]:
-    """Warn when the busiest rate would need more CPU than the host's budget at this time scale."""
-    top = max(rates)
-    s = steady.at(top)
+def fit_time_scale(setup: Setup, steady: SteadySims, rates: list[float], chosen: bool) -> list[str]:
+    """The host must afford the busiest rate: CPU per wall second = emulated tokens per second / time
+    scale x host cost per token, within HOST_HEADROOM of the budget. A time scale the user did not
+    choose is raised (in half steps) until it fits; a chosen one is kept, with a warning."""
+    s = steady.at(max(rates))
     if s is None or not s.output_tokens_per_s:
         return []
-    need = s.output_tokens_per_s / setup.scale * HOST_COST_US_PER_TOKEN * 1e-6
-    cores = min(HOST_BUDGET_CORES, (os.cpu_count() or 1) * 0.75)
-    if need <= cores:
+    cost = host_cost_us_per_token(setup.spec.engine.stream_interval) * 1e-6
+    cores = min(HOST_BUDGET_CORES, (os.cpu_count() or 1) * 0.75) * HOST_HEADROOM
+    afford = max(1.0, math.ceil(s.output_tokens_per_s * cost / cores * 2) / 2)
+    if afford <= setup.scale:
         return []
-    afford = s.output_tokens_per_s * HOST_COST_US_PER_TOKEN * 1e-6 / cores
-    return [f"at {top:.1f} req/s the cluster streams {s.output_tokens_per_s:.0f} tokens per emulated second: "
-            f"~{need:.1f} cores at time scale {setup.scale:g} ({HOST_COST_US_PER_TOKEN:g} CPU us/token, "
-            f"benchmarks/host_cost.py), more than this host's {cores:.1f}; expect lag, or use "
-            f"--time-scale {math.ceil(afford * 2) / 2:g}"]
+    why = (f"at {max(rates):.1f} req/s the cluster streams {s.output_tokens_per_s:.0f} tokens per emulated second "
+           f"at ~{cost * 1e6:.0f} CPU us each (benchmarks/host_cost.py): time scale {afford:g} keeps that within "
+           f"{cores:.2f} of this host's cores")
+    if chosen:
+        return [f"{why}; the chosen time scale {setup.scale:g} may lag"]
+    print(f"time scale raised from {setup.scale:g} to {afford:g}: {why}", flush=True)
+    setup.scale = afford
+    return []
 
 
 def _worker_urls(args) -> dict[str, str]:
@@ -288,7 +300,7 @@ def run_live(setup: Setup, args, steady: SteadySims, guess: float | None) -> Liv
     from kvlab.launcher import Cluster
 
     spec = setup.spec
-    cluster = Cluster(setup.spec_path, spec, quiet=not args.verbose, time_scale=args.time_scale, load_generator=True)
+    cluster = Cluster(setup.spec_path, spec, quiet=not args.verbose, time_scale=setup.scale, load_generator=True)
     print(f"starting the cluster ({len(spec.worker_list())} workers + {cluster.router_processes()} router "
           "processes) ...", flush=True)
     with cluster:

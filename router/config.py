@@ -69,6 +69,8 @@ class SheddingConfig(msgspec.Struct, kw_only=True):
     # the drain rate is measured from finished requests instead.
     prefill_s: float | None = None
     drain_s: float | None = None
+    places: int | None = None       # a worker's line sized for the p99 TTFT (drain.p99_places); None: the
+                                    # mean rule floor((SLO - S) / drain_s)
 
 
 class RouterConfig(msgspec.Struct, kw_only=True):
@@ -128,12 +130,11 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
     salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
-    prefill_s, drain_s = _prefill_times(spec) if r.shedding else (None, None)
+    drain = _prefill_times(spec) if r.shedding else None
     config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
                           limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
                           block_size=spec.engine.block_size, kv_index=_index_settings(spec),
-                          shedding=SheddingConfig(enabled=r.shedding, ttft_slo_s=slo_s, prefill_s=prefill_s,
-                                                  drain_s=drain_s), models=[spec.model], slo_table=slo_table(spec))
+                          shedding=_shedding(slo_s, drain), models=[spec.model], slo_table=slo_table(spec))
     return config, r.port, r.host
 
 
@@ -143,9 +144,16 @@ def _index_settings(spec) -> dict[str, Any]:
     return {} if credit is None else {"host_credit": credit}
 
 
-def _prefill_times(spec) -> tuple[float, float]:
-    """The shedder's S and 1/mu in wall seconds (router.frontdoor.drain, scaled to the wall clock)."""
+def _prefill_times(spec):
+    """The shedder's S and 1/mu in wall seconds and its line (router.frontdoor.drain)."""
     from router.frontdoor.drain import prefill_times
-    alone, per_request = prefill_times(spec)
+    drain = prefill_times(spec)
     scale = spec.engine.time_scale
-    return alone * scale, per_request * scale
+    return drain._replace(prefill_s=drain.prefill_s * scale, drain_s=drain.drain_s * scale)
+
+
+def _shedding(slo_s: float, drain) -> SheddingConfig:
+    if drain is None:
+        return SheddingConfig(enabled=False, ttft_slo_s=slo_s)
+    return SheddingConfig(enabled=True, ttft_slo_s=slo_s, prefill_s=drain.prefill_s, drain_s=drain.drain_s,
+                          places=drain.places)

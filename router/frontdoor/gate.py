@@ -117,6 +117,10 @@ class DrainLimit:
     limit of lambda x SLO grows with the overload it should stop (2.6x overload: TTFT p99 at 2.8x
     its target, shedding in waves). Without a known drain_s, mu is measured from finished requests
     (cluster-wide), never below a floor of `min_queue` so an idle cluster takes a burst.
+
+    The SLO is a p99, though, and the mean rule puts the last admitted request at the SLO only on
+    average: a spec-built config carries `places`, the line sized for the p99 wait from the
+    workload's spread (router.frontdoor.drain.p99_places), which replaces floor(mu (SLO - S)).
     """
 
     def __init__(self, config: SheddingConfig, workers: Callable[[], int] | None, now: float,
@@ -124,6 +128,7 @@ class DrainLimit:
         self.slo_s = config.ttft_slo_s
         self.prefill_s = config.prefill_s or 0.0
         self.drain_s = config.drain_s if config.drain_s and workers is not None else None
+        self.places = config.places
         self.workers = workers
         self.min_queue = min_queue
         self.done = RateMeter(now=now)
@@ -140,7 +145,8 @@ class DrainLimit:
     def max_queue(self, now: float) -> float:
         slack = max(0.0, self.slo_s - self.prefill_s)
         if self.drain_s is not None and self.workers is not None:
-            return max(0, self.workers()) * math.floor(slack / self.drain_s)
+            places = self.places if self.places is not None else math.floor(slack / self.drain_s)
+            return max(0, self.workers()) * places
         return max(self.min_queue, math.floor(self.drain_rate(now) * slack))
 
     def check(self, queue_depth: float, now: float) -> Admission:

@@ -209,3 +209,20 @@ def test_served_tracks_offered_below_capacity_over_windows_sized_in_lifetimes(tm
         assert abs(p["sent_rps"] * w["window_s"] - expected) <= 4 * math.sqrt(expected)
         assert p["measured"]["requests"] > 100
     assert "lifetimes" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_an_unchosen_time_scale_is_raised_until_the_host_affords_the_busiest_rate(monkeypatch):
+    from types import SimpleNamespace
+
+    from loadtests import sweep
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
+    spec = load_spec("colocated-8b-h100")   # stream_interval 16: 56 CPU us per token
+    steady = SimpleNamespace(at=lambda rate: SimpleNamespace(output_tokens_per_s=20_000.0))
+    setup = SimpleNamespace(spec=spec, scale=1.0)
+    assert sweep.fit_time_scale(setup, steady, [70.0], chosen=False) == []
+    # 20k tokens/s x 56 us = 1.12 cores, against half of a 1.5-core budget: 1.49 -> the next half step
+    assert setup.scale == 1.5 and sweep.host_cost_us_per_token(16) == pytest.approx(56.0, abs=0.1)
+    chosen = SimpleNamespace(spec=spec, scale=1.0)
+    warning = sweep.fit_time_scale(chosen, steady, [70.0], chosen=True)
+    assert chosen.scale == 1.0 and "may lag" in warning[0]
+    assert sweep.fit_time_scale(SimpleNamespace(spec=spec, scale=2.0), steady, [70.0], chosen=False) == []
