@@ -1,8 +1,9 @@
 """Planner vs simulator: the max sustainable rate at SLO (C_max) from both, on one spec and workload.
 
 The simulator is stepped at rates around the planner's C_max (open-loop Poisson, thousands of
-requests per point, warm-up excluded, as the design asks) and its C_max is where p99 TTFT or p99 ITL
-first crosses the SLO. Both sides read the same spec: a gap is a gap in the model, not the inputs.
+requests per point, warm-up excluded, as the design asks) and its C_max is where p99 TTFT (a refused
+request counting as a miss) or p99 ITL first crosses the SLO. Both sides read the same spec: a gap is
+a gap in the model, not the inputs.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def check(spec: ClusterSpec, min_requests: int = sim_curve.MIN_REQUESTS,
         raise ValueError(f"no planner C_max for {spec.name}: {planned.error}")
     rates = [planned.c_max * f for f in factors]
     points = sim_curve.curve(spec, rates, min_requests)
-    ttft = [p.ttft.p99 for p in points]
+    ttft = [analysis.summary_ttft_p99_with_failures(p) for p in points]   # refusals are misses, as in the sweep
     itl = [p.itl.p99 for p in points]
     cap = analysis.c_max(rates, ttft, itl, spec.slo.ttft_p99_s, spec.slo.itl_p99_s)
     gap = planned.c_max / cap.rate - 1 if cap.rate and cap.bound == "interpolated" else None

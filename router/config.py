@@ -124,9 +124,7 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
     r = spec.router
     limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit,
                     max_model_len=spec.max_model_len)
-    tenants = [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
-                            tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
-                            cache_salt=t.cache_salt, priority=t.priority) for t in spec.tenants]
+    tenants = tenant_configs(spec)
     # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
     slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
     salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
@@ -136,6 +134,13 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
                           block_size=spec.engine.block_size, kv_index=_index_settings(spec),
                           shedding=_shedding(slo_s, drain), models=[spec.model], slo_table=slo_table(spec))
     return config, r.port, r.host
+
+
+def tenant_configs(spec) -> list[TenantConfig]:
+    """The spec's tenants as the router's front door (and the simulator, which admits as it) holds them."""
+    return [TenantConfig(name=t.name, api_keys=list(t.api_keys), requests_per_s=t.requests_per_s,
+                         tokens_per_s=t.tokens_per_s, max_concurrency=t.max_concurrency,
+                         cache_salt=t.cache_salt, priority=t.priority) for t in spec.tenants]
 
 
 def _index_settings(spec) -> dict[str, Any]:

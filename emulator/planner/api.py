@@ -9,7 +9,7 @@ import msgspec
 
 from emulator.physics import roofline
 from emulator.physics.catalog import Catalog
-from emulator.planner import context, cost, decode, prefill, sizing
+from emulator.planner import context, cost, decode, prefill, sizing, tenant_limits
 from emulator.planner import curve as curves
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import PlanRequest, Slo, Workload
@@ -138,6 +138,10 @@ def mean_latency(ctx: context.Context, op) -> float:
 
 def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) -> str:
     """The hardware limit behind a binding constraint: the roofline bound of the steps it depends on."""
+    if binding == "tenant_limit":
+        op = evaluate(ctx, cluster, rate * (1 + 4 * sizing.RATE_TOL))
+        lifetime = op.ttft_mean + ctx.decode_tokens * op.itl_mean
+        return tenant_limits.worst(ctx.req.tenants, op.rate, lifetime, ctx.prompts.mean() + ctx.outputs.mean())
     if binding in ("kv_memory", "max_num_seqs", "preemption", "kv_link", "compute", "bandwidth"):
         return {"preemption": "kv_memory", "max_num_seqs": "batch slots"}.get(binding, binding)
     if binding in ("ttft_slo", "e2e_slo"):

@@ -143,7 +143,8 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
                       redundancy=args.redundancy, availability=args.availability,
                       gpu_failures_per_hour=args.gpu_failures_per_hour, repair_hours=args.repair_hours,
                       dispatch=pick("dispatch", "random"),
-                      cache_affinity=base.get("cache_affinity", True), engine=engine)
+                      cache_affinity=base.get("cache_affinity", True), engine=engine,
+                      tenants=base.get("tenants", []))
     rate = args.rate or base.get("rate", 1.0)
     if "workload" in base and not any(getattr(args, f, None) is not None for f in _WORKLOAD_FLAGS):
         workload = msgspec.structs.replace(base["workload"], rate=rate)   # the spec's samples, prefixes and all
@@ -193,7 +194,7 @@ def _from_spec(spec, args) -> dict:
             "ttft_p99": spec.slo.ttft_p99_s, "itl_p99": spec.slo.itl_p99_s, "e2e_p99": spec.slo.e2e_p99_s,
             "cluster": cluster, "dispatch": planner_spec.dispatch(spec),
             "cache_affinity": planner_spec.cache_affinity(spec),
-            "engine": spec.engine_config()}
+            "engine": spec.engine_config(), "tenants": planner_spec.tenant_limits(spec)}
 
 
 # -- output --------------------------------------------------------------------------------------

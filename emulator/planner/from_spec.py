@@ -10,8 +10,11 @@ import xxhash
 from emulator import workload as wl
 from emulator.planner import PlanRequest, Workload
 from emulator.planner.inputs import Dispatch
+from emulator.planner.tenant_limits import TenantLimit
 from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
+from router.config import tenant_configs
+from router.frontdoor.tenants import bursts
 
 SAMPLE_REQUESTS = 4000   # generated requests whose lengths and prefixes the planner's laws come from
 
@@ -57,5 +60,21 @@ def plan_request(spec: ClusterSpec) -> PlanRequest:
         weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
         mode="disaggregated" if spec.disaggregated else "colocated",
         dispatch=dispatch(spec), cache_affinity=cache_affinity(spec),
-        engine=spec.engine_config())
+        engine=spec.engine_config(), tenants=tenant_limits(spec))
+
+
+def tenant_limits(spec: ClusterSpec) -> list[TenantLimit]:
+    """The spec's tenants with their share of the workload's arrivals and the router's limits (its
+    defaults for the bursts); tenants with no limit are left out."""
+    mix = spec.workload.tenants or ({spec.tenants[0].name: 1.0} if spec.tenants else {})   # as emulator.workload
+    total = sum(mix.values()) or 1.0
+    out = []
+    for t in tenant_configs(spec):
+        requests_burst, tokens_burst = bursts(t)
+        limit = TenantLimit(name=t.name, share=mix.get(t.name, 0.0) / total, requests_per_s=t.requests_per_s,
+                            requests_burst=requests_burst, tokens_per_s=t.tokens_per_s, tokens_burst=tokens_burst,
+                            max_concurrency=t.max_concurrency)
+        if limit.share > 0 and (t.requests_per_s or t.tokens_per_s or t.max_concurrency):
+            out.append(limit)
+    return out
 

@@ -10,6 +10,7 @@ import msgspec
 from emulator.engine_config import EngineConfig
 from emulator.planner import dist
 from emulator.planner.errors import PlannerError
+from emulator.planner.tenant_limits import TenantLimit
 
 Z99 = dist.normal_quantile(0.99)
 Z90 = dist.normal_quantile(0.90)
@@ -183,6 +184,7 @@ class PlanRequest(msgspec.Struct, frozen=True, kw_only=True):
     first_token_after_transfer: bool = False  # design 3b: False, the prefill worker emits token 1
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)  # the settings that change the numbers
     kv_wait_fraction: float = 0.01      # design 3b: at most 1% of requests may wait for KV blocks
+    tenants: list[TenantLimit] = []     # the router's per-tenant limits (planner.tenant_limits)
 
     def __post_init__(self):
         if self.tp < 1:

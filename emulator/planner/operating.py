@@ -6,6 +6,8 @@ Constraint names (what `violations` and `binding` hold):
     kv_link               a decode worker's KV-import link is saturated
     preemption            the mean KV in use reaches the pool: the engine preempts continuously
   SLOs: ttft_slo / itl_slo / e2e_slo, a p99 latency above its target
+  tenant_limit          the router refuses more than 1% of requests at the tenants' limits (a refused
+                        request misses the SLO: planner.tenant_limits)
   sizing rules (design 3b; they shape the fleet a plan buys, not the rate at which SLOs break):
     kv_memory             more than kv_wait_fraction of arrivals would wait for KV blocks
     max_num_seqs          more than kv_wait_fraction of arrivals would find the sequence cap reached
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from emulator.planner import colocated, decode, dist, kv_capacity, prefill, prefill_queue, prefix_cache
+from emulator.planner import colocated, decode, dist, kv_capacity, prefill, prefill_queue, prefix_cache, tenant_limits
 from emulator.planner.context import Context
 from emulator.planner.inputs import Slo
 
@@ -155,8 +157,20 @@ def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean,
         point.violations.append("max_num_seqs")
     if slo is not None:
         _check_slo(point, slo)
+        if ctx.req.tenants and refused_share(ctx, point) > tenant_limits.REFUSED_LIMIT:
+            point.violations.append("tenant_limit")
         point.good_share = _good_share(point, slo, pq, ttft_shift, e2e_base)
     return point
+
+
+def refused_share(ctx: Context, point: OperatingPoint) -> float:
+    """The share of arrivals the tenants' limits refuse at the point (each holds a slot for its mean
+    lifetime; 1 where the point has no steady state)."""
+    if not point.stable:
+        return 1.0
+    lifetime = point.ttft_mean + ctx.decode_tokens * point.itl_mean
+    tokens = ctx.prompts.mean() + ctx.outputs.mean()
+    return tenant_limits.refused_share(ctx.req.tenants, point.rate, lifetime, tokens)
 
 
 def _check_slo(point: OperatingPoint, slo: Slo) -> None:

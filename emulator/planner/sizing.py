@@ -22,7 +22,9 @@ from emulator.planner.operating import CEILINGS, SIZING_RULES, Cluster, Operatin
 
 RATE_TOL = 1e-3          # relative precision of C_max
 MAX_WORKERS = 100_000    # beyond this a pool size is not a plan but a sign the SLO is out of reach
-ORDER = ("ttft_slo", "itl_slo", "e2e_slo", "kv_memory", "max_num_seqs") + CEILINGS
+ORDER = ("ttft_slo", "itl_slo", "e2e_slo", "tenant_limit", "kv_memory", "max_num_seqs") + CEILINGS
+# More workers do not lift a tenant's limits: sizing a fleet for a rate leaves them out (a note says so).
+NOT_SIZED = ("tenant_limit",)
 
 
 def max_rate(ctx: Context, slo: Slo | None, cluster: Cluster, only: tuple[str, ...] | None = None,
@@ -80,6 +82,8 @@ def limits(ctx: Context, slo: Slo, cluster: Cluster) -> list[Limit]:
     groups = [("ttft_slo",), ("itl_slo",), ("kv_memory",), ("max_num_seqs",), CEILINGS]
     if slo.e2e_p99 is not None:
         groups.insert(2, ("e2e_slo",))
+    if ctx.req.tenants:
+        groups.insert(2, ("tenant_limit",))
     out = []
     for group in groups:
         rate = max_rate(ctx, slo, cluster, only=group)
@@ -100,6 +104,10 @@ def binding(ctx: Context, slo: Slo, cluster: Cluster, rate: float, rules: bool =
     found = evaluate(ctx, cluster, rate * (1 + 4 * RATE_TOL) + 1e-9, slo).violations
     order = CEILINGS + tuple(c for c in ORDER if c not in CEILINGS and (rules or c not in SIZING_RULES))
     return next((c for c in order if c in found), "")
+
+
+def _sized(violations: list[str]) -> list[str]:
+    return [v for v in violations if v not in NOT_SIZED]
 
 
 def smallest_count(ok, start: int = 1) -> int:
@@ -139,7 +147,7 @@ def size(ctx: Context, slo: Slo, rate: float) -> Sizing:
     """Workers for `rate` (the target, before headroom) meeting every SLO, plus spares."""
     sized = rate * ctx.req.headroom
     if ctx.mode == "colocated":
-        n = smallest_count(lambda c: not evaluate(ctx, Cluster(workers=c), sized, slo).violations)
+        n = smallest_count(lambda c: not _sized(evaluate(ctx, Cluster(workers=c), sized, slo).violations))
         serving = Cluster(workers=n)
         spares = Cluster(workers=n + pool_spares(ctx, n))
     else:
@@ -169,7 +177,7 @@ def _size_disaggregated(ctx: Context, slo: Slo, rate: float) -> Cluster:
         return evaluate(ctx, Cluster(prefill=p, decode=d), rate, slo)
 
     d = smallest_count(lambda n: not point(MAX_WORKERS, n).decode_side)
-    p = smallest_count(lambda n: not [v for v in point(n, d).prefill_side if v != "e2e_slo"])
+    p = smallest_count(lambda n: not [v for v in _sized(point(n, d).prefill_side) if v != "e2e_slo"])
     while "e2e_slo" in point(p, d).violations:
         p, d = min(((p + 1, d), (p, d + 1)), key=lambda pd: point(*pd).e2e_p99)
         if p + d > MAX_WORKERS:

@@ -18,6 +18,9 @@ from emulator.sim.report import LatencyLog, Summary
 from emulator.spec import ClusterSpec
 from kvlab.wire.kv_events import KVEventBatch
 from kvlab.wire.openai_api import PRIORITY_CLASSES
+from router.config import tenant_configs
+from router.frontdoor.admission import Admission
+from router.frontdoor.tenants import Tenants
 from router.policies import routing
 from router.policies.base import Decision, NoWorkerAvailable, RouteRequest, WorkerView
 from router.policies.hash_memo import BlockHashMemo
@@ -85,6 +88,8 @@ class Simulator:
         self._views = [w.view for w in self.workers.values()]
         self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}
         self.priorities = {t.name: PRIORITY_CLASSES[t.priority] for t in spec.tenants}   # as the router forces
+        self.tenants = Tenants(tenant_configs(spec))   # the router's own limits, on the simulated clock
+        self._tickets: dict[str, Admission] = {}       # admitted requests of a tenant, until they end
         self._priority: dict[str, int] = {}   # requests of a non-zero priority class, until they finish
         self.log = LatencyLog()
         self._events: list = []
@@ -138,11 +143,14 @@ class Simulator:
     def _arrive(self, req) -> None:
         tokens = req.tokens   # a list or an int32 array; the engine and the router hash arrays directly
         record = self.log.arrive(req.request_id, req.arrival_s, len(tokens))
+        if not self._admit(req, len(tokens), record):
+            return
         salt = self.salts.get(req.tenant)
         try:
             decision, self._leases[req.request_id] = self.route(tokens, salt)
         except NoWorkerAvailable:
             record.error = "no_worker"
+            self._settle(req.request_id)
             return
         steps = routing.plan(decision)
         params = SamplingParams(max_tokens=req.max_tokens)
@@ -154,6 +162,24 @@ class Simulator:
         self._submit(self.workers[steps.first], req.request_id, tokens, params, salt, None, record)
         if record.error is None:
             self.ledger.sent(req.request_id, decision, len(tokens), self.now)
+
+    def _admit(self, req, prompt_tokens: int, record) -> bool:
+        """A tenant's limits (requests and tokens per second, concurrency), as the router's front door
+        applies them: the reservation is the prompt and max_tokens, settled when the request ends."""
+        if req.tenant not in self.priorities:   # no such tenant in the spec: nothing limits it
+            return True
+        admission = self.tenants.admit(req.tenant, prompt_tokens + req.max_tokens, self.now)
+        if not admission.ok:
+            record.error = admission.reason or "tenant_limit"
+            return False
+        self._tickets[req.request_id] = admission
+        return True
+
+    def _settle(self, request_id: str) -> None:
+        ticket = self._tickets.pop(request_id, None)
+        if ticket is not None:
+            record = self.log.records[request_id]
+            self.tenants.release(ticket, record.prompt_tokens + record.tokens, self.now)
 
     def route(self, tokens, salt: str | None = None) -> tuple[Decision, Lease[SimWorker]]:
         """Choose a worker for a prompt and charge it, as the router's proxy does (router.policies.routing),
@@ -176,6 +202,7 @@ class Simulator:
             record.error = type(exc).__name__
             self._pending_decode.pop(request_id, None)
             self._leases.pop(request_id).release_all()
+            self._settle(request_id)
             return
         worker.routed += 1
         self._wake(worker, self.now)
@@ -251,6 +278,7 @@ class Simulator:
     def _done(self, request_id: str) -> None:
         """The request is answered: any charge left (a decode the first token made unneeded) ends."""
         self.log.records[request_id].done = True
+        self._settle(request_id)
         self._priority.pop(request_id, None)
         self._pending_decode.pop(request_id, None)
         self._leases.pop(request_id).release_all()

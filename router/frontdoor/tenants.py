@@ -46,7 +46,19 @@ class _TenantState:
 def _bucket(rate: float | None, burst: float | None, burst_s: float, now: float) -> TokenBucket | None:
     if rate is None:
         return None
-    return TokenBucket(rate, burst if burst is not None else max(1.0, rate * burst_s), now)
+    return TokenBucket(rate, burst_of(rate, burst, burst_s), now)
+
+
+def burst_of(rate: float, burst: float | None, burst_s: float) -> float:
+    """A bucket's burst: the one configured, else `burst_s` seconds of its rate (at least 1)."""
+    return burst if burst is not None else max(1.0, rate * burst_s)
+
+
+def bursts(config: TenantConfig) -> tuple[float | None, float | None]:
+    """The request and token buckets' bursts (None where the tenant has no such limit)."""
+    requests = burst_of(config.requests_per_s, config.requests_burst, 1.0) if config.requests_per_s else None
+    tokens = burst_of(config.tokens_per_s, config.tokens_burst, TOKENS_BURST_S) if config.tokens_per_s else None
+    return requests, tokens
 
 
 def _key_digest(api_key: str) -> bytes:
