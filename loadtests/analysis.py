@@ -189,10 +189,14 @@ def ttft_p99_with_failures(records: Sequence[dict], window: Window, time_scale: 
     the end of the run before its first token counts with the time it had waited (a lower bound);
     `missing` requests, never recorded at all, count as infinite.
     """
-    rows = [r for r in records if window.start_s <= r["sched"] < window.end_s]
-    values = [_ttft_or_bound(r) / time_scale for r in rows] + [math.inf] * missing
+    values = ttfts_with_failures(records, window, time_scale) + [math.inf] * missing
     # "higher": no interpolation between a finite TTFT and an infinite one (inf - x is NaN)
     return float(np.percentile(values, 99, method="higher")) if values else float("nan")
+
+
+def ttfts_with_failures(records: Sequence[dict], window: Window, time_scale: float) -> list[float]:
+    """Emulated TTFTs of the requests sent in the window, a failed one infinite, a cut-short one its wait."""
+    return [_ttft_or_bound(r) / time_scale for r in records if window.start_s <= r["sched"] < window.end_s]
 
 
 def _ttft_or_bound(r: dict) -> float:

@@ -39,6 +39,7 @@ from loadtests.steady import (
     Stationarity,
     check,
     crossing,
+    p99_band,
     served_tolerance,
 )
 
@@ -389,6 +390,7 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
     halves = [analysis.Window(0, w.rate, w.start_s, mid), analysis.Window(0, w.rate, mid, w.end_s)]
     first, second = (analysis.ttft_p99_with_failures(result.records, h, scale) for h in halves)
     ttft = (first, second)
+    bands = tuple(p99_band(analysis.ttfts_with_failures(result.records, h, scale)) for h in halves)
     queue: tuple[float | None, float | None] = (None, None)
     polls = 0
     if result.scraper is not None and result.t0:
@@ -398,7 +400,7 @@ def _stationarity(result: LiveResult, w: analysis.Window, summary, scale: float,
     tol = served_tolerance(sent, lifetime_s, summary.duration_s)
     independent = min(polls, (w.end_s - w.start_s) / 2 / lifetime_s) if lifetime_s > 0 else polls
     return check(ttft, queue, sent, summary.throughput_rps, ttft_slo, below_c_max, tol,
-                 queue_samples=max(1, int(independent)))
+                 queue_samples=max(1, int(independent)), ttft_bands=(bands[0], bands[1]))
 
 
 def _same_schedule(setup: Setup, plan: LivePlan | None, windows) -> object | None:

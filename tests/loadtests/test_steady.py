@@ -101,3 +101,23 @@ def test_bisection_stops_only_when_lag_distorts_latencies_near_the_slo():
     assert not _distorted(point(0.06, True), setup)     # 40 ms emulated: flagged, but under 10% of the SLO
     assert _distorted(point(0.3, True), setup)          # 200 ms emulated
     assert not _distorted(point(0.3, False), setup)
+
+
+def test_halves_drawn_alike_agree_within_their_p99_bands_and_a_real_shift_does_not():
+    import numpy as np
+
+    from loadtests.steady import bands_overlap, p99_band
+    rng = np.random.default_rng(7)
+    alike = [bands_overlap(p99_band(rng.lognormal(0, 1, 1500)), p99_band(rng.lognormal(0, 1, 1500)))
+             for _ in range(40)]
+    assert sum(alike) >= 36                       # ~95% bands: chance alone rarely separates them
+    shifted = [bands_overlap(p99_band(rng.lognormal(0, 1, 1500)), p99_band(2 * rng.lognormal(0, 1, 1500)))
+               for _ in range(40)]
+    assert sum(shifted) <= 4
+    # the rule's own tolerance alone (35% or 10% of the SLO) would call these halves apart ...
+    halves = (0.20, 0.32)
+    assert not check(halves, (100.0, 100.0), 50.0, 50.0, 0.5, True).ttft_ok
+    # ... unless their bands overlap: then they are no more apart than sampling allows
+    assert check(halves, (100.0, 100.0), 50.0, 50.0, 0.5, True, ttft_bands=((0.18, 0.25), (0.24, 0.40))).ttft_ok
+    assert not check(halves, (100.0, 100.0), 50.0, 50.0, 0.5, True,
+                     ttft_bands=((0.15, 0.22), (0.25, 0.40))).ttft_ok
