@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--device", default="h100", help="Vidur device folder: compute/<device>, network/<device>_dgx")
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--ops", action="store_true",
-                        help="also: each GEMM and the elementwise kernels on their own (where a layer's error comes from)")
+                        help="also: each GEMM and the elementwise kernels alone (where a layer's error comes from)")
     parser.add_argument("--holdout", action="store_true",
                         help="also: each profiled token count interpolated from its neighbours (what a table is worth)")
     args = parser.parse_args()
