@@ -11,6 +11,8 @@ Reference datasets (Vidur, MIT; see shared/data/profiles/README.md):
 - Llama-2-7B and Llama-2-70B per-layer GEMM + elementwise time, TP 1/2/4/8, 1..4096 tokens;
 - NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 2 KiB..64 MiB payloads
   (running median over 9 neighbouring sizes: single small-message medians are noisy).
+With --ops, each GEMM and the elementwise kernels are compared on their own as well. Each group's summary
+also says what any model non-decreasing in tokens or bytes could reach on it (reference non-monotonicity).
 Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> int:
     parser.add_argument("--profiles", help="Vidur profile folder (default: $KVLAB_DATA_DIR/profiles/vidur)")
     parser.add_argument("--device", default="h100", help="Vidur device folder: compute/<device>, network/<device>_dgx")
     parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument("--ops", action="store_true",
+                        help="also: each GEMM and the elementwise kernels alone (where a layer's error comes from)")
     parser.add_argument("--holdout", action="store_true",
                         help="also: each profiled token count interpolated from its neighbours (what a table is worth)")
     args = parser.parse_args()
@@ -46,11 +50,13 @@ def main() -> int:
     for model, folder in fidelity.VIDUR_MODELS.items():
         mlp = base / "compute" / args.device / folder / "mlp.csv"
         rows += fidelity.layer_rows(catalog, args.gpu, args.link, model, mlp)
+        rows += fidelity.operator_rows(catalog, args.gpu, args.link, model, mlp) if args.ops else []
         rows += fidelity.holdout_rows(model, mlp) if args.holdout else []
     rows += fidelity.allreduce_rows(catalog, args.gpu, args.link,
                                     base / "network" / f"{args.device}_dgx" / "all_reduce.csv")
     _print_rows(rows, args.rows)
-    _print_summary(fidelity.summarize(rows, args.tolerance), args.tolerance)
+    _print_summary(fidelity.summarize(rows, args.tolerance), fidelity.monotone_bound(rows, args.tolerance),
+                   args.tolerance)
     _print_step_figures(catalog, args.gpu)
     return 0
 
@@ -70,10 +76,19 @@ def _print_rows(rows, mode: str) -> None:
     print()
 
 
-def _print_summary(summaries, tolerance: float) -> None:
-    print(f"{'summary':<26} {'rows':>5} {'within ' + format(tolerance, '.0%'):>11} {'worst':>8} {'mean':>8}")
+def _print_summary(summaries, bounds, tolerance: float) -> None:
+    """Per group; `monotone best`: the smallest worst-row error any model whose time never falls as tokens
+    (bytes) grow could reach on this reference, and `falls`: reference rows more than the tolerance below
+    an earlier, smaller row (what a tile/wave/bandwidth model cannot follow)."""
+    bound = {b.group: b for b in bounds}
+    tol = format(tolerance, ".0%")
+    print(f"{'summary':<36} {'rows':>5} {'within ' + tol:>11} {'outside':>8} {'worst':>8} {'mean':>8} "
+          f"{'monotone best':>14} {'falls':>6}")
     for s in summaries:
-        print(f"{s.group:<26} {s.rows:>5} {s.within:>11.1%} {s.max_error:>+8.1%} {s.mean_error:>+8.1%}")
+        b = bound[s.group]
+        outside = s.rows - round(s.within * s.rows)
+        print(f"{s.group:<36} {s.rows:>5} {s.within:>11.1%} {outside:>8} {s.max_error:>+8.1%} {s.mean_error:>+8.1%} "
+              f"{b.best_error:>14.1%} {b.falls:>6}")
     print()
 
 

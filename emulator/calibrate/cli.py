@@ -71,9 +71,12 @@ def calibrate(args: argparse.Namespace) -> str:
         notes.append(f"all-reduce curve: {args.vidur_allreduce}")
     if args.vidur_mlp:
         rows = ms.read_layer_profile(args.vidur_mlp)
-        result = cal.fit_layers(gpu, model, link, rows[::2] if len(rows) > 400 else rows)
-        gpu = msgspec.structs.replace(gpu, **result.values)
-        tables.append(("per-layer GEMM + elementwise (Vidur profile, every other row)", result))
+        kernels = ms.read_operator_profile(args.vidur_mlp)
+        gemms, layers = cal.fit_operator_profiles(gpu, link, [(model, rows[::2] if len(rows) > 400 else rows)],
+                                                  [(model, kernels)])
+        gpu = msgspec.structs.replace(gpu, **layers.values)
+        tables.append(("GEMMs (Vidur profile, every other row)", gemms))
+        tables.append(("per-layer GEMM + elementwise, elementwise fitted per kernel (Vidur profile)", layers))
         notes.append(f"kernel coefficients: {args.vidur_mlp}")
         if args.profile_tables:
             gpu = msgspec.structs.replace(gpu, profiles=_profiles(gpu, model.name, rows, args.vidur_mlp))

@@ -14,6 +14,7 @@ from emulator.calibrate import measurements as ms
 from emulator.datasets import dataset
 from emulator.physics.catalog import Catalog
 from emulator.physics.deployment import Deployment
+from emulator.physics.operators import layer_gemms
 from emulator.physics.roofline import allreduce_seconds
 from emulator.physics.steptime import build_model
 
@@ -49,6 +50,26 @@ def layer_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path) ->
     return rows
 
 
+def operator_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path) -> list[Row]:
+    """Each GEMM of a layer, and the five elementwise kernels together, vs kvlab's operator of the same shape:
+    where a layer row's error comes from. Grouped by model, TP degree and operator, in increasing tokens."""
+    g, lk, m = catalog.gpu(gpu), catalog.link(link), catalog.model(model)
+    by_key: dict[tuple[int, int], dict[str, float]] = {}
+    for r in ms.read_operator_profile(path):
+        by_key.setdefault((r.tp, r.tokens), {})[r.op] = r.ms
+    rows = []
+    for (tp, tokens), ops in by_key.items():
+        op_model = build_model(Deployment(model=m, gpu=g, tp=tp, tp_link=lk if tp > 1 else None))
+        label = f"{tokens} tokens"
+        for op, (k, n) in zip(ms.GEMM_OPS, layer_gemms(m, tp), strict=True):
+            rows.append(Row(group=f"{model} tp{tp} {op}", label=label, reference_ms=ops[op],
+                            kvlab_ms=op_model.gemm(tokens, k, n).seconds * 1e3))
+        rows.append(Row(group=f"{model} tp{tp} elementwise", label=label,
+                        reference_ms=sum(v for op, v in ops.items() if op not in ms.GEMM_OPS),
+                        kvlab_ms=op_model.elementwise(tokens).seconds * 1e3))
+    return sorted(rows, key=lambda r: r.group)   # stable: each group keeps increasing token counts
+
+
 def allreduce_rows(catalog: Catalog, gpu: str, link: str, path: Path) -> list[Row]:
     """One all-reduce per payload size and GPU count (running-median reference) vs kvlab's link curve."""
     g, lk = catalog.gpu(gpu), catalog.link(link)
@@ -76,6 +97,31 @@ def summarize(rows: list[Row], tolerance: float = 0.15) -> list[Summary]:
         worst = errs[np.argmax(np.abs(errs))]
         out.append(Summary(group=group, rows=len(errs), within=float(np.mean(np.abs(errs) <= tolerance)),
                            max_error=float(worst), mean_error=float(np.mean(errs))))
+    return out
+
+
+class MonotoneBound(msgspec.Struct, frozen=True):
+    """How far a group's reference times fall as the row size grows (rows in increasing size)."""
+    group: str
+    best_error: float       # the smallest worst-row error any model non-decreasing in size can reach
+    falls: int              # rows more than `tolerance` below an earlier (smaller) row
+
+
+def monotone_bound(rows: list[Row], tolerance: float = 0.15) -> list[MonotoneBound]:
+    """Per group, what no model whose time grows with tokens (or bytes) can avoid.
+
+    A time model built from tiles, waves and bandwidth never gets faster with more work, so where the
+    reference does (another library kernel chosen for that shape, or noise) some error is forced: for a pair
+    i < j with r_i > r_j, the best a non-decreasing f can do is f_i = f_j = 2 r_i r_j / (r_i + r_j), an error
+    of (r_i - r_j) / (r_i + r_j) on both; the worst pair bounds the whole group (weighted L-inf isotonic
+    regression reaches that bound)."""
+    out = []
+    for group in dict.fromkeys(r.group for r in rows):
+        ref = np.array([r.reference_ms for r in rows if r.group == group])
+        gap = (ref[:, None] - ref[None, :]) / (ref[:, None] + ref[None, :])   # [i, j]: row i above row j
+        best = float(np.max(np.triu(gap, k=1), initial=0.0))
+        falls = int(np.sum(ref < (1.0 - tolerance) * np.maximum.accumulate(ref)))
+        out.append(MonotoneBound(group=group, best_error=best, falls=falls))
     return out
 
 

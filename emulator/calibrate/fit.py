@@ -8,6 +8,7 @@ All-reduce curves fit max(floor, latency + bytes / bandwidth) per GPU count the 
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -15,15 +16,18 @@ import msgspec
 import numpy as np
 import scipy.optimize
 
-from emulator.calibrate.measurements import AllReduceRow, LayerRow, StepRow
+from emulator.calibrate.measurements import AllReduceRow, LayerRow, OperatorRow, StepRow
 from emulator.physics.catalog import AllReduceFit, Gpu, Link, Model
 from emulator.physics.deployment import BatchShape, Deployment
-from emulator.physics.operators import OperatorModel
+from emulator.physics.operators import OperatorModel, layer_gemms
 from emulator.physics.steptime import build_model
 
 # What each kind of measurement can identify (the rest stay at the base entry's values).
 LAYER_FIELDS = ("compute_efficiency", "gemm_bandwidth_efficiency", "gemm_half_work", "kernel_latency_us",
                 "elementwise_kernel_us", "elementwise_bandwidth_efficiency")
+# Operator profiles time each GEMM and elementwise kernel apart: the GEMM terms are fitted to the GEMMs'
+# time, the elementwise terms to each kernel's own (fit_elementwise), so neither absorbs the other's misfit.
+GEMM_FIELDS = ("compute_efficiency", "gemm_bandwidth_efficiency", "gemm_half_work", "kernel_latency_us")
 # Whole steps: batch-1 decode at several contexts (intercept: fixed step cost; slope: KV bandwidth),
 # decode batches (per-sequence cost), long prefills (GEMM and attention efficiency). The weight-read
 # efficiency is not separable from the fixed step cost by step times alone, so it stays as given.
@@ -79,16 +83,31 @@ def predict_step_ms(gpu: Gpu, model: Model, link: Link | None, row: StepRow) -> 
     return build_model(deployment(gpu, model, row.tp, link)).step_time(step_shape(row)).seconds * 1e3
 
 
+@functools.lru_cache(maxsize=256)
+def _operators(gpu: Gpu, model: Model, tp: int, link: Link | None) -> OperatorModel:
+    """One operator model per candidate coefficients, model and TP degree (a fit asks for many rows each)."""
+    return OperatorModel(deployment(gpu, model, tp, link))
+
+
 def predict_layer_ms(gpu: Gpu, model: Model, link: Link | None, row: LayerRow) -> float:
-    return OperatorModel(deployment(gpu, model, row.tp, link)).linear_layer(row.tokens).seconds * 1e3
+    return _operators(gpu, model, row.tp, link).linear_layer(row.tokens).seconds * 1e3
+
+
+def predict_gemm_ms(gpu: Gpu, model: Model, link: Link | None, row: LayerRow) -> float:
+    """A dense layer's four GEMMs alone (what LayerRow.gemm_ms measures)."""
+    op = _operators(gpu, model, row.tp, link)
+    return sum(op.gemm(row.tokens, k, n).seconds for k, n in layer_gemms(model, row.tp)) * 1e3
 
 
 def _start(gpu: Gpu, field: str) -> float:
     value = getattr(gpu, field)
     if value > 0:
         return value
+    elementwise = gpu.elementwise_bandwidth_efficiency or gpu.bandwidth_efficiency
     fallbacks = {"gemm_bandwidth_efficiency": gpu.bandwidth_efficiency, "attention_efficiency": gpu.compute_efficiency,
-                 "elementwise_bandwidth_efficiency": gpu.bandwidth_efficiency, "gemm_half_work": 1e6}
+                 "elementwise_bandwidth_efficiency": gpu.bandwidth_efficiency, "gemm_half_work": 1e6,
+                 "norm_bandwidth_efficiency": elementwise, "activation_bandwidth_efficiency": elementwise,
+                 "residual_bandwidth_efficiency": elementwise}
     return fallbacks.get(field, 5.0)   # microsecond terms start at a few us
 
 
@@ -151,6 +170,54 @@ def fit_layer_profiles(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Mod
     model_of = {id(r): m for m, r in pairs}
     return fit(gpu, fields, rows, lambda g, r: predict_layer_ms(g, model_of[id(r)], link, r), labels,
                minimax=minimax)
+
+
+# Vidur's elementwise columns by the kind of kernel the step model prices each as (elementwise_traffic order).
+KERNEL_KIND = {"input_layernorm": 0, "post_attention_layernorm": 0, "attn_rope": 1, "mlp_act": 2, "add": 3}
+KIND_FIELDS = ("norm_bandwidth_efficiency", "elementwise_bandwidth_efficiency", "activation_bandwidth_efficiency",
+               "residual_bandwidth_efficiency")
+
+
+def fit_elementwise(gpu: Gpu, profiles: Sequence[tuple[Model, Sequence[OperatorRow]]]) -> dict[str, float]:
+    """Each elementwise kernel's time as one fixed cost (shared) plus its bytes over its own kind's bandwidth,
+    by least squares on relative error over every kernel row: linear in (fixed s, 1 / bandwidth per kind), so
+    exact and quick. Norms and the residual add both scale with the hidden size alone, so only their own
+    columns tell them apart."""
+    design, ones = [], []
+    for model, rows in profiles:
+        for r in rows:
+            kind = KERNEL_KIND.get(r.op)
+            if kind is None or r.ms <= 0:
+                continue
+            traffic = OperatorModel.elementwise_traffic(model, r.tp)[kind] / (2 if kind == 0 else 1)  # 2 norms
+            x = np.zeros(1 + len(KIND_FIELDS))
+            x[0], x[1 + kind] = 1.0, r.tokens * traffic / gpu.hbm_bytes_per_s
+            design.append(x / (r.ms * 1e-3))
+            ones.append(1.0)
+    sol = np.linalg.lstsq(np.array(design), np.array(ones), rcond=None)[0]
+    values = {"elementwise_kernel_us": float(sol[0]) * 1e6}
+    values.update({f: float(1.0 / max(inv, 1.0)) for f, inv in zip(KIND_FIELDS, sol[1:], strict=True)})
+    return values   # (1 / inv capped at 1: a kernel partly served from L2 is still priced at HBM peak)
+
+
+def fit_operator_profiles(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],
+                          kernels: Sequence[tuple[Model, Sequence[OperatorRow]]],
+                          minimax: float = 0.0) -> tuple[FitResult, FitResult]:
+    """The elementwise coefficients fitted to each kernel's own times, then the GEMM ones to the profiles' GEMM
+    times (how the built-in H100 entry was fitted), so neither absorbs the other's misfit. Returns the GEMM
+    fit and the whole layer with both applied (its per-row errors against the layer times)."""
+    pairs = [(m, r) for m, rows in profiles for r in rows if r.gemm_ms > 0]
+    labels = [f"{m.name} tp {r.tp} tokens {r.tokens}" for m, r in pairs]
+    elementwise = fit_elementwise(gpu, kernels)
+    gemm_rows = [msgspec.structs.replace(r, ms=r.gemm_ms) for _, r in pairs]
+    model_of = {id(g): m for g, (m, _) in zip(gemm_rows, pairs, strict=True)}
+    gemms = fit(gpu, GEMM_FIELDS, gemm_rows, lambda g, r: predict_gemm_ms(g, model_of[id(r)], link, r), labels,
+                minimax=minimax)
+    fitted = msgspec.structs.replace(gpu, **gemms.values, **elementwise)
+    whole = FitResult(values={**gemms.values, **elementwise}, labels=labels, measured_ms=[r.ms for _, r in pairs],
+                      fitted_ms=[predict_layer_ms(fitted, m, link, r) for m, r in pairs],
+                      builtin_ms=[predict_layer_ms(gpu, m, link, r) for m, r in pairs])
+    return gemms, whole
 
 
 def fit_allreduce(rows: Sequence[AllReduceRow], minimax: float = 0.0, bulk_gain: float = 0.9) -> list[AllReduceFit]:

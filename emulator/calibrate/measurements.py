@@ -1,6 +1,7 @@
 """Reference measurements kvlab's step model is fitted to or compared with, and readers for them.
 
 - LayerRow: one layer's GEMM + elementwise time at a token count (Vidur ``mlp.csv`` operator profiles);
+- OperatorRow: one operator of that layer (a GEMM or an elementwise kernel) at a token count;
 - AllReduceRow: one all-reduce of a payload over some GPUs (Vidur ``all_reduce.csv``);
 - StepRow: a whole engine step (a CSV ``phase,batch,tokens,context,tp,ms`` or live probes).
 
@@ -34,6 +35,14 @@ class LayerRow(msgspec.Struct, frozen=True):
     tokens: int
     ms: float
     gemm_ms: float = 0.0
+
+
+class OperatorRow(msgspec.Struct, frozen=True):
+    """One operator's median time (a Vidur ``time_stats.<op>.median`` column) at a token count and TP degree."""
+    tp: int
+    tokens: int
+    op: str
+    ms: float
 
 
 class AllReduceRow(msgspec.Struct, frozen=True):
@@ -75,6 +84,20 @@ def read_layer_profile(path: str | Path) -> list[LayerRow]:
             raise MeasurementError(f"{path}: not a Vidur mlp profile ({exc})") from None
         out.setdefault(key, LayerRow(tp=key[0], tokens=key[1], ms=ms, gemm_ms=gemm))
     return sorted(out.values(), key=lambda row: (row.tp, row.tokens))
+
+
+def read_operator_profile(path: str | Path) -> list[OperatorRow]:
+    """Every layer operator's median from a Vidur mlp.csv, one row per (tp, tokens, op); first duplicate kept."""
+    out: dict[tuple[int, int, str], OperatorRow] = {}
+    for r in _rows(path):
+        try:
+            tp, tokens = int(r["num_tensor_parallel_workers"]), int(r["num_tokens"])
+            for op in LAYER_OPS:
+                out.setdefault((tp, tokens, op), OperatorRow(tp=tp, tokens=tokens, op=op,
+                                                             ms=float(r[f"time_stats.{op}.median"])))
+        except (KeyError, ValueError) as exc:
+            raise MeasurementError(f"{path}: not a Vidur mlp profile ({exc})") from None
+    return sorted(out.values(), key=lambda row: (row.tp, row.tokens, LAYER_OPS.index(row.op)))
 
 
 def read_allreduce_profile(path: str | Path) -> list[AllReduceRow]:

@@ -48,10 +48,17 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     gemm_half_work: float = 0.0                # output elements per GPU at which a GEMM runs at half its peak
                                                # efficiency
     gemm_token_tile: int = 1                   # GEMM compute pads the token dimension to a multiple of this
+                                               # (the output tile's height)
+    gemm_tile_n: int = 0                       # the output tile's width (output features); with sm_count, GEMM
+                                               # tiles run in whole waves over the SMs; 0: no wave model
+    sm_count: int = 0                          # streaming multiprocessors (a GEMM wave is one tile per SM)
     kernel_latency_us: float = 0.0             # fixed time of each GEMM / attention kernel
     attention_efficiency: float = 0.0          # attention FLOPs: fraction of peak; 0: compute_efficiency
     elementwise_kernel_us: float = 0.0         # fixed time of each norm / rope / activation / add kernel
     elementwise_bandwidth_efficiency: float = 0.0  # their traffic: fraction of HBM peak; 0: bandwidth_efficiency
+    norm_bandwidth_efficiency: float = 0.0     # RMSNorm kernels' traffic; 0: elementwise_bandwidth_efficiency
+    activation_bandwidth_efficiency: float = 0.0   # SiLU-and-mul; 0: elementwise_bandwidth_efficiency
+    residual_bandwidth_efficiency: float = 0.0     # residual add; 0: elementwise_bandwidth_efficiency
     step_overhead_us: float = 0.0              # fixed per step: scheduling, input preparation, launch, host sync
     sequence_overhead_us: float = 0.0          # per sampled sequence per step: sampling, output processing
     profiles: tuple[LayerProfile, ...] = ()    # measured per-layer tables (calibration), by model and TP

@@ -10,11 +10,16 @@ max(compute time, memory time) and the step is their sum:
 which a GPU does not do). Per GPU of the TP group; every coefficient comes from the catalog's GPU and
 link entries (emulator/physics/data/*.toml names the source of each).
 
-- GEMM: max(2 x tokens x K x N / (peak x e), weight and activation bytes / (HBM x e_w)) plus a fixed
-  kernel latency. Small GEMMs run below peak: e = e_max x W / (W + W_half), with W the output elements
-  per GPU (tokens padded to the GEMM tile times N), which tracks how many SM tiles a GEMM fills.
+- GEMM: max(2 x tokens x K x N / (peak x e x occupancy), weight and activation bytes / (HBM x e_w)) plus a
+  fixed kernel latency. The output is cut into tiles (gemm_token_tile tokens x gemm_tile_n features, both
+  padded up), run one per SM in whole waves: the last, partial wave leaves SMs idle (wave quantization),
+  and a GEMM with fewer tiles than SMs splits its K loop across whole multiples of its tiles (split-K), so
+  time steps up with tokens where a new row of tiles starts a wave. Small GEMMs also run each tile below
+  peak: e = e_max x W / (W + W_half), W the output elements per GPU (tokens padded to the tile times N).
 - Attention: causal (query, key) pair FLOPs at their own efficiency, against the KV-cache bytes read.
-- Elementwise (2 norms, rope, activation, residual add): a fixed cost per kernel plus bytes / bandwidth.
+- Elementwise (2 norms, rope, activation, residual add): a fixed cost per kernel plus bytes / bandwidth,
+  each kind of kernel at its own fraction of HBM bandwidth (a norm's per-token reduction runs well below
+  a plain pointwise kernel).
 - All-reduce: from the link's fitted latency/bandwidth curve (emulator.physics.roofline.allreduce_seconds).
 - Overheads (docs/conventions.md#overheads): per step, per layer, per sampled sequence.
 """
@@ -76,30 +81,37 @@ class OperatorModel:
         self.e_weights = g.gemm_bandwidth_efficiency or g.bandwidth_efficiency
         self.half_work = g.gemm_half_work
         self.tile = max(1, g.gemm_token_tile)
+        self.tile_n = g.gemm_tile_n if g.sm_count > 0 else 0
+        self.sms = g.sm_count
         self.kernel_s = g.kernel_latency_us * 1e-6
         self.e_attention = g.attention_efficiency or g.compute_efficiency
         self.e_kv = g.bandwidth_efficiency
         self.elementwise_s = g.elementwise_kernel_us * 1e-6
         self.e_elementwise = g.elementwise_bandwidth_efficiency or g.bandwidth_efficiency
+        self.e_norm = g.norm_bandwidth_efficiency or self.e_elementwise
         self.weight_bytes = DTYPE_BYTES[dep.weight_dtype]
         self.layers = m.layers
         self.attn_gemms = layer_gemms(m, t)[:2]
         self.mlp_gemms = layer_gemms(m, t)[2:]
         self.kv_per_token_layer = roofline.kv_bytes_per_token_per_gpu(dep) / m.layers
         self.flops_per_pair = 4.0 * m.q_heads / t * m.head_dim   # QK^T and PV, per layer
-        self.elementwise_bytes = self._elementwise_bytes_per_token(m, t)
+        effs = (self.e_norm, self.e_elementwise, g.activation_bandwidth_efficiency or self.e_elementwise,
+                g.residual_bandwidth_efficiency or self.e_elementwise)
+        self.elementwise_token_s = sum(b / (self.hbm * e) for b, e in zip(self.elementwise_traffic(m, t), effs,
+                                                                           strict=True))
         self.fixed_s = g.step_overhead_us * 1e-6 + m.layers * g.layer_overhead_us * 1e-6
         self.sequence_s = g.sequence_overhead_us * 1e-6
         self._linear: dict[int, Cost] = {}
         self._head: dict[tuple[int, int], Cost] = {}
 
     @staticmethod
-    def _elementwise_bytes_per_token(m: Model, t: int) -> float:
-        """Read + write traffic per token per layer: two norms and the residual add over the full hidden
-        size (replicated on every rank), rope over this rank's Q and K, SiLU-and-mul over its FFN slice."""
+    def elementwise_traffic(m: Model, t: int) -> tuple[float, float, float, float]:
+        """Read + write bytes per token per layer by kind of kernel: the two norms and the residual add over
+        the full hidden size (replicated on every rank), rope over this rank's Q and K, SiLU-and-mul over its
+        FFN slice (reads gate and up, writes one)."""
         q_k = (m.q_heads + m.kv_heads) * m.head_dim / t
         ffn = m.active_experts * m.ffn / t
-        return ACT * (2 * 2 * m.hidden + 2 * q_k + 3 * ffn + 3 * m.hidden)
+        return ACT * 2 * 2 * m.hidden, ACT * 2 * q_k, ACT * 3 * ffn, ACT * 3 * m.hidden
 
     # -- operators -------------------------------------------------------------------------------
 
@@ -110,12 +122,22 @@ class OperatorModel:
         padded = math.ceil(tokens / self.tile) * self.tile
         work = padded * n
         eff = self.e_max * work / (work + self.half_work)
-        compute = 2.0 * padded * k * n / (self.peak * eff)
+        padded_n = math.ceil(n / self.tile_n) * self.tile_n if self.tile_n else n
+        occupancy = self._occupancy(count * padded / self.tile * padded_n / self.tile_n) if self.tile_n else 1.0
+        compute = 2.0 * padded * k * padded_n / (self.peak * eff * occupancy)
         memory = (k * n * self.weight_bytes + ACT * tokens * (k + n)) / (self.hbm * self.e_weights)
         return op_cost(self.kernel_s, count * compute, count * memory)
 
+    def _occupancy(self, tiles: float) -> float:
+        """Fraction of the SMs' time a GEMM's output tiles keep busy: whole waves of one tile per SM (the last
+        wave partial), or, with fewer tiles than SMs, the K loop split over as many copies of the tiles as fit."""
+        tiles = math.ceil(tiles)
+        if tiles < self.sms:
+            return tiles * (self.sms // tiles) / self.sms
+        return tiles / (math.ceil(tiles / self.sms) * self.sms)
+
     def elementwise(self, tokens: int) -> Cost:
-        memory = tokens * self.elementwise_bytes / (self.hbm * self.e_elementwise)
+        memory = tokens * self.elementwise_token_s
         return op_cost(ELEMENTWISE_KERNELS * self.elementwise_s, 0.0, memory)
 
     def linear_layer(self, tokens: int) -> Cost:
@@ -161,7 +183,7 @@ class OperatorModel:
             m = self.dep.model
             lookup = tokens * m.hidden * self.weight_bytes / (self.hbm * self.e_weights)
             hit = (self.gemm(sampled, m.hidden, m.vocab / self.dep.tp)
-                   + op_cost(self.elementwise_s, 0.0, sampled * 2 * ACT * m.hidden / (self.hbm * self.e_elementwise))
+                   + op_cost(self.elementwise_s, 0.0, sampled * 2 * ACT * m.hidden / (self.hbm * self.e_norm))
                    + Cost(lookup, 0.0, lookup, 0.0))
             self._head[key] = hit
         return hit

@@ -32,10 +32,12 @@ def test_parameter_counts_match_published_sizes():
     assert mixtral.active_params == pytest.approx(12.9e9, rel=0.01)
 
 
-# Built-in H100-SXM coefficients (emulator/physics/data/gpus.toml): GEMMs 0.81 of peak with a 256-token tile and
-# half efficiency at 81,400 output elements, weight streaming 0.763 x HBM, KV reads 0.85 x HBM, 5.6 us per
-# GEMM/attention kernel, 1.56 us per elementwise kernel, 300 us per step, 8 us per sampled sequence.
-KERNEL, ELEMENTWISE, STEP, SEQUENCE = 5.6e-6, 1.56e-6, 300e-6, 8e-6
+# Built-in H100-SXM coefficients (emulator/physics/data/gpus.toml): GEMM tiles of 128 tokens x 256 features in
+# waves over 132 SMs, each at 0.837 of peak with half efficiency at 300,600 output elements; weight streaming
+# 0.872 x HBM, KV reads 0.85 x HBM, 5.49 us per GEMM/attention kernel, 1.58 us per elementwise kernel, 300 us
+# per step, 8 us per sampled sequence.
+KERNEL, ELEMENTWISE, STEP, SEQUENCE = 5.49e-6, 1.58e-6, 300e-6, 8e-6
+PEAK, E_MAX, HALF_WORK, SMS = 989.4e12, 0.837, 300_600, 132
 
 
 def test_batch1_decode_is_weight_bandwidth_bound():
@@ -48,9 +50,9 @@ def test_batch1_decode_is_weight_bandwidth_bound():
     assert step.seconds == pytest.approx(step.memory_s + fixed, rel=1e-9)
     assert step.overhead_s == pytest.approx(STEP + SEQUENCE, rel=1e-9)
     # Weights dominate the memory time: 8.03e9 params less the 0.525e9 embedding table = 15.0 GB at
-    # 3.35e12 x 0.763 B/s = 5.87 ms (activations, elementwise and the KV write add < 1%).
+    # 3.35e12 x 0.872 B/s = 5.14 ms (activations, elementwise and the KV write add < 1%).
     weights = (L8B.total_params - L8B.embedding_params) * 2
-    assert step.memory_s == pytest.approx(weights / (3.35e12 * 0.763), rel=0.01)
+    assert step.memory_s == pytest.approx(weights / (3.35e12 * 0.872), rel=0.01)
 
 
 def test_decode_context_costs_kv_reads_and_each_sequence_costs_its_overhead():
@@ -78,21 +80,44 @@ def test_prefill_is_compute_bound_above_a_few_hundred_tokens():
     assert r.prefill_time(d, 32).bound == "memory"
     for n in (512, 2000, 8000):
         assert r.prefill_time(d, n).bound == "compute"
-    # 2000 tokens run as 2048 (256-token tiles); the GEMMs' work is far past the half-efficiency point,
-    # so they reach 0.81 x peak less < 1%. Attention pairs at 0.7 x peak; the LM head's one sampled
-    # token also pads to a 256-token tile (its compute ceiling, though the head stays memory-bound).
-    gemm = 2 * L8B.layer_matmul_params_active * 2048 / (989.4e12 * 0.81)
-    attention = 4 * 32 * 4096 * 2000 * 2001 / 2 / (989.4e12 * 0.7)
-    head = 2 * 256 * 4096 * 128256 / (989.4e12 * 0.81)
-    assert r.prefill_time(d, 2000).compute_s == pytest.approx(gemm + attention + head, rel=0.01)
+    # 2000 tokens run as 16 rows of 128-token tiles; each GEMM's tiles run in whole waves of 132. Attention
+    # pairs at 0.7 x peak; the LM head's one sampled token pads to one 128-token row of tiles (its compute
+    # ceiling, though the head stays memory-bound).
+    qkv, o, up, down = (4096, 6144), (4096, 4096), (4096, 2 * 14336), (14336, 4096)
+    gemm = sum(tiled_gemm_s(2000, k, n) for k, n in (qkv, o, up, down)) * 32
+    attention = 4 * 32 * 4096 * 2000 * 2001 / 2 / (PEAK * 0.7)
+    head = tiled_gemm_s(1, 4096, 128256)
+    assert r.prefill_time(d, 2000).compute_s == pytest.approx(gemm + attention + head, rel=1e-9)
+
+
+def tiled_gemm_s(tokens: int, k: int, n: int) -> float:
+    """GEMM compute by hand: tokens and features padded to the 128 x 256 tile; tiles in whole waves of 132 SMs
+    (fewer tiles than SMs: the K loop split over floor(132 / tiles) copies)."""
+    rows, cols = -(-tokens // 128), -(-n // 256)
+    tiles = rows * cols
+    busy = tiles * (SMS // tiles) / SMS if tiles < SMS else tiles / (-(-tiles // SMS) * SMS)
+    work = rows * 128 * n
+    return 2 * rows * 128 * k * cols * 256 / (PEAK * E_MAX * work / (work + HALF_WORK) * busy)
 
 
 def test_small_gemms_run_below_peak_and_tokens_pad_to_the_tile():
     model = steptime.model_for(dep(tp=1))
     per_token = [model.linear_layer(n).compute_s / n for n in (256, 1024, 4096)]
     assert per_token[0] > per_token[1] > per_token[2]
-    # 257 tokens cost a second 256-token tile of GEMM compute
-    assert model.linear_layer(257).compute_s > 1.9 * model.linear_layer(256).compute_s
+    # 129 tokens cost a second row of 128-token tiles: nearly twice the compute (each tile a little more
+    # efficient, the fused QKV GEMM's 48 tiles splitting K fewer ways)
+    assert model.linear_layer(129).compute_s > 1.8 * model.linear_layer(128).compute_s
+
+
+def test_gemm_tiles_run_in_whole_waves_over_the_sms():
+    # Llama-3.1-8B's down projection (K 14336, N 4096) has 16 tiles per 128 tokens: 1,024 tokens fill 128 of
+    # the 132 SMs in one wave; 1,152 tokens need a second wave for 12 tiles, which costs as much as 2,048
+    # tokens (256 tiles, also two waves).
+    model = steptime.model_for(dep(tp=1))
+    one, two, full = (model.gemm(n, 14336, 4096).compute_s for n in (1024, 1152, 2048))
+    assert two > 1.9 * one
+    assert two == pytest.approx(full, rel=0.03)
+    assert one == pytest.approx(tiled_gemm_s(1024, 14336, 4096), rel=1e-9)
 
 
 def test_a_mixed_step_pays_the_chunk_gemms_and_the_decodes_kv_reads_one_after_the_other():
