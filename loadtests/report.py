@@ -157,7 +157,8 @@ def markdown(report: dict) -> str:
            f"{st.get('warmup_lifetimes', 3):g} and a window of {st.get('window_lifetimes', 10):g} request "
            "lifetimes (the steady-state simulator's mean end-to-end latency at that rate). sent/s: arrivals in "
            "the window (Poisson around the offered rate); served/s: requests finished in it. Stationary: the "
-           "window's halves agree on p99 TTFT (within 35%, or within the p99's own sampling band) and requests "
+           "window's halves agree on p99 TTFT (within 35%, within the p99's own sampling band, or both at most "
+           "80% of the SLO) and requests "
            "in the system, and below C_max served is within 3% "
            "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). "
            "TTFT p99 counts refused requests as misses.", "",
