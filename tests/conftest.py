@@ -9,10 +9,13 @@
   ``load()``, ``metrics()`` and ``metric(name)``.
 - ``free_tcp_port()`` (fixture returning ``free_port``): a currently free loopback TCP port, for ZMQ
   endpoints or subprocesses.
+- ``free_port_block(count) -> int``: the first of `count` consecutive bindable loopback ports below the
+  ephemeral range, for a cluster spec's router and workers (base_port, base_port + 1, ...).
 """
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -38,6 +41,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive ports that bind now, drawn from 20000-32000: below the
+    ephemeral range (32768 and up on Linux), where client connections take their local ports, so a
+    child process that binds a few seconds later does not find one taken by a connection."""
+    for _ in range(100):
+        base = random.randrange(20000, 32000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports in 20000-32000")
 
 
 class RunningServer:

@@ -13,6 +13,7 @@ import pytest
 from kvlab.cli import main
 from loadtests.compare_live import replay_wall_s
 from tests import ROOT
+from tests.conftest import free_port_block
 
 
 @pytest.fixture
@@ -41,24 +42,13 @@ def test_compare_live_progress_counts_to_the_replays_length(tiny_trace):
 
 def _tiny_spec_on_free_ports(folder: Path) -> Path:
     """tiny-test on ports nobody else holds (below the ephemeral range, checked by binding)."""
-    import random
-    import socket
-
     from emulator.spec import example_spec_path
-    for _ in range(100):
-        base = random.randrange(20000, 32000)
-        try:
-            for port in range(base, base + 3):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        text = example_spec_path("tiny-test").read_text()
-        path = folder / "tiny.toml"
-        path.write_text(text.replace("base_port = 18100", f"base_port = {base + 1}")
-                        .replace("port = 18000", f"port = {base}"))
-        return path
-    raise RuntimeError("no free ports")
+    base = free_port_block(3)
+    text = example_spec_path("tiny-test").read_text()
+    path = folder / "tiny.toml"
+    path.write_text(text.replace("base_port = 18100", f"base_port = {base + 1}")
+                    .replace("port = 18000", f"port = {base}"))
+    return path
 
 
 def test_compare_live_without_out_leaves_no_reports_folder(tmp_path, tiny_trace):

@@ -11,6 +11,7 @@ import pytest
 from openai import OpenAI
 
 from emulator.spec import example_specs, load_spec
+from tests.conftest import free_port_block
 
 
 def _descendants(pid: int) -> set[int]:
@@ -115,23 +116,6 @@ def test_kvlab_up_restarts_a_worker_that_dies_and_keeps_serving():
 
 # -- closing the terminal, a killed launcher, ports ------------------------------------------------
 
-def _free_port_block(count: int) -> int:
-    """A base port with `count` bindable ports after it, below the ephemeral range (where client
-    connections take their local ports and could collide with a server's bind)."""
-    import random
-    import socket
-    for _ in range(100):
-        base = random.randrange(20000, 32000)
-        try:
-            for i in range(count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", base + i))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free ports")
-
-
 def _port_in_use(port: int) -> bool:
     import socket
     with socket.socket() as sock:
@@ -141,7 +125,7 @@ def _port_in_use(port: int) -> bool:
 def _tiny_spec_on_free_ports(tmp_path):
     """tiny-test on ports nobody else uses, so parallel test runs cannot collide: (path, ports)."""
     from emulator.spec import example_spec_path
-    base = _free_port_block(3)
+    base = free_port_block(3)
     text = example_spec_path("tiny-test").read_text()
     text = text.replace("base_port = 18100", f"base_port = {base + 1}").replace("port = 18000", f"port = {base}")
     path = tmp_path / "tiny.toml"
@@ -189,7 +173,7 @@ def test_closing_the_terminal_or_killing_the_launcher_leaves_no_process_and_free
 
 def test_up_prints_the_dashboard_and_time_scale_and_takes_port(tmp_path):
     path, ports = _tiny_spec_on_free_ports(tmp_path)
-    other = _free_port_block(1)
+    other = free_port_block(1)
     proc, line = _start_up([str(path), "--port", str(other), "--time-scale", "3"])
     try:
         assert f"http://127.0.0.1:{other}/v1" in line and f"http://127.0.0.1:{other}/dashboard" in line

@@ -6,7 +6,6 @@ gaps, so TTFT and ITL percentiles match one-token chunks.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -19,30 +18,15 @@ from emulator.spec import example_spec_path, load_spec
 from kvlab.launcher import Cluster
 from loadtests.llm_measure import StreamResult, stream_request
 from router.forwarding.stream_timing import StreamTimings
+from tests.conftest import free_port_block
 
 TIME_SCALE = 16.0
 RATE = 12.0         # requests per emulated second: well below the tiny cluster's capacity
 COUNT = 40
 
 
-def free_port_block(count: int) -> int:
-    """The first of `count` consecutive free local ports (other clusters may hold the spec's own)."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + count < 65536 and all(_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
 def tiny_spec(tmp_path, time_scale: float, extra_engine: str = "") -> str:
-    """The tiny-test spec at `time_scale`, on free ports, routing purely by prefix."""
+    """The tiny-test spec at `time_scale`, on free ports (other clusters may hold its own), routing purely by prefix."""
     base = free_port_block(3)
     text = open(example_spec_path("tiny-test")).read()
     text = text.replace("time_scale = 1.0", f"time_scale = {time_scale}\n{extra_engine}")
