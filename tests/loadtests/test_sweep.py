@@ -94,6 +94,22 @@ def test_written_specs_read_back_identical(name):
     assert parse_spec(dumps(msgspec.to_builtins(spec))) == spec
 
 
+def test_each_rate_is_planned_once(monkeypatch):
+    from loadtests import sweep
+    from loadtests.planner_bridge import Prediction
+
+    calls = []
+    def fake_predict(spec, rates):   # each real call searches C_max again: seconds of CPU
+        calls.append(list(rates))
+        return Prediction([f"point at {r:g}" for r in rates], 50.0)
+
+    monkeypatch.setattr(sweep, "predict", fake_predict)
+    setup = sweep.Setup(None, None, [10.0, 20.0], "", 1.0, None, None, None, 0, Path("."), 6)
+    setup.planned_points = {10.0: "point at 10", 20.0: "point at 20"}   # as run() fills it from its first call
+    assert sweep._planned(setup, 20.0) == "point at 20" and calls == []
+    assert [sweep._planned(setup, 15.0) for _ in range(2)] == ["point at 15"] * 2 and calls == [[15.0]]
+
+
 def test_the_planner_sees_the_spec_the_cluster_runs():
     p = predict(load_spec("default"), [20.0, 200.0])
     assert p.error is None and 20 < p.c_max < 200
@@ -138,6 +154,7 @@ def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
                     "stationary", "sent_rps", "served_rps", "window"):
             assert key in p
         assert {"p50", "p90", "p99", "mean"} <= set(p["measured"]["ttft"]) and p["measured"]["requests"] > 0
+        assert p["planned"]["rate"] == p["rate"]            # each rate's own planned point
     assert set(report["c_max"]) >= {"measured", "steady", "planned", "gap_pct"}
     assert report["c_max"]["planned"]["rate"] > 0 and report["time_scale"] == 16
     assert "C_max measured" in stdout and "TTFT p99" in stdout
