@@ -35,12 +35,14 @@ class WorkerView(msgspec.Struct):
     # Router-side, kept by router.policies.slo_ledger for slo_aware: requests sent here that have not
     # produced a first token, their prompt tokens left to compute and predicted marginal prefill
     # seconds; the prompt tokens of those past their first token (the decode batch's context); and
-    # the rate prefill tokens have lately been sent here.
+    # the rate prefill tokens have lately been sent here; and how long ago a step ended there (a first
+    # token it produced, or its first step after idling; None: not seen).
     prefill_queue: int = 0
     prefill_queue_tokens: int = 0
     prefill_queue_s: float = 0.0
     decode_context_tokens: int = 0
     prefill_rate: float = 0.0   # prefill tokens per (emulated) second lately sent here
+    step_age_s: float | None = None   # emulated seconds since the last step end the router saw there
 
 
 class RouteRequest(msgspec.Struct):

@@ -5,7 +5,7 @@ SLOs it states (the HTTP layer answers 429; in the simulator requests state none
 Per healthy worker, from the router's own ledger (router.policies.slo_ledger: what it sent and has not
 seen produce a first token) and the spec's roofline table (router.policies.slo_table):
 
-  TTFT = the step in progress there (half, on average, when the worker is busy)
+  TTFT = what is left of the step in progress there (from the last step end seen: view.step_age_s)
          + waiting for a sequence slot or KV blocks  (when the batch or HBM is full: decoders must finish)
          + steps x decode step of the batch there     (every step of the queue carries the decoders)
          + queued prefill work ahead                (FCFS: vLLM's scheduler prefills in arrival order)
@@ -26,8 +26,9 @@ where steps = ceil((queued + uncached tokens) / max_num_batched_tokens). The cho
 The TTFT SLO is the request's (x-slo-ttft-ms), else the spec's; a stated one the best worker's
 prediction exceeds is refused.
 
-Not modelled: the phase of the step in progress (the router cannot see it: half a step stands in),
-the decoders' real remaining outputs (the spec workload's mean stands in), and preemption.
+The router places the step in progress from the step ends it sees (a request's first token ends a step;
+so does the start of an idle worker's first step): without one in the last PHASE_STEPS steps, half a step
+stands in. Not modelled: the decoders' real remaining outputs (the spec workload's mean stands in), and preemption.
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ DEFAULT_AFFINITY = 0.5
 # cache behind. 10: the best of 0, 1, 3 and 10 near saturation on the chat + RAG + agentic mix (8
 # workers, 240 req/s: 86.8, 88.3, 89.1 and 90.2% of requests within the TTFT SLO).
 DEFAULT_MISS_COST = 10.0
+# Steps after a seen step end within which its phase still places the step in progress: a few percent
+# of error in the predicted step (decoders' context, chunks of other prompts) grows by a step's worth each
+# step. 3: the median |error| is flat from 3 steps on (benchmarks/slo_routing.py, 240 req/s).
+PHASE_STEPS = 3
 
 
 class SloUnmet(NoWorkerAvailable):
@@ -87,8 +92,7 @@ def predict(table: SloTable, view: WorkerView, prompt_tokens: int, gpu_blocks: i
     step = table.decode_step(decoders, context)
     per_decoder = context // decoders if decoders else 0
     work = table.prefill_work(new, cached, decoders, per_decoder)
-    # A busy worker is mid-step when the request lands: on average half a step passes before it can join.
-    residual = step / 2 if view.in_flight else 0.0
+    residual = step_left(step, view) if view.in_flight else 0.0
     room = table.chunk_budget(decoders)
     ahead = view.prefill_queue_tokens + new
     queue_steps = steps(ahead, room)
@@ -101,6 +105,17 @@ def predict(table: SloTable, view: WorkerView, prompt_tokens: int, gpu_blocks: i
         ttft += table.chunk_marginal(int(joining), 0, decoders, per_decoder)
     itl = table.decode_step(decoders + 1, context + prompt_tokens)
     return Prediction(ttft, itl, work, new, gpu_blocks, host_blocks)
+
+
+def step_left(step: float, view: WorkerView) -> float:
+    """Seconds until the step in progress on a busy worker ends, so that the request can join the next.
+    From the last step end the router saw there (view.step_age_s), steps of `step` seconds follow back
+    to back; past PHASE_STEPS of them the estimate of `step` has drifted too far to place the phase, and
+    half a step (the mean wait at a random instant) stands in."""
+    age = view.step_age_s
+    if age is None or step <= 0 or age >= PHASE_STEPS * step:
+        return step / 2
+    return step - age % step
 
 
 class SloAware(StatelessPolicy):

@@ -12,6 +12,11 @@ are context the decode steps read) until `ended`. `now` (emulated seconds on the
 ledger reads none) times the rate of prefill tokens sent to each worker, an exponentially weighted
 average over RATE_TAU_S: prompts that arrive while one waits share its last step.
 
+Step phase: a first token leaves its worker at the end of an engine step, so `sent` time + the actual
+TTFT the caller reports is a step end there; so is `now` when a request is sent to a worker that had
+nothing in flight (its engine starts a step at once). fill() gives each view the age of the latest such
+step end (step_age_s), from which slo_aware places the step in progress instead of assuming half a step.
+
 Only decisions that carry a prediction (slo_aware's) enter the ledger; the others' queues are invisible
 to it. slo_aware keeps its own figures rather than trusting scraped engine counts (stale by a scrape).
 """
@@ -28,11 +33,13 @@ RATE_TAU_S = 1.0
 
 
 class _Queue:
-    __slots__ = ("requests", "tokens", "seconds", "context", "rate", "rate_at")
+    __slots__ = ("requests", "tokens", "seconds", "context", "rate", "rate_at", "step_end", "idle")
 
     def __init__(self) -> None:
         self.requests, self.tokens, self.seconds, self.context = 0, 0, 0.0, 0
         self.rate, self.rate_at = 0.0, 0.0   # prefill tokens per second sent here, as of rate_at
+        self.step_end: float | None = None   # the latest step end seen there (emulated seconds)
+        self.idle = True                     # nothing in flight there at the last fill()
 
     def rate_now(self, now: float) -> float:
         if now > self.rate_at:
@@ -42,12 +49,14 @@ class _Queue:
 
 
 class _Entry:
-    __slots__ = ("worker", "tokens", "seconds", "prompt", "predicted", "prefilling")
+    __slots__ = ("worker", "tokens", "seconds", "prompt", "predicted", "prefilling", "sent_at")
 
-    def __init__(self, worker: str, tokens: int, seconds: float, prompt: int, predicted: float) -> None:
+    def __init__(self, worker: str, tokens: int, seconds: float, prompt: int, predicted: float,
+                 sent_at: float | None) -> None:
         self.worker, self.tokens, self.seconds, self.prompt = worker, tokens, seconds, prompt
         self.predicted = predicted
         self.prefilling = True
+        self.sent_at = sent_at
 
 
 class PrefillLedger:
@@ -59,20 +68,23 @@ class PrefillLedger:
         for view in views:
             q = self._queues.get(view.id)
             if q is None:
-                view.prefill_queue = view.prefill_queue_tokens = view.decode_context_tokens = 0
-                view.prefill_queue_s = view.prefill_rate = 0.0
-            else:
-                view.prefill_queue, view.prefill_queue_tokens = q.requests, q.tokens
-                view.prefill_queue_s, view.decode_context_tokens = max(0.0, q.seconds), q.context
-                view.prefill_rate = q.rate_now(now) if now is not None else 0.0
+                q = self._queues[view.id] = _Queue()
+            q.idle = view.in_flight == 0
+            view.prefill_queue, view.prefill_queue_tokens = q.requests, q.tokens
+            view.prefill_queue_s, view.decode_context_tokens = max(0.0, q.seconds), q.context
+            view.prefill_rate = q.rate_now(now) if now is not None else 0.0
+            seen = now is not None and q.step_end is not None and q.step_end <= now
+            view.step_age_s = now - q.step_end if seen else None   # type: ignore[operator]
 
     def sent(self, request_id: str, decision: Decision, prompt_tokens: int, now: float | None = None) -> None:
         if decision.predicted_ttft_s is None or request_id in self._entries:
             return
         entry = _Entry(decision.worker, decision.prefill_tokens or 0, decision.prefill_work_s or 0.0,
-                       prompt_tokens, decision.predicted_ttft_s)
+                       prompt_tokens, decision.predicted_ttft_s, now)
         self._entries[request_id] = entry
         q = self._queues.setdefault(entry.worker, _Queue())
+        if q.idle and now is not None:   # an idle engine starts its first step on arrival
+            q.step_end, q.idle = now, False
         q.requests += 1
         q.tokens += entry.tokens
         q.seconds += entry.seconds
@@ -86,7 +98,11 @@ class PrefillLedger:
             return None
         self._settle(entry)
         entry.prefilling = False
-        self._queues[entry.worker].context += entry.prompt
+        q = self._queues[entry.worker]
+        q.context += entry.prompt
+        if entry.sent_at is not None:   # the first token left at the end of a step there
+            end = entry.sent_at + actual_ttft_s
+            q.step_end = end if q.step_end is None else max(q.step_end, end)
         return entry.predicted, actual_ttft_s
 
     def ended(self, request_id: str) -> None:

@@ -61,7 +61,7 @@ class SloTable(msgspec.Struct, frozen=True):
     onboard_latency_s: float = 0.0
     kv_tokens: int = 0               # one worker's HBM KV capacity in tokens (kv_usage x this: context held)
     max_num_seqs: int = 256          # sequences one worker's batch may hold
-    mean_output_tokens: float = 0.0  # the spec's workload: a decoder's mean output (its residual life: half)
+    mean_output_tokens: float = 0.0  # the spec's workload: a request's mean output (decoders leave at batch / this per step)
     ttft_slo_s: float = 1.0          # the spec's SLOs: the defaults for requests that state none
     itl_slo_s: float = 0.1
     time_scale: float = 1.0          # wall seconds per emulated second on the live cluster (HTTP glue only)
@@ -115,11 +115,13 @@ class SloTable(msgspec.Struct, frozen=True):
     def admission_wait(self, decoders: int, step_s: float, held: int, waiting: int, waiting_tokens: int) -> float:
         """Seconds before the scheduler can admit a prompt needing `waiting_tokens` of KV (its own and the
         queue's ahead of it) behind `waiting` requests: a prompt waits while the batch holds max_num_seqs
-        sequences or HBM cannot take its blocks, until enough decoders finish. Decoders finish at
-        decoders / (mean residual output x decode step) per second, each freeing its share of `held`."""
+        sequences or HBM cannot take its blocks, until enough decoders finish. By Little's law a batch of
+        `decoders` whose requests emit mean_output_tokens each, one per step, sees decoders /
+        (mean_output_tokens x step) of them finish per second (not decoders / their mean *remaining*
+        output: that counts each departure twice); each frees its share of `held`."""
         if decoders <= 0 or self.mean_output_tokens <= 0:
             return 0.0
-        life = max(1.0, self.mean_output_tokens / 2) * step_s   # a decoder's mean time left
+        life = max(1.0, self.mean_output_tokens) * step_s   # a request's mean time in the batch
         slots = decoders + waiting + 1 - self.max_num_seqs
         kv = held + waiting_tokens - self.kv_tokens
         wait_slots = slots * life / decoders if slots > 0 else 0.0

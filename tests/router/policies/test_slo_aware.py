@@ -10,7 +10,7 @@ from kvlab.wire.kv_events import BlockStored, KVEventBatch
 from router.policies.base import Decision, RouteRequest, WorkerView
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet, build_policy
-from router.policies.slo_aware import SloAware, SloUnmet, predict
+from router.policies.slo_aware import PHASE_STEPS, SloAware, SloUnmet, predict, step_left
 from router.policies.slo_ledger import PrefillLedger
 from router.policies.slo_table import from_spec
 
@@ -150,10 +150,11 @@ def test_prompts_arriving_behind_it_and_a_full_batch_delay_the_first_token():
     full = WorkerView("a", in_flight=TABLE.max_num_seqs, decode_context_tokens=200_000, kv_usage=0.5)
     roomy = WorkerView("a", in_flight=200, decode_context_tokens=420_000, kv_usage=0.9)
     kv_full = WorkerView("a", in_flight=200, decode_context_tokens=420_000, kv_usage=0.999)   # same step time
-    # a full batch admits it once a decoder finishes: ~one decoder's remaining life / the batch size later
-    life = TABLE.mean_output_tokens / 2 * TABLE.decode_step(TABLE.max_num_seqs, 200_000)
+    # a full batch admits it once a decoder finishes: by Little's law one leaves every
+    # mean output x step / batch seconds (the request's whole stay, not its mean time left)
+    stay = TABLE.mean_output_tokens * TABLE.decode_step(TABLE.max_num_seqs, 200_000)
     gap = predict(TABLE, full, 512, 0, 0).ttft_s - predict(TABLE, free, 512, 0, 0).ttft_s
-    assert gap > 0.5 * life / TABLE.max_num_seqs
+    assert 0.9 * stay / TABLE.max_num_seqs < gap < 1.5 * stay / TABLE.max_num_seqs
     assert predict(TABLE, kv_full, 4096, 0, 0).ttft_s > predict(TABLE, roomy, 4096, 0, 0).ttft_s + 0.005
     assert predict(TABLE, kv_full, 16, 0, 0).ttft_s < predict(TABLE, kv_full, 4096, 0, 0).ttft_s
 
@@ -168,3 +169,51 @@ def test_the_ledger_follows_the_rate_of_prefill_tokens_sent_to_each_worker():
     assert 8_000 < a.prefill_rate < 20_000 and b.prefill_rate == 0.0   # ~20,000 tokens/s, averaged in
     ledger.fill([a], now=20.0)
     assert a.prefill_rate < 1.0   # forgotten once traffic stops
+
+
+def test_a_full_batch_takes_one_departure_per_request_ahead():
+    step = TABLE.decode_step(TABLE.max_num_seqs, 200_000)
+    one = TABLE.admission_wait(TABLE.max_num_seqs, step, 0, 0, 0)
+    ten = TABLE.admission_wait(TABLE.max_num_seqs, step, 0, 9, 0)
+    assert ten == pytest.approx(10 * one)
+    assert one == pytest.approx(TABLE.mean_output_tokens * step / TABLE.max_num_seqs)
+    assert TABLE.admission_wait(TABLE.max_num_seqs - 10, step, 0, 5, 0) == 0.0   # slots left: no wait
+
+
+def test_the_step_in_progress_is_placed_from_the_last_step_end_seen():
+    busy = dict(in_flight=100, decode_context_tokens=100_000)
+    step = TABLE.decode_step(100, 100_000)
+    unseen = predict(TABLE, WorkerView("a", **busy), 512, 0, 0).ttft_s
+    just_ended = predict(TABLE, WorkerView("a", step_age_s=0.0, **busy), 512, 0, 0).ttft_s
+    nearly_over = predict(TABLE, WorkerView("a", step_age_s=0.9 * step, **busy), 512, 0, 0).ttft_s
+    assert just_ended == pytest.approx(unseen + step / 2)        # a whole step to wait, not half
+    assert nearly_over == pytest.approx(unseen - 0.4 * step)     # a tenth of it left
+    # two steps and a quarter later: the third step is a quarter through
+    assert step_left(step, WorkerView("a", step_age_s=2.25 * step)) == pytest.approx(0.75 * step)
+    # too long ago to place: half a step, as for an unseen worker
+    assert step_left(step, WorkerView("a", step_age_s=PHASE_STEPS * step + 1e-6)) == pytest.approx(step / 2)
+    assert predict(TABLE, WorkerView("a", step_age_s=0.0), 512, 0, 0).ttft_s == pytest.approx(
+        predict(TABLE, WorkerView("a"), 512, 0, 0).ttft_s)   # an idle worker starts at once
+
+
+def test_the_ledger_sees_step_ends_in_first_tokens_and_idle_starts():
+    ledger = PrefillLedger()
+    a, b = WorkerView("a"), WorkerView("b")
+    ledger.fill([a, b], now=1.0)
+    assert a.step_age_s is None and b.step_age_s is None
+    sent = Decision(worker="a", policy="slo_aware", predicted_ttft_s=0.1, prefill_work_s=0.01, prefill_tokens=100)
+    ledger.sent("r1", sent, 100, now=1.0)   # "a" was idle: its engine starts a step now
+    a.in_flight = 1
+    ledger.fill([a, b], now=1.02)
+    assert a.step_age_s == pytest.approx(0.02) and b.step_age_s is None
+    ledger.sent("r2", sent, 100, now=1.03)   # busy: no new step starts on arrival
+    ledger.fill([a], now=1.03)
+    assert a.step_age_s == pytest.approx(0.03)
+    ledger.first_token("r2", 0.05)           # r2's first token ended a step at 1.08
+    ledger.fill([a], now=1.1)
+    assert a.step_age_s == pytest.approx(0.02)
+    ledger.first_token("r1", 0.04)           # an older step end does not move it back
+    ledger.fill([a], now=1.1)
+    assert a.step_age_s == pytest.approx(0.02)
+    ledger.fill([a], now=1.05)               # a step end after `now` (clocks of two callers): not placed
+    assert a.step_age_s is None
