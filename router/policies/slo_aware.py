@@ -17,12 +17,13 @@ seen produce a first token) and the spec's roofline table (router.policies.slo_t
 where steps = ceil((queued + uncached tokens) / max_num_batched_tokens). The choice:
   1. workers whose predicted ITL exceeds the SLO are skipped (when all do, the least ITL wins, or the
      request is refused when it stated a TPOT SLO);
-  2. among workers predicted within `affinity` x the TTFT SLO, those with the longest cached prefix
-     stay (they are comfortably in time; keeping a conversation where its history is keeps capacity);
+  2. optionally (`affinity` > 0), among workers predicted within `affinity` x the TTFT SLO, those with
+     the longest cached prefix stay;
   3. the least of TTFT + miss_cost x this prompt's own prefill work wins (the work also delays every
      request sent there after it, which the TTFT alone does not count);
-  4. ties, such as a cold prompt on idle workers, fall to the rendezvous hash of the prompt's leading
-     blocks, as in kv_aware, so the same cold prefix starts its locality on one worker.
+  4. scores within `tie_steps` decode steps of the least are ties: the longest cached prefix among them
+     wins, then the rendezvous hash of the prompt's leading blocks, as in kv_aware, so the same cold
+     prefix starts its locality on one worker whatever phase the workers' steps are in.
 The TTFT SLO is the request's (x-slo-ttft-ms), else the spec's; a stated one the best worker's
 prediction exceeds is refused.
 
@@ -52,13 +53,22 @@ from router.policies.prefix_ring import DEFAULT_PREFIX_BLOCKS
 from router.policies.slo_table import SloTable, steps
 
 # Predicted TTFT below this share of the SLO is comfortable: among such workers the longest cached
-# prefix wins, keeping conversations where their history is (measured: benchmarks/slo_routing.py).
-DEFAULT_AFFINITY = 0.5
+# prefix wins. Off by default: with the step phase placed and departures at Little's law rate, the plain
+# score (3.) kept more requests within the TTFT SLO and hit as often or more on all of seeds 0-3 at
+# 240 req/s (benchmarks/slo_routing.py: 89.7/97.6/94.5/99.9% against 88.9/96.2/91.4/99.9% at 0.5).
+DEFAULT_AFFINITY = 0.0
 # A prompt's uncached prefill counts this many times more against a worker: past its own TTFT, it is work
 # every request arriving after it waits for, and a conversation sent away from its history leaves its
 # cache behind. 10: the best of 0, 1, 3 and 10 near saturation on the chat + RAG + agentic mix (8
-# workers, 240 req/s: 86.8, 88.3, 89.1 and 90.2% of requests within the TTFT SLO).
+# workers, 240 req/s: 86.8, 88.3, 89.1 and 90.2% of requests within the TTFT SLO); with the step phase
+# placed, 20 and 40 were no better (seed 0: 89.9 and 90.3% against 90.5%).
 DEFAULT_MISS_COST = 10.0
+# Scores closer than this many decode steps of the best worker are a tie: the engine schedules in whole
+# steps and the router places the step in progress only roughly (its phase from a step end a few steps
+# back), so a smaller lead is noise; among tied workers the longest cached prefix wins, then the owner of
+# the prompt's leading blocks, which keeps a cold prefix's locality. Half a step: the best of 0, 0.5, 1
+# and 2 at 240 req/s on seeds 0 and 1 (90.5 and 98.0% within the TTFT SLO; 89.7/97.6 at 0, 88.4/96.5 at 1).
+DEFAULT_TIE_STEPS = 0.5
 # Steps after a seen step end within which its phase still places the step in progress: a few percent
 # of error in the predicted step (decoders' context, chunks of other prompts) grows by a step's worth each
 # step. 3: the median |error| is flat from 3 steps on (benchmarks/slo_routing.py, 240 req/s).
@@ -76,6 +86,7 @@ class Prediction(msgspec.Struct, frozen=True):
     new_tokens: int       # prompt tokens left to compute there
     gpu_blocks: int
     host_blocks: int
+    step_s: float = 0.0   # one step of the decode batch there (the grain the engine schedules in)
 
 
 def predict(table: SloTable, view: WorkerView, prompt_tokens: int, gpu_blocks: int, host_blocks: int) -> Prediction:
@@ -104,7 +115,7 @@ def predict(table: SloTable, view: WorkerView, prompt_tokens: int, gpu_blocks: i
     if joining >= 1:
         ttft += table.chunk_marginal(int(joining), 0, decoders, per_decoder)
     itl = table.decode_step(decoders + 1, context + prompt_tokens)
-    return Prediction(ttft, itl, work, new, gpu_blocks, host_blocks)
+    return Prediction(ttft, itl, work, new, gpu_blocks, host_blocks, step)
 
 
 def step_left(step: float, view: WorkerView) -> float:
@@ -122,7 +133,8 @@ class SloAware(StatelessPolicy):
     name = "slo_aware"
 
     def __init__(self, index: KvIndex, table: SloTable | None = None, itl_slo_s: float | None = None,
-                 affinity: float = DEFAULT_AFFINITY, miss_cost: float = DEFAULT_MISS_COST, eps: float | None = None,
+                 affinity: float = DEFAULT_AFFINITY, miss_cost: float = DEFAULT_MISS_COST,
+                 tie_steps: float = DEFAULT_TIE_STEPS, eps: float | None = None,
                  slack: int = DEFAULT_SLACK, prefix_blocks: int = DEFAULT_PREFIX_BLOCKS) -> None:
         if itl_slo_s is not None and itl_slo_s <= 0:
             raise ValueError(f"slo_aware itl_slo_s must be > 0, got {itl_slo_s}")
@@ -130,6 +142,9 @@ class SloAware(StatelessPolicy):
             raise ValueError(f"slo_aware affinity must be in [0, 1], got {affinity}")
         self.affinity = affinity
         self.miss_cost = miss_cost
+        if tie_steps < 0:
+            raise ValueError(f"slo_aware tie_steps must be >= 0, got {tie_steps}")
+        self.tie_steps = tie_steps
         self.eps, self.slack = eps, slack
         self.index = index
         self.table = table   # None only while settings are checked; PolicySet passes the spec's
@@ -160,8 +175,11 @@ class SloAware(StatelessPolicy):
             fewest = min(p.new_tokens for p, _ in roomy)
             fits = [(p, w) for p, w in roomy if p.new_tokens == fewest]
         cost = self.miss_cost
-        least = min(round(p.ttft_s + cost * p.work_s, 9) for p, _ in fits)
-        tied = [(p, w) for p, w in fits if round(p.ttft_s + cost * p.work_s, 9) == least]
+        scored = [(p.ttft_s + cost * p.work_s, p, w) for p, w in fits]
+        least, best, _ = min(scored, key=lambda spw: spw[0])
+        tied = [(p, w) for s, p, w in scored if s <= least + self.tie_steps * best.step_s + 1e-9]
+        fewest = min(p.new_tokens for p, _ in tied)
+        tied = [(p, w) for p, w in tied if p.new_tokens == fewest]
         pred, winner = tied[0]
         if len(tied) > 1:
             key = prefix_key(request, self.prefix_blocks)

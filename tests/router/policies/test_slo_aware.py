@@ -217,3 +217,38 @@ def test_the_ledger_sees_step_ends_in_first_tokens_and_idle_starts():
     assert a.step_age_s == pytest.approx(0.02)
     ledger.fill([a], now=1.05)               # a step end after `now` (clocks of two callers): not placed
     assert a.step_age_s is None
+
+
+def test_scores_within_a_step_are_a_tie_that_the_longer_cached_prefix_wins():
+    index = KvIndex()
+    cached_on(index, "b", PROMPT[:32])    # "b" holds the first 2 blocks, "a" none
+    step = TABLE.decode_step(50, 50_000)
+    a = WorkerView("a", in_flight=50, decode_context_tokens=50_000, step_age_s=0.9 * step)   # a step nearly over
+    b = WorkerView("b", in_flight=50, decode_context_tokens=50_000, step_age_s=0.0)          # a step just begun
+    pa = predict(TABLE, a, len(PROMPT), 0, 0)
+    pb = predict(TABLE, b, len(PROMPT), 2, 0)
+    # scores differ by less than a step of the batch: "b" wins on its prefix, though "a" scores less
+    strict = SloAware(index, TABLE, affinity=0.0, miss_cost=0.0, tie_steps=0.0)
+    tied = SloAware(index, TABLE, affinity=0.0, miss_cost=0.0, tie_steps=1.0)
+    assert pa.ttft_s < pb.ttft_s < pa.ttft_s + step
+    assert strict.choose(route(), [a, b]).worker == "a"
+    assert tied.choose(route(), [a, b]).worker == "b"
+    # a lead of more than a step is no tie
+    far = WorkerView("b", in_flight=50, decode_context_tokens=50_000, prefill_queue=1, prefill_queue_tokens=8000,
+                     prefill_queue_s=TABLE.prefill_work(8000, 0))
+    assert predict(TABLE, far, len(PROMPT), 2, 0).ttft_s > pa.ttft_s + step
+    assert tied.choose(route(), [a, far]).worker == "a"
+    with pytest.raises(ValueError, match="tie_steps"):
+        SloAware(index, TABLE, tie_steps=-1)
+
+
+def test_near_ties_between_workers_without_the_prefix_go_to_the_prefix_owner():
+    # Cold prompts sharing their leading blocks go to one worker whatever phase the workers' steps are in.
+    policy = SloAware(KvIndex(), TABLE, affinity=0.0, tie_steps=1.0)
+    step = TABLE.decode_step(50, 50_000)
+    picks = set()
+    for i in range(20):
+        phases = [WorkerView(w, in_flight=50, decode_context_tokens=50_000, step_age_s=(0.2 * k + 0.05 * i) % 1 * step)
+                  for k, w in enumerate("abcd")]
+        picks.add(policy.choose(route(PROMPT[:2048] + [i]), phases).worker)
+    assert len(picks) == 1
