@@ -25,7 +25,10 @@ where steps = ceil((queued + uncached tokens) / max_num_batched_tokens). The cho
      wins, then the rendezvous hash of the prompt's leading blocks, as in kv_aware, so the same cold
      prefix starts its locality on one worker whatever phase the workers' steps are in.
 The TTFT SLO is the request's (x-slo-ttft-ms), else the spec's; a stated one the best worker's
-prediction exceeds is refused.
+prediction exceeds is refused. With `concentrate` (off by default), a request that states no SLO and is
+predicted late on every worker joins the latest queue instead (the least of miss_cost x work - TTFT),
+sparing the workers where later requests can still be in time: past saturation it keeps more requests
+within the SLO, at the cost of the hit rate and the TTFT tail (benchmarks/slo_routing.py).
 
 The router places the step in progress from the step ends it sees (a request's first token ends a step;
 so does the start of an idle worker's first step): without one in the last PHASE_STEPS steps, half a step
@@ -134,7 +137,7 @@ class SloAware(StatelessPolicy):
 
     def __init__(self, index: KvIndex, table: SloTable | None = None, itl_slo_s: float | None = None,
                  affinity: float = DEFAULT_AFFINITY, miss_cost: float = DEFAULT_MISS_COST,
-                 tie_steps: float = DEFAULT_TIE_STEPS, eps: float | None = None,
+                 tie_steps: float = DEFAULT_TIE_STEPS, concentrate: bool = False, eps: float | None = None,
                  slack: int = DEFAULT_SLACK, prefix_blocks: int = DEFAULT_PREFIX_BLOCKS) -> None:
         if itl_slo_s is not None and itl_slo_s <= 0:
             raise ValueError(f"slo_aware itl_slo_s must be > 0, got {itl_slo_s}")
@@ -145,6 +148,7 @@ class SloAware(StatelessPolicy):
         if tie_steps < 0:
             raise ValueError(f"slo_aware tie_steps must be >= 0, got {tie_steps}")
         self.tie_steps = tie_steps
+        self.concentrate = concentrate
         self.eps, self.slack = eps, slack
         self.index = index
         self.table = table   # None only while settings are checked; PolicySet passes the spec's
@@ -175,21 +179,32 @@ class SloAware(StatelessPolicy):
             fewest = min(p.new_tokens for p, _ in roomy)
             fits = [(p, w) for p, w in roomy if p.new_tokens == fewest]
         cost = self.miss_cost
-        scored = [(p.ttft_s + cost * p.work_s, p, w) for p, w in fits]
-        least, best, _ = min(scored, key=lambda spw: spw[0])
-        tied = [(p, w) for s, p, w in scored if s <= least + self.tie_steps * best.step_s + 1e-9]
-        fewest = min(p.new_tokens for p, _ in tied)
-        tied = [(p, w) for p, w in tied if p.new_tokens == fewest]
-        pred, winner = tied[0]
-        if len(tied) > 1:
-            key = prefix_key(request, self.prefix_blocks)
-            pred, winner = max(tied, key=lambda pw: rendezvous(key, pw[1].id))
+        if self.concentrate and request.slo_ttft_s is None and min(p.ttft_s for p, _ in fits) > ttft_slo:
+            # Late everywhere: it joins the latest queue (its cache hits still count), sparing the
+            # workers where later requests can still be in time.
+            pred, winner = max(fits, key=lambda pw: pw[0].ttft_s - cost * pw[0].work_s)
+        else:
+            pred, winner = self._least(request, fits)
         if request.slo_ttft_s is not None and pred.ttft_s > request.slo_ttft_s:
             raise SloUnmet(f"no worker can produce the first token within {_ms(request.slo_ttft_s)} "
                            f"(best predicted {_ms(pred.ttft_s)})")
         return Decision(worker=winner.id, policy=self.name, matched_blocks=pred.gpu_blocks + pred.host_blocks,
                         score=-pred.ttft_s, predicted_ttft_s=pred.ttft_s, predicted_itl_s=pred.itl_s,
                         prefill_work_s=pred.work_s, prefill_tokens=pred.new_tokens)
+
+
+    def _least(self, request: RouteRequest, fits: list[tuple[Prediction, WorkerView]]) -> tuple[Prediction, WorkerView]:
+        """The least score, scores within tie_steps decode steps of it tied: the longest cached prefix
+        among them, then the prefix's rendezvous owner."""
+        scored = [(p.ttft_s + self.miss_cost * p.work_s, p, w) for p, w in fits]
+        least, best, _ = min(scored, key=lambda spw: spw[0])
+        tied = [(p, w) for s, p, w in scored if s <= least + self.tie_steps * best.step_s + 1e-9]
+        fewest = min(p.new_tokens for p, _ in tied)
+        tied = [(p, w) for p, w in tied if p.new_tokens == fewest]
+        if len(tied) == 1:
+            return tied[0]
+        key = prefix_key(request, self.prefix_blocks)
+        return max(tied, key=lambda pw: rendezvous(key, pw[1].id))
 
 
 def _ms(seconds: float) -> str:

@@ -252,3 +252,22 @@ def test_near_ties_between_workers_without_the_prefix_go_to_the_prefix_owner():
                   for k, w in enumerate("abcd")]
         picks.add(policy.choose(route(PROMPT[:2048] + [i]), phases).worker)
     assert len(picks) == 1
+
+
+def test_with_concentrate_a_request_late_everywhere_joins_the_latest_queue():
+    def queued(worker: str, tokens: int) -> WorkerView:
+        return WorkerView(worker, in_flight=4, prefill_queue=4, prefill_queue_tokens=tokens,
+                          prefill_queue_s=TABLE.prefill_work(tokens, 0))
+    late = [queued("a", 60_000), queued("b", 64_000)]
+    assert min(predict(TABLE, w, len(PROMPT), 0, 0).ttft_s for w in late) > TABLE.ttft_slo_s
+    assert SloAware(KvIndex(), TABLE).choose(route(), late).worker == "a"            # the least late
+    assert SloAware(KvIndex(), TABLE, concentrate=True).choose(route(), late).worker == "b"
+    # while some worker is in time, or when the request states its SLO (refused instead), no change
+    in_time = [queued("a", 1_000), queued("b", 120_000)]
+    assert SloAware(KvIndex(), TABLE, concentrate=True).choose(route(), in_time).worker == "a"
+    with pytest.raises(SloUnmet):
+        SloAware(KvIndex(), TABLE, concentrate=True).choose(route(slo_ttft_s=TABLE.ttft_slo_s), late)
+    # its cache hits still count: a late worker holding the prompt beats a later one without it
+    index = KvIndex()
+    cached_on(index, "a", PROMPT)
+    assert SloAware(index, TABLE, concentrate=True).choose(route(), late).worker == "a"
