@@ -58,7 +58,8 @@ from router.policies.slo_table import SloTable, steps
 # Predicted TTFT below this share of the SLO is comfortable: among such workers the longest cached
 # prefix wins. Off by default: with the step phase placed and departures at Little's law rate, the plain
 # score (3.) kept more requests within the TTFT SLO and hit as often or more on all of seeds 0-3 at
-# 240 req/s (benchmarks/slo_routing.py: 89.7/97.6/94.5/99.9% against 88.9/96.2/91.4/99.9% at 0.5).
+# 240 req/s (benchmarks/slo_routing.py: 89.7/97.6/94.5/99.9% against 88.9/96.2/91.4/99.9% at 0.5;
+# measured on the roofline's operator costs before their last revision, as are the two sweeps below).
 DEFAULT_AFFINITY = 0.0
 # A prompt's uncached prefill counts this many times more against a worker: past its own TTFT, it is work
 # every request arriving after it waits for, and a conversation sent away from its history leaves its
