@@ -2,8 +2,8 @@
 
 The simulator runs the live cluster's engine and routing policy on a virtual clock. `schedule` replays
 the very requests the live sweep sends, stage for stage: what the measurement should read, short
-stages and all, without a host's noise or lag. `curve` runs each rate alone for thousands of requests:
-the steady state the planner models. The gap between the two is what the short stages cost.
+stages and all, without a host's noise or lag. `curve` runs each rate alone for thousands of requests,
+and `steady` for as many request lifetimes as a steady state needs: the state the planner models. The gap between the two is what the short stages cost.
 """
 from __future__ import annotations
 
@@ -17,13 +17,38 @@ from emulator.spec import ClusterSpec
 MIN_REQUESTS = 2000   # per rate: p99s from fewer requests are too noisy to compare (design 3b)
 
 
+STEADY_WARMUP_LIFETIMES = 10.0   # a steady state: the running batch forgets its start many times over
+STEADY_WINDOW_LIFETIMES = 30.0   # (near the knee the batch relaxes over two to three lifetimes)
+
+
 def simulate(spec: ClusterSpec, rate: float, min_requests: int = MIN_REQUESTS) -> Summary:
     """One rate: the spec's warm-up, then `min_requests` measured arrivals (never more than duration_s)."""
     w = spec.workload
     duration = min(w.warmup_s + w.duration_s, w.warmup_s + min_requests / rate)
-    requests = workload.from_spec(spec, rate, duration_s=duration)
+    return _run(spec, rate, w.warmup_s, duration)
+
+
+def steady(spec: ClusterSpec, rate: float, min_requests: int = MIN_REQUESTS) -> Summary:
+    """One rate in its steady state: a first run of `min_requests` gives the mean lifetime L; then a
+    warm-up of STEADY_WARMUP_LIFETIMES L and a window of STEADY_WINDOW_LIFETIMES L (at least the first
+    run's). A fixed request count at a high rate can end before a slowly filling pool does: the
+    disaggregated 70B spec's decode slots fill only ~80 s into a run at 77.8 req/s, after which its
+    queue grows without bound, while 2,000 requests span 40 s."""
+    w = spec.workload
+    first_window = min(w.duration_s, min_requests / rate)
+    first = _run(spec, rate, w.warmup_s, w.warmup_s + first_window)
+    lifetime = first.e2e.mean if first.e2e.mean == first.e2e.mean else 0.0   # NaN: nothing finished
+    warmup = max(w.warmup_s, STEADY_WARMUP_LIFETIMES * lifetime)
+    window = max(first_window, STEADY_WINDOW_LIFETIMES * lifetime)
+    if warmup <= w.warmup_s and window <= first_window:
+        return first
+    return _run(spec, rate, warmup, warmup + window)
+
+
+def _run(spec: ClusterSpec, rate: float, warmup: float, end: float) -> Summary:
+    requests = workload.from_spec(spec, rate, duration_s=end)
     sim = Simulator(spec).run(requests)
-    return sim.summary(window=(w.warmup_s, duration))
+    return sim.summary(window=(warmup, end))
 
 
 def curve(spec: ClusterSpec, rates: list[float], min_requests: int = MIN_REQUESTS, on_point=None) -> list[Summary]:

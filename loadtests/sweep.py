@@ -188,7 +188,7 @@ class SteadySims:
         if not self.enabled:
             return None
         if rate not in self._done:
-            self._done[rate] = sim_curve.simulate(self.spec, rate, self.min_requests)
+            self._done[rate] = sim_curve.steady(self.spec, rate, self.min_requests)
         return self._done[rate]
 
     def lifetime(self, rate: float) -> float:

@@ -227,3 +227,13 @@ def test_an_unchosen_time_scale_is_raised_until_the_host_affords_the_busiest_rat
     warning = sweep.fit_time_scale(chosen, steady, [70.0], chosen=True)
     assert chosen.scale == 1.0 and "may lag" in warning[0]
     assert sweep.fit_time_scale(SimpleNamespace(spec=spec, scale=2.0), steady, [70.0], chosen=False) == []
+
+
+def test_the_steady_state_simulator_runs_for_many_request_lifetimes():
+    from loadtests import sim_curve
+    spec = load_spec("tiny-test")
+    short = sim_curve.simulate(spec, 20.0, 500)
+    steady = sim_curve.steady(spec, 20.0, 500)
+    assert short.duration_s < sim_curve.STEADY_WINDOW_LIFETIMES * short.e2e.mean   # 500 requests are too few
+    assert steady.duration_s >= sim_curve.STEADY_WINDOW_LIFETIMES * short.e2e.mean * 0.99
+    assert steady.requests > short.requests
