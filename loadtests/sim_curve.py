@@ -3,7 +3,8 @@
 The simulator runs the live cluster's engine and routing policy on a virtual clock. `schedule` replays
 the very requests the live sweep sends, stage for stage: what the measurement should read, short
 stages and all, without a host's noise or lag. `curve` runs each rate alone for thousands of requests,
-and `steady` for as many request lifetimes as a steady state needs: the state the planner models. The gap between the two is what the short stages cost.
+and `steady` for as many request lifetimes as a steady state needs: the state the planner models.
+The gap between the two is what the short stages cost.
 """
 from __future__ import annotations
 
