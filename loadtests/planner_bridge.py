@@ -18,6 +18,7 @@ class Prediction:
     points: list            # emulator.planner.CurvePoint per requested rate (ttft_p99, itl_p99, goodput, ...)
     c_max: float | None
     error: str | None = None      # why there is no prediction
+    warnings: list[str] | None = None   # what the planner's laws leave out for this spec
 
 
 def planner_inputs(spec: ClusterSpec):
@@ -44,6 +45,12 @@ def predict(spec: ClusterSpec, rates: list[float]) -> Prediction:
     try:
         request, workload, cluster, slo = planner_inputs(spec)
         curve = planner.curve(request, workload, slo, cluster, list(rates), spec.catalog_data())
-        return Prediction(list(curve.points), float(curve.max_rate))
+        return Prediction(list(curve.points), float(curve.max_rate), warnings=_unmodelled(request, workload, spec))
     except planner.PlannerError as exc:
         return Prediction([], None, f"planner refused the spec: {exc}")
+
+
+def _unmodelled(request, workload, spec: ClusterSpec) -> list[str]:
+    from emulator.planner import context
+    from emulator.planner.api import unmodelled
+    return unmodelled(context.build(request, workload, spec.catalog_data()))

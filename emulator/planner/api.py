@@ -32,6 +32,7 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     resource: str                # the roofline ceiling behind it: compute or bandwidth (or kv_memory...)
     limits: list[Limit]          # the rate each constraint alone allows, tightest first
     at_max: curves.CurvePoint
+    warnings: list[str] = []     # what the model leaves out that this cluster would meet
 
 
 class PoolPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,7 +81,8 @@ def capacity(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster | 
     planned = sizing.max_rate(ctx, slo, cluster, rules=True)
     return Capacity(cluster=cluster, gpus=cluster.gpus(req.tp), max_rate=float(best), planned_rate=float(planned),
                     usable_rate=float(planned / req.headroom), concurrency=float(best * mean_latency(ctx, op)),
-                    binding=bind, resource=resource(ctx, bind, best, cluster), limits=lims, at_max=at_max)
+                    binding=bind, resource=resource(ctx, bind, best, cluster), limits=lims, at_max=at_max,
+                    warnings=unmodelled(ctx))
 
 
 def curve(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster, rates: list[float] | None = None,
@@ -197,6 +199,21 @@ def _availability_note(req: PlanRequest) -> list[str]:
             "of the time"]
 
 
+def unmodelled(ctx: context.Context) -> list[str]:
+    """Where the cluster does what the laws leave out: conditional disaggregation (the decode workers
+    prefill short uncached prompts themselves, in mixed steps this planner does not cost)."""
+    limit = ctx.req.local_prefill_tokens
+    if ctx.mode != "disaggregated" or limit <= 0:
+        return []
+    local = float(ctx.prompts.weights @ (ctx.new_tokens < limit))
+    if local < 0.01:
+        return []
+    return [f"{local:.0%} of requests have fewer than {limit} uncached prompt tokens, so the router prefills "
+            "them on their decode worker (conditional disaggregation); this plan counts every prefill on the "
+            "prefill pool, so it overstates the decode pool's capacity and understates ITL: check it with "
+            "kvlab sim or kvlab sweep"]
+
+
 def _notes(ctx: context.Context) -> list[str]:
     req = ctx.req
     notes = [f"sized for {ctx.workload.rate:g} x headroom {req.headroom:g} requests/s"
@@ -213,4 +230,4 @@ def _notes(ctx: context.Context) -> list[str]:
     if req.mode == "disaggregated":
         notes.append("first token from the prefill worker; the KV handoff is in the first inter-token gap"
                      if not req.first_token_after_transfer else "first token after the KV handoff (decode worker)")
-    return notes
+    return notes + unmodelled(ctx)

@@ -144,7 +144,7 @@ def _inputs(args) -> tuple[PlanRequest, Workload, Slo, Cluster | None]:
                       gpu_failures_per_hour=args.gpu_failures_per_hour, repair_hours=args.repair_hours,
                       dispatch=pick("dispatch", "random"),
                       cache_affinity=base.get("cache_affinity", True), engine=engine,
-                      tenants=base.get("tenants", []))
+                      tenants=base.get("tenants", []), local_prefill_tokens=base.get("local_prefill_tokens", 0))
     rate = args.rate or base.get("rate", 1.0)
     if "workload" in base and not any(getattr(args, f, None) is not None for f in _WORKLOAD_FLAGS):
         workload = msgspec.structs.replace(base["workload"], rate=rate)   # the spec's samples, prefixes and all
@@ -194,7 +194,8 @@ def _from_spec(spec, args) -> dict:
             "ttft_p99": spec.slo.ttft_p99_s, "itl_p99": spec.slo.itl_p99_s, "e2e_p99": spec.slo.e2e_p99_s,
             "cluster": cluster, "dispatch": planner_spec.dispatch(spec),
             "cache_affinity": planner_spec.cache_affinity(spec),
-            "engine": spec.engine_config(), "tenants": planner_spec.tenant_limits(spec)}
+            "engine": spec.engine_config(), "tenants": planner_spec.tenant_limits(spec),
+            "local_prefill_tokens": planner_spec.local_prefill_tokens(spec)}
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -234,6 +235,7 @@ def _render_capacity(c) -> str:
             f"ITL p50/p99 {_ms(c.at_max.itl_p50)} / {_ms(c.at_max.itl_p99)}",
             "  each constraint alone allows:"]
     rows += [f"    {lim.constraint:<14} {lim.rate:,.2f} req/s" for lim in c.limits]
+    rows += [f"  warning: {w}" for w in c.warnings]
     return "\n".join(rows)
 
 

@@ -15,6 +15,7 @@ from emulator.spec import ClusterSpec
 from kvlab.wire.block_hash import token_bytes
 from router.config import tenant_configs
 from router.frontdoor.tenants import bursts
+from router.policies.pd_pair import DEFAULT_LOCAL_PREFILL_TOKENS
 
 SAMPLE_REQUESTS = 4000   # generated requests whose lengths and prefixes the planner's laws come from
 
@@ -60,7 +61,14 @@ def plan_request(spec: ClusterSpec) -> PlanRequest:
         weight_dtype=spec.weight_dtype, kv_dtype=spec.kv_dtype,
         mode="disaggregated" if spec.disaggregated else "colocated",
         dispatch=dispatch(spec), cache_affinity=cache_affinity(spec),
-        engine=spec.engine_config(), tenants=tenant_limits(spec))
+        engine=spec.engine_config(), tenants=tenant_limits(spec), local_prefill_tokens=local_prefill_tokens(spec))
+
+
+def local_prefill_tokens(spec: ClusterSpec) -> int:
+    """pd_pair's conditional-disaggregation threshold for a disaggregated spec (0: none)."""
+    if not spec.disaggregated:
+        return 0
+    return int(spec.router.settings.get("local_prefill_tokens", DEFAULT_LOCAL_PREFILL_TOKENS))
 
 
 def tenant_limits(spec: ClusterSpec) -> list[TenantLimit]:

@@ -185,6 +185,9 @@ class PlanRequest(msgspec.Struct, frozen=True, kw_only=True):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)  # the settings that change the numbers
     kv_wait_fraction: float = 0.01      # design 3b: at most 1% of requests may wait for KV blocks
     tenants: list[TenantLimit] = []     # the router's per-tenant limits (planner.tenant_limits)
+    # Disaggregated: the router prefills a request on its decode worker when fewer prompt tokens than
+    # this are uncached (pd_pair's conditional disaggregation); 0: every prefill on the prefill pool.
+    local_prefill_tokens: int = 0
 
     def __post_init__(self):
         if self.tp < 1:

@@ -73,3 +73,4 @@ def test_a_spec_whose_tenants_cap_it_is_bound_by_them_in_plan_and_simulation():
     over = simulate(spec, 1.15 * capped, 1500)
     assert over.rejected > 0.01 * over.requests      # refused at the router's limits, in the simulator too
     assert simulate(unlimited, 1.15 * capped, 1500).rejected == 0
+
