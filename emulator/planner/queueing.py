@@ -99,7 +99,14 @@ def residual_pmf(s: np.ndarray, w: np.ndarray, h: float, cells: int) -> np.ndarr
     survival function at the grid points instead put every residual at 0 and the wait with it.
     """
     edges = np.arange(cells + 1) * h
-    integral = (w[None, :] * np.minimum(s[None, :], edges[:, None])).sum(axis=1)
+    # G(e) = sum over s <= e of w s, plus e x the weight of s > e: sorted cumulative sums, not a
+    # cells x points matrix (65,536 cells near saturation)
+    order = np.argsort(s, kind="stable")
+    s_sorted, w_sorted = s[order], w[order]
+    below = np.concatenate([[0.0], np.cumsum(w_sorted * s_sorted)])
+    above = np.concatenate([np.cumsum(w_sorted[::-1])[::-1], [0.0]])
+    k = np.searchsorted(s_sorted, edges, side="right")
+    integral = below[k] + edges * above[k]
     mass = np.diff(integral) / float(s @ w)
     pmf = np.zeros(cells)
     pmf += 0.5 * mass
