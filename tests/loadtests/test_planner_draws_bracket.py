@@ -38,3 +38,41 @@ def test_a_bracket_near_the_slo_is_left_as_it_is(monkeypatch):
     runs = {0.9: synthetic(17.0), 1.1: synthetic(19.2)}               # 0.08 s, 0.30 s: within 25% of 0.24
     planner_draws._refine(None, DRAW, 1.0, runs, 100)
     assert not calls
+
+
+def fake_run(rate: float, warmup: float, window: float, lifetime: float) -> Run:
+    return Run(rate=rate, ttft=np.full(10, 0.1), ttft_at=np.linspace(warmup, warmup + window, 10),
+               gaps=np.full(10, 0.01), gaps_at=np.linspace(warmup, warmup + window, 10),
+               window=(warmup, warmup + window), lifetime=lifetime)
+
+
+def test_a_rate_is_measured_over_many_request_lifetimes(monkeypatch):
+    """3,000 requests at 19 req/s span 158 s; with 4.7 s lifetimes the window must be 470 s, and the
+    warm-up (20 s at this rate) 47 s: the run is redone that long."""
+    calls = []
+
+    def fake(spec, rate, warmup, window):
+        calls.append((warmup, window))
+        return fake_run(rate, warmup, window, lifetime=4.7)
+    monkeypatch.setattr(planner_draws, "_simulate", fake)
+    monkeypatch.setattr(planner_draws, "warmup_s", lambda spec, rate: 20.0)
+    run = planner_draws.simulate(None, 19.0, 3000)
+    assert calls[0] == (20.0, 3000 / 19.0)
+    assert len(calls) == 2
+    warmup, end = run.window
+    assert warmup >= planner_draws.WARMUP_LIFETIMES * 4.7 - 1e-9
+    assert end - warmup >= planner_draws.WINDOW_LIFETIMES * 4.7 - 1e-9
+    # each bootstrap block spans several lifetimes (nearly independent blocks)
+    assert (end - warmup) / planner_draws.BLOCKS >= 4.7 * 4
+
+
+def test_a_run_already_long_enough_is_kept(monkeypatch):
+    calls = []
+
+    def fake(spec, rate, warmup, window):
+        calls.append((warmup, window))
+        return fake_run(rate, warmup, window, lifetime=0.5)    # 3,000 / 2 req/s = 1,500 s: 3,000 lifetimes
+    monkeypatch.setattr(planner_draws, "_simulate", fake)
+    monkeypatch.setattr(planner_draws, "warmup_s", lambda spec, rate: 100.0)
+    planner_draws.simulate(None, 2.0, 3000)
+    assert calls == [(100.0, 1500.0)]
