@@ -20,12 +20,12 @@ def test_planner_cmax_within_15_percent_of_the_simulators(name):
     assert abs(result.gap) <= 0.15, result
 
 
-@pytest.mark.parametrize("index", [5, 7, 13])
+@pytest.mark.parametrize("index", [7, 13])
 def test_planner_cmax_within_10_percent_on_drawn_clusters(index):
-    """Three of benchmarks/planner_vs_sim.py's fixed-seed random clusters (small, ITL-bound 8B ones:
-    two disaggregated, and a colocated one whose mixed steps set the ITL tail, +10.8% before they
-    were spread by the decodes and the chunk's place in its prompt; a few seconds of simulation
-    each); the benchmark runs all 30."""
+    """Two of benchmarks/planner_vs_sim.py's fixed-seed random clusters (small, ITL-bound 8B ones: a
+    disaggregated one, and a colocated one whose mixed steps set the ITL tail, +10.8% before they
+    were spread by the decodes and the chunk's place in its prompt). Each rate is simulated for 100
+    request lifetimes (10 to 110 s of CPU a draw); the benchmark runs all 30."""
     from loadtests import planner_draws
     draw = planner_draws.draws(12, index + 1)[index]
     result = planner_draws.compare(draw, requests=2000)
