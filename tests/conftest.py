@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import socket
 import threading
 import time
 
 import httpx
 import pytest
+
+# A suite started in the background by a non-interactive shell (`... &`) inherits SIGINT ignored, and
+# the processes it starts would too: the Ctrl-C tests' `kvlab up` could not be interrupted. A handler
+# here is reset to the default in every child, so they all take Ctrl-C as a terminal would deliver it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
