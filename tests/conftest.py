@@ -23,17 +23,23 @@ import time
 
 import httpx
 import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from workers.config import WorkerConfig, worker_config
+from workers.server import create_app
 
 # A suite started in the background by a non-interactive shell (`... &`) inherits SIGINT ignored, and
 # the processes it starts would too: the Ctrl-C tests' `kvlab up` could not be interrupted. A handler
 # here is reset to the default in every child, so they all take Ctrl-C as a terminal would deliver it.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
-from workers.config import WorkerConfig, worker_config
-from workers.server import create_app
+
+def interruptible() -> None:
+    """preexec_fn for a child a test will Ctrl-C: SIGINT at its default whatever this process holds."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 try:
     import uvloop

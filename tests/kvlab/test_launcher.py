@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from emulator.spec import example_specs, load_spec
-from tests.conftest import free_port_block
+from tests.conftest import free_port_block, interruptible
 
 
 def _descendants(pid: int) -> set[int]:
@@ -42,7 +42,8 @@ def _alive(pid: int) -> bool:
 def test_kvlab_up_serves_the_openai_sdk_and_ctrl_c_stops_everything(name):
     spec = load_spec(name)
     proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "up", name], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         line = proc.stdout.readline()
         assert "is up" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -88,7 +89,8 @@ def test_kvlab_up_restarts_a_worker_that_dies_and_keeps_serving():
     import httpx
     spec = load_spec("tiny-test")
     proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "up", "tiny-test"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         assert "is up" in proc.stdout.readline()
         victim = _worker_pid(proc.pid, "both-0")
@@ -135,7 +137,8 @@ def _tiny_spec_on_free_ports(tmp_path):
 
 def _start_up(args: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "up", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     line = proc.stdout.readline()
     assert "is up" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
     return proc, line

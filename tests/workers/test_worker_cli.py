@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import interruptible
 from workers import cli
 
 
@@ -52,7 +53,8 @@ def test_spec_slot_sets_the_config_and_given_flags_override_it():
 def test_worker_process_serves_then_shuts_down_cleanly_on_signal(free_tcp_port, sig):
     port = free_tcp_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvlab.cli", "worker", "--port", str(port), "--num-blocks", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=interruptible)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
