@@ -142,8 +142,8 @@ def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) 
     """The hardware limit behind a binding constraint: the roofline bound of the steps it depends on."""
     if binding == "tenant_limit":
         op = evaluate(ctx, cluster, rate * (1 + 4 * sizing.RATE_TOL))
-        lifetime = op.ttft_mean + ctx.decode_tokens * op.itl_mean
-        return tenant_limits.worst(ctx.req.tenants, op.rate, lifetime, ctx.prompts.mean() + ctx.outputs.mean())
+        return tenant_limits.worst(ctx.req.tenants, op.rate, mean_latency(ctx, op),
+                                   ctx.prompts.mean() + ctx.outputs.mean())
     if binding in ("kv_memory", "max_num_seqs", "preemption", "kv_link", "compute", "bandwidth"):
         return {"preemption": "kv_memory", "max_num_seqs": "batch slots"}.get(binding, binding)
     if binding in ("ttft_slo", "e2e_slo"):
