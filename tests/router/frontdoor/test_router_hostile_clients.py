@@ -69,10 +69,10 @@ def test_a_huge_text_prompt_is_refused_from_a_bound_without_tokenizing_it(start_
 
 def test_health_keeps_answering_while_a_huge_prompt_is_tokenized(start_worker, serve):
     worker = start_worker()
-    # ~1M tokens (4 a word) against a 600K-token input limit that the lower bound (~470K: non-space
+    # ~1.25M tokens (5 a word) against a 1M-token input limit that the lower bound (~653K: 2.6M non-space
     # characters / 4) cannot settle: tokenized whole, then refused, so the worker never sees it and the
     # request's duration is the router's own work on it.
-    router = _start(serve, [worker], limits=Limits(max_model_len=10**9, max_input_tokens=600_000))
+    router = _start(serve, [worker], limits=Limits(max_model_len=10**9, max_input_tokens=1_000_000))
     rng = random.Random(7)
     text = " ".join(f"a{j}y{rng.randrange(1000)}" for j in range(250_000))
     gaps: list[float] = []
