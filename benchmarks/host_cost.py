@@ -12,7 +12,7 @@ the workers' `vllm:generation_tokens` counters are read after `--warmup` seconds
 the difference is the figure. Prints one line per process and the total.
 
 Run: .venv/bin/python benchmarks/host_cost.py [--spec default] [--rate 30] [--time-scale 10]
-     [--stream-interval 1] [--seconds 30]
+     [--stream-interval 1] [--seconds 30] [--http-client fast|httpx]
 """
 from __future__ import annotations
 
@@ -77,8 +77,7 @@ def measure(args) -> dict[str, float]:
         cmd = command(cluster.url, [(args.rate, args.seconds + 30)], records=work / "records.jsonl",
                       time_scale=scale, measured_until=args.seconds + 30, spec=str(spec_path),
                       run_time_s=args.seconds + 40)
-        if args.fast_http:
-            cmd += ["--http-client", "fast"]
+        cmd += ["--http-client", args.http_client]
         run = LocustRun(cmd, work / "records.jsonl", work / "locust.log").start()
         pids = {name: proc.pid for name, proc in cluster.procs} | {"locust (client)": run.proc.pid}
         time.sleep(args.warmup)
@@ -109,7 +108,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="wall seconds measured")
     parser.add_argument("--warmup", type=float, default=10.0, help="wall seconds before measuring")
     parser.add_argument("--port", type=int, default=18700, help="router port; workers take the next ones")
-    parser.add_argument("--fast-http", action="store_true", help="Locust's FastHttpUser client (geventhttpclient)")
+    parser.add_argument("--http-client", default="fast", choices=["fast", "httpx"],
+                        help="the load generator's client: geventhttpclient (Locust's FastHttpUser) or httpx")
     measure(parser.parse_args())
 
 

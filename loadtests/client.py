@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from loadtests.fast_http import FastClient
 from loadtests.llm_measure import StreamResult, fire_locust_events, record, stream_request
 from loadtests.options import LoadConfig, load_config
 from loadtests.payloads import body, path_for
@@ -23,8 +24,7 @@ class LLMClient:
         self.events = events
         # One pool for every user and open-loop greenlet: hundreds of concurrent streams are normal near
         # a cluster's knee, so connections are not capped here (the open loop caps requests instead).
-        self.http = httpx.Client(base_url=config.host, timeout=None,
-                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=2048))
+        self.http = _http_client(config)
         self.path = path_for(config.api)
         self.records = RecordWriter(config.records) if config.records else None
 
@@ -54,6 +54,15 @@ class LLMClient:
     def write(self, row: dict[str, Any]) -> None:
         if self.records is not None:
             self.records.write(row)
+
+
+def _http_client(config: LoadConfig):
+    """geventhttpclient by default (loadtests.fast_http: O(1) pooling, C parsing); httpx on request (it
+    honours proxy settings)."""
+    if config.http_client == "httpx":
+        return httpx.Client(base_url=config.host, timeout=None,
+                            limits=httpx.Limits(max_connections=None, max_keepalive_connections=2048))
+    return FastClient(config.host, max_connections=config.max_connections)
 
 
 _clients: dict[int, LLMClient] = {}

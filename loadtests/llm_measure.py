@@ -9,6 +9,7 @@ the time scale, are the ITLs, so percentiles stay per token. Works against any O
 """
 from __future__ import annotations
 
+import http.client
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ import httpx
 import msgspec
 
 _decode = msgspec.json.Decoder().decode
+# What a broken exchange raises: httpx's errors, or a socket error / bad reply under loadtests.fast_http.
+TRANSPORT_ERRORS = (httpx.HTTPError, OSError, http.client.HTTPException)
 
 
 @dataclass
@@ -50,9 +53,10 @@ class StreamResult:
         return details.get("cached_tokens")
 
 
-def stream_request(client: httpx.Client, path: str, payload: dict, headers: dict | None = None,
+def stream_request(client, path: str, payload: dict, headers: dict | None = None,
                    timeout: float | None = 600.0, result: StreamResult | None = None) -> StreamResult:
     """POST `payload` with stream=True to `path` and time every content chunk; never raises an HTTP error.
+    `client`: an httpx.Client, or a loadtests.fast_http.FastClient (the load generator's).
 
     Pass `result` to keep the timings so far if the caller is interrupted mid-stream (the load test
     ends while long answers are still streaming: their TTFT and gaps still count).
@@ -68,7 +72,7 @@ def stream_request(client: httpx.Client, path: str, payload: dict, headers: dict
                 result.error = _error_message(response.read(), response.status_code)
                 return result
             _read_events(response, result, start)
-    except httpx.HTTPError as exc:
+    except TRANSPORT_ERRORS as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     result.e2e_s = time.perf_counter() - start
     return result
@@ -95,7 +99,8 @@ def _read_events(response: httpx.Response, result: StreamResult, start: float) -
     parts: list[str] = []
     last = None
     result.text = ""
-    for data in _sse_data(response):
+    events = _sse_data(response)
+    for data in events:
         if data == b"[DONE]":
             break
         event = _decode(data)
@@ -118,6 +123,8 @@ def _read_events(response: httpx.Response, result: StreamResult, start: float) -
         result.chunks += len(stated) + (last is None) if stated else 1
         last = now
         parts.append(text)
+    for _ in events:   # read to the body's end: a connection left mid-body is closed, not reused
+        pass
     result.text = "".join(parts)
     result.done = True
     if result.error is None and result.chunks == 0:

@@ -42,6 +42,8 @@ def add_options(parser) -> None:
     _add(parser, "--records", default="", help="append one JSON line per request (raw timings) to this file")
     _add(parser, "--itl-events", default="gap", choices=["gap", "mean"],
          help="fire one ITL event per token gap (exact percentiles) or one per request (cheaper)")
+    _add(parser, "--http-client", default="fast", choices=["fast", "httpx"],
+         help="fast: geventhttpclient, as Locust's FastHttpUser (cheapest per token); httpx: honours proxy settings")
     _add(parser, "--no-ignore-eos", action="store_true", help="do not send vLLM's ignore_eos=true")
     # open-loop arrivals (open_loop.py)
     _add(parser, "--rate", type=float, default=1.0, help="open loop: arrivals per second (server time)")
@@ -86,6 +88,8 @@ class LoadConfig:
     records: str
     itl_per_gap: bool
     ignore_eos: bool
+    http_client: str = "fast"
+    max_connections: int = 4096
     spec: Any = None
     time_scale_source: str = ""
 
@@ -104,7 +108,8 @@ def _build(host: str, options) -> LoadConfig:
         time_scale=scale, time_scale_source=source,
         seed=options.seed if options.seed is not None else (workload.seed if workload else 0),
         records=options.records, itl_per_gap=options.itl_events == "gap",
-        ignore_eos=not options.no_ignore_eos, spec=spec)
+        ignore_eos=not options.no_ignore_eos, spec=spec, http_client=options.http_client,
+        max_connections=max(1, options.max_in_flight))
 
 
 def resolve_time_scale(given: float, host: str, spec) -> tuple[float, str]:

@@ -12,6 +12,7 @@ import pytest
 
 from emulator.physics import roofline
 from loadtests.fake_openai import FakeOpenAI
+from loadtests.fast_http import FastClient
 from loadtests.llm_measure import StreamResult, fire_locust_events, record, stream_request
 
 
@@ -28,9 +29,14 @@ def fake():
         s.stop()
 
 
-def test_ttft_and_gaps_match_a_server_with_known_timing(fake):
+CLIENTS = {"httpx": lambda url: httpx.Client(base_url=url),
+           "fast": lambda url: FastClient(url, max_connections=8, timeout_s=5)}   # the load generator's
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_ttft_and_gaps_match_a_server_with_known_timing(fake, kind):
     server = fake(ttft_s=0.08, gap_s=0.02)
-    with httpx.Client(base_url=server.url) as client:
+    with CLIENTS[kind](server.url) as client:
         result = stream_request(client, "/v1/chat/completions",
                                 {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12})
     assert result.ok and result.status == 200
@@ -43,19 +49,23 @@ def test_ttft_and_gaps_match_a_server_with_known_timing(fake):
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
-def test_completions_api_is_timed_the_same_way(fake):
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_completions_api_is_timed_the_same_way(fake, kind):
     server = fake(ttft_s=0.03, gap_s=0.01)
-    with httpx.Client(base_url=server.url) as client:
-        result = stream_request(client, "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 5})
-    assert result.ok and result.output_tokens == 5 and len(result.gaps_s) == 4
+    with CLIENTS[kind](server.url) as client:
+        results = [stream_request(client, "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 5})
+                   for _ in range(3)]   # one after another: a kept-alive connection serves the next whole
+    assert all(r.ok and r.output_tokens == 5 and len(r.gaps_s) == 4 for r in results)
+    assert len(server.received) == 3
 
 
-def test_http_errors_and_refused_connections_are_results_not_exceptions(fake):
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_http_errors_and_refused_connections_are_results_not_exceptions(fake, kind):
     server = fake(status=429)
-    with httpx.Client(base_url=server.url) as client:
+    with CLIENTS[kind](server.url) as client:
         refused = stream_request(client, "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2})
     assert not refused.ok and refused.status == 429 and "HTTP 429" in refused.error and "refused" in refused.error
-    with httpx.Client(base_url="http://127.0.0.1:9") as client:   # discard port: nothing listens
+    with CLIENTS[kind]("http://127.0.0.1:9") as client:   # discard port: nothing listens
         down = stream_request(client, "/v1/completions", {"model": "m", "prompt": "x"}, timeout=2)
     assert not down.ok and down.status == 0 and down.error
 
