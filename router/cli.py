@@ -22,7 +22,7 @@ import msgspec
 import uvicorn
 
 from emulator.engine_config import ROLES, is_role
-from kvlab.wire.http_server import uvicorn_settings
+from kvlab.wire.http_server import steady_gc, uvicorn_settings
 from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS
 from router.processes import usable_cores
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     _warn_about(config)
     # uvloop + httptools (with a header deadline, kvlab.wire.http_server): the fastest stack uvicorn offers;
     # no access log on the hot path.
+    steady_gc()
     uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5, **uvicorn_settings(config.server))
     return 0

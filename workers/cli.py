@@ -16,7 +16,7 @@ import uvicorn
 
 from emulator.engine_config import DEFAULTS, ROLES
 from emulator.physics.catalog import CatalogError
-from kvlab.wire.http_server import ServerLimits, uvicorn_settings
+from kvlab.wire.http_server import ServerLimits, steady_gc, uvicorn_settings
 from workers.config import WorkerConfig, worker_config
 from workers.core.engine import EngineError
 
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     except (CatalogError, EngineError, ValueError, OSError) as exc:
         log.error("cannot start worker: %s", exc)
         return 2
+    steady_gc()
     uvicorn.run(app, host=args.host, port=port, loop=event_loop_name(), log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_shutdown_s, **uvicorn_settings(ServerLimits()))
     return 0
