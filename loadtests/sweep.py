@@ -47,18 +47,29 @@ CURVE_FACTORS = (0.6,)     # x the expected C_max, measured before the bracket: 
 SIM_STEP = 1.05            # the steady-state simulator steps rates by 5% from the planner's C_max to the crossing
 SIM_MAX_STEPS = 8
 DEFAULT_LIFETIME_S = 5.0   # emulated: a request's lifetime when neither simulator nor planner gives one
+MAX_TIME_SCALE = 50.0     # the fit stops raising here (a host that slow lags whatever)
 HOST_BUDGET_CORES = 1.5    # of a 2-core host: the sweep process and the OS keep the rest
 HOST_HEADROOM = 0.5        # use at most half the budget: a shared host's neighbours take the rest
-# CPU microseconds per emulated output token for workers + router + load generator together: a cost
-# per token plus a cost per SSE chunk shared by the chunk's tokens. benchmarks/host_cost.py,
-# colocated-8b-h100 (4 workers) at 40 req/s, time scale 2, 2-core host: 124 us at stream_interval 1,
-# 56 us at 16, so 51.5 + 72.5 / stream_interval (the default spec's 2 workers measured 45 at 16).
-HOST_COST_US = (51.5, 72.5)
+# The cluster's host CPU: each busy worker's steps cost a fixed share of a core, and every emulated
+# output token a cost along the whole path (worker, router, load generator) plus its share of an SSE
+# chunk. benchmarks/host_cost.py on a 2-core host, geventhttpclient load generator:
+# colocated-8b-h100 (4 workers) at 40 req/s, time scale 2: 56.8 CPU us/token at stream_interval 16,
+# 118.7 at 1 (5.9k tokens per wall s). A worker took 0.045 cores at 1.5k tokens per wall s there and
+# 0.135 at 7.9k (default spec, 57.3 req/s, time scale 1): a line through both leaves 0.024 cores at no
+# tokens, taken as 0.03. What is left: 32.5 + 66 / stream_interval us per token. The default spec
+# measured 31.7-36.9 us per token in all (the model says 37-41: it errs towards a slower time scale).
+WORKER_BUSY_CORES = 0.03
+HOST_COST_US = (32.5, 66.0)
 
 
 def host_cost_us_per_token(stream_interval: int) -> float:
     per_token, per_chunk = HOST_COST_US
     return per_token + per_chunk / max(1, stream_interval)
+
+
+def host_cores(tokens_per_wall_s: float, workers: int, stream_interval: int) -> float:
+    """CPU cores the cluster and its load generator use at this token rate (see HOST_COST_US)."""
+    return workers * WORKER_BUSY_CORES + tokens_per_wall_s * host_cost_us_per_token(stream_interval) * 1e-6
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,20 +244,24 @@ def steady_crossing(steady: SteadySims, slo, guess: float | None) -> dict | None
 
 
 def fit_time_scale(setup: Setup, steady: SteadySims, rates: list[float], chosen: bool) -> list[str]:
-    """The host must afford the busiest rate: CPU per wall second = emulated tokens per second / time
-    scale x host cost per token, within HOST_HEADROOM of the budget. A time scale the user did not
-    choose is raised (in half steps) until it fits; a chosen one is kept, with a warning."""
+    """The host must afford the busiest rate: `host_cores` at its emulated tokens per second / time
+    scale, within HOST_HEADROOM of the budget. A time scale the user did not choose is raised (in half
+    steps) until it fits; a chosen one is kept, with a warning."""
     s = steady.at(max(rates))
     if s is None or not s.output_tokens_per_s:
         return []
-    cost = host_cost_us_per_token(setup.spec.engine.stream_interval) * 1e-6
+    spec = setup.spec
+    workers, interval = len(spec.worker_list()), spec.engine.stream_interval
     cores = min(HOST_BUDGET_CORES, (os.cpu_count() or 1) * 0.75) * HOST_HEADROOM
-    afford = max(1.0, math.ceil(s.output_tokens_per_s * cost / cores * 2) / 2)
+    afford = 1.0
+    while host_cores(s.output_tokens_per_s / afford, workers, interval) > cores and afford < MAX_TIME_SCALE:
+        afford += 0.5
     if afford <= setup.scale:
         return []
     why = (f"at {max(rates):.1f} req/s the cluster streams {s.output_tokens_per_s:.0f} tokens per emulated second "
-           f"at ~{cost * 1e6:.0f} CPU us each (benchmarks/host_cost.py): time scale {afford:g} keeps that within "
-           f"{cores:.2f} of this host's cores")
+           f"at ~{host_cost_us_per_token(interval):.0f} CPU us each, and {workers} busy workers take "
+           f"{workers * WORKER_BUSY_CORES:.2f} cores (benchmarks/host_cost.py): time scale {afford:g} keeps that "
+           f"within {cores:.2f} of this host's cores")
     if chosen:
         return [f"{why}; the chosen time scale {setup.scale:g} may lag"]
     print(f"time scale raised from {setup.scale:g} to {afford:g}: {why}", flush=True)

@@ -217,12 +217,16 @@ def test_an_unchosen_time_scale_is_raised_until_the_host_affords_the_busiest_rat
 
     from loadtests import sweep
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
-    spec = load_spec("colocated-8b-h100")   # stream_interval 16: 56 CPU us per token
+    spec = load_spec("colocated-8b-h100")   # 4 workers, stream_interval 16: 36.6 CPU us per token
     steady = SimpleNamespace(at=lambda rate: SimpleNamespace(output_tokens_per_s=20_000.0))
     setup = SimpleNamespace(spec=spec, scale=1.0)
     assert sweep.fit_time_scale(setup, steady, [70.0], chosen=False) == []
-    # 20k tokens/s x 56 us = 1.12 cores, against half of a 1.5-core budget: 1.49 -> the next half step
-    assert setup.scale == 1.5 and sweep.host_cost_us_per_token(16) == pytest.approx(56.0, abs=0.1)
+    # 4 x 0.03 + 20k tokens/s x 36.6 us = 0.85 cores, over half of a 1.5-core budget (0.75); at 1.5: 0.61
+    assert setup.scale == 1.5 and sweep.host_cost_us_per_token(16) == pytest.approx(36.6, abs=0.1)
+    assert sweep.host_cores(20_000.0, 4, 16) == pytest.approx(0.85, abs=0.01)
+    few = SimpleNamespace(at=lambda rate: SimpleNamespace(output_tokens_per_s=15_000.0))
+    two = SimpleNamespace(spec=load_spec("default"), scale=1.0)   # 2 workers: 0.06 + 0.55 cores fit
+    assert sweep.fit_time_scale(two, few, [57.0], chosen=False) == [] and two.scale == 1.0
     chosen = SimpleNamespace(spec=spec, scale=1.0)
     warning = sweep.fit_time_scale(chosen, steady, [70.0], chosen=True)
     assert chosen.scale == 1.0 and "may lag" in warning[0]
