@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 CHILD = """
+import gc
 from kvlab.wire.http_server import FULL_GC_EVERY, steady_gc
 before = gc.get_threshold()
 steady_gc()
