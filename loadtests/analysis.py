@@ -105,16 +105,19 @@ class Capacity:
 
 
 def c_max(rates: Sequence[float], ttft_p99: Sequence[float], itl_p99: Sequence[float],
-          ttft_slo: float, itl_slo: float) -> Capacity:
+          ttft_slo: float, itl_slo: float, ttft_misses: Sequence[float] | None = None) -> Capacity:
     """Where p99 TTFT or p99 ITL first crosses its SLO, interpolated between the two rates around it.
 
     Latency grows roughly exponentially near the knee, so the crossing is interpolated linearly in
-    log(latency) against rate; the smaller crossing of the two metrics wins.
+    log(latency) against rate; the smaller crossing of the two metrics wins. Where a load shedder
+    refuses over 1% at the upper rate its p99 TTFT is infinite; given each rate's share of TTFT misses
+    (refused, or over the SLO), the crossing is where that share reaches 1%, linear in rate.
     """
-    points = sorted(zip(rates, ttft_p99, itl_p99, strict=True))
+    misses = list(ttft_misses) if ttft_misses is not None else [math.nan] * len(rates)
+    points = sorted(zip(rates, ttft_p99, itl_p99, misses, strict=True))
     if not points:
         return Capacity(None, "none")
-    meets = [_meets(t, i, ttft_slo, itl_slo) for _, t, i in points]
+    meets = [_meets(t, i, ttft_slo, itl_slo) for _, t, i, _ in points]
     if not meets[0]:
         return Capacity(points[0][0], "below", _culprit(points[0], ttft_slo, itl_slo))
     for k in range(len(points) - 1):
@@ -123,12 +126,15 @@ def c_max(rates: Sequence[float], ttft_p99: Sequence[float], itl_p99: Sequence[f
     return Capacity(points[-1][0], "at_least")
 
 
+MISS_SHARE = 0.01   # a p99 meets its SLO while at most 1% of requests miss it
+
+
 def _meets(ttft: float, itl: float, ttft_slo: float, itl_slo: float) -> bool:
     return bool(np.isfinite(ttft) and np.isfinite(itl) and ttft <= ttft_slo and itl <= itl_slo)
 
 
 def _culprit(point, ttft_slo: float, itl_slo: float) -> str:
-    _, t, i = point
+    _, t, i, *_ = point
     return "ttft" if not (np.isfinite(t) and t <= ttft_slo) else "itl"
 
 
@@ -136,6 +142,10 @@ def _crossing(lo, hi, ttft_slo: float, itl_slo: float) -> Capacity:
     candidates = []
     for name, index, slo in (("ttft", 1, ttft_slo), ("itl", 2, itl_slo)):
         a, b = lo[index], hi[index]
+        if not np.isfinite(b) and name == "ttft" and np.isfinite(lo[3]) and hi[3] > max(lo[3], MISS_SHARE):
+            frac = min(max((MISS_SHARE - lo[3]) / (hi[3] - lo[3]), 0.0), 1.0)
+            candidates.append((lo[0] + frac * (hi[0] - lo[0]), name))
+            continue
         if not np.isfinite(b):
             # Too many requests failed at `hi` for a p99: no slope to follow, only the bracket is known.
             return Capacity(lo[0], "bracket", name, upper=hi[0])

@@ -35,7 +35,8 @@ def check(spec: ClusterSpec, min_requests: int = sim_curve.MIN_REQUESTS,
     points = sim_curve.curve(spec, rates, min_requests)
     ttft = [analysis.summary_ttft_p99_with_failures(p) for p in points]   # refusals are misses, as in the sweep
     itl = [p.itl.p99 for p in points]
-    cap = analysis.c_max(rates, ttft, itl, spec.slo.ttft_p99_s, spec.slo.itl_p99_s)
+    misses = [p.ttft_miss_share for p in points]   # where a shedder refuses: the crossing of 1% misses
+    cap = analysis.c_max(rates, ttft, itl, spec.slo.ttft_p99_s, spec.slo.itl_p99_s, misses)
     gap = planned.c_max / cap.rate - 1 if cap.rate and cap.bound == "interpolated" else None
     return CapacityCheck(spec=spec.name, planner_c_max=planned.c_max, sim_c_max=cap.rate, sim_bound=cap.bound,
                          gap=gap, rates=rates, sim_ttft_p99=ttft, sim_itl_p99=itl)

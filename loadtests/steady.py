@@ -189,13 +189,17 @@ class Bracket:
         return math.sqrt(lo * hi)
 
 
-def crossing(lo: tuple[float, float, float], hi: tuple[float, float, float], ttft_slo: float,
-             itl_slo: float) -> float:
-    """The rate between a passing (rate, p99 TTFT, p99 ITL) and a failing one where the first metric
-    reaches its SLO, linear in log latency; the bracket's geometric middle when a p99 is infinite."""
+def crossing(lo: tuple[float, ...], hi: tuple[float, ...], ttft_slo: float, itl_slo: float) -> float:
+    """The rate between a passing (rate, p99 TTFT, p99 ITL[, TTFT miss share]) and a failing one where
+    the first metric reaches its SLO, linear in log latency. Where the failing p99 TTFT is infinite (a
+    shedder refused over 1%), where the share of TTFT misses reaches 1%, linear in rate, when both
+    shares are given; else the bracket's geometric middle."""
     rates = []
     for k, slo in ((1, ttft_slo), (2, itl_slo)):
         a, b = lo[k], hi[k]
+        if not math.isfinite(b) and k == 1 and len(lo) > 3 and math.isfinite(lo[3]) and hi[3] > max(lo[3], 0.01):
+            rates.append(lo[0] + min(max((0.01 - lo[3]) / (hi[3] - lo[3]), 0.0), 1.0) * (hi[0] - lo[0]))
+            continue
         if not math.isfinite(b):
             return math.sqrt(lo[0] * hi[0])
         if b > slo:

@@ -225,7 +225,7 @@ def steady_crossing(steady: SteadySims, slo, guess: float | None) -> dict | None
 
     def point(r):
         s = steady.at(r)
-        return (r, _num(_sim_ttft(rpt.to_builtins(s))), _num(s.itl.p99))
+        return (r, _num(_sim_ttft(rpt.to_builtins(s))), _num(s.itl.p99), s.ttft_miss_share)
 
     first = point(guess)
     up = meets(first[1], first[2], slo)

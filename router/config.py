@@ -125,14 +125,11 @@ def from_spec(path: str, worker_host: str = "127.0.0.1",
     limits = Limits(max_input_tokens=r.max_input_tokens, max_tokens_limit=r.max_tokens_limit,
                     max_model_len=spec.max_model_len)
     tenants = tenant_configs(spec)
-    # The SLO is in emulated seconds; the router measures wall seconds, time_scale times longer.
-    slo_s = spec.slo.ttft_p99_s * spec.engine.time_scale
     salt_secret = read_secret(r.salt_secret_file) if r.salt_secret_file else None
-    drain = _prefill_times(spec) if r.shedding else None
     config = RouterConfig(workers=workers, policy=r.policy, policies={r.policy: dict(r.settings)}, tenants=tenants,
                           limits=limits, admin_token=r.admin_token, salt_secret=salt_secret,
                           block_size=spec.engine.block_size, kv_index=_index_settings(spec),
-                          shedding=_shedding(slo_s, drain), models=[spec.model], slo_table=slo_table(spec))
+                          shedding=shedding_config(spec), models=[spec.model], slo_table=slo_table(spec))
     return config, r.port, r.host
 
 
@@ -149,16 +146,15 @@ def _index_settings(spec) -> dict[str, Any]:
     return {} if credit is None else {"host_credit": credit}
 
 
-def _prefill_times(spec):
-    """The shedder's S and 1/mu in wall seconds and its line (router.frontdoor.drain)."""
+def shedding_config(spec, time_scale: float | None = None) -> SheddingConfig:
+    """The spec's load shedder (router.frontdoor.gate.DrainLimit). Its SLO and drain times are in
+    emulated seconds x `time_scale`: the spec's for the router, which measures wall seconds (time_scale
+    times longer), and 1 for the simulator's clock, which is emulated time."""
     from router.frontdoor.drain import prefill_times
-    drain = prefill_times(spec)
-    scale = spec.engine.time_scale
-    return drain._replace(prefill_s=drain.prefill_s * scale, drain_s=drain.drain_s * scale)
-
-
-def _shedding(slo_s: float, drain) -> SheddingConfig:
-    if drain is None:
+    scale = spec.engine.time_scale if time_scale is None else time_scale
+    slo_s = spec.slo.ttft_p99_s * scale
+    if not spec.router.shedding:
         return SheddingConfig(enabled=False, ttft_slo_s=slo_s)
-    return SheddingConfig(enabled=True, ttft_slo_s=slo_s, prefill_s=drain.prefill_s, drain_s=drain.drain_s,
-                          places=drain.places)
+    drain = prefill_times(spec)   # S, 1/mu and the line (router.frontdoor.drain)
+    return SheddingConfig(enabled=True, ttft_slo_s=slo_s, prefill_s=drain.prefill_s * scale,
+                          drain_s=drain.drain_s * scale, places=drain.places)

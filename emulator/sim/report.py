@@ -80,6 +80,8 @@ class Summary(msgspec.Struct, kw_only=True):
     preemptions: int
     workers: dict[str, dict]
     host_hit_rate: float = 0.0  # the part of prefix_hit_rate onboarded from host memory (host KV tier)
+    ttft_miss_share: float = 0.0   # share of all requests refused or with TTFT over the SLO: p99 TTFT
+                                   # meets the SLO while this is at most 1%
 
 
 def percentiles(values) -> Percentiles:
@@ -130,7 +132,8 @@ class LatencyLog:
             ttft=percentiles(ttft), itl=percentiles(self._gaps_in(window)),
             tpot=percentiles(tpot), e2e=percentiles([r.last - r.arrival for r in done]),
             goodput_rps=len(good) / span if span else 0.0,
-            slo_attainment=len(good) / len(records) if records else 0.0, **extra)
+            slo_attainment=len(good) / len(records) if records else 0.0,
+            ttft_miss_share=1.0 - sum(1 for t in ttft if t <= ttft_slo) / len(records) if records else 0.0, **extra)
 
 
     def _gaps_in(self, window: tuple[float, float] | None) -> np.ndarray:

@@ -18,8 +18,9 @@ from emulator.sim.report import LatencyLog, Summary
 from emulator.spec import ClusterSpec
 from kvlab.wire.kv_events import KVEventBatch
 from kvlab.wire.openai_api import PRIORITY_CLASSES
-from router.config import tenant_configs
+from router.config import shedding_config, tenant_configs
 from router.frontdoor.admission import Admission
+from router.frontdoor.gate import DrainLimit
 from router.frontdoor.tenants import Tenants
 from router.policies import routing
 from router.policies.base import Decision, NoWorkerAvailable, RouteRequest, WorkerView
@@ -90,6 +91,9 @@ class Simulator:
         self.priorities = {t.name: PRIORITY_CLASSES[t.priority] for t in spec.tenants}   # as the router forces
         self.tenants = Tenants(tenant_configs(spec))   # the router's own limits, on the simulated clock
         self._tickets: dict[str, Admission] = {}       # admitted requests of a tenant, until they end
+        shedding = shedding_config(spec, time_scale=1.0)  # the router's shedder, on the emulated clock
+        prefilling = sum(1 for w in self.workers.values() if w.role != "decode")
+        self.shedder = DrainLimit(shedding, lambda: prefilling, 0.0) if shedding.enabled else None
         self._priority: dict[str, int] = {}   # requests of a non-zero priority class, until they finish
         self.log = LatencyLog()
         self._events: list = []
@@ -150,6 +154,8 @@ class Simulator:
             decision, self._leases[req.request_id] = self.route(tokens, salt)
         except NoWorkerAvailable:
             record.error = "no_worker"
+            if self.shedder is not None:
+                self.shedder.finished(self.now)   # as the router releases every admitted request
             self._settle(req.request_id)
             return
         steps = routing.plan(decision)
@@ -164,8 +170,14 @@ class Simulator:
             self.ledger.sent(req.request_id, decision, len(tokens), self.now)
 
     def _admit(self, req, prompt_tokens: int, record) -> bool:
-        """A tenant's limits (requests and tokens per second, concurrency), as the router's front door
-        applies them: the reservation is the prompt and max_tokens, settled when the request ends."""
+        """The router's front door: its load shedder (503 once the queues hold what the TTFT SLO allows),
+        then a tenant's limits (requests and tokens per second, concurrency); a tenant's reservation is
+        the prompt and max_tokens, settled when the request ends."""
+        if self.shedder is not None:
+            waiting = sum(w.engine.num_waiting for w in self.workers.values())   # what pool.queued() tracks
+            if not self.shedder.check(waiting, self.now).ok:
+                record.error = "overloaded"
+                return False
         if req.tenant not in self.priorities:   # no such tenant in the spec: nothing limits it
             return True
         admission = self.tenants.admit(req.tenant, prompt_tokens + req.max_tokens, self.now)
@@ -278,6 +290,8 @@ class Simulator:
     def _done(self, request_id: str) -> None:
         """The request is answered: any charge left (a decode the first token made unneeded) ends."""
         self.log.records[request_id].done = True
+        if self.shedder is not None:
+            self.shedder.finished(self.now)
         self._settle(request_id)
         self._priority.pop(request_id, None)
         self._pending_decode.pop(request_id, None)

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from emulator.spec import example_spec_path, example_specs, load_spec, parse_spec
-from loadtests import analysis
+from loadtests import analysis, steady
 from loadtests.planner_bridge import predict
 from loadtests.spec_file import dumps, write_spec
 from tests import ROOT
@@ -38,6 +38,18 @@ def test_c_max_takes_the_metric_that_crosses_first_and_reports_open_bounds():
     nothing_finished = analysis.c_max([10, 20], [0.1, math.nan], [0.01, math.nan], 0.5, 0.1)
     assert nothing_finished.bound == "bracket" and (nothing_finished.rate, nothing_finished.upper) == (10, 20)
     assert nothing_finished.describe() == "10-20"
+
+
+def test_where_a_shedder_refuses_the_crossing_is_where_one_percent_miss():
+    # The upper rate's p99 TTFT is infinite (over 1% refused): its share of misses (refused or over
+    # the SLO) goes 0.2% -> 5%, so 1% is reached a sixth of the way.
+    c = analysis.c_max([10, 20, 30], [0.1, 0.3, math.inf], [0.01, 0.01, 0.01], 0.5, 0.1,
+                       ttft_misses=[0.0, 0.002, 0.05])
+    assert c.bound == "interpolated" and c.limited_by == "ttft" and c.rate == pytest.approx(20 + 10 / 6)
+    without = analysis.c_max([10, 20, 30], [0.1, 0.3, math.inf], [0.01, 0.01, 0.01], 0.5, 0.1)
+    assert without.bound == "bracket" and (without.rate, without.upper) == (20, 30)
+    assert steady.crossing((20, 0.3, 0.01, 0.002), (30, math.inf, 0.01, 0.05), 0.5, 0.1) == pytest.approx(20 + 10 / 6)
+    assert steady.crossing((20, 0.3, 0.01), (30, math.inf, 0.01), 0.5, 0.1) == pytest.approx(math.sqrt(600))
 
 
 def test_live_c_max_names_ttft_when_the_failing_rate_lost_over_one_percent():
