@@ -85,6 +85,7 @@ def write_csv(report: dict, path: Path) -> None:
 COLUMNS = [  # header, key, format ("ms": seconds shown as ms; "yn": yes/no)
     ("offered/s", "rate", "{:.1f}"), ("sent/s", "sent_rps", "{:.1f}"), ("served/s", "served_rps", "{:.1f}"),
     ("window s", "window.window_s", "{:.1f}"), ("lifetimes", "window.lifetimes", "{:.1f}"),
+    ("warm-up L", "window.warmup_lifetimes", "{:.1f}"),
     ("stationary", "stationary", "yn"), ("lag wall ms", "lag_p99_s", "ms"),
     ("TTFT p50", "measured.ttft.p50", "ms"), ("TTFT p99", "ttft_p99_with_failures", "ms"),
     ("ITL p99", "measured.itl.p99", "ms"), ("SLO met", "met_slo", "yn"),
@@ -153,9 +154,11 @@ def markdown(report: dict) -> str:
            f"Target {report['target']}; workload {report['workload']}; time scale {report['time_scale']:g}; "
            f"{'VALID' if report['valid'] else '**INVALID: some rates lagged or were not stationary**'}", "",
            "Latencies in emulated milliseconds, rates in requests per emulated second; `!` marks a rate that "
-           "lagged or whose window was not stationary. Each rate ran alone from an idle cluster: a warm-up of "
-           f"{st.get('warmup_lifetimes', 3):g} and a window of {st.get('window_lifetimes', 10):g} request "
-           "lifetimes (the steady-state simulator's mean end-to-end latency at that rate). sent/s: arrivals in "
+           "lagged or whose window was not stationary. Each rate ran alone from an idle cluster: a warm-up of at "
+           f"least {st.get('warmup_lifetimes', 3):g} request lifetimes (the steady-state simulator's mean "
+           "end-to-end latency at that rate), longer where the simulated cluster took longer to fill from empty "
+           "to its steady number of requests (the warm-up column), and a window of "
+           f"{st.get('window_lifetimes', 10):g} lifetimes. sent/s: arrivals in "
            "the window (Poisson around the offered rate); served/s: requests finished in it. Stationary: the "
            "window's halves agree on p99 TTFT (within 35%, within the p99's own sampling band, or both at most "
            "80% of the SLO) and requests "

@@ -49,7 +49,9 @@ def steady(spec: ClusterSpec, rate: float, min_requests: int = MIN_REQUESTS) -> 
 def _run(spec: ClusterSpec, rate: float, warmup: float, end: float) -> Summary:
     requests = workload.from_spec(spec, rate, duration_s=end)
     sim = Simulator(spec).run(requests)
-    return sim.summary(window=(warmup, end))
+    summary = sim.summary(window=(warmup, end))
+    summary.fill_s = sim.log.fill_time((warmup, end))
+    return summary
 
 
 def curve(spec: ClusterSpec, rates: list[float], min_requests: int = MIN_REQUESTS, on_point=None) -> list[Summary]:

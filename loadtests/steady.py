@@ -39,8 +39,11 @@ class Sizing:
     tail_s: float
 
     @classmethod
-    def of(cls, lifetime_s: float) -> Sizing:
-        return cls(lifetime_s, WARMUP_LIFETIMES * lifetime_s, WINDOW_LIFETIMES * lifetime_s,
+    def of(cls, lifetime_s: float, fill_s: float = 0.0) -> Sizing:
+        """`fill_s`: how long the cluster, started empty, takes to hold its steady number of requests
+        (the simulator's, at this rate): near C_max the running batch fills over several lifetimes, and
+        a window that opens while it still fills serves less than it is sent."""
+        return cls(lifetime_s, max(WARMUP_LIFETIMES * lifetime_s, fill_s), WINDOW_LIFETIMES * lifetime_s,
                    TAIL_LIFETIMES * lifetime_s)
 
 

@@ -10,7 +10,8 @@ Rates are requests per second of the server's (emulated) time. Without --rates t
 steady-state simulator place the SLO crossing, then live rates bisect it until it is bracketed within
 5% (loadtests.steady.Bracket), after one rate well below it. Every rate is its own run from an idle
 cluster: a warm-up of 3 and a window of 10 mean request lifetimes at that rate (emulated; the
-simulator's mean end-to-end latency), unless --warmup/--duration give wall seconds. A point is marked
+simulator's mean end-to-end latency; a longer warm-up where the simulated cluster takes longer to fill
+from empty to its steady number of requests), unless --warmup/--duration give wall seconds. A point is marked
 (`!`) when a worker or the load generator lagged, or a window below C_max was not stationary.
 """
 from __future__ import annotations
@@ -179,9 +180,9 @@ class Setup:
         return cls(spec, spec_path, rates, why, scale, args.warmup, args.duration, args.tail, seed,
                    Path(args.out or f"reports/sweep-{spec.name}"), args.max_live_rates)
 
-    def sizing(self, lifetime_s: float) -> tuple[Sizing, float, float, float]:
+    def sizing(self, lifetime_s: float, fill_s: float = 0.0) -> tuple[Sizing, float, float, float]:
         """The rate's sizing in lifetimes and its (warm-up, window, tail) in wall seconds."""
-        size = Sizing.of(lifetime_s)
+        size = Sizing.of(lifetime_s, fill_s)
         warmup = self.warmup_s if self.warmup_s is not None else size.warmup_s * self.scale
         window = self.duration_s if self.duration_s is not None else size.window_s * self.scale
         tail = self.tail_s if self.tail_s is not None else size.tail_s * self.scale
@@ -201,6 +202,11 @@ class SteadySims:
         if rate not in self._done:
             self._done[rate] = sim_curve.steady(self.spec, rate, self.min_requests)
         return self._done[rate]
+
+    def fill(self, rate: float) -> float:
+        """Emulated seconds the simulated cluster takes from empty to its steady number of requests."""
+        s = self.at(rate)
+        return float(s.fill_s) if s is not None and math.isfinite(s.fill_s) else 0.0
 
     def lifetime(self, rate: float) -> float:
         """Mean end-to-end latency at `rate`, emulated seconds."""
@@ -294,7 +300,7 @@ class LiveSweep:
 
     def measure(self, rate: float) -> dict:
         setup = self.setup
-        size, warmup, window, tail = setup.sizing(self.steady.lifetime(rate))
+        size, warmup, window, tail = setup.sizing(self.steady.lifetime(rate), self.steady.fill(rate))
         k = len(self.points)
         plan = LivePlan(url=self.url, worker_urls=self.workers, rates=[rate], warmup_s=warmup, duration_s=window,
                         tail_s=tail, time_scale=setup.scale, out=setup.out / f"rate-{k}",
@@ -328,8 +334,8 @@ def run_live(setup: Setup, args, steady: SteadySims, guess: float | None) -> Liv
 def _sweep(live: LiveSweep, guess: float | None) -> LiveSweep:
     """Fixed rates in order; or a rate well below the expected C_max, then the live bisection."""
     setup = live.setup
-    print(f"measuring against {live.url}: each rate warms up for 3 and is measured over 10 request lifetimes "
-          "(emulated)", flush=True)
+    print(f"measuring against {live.url}: each rate warms up for 3 request lifetimes (or until the simulated "
+          "cluster has filled) and is measured over 10 (emulated)", flush=True)
     if setup.rates is not None:
         for rate in setup.rates:
             live.measure(rate)

@@ -82,6 +82,8 @@ class Summary(msgspec.Struct, kw_only=True):
     host_hit_rate: float = 0.0  # the part of prefix_hit_rate onboarded from host memory (host KV tier)
     ttft_miss_share: float = 0.0   # share of all requests refused or with TTFT over the SLO: p99 TTFT
                                    # meets the SLO while this is at most 1%
+    fill_s: float = 0.0        # from the run's start until the requests in the system first reach their
+                               # mean over the window (LatencyLog.fill_time)
 
 
 def percentiles(values) -> Percentiles:
@@ -90,6 +92,13 @@ def percentiles(values) -> Percentiles:
         return Percentiles(p50=float("nan"), p90=float("nan"), p99=float("nan"), mean=float("nan"))
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
     return Percentiles(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()))
+
+
+# LatencyLog.fill_time: "filled" at 90% of the window's mean requests in the system. A window that opens
+# d short of the mean N = rate x L (Little) serves d x N fewer than it is sent while it fills: d/10 of a
+# 10-lifetime window's arrivals, 1% at d = 10%, a third of the sweep's 3% tolerance.
+FILL_SHARE = 0.9
+FILL_SAMPLES = 2000
 
 
 class LatencyLog:
@@ -135,6 +144,22 @@ class LatencyLog:
             slo_attainment=len(good) / len(records) if records else 0.0,
             ttft_miss_share=1.0 - sum(1 for t in ttft if t <= ttft_slo) / len(records) if records else 0.0, **extra)
 
+
+    def fill_time(self, window: tuple[float, float], share: float = FILL_SHARE) -> float:
+        """Seconds from the start (an empty cluster) until the requests in the system (arrived, not yet
+        finished) first reach `share` of their mean over `window`, sampled FILL_SAMPLES times."""
+        done = [r for r in self.records.values() if r.done]
+        if not done:
+            return 0.0
+        arrivals = np.sort([r.arrival for r in done])
+        ends = np.sort([r.last for r in done])
+        grid = np.linspace(0.0, window[1], FILL_SAMPLES)
+        in_system = np.searchsorted(arrivals, grid, side="right") - np.searchsorted(ends, grid, side="right")
+        inside = (grid >= window[0]) & (grid < window[1])
+        if not inside.any():
+            return 0.0
+        reached = np.nonzero(in_system >= share * in_system[inside].mean())[0]
+        return float(grid[reached[0]]) if reached.size else float(window[0])
 
     def _gaps_in(self, window: tuple[float, float] | None) -> np.ndarray:
         gaps = np.frombuffer(self.gaps, dtype=np.float32)

@@ -11,6 +11,18 @@ from loadtests.steady import BRACKET_RATIO, SERVED_TOLERANCE, Bracket, Sizing, c
 def test_windows_are_sized_in_lifetimes():
     s = Sizing.of(4.0)
     assert (s.warmup_s, s.window_s) == (12.0, 40.0)
+    # A cluster that takes longer to fill from empty than 3 lifetimes warms up until it has filled.
+    assert Sizing.of(4.0, fill_s=30.0).warmup_s == 30.0 and Sizing.of(4.0, fill_s=5.0).warmup_s == 12.0
+
+
+def test_fill_time_is_when_the_requests_in_the_system_first_reach_90_percent_of_their_mean():
+    from emulator.sim.report import LatencyLog
+    log = LatencyLog()
+    # One arrival a second (t = 0, 1, ...), each living 10 s: 10 in flight from t = 9 on, 9 from t = 8.
+    for k in range(100):
+        record = log.arrive(str(k), float(k), 8)
+        record.first, record.last, record.done = k + 1.0, k + 10.0, True
+    assert log.fill_time((20.0, 90.0)) == pytest.approx(8.0, abs=0.1)   # 9 in flight: 90% of 10
 
 
 @pytest.mark.parametrize("capacity", [37.0, 78.5, 80.0, 120.0])
