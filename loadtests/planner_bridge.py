@@ -45,12 +45,6 @@ def predict(spec: ClusterSpec, rates: list[float]) -> Prediction:
     try:
         request, workload, cluster, slo = planner_inputs(spec)
         curve = planner.curve(request, workload, slo, cluster, list(rates), spec.catalog_data())
-        return Prediction(list(curve.points), float(curve.max_rate), warnings=_unmodelled(request, workload, spec))
+        return Prediction(list(curve.points), float(curve.max_rate))
     except planner.PlannerError as exc:
         return Prediction([], None, f"planner refused the spec: {exc}")
-
-
-def _unmodelled(request, workload, spec: ClusterSpec) -> list[str]:
-    from emulator.planner import context
-    from emulator.planner.api import unmodelled
-    return unmodelled(context.build(request, workload, spec.catalog_data()))

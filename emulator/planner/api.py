@@ -9,7 +9,7 @@ import msgspec
 
 from emulator.physics import roofline
 from emulator.physics.catalog import Catalog
-from emulator.planner import context, cost, decode, prefill, sizing, tenant_limits
+from emulator.planner import conditional, context, cost, decode, prefill, sizing, tenant_limits
 from emulator.planner import curve as curves
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import PlanRequest, Slo, Workload
@@ -82,7 +82,7 @@ def capacity(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster | 
     return Capacity(cluster=cluster, gpus=cluster.gpus(req.tp), max_rate=float(best), planned_rate=float(planned),
                     usable_rate=float(planned / req.headroom), concurrency=float(best * mean_latency(ctx, op)),
                     binding=bind, resource=resource(ctx, bind, best, cluster), limits=lims, at_max=at_max,
-                    warnings=unmodelled(ctx))
+                    warnings=[])
 
 
 def curve(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster, rates: list[float] | None = None,
@@ -199,21 +199,6 @@ def _availability_note(req: PlanRequest) -> list[str]:
             "of the time"]
 
 
-def unmodelled(ctx: context.Context) -> list[str]:
-    """Where the cluster does what the laws leave out: conditional disaggregation (the decode workers
-    prefill short uncached prompts themselves, in mixed steps this planner does not cost)."""
-    limit = ctx.req.local_prefill_tokens
-    if ctx.mode != "disaggregated" or limit <= 0:
-        return []
-    local = float(ctx.prompts.weights @ (ctx.new_tokens < limit))
-    if local < 0.01:
-        return []
-    return [f"{local:.0%} of requests have fewer than {limit} uncached prompt tokens, so the router prefills "
-            "them on their decode worker (conditional disaggregation); this plan counts every prefill on the "
-            "prefill pool, so it overstates the decode pool's capacity and understates ITL: check it with "
-            "kvlab sim or kvlab sweep"]
-
-
 def _notes(ctx: context.Context) -> list[str]:
     req = ctx.req
     notes = [f"sized for {ctx.workload.rate:g} x headroom {req.headroom:g} requests/s"
@@ -230,4 +215,4 @@ def _notes(ctx: context.Context) -> list[str]:
     if req.mode == "disaggregated":
         notes.append("first token from the prefill worker; the KV handoff is in the first inter-token gap"
                      if not req.first_token_after_transfer else "first token after the KV handoff (decode worker)")
-    return notes + unmodelled(ctx)
+    return notes + conditional.note(ctx)

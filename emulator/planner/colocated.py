@@ -10,6 +10,10 @@ a running sequence's mean ITL is the harmonic mix
 
 and the batch is the fixed point b = per-worker rate x E[out - 1] x ITL(b). The prefill queue sees
 mixed steps as its service (their decode part included), so decodes slow prefill down too.
+
+The same laws hold for a disaggregated decode worker that prefills some prompts itself (pd_pair's
+conditional disaggregation, `planner.conditional`): every arrival decodes there, but only the local
+share's prompts are prefilled in its steps (`Prefills`).
 """
 from __future__ import annotations
 
@@ -23,8 +27,17 @@ from emulator.planner.context import Context
 
 
 @dataclass(frozen=True)
+class Prefills:
+    """The prompts a worker prefills in its own steps: their prompt points (`ctx`) and their share of
+    the worker's arrivals. A colocated worker prefills all of them; a disaggregated decode worker only
+    those the router keeps local."""
+    ctx: Context
+    share: float = 1.0
+
+
+@dataclass(frozen=True)
 class ColocatedPoint:
-    rate: float               # per worker
+    rate: float               # per worker (arrivals that decode here)
     batch: float              # mean running decodes (time average)
     itl_mean: float
     mixed_share: float        # share of a decode's steps that carry prefill
@@ -33,44 +46,50 @@ class ColocatedPoint:
     stable: bool
     limit: str                # what saturates when unstable: "compute" or "bandwidth" (else "")
     running: dist.Points | None = None  # law of the number of decodes running (`decode.running_law`)
+    prefills: Prefills | None = None    # what its steps prefill (None: every arrival's prompt)
+    prefill_rate: float = 0.0           # per worker: arrivals prefilled here
+
+    @property
+    def prefill_ctx(self) -> Context | None:
+        return None if self.prefills is None else self.prefills.ctx
 
 
-def _mean_itl(ctx: Context, rate: float, workers: int, b: float) -> float:
+def _mean_itl(ctx: Context, pre: Prefills, rate: float, workers: int, b: float) -> float:
     """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time
     (inf when the prefill left at that batch cannot keep up: no steady state with b running)."""
-    prof = prefill.profile(ctx, int(round(b)))
-    per_worker = rate / workers
-    if per_worker * prof.mean_share(ctx) >= 1:
+    prof = prefill.profile(pre.ctx, int(round(b)))
+    per_worker = rate * pre.share / workers
+    if per_worker * prof.mean_share(pre.ctx) >= 1:
         return math.inf
     t_dec = decode.step_seconds(ctx, 1.0 + b)
-    packed, busy = prefill.packing(ctx, prof, per_worker, before=decode.step_seconds(ctx, max(b, 1.0)))
+    packed, busy = prefill.packing(pre.ctx, prof, per_worker, before=decode.step_seconds(ctx, max(b, 1.0)))
     if busy >= 1:
         return math.inf
-    t_mixed = _packed_step(ctx, prof, packed)
+    t_mixed = _packed_step(pre.ctx, prof, packed)
     return 1.0 / (busy / t_mixed + (1.0 - busy) / t_dec)
 
 
-def _state_itl(ctx: Context, rate: float, workers: int, n: float) -> float:
+def _state_itl(ctx: Context, pre: Prefills, rate: float, workers: int, n: float) -> float:
     """ITL while n sequences run (a state of the running-count chain, not a steady state): the mean
     ITL, or, where the prefill budget that n decodes leave cannot keep up, every step a mixed step
     filled to that budget (the engine schedules running decodes first, so they still advance)."""
-    itl = _mean_itl(ctx, rate, workers, n)
+    itl = _mean_itl(ctx, pre, rate, workers, n)
     if math.isfinite(itl):
         return itl
-    prof = prefill.profile(ctx, int(round(n)))
-    return _packed_step(ctx, prof, float(prof.budget))
+    prof = prefill.profile(pre.ctx, int(round(n)))
+    return _packed_step(pre.ctx, prof, float(prof.budget))
 
 
 def _packed_step(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> float:
     return prefill.packed_step(ctx, prof.decodes, prefill.packed_tokens(ctx, prof, packed)).seconds
 
 
-def _queue_at(ctx: Context, rate: float, workers: int, b: float) -> prefill_queue.PrefillQueue:
+def _queue_at(ctx: Context, pre: Prefills, rate: float, workers: int, b: float) -> prefill_queue.PrefillQueue:
     """The prefill queue with b decodes running: when it has no prefill work the engine still runs
     decode-only steps (vacations, in queueing terms), unless no decode is running (Poisson: e^-b)."""
-    prof = prefill.profile(ctx, int(round(b)))
+    prof = prefill.profile(pre.ctx, int(round(b)))
     vacation = (1.0 - math.exp(-b), decode.step_seconds(ctx, max(b, 1.0)))
-    return prefill_queue.queue(ctx, prof, rate, workers, vacation)
+    return prefill_queue.queue(pre.ctx, prof, rate * pre.share, workers, vacation)
 
 
 def _mixed_steps(ctx: Context, prof: prefill.PrefillProfile, q: prefill_queue.PrefillQueue) -> dist.Points:
@@ -81,40 +100,46 @@ def _mixed_steps(ctx: Context, prof: prefill.PrefillProfile, q: prefill_queue.Pr
     return dist.Points(values, ch.weight)
 
 
-def evaluate(ctx: Context, rate: float, workers: int = 1) -> ColocatedPoint:
-    """A pool of `workers` colocated workers at pool rate `rate` (each gets rate / workers)."""
+def evaluate(ctx: Context, rate: float, workers: int = 1, prefills: Prefills | None = None) -> ColocatedPoint:
+    """A pool of `workers` colocated workers at pool rate `rate` (each gets rate / workers), whose
+    steps prefill `prefills` (default: every arrival's prompt)."""
+    pre = prefills or Prefills(ctx)
     per_worker = rate / workers
     tokens = ctx.decode_tokens
     cap = float(ctx.limits.max_num_seqs)
 
     def h(b: float) -> float:
-        itl = _mean_itl(ctx, rate, workers, b)
+        itl = _mean_itl(ctx, pre, rate, workers, b)
         return b - per_worker * tokens * itl if math.isfinite(itl) else -math.inf
 
     b = decode.solve_batch(h, cap, tol=1e-3)
     stable = b is not None
     b = cap if b is None else b
-    q = _queue_at(ctx, rate, workers, b)
-    prof = prefill.profile(ctx, int(round(b)))
-    mixed = _mixed_steps(ctx, prof, q)
-    itl = _mean_itl(ctx, rate, workers, b)
-    share = q.busy / _packed_step(ctx, prof, q.packed) * itl if math.isfinite(itl) else 1.0
-    limit = "" if stable else _limit(ctx, q, b)
-    running = decode.running_law(ctx, per_worker, lambda n: _state_itl(ctx, rate, workers, n)) if stable else None
+    q = _queue_at(ctx, pre, rate, workers, b)
+    prof = prefill.profile(pre.ctx, int(round(b)))
+    mixed = _mixed_steps(pre.ctx, prof, q)
+    itl = _mean_itl(ctx, pre, rate, workers, b)
+    share = q.busy / _packed_step(pre.ctx, prof, q.packed) * itl if math.isfinite(itl) else 1.0
+    limit = "" if stable else _limit(ctx, pre, q, b)
+    running = decode.running_law(ctx, per_worker, lambda n: _state_itl(ctx, pre, rate, workers, n)) \
+        if stable else None
     return ColocatedPoint(rate=per_worker, batch=b, itl_mean=itl, mixed_share=min(1.0, share), queue=q,
-                          mixed_steps=mixed, stable=stable, limit=limit, running=running)
+                          mixed_steps=mixed, stable=stable, limit=limit, running=running, prefills=prefills,
+                          prefill_rate=per_worker * pre.share)
 
 
-def slot_wait(ctx: Context, rate: float, workers: int = 1) -> dist.Points | None:
+def slot_wait(ctx: Context, rate: float, workers: int = 1, prefills: Prefills | None = None) -> dist.Points | None:
     """Time an arrival waits for one of max_num_seqs slots (emulator.planner.seq_slots), with the
     ITL that n running sequences see at this rate; None when the slots cannot keep up."""
-    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _state_itl(ctx, rate, workers, n),
+    pre = prefills or Prefills(ctx)
+    return seq_slots.wait(rate / workers, ctx.decode_tokens, lambda n: _state_itl(ctx, pre, rate, workers, n),
                           ctx.limits.max_num_seqs)
 
 
-def _limit(ctx: Context, q: prefill_queue.PrefillQueue, b: float) -> str:
+def _limit(ctx: Context, pre: Prefills, q: prefill_queue.PrefillQueue, b: float) -> str:
     """Which roofline ceiling saturates: the prefill steps' when prefill is overloaded, else the decode step's."""
-    step = prefill.profile(ctx, int(round(b))).full_step if not q.stable else decode.step(ctx, max(1, round(1 + b)))
+    step = prefill.profile(pre.ctx, int(round(b))).full_step if not q.stable \
+        else decode.step(ctx, max(1, round(1 + b)))
     return "compute" if step.bound == "compute" else "bandwidth"
 
 
@@ -137,11 +162,12 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
     decode-only steps, and the decodes' cost adds to the step's (their attention reads their own KV),
     so the decode-only gaps' spread around their step at the mean batch is added. A point mass here
     put every mixed step at its mean: the ITL p99 came out 9.4 ms where the engine's is 10.2 ms."""
+    dctx, ctx = ctx, point.prefill_ctx or ctx       # decodes: every arrival; prefills: those prefilled here
     prof = prefill.profile(ctx, int(round(point.batch)))
     ch = prof.chunks
-    chunk_rate = point.rate * float(ch.weight.sum() / ctx.prompts.weights.sum())
+    chunk_rate = point.prefill_rate * float(ch.weight.sum() / ctx.prompts.weights.sum())
     mu_run = chunk_rate * _packed_step(ctx, prof, point.queue.packed)
-    mu_start = chunk_rate * decode.step_seconds(ctx, max(point.batch, 1.0))
+    mu_start = chunk_rate * decode.step_seconds(dctx, max(point.batch, 1.0))
     first = math.exp(-min(mu_run, 50.0))                        # share of steps that start a run
     counts = [first * a + (1 - first) * b for a, b in zip(_ztp(mu_start), _ztp(mu_run), strict=True)]
     sizes = dist.Points(ch.tokens, ch.weight)
@@ -150,7 +176,7 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
         others = sizes if others is None else dist.outer_sum(others, sizes)
         parts.append((p_k, _led_by_each_chunk(ctx, prof, others)))
     steps = dist.rebin(dist.mixture(parts))
-    return dist.outer_sum(steps, _decode_spread(ctx, point, prof.decodes))
+    return dist.outer_sum(steps, _decode_spread(dctx, point, prof.decodes))
 
 
 def _led_by_each_chunk(ctx: Context, prof: prefill.PrefillProfile, others: dist.Points) -> dist.Points:
@@ -194,6 +220,7 @@ def _ztp(mu: float, k_max: int = 4) -> list[float]:
 
 def mean_prefilling(ctx: Context, point: ColocatedPoint) -> float:
     """KV tokens held by prompts being prefilled (their blocks are allocated chunk by chunk)."""
+    ctx = point.prefill_ctx or ctx
     prof = prefill.profile(ctx, int(round(point.batch)))
-    in_service = point.rate * prof.mean_alone(ctx)
+    in_service = point.prefill_rate * prof.mean_alone(ctx)
     return min(1.0, in_service) * float(np.dot(ctx.new_tokens, ctx.prompts.weights))

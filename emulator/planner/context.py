@@ -29,6 +29,7 @@ class Context:
     pool_tokens: int               # KV pool of one worker, tokens
     memo: dict = field(default_factory=dict)  # rate-independent results keyed by name and arguments
     sample_point: np.ndarray | None = None    # which prompt point each prompt sample is binned into
+    sample_hits: np.ndarray | None = None     # each prompt sample's cached tokens (the points' `cached` averages them)
 
     @property
     def ca2(self) -> float:
@@ -60,13 +61,13 @@ def build(req: PlanRequest, workload: Workload, catalog: Catalog | None = None) 
     prompts = dist.Points(np.round(prompts.values), prompts.weights)
     outputs = dist.Points(np.round(outputs.values), outputs.weights)
     pool = _check_fit(dep, limits, prompts, outputs)
-    index = None
+    index = hits = None
     if workload.shared is not None and workload.prompt.max is None:
-        prompts, cached, index = _joint_points(workload.prompt.samples, workload.shared, limits.block_size)
+        prompts, cached, index, hits = _joint_points(workload.prompt.samples, workload.shared, limits.block_size)
     else:
         cached = _cached_tokens(prompts.values, workload.prefix_reuse, limits.block_size)
     return Context(req=req, workload=workload, dep=dep, kv_link=kv_link, limits=limits, prompts=prompts,
-                   cached=cached, outputs=outputs, pool_tokens=pool, sample_point=index)
+                   cached=cached, outputs=outputs, pool_tokens=pool, sample_point=index, sample_hits=hits)
 
 
 def _cached_tokens(prompts: np.ndarray, reuse: float, block: int) -> np.ndarray:
@@ -75,7 +76,7 @@ def _cached_tokens(prompts: np.ndarray, reuse: float, block: int) -> np.ndarray:
     return np.floor(hit / block) * block
 
 
-def _joint_points(samples, shared, block: int) -> tuple[dist.Points, np.ndarray, np.ndarray]:
+def _joint_points(samples, shared, block: int) -> tuple[dist.Points, np.ndarray, np.ndarray, np.ndarray]:
     """Prompt points binned by each sample's new tokens (prompt less its hit), each with the mean
     prompt and mean hit of its samples. Binning by prompt length and averaging the hits instead
     mixes, in one bin, prompts that are nearly all cached (a RAG document) with prompts that are
@@ -86,7 +87,7 @@ def _joint_points(samples, shared, block: int) -> tuple[dist.Points, np.ndarray,
     index = dist.point_of_each(x - hits)
     counts = np.bincount(index).astype(float)
     prompts = dist.Points(np.round(np.bincount(index, weights=x) / counts), counts / len(x))
-    return prompts, per_point(index, hits, prompts), index
+    return prompts, per_point(index, hits, prompts), index, hits
 
 
 def sample_hits(prompts: np.ndarray, shared, block: int) -> np.ndarray:

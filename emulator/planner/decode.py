@@ -248,11 +248,11 @@ def disaggregated_gaps(ctx: Context, pool: DecodePool) -> dist.Points:
     steady = decode_only_gaps(ctx, pool.batch, pool.running)
     if ctx.req.first_token_after_transfer or ctx.decode_tokens <= 0:
         return steady
-    share = _first_gap_share(ctx)
+    share = first_gap_share(ctx)
     return dist.mixture([(1.0 - share, steady), (share, first_gap(ctx, pool))])
 
 
-def _first_gap_share(ctx: Context) -> float:
+def first_gap_share(ctx: Context) -> float:
     """Fraction of all gaps that are a request's first: P(output >= 2) / E[output - 1]."""
     has_gap = float(ctx.outputs.weights[ctx.outputs.values >= 2].sum())
     return min(1.0, has_gap / ctx.decode_tokens)

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from emulator.planner import colocated, decode, dist, kv_capacity, prefill, prefill_queue, prefix_cache, tenant_limits
+from emulator.planner import (colocated, conditional, decode, dist, kv_capacity, prefill, prefill_queue, prefix_cache,
+                              tenant_limits)
 from emulator.planner.context import Context
 from emulator.planner.inputs import Slo
+from emulator.planner.latency import Mixture, QueueLaw
 
 CEILINGS = ("compute", "bandwidth", "kv_link", "preemption")
 SIZING_RULES = ("kv_memory", "max_num_seqs")
@@ -93,7 +95,8 @@ def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> 
     e2e_shift = dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights)
     slot_wait = colocated.slot_wait(ctx, rate, cluster.workers) if p.stable else None
     stable = p.stable and slot_wait is not None
-    point = _assemble(ctx, slo, rate, stable, p.queue, slot_wait, e2e_shift, gaps, p.itl_mean, p.batch, kv)
+    ttft, e2e = _laws(p.queue, slot_wait, e2e_shift)
+    point = _assemble(ctx, slo, rate, stable, p.queue, ttft, e2e, gaps, p.itl_mean, p.batch, kv)
     if not p.stable:
         point.violations.append(p.limit)
     elif slot_wait is None:
@@ -102,51 +105,111 @@ def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> 
 
 
 def _disaggregated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
+    split = conditional.split(ctx)
+    if split is not None:
+        return _conditional(ctx, cluster, rate, slo, split)
     pq = prefill_queue.queue(ctx, prefill.profile(ctx, 0), rate, cluster.prefill)
     dp = decode.disaggregated(ctx, rate / cluster.decode)
     gaps = decode.disaggregated_gaps(ctx, dp)
+    ttft, e2e = _laws(pq, *_remote_shifts(ctx, dp))
+    kv = kv_capacity.state(ctx, dp.batch, _landing_tokens(ctx, dp, dp.rate))
+    point = _assemble(ctx, slo, rate, pq.stable and dp.stable, pq, ttft, e2e, gaps, dp.itl_mean, dp.batch, kv)
+    _prefill_ceiling(ctx, pq, point)
+    return _decode_side(point, dp, [])
+
+
+def _conditional(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None,
+                 split: conditional.Split) -> OperatingPoint:
+    """Conditional disaggregation: the local share prefills on its decode worker, in that worker's mixed
+    steps, and its first token comes from there; the remote share as without it, on the prefill pool."""
+    remote = split.remote_ctx
+    pq = prefill_queue.queue(remote, prefill.profile(remote, 0), rate * (1.0 - split.local), cluster.prefill)
+    dw = conditional.decode_worker(ctx, split, rate, cluster.decode)
+    p, dp = dw.point, dw.pool
+    local_ttft, local_e2e = _laws(p.queue, dw.slot_wait,
+                                  dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights))
+    remote_ttft, remote_e2e = _laws(pq, *_remote_shifts(ctx, dp))
+    ttft = Mixture(((split.local, local_ttft), (1.0 - split.local, remote_ttft)))
+    e2e = Mixture(((split.local, local_e2e), (1.0 - split.local, remote_e2e)))
+    held = _landing_tokens(remote, dp, dp.rate * (1.0 - split.local)) + colocated.mean_prefilling(ctx, p)
+    kv = kv_capacity.state(ctx, dp.batch, held)
+    stable = pq.stable and dp.stable and dw.slot_wait is not None
+    point = _assemble(ctx, slo, rate, stable, pq, ttft, e2e, conditional.gaps(ctx, split, dw), dp.itl_mean,
+                      dp.batch, kv)
+    _prefill_ceiling(remote, pq, point)
+    extra = []
+    if not p.stable:
+        extra.append(p.limit)            # the local prefills and the decodes overload the decode worker
+    elif dw.slot_wait is None:
+        extra.append("max_num_seqs")
+    # the local share alone puts over 1% of all requests past the TTFT SLO: more prefill workers
+    # cannot help, more decode workers do
+    if slo is not None and "ttft_slo" in point.violations and \
+            split.local * (1.0 - local_ttft.cdf(slo.ttft_p99)) > 0.01:
+        extra.append("ttft_slo")
+    return _decode_side(point, dp, extra)
+
+
+def _laws(pq: prefill_queue.PrefillQueue, ttft_shift: dist.Points | None,
+          e2e_shift: dist.Points) -> tuple[QueueLaw, QueueLaw]:
+    """TTFT and e2e laws of requests prefilled in `pq`: e2e adds the time after the first token."""
+    e2e_base = dist.outer_sum(ttft_shift, e2e_shift) if ttft_shift is not None else e2e_shift
+    return QueueLaw(pq, ttft_shift), QueueLaw(pq, e2e_base)
+
+
+def _remote_shifts(ctx: Context, dp: decode.DecodePool) -> tuple[dist.Points | None, dist.Points]:
+    """(TTFT shift, time after the first token) of a request prefilled on the prefill pool: the KV
+    handoff lands in TTFT or in the first inter-token gap."""
     handoff = decode.first_gap(ctx, dp)  # prefill's first token -> decode's first token
-    kv = kv_capacity.state(ctx, dp.batch, _landing_tokens(ctx, dp))
     if ctx.req.first_token_after_transfer:
         ttft_shift, rest = handoff, ctx.outputs.values - 1.0
     else:
         ttft_shift, rest = None, ctx.outputs.values - 2.0
     e2e = dist.Points(dp.itl_mean * rest.clip(0, None), ctx.outputs.weights)
-    e2e = e2e if ttft_shift is not None else dist.outer_sum(handoff, e2e)
-    point = _assemble(ctx, slo, rate, pq.stable and dp.stable, pq, ttft_shift, e2e, gaps, dp.itl_mean, dp.batch, kv)
+    return ttft_shift, e2e if ttft_shift is not None else dist.outer_sum(handoff, e2e)
+
+
+def _prefill_ceiling(ctx: Context, pq: prefill_queue.PrefillQueue, point: OperatingPoint) -> None:
     if not pq.stable:
         point.violations.append("compute" if prefill.profile(ctx, 0).full_step.bound == "compute" else "bandwidth")
+
+
+def _decode_side(point: OperatingPoint, dp: decode.DecodePool, extra: list[str]) -> OperatingPoint:
+    """Mark the violations the decode pool causes (more decode workers fix them)."""
     decode_side = [v for v in point.violations if v in ("kv_memory", "max_num_seqs", "preemption", "itl_slo")]
+    decode_side += [v for v in extra if v not in decode_side]
     if dp.link_rho >= 1:
         decode_side.append("kv_link")
-    elif not dp.stable:
+    elif not dp.stable and not extra:
         decode_side.append("compute" if dp.bound == "compute" else "bandwidth")
     point.violations += [v for v in decode_side if v not in point.violations]
     point.decode_side = decode_side
     return point
 
 
-def _landing_tokens(ctx: Context, dp: decode.DecodePool) -> float:
-    """Blocks a decode worker holds for KV still crossing the link (Little's law: rate x time x prompt)."""
+def _landing_tokens(ctx: Context, dp: decode.DecodePool, rate: float) -> float:
+    """Blocks a decode worker holds for KV still crossing the link (Little's law: rate x time x prompt),
+    `rate` the worker's arrivals whose KV is shipped (those of `ctx`'s prompt points)."""
     if not dp.stable:
         return 0.0
-    return dp.rate * (dp.link_wait + dp.transfers.mean()) * float(ctx.new_tokens @ ctx.prompts.weights)
+    return rate * (dp.link_wait + dp.transfers.mean()) * float(ctx.new_tokens @ ctx.prompts.weights)
 
 
-def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean, batch, kv) -> OperatingPoint:
+def _assemble(ctx, slo, rate, stable, pq, ttft, e2e, gaps, itl_mean, batch, kv) -> OperatingPoint:
+    """The point from its laws: `pq` the prefill queue whose load it reports, `ttft` and `e2e` the
+    latency laws (latency.QueueLaw or a Mixture of request classes)."""
     inf = math.inf
     thrashing = kv.usage >= 1.0
     ok = stable and pq.stable and not thrashing
-    e2e_base = dist.outer_sum(ttft_shift, e2e_shift) if ttft_shift is not None else e2e_shift
     point = OperatingPoint(
         rate=rate, stable=ok,
-        ttft_p50=pq.ttft_quantile(0.50, ttft_shift) if ok else inf,
-        ttft_p99=pq.ttft_quantile(0.99, ttft_shift) if ok else inf,
-        ttft_mean=pq.ttft_mean(ttft_shift) if ok else inf,
+        ttft_p50=ttft.quantile(0.50) if ok else inf,
+        ttft_p99=ttft.quantile(0.99) if ok else inf,
+        ttft_mean=ttft.mean() if ok else inf,
         itl_p50=gaps.quantile(0.50) if ok else inf,
         itl_p99=gaps.quantile(0.99) if ok else inf,
         itl_mean=itl_mean if ok else inf,
-        e2e_p99=pq.ttft_quantile(0.99, e2e_base) if ok else inf,
+        e2e_p99=e2e.quantile(0.99) if ok else inf,
         decode_batch=batch, prefill_utilization=pq.rho, kv_usage=kv.usage,
         kv_wait_probability=kv.wait_probability, good_share=0.0)
     if thrashing:
@@ -159,7 +222,7 @@ def _assemble(ctx, slo, rate, stable, pq, ttft_shift, e2e_shift, gaps, itl_mean,
         _check_slo(point, slo)
         if ctx.req.tenants and refused_share(ctx, point) > tenant_limits.REFUSED_LIMIT:
             point.violations.append("tenant_limit")
-        point.good_share = _good_share(point, slo, pq, ttft_shift, e2e_base)
+        point.good_share = _good_share(point, slo, ttft, e2e)
     return point
 
 
@@ -181,7 +244,7 @@ def _check_slo(point: OperatingPoint, slo: Slo) -> None:
             point.violations.append(name)
 
 
-def _good_share(point: OperatingPoint, slo: Slo, pq, ttft_shift, e2e_base) -> float:
+def _good_share(point: OperatingPoint, slo: Slo, ttft, e2e) -> float:
     """Requests with TTFT (and e2e) within SLO and a mean ITL (TPOT) within the ITL SLO.
 
     TTFT and e2e share the same wait, so the two events are taken as nested (the smaller share);
@@ -189,7 +252,7 @@ def _good_share(point: OperatingPoint, slo: Slo, pq, ttft_shift, e2e_base) -> fl
     """
     if not point.stable or point.itl_mean > slo.itl_p99:
         return 0.0
-    share = pq.ttft_cdf(slo.ttft_p99, ttft_shift)
+    share = ttft.cdf(slo.ttft_p99)
     if slo.e2e_p99 is not None:
-        share = min(share, pq.ttft_cdf(slo.e2e_p99, e2e_base))
+        share = min(share, e2e.cdf(slo.e2e_p99))
     return share

@@ -80,6 +80,10 @@ class PrefillQueue:
         pmf, h = self._law(shift)
         return dist.grid_cdf(pmf, h, t)
 
+    def grid(self, shift: dist.Points | None = None) -> tuple[np.ndarray, float]:
+        """(pmf, cell width) of wait + own steps (+ shift) on its grid (quantiles read it linearly within a cell)."""
+        return self._law(shift)
+
     def _law(self, shift: dist.Points | None):
         """Grid law of wait + own steps (+ shift): the M/G/1 wait (+ a decode step's residual) convolved."""
         found = self._laws.get(id(shift))

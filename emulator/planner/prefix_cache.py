@@ -110,6 +110,7 @@ def at_rate(ctx: Context, rate: float, workers: int, held_tokens: float) -> Cont
     hits = hit_probabilities(ctx, rate, workers, held_tokens)
     found = np.where(pre.group >= 0, hits[np.maximum(pre.group, 0)] if len(hits) else 0.0, pre.group == -2)
     assert ctx.sample_point is not None, "prefix groups come with shared-prefix samples, which set the points"
-    cached = context.per_point(ctx.sample_point, pre.full_hit * found, ctx.prompts)
+    hits_now = pre.full_hit * found      # expected hits: a group's prefix is held with probability `found`
+    cached = context.per_point(ctx.sample_point, hits_now, ctx.prompts)
     workload = msgspec.structs.replace(ctx.workload, prefix_groups=None)   # this context's hits are final
-    return dataclasses.replace(ctx, workload=workload, cached=cached, memo={})
+    return dataclasses.replace(ctx, workload=workload, cached=cached, memo={}, sample_hits=hits_now)
