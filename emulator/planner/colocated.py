@@ -56,7 +56,16 @@ class ColocatedPoint:
 
 def _mean_itl(ctx: Context, pre: Prefills, rate: float, workers: int, b: float) -> float:
     """Mean ITL with b decodes running: mixed steps of the packed size for `busy` of the time
-    (inf when the prefill left at that batch cannot keep up: no steady state with b running)."""
+    (inf when the prefill left at that batch cannot keep up: no steady state with b running).
+    Memoized: the batch search, the running-count law and the slot wait read it at the same batches."""
+    key = ("mean_itl", pre.share, rate, workers, b)   # a context's Prefills are fixed by their share
+    hit = ctx.memo.get(key)
+    if hit is None:
+        hit = ctx.memo[key] = _mean_itl_at(ctx, pre, rate, workers, b)
+    return hit
+
+
+def _mean_itl_at(ctx: Context, pre: Prefills, rate: float, workers: int, b: float) -> float:
     prof = prefill.profile(pre.ctx, int(round(b)))
     per_worker = rate * pre.share / workers
     if per_worker * prof.mean_share(pre.ctx) >= 1:
