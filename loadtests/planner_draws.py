@@ -44,19 +44,21 @@ class Draw:
     mix: dict
     ttft_slo: float = 1.0
     itl_slo: float = 0.1
+    # disaggregated: pd_pair prefills a prompt with fewer uncached tokens than this on its decode
+    # worker (conditional disaggregation); the drawn set keeps 0, every prefill on the prefill pool
+    local_prefill_tokens: int = 0
 
     def label(self) -> str:
         mix = "+".join(f"{k}{round(v * 100)}" for k, v in sorted(self.mix.items()))
         short = self.model.replace("Llama-3.1-", "")
-        return f"{short} {self.gpu} tp{self.tp} {self.mode[:5]} b{self.budget} s{self.max_num_seqs} {mix}"
+        local = f" L{self.local_prefill_tokens}" if self.local_prefill_tokens else ""
+        return f"{short} {self.gpu} tp{self.tp} {self.mode[:5]} b{self.budget} s{self.max_num_seqs} {mix}{local}"
 
     def spec(self) -> ClusterSpec:
         pools = ('[[pools]]\nrole = "both"\ncount = 1\n' if self.mode == "colocated" else
                  '[[pools]]\nrole = "prefill"\ncount = 1\n[[pools]]\nrole = "decode"\ncount = 1\n')
-        # pd_pair prefills short misses locally; the planner models every prompt through the prefill
-        # pool, so the draws turn that off (local_prefill_tokens = 0)
         router = ('policy = "round_robin"' if self.mode == "colocated" else
-                  'policy = "pd_pair"\nsettings = { local_prefill_tokens = 0 }')
+                  f'policy = "pd_pair"\nsettings = {{ local_prefill_tokens = {self.local_prefill_tokens} }}')
         mix = ", ".join(f"{k} = {v:.4f}" for k, v in self.mix.items())
         return parse_spec(f'''
 name = "draw-{self.index}"

@@ -1,0 +1,124 @@
+"""Conditional disaggregation in the planner: pd_pair prefills a request on its decode worker when
+fewer than local_prefill_tokens of its prompt are uncached; the plan costs those prefills in the
+decode workers' mixed steps and only the others on the prefill pool."""
+import functools
+
+import msgspec
+import numpy as np
+import pytest
+
+import emulator.planner as planner
+from emulator.planner import colocated, conditional, context, prefill
+from emulator.planner.operating import evaluate
+from emulator.spec import load_spec
+from loadtests.planner_bridge import planner_inputs
+
+
+@functools.cache
+def _inputs():
+    spec = load_spec("disagg-70b-h100")
+    request, workload, cluster, slo = planner_inputs(spec)
+    return spec, request, workload, cluster, slo
+
+
+def _ctx(limit: int) -> context.Context:
+    spec, request, workload, _, _ = _inputs()
+    return context.build(msgspec.structs.replace(request, local_prefill_tokens=limit), workload, spec.catalog_data())
+
+
+def _capacity(limit: int) -> planner.Capacity:
+    spec, request, workload, cluster, slo = _inputs()
+    return planner.capacity(msgspec.structs.replace(request, local_prefill_tokens=limit), workload, slo, cluster,
+                            spec.catalog_data())
+
+
+def test_the_split_is_pd_pairs_rule_on_each_sampled_prompt():
+    """The local share is the share of sampled prompts with fewer uncached tokens than the limit (a
+    prompt point straddling the limit is split by its samples), and each class holds only its own."""
+    _, request, workload, _, _ = _inputs()
+    assert request.local_prefill_tokens == 512          # the spec's router setting reaches the planner
+    ctx = _ctx(512)
+    split = conditional.split(ctx)
+    assert split is not None
+    prompts = np.asarray(workload.prompt.samples, dtype=float)
+    hits = context.sample_hits(prompts, workload.shared, ctx.limits.block_size)
+    assert split.local == pytest.approx(float(np.mean(prompts - hits < 512)), abs=1e-9)
+    assert 0.8 < split.local < 0.95                      # RAG/chat/agentic: ~92% of prompt tokens cached
+    assert (split.local_ctx.new_tokens < 512).all()
+    assert (split.remote_ctx.new_tokens >= 512).all()
+    assert split.local_ctx.prompts.weights.sum() == pytest.approx(1.0)
+
+
+def test_without_local_prefill_every_prefill_is_on_the_prefill_pool():
+    """local_prefill_tokens = 0 (or a limit no prompt is under: every prompt has an uncached last
+    token) leaves the plan as it was: no split, the prefill pool loaded with every prompt."""
+    assert conditional.split(_ctx(0)) is None and conditional.split(_ctx(1)) is None
+    off, none_local = _capacity(0), _capacity(1)
+    assert off.max_rate == none_local.max_rate and off.at_max == none_local.at_max
+    ctx = _ctx(0)
+    _, _, _, cluster, slo = _inputs()
+    point = evaluate(ctx, cluster, 40.0, slo)
+    share = prefill.profile(ctx, 0).mean_share(ctx)
+    # every prompt's share (within what the LRU prefix cache drops at this rate)
+    assert point.prefill_utilization == pytest.approx(40.0 / cluster.prefill * share, rel=0.01)
+
+
+def test_local_prefills_load_the_decode_pool_not_the_prefill_pool():
+    """At one rate, the local share's prefills run in the decode workers' steps: their ITL and batch
+    rise, the prefill pool carries only the remote share, and C_max falls."""
+    _, _, _, cluster, slo = _inputs()
+    rate = 60.0
+    before, after = evaluate(_ctx(0), cluster, rate, slo), evaluate(_ctx(512), cluster, rate, slo)
+    assert after.itl_mean > 1.1 * before.itl_mean
+    assert after.itl_p50 > before.itl_p50
+    assert after.decode_batch > before.decode_batch
+    assert after.prefill_utilization < 0.7 * before.prefill_utilization
+    assert _capacity(512).max_rate < 0.9 * _capacity(0).max_rate
+
+
+def test_the_decode_worker_is_the_colocated_law_with_the_local_share_prefilled():
+    """The decode worker's batch and ITL are colocated.evaluate's with the local prompts at the local
+    share of its arrivals: the same laws, not a parallel copy; without prefills they fall back to
+    decode-only steps (the mixed-step share is the prefill work there is)."""
+    ctx = _ctx(512)
+    split = conditional.split(ctx)
+    _, _, _, cluster, _ = _inputs()
+    dw = conditional.decode_worker(ctx, split, 60.0, cluster.decode)
+    again = colocated.evaluate(ctx, 60.0, cluster.decode, colocated.Prefills(split.local_ctx, split.local))
+    assert dw.point.batch == again.batch and dw.point.itl_mean == again.itl_mean
+    assert dw.point.prefill_rate == pytest.approx(60.0 / cluster.decode * split.local)
+    assert 0.0 < dw.point.mixed_share < 1.0
+    # the KV link carries the remote share only
+    assert dw.pool.link_rho == pytest.approx(60.0 / cluster.decode * (1 - split.local)
+                                             * dw.pool.transfers.mean())
+
+
+def test_ttft_mixes_the_two_paths():
+    """TTFT's law is the local and remote classes in proportion: its median lies between theirs."""
+    from emulator.planner import latency
+    ctx = _ctx(512)
+    split = conditional.split(ctx)
+    _, _, _, cluster, _ = _inputs()
+    dw = conditional.decode_worker(ctx, split, 40.0, cluster.decode)
+    remote = prefill.profile(split.remote_ctx, 0)
+    from emulator.planner import prefill_queue
+    pq = prefill_queue.queue(split.remote_ctx, remote, 40.0 * (1 - split.local), cluster.prefill)
+    local_law, remote_law = latency.QueueLaw(dw.point.queue, dw.slot_wait), latency.QueueLaw(pq)
+    mix = latency.Mixture(((split.local, local_law), (1 - split.local, remote_law)))
+    for q in (0.5, 0.9, 0.99):
+        lo, hi = sorted((local_law.quantile(q), remote_law.quantile(q)))
+        assert lo <= mix.quantile(q) <= hi
+    one = latency.Mixture(((1.0, remote_law),))
+    assert one.quantile(0.99) == pytest.approx(remote_law.quantile(0.99), rel=1e-6)
+    assert mix.mean() == pytest.approx(split.local * local_law.mean() + (1 - split.local) * remote_law.mean())
+
+
+def test_the_plan_sizes_fewer_prefill_workers_per_decode_worker_and_says_why():
+    spec, request, workload, _, slo = _inputs()
+    on = planner.plan(request, msgspec.structs.replace(workload, rate=100.0), slo, spec.catalog_data())
+    off = planner.plan(msgspec.structs.replace(request, local_prefill_tokens=0),
+                       msgspec.structs.replace(workload, rate=100.0), slo, spec.catalog_data())
+    assert on.prefill_to_decode < off.prefill_to_decode
+    assert any("conditional disaggregation" in n for n in on.notes)
+    assert not any("conditional disaggregation" in n for n in off.notes)
+    assert _capacity(512).warnings == []
