@@ -146,16 +146,21 @@ def _conditional(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None,
     pq = prefill_queue.queue(remote, prefill.profile(remote, 0), rate * (1.0 - split.local), cluster.prefill)
     dw = conditional.decode_worker(ctx, split, rate, cluster.decode)
     p, dp = dw.point, dw.pool
-    local_ttft, local_e2e = _laws(p.queue, dw.slot_wait,
-                                  dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights))
-    remote_ttft, remote_e2e = _laws(pq, *_remote_shifts(ctx, dp))
+    stable = pq.stable and dp.stable and dw.slot_wait is not None
+    if stable:
+        local_ttft, local_e2e = _laws(p.queue, dw.slot_wait,
+                                      dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights))
+        remote_ttft, remote_e2e = _laws(pq, *_remote_shifts(ctx, dp))
+        gaps = conditional.gaps(ctx, split, dw)
+    else:       # no steady state: the point reads no law (and the decode times may be infinite)
+        local_ttft = local_e2e = QueueLaw(p.queue)
+        remote_ttft = remote_e2e = QueueLaw(pq)
+        gaps = dist.Points.fixed(math.inf)
     ttft = Mixture(((split.local, local_ttft), (1.0 - split.local, remote_ttft)))
     e2e = Mixture(((split.local, local_e2e), (1.0 - split.local, remote_e2e)))
     held = _landing_tokens(remote, dp, dp.rate * (1.0 - split.local)) + colocated.mean_prefilling(ctx, p)
     kv = kv_capacity.state(ctx, dp.batch, held)
-    stable = pq.stable and dp.stable and dw.slot_wait is not None
-    point = _assemble(ctx, slo, rate, stable, pq, ttft, e2e, conditional.gaps(ctx, split, dw), dp.itl_mean,
-                      dp.batch, kv)
+    point = _assemble(ctx, slo, rate, stable, pq, ttft, e2e, gaps, dp.itl_mean, dp.batch, kv)
     _prefill_ceiling(remote, pq, point)
     extra = []
     if not p.stable:
