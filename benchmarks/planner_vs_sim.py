@@ -1,7 +1,7 @@
 """Planner C_max vs simulated C_max, with the gap: on the bundled specs (or the ones named), or on
 clusters drawn at random (loadtests.planner_draws) with the simulator's own noise beside each.
 
-    .venv/bin/python benchmarks/planner_vs_sim.py [default disagg-70b-h100 ...] [--requests 2000]
+    .venv/bin/python benchmarks/planner_vs_sim.py [default disagg-70b-h100 ...] [--requests 2000] [--steady]
     .venv/bin/python benchmarks/planner_vs_sim.py --draws 30 [--seed 12] [--requests 5000]
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", default=["default", "colocated-8b-h100", "disagg-70b-h100"])
     parser.add_argument("--requests", type=int, default=None, help="measured requests per rate")
+    parser.add_argument("--steady", action="store_true",
+                        help="specs: each rate in its steady state (warm-up and window in request lifetimes)")
     parser.add_argument("--draws", type=int, default=0, help="random clusters instead of the specs")
     parser.add_argument("--seed", type=int, default=12, help="seed of the draws (fixed: the same set each run)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="draw indices to run")
@@ -25,14 +27,14 @@ def main() -> None:
     if args.draws:
         random_draws(args.draws, args.seed, args.requests or planner_draws.MIN_REQUESTS, args.only)
     else:
-        bundled(args.specs, args.requests or 2000)
+        bundled(args.specs, args.requests or 2000, args.steady)
 
 
-def bundled(names: list[str], requests: int) -> None:
+def bundled(names: list[str], requests: int, steady: bool = False) -> None:
     print(f"{'spec':<20} {'planner':>9} {'simulated':>10} {'gap':>7}  cpu s")
     for name in names:
         started = time.process_time()
-        c = check(load_spec(name), requests)
+        c = check(load_spec(name), requests, steady=steady)
         gap = f"{c.gap:+.1%}" if c.gap is not None else c.sim_bound
         sim = f"{c.sim_c_max:.1f}" if c.sim_c_max else "n/a"
         print(f"{c.spec:<20} {c.planner_c_max:>9.1f} {sim:>10} {gap:>7}  {time.process_time() - started:.0f}")

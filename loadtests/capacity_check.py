@@ -27,12 +27,17 @@ class CapacityCheck(msgspec.Struct, kw_only=True):
 
 
 def check(spec: ClusterSpec, min_requests: int = sim_curve.MIN_REQUESTS,
-          factors: tuple[float, ...] = RATE_FACTORS) -> CapacityCheck:
+          factors: tuple[float, ...] = RATE_FACTORS, steady: bool = False) -> CapacityCheck:
+    """`steady`: each rate in its steady state (sim_curve.steady: a warm-up and a window in request
+    lifetimes), not a fixed count of requests after the spec's warm-up. A disaggregated decode pool
+    fills its sequence slots over minutes: 2,000 requests after 30 s at 82 req/s on disagg-70b-h100
+    met the SLOs (TTFT p99 0.94 s) where the steady state misses them from 74 req/s (5.5 s)."""
     planned = planner_bridge.predict(spec, [1.0])
     if planned.c_max is None:
         raise ValueError(f"no planner C_max for {spec.name}: {planned.error}")
     rates = [planned.c_max * f for f in factors]
-    points = sim_curve.curve(spec, rates, min_requests)
+    points = [sim_curve.steady(spec, r, min_requests) for r in rates] if steady else \
+        sim_curve.curve(spec, rates, min_requests)
     ttft = [analysis.summary_ttft_p99_with_failures(p) for p in points]   # refusals are misses, as in the sweep
     itl = [p.itl.p99 for p in points]
     misses = [p.ttft_miss_share for p in points]   # where a shedder refuses: the crossing of 1% misses

@@ -1,5 +1,6 @@
-"""The planner's max sustainable rate at SLO agrees with the simulator's: the bundled specs within
-15%, clusters drawn at random (loadtests.planner_draws) within 10%.
+"""The planner's max sustainable rate at SLO agrees with the simulator's: the default spec within
+15%, the disaggregated spec (in steady state) and clusters drawn at random (loadtests.planner_draws)
+within 10%.
 
 The simulator runs the workers' engine and the router's policies; the planner is closed-form. Both
 read the same spec and workload. Rates step around the planner's C_max with 2,000 measured requests
@@ -13,11 +14,20 @@ from loadtests.capacity_check import check
 pytestmark = pytest.mark.slow   # each spec simulates a rate sweep: 25-40 s
 
 
-@pytest.mark.parametrize("name", ["default", "disagg-70b-h100"])
-def test_planner_cmax_within_15_percent_of_the_simulators(name):
-    result = check(load_spec(name))
+def test_planner_cmax_within_15_percent_of_the_simulators():
+    result = check(load_spec("default"))
     assert result.sim_bound == "interpolated", result   # the simulated p99s cross the SLO inside the bracket
     assert abs(result.gap) <= 0.15, result
+
+
+def test_disaggregated_cmax_within_10_percent_of_the_steady_state_simulators():
+    """disagg-70b-h100 prefills ~88% of its requests on their decode workers (conditional
+    disaggregation). Its decode slots fill over minutes, so each rate runs in its steady state
+    (sim_curve.steady: 40-50 s of CPU a rate); a fixed 2,000 requests read 86 req/s, the steady
+    state holds 72 and fails at 74."""
+    result = check(load_spec("disagg-70b-h100"), factors=(0.85, 1.0, 1.15), steady=True)
+    assert result.sim_bound == "interpolated", result
+    assert abs(result.gap) <= 0.10, result
 
 
 @pytest.mark.parametrize("index", [7, 13])
@@ -28,6 +38,20 @@ def test_planner_cmax_within_10_percent_on_drawn_clusters(index):
     request lifetimes (10 to 110 s of CPU a draw); the benchmark runs all 30."""
     from loadtests import planner_draws
     draw = planner_draws.draws(12, index + 1)[index]
+    result = planner_draws.compare(draw, requests=2000)
+    assert result.bound == "interpolated", result
+    assert result.noise is not None and result.noise < 0.03, result
+    assert abs(result.gap) <= 0.10, result
+
+
+def test_planner_cmax_within_10_percent_with_conditional_disaggregation():
+    """A drawn disaggregated cluster (8B, A100 TP2, chat and code) with pd_pair prefilling prompts
+    with fewer than 512 uncached tokens on their decode worker (~56% of requests): the planner costs
+    those prefills in the decode worker's mixed steps (planned 11.0 req/s, simulated 10.4, ITL-bound)."""
+    import dataclasses
+
+    from loadtests import planner_draws
+    draw = dataclasses.replace(planner_draws.draws(12, 8)[7], local_prefill_tokens=512)
     result = planner_draws.compare(draw, requests=2000)
     assert result.bound == "interpolated", result
     assert result.noise is not None and result.noise < 0.03, result
