@@ -9,7 +9,7 @@ import msgspec
 
 from emulator.physics import roofline
 from emulator.physics.catalog import Catalog
-from emulator.planner import conditional, context, cost, decode, prefill, sizing, tenant_limits
+from emulator.planner import conditional, context, cost, decode, operating, prefill, sizing, tenant_limits
 from emulator.planner import curve as curves
 from emulator.planner.errors import PlannerError
 from emulator.planner.inputs import PlanRequest, Slo, Workload
@@ -32,7 +32,7 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     resource: str                # the roofline ceiling behind it: compute or bandwidth (or kv_memory...)
     limits: list[Limit]          # the rate each constraint alone allows, tightest first
     at_max: curves.CurvePoint
-    warnings: list[str] = []     # what the model leaves out that this cluster would meet
+    notes: list[str] = []        # what the model assumes about this cluster (e.g. conditional disaggregation)
 
 
 class PoolPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,8 +81,8 @@ def capacity(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster | 
     planned = sizing.max_rate(ctx, slo, cluster, rules=True)
     return Capacity(cluster=cluster, gpus=cluster.gpus(req.tp), max_rate=float(best), planned_rate=float(planned),
                     usable_rate=float(planned / req.headroom), concurrency=float(best * mean_latency(ctx, op)),
-                    binding=bind, resource=resource(ctx, bind, best, cluster), limits=lims, at_max=at_max,
-                    warnings=[])
+                    binding=bind, resource=resource(ctx, bind, best, cluster, slo), limits=lims, at_max=at_max,
+                    notes=conditional.note(ctx))
 
 
 def curve(req: PlanRequest, workload: Workload, slo: Slo, cluster: Cluster, rates: list[float] | None = None,
@@ -138,7 +138,7 @@ def mean_latency(ctx: context.Context, op) -> float:
     return op.ttft_mean + ctx.decode_tokens * op.itl_mean
 
 
-def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) -> str:
+def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster, slo: Slo | None = None) -> str:
     """The hardware limit behind a binding constraint: the roofline bound of the steps it depends on."""
     if binding == "tenant_limit":
         op = evaluate(ctx, cluster, rate * (1 + 4 * sizing.RATE_TOL))
@@ -147,10 +147,30 @@ def resource(ctx: context.Context, binding: str, rate: float, cluster: Cluster) 
     if binding in ("kv_memory", "max_num_seqs", "preemption", "kv_link", "compute", "bandwidth"):
         return {"preemption": "kv_memory", "max_num_seqs": "batch slots"}.get(binding, binding)
     if binding in ("ttft_slo", "e2e_slo"):
+        local = _local_ttft_resource(ctx, cluster, rate * (1 + 4 * sizing.RATE_TOL), slo) if slo else None
+        if local is not None:
+            return local
         bound = prefill.profile(ctx, 0).full_step.bound
     else:
         op = evaluate(ctx, cluster, rate)
         bound = decode.step(ctx, max(1, round(1 + op.decode_batch))).bound
+    return "bandwidth" if bound == "memory" else bound
+
+
+def _local_ttft_resource(ctx: context.Context, cluster: Cluster, rate: float, slo: Slo) -> str | None:
+    """Where TTFT fails on the decode workers (conditional disaggregation: the local share alone
+    misses it): "batch slots" when its wait for a sequence slot is the longer part of its p99,
+    else the roofline bound of the mixed steps that prefill it. None when the prefill pool fails it."""
+    if ctx.mode != "disaggregated" or "ttft_slo" not in evaluate(ctx, cluster, rate, slo).decode_side:
+        return None
+    at = operating.at_rate(ctx, cluster, rate)
+    split = conditional.split(at)
+    if split is None:
+        return None
+    dw = conditional.decode_worker(at, split, rate, cluster.decode)
+    if dw.slot_wait is None or dw.slot_wait.quantile(0.99) > dw.point.queue.ttft_quantile(0.99):
+        return "batch slots"
+    bound = prefill.profile(split.local_ctx, int(round(dw.point.batch))).full_step.bound
     return "bandwidth" if bound == "memory" else bound
 
 

@@ -235,7 +235,7 @@ def _render_capacity(c) -> str:
             f"ITL p50/p99 {_ms(c.at_max.itl_p50)} / {_ms(c.at_max.itl_p99)}",
             "  each constraint alone allows:"]
     rows += [f"    {lim.constraint:<14} {lim.rate:,.2f} req/s" for lim in c.limits]
-    rows += [f"  warning: {w}" for w in c.warnings]
+    rows += [f"  note: {n}" for n in c.notes]
     return "\n".join(rows)
 
 

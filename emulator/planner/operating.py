@@ -84,11 +84,18 @@ def evaluate(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None = None
 
 
 def _evaluate(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
-    if ctx.workload.prefix_groups is not None and rate > 0:
-        ctx = _with_prefix_cache(ctx, cluster, rate)
+    ctx = at_rate(ctx, cluster, rate)
     if ctx.mode == "colocated":
         return _colocated(ctx, cluster, rate, slo)
     return _disaggregated(ctx, cluster, rate, slo)
+
+
+def at_rate(ctx: Context, cluster: Cluster, rate: float) -> Context:
+    """The context the laws read at this rate: with the prefix hits the LRU keeps, where the workload
+    names its prefixes; else `ctx` itself."""
+    if ctx.workload.prefix_groups is not None and rate > 0:
+        return _with_prefix_cache(ctx, cluster, rate)
+    return ctx
 
 
 def _with_prefix_cache(ctx: Context, cluster: Cluster, rate: float) -> Context:
