@@ -2,11 +2,12 @@
 clusters drawn at random (loadtests.planner_draws) with the simulator's own noise beside each.
 
     .venv/bin/python benchmarks/planner_vs_sim.py [default disagg-70b-h100 ...] [--requests 2000] [--steady]
-    .venv/bin/python benchmarks/planner_vs_sim.py --draws 30 [--seed 12] [--requests 5000]
+    .venv/bin/python benchmarks/planner_vs_sim.py --draws 30 [--seed 12] [--requests 5000] [--local-prefill-tokens 512]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from emulator.spec import load_spec
@@ -23,9 +24,13 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=0, help="random clusters instead of the specs")
     parser.add_argument("--seed", type=int, default=12, help="seed of the draws (fixed: the same set each run)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="draw indices to run")
+    parser.add_argument("--local-prefill-tokens", type=int, default=0,
+                        help="disaggregated draws: pd_pair prefills prompts with fewer uncached tokens on the decode "
+                             "worker (conditional disaggregation; 0, the drawn set: every prefill on the prefill pool)")
     args = parser.parse_args()
     if args.draws:
-        random_draws(args.draws, args.seed, args.requests or planner_draws.MIN_REQUESTS, args.only)
+        random_draws(args.draws, args.seed, args.requests or planner_draws.MIN_REQUESTS, args.only,
+                     args.local_prefill_tokens)
     else:
         bundled(args.specs, args.requests or 2000, args.steady)
 
@@ -40,14 +45,15 @@ def bundled(names: list[str], requests: int, steady: bool = False) -> None:
         print(f"{c.spec:<20} {c.planner_c_max:>9.1f} {sim:>10} {gap:>7}  {time.process_time() - started:.0f}")
 
 
-def random_draws(n: int, seed: int, requests: int, only: list[int] | None) -> None:
+def random_draws(n: int, seed: int, requests: int, only: list[int] | None, local_prefill_tokens: int = 0) -> None:
     print(f"{n} draws, seed {seed}, {requests} measured requests per simulated rate")
     print(f"{'#':>2} {'cluster':<58} {'TTFT SLO':>8} {'ITL SLO':>8} {'planned':>8} {'binds':<9} "
           f"{'simulated':>9} {'by':<4} {'gap':>7} {'noise':>6} {'cpu s':>5}")
     gaps, noises = [], []
     for d in planner_draws.draws(seed, n):
-        if only and d.index not in only:
+        if only and d.index not in only or (local_prefill_tokens and d.mode != "disaggregated"):
             continue
+        d = dataclasses.replace(d, local_prefill_tokens=local_prefill_tokens)
         a = planner_draws.compare(d, requests)
         gap = f"{a.gap:+.1%}" if a.gap is not None and a.bound == "interpolated" else a.bound
         noise = f"{a.noise:.1%}" if a.noise is not None else "n/a"
