@@ -31,7 +31,8 @@ def check(spec: ClusterSpec, min_requests: int = sim_curve.MIN_REQUESTS,
     """`steady`: each rate in its steady state (sim_curve.steady: a warm-up and a window in request
     lifetimes), not a fixed count of requests after the spec's warm-up. A disaggregated decode pool
     fills its sequence slots over minutes: 2,000 requests after 30 s at 82 req/s on disagg-70b-h100
-    met the SLOs (TTFT p99 0.94 s) where the steady state misses them from 74 req/s (5.5 s)."""
+    met the SLOs (TTFT p99 0.94 s) where the steady state missed them from 74 req/s (5.5 s, before the
+    simulator shed load)."""
     planned = planner_bridge.predict(spec, [1.0])
     if planned.c_max is None:
         raise ValueError(f"no planner C_max for {spec.name}: {planned.error}")
