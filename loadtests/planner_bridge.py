@@ -18,7 +18,6 @@ class Prediction:
     points: list            # emulator.planner.CurvePoint per requested rate (ttft_p99, itl_p99, goodput, ...)
     c_max: float | None
     error: str | None = None      # why there is no prediction
-    warnings: list[str] | None = None   # what the planner's laws leave out for this spec
 
 
 def planner_inputs(spec: ClusterSpec):

@@ -479,7 +479,6 @@ def build_report(setup: Setup, live: LiveSweep, planned: Prediction, sim_c: dict
         report["warnings"].append(f"rate {p['rate']:.4g}: " + "; ".join(p["notes"]))
     if planned.error:
         report["warnings"].append(planned.error)
-    report["warnings"] += [f"planner: {w}" for w in planned.warnings or []]
     return report
 
 
