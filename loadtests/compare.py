@@ -26,7 +26,7 @@ import msgspec
 from emulator import traces
 from emulator.planner.tiered_cache import TierHits, spec_trace_tier_hits
 from emulator.sim.policy_settings import policy_settings as sim_policy_settings
-from emulator.sim.report import Summary, overload_note
+from emulator.sim.report import Summary, overload_note, refused_share
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
 from kvlab.wire.user_errors import count_or_all, positive, positive_int
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     note = rows and overload_note(min(r.summary.ttft.p50 for r in rows), spec.slo.ttft_p99_s,
                                   "under overload queueing, not cache reuse, decides the table; try --workers "
-                                  "or --speedup < 1")
+                                  "or --speedup < 1", min(refused_share(r.summary) for r in rows))
     if note:
         print(note)
     if args.out:

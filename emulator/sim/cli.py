@@ -9,7 +9,7 @@ import msgspec
 
 from emulator import traces, workload
 from emulator.sim.policy_settings import policy_settings
-from emulator.sim.report import Summary, overload_note
+from emulator.sim.report import Summary, overload_note, refused_share
 from emulator.sim.simulator import Simulator
 from emulator.spec import SpecError, load_spec, resolve_spec_path
 from kvlab.wire.user_errors import count_or_all, non_negative, positive, positive_int
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(step_model)
         print(f"simulated {sim.now:.1f} s in {cpu:.1f} CPU s ({sim.now / max(cpu, 1e-9):.0f}x real time)")
     note = overload_note(summary.ttft.p50, spec.slo.ttft_p99_s, "try a lower --rate, a --speedup below 1 or a "
-                                                                 "spec with more workers")
+                                                                 "spec with more workers", refused_share(summary))
     if note:
         print(note, file=sys.stderr)
     return 0

@@ -176,13 +176,23 @@ def _span(records: list[Served]) -> float:
 
 
 OVERLOAD_FACTOR = 10.0   # median TTFT over this many SLOs: queueing, not the engine, sets every latency
+OVERLOAD_REFUSED = 0.10  # or the router's load shedder refused over 10% of requests
 
 
-def overload_note(ttft_p50_s: float, ttft_slo_s: float, fix: str) -> str | None:
-    """A one-line warning when the median request waits over 10x the TTFT SLO (None otherwise).
+def refused_share(summary: Summary) -> float:
+    return summary.rejected / summary.requests if summary.requests else 0.0
 
-    At that point requests queue faster than the cluster serves them: every latency grows with the run's
-    length, so the figures describe the backlog rather than the cluster."""
+
+def overload_note(ttft_p50_s: float, ttft_slo_s: float, fix: str, refused: float = 0.0) -> str | None:
+    """A one-line warning when the median request waits over 10x the TTFT SLO, or over 10% of requests
+    were refused (None otherwise).
+
+    At that point requests arrive faster than the cluster serves them: without shedding every latency
+    grows with the run's length, so the figures describe the backlog rather than the cluster; with it,
+    they describe the requests the shedder let through."""
+    if refused > OVERLOAD_REFUSED:
+        return (f"note: {refused:.0%} of requests were refused (503: the router's load shedder, the queues full "
+                f"for the {ttft_slo_s:g} s TTFT SLO): the workload overloads this cluster; {fix}")
     if not ttft_p50_s > OVERLOAD_FACTOR * ttft_slo_s:   # NaN (nothing finished) is no verdict
         return None
     return (f"note: median TTFT {ttft_p50_s:.1f} s is over {OVERLOAD_FACTOR:g}x the {ttft_slo_s:g} s SLO: the "

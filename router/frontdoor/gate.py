@@ -146,7 +146,9 @@ class DrainLimit:
         slack = max(0.0, self.slo_s - self.prefill_s)
         if self.drain_s is not None and self.workers is not None:
             places = self.places if self.places is not None else math.floor(slack / self.drain_s)
-            return max(0, self.workers()) * places
+            # At least one: a request that finds its worker's line empty is served as soon as it can
+            # be, so refusing it helps no other request (an SLO below one prefill would refuse all).
+            return max(0, self.workers()) * max(1, places)
         return max(self.min_queue, math.floor(self.drain_rate(now) * slack))
 
     def check(self, queue_depth: float, now: float) -> Admission:

@@ -142,3 +142,17 @@ def test_a_colocated_worker_drains_no_faster_than_its_sequence_slots_turn_over()
     step = roofline.step_time(narrow.deployment(narrow.pools[0]), roofline.BatchShape().add(1, 500).add(1, 500))
     assert per_request > alone / 2 + 100 * step.seconds / 2     # >= 100 output tokens each, 2 slots
     assert slot_turnover(narrow.deployment(narrow.pools[0]), alone, 500, 200, 2) > alone / 2
+
+
+@pytest.mark.parametrize("places", [None, 0])
+def test_an_slo_below_one_prefill_still_admits_one_request_per_worker(places):
+    # SLO 0.05 s < prefill 0.1 s: no place fits, but refusing into empty lines would refuse everything.
+    clock, queue = Clock(), [0]
+    gate = gate_with(queue, clock, workers=2, slo=0.05, prefill=0.1, places=places)
+    gate.admit(job())
+    queue[0] = 1
+    gate.admit(job())
+    queue[0] = 2
+    with pytest.raises(ApiError) as refused:
+        gate.admit(job())
+    assert refused.value.status == 503
