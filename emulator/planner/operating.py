@@ -116,11 +116,11 @@ def _with_prefix_cache(ctx: Context, cluster: Cluster, rate: float) -> Context:
 
 
 def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
-    p = colocated.evaluate(ctx, rate, cluster.workers)
-    gaps = colocated.gaps(ctx, p)
-    kv = kv_capacity.state(ctx, p.batch, colocated.mean_prefilling(ctx, p))
-    e2e_shift = dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights)
-    slot_wait = colocated.slot_wait(ctx, rate, cluster.workers) if p.stable else None
+    key = ("colocated", cluster, rate)   # the laws do not depend on the SLO: one set for every slo
+    found = ctx.memo.get(key)
+    if found is None:
+        found = ctx.memo[key] = _colocated_laws(ctx, cluster, rate)
+    p, gaps, kv, e2e_shift, slot_wait = found
     stable = p.stable and slot_wait is not None
     ttft, e2e = _laws(p.queue, slot_wait, e2e_shift)
     point = _assemble(ctx, slo, rate, stable, p.queue, ttft, e2e, gaps, p.itl_mean, p.batch, kv)
@@ -129,6 +129,15 @@ def _colocated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> 
     elif slot_wait is None:
         point.violations.append("max_num_seqs")
     return point
+
+
+def _colocated_laws(ctx: Context, cluster: Cluster, rate: float):
+    p = colocated.evaluate(ctx, rate, cluster.workers)
+    gaps = colocated.gaps(ctx, p)
+    kv = kv_capacity.state(ctx, p.batch, colocated.mean_prefilling(ctx, p))
+    e2e_shift = dist.Points((ctx.outputs.values - 1.0) * p.itl_mean, ctx.outputs.weights)
+    slot_wait = colocated.slot_wait(ctx, rate, cluster.workers) if p.stable else None
+    return p, gaps, kv, e2e_shift, slot_wait
 
 
 def _disaggregated(ctx: Context, cluster: Cluster, rate: float, slo: Slo | None) -> OperatingPoint:
