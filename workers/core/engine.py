@@ -259,7 +259,8 @@ class Engine:
 
     def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
         req.num_computed += num_new
-        if self.config.enable_prefix_caching:
+        # per token of every running sequence: the call only when a block has filled up
+        if self.config.enable_prefix_caching and req.num_computed // self.blocks.block_size > req.num_cached_blocks:
             cache_computed_blocks(self.blocks, req)
         if req.num_computed < len(req.tokens):
             return  # a prefill chunk that did not reach the end of the prompt

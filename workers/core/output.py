@@ -28,9 +28,10 @@ def _uniform(previous: int, position: int) -> float:
 def sample(req: Request) -> tuple[int, str | None]:
     """The request's next token and, if the request ends with it, the finish reason."""
     params = req.params
-    previous = req.tokens[-1] if req.tokens else 0
-    position = req.num_tokens
-    produced = req.num_output + 1
+    tokens = req.tokens
+    previous = tokens[-1] if tokens else 0
+    position = len(tokens)                    # req.num_tokens
+    produced = position - req.num_prompt + 1  # req.num_output + 1
     can_stop = not params.ignore_eos and produced > params.min_tokens and params.eos_probability > 0
     if can_stop and _uniform(previous, position) < params.eos_probability:
         return EOS_TOKEN_ID, "stop"
