@@ -14,6 +14,7 @@ from emulator import workload
 from emulator.sim.report import Summary, served
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec
+from loadtests import parallel_runs
 
 MIN_REQUESTS = 2000   # per rate: p99s from fewer requests are too noisy to compare (design 3b)
 
@@ -55,11 +56,12 @@ def _run(spec: ClusterSpec, rate: float, warmup: float, end: float) -> Summary:
 
 
 def curve(spec: ClusterSpec, rates: list[float], min_requests: int = MIN_REQUESTS, on_point=None) -> list[Summary]:
-    out = []
-    for rate in rates:
-        out.append(simulate(spec, rate, min_requests))
-        if on_point is not None:
-            on_point(rate, out[-1])
+    """`simulate` at each rate, the rates run side by side on the host's cores (loadtests.parallel_runs);
+    `on_point` hears of each point in order."""
+    out = parallel_runs.run_all(simulate, [(spec, rate, min_requests) for rate in rates])
+    if on_point is not None:
+        for rate, point in zip(rates, out, strict=True):
+            on_point(rate, point)
     return out
 
 
