@@ -28,11 +28,10 @@ LOCUST_WEB_PORT, LOCUST_MASTER_PORT = 8089, 5557   # Locust's defaults for the w
 LABELS = {"app.kubernetes.io/name": "kvlab", "app.kubernetes.io/part-of": "kvlab"}
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "kvlab.json"
 # Per-pod CPU requests, from measured CPU per emulated output token on the default spec (16 tokens per SSE
-# chunk; benchmarks/host_cost.py on a 2-core host): ~10 us per worker and ~14 us in the router. At the
-# default spec's C_max (~56 emulated req/s at time scale 1.5, ~37 wall req/s x ~180 tokens) that is well under
-# 0.1 core per worker and ~0.1 for the router, plus fixed costs (health probes, KV-event polls: ~0.03 core per
-# process measured at light load). The requests below leave several times that as headroom for larger
-# pools per router and lower time scales.
+# chunk; benchmarks/host_cost.py on a 2-core host, 57.3 req/s at time scale 1): ~8-9 us per token in each
+# worker and ~9 us in the router, 0.13-0.15 core each at ~16k tokens per wall second (the default spec's
+# C_max, ~56 emulated req/s, at time scale 1). A router's RSS grew 174 -> 220 MB over a 200 s run at that rate
+# (memory requests 384Mi); the requests below leave headroom for larger pools per router and lower time scales.
 WORKER_RESOURCES = {"requests": {"cpu": "250m", "memory": "384Mi"}, "limits": {"memory": "1Gi"}}
 ROUTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "384Mi"}, "limits": {"memory": "1Gi"}}
 LOCUST_RESOURCES = {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
