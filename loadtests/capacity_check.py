@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from emulator.spec import ClusterSpec
-from loadtests import analysis, planner_bridge, sim_curve
+from loadtests import analysis, parallel_runs, planner_bridge, sim_curve
 
 RATE_FACTORS = (0.5, 0.7, 0.85, 1.0, 1.15, 1.3)   # x planner C_max: brackets a +-15% disagreement
 
@@ -37,8 +37,8 @@ def check(spec: ClusterSpec, min_requests: int = sim_curve.MIN_REQUESTS,
     if planned.c_max is None:
         raise ValueError(f"no planner C_max for {spec.name}: {planned.error}")
     rates = [planned.c_max * f for f in factors]
-    points = [sim_curve.steady(spec, r, min_requests) for r in rates] if steady else \
-        sim_curve.curve(spec, rates, min_requests)
+    run = sim_curve.steady if steady else sim_curve.simulate
+    points = parallel_runs.run_all(run, [(spec, r, min_requests) for r in rates])   # side by side on the cores
     ttft = [analysis.summary_ttft_p99_with_failures(p) for p in points]   # refusals are misses, as in the sweep
     itl = [p.itl.p99 for p in points]
     misses = [p.ttft_miss_share for p in points]   # where a shedder refuses: the crossing of 1% misses
