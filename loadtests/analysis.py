@@ -129,6 +129,16 @@ def c_max(rates: Sequence[float], ttft_p99: Sequence[float], itl_p99: Sequence[f
 MISS_SHARE = 0.01   # a p99 meets its SLO while at most 1% of requests miss it
 
 
+def miss_crossing(lo_rate: float, hi_rate: float, lo_miss: float, hi_miss: float) -> float | None:
+    """The rate where the share of TTFT misses (refused, or over the SLO) reaches 1%, linear in rate
+    between a rate below it and one above; None when the shares do not bracket it (or are unknown).
+    Where a load shedder refuses over 1%, p99 TTFT is infinite and has no slope to follow; this does."""
+    if not (math.isfinite(lo_miss) and hi_miss > max(lo_miss, MISS_SHARE)):
+        return None
+    frac = min(max((MISS_SHARE - lo_miss) / (hi_miss - lo_miss), 0.0), 1.0)
+    return lo_rate + frac * (hi_rate - lo_rate)
+
+
 def _meets(ttft: float, itl: float, ttft_slo: float, itl_slo: float) -> bool:
     return bool(np.isfinite(ttft) and np.isfinite(itl) and ttft <= ttft_slo and itl <= itl_slo)
 
@@ -142,9 +152,9 @@ def _crossing(lo, hi, ttft_slo: float, itl_slo: float) -> Capacity:
     candidates = []
     for name, index, slo in (("ttft", 1, ttft_slo), ("itl", 2, itl_slo)):
         a, b = lo[index], hi[index]
-        if not np.isfinite(b) and name == "ttft" and np.isfinite(lo[3]) and hi[3] > max(lo[3], MISS_SHARE):
-            frac = min(max((MISS_SHARE - lo[3]) / (hi[3] - lo[3]), 0.0), 1.0)
-            candidates.append((lo[0] + frac * (hi[0] - lo[0]), name))
+        by_misses = miss_crossing(lo[0], hi[0], lo[3], hi[3]) if name == "ttft" and not np.isfinite(b) else None
+        if by_misses is not None:
+            candidates.append((by_misses, name))
             continue
         if not np.isfinite(b):
             # Too many requests failed at `hi` for a p99: no slope to follow, only the bracket is known.

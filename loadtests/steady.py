@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from loadtests.analysis import miss_crossing
+
 WARMUP_LIFETIMES = 3.0
 WINDOW_LIFETIMES = 10.0
 TAIL_LIFETIMES = 2.0        # load kept on after the window while its last requests finish (then cut short)
@@ -200,8 +202,10 @@ def crossing(lo: tuple[float, ...], hi: tuple[float, ...], ttft_slo: float, itl_
     rates = []
     for k, slo in ((1, ttft_slo), (2, itl_slo)):
         a, b = lo[k], hi[k]
-        if not math.isfinite(b) and k == 1 and len(lo) > 3 and math.isfinite(lo[3]) and hi[3] > max(lo[3], 0.01):
-            rates.append(lo[0] + min(max((0.01 - lo[3]) / (hi[3] - lo[3]), 0.0), 1.0) * (hi[0] - lo[0]))
+        by_misses = miss_crossing(lo[0], hi[0], lo[3], hi[3]) if k == 1 and len(lo) > 3 and not math.isfinite(b) \
+            else None
+        if by_misses is not None:
+            rates.append(by_misses)
             continue
         if not math.isfinite(b):
             return math.sqrt(lo[0] * hi[0])
