@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 
 CSV_FIELDS = [
-    ("rate", "rate"), ("valid", "valid"), ("stationary", "stationary"), ("met_slo", "met_slo"),
+    ("rate", "rate"), ("valid", "valid"), ("stationary", "stationary"), ("stationary_state", "stationary_state"),
+    ("met_slo", "met_slo"),
     ("sent_rps", "sent_rps"), ("served_rps", "served_rps"), ("window_s", "window.window_s"),
     ("window_lifetimes", "window.lifetimes"), ("warmup_s", "window.warmup_s"), ("lifetime_s", "window.lifetime_s"),
     ("ttft_p99_with_failures_s", "ttft_p99_with_failures"),
@@ -86,7 +87,7 @@ COLUMNS = [  # header, key, format ("ms": seconds shown as ms; "yn": yes/no)
     ("offered/s", "rate", "{:.1f}"), ("sent/s", "sent_rps", "{:.1f}"), ("served/s", "served_rps", "{:.1f}"),
     ("window s", "window.window_s", "{:.1f}"), ("lifetimes", "window.lifetimes", "{:.1f}"),
     ("warm-up L", "window.warmup_lifetimes", "{:.1f}"),
-    ("stationary", "stationary", "yn"), ("lag wall ms", "lag_p99_s", "ms"),
+    ("stationary", "stationary_state", "{}"), ("lag wall ms", "lag_p99_s", "ms"),
     ("TTFT p50", "measured.ttft.p50", "ms"), ("TTFT p99", "ttft_p99_with_failures", "ms"),
     ("ITL p99", "measured.itl.p99", "ms"), ("SLO met", "met_slo", "yn"),
     ("steady TTFT99", "steady.ttft.p99", "ms"), ("plan TTFT99", "planned.ttft_p99", "ms"),
@@ -164,6 +165,8 @@ def markdown(report: dict) -> str:
            "80% of the SLO) and requests "
            "in the system, and below C_max served is within 3% "
            "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). "
+           "Overloaded: past C_max the halves drift only towards worse (the queue grows until the shedder "
+           "caps it, many lifetimes just past C_max), so the rate's miss holds; halves that improve there are NO. "
            "TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]

@@ -5,7 +5,9 @@ A rate is measured after a warm-up of WARMUP_LIFETIMES and over a window of WIND
 end-to-end latencies at that rate (emulated seconds, from the steady-state simulator): a window of a
 few lifetimes holds the batches still filling from an empty cluster, so it reads below the offered
 rate whatever the cluster's capacity. A window is stationary when its two halves agree (p99 TTFT,
-requests in the system) and, below C_max, it serves what was sent.
+requests in the system) and, below C_max, it serves what was sent. Past C_max a window whose halves
+drift only towards worse (queue and TTFT growing) is `overloaded`: the rate's steady state is at least
+as bad as its window, so the miss it reports cannot flip; one whose halves improve is not stationary.
 """
 from __future__ import annotations
 
@@ -60,9 +62,16 @@ class Stationarity:
     served_ok: bool
     notes: list[str] = field(default_factory=list)
 
+    worsening: bool = False         # past C_max: the halves that disagree all grow
+
     @property
     def stationary(self) -> bool:
         return self.ttft_ok and self.queue_ok and self.served_ok
+
+    @property
+    def state(self) -> str:
+        """"yes", "overloaded" (past C_max, drifting only towards worse) or "NO"."""
+        return "yes" if self.stationary else "overloaded" if self.worsening else "NO"
 
 
 def halves_agree(a: float, b: float, rel: float, absolute: float) -> bool:
@@ -112,9 +121,11 @@ def check(ttft_halves: tuple[float, float], queue_halves: tuple[float | None, fl
           ttft_bands: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Stationarity:
     """Judge one window from its halves' p99 TTFT (emulated s; with `ttft_bands`, each p99's sampling
     band from p99_band), mean requests in the system, and its sent and served rates. Only a rate below
-    C_max (one that meets the SLO) must be stationary: above it the queue grows by definition, so drift
-    there is the finding (overload), not a window too short, and it is recorded in the flags without a
-    note that would invalidate the run."""
+    C_max (one that meets the SLO) must be stationary. Above it the queue grows until the shedder caps
+    it, which takes many lifetimes just past C_max: growth there is the finding (overload) and cannot
+    turn the miss into a pass, so it is `worsening`, without a note. Halves that improve past C_max mean
+    the window still held a transient worse than the rate's steady state, and the miss may be wrong:
+    that gets a note, which invalidates the run."""
     notes = []
     ttft_ok = halves_agree(*ttft_halves, TTFT_HALVES_REL, TTFT_HALVES_ABS_SLO * ttft_slo) \
         or (ttft_bands is not None and bands_overlap(*ttft_bands)) \
@@ -132,7 +143,25 @@ def check(ttft_halves: tuple[float, float], queue_halves: tuple[float | None, fl
         if not served_ok:
             notes.append(f"served {served_rps:.1f}/s of {sent_rps:.1f}/s sent (more than "
                          f"{served_tol:.1%} apart below C_max)")
-    return Stationarity(ttft_halves, queue_halves, sent_rps, served_rps, ttft_ok, queue_ok, served_ok, notes)
+    worsening = not below_c_max and _grows(ttft_halves, ttft_ok) and _grows(queue_halves, queue_ok)
+    if not below_c_max and not (ttft_ok and queue_ok) and not worsening:
+        notes.append(f"past C_max the window's second half is better than its first (p99 TTFT "
+                     f"{_ms(ttft_halves[0])} -> {_ms(ttft_halves[1])} ms, requests in the system "
+                     f"{_count(qa)} -> {_count(qb)}): a transient, so the miss may not hold")
+    return Stationarity(ttft_halves, queue_halves, sent_rps, served_rps, ttft_ok, queue_ok, served_ok, notes,
+                        worsening)
+
+
+def _grows(halves: tuple[float | None, float | None], agree: bool) -> bool:
+    """Halves that agree, or a second half larger than the first (or one that cannot be told: NaN)."""
+    a, b = halves
+    if agree or a is None or b is None or math.isnan(a) or math.isnan(b):
+        return True
+    return b > a
+
+
+def _count(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def _ms(x: float) -> str:

@@ -400,7 +400,7 @@ def measured_point(setup: Setup, result: LiveResult, size: Sizing, steady: Stead
              "window": {"warmup_s": w.start_s / scale, "window_s": window_s, "lifetime_s": size.lifetime_s,
                         "lifetimes": window_s / size.lifetime_s,
                         "warmup_lifetimes": w.start_s / scale / size.lifetime_s},
-             "stationarity": station, "stationary": station.stationary,
+             "stationarity": station, "stationary": station.stationary, "stationary_state": station.state,
              "sent_rps": station.sent_rps, "served_rps": station.served_rps,
              "simulated": _same_schedule(setup, plan, result.windows), "steady": steady.at(w.rate),
              "planned": _planned(setup, w.rate)}

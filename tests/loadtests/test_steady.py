@@ -69,11 +69,23 @@ def test_stationary_window_passes_and_drifts_are_named():
     assert check((0.9, 0.95), (300.0, 310.0), 90.0, 80.0, ttft_slo=0.5, below_c_max=False).stationary
 
 
-def test_a_growing_queue_above_c_max_is_flagged_but_does_not_invalidate_the_run():
+def test_a_growing_queue_above_c_max_is_overloaded_and_does_not_invalidate_the_run():
     over = check((0.46, math.inf), (100.0, 400.0), 60.0, 55.0, ttft_slo=0.5, below_c_max=False)
     assert not over.stationary and not over.notes   # overload is the finding there, not a short window
+    assert over.state == "overloaded"
     under = check((0.46, math.inf), (100.0, 400.0), 60.0, 55.0, ttft_slo=0.5, below_c_max=True)
-    assert not under.stationary and len(under.notes) == 3
+    assert not under.stationary and len(under.notes) == 3 and under.state == "NO"
+    # Growing requests in the system with TTFT halves that agree (both refused: inf) is overload too.
+    assert check((math.inf, math.inf), (365.0, 461.0), 55.8, 53.2, 1.0, below_c_max=False).state == "overloaded"
+
+
+def test_halves_that_improve_above_c_max_are_a_transient_that_invalidates():
+    # The first half held a burst the rate's steady state does not: the miss may be the burst's.
+    better = check((2.0, 0.6), (400.0, 150.0), 55.0, 56.0, ttft_slo=0.5, below_c_max=False)
+    assert better.state == "NO" and len(better.notes) == 1 and "second half is better" in better.notes[0]
+    # Queue shrinking while TTFT grows: not one direction, so not a safe miss either.
+    mixed = check((0.6, 2.0), (400.0, 150.0), 55.0, 56.0, ttft_slo=0.5, below_c_max=False)
+    assert mixed.state == "NO" and mixed.notes
 
 
 def test_served_tolerance_is_three_percent_unless_the_window_edges_are_noisier():

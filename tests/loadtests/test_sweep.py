@@ -167,6 +167,8 @@ def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
             assert key in p
         assert {"p50", "p90", "p99", "mean"} <= set(p["measured"]["ttft"]) and p["measured"]["requests"] > 0
         assert p["planned"]["rate"] == p["rate"]            # each rate's own planned point
+        assert p["stationary_state"] in ("yes", "overloaded", "NO")
+        assert p["stationary_state"] != "overloaded" or not p["met_slo"]
     assert set(report["c_max"]) >= {"measured", "steady", "planned", "gap_pct"}
     assert report["c_max"]["planned"]["rate"] > 0 and report["time_scale"] == 16
     assert "C_max measured" in stdout and "TTFT p99" in stdout
