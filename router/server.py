@@ -103,7 +103,7 @@ class Router:
         upstream = Upstream(self.client, self.transport, config.timeouts)
         self.pool.listeners.append(upstream)   # a worker going down fails its open streams: they migrate now
         self.proxy = Proxy(config, self.pool, self.policies, upstream, self.metrics, self.tokenizer,
-                           on_finish=self._finished)
+                           on_finish=self._finished, line=self.gate.shedder.line() if self.gate.shedder else None)
 
     async def start(self) -> None:
         await asyncio.gather(*(self.pool.add(w) for w in self.config.workers))

@@ -94,6 +94,7 @@ class Simulator:
         shedding = shedding_config(spec, time_scale=1.0)  # the router's shedder, on the emulated clock
         prefilling = sum(1 for w in self.workers.values() if w.role != "decode")
         self.shedder = DrainLimit(shedding, lambda: prefilling, 0.0) if shedding.enabled else None
+        self.line = self.shedder.line() if self.shedder is not None else None   # as the router's proxy keeps
         self._priority: dict[str, int] = {}   # requests of a non-zero priority class, until they finish
         self.log = LatencyLog()
         self._events: list = []
@@ -199,9 +200,10 @@ class Simulator:
         for w in self.workers.values():
             view, engine = w.view, w.engine
             view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
+            view.queued = engine.num_waiting   # what the router's pool.queued() tracks
         self.ledger.fill(self._views, self.now)
         route = RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt, memo=self.hash_memo)
-        decision = routing.choose(self.policies, route, self._views)
+        decision = routing.choose(self.policies, route, self._views, line=self.line)
         self.overflow_skips += decision.overflow_skips
         return decision, routing.charge(decision, self.workers.__getitem__)
 

@@ -53,8 +53,10 @@ Finisher = Callable[[Job, int, int], None]   # (job, completion tokens, cached t
 
 class Proxy:
     def __init__(self, config: RouterConfig, pool: WorkerPool, policies: PolicySet, upstream: Upstream,
-                 metrics: RouterMetrics, tokenizer: PromptTokenizer, on_finish: Finisher | None = None):
+                 metrics: RouterMetrics, tokenizer: PromptTokenizer, on_finish: Finisher | None = None,
+                 line: int | None = None):
         self.config = config
+        self.line = line   # the shedder's places per worker: a choice stays inside its worker's line
         self.pool = pool
         self.policies = policies
         self.upstream = upstream
@@ -74,10 +76,10 @@ class Proxy:
         """The policy's decision among routable workers not in `exclude`. With `job` (its first
         attempt) the decision time, tokenizing included, goes to the metrics."""
         started = time.perf_counter()
-        views = self.pool.views()
+        views = self.pool.views(queued=self.line is not None)
         self.slo.fill(views)
         try:
-            decision = routing.choose(self.policies, route, views, exclude)
+            decision = routing.choose(self.policies, route, views, exclude, self.line)
         except SloUnmet as unmet:
             raise ApiError(429, f"SLO cannot be met: {unmet}", type_="rate_limit_error", code="slo_unattainable",
                            headers={"Retry-After": "1"}) from None
@@ -90,6 +92,8 @@ class Proxy:
         self.metrics.decisions.labels(decision.policy, decision.worker).inc()
         if decision.overflow_skips:
             self.metrics.overflow.labels(decision.policy).inc(decision.overflow_skips)
+        if decision.line_full is not None:
+            self.metrics.line_full.labels(decision.policy).inc()
         return decision
 
     def _charge(self, decision: Decision) -> tuple[Lease[Worker], routing.Plan]:

@@ -142,13 +142,21 @@ class DrainLimit:
             return max(0, self.workers()) / self.drain_s
         return self.done.rate(now)
 
+    def line(self) -> int | None:
+        """Places in one worker's line (its drain time known), else None: the limit is cluster-wide."""
+        if self.drain_s is None or self.workers is None:
+            return None
+        places = self.places if self.places is not None else \
+            math.floor(max(0.0, self.slo_s - self.prefill_s) / self.drain_s)
+        # At least one: a request that finds its worker's line empty is served as soon as it can be,
+        # so refusing it helps no other request (an SLO below one prefill would refuse all).
+        return max(1, places)
+
     def max_queue(self, now: float) -> float:
+        line = self.line()
+        if line is not None and self.workers is not None:
+            return max(0, self.workers()) * line
         slack = max(0.0, self.slo_s - self.prefill_s)
-        if self.drain_s is not None and self.workers is not None:
-            places = self.places if self.places is not None else math.floor(slack / self.drain_s)
-            # At least one: a request that finds its worker's line empty is served as soon as it can
-            # be, so refusing it helps no other request (an SLO below one prefill would refuse all).
-            return max(0, self.workers()) * max(1, places)
         return max(self.min_queue, math.floor(self.drain_rate(now) * slack))
 
     def check(self, queue_depth: float, now: float) -> Admission:

@@ -34,6 +34,9 @@ class RouterMetrics:
         self.decisions = Counter("kvlab_router_decisions", "Routing decisions", ["policy", "worker"], registry=r)
         self.overflow = Counter("kvlab_router_overflow",
                                 "Workers skipped because they were at the bounded-load cap", ["policy"], registry=r)
+        self.line_full = Counter("kvlab_router_line_full",
+                                 "Choices moved to another worker because the chosen one's line was full "
+                                 "(the load shedder's places)", ["policy"], registry=r)
         self.in_flight = Gauge("kvlab_router_in_flight", "Requests routed to a worker and not yet finished",
                                ["worker"], registry=r, multiprocess_mode="livesum")
         self.healthy = Gauge("kvlab_router_worker_healthy", "1 if the worker takes traffic", ["worker"], registry=r,

@@ -32,6 +32,8 @@ class WorkerView(msgspec.Struct):
     running: int = 0        # engine-reported, from the last metrics scrape (stale by up to one scrape)
     waiting: int = 0
     kv_usage: float = 0.0   # engine-reported fraction of KV blocks in use, 0..1
+    queued: int = 0         # its waiting requests now, as the load shedder counts them (router: the last
+                            # /load plus the router's traffic since; simulator: the engine's own count)
     # Router-side, kept by router.policies.slo_ledger for slo_aware: requests sent here that have not
     # produced a first token, their prompt tokens left to compute and predicted marginal prefill
     # seconds; the prompt tokens of those past their first token (the decode batch's context); and
@@ -78,6 +80,7 @@ class Decision(msgspec.Struct):
     predicted_itl_s: float | None = None
     prefill_work_s: float | None = None     # slo_aware: marginal prefill seconds it adds to `worker`'s queue
     prefill_tokens: int | None = None       # slo_aware: prompt tokens `worker` must compute
+    line_full: str | None = None            # the policy's choice, passed over because its line was full
 
     @property
     def charged(self) -> tuple[str, ...]:

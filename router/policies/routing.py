@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
+import msgspec
+
 from router.policies.base import Decision, RouteRequest, WorkerView
 from router.policies.registry import PolicySet
 
@@ -47,9 +49,31 @@ def _has_prefill(views: Sequence[WorkerView]) -> bool:
 
 
 def choose(policies: PolicySet, request: RouteRequest, views: Sequence[WorkerView],
-           exclude: Collection[str] = ()) -> Decision:
-    """The decision for `request` (its own policy if it names one); raises NoWorkerAvailable."""
-    return policies.choose(request, routable(views, request.policy or policies.default, exclude))
+           exclude: Collection[str] = (), line: int | None = None) -> Decision:
+    """The decision for `request` (its own policy if it names one), kept inside a worker's `line` (the
+    load shedder's places per worker; None: no shedder); raises NoWorkerAvailable."""
+    candidates = routable(views, request.policy or policies.default, exclude)
+    decision = policies.choose(request, candidates)
+    return decision if line is None else keep_in_line(decision, candidates, line)
+
+
+def keep_in_line(decision: Decision, views: Sequence[WorkerView], line: int) -> Decision:
+    """The shedder admits a request while the workers' lines together have room
+    (router.frontdoor.gate.DrainLimit), but its TTFT promise holds only inside the request's own
+    worker's line. A choice whose line is full (a prefix's owner, a hash ring's home) goes to the
+    shortest line with room: the request loses its cached prefix instead of the SLO. P/D pairs and
+    slo_aware's choices (which predict their own TTFT) are left as they are."""
+    if decision.policy in PAIRING_POLICIES or decision.predicted_ttft_s is not None:
+        return decision
+    chosen = next((v for v in views if v.id == decision.worker), None)
+    if chosen is None or chosen.queued < line:
+        return decision
+    room = [v for v in views if v.healthy and v.queued < line]
+    if not room:
+        return decision   # every line is full: the shedder's next check refuses
+    other = min(room, key=lambda v: (v.queued, v.in_flight))
+    return msgspec.structs.replace(decision, worker=other.id, prefill_worker=None, matched_blocks=None,
+                                   score=None, line_full=decision.worker)
 
 
 class Lease(Generic[W]):

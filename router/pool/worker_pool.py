@@ -164,12 +164,16 @@ class WorkerPool:
         self.load_hooks: list[Callable[[str, bytes], None]] = []
 
     # -- membership ------------------------------------------------------------------------------
-    def views(self) -> list[WorkerView]:
+    def views(self, queued: bool = False) -> list[WorkerView]:
         """Snapshots for the policies (live objects: in-flight counts are always current; with
-        several router processes they are refreshed here, before every decision, from the share)."""
-        if self.load is not None:
+        several router processes they are refreshed here, before every decision, from the share).
+        `queued`: also set each view's waiting requests now (Worker.queued), for the shedder's lines."""
+        if self.load is not None or queued:
             for worker in self._workers.values():
-                worker.refresh()
+                if self.load is not None:
+                    worker.refresh()
+                if queued:
+                    worker.view.queued = worker.queued()
         return self._views
 
     def get(self, worker_id: str) -> Worker | None:

@@ -156,3 +156,11 @@ def test_an_slo_below_one_prefill_still_admits_one_request_per_worker(places):
     with pytest.raises(ApiError) as refused:
         gate.admit(job())
     assert refused.value.status == 503
+
+
+def test_a_workers_line_is_its_places_or_the_mean_rule_and_none_without_a_drain_time():
+    clock, queue = Clock(), [0]
+    assert gate_with(queue, clock).shedder.line() == 11                    # floor(0.9 s / 0.08 s)
+    assert gate_with(queue, clock, places=4).shedder.line() == 4            # the p99 line, when given
+    assert gate_with(queue, clock, places=0).shedder.line() == 1            # never below one place
+    assert gate_with(queue, clock, drain=None).shedder.line() is None       # measured drain: cluster-wide only

@@ -114,3 +114,20 @@ def test_a_lease_charges_each_worker_once_and_releases_each_once():
     assert (workers["d"].in_flight, workers["p"].in_flight) == (0, 0)
     assert routing.plan(decision) == routing.Plan(first="p", decode="d")
     assert routing.plan(Decision(worker="d", policy="pd_pair", prefill_worker="d")) == routing.Plan("d", None)
+
+
+def test_a_choice_whose_line_is_full_goes_to_the_shortest_line_with_room():
+    views = [WorkerView(id="a", queued=4, in_flight=6), WorkerView(id="b", queued=3, in_flight=7),
+             WorkerView(id="c", queued=3, in_flight=5), WorkerView(id="d", queued=1, healthy=False)]
+    owner = Decision(worker="a", policy="kv_aware", matched_blocks=12, score=3.0)
+    moved = routing.keep_in_line(owner, views, line=4)
+    # c: room and, of the two shortest healthy lines, fewer in flight; the cached prefix is a's, so none
+    assert (moved.worker, moved.line_full, moved.matched_blocks, moved.score) == ("c", "a", None, None)
+    assert routing.keep_in_line(owner, views, line=5) is owner            # a still has room
+    full = [WorkerView(id="a", queued=4), WorkerView(id="b", queued=4)]
+    assert routing.keep_in_line(owner, full, line=4) is owner             # nowhere to go: the shedder refuses next
+    pair = Decision(worker="a", policy="pd_pair", prefill_worker="b")
+    assert routing.keep_in_line(pair, views, line=4) is pair              # P/D pairs keep their pair
+    predicted = Decision(worker="a", policy="slo_aware", predicted_ttft_s=0.3)
+    assert routing.keep_in_line(predicted, views, line=4) is predicted    # slo_aware predicts its own TTFT
+
