@@ -216,7 +216,11 @@ class Proxy:
             self._sent_upstream(job, decision, first)
             if steps.decode is not None:
                 return await self._open_pd(lease, self.pool[steps.decode], worker, path, body, relay)
-            stream = await self.upstream.open_stream(worker.id, worker.endpoint(path), body)
+            worker.in_transit += 1   # until the worker answers with headers: it has queued the request
+            try:
+                stream = await self.upstream.open_stream(worker.id, worker.endpoint(path), body)
+            finally:
+                worker.in_transit -= 1
         except BaseException:
             lease.release_all()
             raise

@@ -58,6 +58,7 @@ class Worker:
         self.has_load_endpoint = True
         self.slots: int | None = None          # its sequence slots, from /load
         self._in_flight_at_poll = 0            # view.in_flight when the last /load was read
+        self.in_transit = 0                    # streams sent here whose response headers have not come back
         self._urls: dict[str, httpx.URL] = {}
         self._gauge = metrics.in_flight.labels(config.id)
         self._health_gauge = metrics.healthy.labels(config.id)
@@ -110,7 +111,9 @@ class Worker:
         view = self.view
         view.running, view.waiting, view.kv_usage = report.running, report.waiting, report.kv_usage
         self.slots = report.max_num_seqs
-        self._in_flight_at_poll = view.in_flight
+        # A stream still in transit was not in the worker's queue when it wrote the report: it counts
+        # as sent since (a report read while one was on its way let the shedder admit one too many).
+        self._in_flight_at_poll = view.in_flight - self.in_transit
 
     def set_up(self, up: bool) -> None:
         self.view.healthy = up

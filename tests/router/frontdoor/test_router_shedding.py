@@ -65,6 +65,21 @@ def test_the_queue_estimate_counts_what_was_sent_since_the_last_load_report():
     assert waiting_now(waiting=0, running=0, slots=None, sent_since=9) == 0
 
 
+def test_a_stream_in_transit_when_a_load_report_is_read_still_counts_as_queued():
+    from router.config import WorkerConfig
+    from router.observability.metrics import RouterMetrics
+    from router.pool.worker_pool import LoadReport, Worker
+    worker = Worker(WorkerConfig(url="http://w", id="w"), RouterMetrics())
+    worker.read_load(LoadReport(running=2, waiting=3, max_num_seqs=2))
+    worker.charge()
+    worker.in_transit += 1          # sent, no headers yet: the worker's next report cannot include it
+    worker.read_load(LoadReport(running=2, waiting=3, max_num_seqs=2))
+    assert worker.queued() == 4     # without the in-transit count the report would reset it to 3
+    worker.in_transit -= 1          # headers came back: the next report includes it
+    worker.read_load(LoadReport(running=2, waiting=4, max_num_seqs=2))
+    assert worker.queued() == 4
+
+
 def test_a_burst_between_two_load_polls_is_shed_at_the_limit_not_after_the_next_poll(start_worker, start_router):
     # One sequence slot; the limit is floor(1.0 s / 0.25 s) = 4 places: one running and three waiting are
     # admitted, then the queue is full. The poll never comes during the burst (every 60 s), so a shedder
