@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vidur-mlp", help="Vidur mlp.csv operator profile of --model")
     parser.add_argument("--vidur-allreduce", help="Vidur all_reduce.csv profile")
     parser.add_argument("--profile-tables", action="store_true",
-                        help="with --vidur-mlp: also store the measured per-layer tables (step times interpolate them)")
+                        help="with --vidur-mlp: also store the measured per-layer tables (step times: the roofline "
+                             "times the measured/roofline ratio, interpolated between profiled token counts)")
     parser.add_argument("--endpoint", help="base URL of a live OpenAI-compatible server to probe")
     parser.add_argument("--served-model", help="model name the endpoint serves (default: --model)")
     parser.add_argument("--tp", type=int, default=1, help="TP degree of the live endpoint")

@@ -16,7 +16,8 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 class LayerProfile(msgspec.Struct, frozen=True, kw_only=True):
     """Measured per-layer time of one model's GEMMs and elementwise kernels by tokens per step, at one TP
-    degree (what Vidur's operator profiles hold). With one, a GPU's step time interpolates it."""
+    degree (what Vidur's operator profiles hold). With one, a GPU's step time is the roofline corrected by
+    the measured/roofline ratio interpolated between these token counts (emulator.physics.profiled)."""
     model: str
     tp: int
     tokens: tuple[int, ...]

@@ -93,19 +93,36 @@ def _profiled(tokens=(1, 64, 512, 4096), layer_ms=(0.2, 0.25, 0.5, 3.0)):
     return roofline.Deployment(model=L8B, gpu=gpu)
 
 
-def test_a_layer_profile_is_interpolated_and_extended_by_the_roofline():
+def test_a_layer_profile_corrects_the_roofline_by_its_interpolated_ratio():
     dep = _profiled()
     model = steptime.model_for(dep)
     assert isinstance(model, ProfiledModel)
-    assert model.linear_layer(512).seconds == pytest.approx(0.5e-3)
-    assert model.linear_layer(288).seconds == pytest.approx((0.25 + 0.25 * (288 - 64) / 448) * 1e-3)
     roof = OperatorModel(dep)
+    assert model.linear_layer(512).seconds == pytest.approx(0.5e-3)      # a profiled count: the measurement
+    # between two profiled counts: the roofline there, times the measured/roofline ratio interpolated in tokens
+    r64, r512 = 0.25e-3 / roof.linear_layer(64).seconds, 0.5e-3 / roof.linear_layer(512).seconds
+    ratio = r64 + (r512 - r64) * (288 - 64) / 448
+    assert model.linear_layer(288).seconds == pytest.approx(ratio * roof.linear_layer(288).seconds)
+    # past the table the last ratio is held: the roofline's growth from the last measurement
     beyond = 3.0e-3 * roof.linear_layer(8192).seconds / roof.linear_layer(4096).seconds
     assert model.linear_layer(8192).seconds == pytest.approx(beyond)
     # attention, LM head and overheads stay the roofline's: the step differs by the layers' difference only
     shape = roofline.batch_shape([(512, 100)])
     delta = 32 * (0.5e-3 - roof.linear_layer(512).seconds)
     assert model.step_time(shape).seconds == pytest.approx(roof.step_time(shape).seconds + delta)
+
+
+def test_between_profiled_counts_a_roofline_step_is_kept_not_smoothed_over():
+    """A GEMM wave boundary between two profiled counts shows in the calibrated time as in the roofline:
+    the correction is a ratio, so a jump the roofline places is not averaged away by the interpolation."""
+    dep = _profiled(tokens=(1, 4096), layer_ms=(0.2, 3.0))
+    model, roof = steptime.model_for(dep), OperatorModel(dep)
+    assert isinstance(model, ProfiledModel)
+    jumps = [n for n in range(2, 4096) if roof.linear_layer(n).seconds > 1.02 * roof.linear_layer(n - 1).seconds]
+    assert jumps
+    for n in jumps:
+        step = model.linear_layer(n).seconds / model.linear_layer(n - 1).seconds
+        assert step == pytest.approx(roof.linear_layer(n).seconds / roof.linear_layer(n - 1).seconds, rel=1e-3)
 
 
 def test_a_profile_applies_only_to_its_model_and_tp():
