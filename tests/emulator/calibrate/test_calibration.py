@@ -3,6 +3,7 @@ the worker, the simulator and the planner with one step time."""
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from emulator.calibrate import fidelity
@@ -181,9 +182,48 @@ def test_calibrated_allreduce_curve_matches_the_nvlink_profile(tmp_path: Path):
     out = tmp_path / "link.toml"
     assert cli.main(["calibrate", "--vidur-allreduce", str(path), "--out", str(out)]) == 0
     catalog = load_catalog(out)
-    assert [a.gpus for a in catalog.link("NVLink4").allreduce] == [2, 4, 8]
-    for s in fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4", path)):
-        assert s.within >= 0.9, s
+    link = catalog.link("NVLink4")
+    assert [a.gpus for a in link.allreduce] == [2, 4, 8]
+    assert "held-out sizes within 15%" in link.source        # the choice of curve and why, in the output
+    within = {s.group: s.within for s in fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4",
+                                                                                    path))}
+    # 4 and 8 GPUs take size bands (their times step where NCCL's protocol changes); 2 GPUs keep one line:
+    # under ~6 MiB a size's own samples spread over 7-45 us, which no curve in size follows
+    assert within["all-reduce 4 GPUs"] == 1.0 and within["all-reduce 8 GPUs"] >= 0.99, within
+    assert within["all-reduce 2 GPUs"] >= 0.95, within
+    assert [bool(a.bands) for a in link.allreduce] == [False, True, True]
+    assert link.allreduce == NVLINK.allreduce                 # the built-in entry is this fit
+
+
+def _step_profile(gpus: int = 4) -> list[ms.AllReduceRow]:
+    """Measured-like all-reduce medians with a protocol change at 1 MiB that makes larger sizes faster:
+    60 us + bytes / 300 GB/s below it, 25 us + bytes / 200 GB/s from it (with a little jitter)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in range(8192, 16 * 2**20, 32768):
+        us = 60 + size / 300e3 if size < 2**20 else 25 + size / 200e3
+        rows.append(ms.AllReduceRow(gpus=gpus, payload_bytes=size, ms=us * (1 + rng.normal(0, 0.01)) * 1e-3))
+    return rows
+
+
+def test_allreduce_bands_follow_a_protocol_step_that_one_line_cannot():
+    (fit_,) = cal.fit_allreduce_bands(_step_profile(), link_gb_s=450.0)
+    cuts = [b.from_bytes for b in fit_.bands]
+    assert any(abs(c - 2**20) <= 32768 for c in cuts), cuts
+    assert fit_.seconds(900_000) * 1e6 == pytest.approx(60 + 900_000 / 300e3, rel=0.03)
+    assert fit_.seconds(1_200_000) * 1e6 == pytest.approx(25 + 1_200_000 / 200e3, rel=0.03)
+    fits, (choice,) = cal.fit_allreduce_held_out(_step_profile(), link_gb_s=450.0)
+    assert choice.kept == "bands" and choice.bands_within > choice.lines_within
+    assert fits[0].bands
+
+
+def test_an_allreduce_band_is_the_last_one_starting_at_or_below_the_payload():
+    from emulator.physics.catalog import AllReduceBand, AllReduceFit
+    fit_ = AllReduceFit(gpus=4, latency_us=0.0, gb_s=1.0, bands=(
+        AllReduceBand(from_bytes=0, latency_us=10.0), AllReduceBand(from_bytes=1000, latency_us=5.0, gb_s=1.0)))
+    assert fit_.seconds(999) == pytest.approx(10e-6)                   # flat band (gb_s 0)
+    assert fit_.seconds(1000) == pytest.approx((5.0 + 1.0) * 1e-6)     # 1000 bytes at 1 GB/s: 1 us
+    assert fit_.peak_gb_s == 1.0
 
 
 SPEC = """name = "calibrated"
