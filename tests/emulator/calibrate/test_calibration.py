@@ -252,7 +252,18 @@ rates = [2.0]
 """
 
 
-def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(tmp_path: Path):
+def _slow_layer_table():
+    """A measured-like layer table for Llama-3.1-8B at TP 1, twice the roofline's layer time at each count."""
+    roof = OperatorModel(roofline.Deployment(model=L8B, gpu=H100))
+    tokens = (1, 256, 1024, 4096, 8192)
+    return (LayerProfile(model=L8B.name, tp=1, tokens=tokens, source="test",
+                         layer_ms=tuple(2e3 * roof.linear_layer(n).seconds for n in tokens)),)
+
+
+@pytest.mark.parametrize("calibrated", [msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5),
+                                        msgspec.structs.replace(H100, profiles=_slow_layer_table())],
+                         ids=["fitted coefficients", "profile table"])
+def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(tmp_path: Path, calibrated):
     from emulator.planner import cli as planner_cli
     from emulator.planner import context
     from emulator.sim.simulator import Simulator
@@ -261,8 +272,8 @@ def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(t
     from workers.config import build_engine
     from workers.core.request import SamplingParams
 
-    calibrated = msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5)
     (tmp_path / "calibrated.toml").write_text(cal_render(calibrated))
+    calibrated = load_catalog(tmp_path / "calibrated.toml").gpu(H100.name)   # as written (6 decimals)
     spec_path = tmp_path / "spec.toml"
     spec_path.write_text(SPEC)
     spec = load_spec(spec_path)
