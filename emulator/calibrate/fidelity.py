@@ -70,14 +70,21 @@ def operator_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path)
     return sorted(rows, key=lambda r: r.group)   # stable: each group keeps increasing token counts
 
 
-def allreduce_rows(catalog: Catalog, gpu: str, link: str, path: Path) -> list[Row]:
-    """One all-reduce per payload size and GPU count (running-median reference) vs kvlab's link curve."""
+def allreduce_rows(catalog: Catalog, gpu: str, link: str, path: Path, steady: float = 0.0) -> list[Row]:
+    """One all-reduce per payload size and GPU count (running-median reference) vs kvlab's link curve.
+
+    With `steady` > 0, only the sizes whose own samples agree within that fraction of their median, as a
+    group of their own: on 2 GPUs under ~6 MiB one size's samples spread over 7-45 us (rank 0 waiting for
+    its peer or not), a disagreement no curve in size can follow."""
     g, lk = catalog.gpu(gpu), catalog.link(link)
     model = next(iter(catalog.models.values()))
     rows = []
     for r in ms.smoothed_allreduce(ms.read_allreduce_profile(path)):
+        if steady and r.spread > steady:
+            continue
         dep = Deployment(model=model, gpu=g, tp=r.gpus, tp_link=lk)
-        rows.append(Row(group=f"all-reduce {r.gpus} GPUs", label=f"{r.payload_bytes / 1024:.0f} KiB",
+        group = f"all-reduce {r.gpus} GPUs" + (", steady sizes" if steady else "")
+        rows.append(Row(group=group, label=f"{r.payload_bytes / 1024:.0f} KiB",
                         reference_ms=r.ms, kvlab_ms=allreduce_seconds(dep, r.payload_bytes) * 1e3))
     return rows
 

@@ -168,6 +168,19 @@ def test_vidur_allreduce_size_is_read_as_bytes(tmp_path: Path):
     assert (row.gpus, row.payload_bytes, row.ms) == (8, 8388608, 0.05)
 
 
+def test_an_allreduce_size_whose_samples_disagree_is_left_out_of_the_steady_rows(tmp_path: Path):
+    path = tmp_path / "all_reduce.csv"
+    path.write_text(",time_stats.all_reduce.min,time_stats.all_reduce.max,time_stats.all_reduce.median,rank,"
+                    "num_workers,size,collective\n"
+                    "0,0.007,0.045,0.040,0,2,2048,all_reduce\n"      # 7-45 us: spread 95% of the median
+                    "1,0.049,0.051,0.050,0,2,8388608,all_reduce\n")  # 49-51 us: 4%
+    assert [round(r.spread, 2) for r in ms.read_allreduce_profile(path)] == [0.95, 0.04]
+    every = fidelity.allreduce_rows(CAT, "H100-SXM", "NVLink4", path)
+    steady = fidelity.allreduce_rows(CAT, "H100-SXM", "NVLink4", path, steady=0.15)
+    assert [r.label for r in every] == ["2 KiB", "8192 KiB"] and [r.label for r in steady] == ["8192 KiB"]
+    assert steady[0].group == "all-reduce 2 GPUs, steady sizes"
+
+
 def test_nvlink_allreduce_bus_bandwidth_stays_under_the_link():
     # a ring all-reduce moves 2(t-1)/t of the payload over each GPU's link: its bus bandwidth cannot
     # exceed the link's per-direction bandwidth (a payload read in the wrong unit would break this)
@@ -191,6 +204,8 @@ def test_calibrated_allreduce_curve_matches_the_nvlink_profile(tmp_path: Path):
     # under ~6 MiB a size's own samples spread over 7-45 us, which no curve in size follows
     assert within["all-reduce 4 GPUs"] == 1.0 and within["all-reduce 8 GPUs"] >= 0.99, within
     assert within["all-reduce 2 GPUs"] >= 0.95, within
+    steady = fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4", path, steady=0.15))
+    assert [s.within for s in steady][1:] == [1.0, 1.0], steady    # 4 and 8 GPUs: every steady size
     assert [bool(a.bands) for a in link.allreduce] == [False, True, True]
     assert link.allreduce == NVLINK.allreduce                 # the built-in entry is this fit
 
