@@ -1,7 +1,7 @@
 """kvlab's step model against Vidur's H100 operator profiles: per row reference ms, kvlab ms, error; summary.
 
     .venv/bin/python benchmarks/fidelity.py [--catalog calibrated.toml] [--gpu H100-SXM] [--rows all|powers|none]
-        [--profiles PATH/TO/vidur] [--device h100|a100]
+        [--profiles PATH/TO/vidur] [--device h100|a100] [--ops] [--cross-validate K]
 
 The A100 entry is compared the same way with Vidur's A100 files (not bundled: take data/profiling/compute/a100
 and data/profiling/network/a100_dgx from github.com/microsoft/vidur into one folder), e.g.
@@ -10,8 +10,12 @@ and data/profiling/network/a100_dgx from github.com/microsoft/vidur into one fol
 Reference datasets (Vidur, MIT; see shared/data/profiles/README.md):
 - Llama-2-7B and Llama-2-70B per-layer GEMM + elementwise time, TP 1/2/4/8, 1..4096 tokens;
 - NCCL all-reduce on an 8 x H100 SXM NVSwitch node (h100_dgx), 2/4/8 GPUs, 2 KiB..64 MiB payloads
-  (running median over 9 neighbouring sizes: single small-message medians are noisy).
-With --ops, each GEMM and the elementwise kernels are compared on their own as well. Each group's summary
+  (running median over 9 neighbouring sizes: single small-message medians are noisy); then again over the
+  "steady sizes" alone, whose own samples agree within the tolerance.
+With --ops, each GEMM and the elementwise kernels are compared on their own as well. With --cross-validate K,
+a calibrated catalog's profile tables (`kvlab calibrate --profile-tables`) are checked honestly: each
+interior token count is predicted from a table built without its fold ("held out"), next to the measured
+table interpolated alone ("raw table held out"). Each group's summary
 also says what any model non-decreasing in tokens or bytes could reach on it (reference non-monotonicity).
 Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
 """
@@ -38,8 +42,9 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--ops", action="store_true",
                         help="also: each GEMM and the elementwise kernels alone (where a layer's error comes from)")
-    parser.add_argument("--holdout", action="store_true",
-                        help="also: each profiled token count interpolated from its neighbours (what a table is worth)")
+    parser.add_argument("--cross-validate", type=int, metavar="K", default=0,
+                        help="also: the calibrated model (roofline x a profile table's interpolated ratio) and the raw "
+                             "table alone, each on the profiled token counts held out of its table (K folds)")
     args = parser.parse_args()
     base = fidelity.profiles_dir(args.profiles)
     if base is None:
@@ -51,9 +56,13 @@ def main() -> int:
         mlp = base / "compute" / args.device / folder / "mlp.csv"
         rows += fidelity.layer_rows(catalog, args.gpu, args.link, model, mlp)
         rows += fidelity.operator_rows(catalog, args.gpu, args.link, model, mlp) if args.ops else []
-        rows += fidelity.holdout_rows(model, mlp) if args.holdout else []
-    rows += fidelity.allreduce_rows(catalog, args.gpu, args.link,
-                                    base / "network" / f"{args.device}_dgx" / "all_reduce.csv")
+        if args.cross_validate:
+            k = args.cross_validate
+            rows += fidelity.cross_validated_rows(catalog, args.gpu, args.link, model, mlp, k)
+            rows += fidelity.holdout_rows(model, mlp, k)
+    allreduce = base / "network" / f"{args.device}_dgx" / "all_reduce.csv"
+    rows += fidelity.allreduce_rows(catalog, args.gpu, args.link, allreduce)
+    rows += fidelity.allreduce_rows(catalog, args.gpu, args.link, allreduce, steady=args.tolerance)
     _print_rows(rows, args.rows)
     _print_summary(fidelity.summarize(rows, args.tolerance), fidelity.monotone_bound(rows, args.tolerance),
                    args.tolerance)

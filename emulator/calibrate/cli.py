@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vidur-mlp", help="Vidur mlp.csv operator profile of --model")
     parser.add_argument("--vidur-allreduce", help="Vidur all_reduce.csv profile")
     parser.add_argument("--profile-tables", action="store_true",
-                        help="with --vidur-mlp: also store the measured per-layer tables (step times interpolate them)")
+                        help="with --vidur-mlp: also store the measured per-layer tables (step times: the roofline "
+                             "times the measured/roofline ratio, interpolated between profiled token counts)")
     parser.add_argument("--endpoint", help="base URL of a live OpenAI-compatible server to probe")
     parser.add_argument("--served-model", help="model name the endpoint serves (default: --model)")
     parser.add_argument("--tp", type=int, default=1, help="TP degree of the live endpoint")
@@ -65,9 +66,11 @@ def calibrate(args: argparse.Namespace) -> str:
     notes: list[str] = []
     tables: list[tuple[str, cal.FitResult]] = []
     if args.vidur_allreduce:
-        fits = cal.fit_allreduce(ms.smoothed_allreduce(ms.read_allreduce_profile(args.vidur_allreduce)))
+        fits, choices = cal.fit_allreduce_held_out(ms.read_allreduce_profile(args.vidur_allreduce), link.gb_s)
+        kept = "; ".join(f"{c.gpus} GPUs: {c.kept} (held-out sizes within 15%: bands {c.bands_within:.1%}, "
+                         f"lines {c.lines_within:.1%})" for c in choices)
         link = msgspec.structs.replace(link, allreduce=tuple(fits),
-                                       source=f"all-reduce fitted to {args.vidur_allreduce}")
+                                       source=f"all-reduce fitted to {args.vidur_allreduce}; {kept}")
         notes.append(f"all-reduce curve: {args.vidur_allreduce}")
     if args.vidur_mlp:
         rows = ms.read_layer_profile(args.vidur_mlp)
@@ -128,7 +131,15 @@ def _value(v) -> str:
         return repr(round(v, 6))
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, msgspec.Struct):
+        return _inline(v)
     return str(v)
+
+
+def _inline(struct) -> str:
+    """A struct as a TOML inline table (empty lists left out: their defaults)."""
+    items = [(k, v) for k, v in msgspec.structs.asdict(struct).items() if not (isinstance(v, (tuple, list)) and not v)]
+    return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in items) + " }"
 
 
 def _table(header: str, struct, skip: tuple[str, ...] = ()) -> list[str]:
@@ -150,8 +161,7 @@ def render(gpu: Gpu, link: Link | None, model: str, tables: list[tuple[str, cal.
         out += ["", *_table("[[gpu.profiles]]", p)]
     if link is not None:
         out += ["", *_table("[[link]]", link, skip=("allreduce",)), "allreduce = ["]
-        out += ["  { " + ", ".join(f"{k} = {_value(v)}" for k, v in msgspec.structs.asdict(a).items()) + " },"
-                for a in link.allreduce]
+        out += [f"  {_inline(a)}," for a in link.allreduce]
         out += ["]"]
     for title, result in tables:
         out += ["", f"# per-row error table: {title} (ms; error of fitted and of {start.name} vs measured)",

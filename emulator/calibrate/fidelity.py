@@ -12,7 +12,7 @@ import numpy as np
 
 from emulator.calibrate import measurements as ms
 from emulator.datasets import dataset
-from emulator.physics.catalog import Catalog
+from emulator.physics.catalog import Catalog, LayerProfile
 from emulator.physics.deployment import Deployment
 from emulator.physics.operators import layer_gemms
 from emulator.physics.roofline import allreduce_seconds
@@ -70,14 +70,21 @@ def operator_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path)
     return sorted(rows, key=lambda r: r.group)   # stable: each group keeps increasing token counts
 
 
-def allreduce_rows(catalog: Catalog, gpu: str, link: str, path: Path) -> list[Row]:
-    """One all-reduce per payload size and GPU count (running-median reference) vs kvlab's link curve."""
+def allreduce_rows(catalog: Catalog, gpu: str, link: str, path: Path, steady: float = 0.0) -> list[Row]:
+    """One all-reduce per payload size and GPU count (running-median reference) vs kvlab's link curve.
+
+    With `steady` > 0, only the sizes whose own samples agree within that fraction of their median, as a
+    group of their own: on 2 GPUs under ~6 MiB one size's samples spread over 7-45 us (rank 0 waiting for
+    its peer or not), a disagreement no curve in size can follow."""
     g, lk = catalog.gpu(gpu), catalog.link(link)
     model = next(iter(catalog.models.values()))
     rows = []
     for r in ms.smoothed_allreduce(ms.read_allreduce_profile(path)):
+        if steady and r.spread > steady:
+            continue
         dep = Deployment(model=model, gpu=g, tp=r.gpus, tp_link=lk)
-        rows.append(Row(group=f"all-reduce {r.gpus} GPUs", label=f"{r.payload_bytes / 1024:.0f} KiB",
+        group = f"all-reduce {r.gpus} GPUs" + (", steady sizes" if steady else "")
+        rows.append(Row(group=group, label=f"{r.payload_bytes / 1024:.0f} KiB",
                         reference_ms=r.ms, kvlab_ms=allreduce_seconds(dep, r.payload_bytes) * 1e3))
     return rows
 
@@ -125,14 +132,40 @@ def monotone_bound(rows: list[Row], tolerance: float = 0.15) -> list[MonotoneBou
     return out
 
 
-def holdout_rows(model: str, path: Path) -> list[Row]:
-    """Each interior profiled token count predicted from its two neighbours alone (linear in tokens): what
-    interpolating a measured table is worth between its points, where GEMM tile boundaries make steps."""
+def split_table(rows: list[ms.LayerRow], k: int) -> tuple[list[ms.LayerRow], list[ms.LayerRow]]:
+    """(kept, held out) of one TP degree's rows in increasing tokens: a table of every k-th row (0, k, 2k, ...
+    and the last), and the rest, each bracketed by two kept rows up to k - 1 rows away (never extrapolated)."""
+    kept = [r for i, r in enumerate(rows) if i % k == 0 or i == len(rows) - 1]
+    return kept, [r for r in rows if r not in kept]
+
+
+def holdout_rows(model: str, path: Path, k: int = 2) -> list[Row]:
+    """The measured table alone, interpolated linearly in tokens, on the token counts a table of every k-th
+    profiled count leaves out (the baseline a calibrated model should beat)."""
     rows = []
-    for tp in sorted({r.tp for r in ms.read_layer_profile(path)}):
-        sel = [r for r in ms.read_layer_profile(path) if r.tp == tp]
-        for lo, mid, hi in zip(sel, sel[1:], sel[2:], strict=False):
-            w = (mid.tokens - lo.tokens) / (hi.tokens - lo.tokens)
-            rows.append(Row(group=f"{model} tp{tp} holdout", label=f"{mid.tokens} tokens", reference_ms=mid.ms,
-                            kvlab_ms=lo.ms + w * (hi.ms - lo.ms)))
+    profile = ms.read_layer_profile(path)
+    for tp in sorted({r.tp for r in profile}):
+        kept, held = split_table([r for r in profile if r.tp == tp], k)
+        xs, ys = [r.tokens for r in kept], [r.ms for r in kept]
+        rows += [Row(group=f"{model} tp{tp} raw table held out", label=f"{r.tokens} tokens", reference_ms=r.ms,
+                     kvlab_ms=float(np.interp(r.tokens, xs, ys))) for r in held]
+    return rows
+
+
+def cross_validated_rows(catalog: Catalog, gpu: str, link: str, model: str, path: Path, k: int = 2) -> list[Row]:
+    """The calibrated step model (a LayerProfile on the GPU entry, emulator.physics.profiled) on the token
+    counts its table does not hold: per TP degree the table keeps every k-th profiled count and the rest are
+    predicted. (In-sample a table reproduces its own rows exactly, which checks nothing.)"""
+    g, lk, m = catalog.gpu(gpu), catalog.link(link), catalog.model(model)
+    profile = ms.read_layer_profile(path)
+    rows = []
+    for tp in sorted({r.tp for r in profile}):
+        kept, held = split_table([r for r in profile if r.tp == tp], k)
+        table = LayerProfile(model=model, tp=tp, tokens=tuple(r.tokens for r in kept),
+                             layer_ms=tuple(r.ms for r in kept), source=f"{path}, every {k}th row")
+        dep = Deployment(model=m, gpu=msgspec.structs.replace(g, profiles=(table,)), tp=tp,
+                         tp_link=lk if tp > 1 else None)
+        step_model = build_model(dep)
+        rows += [Row(group=f"{model} tp{tp} held out", label=f"{r.tokens} tokens", reference_ms=r.ms,
+                     kvlab_ms=step_model.linear_layer(r.tokens).seconds * 1e3) for r in held]
     return rows

@@ -4,7 +4,8 @@ Coefficients are fitted by Nelder-Mead (on a log scale; efficiencies on a logit 
 below 1) to the squared log error of predicted vs measured times, optionally plus a weight on the
 worst row (a minimax pull, used for operator profiles whose acceptance bar is a per-row bound).
 All-reduce curves fit max(floor, latency + bytes / bandwidth) per GPU count the same way, with a second
-(bulk-protocol) line where it fits materially better.
+(bulk-protocol) line where it fits materially better; or size bands with a line each (where NCCL's choice
+of protocol changes), kept per GPU count where they predict held-out sizes better.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 import scipy.optimize
 
 from emulator.calibrate.measurements import AllReduceRow, LayerRow, OperatorRow, StepRow
-from emulator.physics.catalog import AllReduceFit, Gpu, Link, Model
+from emulator.calibrate.measurements import smoothed_allreduce as ms_smoothed
+from emulator.physics.catalog import AllReduceBand, AllReduceFit, Gpu, Link, Model
 from emulator.physics.deployment import BatchShape, Deployment
 from emulator.physics.operators import OperatorModel, layer_gemms
 from emulator.physics.steptime import build_model
@@ -252,3 +254,137 @@ def _allreduce_us(x: np.ndarray, payload: np.ndarray) -> np.ndarray:
     if len(x) == 5:
         line = np.minimum(line, x[3] + payload / (x[4] * 1e3))
     return np.maximum(x[0], line)
+
+
+def fit_allreduce_bands(rows: Sequence[AllReduceRow], link_gb_s: float, max_bands: int = 5, min_sizes: int = 8,
+                        gain: float = 0.1) -> list[AllReduceFit]:
+    """Per GPU count: payload sizes cut into bands, each with its own latency + bytes / bandwidth line (the
+    (algorithm, protocol) NCCL picks there), by least squares on relative error. The cuts are placed by
+    dynamic programming over the sorted sizes (each band spans `min_sizes` or more); a band is added while
+    it cuts the loss by `gain` or more, up to `max_bands`. No band's bus bandwidth, 2(t-1)/t of its
+    algorithm bandwidth (a ring's traffic per GPU), exceeds the link's `link_gb_s` each way."""
+    fits = []
+    for gpus in sorted({r.gpus for r in rows}):
+        sel = sorted((r for r in rows if r.gpus == gpus), key=lambda r: r.payload_bytes)
+        x = np.array([float(r.payload_bytes) for r in sel])
+        t = np.array([r.ms * 1e3 for r in sel])
+        max_alg_gb_s = link_gb_s * gpus / (2.0 * (gpus - 1))
+        cost, line = _band_costs(x, t, 1.0 / (max_alg_gb_s * 1e3), min_sizes)
+        cuts = _best_cuts(cost, max_bands, gain)
+        bands = []
+        for i, j in zip(cuts, [*cuts[1:], len(x)], strict=True):
+            a, b = line(i, j)
+            bands.append(AllReduceBand(from_bytes=int(x[i]) if i else 0, latency_us=round(a, 2),
+                                       gb_s=round(1.0 / (b * 1e3), 1)))
+        first = bands[0]
+        fits.append(AllReduceFit(gpus=gpus, latency_us=first.latency_us, gb_s=first.gb_s, bands=tuple(bands)))
+    return fits
+
+
+def _band_costs(x: np.ndarray, t: np.ndarray, b_min: float, min_sizes: int):
+    """cost[i, j]: the least sum of squared relative errors of one line a + b x (a >= 0, b >= b_min, in us and
+    us per byte) over rows i..j-1 (inf for bands under min_sizes rows); and line(i, j) -> (a, b). Normal
+    equations from prefix sums, so every band's fit is O(1); where the free solution breaks a bound, the
+    better of the two bounded ones."""
+    u, v = 1.0 / t, x / t            # error of row k: a u_k + b v_k - 1
+
+    def prefix(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(a)])
+
+    sums = [prefix(w) for w in (u * u, u * v, v * v, u, v, np.ones_like(t))]
+
+    def solve(i, j):
+        suu, suv, svv, su, sv, s1 = (p[j] - p[i] for p in sums)
+
+        def residual(a, b):
+            return s1 - 2 * (a * su + b * sv) + a * a * suu + 2 * a * b * suv + b * b * svv
+
+        det = np.maximum(suu * svv - suv * suv, 1e-300)
+        a_free, b_free = (su * svv - sv * suv) / det, (sv * suu - su * suv) / det
+        b_fixed = np.maximum(b_min, 0.0)
+        a_fixed = np.maximum(0.0, (su - b_fixed * suv) / suu)     # b at its bound
+        b_zero = np.maximum(b_min, sv / svv)                       # a at its bound
+        options = [(a_fixed, b_fixed + 0 * a_fixed), (0 * b_zero, b_zero)]
+        free_ok = (a_free >= 0) & (b_free >= b_min)
+        options.append((np.where(free_ok, a_free, a_fixed), np.where(free_ok, b_free, b_fixed)))
+        res = np.array([residual(a, b) for a, b in options])
+        pick = np.argmin(res, axis=0)
+        a = np.choose(pick, [o[0] for o in options])
+        b = np.choose(pick, [o[1] for o in options])
+        return np.min(res, axis=0), a, b
+
+    n = len(x)
+    i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    ok = j - i >= min_sizes
+    cost = np.full((n + 1, n + 1), np.inf)
+    cost[ok] = solve(i[ok], j[ok])[0]
+
+    def line(i0: int, j0: int) -> tuple[float, float]:
+        _, a, b = solve(np.array([i0]), np.array([j0]))
+        return float(a[0]), float(b[0])
+
+    return cost, line
+
+
+def _best_cuts(cost: np.ndarray, max_bands: int, gain: float) -> list[int]:
+    """Start rows of the bands: the least total cost for each band count (dynamic programming), keeping
+    the fewest bands after which one more would cut the cost by less than `gain`."""
+    n = cost.shape[0] - 1
+    best = np.full((max_bands + 1, n + 1), np.inf)
+    best[0, 0] = 0.0
+    arg = np.zeros((max_bands + 1, n + 1), dtype=int)
+    for k in range(1, max_bands + 1):
+        total = best[k - 1][:, None] + cost          # [i, j]: k - 1 bands to row i, then one band i..j
+        arg[k] = np.argmin(total, axis=0)
+        best[k] = total[arg[k], np.arange(n + 1)]
+    k = 1
+    while k < max_bands and best[k + 1, n] < (1.0 - gain) * best[k, n]:
+        k += 1
+    cuts, j = [], n
+    for kk in range(k, 0, -1):
+        j = int(arg[kk, j])
+        cuts.append(j)
+    return cuts[::-1]
+
+
+class AllReduceChoice(msgspec.Struct, frozen=True):
+    """Per GPU count: the curve kept and what each candidate scored on held-out sizes."""
+    gpus: int
+    kept: str                 # "bands" or "lines"
+    bands_within: float       # share of held-out sizes within `tolerance`, fitted without them
+    lines_within: float
+
+
+def fit_allreduce_held_out(raw: Sequence[AllReduceRow], link_gb_s: float,
+                           tolerance: float = 0.15) -> tuple[list[AllReduceFit], list[AllReduceChoice]]:
+    """Banded lines or the one/two-line curve, per GPU count, whichever predicts sizes it was not fitted to
+    better: both are fitted to every other measured size and scored on the rest (each half smoothed on its
+    own, so no measurement is in both), then the winner is refitted to all sizes. Bands follow real steps
+    where NCCL changes protocol, and also chase noise where single-size medians jump (2 GPUs, under ~6 MiB,
+    where a size's own samples spread over 7-45 us); the held-out score tells which it does."""
+    halves: list[list[AllReduceRow]] = [[], []]
+    for gpus in sorted({r.gpus for r in raw}):
+        sel = sorted((r for r in raw if r.gpus == gpus), key=lambda r: r.payload_bytes)
+        halves[0] += sel[0::2]
+        halves[1] += sel[1::2]
+    train, test = (ms_smoothed(h) for h in halves)
+    scores = {"bands": _within(fit_allreduce_bands(train, link_gb_s, min_sizes=4), test, tolerance),
+              "lines": _within(fit_allreduce(train), test, tolerance)}
+    every = ms_smoothed(list(raw))
+    candidates = {"bands": fit_allreduce_bands(every, link_gb_s), "lines": fit_allreduce(every)}
+    fits, choices = [], []
+    for i, gpus in enumerate(sorted({r.gpus for r in raw})):
+        kept = "bands" if scores["bands"][gpus] > scores["lines"][gpus] else "lines"
+        fits.append(candidates[kept][i])
+        choices.append(AllReduceChoice(gpus=gpus, kept=kept, bands_within=scores["bands"][gpus],
+                                       lines_within=scores["lines"][gpus]))
+    return fits, choices
+
+
+def _within(fits: Sequence[AllReduceFit], rows: Sequence[AllReduceRow], tolerance: float) -> dict[int, float]:
+    by = {f.gpus: f for f in fits}
+    out = {}
+    for gpus, f in by.items():
+        errs = [abs(f.seconds(r.payload_bytes) * 1e3 / r.ms - 1) for r in rows if r.gpus == gpus]
+        out[gpus] = float(np.mean(np.array(errs) <= tolerance))
+    return out

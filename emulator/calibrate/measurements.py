@@ -49,6 +49,7 @@ class AllReduceRow(msgspec.Struct, frozen=True):
     gpus: int
     payload_bytes: int
     ms: float
+    spread: float = 0.0     # (max - min) / median of this size's own samples: how far they disagree
 
 
 class StepRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,8 +109,11 @@ def read_allreduce_profile(path: str | Path) -> list[AllReduceRow]:
                 continue
             if r.get("devices_per_node", r["num_workers"]) != r["num_workers"]:
                 continue   # a group spread over nodes; a TP group sits in one node (as Vidur's predictor selects)
-            rows.append(AllReduceRow(gpus=int(r["num_workers"]), payload_bytes=int(r["size"]),
-                                     ms=float(r["time_stats.all_reduce.median"])))
+            median = float(r["time_stats.all_reduce.median"])
+            low = float(r.get("time_stats.all_reduce.min") or median)
+            high = float(r.get("time_stats.all_reduce.max") or median)
+            rows.append(AllReduceRow(gpus=int(r["num_workers"]), payload_bytes=int(r["size"]), ms=median,
+                                     spread=(high - low) / median if median > 0 else 0.0))
         except (KeyError, ValueError) as exc:
             raise MeasurementError(f"{path}: not a Vidur all_reduce profile ({exc})") from None
     return rows
@@ -152,5 +156,5 @@ def smoothed_allreduce(rows: list[AllReduceRow], window: int = 9) -> list[AllRed
         half = window // 2
         for i, r in enumerate(sel):
             near = sorted(x.ms for x in sel[max(0, i - half): i + half + 1])
-            out.append(AllReduceRow(gpus=gpus, payload_bytes=r.payload_bytes, ms=near[len(near) // 2]))
+            out.append(AllReduceRow(gpus=gpus, payload_bytes=r.payload_bytes, ms=near[len(near) // 2], spread=r.spread))
     return out

@@ -5,6 +5,7 @@ with the same tables adds or overrides entries by name (``load_catalog(extra=pat
 """
 from __future__ import annotations
 
+import bisect
 import functools
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,8 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 class LayerProfile(msgspec.Struct, frozen=True, kw_only=True):
     """Measured per-layer time of one model's GEMMs and elementwise kernels by tokens per step, at one TP
-    degree (what Vidur's operator profiles hold). With one, a GPU's step time interpolates it."""
+    degree (what Vidur's operator profiles hold). With one, a GPU's step time is the roofline corrected by
+    the measured/roofline ratio interpolated between these token counts (emulator.physics.profiled)."""
     model: str
     tp: int
     tokens: tuple[int, ...]
@@ -95,21 +97,41 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
         return self.hbm_tb_s * 1e12
 
 
+class AllReduceBand(msgspec.Struct, frozen=True, kw_only=True):
+    """One band of payload sizes, from `from_bytes` up to the next band's: latency_us + payload / gb_s
+    (algorithm bandwidth; gb_s 0: a flat latency_us)."""
+    from_bytes: int
+    latency_us: float
+    gb_s: float = 0.0
+
+    def us(self, payload_bytes: float) -> float:
+        return self.latency_us + (payload_bytes / (self.gb_s * 1e3) if self.gb_s > 0 else 0.0)
+
+
 class AllReduceFit(msgspec.Struct, frozen=True, kw_only=True):
     """All-reduce of a payload over `gpus` GPUs on a link: latency_us + payload / gb_s (algorithm
     bandwidth), and never under floor_us (small messages cost a flat time until bandwidth dominates).
 
     NCCL runs each size with whichever of its protocols it predicts fastest: low-latency ones for small
     and medium messages, a higher-latency, higher-bandwidth one for bulk transfers. With bulk_gb_s set,
-    the time is the faster of the two lines (bulk_latency_us + payload / bulk_gb_s being the bulk one)."""
+    the time is the faster of the two lines (bulk_latency_us + payload / bulk_gb_s being the bulk one).
+
+    With `bands`, each band of sizes has its own line instead: NCCL picks an (algorithm, protocol) per size
+    from its own cost model (src/graph/tuning.cc: a base latency plus bytes over a bandwidth per pair), and
+    the pair it picks is not always the fastest, so the measured time can fall where the choice changes (on
+    8 x H100 with 4 GPUs: ~43 us at 1 MiB, ~33 us at 1.1-1.7 MiB). Bands follow such steps; one line cannot."""
     gpus: int
     latency_us: float
     gb_s: float
     floor_us: float = 0.0
     bulk_latency_us: float = 0.0
     bulk_gb_s: float = 0.0
+    bands: tuple[AllReduceBand, ...] = ()
 
     def seconds(self, payload_bytes: float) -> float:
+        if self.bands:
+            i = bisect.bisect_right([b.from_bytes for b in self.bands], payload_bytes) - 1
+            return self.bands[max(i, 0)].us(payload_bytes) * 1e-6
         line = self.latency_us + payload_bytes / (self.gb_s * 1e3)
         if self.bulk_gb_s > 0:
             line = min(line, self.bulk_latency_us + payload_bytes / (self.bulk_gb_s * 1e3))
@@ -117,7 +139,7 @@ class AllReduceFit(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def peak_gb_s(self) -> float:
-        return max(self.gb_s, self.bulk_gb_s)
+        return max(self.gb_s, self.bulk_gb_s, *(b.gb_s for b in self.bands))
 
 
 class Link(msgspec.Struct, frozen=True, kw_only=True):

@@ -5,7 +5,7 @@ A ``StepModel`` answers ``step_time(shape)`` and ``decode_run_times(batch, conte
 ``model_for(dep)`` picks the implementation from the catalog entries inside the deployment:
 
 - ``OperatorModel`` (emulator.physics.operators): per-operator roofline with the GPU's coefficients;
-- ``ProfiledModel`` (emulator.physics.profiled): the same, with a layer's GEMM + elementwise time interpolated
+- ``ProfiledModel`` (emulator.physics.profiled): the same, with a layer's GEMM + elementwise time corrected
   from a measured table, when the GPU entry carries a LayerProfile for this model and TP degree.
 
 ``host_onboard_time`` and ``host_hit_credit`` price a host-memory KV tier's hits on the same model:

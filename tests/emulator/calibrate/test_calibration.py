@@ -3,6 +3,7 @@ the worker, the simulator and the planner with one step time."""
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 
 from emulator.calibrate import fidelity
@@ -93,19 +94,36 @@ def _profiled(tokens=(1, 64, 512, 4096), layer_ms=(0.2, 0.25, 0.5, 3.0)):
     return roofline.Deployment(model=L8B, gpu=gpu)
 
 
-def test_a_layer_profile_is_interpolated_and_extended_by_the_roofline():
+def test_a_layer_profile_corrects_the_roofline_by_its_interpolated_ratio():
     dep = _profiled()
     model = steptime.model_for(dep)
     assert isinstance(model, ProfiledModel)
-    assert model.linear_layer(512).seconds == pytest.approx(0.5e-3)
-    assert model.linear_layer(288).seconds == pytest.approx((0.25 + 0.25 * (288 - 64) / 448) * 1e-3)
     roof = OperatorModel(dep)
+    assert model.linear_layer(512).seconds == pytest.approx(0.5e-3)      # a profiled count: the measurement
+    # between two profiled counts: the roofline there, times the measured/roofline ratio interpolated in tokens
+    r64, r512 = 0.25e-3 / roof.linear_layer(64).seconds, 0.5e-3 / roof.linear_layer(512).seconds
+    ratio = r64 + (r512 - r64) * (288 - 64) / 448
+    assert model.linear_layer(288).seconds == pytest.approx(ratio * roof.linear_layer(288).seconds)
+    # past the table the last ratio is held: the roofline's growth from the last measurement
     beyond = 3.0e-3 * roof.linear_layer(8192).seconds / roof.linear_layer(4096).seconds
     assert model.linear_layer(8192).seconds == pytest.approx(beyond)
     # attention, LM head and overheads stay the roofline's: the step differs by the layers' difference only
     shape = roofline.batch_shape([(512, 100)])
     delta = 32 * (0.5e-3 - roof.linear_layer(512).seconds)
     assert model.step_time(shape).seconds == pytest.approx(roof.step_time(shape).seconds + delta)
+
+
+def test_between_profiled_counts_a_roofline_step_is_kept_not_smoothed_over():
+    """A GEMM wave boundary between two profiled counts shows in the calibrated time as in the roofline:
+    the correction is a ratio, so a jump the roofline places is not averaged away by the interpolation."""
+    dep = _profiled(tokens=(1, 4096), layer_ms=(0.2, 3.0))
+    model, roof = steptime.model_for(dep), OperatorModel(dep)
+    assert isinstance(model, ProfiledModel)
+    jumps = [n for n in range(2, 4096) if roof.linear_layer(n).seconds > 1.02 * roof.linear_layer(n - 1).seconds]
+    assert jumps
+    for n in jumps:
+        step = model.linear_layer(n).seconds / model.linear_layer(n - 1).seconds
+        assert step == pytest.approx(roof.linear_layer(n).seconds / roof.linear_layer(n - 1).seconds, rel=1e-3)
 
 
 def test_a_profile_applies_only_to_its_model_and_tp():
@@ -150,6 +168,19 @@ def test_vidur_allreduce_size_is_read_as_bytes(tmp_path: Path):
     assert (row.gpus, row.payload_bytes, row.ms) == (8, 8388608, 0.05)
 
 
+def test_an_allreduce_size_whose_samples_disagree_is_left_out_of_the_steady_rows(tmp_path: Path):
+    path = tmp_path / "all_reduce.csv"
+    path.write_text(",time_stats.all_reduce.min,time_stats.all_reduce.max,time_stats.all_reduce.median,rank,"
+                    "num_workers,size,collective\n"
+                    "0,0.007,0.045,0.040,0,2,2048,all_reduce\n"      # 7-45 us: spread 95% of the median
+                    "1,0.049,0.051,0.050,0,2,8388608,all_reduce\n")  # 49-51 us: 4%
+    assert [round(r.spread, 2) for r in ms.read_allreduce_profile(path)] == [0.95, 0.04]
+    every = fidelity.allreduce_rows(CAT, "H100-SXM", "NVLink4", path)
+    steady = fidelity.allreduce_rows(CAT, "H100-SXM", "NVLink4", path, steady=0.15)
+    assert [r.label for r in every] == ["2 KiB", "8192 KiB"] and [r.label for r in steady] == ["8192 KiB"]
+    assert steady[0].group == "all-reduce 2 GPUs, steady sizes"
+
+
 def test_nvlink_allreduce_bus_bandwidth_stays_under_the_link():
     # a ring all-reduce moves 2(t-1)/t of the payload over each GPU's link: its bus bandwidth cannot
     # exceed the link's per-direction bandwidth (a payload read in the wrong unit would break this)
@@ -164,9 +195,50 @@ def test_calibrated_allreduce_curve_matches_the_nvlink_profile(tmp_path: Path):
     out = tmp_path / "link.toml"
     assert cli.main(["calibrate", "--vidur-allreduce", str(path), "--out", str(out)]) == 0
     catalog = load_catalog(out)
-    assert [a.gpus for a in catalog.link("NVLink4").allreduce] == [2, 4, 8]
-    for s in fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4", path)):
-        assert s.within >= 0.9, s
+    link = catalog.link("NVLink4")
+    assert [a.gpus for a in link.allreduce] == [2, 4, 8]
+    assert "held-out sizes within 15%" in link.source        # the choice of curve and why, in the output
+    within = {s.group: s.within for s in fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4",
+                                                                                    path))}
+    # 4 and 8 GPUs take size bands (their times step where NCCL's protocol changes); 2 GPUs keep one line:
+    # under ~6 MiB a size's own samples spread over 7-45 us, which no curve in size follows
+    assert within["all-reduce 4 GPUs"] == 1.0 and within["all-reduce 8 GPUs"] >= 0.99, within
+    assert within["all-reduce 2 GPUs"] >= 0.95, within
+    steady = fidelity.summarize(fidelity.allreduce_rows(catalog, "H100-SXM", "NVLink4", path, steady=0.15))
+    assert [s.within for s in steady][1:] == [1.0, 1.0], steady    # 4 and 8 GPUs: every steady size
+    assert [bool(a.bands) for a in link.allreduce] == [False, True, True]
+    assert link.allreduce == NVLINK.allreduce                 # the built-in entry is this fit
+
+
+def _step_profile(gpus: int = 4) -> list[ms.AllReduceRow]:
+    """Measured-like all-reduce medians with a protocol change at 1 MiB that makes larger sizes faster:
+    60 us + bytes / 300 GB/s below it, 25 us + bytes / 200 GB/s from it (with a little jitter)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in range(8192, 16 * 2**20, 32768):
+        us = 60 + size / 300e3 if size < 2**20 else 25 + size / 200e3
+        rows.append(ms.AllReduceRow(gpus=gpus, payload_bytes=size, ms=us * (1 + rng.normal(0, 0.01)) * 1e-3))
+    return rows
+
+
+def test_allreduce_bands_follow_a_protocol_step_that_one_line_cannot():
+    (fit_,) = cal.fit_allreduce_bands(_step_profile(), link_gb_s=450.0)
+    cuts = [b.from_bytes for b in fit_.bands]
+    assert any(abs(c - 2**20) <= 32768 for c in cuts), cuts
+    assert fit_.seconds(900_000) * 1e6 == pytest.approx(60 + 900_000 / 300e3, rel=0.03)
+    assert fit_.seconds(1_200_000) * 1e6 == pytest.approx(25 + 1_200_000 / 200e3, rel=0.03)
+    fits, (choice,) = cal.fit_allreduce_held_out(_step_profile(), link_gb_s=450.0)
+    assert choice.kept == "bands" and choice.bands_within > choice.lines_within
+    assert fits[0].bands
+
+
+def test_an_allreduce_band_is_the_last_one_starting_at_or_below_the_payload():
+    from emulator.physics.catalog import AllReduceBand, AllReduceFit
+    fit_ = AllReduceFit(gpus=4, latency_us=0.0, gb_s=1.0, bands=(
+        AllReduceBand(from_bytes=0, latency_us=10.0), AllReduceBand(from_bytes=1000, latency_us=5.0, gb_s=1.0)))
+    assert fit_.seconds(999) == pytest.approx(10e-6)                   # flat band (gb_s 0)
+    assert fit_.seconds(1000) == pytest.approx((5.0 + 1.0) * 1e-6)     # 1000 bytes at 1 GB/s: 1 us
+    assert fit_.peak_gb_s == 1.0
 
 
 SPEC = """name = "calibrated"
@@ -195,7 +267,18 @@ rates = [2.0]
 """
 
 
-def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(tmp_path: Path):
+def _slow_layer_table():
+    """A measured-like layer table for Llama-3.1-8B at TP 1, twice the roofline's layer time at each count."""
+    roof = OperatorModel(roofline.Deployment(model=L8B, gpu=H100))
+    tokens = (1, 256, 1024, 4096, 8192)
+    return (LayerProfile(model=L8B.name, tp=1, tokens=tokens, source="test",
+                         layer_ms=tuple(2e3 * roof.linear_layer(n).seconds for n in tokens)),)
+
+
+@pytest.mark.parametrize("calibrated", [msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5),
+                                        msgspec.structs.replace(H100, profiles=_slow_layer_table())],
+                         ids=["fitted coefficients", "profile table"])
+def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(tmp_path: Path, calibrated):
     from emulator.planner import cli as planner_cli
     from emulator.planner import context
     from emulator.sim.simulator import Simulator
@@ -204,8 +287,8 @@ def test_a_calibrated_catalog_reaches_the_worker_the_simulator_and_the_planner(t
     from workers.config import build_engine
     from workers.core.request import SamplingParams
 
-    calibrated = msgspec.structs.replace(H100, step_overhead_us=2000.0, compute_efficiency=0.5)
     (tmp_path / "calibrated.toml").write_text(cal_render(calibrated))
+    calibrated = load_catalog(tmp_path / "calibrated.toml").gpu(H100.name)   # as written (6 decimals)
     spec_path = tmp_path / "spec.toml"
     spec_path.write_text(SPEC)
     spec = load_spec(spec_path)

@@ -2,7 +2,8 @@
 128-token x 256-feature tiles in waves over 132 SMs at 0.837 x 989.4 TFLOP/s, weights streamed at
 0.872 x 3.35 TB/s, KV read at 0.85 x 3.35 TB/s,
 fixed kernel costs, 300 us per step and 8 us per sequence; TP=4 all-reduces on the NVLink4 curve
-(max(39.7 us, 26.5 us + bytes / 238.6 GB/s)). Step times quoted below are the step model's."""
+(size bands of latency + bytes / bandwidth, emulator/physics/data/interconnects.toml). Step times quoted below
+are the step model's."""
 import math
 
 import msgspec
@@ -57,9 +58,9 @@ def test_chat_and_rag_get_opposite_prefill_decode_splits():
     # Llama-3.1-70B on TP=4, SLO p99 TTFT 2 s, ITL 50 ms, disaggregated.
     # Chat, 256 prompt / 512 output at 60 req/s:
     #   prefill of 256 tokens is weight-bound at TP=4: 141 GB / 4 of weights at 2.92 TB/s (12.1 ms) + 160
-    #   all-reduces on the 39.7 us floor (6.4 ms) + kernel costs, less per prompt when prompts pack into one
-    #   step, so fewer prefill than decode workers.
-    #   decode: T(n) ~= 21.4 ms + 33 us x n at ~512 context (weights 12.1 ms, all-reduce floors 6.4 ms,
+    #   all-reduces of 4.2 MB at 25.13 us + bytes / 198.7 GB/s (7.4 ms) + kernel costs, less per prompt when
+    #   prompts pack into one step, so fewer prefill than decode workers.
+    #   decode: T(n) ~= 21.4 ms + 33 us x n at ~512 context (weights 12.1 ms, all-reduces ~40 us: 6.4 ms,
     #   kernel and step costs 2.9 ms), plus the GEMMs' wave steps as the batch adds rows of 128-token tiles
     #   (T(220) = 30.1 ms). Little's law b = rate x 511 x T(1 + b) has its root below the cap; the sizing
     #   rule (1% of arrivals find max_num_seqs = 256 running, Poisson count: b + 2.33 sqrt(b) = 255 -> b ~
@@ -67,8 +68,8 @@ def test_chat_and_rag_get_opposite_prefill_decode_splits():
     # RAG, 8000 prompt / 128 output at 20 req/s:
     #   prefill of 8000 tokens (63 rows of 128-token tiles): 1.10e15 matmul FLOP / (4 x 792 TFLOP/s: 0.837
     #   of peak less part-filled waves) = 0.35 s + attention 8.4e13 FLOP / (4 x 692.6e12) = 0.03 s +
-    #   elementwise 0.06 s + all-reduce 160 x (26.5 us + 131 MB / 238.6 GB/s) = 0.092 s = 0.53 s; 20 req/s
-    #   is 10.6 busy workers before any queueing headroom -> > 10 prefill workers.
+    #   elementwise 0.06 s + all-reduce 160 x (19.99 us + 131 MB / 226.2 GB/s) = 0.096 s = 0.54 s; 20 req/s
+    #   is 10.7 busy workers before any queueing headroom -> > 10 prefill workers.
     #   decode: each sequence holds ~8,072 tokens of KV; the 423,866-token pool keeps the 1%-wait rule
     #   up to ~37 running; a step then takes ~32 ms (each sequence reads 8072 x 81,920 B = 661 MB of KV
     #   per GPU, 0.23 ms), so 37 / (127 x 32 ms) ~ 9 req/s per worker -> 3 decode workers.
