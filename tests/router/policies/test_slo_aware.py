@@ -271,3 +271,14 @@ def test_with_concentrate_a_request_late_everywhere_joins_the_latest_queue():
     index = KvIndex()
     cached_on(index, "a", PROMPT)
     assert SloAware(index, TABLE, concentrate=True).choose(route(), late).worker == "a"
+
+
+def test_the_slo_benchmark_counts_a_refused_request_as_a_miss_and_apart():
+    from benchmarks.slo_routing import ttft_shares
+    from emulator.sim.report import RequestRecord
+    timely, late, refused, failed_late = (RequestRecord(1.0, 100) for _ in range(4))
+    timely.first, late.first = 1.2, 1.9
+    refused.error = "overloaded"                              # the shedder's 503: never routed
+    failed_late.first, failed_late.error = 1.3, "cancelled"   # a first token in time, then an error
+    ok, of_admitted, refused_share = ttft_shares([timely, late, refused, failed_late], ttft_slo=0.5)
+    assert (ok, of_admitted, refused_share) == (0.5, pytest.approx(2 / 3), 0.25)
