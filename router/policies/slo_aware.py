@@ -30,6 +30,16 @@ predicted late on every worker joins the latest queue instead (the least of miss
 sparing the workers where later requests can still be in time: past saturation it keeps more requests
 within the SLO, at the cost of the hit rate and the TTFT tail (benchmarks/slo_routing.py).
 
+Measured and not adopted: refining prefix_bounded's choice instead (keep it unless it is predicted
+late while another worker is predicted in time, then the least predicted TTFT; keep it where none is).
+On the chat + RAG + agentic mix at 240 req/s it kept 89.4/98.8% of requests in time on seeds 0/1 with
+the load shedder off (the score above: 91.5/97.0; prefix_bounded 91.6/99.1) and 96.4/99.0% with it on
+(the score: 96.6/98.7), hitting 0.2 points less than prefix_bounded with the shedder off: a move off
+the prefix's home re-prefills the cached prefix (at 240/1 some 30 moves, 30.8k tokens), work that
+makes the overload burst later for all; there 58 of its 73 late requests were predicted late on every
+worker. Moving only where no cached prefix is lost tied prefix_bounded with the shedder off (92.0/99.0%)
+and fell behind the score with it on (93.3/98.9%).
+
 The router places the step in progress from the step ends it sees (a request's first token ends a step;
 so does the start of an idle worker's first step): without one in the last PHASE_STEPS steps, half a step
 stands in. Not modelled: the decoders' real remaining outputs (the spec workload's mean stands in), and preemption.
