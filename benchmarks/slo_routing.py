@@ -42,9 +42,9 @@ hit %):
   255/2      89.3 (87.5)   82.4 (87.5)     81.4 (87.3)
 There the late requests come in bursts that no worker can serve in time (at 240/1: 139 of slo_aware's
 180 late requests were predicted late on every worker, all arriving in the run's last 2 s, predicted
-623 ms median against 615 ms actual); concentrate keeps the most in time at 0.6-2.8 points of hit rate
-and a TTFT p99 of 4-7.4 s. Refining prefix_bounded's choice by the prediction instead was measured and
-not adopted (router.policies.slo_aware).
+623 ms median against 615 ms actual); concentrate keeps the most in time on three of its four rows,
+at 0.6-2.8 points of hit rate and a TTFT p99 of 4-7.4 s. Refining prefix_bounded's choice by the
+prediction instead was measured and not adopted (router.policies.slo_aware).
 Run: .venv/bin/python benchmarks/slo_routing.py [--rates 225,240,255] [--requests 6000] [--ttft-slo 0.5]
      [--policies kv_aware,prefix_bounded,slo_aware,slo_aware:concentrate=true] [--mix chat=0.5,rag=0.3,agentic=0.2]
      [--seed 0] [--no-shedding] [--set POLICY.KEY=VALUE]
