@@ -54,15 +54,19 @@ def choose(policies: PolicySet, request: RouteRequest, views: Sequence[WorkerVie
     load shedder's places per worker; None: no shedder); raises NoWorkerAvailable."""
     candidates = routable(views, request.policy or policies.default, exclude)
     decision = policies.choose(request, candidates)
-    return decision if line is None else keep_in_line(decision, candidates, line)
+    if line is None:
+        return decision
+    return keep_in_line(decision, candidates, line, lambda room: policies.choose(request, room))
 
 
-def keep_in_line(decision: Decision, views: Sequence[WorkerView], line: int) -> Decision:
+def keep_in_line(decision: Decision, views: Sequence[WorkerView], line: int,
+                 rechoose: Callable[[Sequence[WorkerView]], Decision]) -> Decision:
     """The shedder admits a request while the workers' lines together have room
     (router.frontdoor.gate.DrainLimit), but its TTFT promise holds only inside the request's own
-    worker's line. A choice whose line is full (a prefix's owner, a hash ring's home) goes to the
-    shortest line with room: the request loses its cached prefix instead of the SLO. P/D pairs and
-    slo_aware's choices (which predict their own TTFT) are left as they are."""
+    worker's line. A choice whose line is full (a prefix's owner, a hash ring's home) is made again by
+    the same policy among the workers whose lines have room (`rechoose`), so the request keeps what
+    the policy values most there (a cached prefix elsewhere, the ring's next worker) and the SLO. P/D
+    pairs and slo_aware's choices (which predict their own TTFT) are left as they are."""
     if decision.policy in PAIRING_POLICIES or decision.predicted_ttft_s is not None:
         return decision
     chosen = next((v for v in views if v.id == decision.worker), None)
@@ -71,9 +75,7 @@ def keep_in_line(decision: Decision, views: Sequence[WorkerView], line: int) -> 
     room = [v for v in views if v.healthy and v.queued < line]
     if not room:
         return decision   # every line is full: the shedder's next check refuses
-    other = min(room, key=lambda v: (v.queued, v.in_flight))
-    return msgspec.structs.replace(decision, worker=other.id, prefill_worker=None, matched_blocks=None,
-                                   score=None, line_full=decision.worker)
+    return msgspec.structs.replace(rechoose(room), line_full=decision.worker)
 
 
 class Lease(Generic[W]):

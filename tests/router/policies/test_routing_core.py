@@ -116,18 +116,39 @@ def test_a_lease_charges_each_worker_once_and_releases_each_once():
     assert routing.plan(Decision(worker="d", policy="pd_pair", prefill_worker="d")) == routing.Plan("d", None)
 
 
-def test_a_choice_whose_line_is_full_goes_to_the_shortest_line_with_room():
+def test_a_choice_whose_line_is_full_is_made_again_among_the_lines_with_room():
     views = [WorkerView(id="a", queued=4, in_flight=6), WorkerView(id="b", queued=3, in_flight=7),
              WorkerView(id="c", queued=3, in_flight=5), WorkerView(id="d", queued=1, healthy=False)]
-    owner = Decision(worker="a", policy="kv_aware", matched_blocks=12, score=3.0)
-    moved = routing.keep_in_line(owner, views, line=4)
-    # c: room and, of the two shortest healthy lines, fewer in flight; the cached prefix is a's, so none
-    assert (moved.worker, moved.line_full, moved.matched_blocks, moved.score) == ("c", "a", None, None)
-    assert routing.keep_in_line(owner, views, line=5) is owner            # a still has room
-    full = [WorkerView(id="a", queued=4), WorkerView(id="b", queued=4)]
-    assert routing.keep_in_line(owner, full, line=4) is owner             # nowhere to go: the shedder refuses next
-    pair = Decision(worker="a", policy="pd_pair", prefill_worker="b")
-    assert routing.keep_in_line(pair, views, line=4) is pair              # P/D pairs keep their pair
-    predicted = Decision(worker="a", policy="slo_aware", predicted_ttft_s=0.3)
-    assert routing.keep_in_line(predicted, views, line=4) is predicted    # slo_aware predicts its own TTFT
+    offered: list[list[str]] = []
 
+    def again(room):   # the policy's second choice: here, the first worker it is offered
+        offered.append([v.id for v in room])
+        return Decision(worker=room[0].id, policy="kv_aware", matched_blocks=5)
+
+    owner = Decision(worker="a", policy="kv_aware", matched_blocks=12, score=3.0)
+    moved = routing.keep_in_line(owner, views, 4, again)
+    assert offered == [["b", "c"]]                          # healthy lines with room only
+    assert (moved.worker, moved.line_full, moved.matched_blocks) == ("b", "a", 5)
+    assert routing.keep_in_line(owner, views, 5, again) is owner          # a still has room
+    full = [WorkerView(id="a", queued=4), WorkerView(id="b", queued=4)]
+    assert routing.keep_in_line(owner, full, 4, again) is owner           # nowhere to go: the shedder refuses next
+    pair = Decision(worker="a", policy="pd_pair", prefill_worker="b")
+    assert routing.keep_in_line(pair, views, 4, again) is pair            # P/D pairs keep their pair
+    predicted = Decision(worker="a", policy="slo_aware", predicted_ttft_s=0.3)
+    assert routing.keep_in_line(predicted, views, 4, again) is predicted  # slo_aware predicts its own TTFT
+    assert len(offered) == 1
+
+
+@pytest.mark.parametrize("policy", ["prefix_bounded", "kv_aware"])
+def test_a_prefix_affine_policy_moved_off_a_full_line_still_routes_by_prefix(policy):
+    spec = load_spec("colocated-8b-h100")
+    policies = PolicySet(policy, {policy: {}}, KvIndex(block_size=spec.engine.block_size))
+    views = [WorkerView(id=w.id) for w in spec.worker_list()]
+    for view in views:
+        policies.add_worker(view.id)
+    request = RouteRequest.from_tokens([9] * 256, block_size=spec.engine.block_size)
+    home = routing.choose(policies, request, views).worker
+    next(v for v in views if v.id == home).queued = 2
+    moved = routing.choose(policies, request, views, line=2)
+    assert moved.line_full == home and moved.worker != home
+    assert moved.worker == routing.choose(policies, request, [v for v in views if v.id != home]).worker
