@@ -1,7 +1,12 @@
 """Synthetic LLM workloads: arrival processes, request archetypes, seeded and pure.
 
-Everything draws from one seeded numpy Generator, so the same arguments give the same requests, token
-for token. Prompts are built from a fixed vocabulary of 4-letter words that the built-in tokenizer maps
+Everything draws from streams of one seed, so the same arguments give the same requests, token for
+token. Arrival gaps, archetype choices, tenants, lengths and words each have a stream of their own, drawn
+in arrival order, so the requests do not depend on the rate or on how many are asked for: the same seed
+at another rate gives the same requests at scaled times (agentic turns aside: which session a turn
+continues depends on the think time), and a longer run extends a shorter one. Runs at several rates
+therefore share their random numbers (common random numbers), and what differs between them is the
+rate alone. Prompts are built from a fixed vocabulary of 4-letter words that the built-in tokenizer maps
 to one distinct token each, so a request's token ids and its text agree exactly: prompts that share a
 system prompt, a document or a session's history share the same leading token ids (and therefore the
 same 16-token block hashes), and every unique part starts with a tag that makes it unique.
@@ -168,7 +173,8 @@ def _unique(rng: np.random.Generator, length: int, number: int) -> np.ndarray:
 
 
 def _seed_for(seed: int, name: str) -> np.random.SeedSequence:
-    """An archetype's own stream: its requests do not change when the mix adds another archetype."""
+    """A named stream of the seed (an archetype's own: its requests do not change when the mix adds
+    another archetype)."""
     return np.random.SeedSequence([seed, xxhash.xxh32_intdigest(name.encode())])
 
 
@@ -201,9 +207,10 @@ def _render(segments: Segments, with_text: bool) -> dict[str, Any]:
 
 
 def _single_turn(arch: Archetype, library: _Library, rng: np.random.Generator, slots: Sequence[tuple[float, int]],
-                 with_text: bool) -> list[dict[str, Any]]:
-    unique = arch.unique_len.sample(rng, len(slots))
-    outputs = arch.output_len.sample(rng, len(slots))
+                 with_text: bool, seed: int) -> list[dict[str, Any]]:
+    # the lengths come from streams of their own, so the n-th request is the same however many are drawn
+    unique = arch.unique_len.sample(np.random.default_rng(_seed_for(seed, arch.name + "/unique")), len(slots))
+    outputs = arch.output_len.sample(np.random.default_rng(_seed_for(seed, arch.name + "/outputs")), len(slots))
     requests = []
     for (t, number), n_unique, n_out in zip(slots, unique, outputs, strict=True):
         picked = library.pick(rng, arch.shared_per_request)
@@ -371,8 +378,9 @@ def generate(rate: float | RateProfile, *, num_requests: int | None = None, dura
     """
     rng = np.random.default_rng(seed)
     times = arrival_times(rng, rate, n=num_requests, duration_s=duration_s, cv=1.0 if arrival == "poisson" else cv)
-    kinds = _draw(rng, mix or {"chat": 1.0}, len(times))
-    owners = _draw(rng, tenants or {"default": 1.0}, len(times))
+    # streams of their own: drawn after the arrival gaps, they would shift with how many gaps were drawn
+    kinds = _draw(np.random.default_rng(_seed_for(seed, "/archetypes")), mix or {"chat": 1.0}, len(times))
+    owners = _draw(np.random.default_rng(_seed_for(seed, "/tenants")), tenants or {"default": 1.0}, len(times))
     built: list[dict[str, Any]] = []
     for name in sorted(set(kinds)):
         arch = make_archetype(name, (params or {}).get(name))
@@ -399,7 +407,7 @@ def _build(arch: Archetype, seed: int, slots: list[tuple[float, int]], with_text
     rng = np.random.default_rng(_seed_for(seed, arch.name))
     if isinstance(arch, Agentic):
         return _agentic(arch, library, rng, slots, with_text)
-    return _single_turn(arch, library, rng, slots, with_text)
+    return _single_turn(arch, library, rng, slots, with_text, seed)
 
 
 def from_spec(spec: Any, rate: float | RateProfile | None = None, *, num_requests: int | None = None,

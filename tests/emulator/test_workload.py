@@ -74,6 +74,19 @@ def test_a_zero_rate_span_has_no_arrivals():
     assert np.sum(times < 10.0) > 20 and np.sum(times >= 20.0) > 20
 
 
+def test_another_rate_or_length_gives_the_same_requests_at_scaled_times():
+    """Common random numbers: runs at two rates, of different lengths, see the same requests (the
+    archetype, tenant, lengths and tokens of the n-th), the slower run a prefix of the faster one."""
+    mix, tenants = {"chat": 1.0, "rag": 1.0, "code": 1.0}, {"a": 1.0, "b": 2.0}
+    slow = W.generate(2.0, duration_s=100.0, mix=mix, tenants=tenants, seed=4)
+    fast = W.generate(5.0, num_requests=len(slow) + 150, mix=mix, tenants=tenants, seed=4)
+    assert len(slow) > 150
+    for a, b in zip(slow, fast, strict=False):
+        assert (a.archetype, a.tenant, a.max_tokens, a.shared_tokens) == (b.archetype, b.tenant, b.max_tokens,
+                                                                          b.shared_tokens)
+        assert np.array_equal(a.tokens, b.tokens) and a.arrival_s == pytest.approx(b.arrival_s * 2.5)
+
+
 def test_num_requests_and_duration_both_bound_the_arrivals():
     rng = np.random.default_rng(0)
     assert len(W.arrival_times(rng, 100.0, n=50, duration_s=100.0)) == 50
