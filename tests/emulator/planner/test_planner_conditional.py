@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import emulator.planner as planner
-from emulator.planner import colocated, conditional, context, prefill
+from emulator.planner import colocated, conditional, context, dist, prefill
 from emulator.planner.operating import evaluate
 from emulator.spec import load_spec
 from loadtests.planner_bridge import planner_inputs
@@ -47,6 +47,23 @@ def test_the_split_is_pd_pairs_rule_on_each_sampled_prompt():
     assert (split.local_ctx.new_tokens < 512).all()
     assert (split.remote_ctx.new_tokens >= 512).all()
     assert split.local_ctx.prompts.weights.sum() == pytest.approx(1.0)
+
+
+def test_each_class_keeps_the_tail_of_its_own_prompts():
+    """Each class is binned on a quantile grid of its own, so its points keep its samples' tail: cut
+    from the whole mix's coarse body bins, the local class's top point stood for every prompt from
+    ~400 new tokens up to the limit, and the prompts just under it (whose steps, with the running
+    decodes, pass the step-time jump at 512 tokens on an H100) never appeared in the ITL tail."""
+    _, _, workload, _, _ = _inputs()
+    ctx = _ctx(512)
+    split = conditional.split(ctx)
+    assert split is not None
+    prompts = np.asarray(workload.prompt.samples, dtype=float)
+    new = prompts - context.sample_hits(prompts, workload.shared, ctx.limits.block_size)
+    for cls, samples in ((split.local_ctx, new[new < 512]), (split.remote_ctx, new[new >= 512])):
+        points = dist.Points(cls.new_tokens, cls.prompts.weights)
+        for q in (0.5, 0.9, 0.99):
+            assert points.quantile(q) == pytest.approx(np.percentile(samples, 100 * q), rel=0.03)
 
 
 def test_without_local_prefill_every_prefill_is_on_the_prefill_pool():
