@@ -125,6 +125,20 @@ class LatencyLog:
         record.last = time
         record.tokens += 1
 
+    def tokens(self, sampled: list[tuple[str, int]], times: list[float]) -> None:
+        """`token` for each (request id, token) with its time, in order: a merged step's tokens."""
+        records, gaps, gap_arrivals = self.records, self.gaps, self.gap_arrivals
+        for (request_id, _token), time in zip(sampled, times, strict=True):
+            record = records[request_id]
+            last = record.last
+            if last is None:
+                record.first = time
+            else:
+                gaps.append(time - last)
+                gap_arrivals.append(record.arrival)
+            record.last = time
+            record.tokens += 1
+
     def summarize(self, ttft_slo: float, itl_slo: float, window: tuple[float, float] | None = None,
                   **extra) -> Summary:
         """Summary over requests arriving inside `window` (warm-up and drain excluded)."""

@@ -247,11 +247,13 @@ class Simulator:
 
     def _deliver(self, worker: SimWorker, result: StepResult) -> None:
         times = result.token_times or [result.end] * len(result.tokens)
-        watch = len(self.ledger) > 0
-        for (request_id, _token), time in zip(result.tokens, times, strict=True):
-            if watch and self.log.records[request_id].first is None:
-                self._first_token(request_id, time)
-            self.log.token(request_id, time)
+        if len(self.ledger) > 0:   # slo_aware's ledger hears each first token
+            for (request_id, _token), time in zip(result.tokens, times, strict=True):
+                if self.log.records[request_id].first is None:
+                    self._first_token(request_id, time)
+                self.log.token(request_id, time)
+        else:
+            self.log.tokens(result.tokens, times)
         for fin in result.finished:
             self._on_finished(worker, fin, result)
         for request_id in result.kv_ready:

@@ -19,7 +19,7 @@ from workers.core import output
 from workers.core.block_manager import BlockManager, cache_computed_blocks
 from workers.core.fast_forward import fast_forward
 from workers.core.request import RemotePrefill, Request, SamplingParams, Status
-from workers.core.scheduler import Scheduler, SchedulerOutput
+from workers.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 
 class EngineError(ValueError):
@@ -225,14 +225,21 @@ class Engine:
         return self._execute(now, sched)
 
     def _execute(self, now: float, sched: SchedulerOutput) -> StepResult:
-        shape = roofline.BatchShape()
-        prefill_tokens = 0
+        # BatchShape.add's sums, in local ints: this loop and _advance_all run per token of the batch
+        new_tokens = context_tokens = attention_pairs = sampled = prefill_tokens = 0
         for chunk in sched.chunks:
             req, n = chunk.request, chunk.num_new
-            shape.add(n, req.num_computed, req.num_computed + n >= len(req.tokens))
-            if req.num_computed < req.num_prompt:
+            computed = req.num_computed
+            new_tokens += n
+            context_tokens += computed
+            attention_pairs += n * computed + n * (n + 1) // 2
+            if computed + n >= len(req.tokens):
+                sampled += 1
+            if computed < req.num_prompt:
                 prefill_tokens += n
-        decode_tokens = shape.new_tokens - prefill_tokens
+        shape = roofline.BatchShape(new_tokens=new_tokens, context_tokens=context_tokens,
+                                    attention_pairs=attention_pairs, sampled=sampled)
+        decode_tokens = new_tokens - prefill_tokens
         timing = steptime.step_time(self.dep, shape)
         flops, hbm_bytes = roofline.step_traffic(self.dep, shape)
         duration = timing.seconds + self._swap_time(sched)
@@ -242,9 +249,7 @@ class Engine:
                             prefill_s=duration - decode_s, decode_s=decode_s, decode_steps=int(decode_tokens > 0),
                             flops=flops, hbm_bytes=hbm_bytes,
                             preempted=len(sched.preempted), kv_ready=[r.request_id for r in sched.kv_ready])
-        end = now + duration
-        for chunk in sched.chunks:
-            self._advance(chunk.request, chunk.num_new, end, result)
+        self._advance_all(sched.chunks, now + duration, result)
         result.events = self.blocks.take_events()
         return result
 
@@ -257,24 +262,38 @@ class Engine:
                 decodes.add(chunk.num_new, req.num_computed, True)
         return min(steptime.step_time(self.dep, decodes).seconds, duration) if decodes.new_tokens else 0.0
 
-    def _advance(self, req: Request, num_new: int, end: float, result: StepResult) -> None:
-        req.num_computed += num_new
-        # per token of every running sequence: the call only when a block has filled up
-        if self.config.enable_prefix_caching and req.num_computed // self.blocks.block_size > req.num_cached_blocks:
-            cache_computed_blocks(self.blocks, req)
-        if req.num_computed < len(req.tokens):
-            return  # a prefill chunk that did not reach the end of the prompt
-        token, reason = output.sample(req)
-        req.tokens.append(token)
-        result.tokens.append((req.request_id, token))
-        if req.first_token_time is None:
-            req.first_token_time = end
-        if reason is None and len(req.tokens) >= self.max_model_len:
-            reason = "length"
-        if self.config.role == "prefill" and reason != "stop":
-            reason = "held"  # the first token is ours; the rest is the decode worker's
-        if reason is not None:
-            self._finish(req, reason, end, result)
+    def _advance_all(self, chunks: list[ScheduledChunk], end: float, result: StepResult) -> None:
+        """Advance every scheduled chunk, in batch order: its KV is computed, full blocks enter the prefix
+        cache, and a chunk that reaches the end of its tokens samples the next one (and may finish).
+        Per token of every running sequence, so what each iteration reads is bound once here."""
+        blocks = self.blocks
+        block_size = blocks.block_size
+        caching = self.config.enable_prefix_caching
+        prefill_role = self.config.role == "prefill"
+        max_len = self.max_model_len
+        sampled = result.tokens
+        sample = output.sample
+        for chunk in chunks:
+            req = chunk.request
+            computed = req.num_computed + chunk.num_new
+            req.num_computed = computed
+            # the prefix-cache call only when a block has filled up
+            if caching and computed // block_size > req.num_cached_blocks:
+                cache_computed_blocks(blocks, req)
+            tokens = req.tokens
+            if computed < len(tokens):
+                continue  # a prefill chunk that did not reach the end of the prompt
+            token, reason = sample(req)
+            tokens.append(token)
+            sampled.append((req.request_id, token))
+            if req.first_token_time is None:
+                req.first_token_time = end
+            if reason is None and len(tokens) >= max_len:
+                reason = "length"
+            if prefill_role and reason != "stop":
+                reason = "held"  # the first token is ours; the rest is the decode worker's
+            if reason is not None:
+                self._finish(req, reason, end, result)
 
     def _finish(self, req: Request, reason: str, end: float, result: StepResult) -> None:
         self.scheduler.running.remove(req)

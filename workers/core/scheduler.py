@@ -66,13 +66,14 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         block = self.blocks.block_size
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(len(req.tokens) - req.num_computed, budget)
+        running, chunks = self.running, out.chunks   # _grow's preemptions edit this same list
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed
+            num_new = min(len(req.tokens) - computed, budget)
             # most steps a decode stays inside its last block: no call to _grow for it
-            if -(-(req.num_computed + num_new) // block) <= len(req.block_ids) or self._grow(
-                    req, req.num_computed + num_new, out):
-                out.chunks.append(ScheduledChunk(req, num_new))
+            if -(-(computed + num_new) // block) <= len(req.block_ids) or self._grow(req, computed + num_new, out):
+                chunks.append(ScheduledChunk(req, num_new))
                 budget -= num_new
                 i += 1
             elif req.status is Status.PREEMPTED:
