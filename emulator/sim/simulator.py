@@ -84,7 +84,9 @@ class Simulator:
         self._feed_index = name in INDEX_POLICIES   # others never read the KV index: skip its upkeep
         self.workers: dict[str, SimWorker] = {}
         for slot in spec.worker_list():
-            self.workers[slot.id] = SimWorker(slot.id, slot.role, spec_engine(spec, slot.id, num_blocks))
+            engine = spec_engine(spec, slot.id, num_blocks)
+            engine.count_traffic = False   # MFU and MBU are the live worker's metrics: no step here reads them
+            self.workers[slot.id] = SimWorker(slot.id, slot.role, engine)
             self.policies.add_worker(slot.id)
         self._views = [w.view for w in self.workers.values()]
         self.salts = {t.name: t.name for t in spec.tenants if t.cache_salt}

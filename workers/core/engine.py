@@ -112,6 +112,9 @@ class Engine:
         self.held: dict[str, float] = {}     # prefill role: request id -> hold expiry
         self._link_free_at = 0.0             # decode role: transfers share one NIC per GPU, in order
         self._host_link_free_at = 0.0        # host tier: onboarding loads share the host link, in order
+        # Each step's FLOPs and HBM bytes (roofline.step_traffic), the worker's MFU and MBU; a driver that
+        # reads neither (the simulator) turns this off and the results carry zeros there.
+        self.count_traffic = True
 
     def _pool_blocks(self) -> int:
         if self.config.num_blocks is not None:
@@ -241,7 +244,7 @@ class Engine:
                                     attention_pairs=attention_pairs, sampled=sampled)
         decode_tokens = new_tokens - prefill_tokens
         timing = steptime.step_time(self.dep, shape)
-        flops, hbm_bytes = roofline.step_traffic(self.dep, shape)
+        flops, hbm_bytes = roofline.step_traffic(self.dep, shape) if self.count_traffic else (0.0, 0.0)
         duration = timing.seconds + self._swap_time(sched)
         decode_s = self._decode_share(sched, duration) if prefill_tokens else duration
         result = StepResult(start=now, duration=duration, bound=timing.bound, tokens=[], finished=[],

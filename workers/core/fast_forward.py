@@ -33,7 +33,9 @@ def fast_forward(engine, now: float, until: float):
         return None
     context_sum = sum(r.num_computed for r in running)
     result = _advance(engine, now, ends[:steps], steps)
-    result.flops, result.hbm_bytes = roofline.step_traffic(engine.dep, _run_shape(batch, context_sum, steps), steps)
+    if engine.count_traffic:
+        result.flops, result.hbm_bytes = roofline.step_traffic(engine.dep, _run_shape(batch, context_sum, steps),
+                                                               steps)
     return result
 
 
