@@ -30,6 +30,7 @@ from emulator.sim.report import Summary, overload_note, refused_share
 from emulator.sim.simulator import Simulator
 from emulator.spec import ClusterSpec, SpecError, load_spec, resolve_spec_path
 from kvlab.wire.user_errors import count_or_all, positive, positive_int
+from loadtests import parallel_runs
 from loadtests.cache_bounds import Bounds, cluster_host_blocks, cluster_kv_blocks, hit_rates
 from router.policies.registry import check_spec_settings
 
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         from loadtests.compare_live import compare_live
         rows = compare_live(spec, trace, settings, args)
     else:
-        rows = [simulate(spec, trace, p, s, args.limit, args.speedup) for p, s in settings.items()]
+        # one run per policy, each deterministic: side by side on the host's cores (loadtests.parallel_runs)
+        rows = parallel_runs.run_all(simulate, [(spec, trace, p, s, args.limit, args.speedup)
+                                                for p, s in settings.items()])
     bounds = trace_bounds(spec, trace, args.limit)
     planned = spec_trace_tier_hits(spec, trace, args.limit, args.speedup) if spec.engine.host_kv_gb > 0 else None
     text = table(rows, spec, bounds, planned)
