@@ -17,8 +17,7 @@ import msgspec
 import numpy as np
 import scipy.optimize
 
-from emulator.calibrate.measurements import AllReduceRow, LayerRow, OperatorRow, StepRow
-from emulator.calibrate.measurements import smoothed_allreduce as ms_smoothed
+from emulator.calibrate.measurements import AllReduceRow, LayerRow, OperatorRow, StepRow, smoothed_allreduce
 from emulator.physics.catalog import AllReduceBand, AllReduceFit, Gpu, Link, Model
 from emulator.physics.deployment import BatchShape, Deployment
 from emulator.physics.operators import OperatorModel, layer_gemms
@@ -367,10 +366,10 @@ def fit_allreduce_held_out(raw: Sequence[AllReduceRow], link_gb_s: float,
         sel = sorted((r for r in raw if r.gpus == gpus), key=lambda r: r.payload_bytes)
         halves[0] += sel[0::2]
         halves[1] += sel[1::2]
-    train, test = (ms_smoothed(h) for h in halves)
+    train, test = (smoothed_allreduce(h) for h in halves)
     scores = {"bands": _within(fit_allreduce_bands(train, link_gb_s, min_sizes=4), test, tolerance),
               "lines": _within(fit_allreduce(train), test, tolerance)}
-    every = ms_smoothed(list(raw))
+    every = smoothed_allreduce(list(raw))
     candidates = {"bands": fit_allreduce_bands(every, link_gb_s), "lines": fit_allreduce(every)}
     fits, choices = [], []
     for i, gpus in enumerate(sorted({r.gpus for r in raw})):

@@ -50,9 +50,14 @@ class BatchShape(msgspec.Struct, kw_only=True):
     def add(self, new: int, cached: int, samples: bool = True) -> BatchShape:
         self.new_tokens += new
         self.context_tokens += cached
-        self.attention_pairs += new * cached + new * (new + 1) // 2
+        self.attention_pairs += causal_pairs(new, cached)
         self.sampled += 1 if samples else 0
         return self
+
+
+def causal_pairs(new: int, cached: int) -> int:
+    """(query, key) pairs causal attention computes for `new` tokens after `cached` ones."""
+    return new * cached + new * (new + 1) // 2
 
 
 class StepTime(msgspec.Struct, frozen=True, kw_only=True):

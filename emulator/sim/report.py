@@ -6,7 +6,7 @@ predictions, so they can be compared field by field. Latencies are emulated seco
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -115,22 +115,14 @@ class LatencyLog:
         return record
 
     def token(self, request_id: str, time: float) -> None:
-        record = self.records[request_id]
-        last = record.last   # set with `first`, at the first token
-        if last is None:
-            record.first = time
-        else:
-            self.gaps.append(time - last)
-            self.gap_arrivals.append(record.arrival)
-        record.last = time
-        record.tokens += 1
+        self.tokens(((request_id, 0),), (time,))
 
-    def tokens(self, sampled: list[tuple[str, int]], times: list[float]) -> None:
-        """`token` for each (request id, token) with its time, in order: a merged step's tokens."""
+    def tokens(self, sampled: Sequence[tuple[str, int]], times: Sequence[float]) -> None:
+        """Each (request id, token) at its time, in order (a step's tokens, in one call: the hot path)."""
         records, gaps, gap_arrivals = self.records, self.gaps, self.gap_arrivals
         for (request_id, _token), time in zip(sampled, times, strict=True):
             record = records[request_id]
-            last = record.last
+            last = record.last   # set with `first`, at the first token
             if last is None:
                 record.first = time
             else:

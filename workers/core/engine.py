@@ -14,6 +14,7 @@ import numpy as np
 from emulator.engine_config import ROLES, EngineConfig
 from emulator.physics import roofline, steptime
 from emulator.physics.catalog import Link
+from emulator.physics.deployment import causal_pairs
 from kvlab.wire.kv_events import KVEvent
 from workers.core import output
 from workers.core.block_manager import BlockManager, cache_computed_blocks
@@ -235,7 +236,7 @@ class Engine:
             computed = req.num_computed
             new_tokens += n
             context_tokens += computed
-            attention_pairs += n * computed + n * (n + 1) // 2
+            attention_pairs += causal_pairs(n, computed)
             if computed + n >= len(req.tokens):
                 sampled += 1
             if computed < req.num_prompt:
