@@ -14,7 +14,7 @@ import msgspec
 
 CSV_FIELDS = [
     ("rate", "rate"), ("valid", "valid"), ("stationary", "stationary"), ("stationary_state", "stationary_state"),
-    ("met_slo", "met_slo"),
+    ("met_slo", "met_slo"), ("judged_by", "judged_by"),
     ("sent_rps", "sent_rps"), ("served_rps", "served_rps"), ("window_s", "window.window_s"),
     ("window_lifetimes", "window.lifetimes"), ("warmup_s", "window.warmup_s"), ("lifetime_s", "window.lifetime_s"),
     ("ttft_p99_with_failures_s", "ttft_p99_with_failures"),
@@ -106,6 +106,8 @@ def cell(value: Any, fmt: str) -> str:
 
 def row_cells(point: dict) -> list[str]:
     cells = [cell(get(point, key), fmt) for _, key, fmt in COLUMNS]
+    if point.get("judged_by") == "later half":
+        cells[[key for _, key, _ in COLUMNS].index("met_slo")] = "NO (2nd half)"
     if not point.get("valid", True):
         cells[0] += "!"
     return cells
@@ -167,6 +169,9 @@ def markdown(report: dict) -> str:
            "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). "
            "Overloaded: past C_max the halves drift only towards worse (the queue grows until the shedder "
            "caps it, many lifetimes just past C_max), so the rate's miss holds; halves that improve there are NO. "
+           "A rate that met the SLO over its window while drifting towards worse, its later half missing, is a "
+           "miss (`NO (2nd half)`): from an idle cluster the queue only fills, so the steady state is at least "
+           "as bad as that half. "
            "TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]

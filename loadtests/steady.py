@@ -8,6 +8,8 @@ rate whatever the cluster's capacity. A window is stationary when its two halves
 requests in the system) and, below C_max, it serves what was sent. Past C_max a window whose halves
 drift only towards worse (queue and TTFT growing) is `overloaded`: the rate's steady state is at least
 as bad as its window, so the miss it reports cannot flip; one whose halves improve is not stationary.
+For the same reason a window that met the SLO while drifting towards worse, its later half missing, is
+a miss (`later_half_misses`): the cluster was still filling towards a steady state past C_max.
 """
 from __future__ import annotations
 
@@ -150,6 +152,19 @@ def check(ttft_halves: tuple[float, float], queue_halves: tuple[float | None, fl
                      f"{_count(qa)} -> {_count(qb)}): a transient, so the miss may not hold")
     return Stationarity(ttft_halves, queue_halves, sent_rps, served_rps, ttft_ok, queue_ok, served_ok, notes,
                         worsening)
+
+
+def later_half_misses(station: Stationarity, ttft_slo: float) -> bool:
+    """A window that met the SLO as a whole while its halves drifted towards worse, the later half
+    missing (refusals count): the rate misses. Each rate starts from an idle cluster, which only fills
+    towards its steady state (a queue started empty grows stochastically to its stationary law), so the
+    steady state is at least as bad as the later half. Only where the halves really disagree, so one
+    half's sampling noise cannot flip a verdict that the whole window gave."""
+    if station.ttft_ok and station.queue_ok:
+        return False
+    a, b = station.ttft_p99_halves
+    worse = _grows((a, b), station.ttft_ok) and _grows(station.in_system_halves, station.queue_ok)
+    return worse and not (math.isfinite(b) and b <= ttft_slo)
 
 
 def _grows(halves: tuple[float | None, float | None], agree: bool) -> bool:
