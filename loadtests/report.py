@@ -106,8 +106,9 @@ def cell(value: Any, fmt: str) -> str:
 
 def row_cells(point: dict) -> list[str]:
     cells = [cell(get(point, key), fmt) for _, key, fmt in COLUMNS]
-    if point.get("judged_by") == "later half":
-        cells[[key for _, key, _ in COLUMNS].index("met_slo")] = "NO (2nd half)"
+    why = {"later half": "NO (2nd half)", "queue growing": "NO (filling)"}.get(point.get("judged_by"))
+    if why:
+        cells[[key for _, key, _ in COLUMNS].index("met_slo")] = why
     if not point.get("valid", True):
         cells[0] += "!"
     return cells
@@ -169,9 +170,10 @@ def markdown(report: dict) -> str:
            "of sent (or the 3-sigma noise of requests in flight at the window's edges, when larger). "
            "Overloaded: past C_max the halves drift only towards worse (the queue grows until the shedder "
            "caps it, many lifetimes just past C_max), so the rate's miss holds; halves that improve there are NO. "
-           "A rate that met the SLO over its window while drifting towards worse, its later half missing, is a "
-           "miss (`NO (2nd half)`): from an idle cluster the queue only fills, so the steady state is at least "
-           "as bad as that half. "
+           "A rate that met the SLO over its window while drifting towards worse is judged by where it was "
+           "heading (from an idle cluster the queue only fills): a miss when its later half missed (`NO (2nd "
+           "half)`), or when its queue still grew after the warm-up while it served less than it was sent (`NO "
+           "(filling)`: held, the queue reaches the shedder's cap). "
            "TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]

@@ -8,8 +8,9 @@ rate whatever the cluster's capacity. A window is stationary when its two halves
 requests in the system) and, below C_max, it serves what was sent. Past C_max a window whose halves
 drift only towards worse (queue and TTFT growing) is `overloaded`: the rate's steady state is at least
 as bad as its window, so the miss it reports cannot flip; one whose halves improve is not stationary.
-For the same reason a window that met the SLO while drifting towards worse, its later half missing, is
-a miss (`later_half_misses`): the cluster was still filling towards a steady state past C_max.
+For the same reason a window that met the SLO while drifting towards worse is judged by what it was
+heading to (`steady_state_miss`): a miss when its later half misses or its queue still grows while it
+serves less than it was sent.
 """
 from __future__ import annotations
 
@@ -154,17 +155,26 @@ def check(ttft_halves: tuple[float, float], queue_halves: tuple[float | None, fl
                         worsening)
 
 
-def later_half_misses(station: Stationarity, ttft_slo: float) -> bool:
-    """A window that met the SLO as a whole while its halves drifted towards worse, the later half
-    missing (refusals count): the rate misses. Each rate starts from an idle cluster, which only fills
-    towards its steady state (a queue started empty grows stochastically to its stationary law), so the
-    steady state is at least as bad as the later half. Only where the halves really disagree, so one
-    half's sampling noise cannot flip a verdict that the whole window gave."""
+def steady_state_miss(station: Stationarity, ttft_slo: float) -> str | None:
+    """Why a window that met the SLO over its length misses at its rate's steady state, or None.
+
+    Each rate starts from an idle cluster, which only fills towards its steady state (a queue started
+    empty grows stochastically to its stationary law), and the warm-up lasted as long as the simulated
+    cluster took to fill. So a window whose halves drift only towards worse is judged by what it was
+    heading to: a miss when its later half misses (refusals count), or when the requests in the system
+    still grow while it serves less than was sent (the rate is past what the cluster sustains: held,
+    the queue reaches the shedder's cap). Only where the halves really disagree, so one half's sampling
+    noise cannot flip the verdict the whole window gave."""
     if station.ttft_ok and station.queue_ok:
-        return False
+        return None
     a, b = station.ttft_p99_halves
-    worse = _grows((a, b), station.ttft_ok) and _grows(station.in_system_halves, station.queue_ok)
-    return worse and not (math.isfinite(b) and b <= ttft_slo)
+    if not (_grows((a, b), station.ttft_ok) and _grows(station.in_system_halves, station.queue_ok)):
+        return None
+    if not (math.isfinite(b) and b <= ttft_slo):
+        return "later half"
+    if not station.queue_ok and not station.served_ok and station.served_rps < station.sent_rps:
+        return "queue growing"
+    return None
 
 
 def _grows(halves: tuple[float | None, float | None], agree: bool) -> bool:

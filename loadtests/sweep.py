@@ -40,9 +40,9 @@ from loadtests.steady import (
     Stationarity,
     check,
     crossing,
-    later_half_misses,
     p99_band,
     served_tolerance,
+    steady_state_miss,
 )
 
 CURVE_FACTORS = (0.6,)     # x the expected C_max, measured before the bracket: served tracks offered there
@@ -391,16 +391,18 @@ def measured_point(setup: Setup, result: LiveResult, size: Sizing, steady: Stead
     ttft_fail = analysis.ttft_p99_with_failures(result.records, w, scale, result.missing(0))
     met = meets(ttft_fail, summary.itl.p99, slo)
     station = _stationarity(result, w, summary, scale, slo.ttft_p99_s, below_c_max=met, lifetime_s=size.lifetime_s)
-    judged_by = "window"
-    if met and later_half_misses(station, slo.ttft_p99_s):
-        met, judged_by = False, "later half"
+    judged_by, verdict_ttft = "window", ttft_fail
+    if met and (why := steady_state_miss(station, slo.ttft_p99_s)):
+        # The steady state it heads to misses: its later half's p99, or (a queue still growing) the cap's.
+        met, judged_by = False, why
+        verdict_ttft = station.ttft_p99_halves[1] if why == "later half" else math.inf
         station = _stationarity(result, w, summary, scale, slo.ttft_p99_s, below_c_max=False,
                                 lifetime_s=size.lifetime_s)
     notes = _validity_notes(spec, lag, client_lag, dropped) + station.notes
     window_s = (w.end_s - w.start_s) / scale
     point = {"rate": w.rate, "measured": summary, "unfinished": result.unfinished(0),
              "ttft_p99_with_failures": ttft_fail, "met_slo": met, "judged_by": judged_by,
-             "verdict_ttft_p99": station.ttft_p99_halves[1] if judged_by == "later half" else ttft_fail,
+             "verdict_ttft_p99": verdict_ttft,
              "lag_p99_s": lag, "lag_max_s": scraped.lag_max_s if scraped else None,
              "lagged": bool(_validity_notes(spec, lag, client_lag, dropped)),
              "client_lag_p99_s": client_lag, "valid": not notes, "notes": notes,
@@ -544,8 +546,8 @@ def _sim_ttft(s: dict | None) -> float | None:
 
 
 def _ttft_p99(point: dict) -> float:
-    """The p99 TTFT (counting failures) the point's verdict rests on: its window's, or its later half's
-    where that half decided it; the report stores an infinite one (over 1% failed) as null."""
+    """The p99 TTFT (counting failures) the point's verdict rests on: its window's, its later half's where
+    that half decided it, infinite where a still-growing queue did; the report stores infinity as null."""
     value = point.get("verdict_ttft_p99", point["ttft_p99_with_failures"])
     return math.inf if value is None else float(value)
 
