@@ -106,7 +106,7 @@ def cell(value: Any, fmt: str) -> str:
 
 def row_cells(point: dict) -> list[str]:
     cells = [cell(get(point, key), fmt) for _, key, fmt in COLUMNS]
-    why = {"later half": "NO (2nd half)", "queue growing": "NO (filling)"}.get(point.get("judged_by"))
+    why = {"later half": "NO (2nd half)", "queue growing": "NO (filling)"}.get(str(point.get("judged_by")))
     if why:
         cells[[key for _, key, _ in COLUMNS].index("met_slo")] = why
     if not point.get("valid", True):
