@@ -85,7 +85,8 @@ class Router:
         self.transport = LeanTransport()
         self.client = httpx.AsyncClient(transport=self.transport, trust_env=False)
         index = KvIndex(**{"block_size": config.block_size, **config.kv_index})
-        self.policies = PolicySet(config.policy, config.policies, index, config.slo_table)
+        self.policies = PolicySet(config.policy, config.policies, index, config.slo_table,
+                                  index_fed=config.kv_events != "off")
         self.pool = WorkerPool(self.client, config.health, config.timeouts, self.metrics, share)
         self.subscriber = KvSubscriber(index, self.client, config.kv_events, config.kv_events_poll_s,
                                        config.timeouts.health_s)
@@ -163,7 +164,7 @@ class Router:
         except BaseException:
             self._refused(endpoint, job, tenant, 500, "internal_error")
             raise
-        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        self.metrics.request_count(endpoint, str(response.status_code)).inc()
         return response
 
     async def _off_loop(self, raw: bytes, step, *args):
@@ -192,7 +193,7 @@ class Router:
         """Account a refused request."""
         if job is not None:
             self.gate.release(job, 0, served=False)   # admitted but never served: free its slot, refund its tokens
-        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.request_count(endpoint, str(status)).inc()
         self.metrics.reject(status, reason, tenant)
 
 

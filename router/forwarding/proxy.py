@@ -89,7 +89,7 @@ class Proxy:
                            headers={"Retry-After": "1"}) from None
         if job is not None:
             self.metrics.decision_time.observe(job.tokenize_s + time.perf_counter() - started)
-        self.metrics.decisions.labels(decision.policy, decision.worker).inc()
+        self.metrics.decision_count(decision.policy, decision.worker).inc()
         if decision.overflow_skips:
             self.metrics.overflow.labels(decision.policy).inc(decision.overflow_skips)
         if decision.line_full is not None:
@@ -111,7 +111,7 @@ class Proxy:
         self.metrics.retries.labels("migration" if started else "retry").inc()
 
     def _sent_upstream(self, job: Job, decision: Decision, first: bool) -> None:
-        self.slo.sent(slo_key(job), decision, len(job.prompt))
+        self.slo.sent(slo_key(job), decision, lambda: len(job.prompt))
         if first:
             self.metrics.added_latency.observe(time.perf_counter() - job.received)
             # After the request is on its way (call_soon runs once this task yields to send it), so
@@ -190,9 +190,9 @@ class Proxy:
 
     def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
         self.slo.ended(slo_key(job))
-        self.metrics.prompt_tokens.labels(policy).inc(job.prompt_tokens)
+        self.metrics.prompt_token_count(policy).inc(job.prompt_tokens)
         if cached:
-            self.metrics.cached_tokens.labels(policy).inc(cached)
+            self.metrics.cached_token_count(policy).inc(cached)
         self.on_finish(job, completion, cached)
 
     # -- streaming -------------------------------------------------------------------------------

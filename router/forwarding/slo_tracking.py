@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from router.frontdoor.slo_headers import SloTarget
 from router.observability.metrics import RouterMetrics
@@ -38,10 +38,13 @@ class SloTracker:
     def fill(self, views: Sequence[WorkerView]) -> None:
         self.ledger.fill(views, self.now())
 
-    def sent(self, key: str, decision: Decision, prompt_tokens: int) -> None:
-        """An attempt went out; a retry's new decision replaces the old one's entry."""
+    def sent(self, key: str, decision: Decision, prompt_tokens: Callable[[], int]) -> None:
+        """An attempt went out; a retry's new decision replaces the old one's entry. The ledger keeps
+        only decisions with a predicted TTFT (slo_aware's), and only those read the prompt's length:
+        where routing tokenized just the prompt's head, counting it all would tokenize the rest."""
         self.ledger.ended(key)
-        self.ledger.sent(key, decision, prompt_tokens, self.now())
+        if decision.predicted_ttft_s is not None:
+            self.ledger.sent(key, decision, prompt_tokens(), self.now())
 
     def first_token(self, key: str, worker_id: str, received: float, policy: str,
                     scale: float | None = None) -> None:

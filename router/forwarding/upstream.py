@@ -15,6 +15,7 @@ import httpx
 from kvlab.wire.openai_api import ApiError
 from router.config import Timeouts
 from router.forwarding.sse import DONE, EventSplitter, data_of
+from router.forwarding.transport import LeanResponse, LeanTransport
 
 JSON_HEADERS = {"content-type": "application/json"}
 # After [DONE] only the body's end (chunked terminator) is left, sent at once by the worker: waiting
@@ -67,9 +68,10 @@ class Upstream:
     """The router's HTTP client side, shared by every request.
 
     Control-plane calls (probes, KV events, releases) use the httpx.AsyncClient. Proxied requests go
-    straight to that client's transport with httpx Request/Response objects and the same timeout
-    extension: the client layer (URL merging, cookie jar, auth and redirect hooks) costs ~70 us a
-    request and does nothing for a proxy, whose URLs are absolute and whose worker sets no cookies.
+    straight to that client's transport with the same timeouts: the client layer (URL merging, cookie
+    jar, auth and redirect hooks) costs ~70 us a request and does nothing for a proxy, whose URLs are
+    absolute and whose worker sets no cookies; the router's LeanTransport also skips httpx's request
+    and response models (``LeanTransport.post``), any other transport gets httpx Requests.
     """
 
     def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, timeouts: Timeouts):
@@ -83,7 +85,9 @@ class Upstream:
         self._timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.first_byte_s,
                                       write=timeouts.idle_s, pool=timeouts.connect_s).as_dict()
 
-    async def _send(self, url: httpx.URL, body: bytes) -> httpx.Response:
+    async def _send(self, url: httpx.URL, body: bytes) -> httpx.Response | LeanResponse:
+        if isinstance(self.transport, LeanTransport):   # the router's own: no httpx models on the hot path
+            return await self.transport.post(url, body, self._timeout)
         request = httpx.Request("POST", url, content=body, headers=JSON_HEADERS, extensions={"timeout": self._timeout})
         return await self.transport.handle_async_request(request)
 
@@ -146,7 +150,7 @@ class Upstream:
 class UpstreamStream:
     """A worker's SSE response, read one event at a time with first-event and idle timeouts."""
 
-    def __init__(self, worker_id: str, response: httpx.Response, timeouts: Timeouts,
+    def __init__(self, worker_id: str, response: httpx.Response | LeanResponse, timeouts: Timeouts,
                  registry: set | None = None):
         self.worker_id = worker_id
         self.response = response

@@ -87,8 +87,9 @@ class PolicySet:
     name = "policy_set"
 
     def __init__(self, default: str, settings: Mapping[str, Settings] | None = None,
-                 index: KvIndex | None = None, table: SloTable | None = None) -> None:
+                 index: KvIndex | None = None, table: SloTable | None = None, index_fed: bool = True) -> None:
         self.index = index if index is not None else KvIndex()
+        self.index_fed = index_fed   # False: nothing feeds the index (no KV events), so it stays empty
         self.table = table   # the spec's roofline table, for slo_aware
         self.default = default
         self._settings = dict(settings or {})
@@ -120,7 +121,13 @@ class PolicySet:
         """Leading prompt blocks policy `name` (None: the default) reads; None: all. A policy not yet
         built counts as reading all (this may run off the event loop, where nothing is built)."""
         policy = self._built.get(name or self.default)
-        return None if policy is None else policy.prompt_blocks
+        if policy is None:
+            return None
+        if not self.index_fed and isinstance(policy, PrefixBounded):
+            # Its index match past the ring key finds nothing in an index that stays empty: the same
+            # choice from the key's blocks alone.
+            return policy.prefix_blocks
+        return policy.prompt_blocks
 
     def add_worker(self, worker_id: str) -> None:
         self._members.add(worker_id)
