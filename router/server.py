@@ -27,12 +27,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kvlab.wire.http_body import read_body
+from kvlab.wire.http_body import too_large
 from kvlab.wire.http_errors import error_response, install_error_handlers
 from kvlab.wire.openai_api import ApiError, models_body
 from kvlab.wire.tokenizer import load_tokenizer
 from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_token
 from router.config import RouterConfig
+from router.forwarding.deadlines import Expiry
 from router.forwarding.proxy import Proxy
 from router.forwarding.streaming import RelayResponse, unless_client_leaves
 from router.forwarding.transport import LeanTransport
@@ -143,7 +144,7 @@ class Router:
             self.gate.precheck(tenant)   # before the body is read or tokenized: a refused tenant costs ~nothing
             policy = self._policy_override(request.headers.get(POLICY_HEADER), tenant)
             slo = parse_slo_headers(request.headers)   # x-slo-ttft-ms / x-slo-tpot-ms: a bad value is a 400 now
-            raw = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+            raw = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s)
             job = await self._off_loop(raw, self.intake.job, endpoint, raw, received, policy, tenant,
                                        self.gate.salt(tenant))
             self.gate.admit(job)   # before tokenizing: a shed or over-limit request costs no tokenizer time
@@ -195,6 +196,26 @@ class Router:
             self.gate.release(job, 0, served=False)   # admitted but never served: free its slot, refund its tokens
         self.metrics.request_count(endpoint, str(status)).inc()
         self.metrics.reject(status, reason, tenant)
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """kvlab.wire.http_body.read_body (413 past `limit` bytes, 408 past `timeout_s`, the same answers),
+    with its deadline on the router's tick (router.forwarding.deadlines) rather than a timer of its own."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    try:
+        with Expiry(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:   # kvlab.wire.http_body's answer, word for word
+        raise ApiError(408, f"request body not received within {timeout_s:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    return b"".join(chunks)
 
 
 # Reason labels for refusals without a code of their own: by status, never from the request.

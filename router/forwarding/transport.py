@@ -27,6 +27,8 @@ from collections import deque
 import httptools
 import httpx
 
+from router.forwarding.deadlines import Deadlines
+
 HIGH_WATER = 256 * 1024   # buffered body bytes at which the socket stops reading
 IDLE_EXPIRY_S = 4.0       # below uvicorn's 5 s keep-alive timeout: never reuse what the server drops
 
@@ -36,6 +38,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines.of(self._loop)
         self.closed = False
         self.idle_since = 0.0
         self._reset()
@@ -50,7 +54,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.error: Exception | None = None
-        self._wake = asyncio.get_running_loop().create_future()
+        self._wake = self._loop.create_future()
         self._paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
@@ -110,14 +114,21 @@ class _Connection(asyncio.Protocol):
         """Until the next parser event (or failure); ReadTimeout past `timeout`."""
         if self.error is not None:
             raise self.error
-        try:
-            async with asyncio.timeout(timeout):
+        if timeout is None:
+            await self._wake
+        else:   # one heap entry, not a libuv timer per wait (router.forwarding.deadlines)
+            deadline = self._deadlines.after(timeout, self._read_overdue)
+            try:
                 await self._wake
-        except TimeoutError:
-            raise httpx.ReadTimeout("timed out waiting for the worker") from None
-        self._wake = asyncio.get_running_loop().create_future()
+            finally:
+                deadline.cancel()
+        self._wake = self._loop.create_future()
         if self.error is not None and not (self.chunks or self.complete):
             raise self.error
+
+    def _read_overdue(self) -> None:
+        if not self._wake.done():
+            self._wake.set_exception(httpx.ReadTimeout("timed out waiting for the worker"))
 
     def take(self) -> bytes:
         data = b"".join(self.chunks)

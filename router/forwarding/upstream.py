@@ -14,6 +14,7 @@ import httpx
 
 from kvlab.wire.openai_api import ApiError
 from router.config import Timeouts
+from router.forwarding.deadlines import Expiry
 from router.forwarding.sse import DONE, EventSplitter, data_of
 from router.forwarding.transport import LeanResponse, LeanTransport
 
@@ -94,7 +95,7 @@ class Upstream:
     async def post(self, worker_id: str, url: httpx.URL, body: bytes) -> bytes:
         """A non-streaming call; the worker's 200 body, or UpstreamFailure."""
         try:
-            async with asyncio.timeout(self.timeouts.total_s):
+            with Expiry(self.timeouts.total_s):
                 response = await self._send(url, body)
                 try:
                     content = await response.aread()
@@ -156,7 +157,7 @@ class UpstreamStream:
         self.response = response
         self._registry = registry if registry is not None else set()
         self._registry.add(self)
-        self._wait: asyncio.Timeout | None = None   # the pending read's deadline (abandon() moves it to now)
+        self._wait: Expiry | None = None   # the pending read's deadline (abandon() moves it to now)
         self._abandoned: str | None = None
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
         # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
@@ -174,7 +175,7 @@ class UpstreamStream:
             if self._abandoned is not None:
                 raise UpstreamFailure(self.worker_id, self._abandoned, dead=True)
             try:
-                async with asyncio.timeout(self._idle_s if self._started else self._first_s) as self._wait:
+                with Expiry(self._idle_s if self._started else self._first_s) as self._wait:
                     part = await anext(self._parts)
             except StopAsyncIteration:
                 if self._splitter.pending:
@@ -196,7 +197,7 @@ class UpstreamStream:
     def silent_for(self) -> float:
         """Seconds the pending read has waited since the stream's last bytes (0: no read pending, or
         no token yet)."""
-        when = self._wait.when() if self._wait is not None else None
+        when = self._wait.when if self._wait is not None else None
         if when is None or not self._started:
             return 0.0
         return asyncio.get_running_loop().time() - (when - self._idle_s)
@@ -208,10 +209,7 @@ class UpstreamStream:
             return   # already failing (suspected, then marked down)
         self._abandoned = reason
         if self._wait is not None:
-            try:
-                self._wait.reschedule(asyncio.get_running_loop().time())
-            except RuntimeError:
-                pass   # its deadline is already passing: the read fails anyway
+            self._wait.expire_now()   # a no-op where its deadline is already passing: the read fails anyway
 
     @property
     def buffered(self) -> bool:
@@ -224,7 +222,7 @@ class UpstreamStream:
         self._registry.discard(self)
         try:
             if self._done and not self._ready:
-                async with asyncio.timeout(DRAIN_S):
+                with Expiry(DRAIN_S):
                     async for _ in self._parts:
                         pass
         except (httpx.HTTPError, TimeoutError, OSError):

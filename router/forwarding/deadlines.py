@@ -1,0 +1,134 @@
+"""Many timeouts on one timer: the deadlines of every request a router process holds, checked each tick.
+
+Why: on uvloop each ``asyncio.timeout`` block costs ~9 us (a libuv timer started and stopped, a
+Timeout object, two running-loop look-ups) and a proxied request passes four to six of them (body
+read, whole call, each wait for the worker's bytes), nearly all of which end long before they expire.
+Here a deadline is one heap entry; one timer per loop ticks every ``TICK_S`` while any deadline is
+pending and fires those that are due. A deadline therefore fires up to ``TICK_S`` late (never early),
+which is nothing against the router's timeouts (seconds; see router.config.Timeouts).
+
+``Deadlines.of(loop)`` is the loop's instance. ``at(when, callback)`` schedules; ``Deadline.cancel``
+drops it (cancelled entries leave the heap when they reach its top, or all at once when they
+outnumber the live ones, so a long timeout that is cancelled at once costs no memory for long).
+``Expiry`` is ``asyncio.timeout``'s behaviour on top: the task is cancelled when the deadline passes
+and the block raises TimeoutError.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import weakref
+from collections.abc import Callable
+
+TICK_S = 0.005   # how late a deadline may fire
+_COMPACT_AT = 1024   # cancelled entries tolerated in the heap before it is rebuilt without them
+
+
+class Deadline:
+    __slots__ = ("when", "_callback", "_owner")
+
+    def __init__(self, when: float, callback: Callable[[], None], owner: Deadlines):
+        self.when = when
+        self._callback: Callable[[], None] | None = callback
+        self._owner = owner
+
+    @property
+    def pending(self) -> bool:
+        return self._callback is not None
+
+    def cancel(self) -> None:
+        if self._callback is not None:
+            self._callback = None   # drops what the callback holds (a task, a connection) at once
+            self._owner.live -= 1
+
+    def _fire(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            self._owner.live -= 1
+            callback()
+
+
+class Deadlines:
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Deadlines:
+        own = cls._by_loop.get(loop)
+        if own is None:
+            own = cls._by_loop[loop] = cls(loop)
+        return own
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.live = 0   # deadlines neither fired nor cancelled
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()   # ties: first scheduled, first fired (and no Deadline comparisons)
+        self._ticking = False
+
+    def at(self, when: float, callback: Callable[[], None]) -> Deadline:
+        """Call `callback` at loop time `when` (up to TICK_S later) unless cancelled first."""
+        deadline = Deadline(when, callback, self)
+        heapq.heappush(self._heap, (when, next(self._order), deadline))
+        self.live += 1
+        if not self._ticking:
+            self._ticking = True
+            self.loop.call_later(TICK_S, self._tick)
+        return deadline
+
+    def after(self, seconds: float, callback: Callable[[], None]) -> Deadline:
+        return self.at(self.loop.time() + seconds, callback)
+
+    def _tick(self) -> None:
+        heap = self._heap
+        if len(heap) - self.live > max(_COMPACT_AT, 2 * self.live):
+            heap[:] = [entry for entry in heap if entry[2].pending]
+            heapq.heapify(heap)
+        now = self.loop.time()
+        while heap and (heap[0][0] <= now or not heap[0][2].pending):
+            heapq.heappop(heap)[2]._fire()
+        if self.live:
+            self.loop.call_later(TICK_S, self._tick)
+        else:
+            heap.clear()   # only cancelled entries are left
+            self._ticking = False
+
+
+class Expiry:
+    """``async with asyncio.timeout(seconds)`` on a Deadlines tick: past the deadline the current task is
+    cancelled and the block raises TimeoutError; ``expire_now`` cuts it short the same way (from any
+    task); ``when`` is the deadline's loop time. A sync context manager: entering awaits nothing."""
+    __slots__ = ("_seconds", "_task", "_deadline", "_cancelling", "_expired", "when")
+
+    def __init__(self, seconds: float | None):
+        self._seconds = seconds
+        self._deadline: Deadline | None = None
+        self._expired = False
+        self.when: float | None = None
+
+    def __enter__(self) -> Expiry:
+        task = asyncio.current_task()
+        assert task is not None, "Expiry is used inside a task"
+        self._task = task
+        self._cancelling = task.cancelling()
+        if self._seconds is not None:
+            loop = task.get_loop()
+            self.when = loop.time() + self._seconds
+            self._deadline = Deadlines.of(loop).at(self.when, self._expire)
+        return self
+
+    def expire_now(self) -> None:
+        if self._deadline is not None and self._deadline.pending:
+            self._deadline.cancel()
+            self._expire()
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._task.cancel()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._expired and self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
