@@ -22,7 +22,7 @@ import msgspec
 import uvicorn
 
 from emulator.engine_config import ROLES, is_role
-from kvlab.wire.http_server import steady_gc, uvicorn_settings
+from kvlab.wire.http_server import steady_gc
 from router.config import SALT_SECRET_ENV, RouterConfig, WorkerConfig, from_spec, read_secret
 from router.policies.registry import BUILDERS
 from router.processes import usable_cores
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         processes = args.processes or default_processes(config)
         if processes > 1:
             return _serve_processes(config, host, port, processes, args.log_level)
-        from router.server import create_app
+        from router.server import create_app, uvicorn_options
         app = create_app(config)
     except ImportError as exc:   # --spec without the emulator package installed
         print(f"kvlab router: --spec needs the emulator package ({exc})", file=sys.stderr)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     # no access log on the hot path.
     steady_gc()
     uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5, **uvicorn_settings(config.server))
+                timeout_graceful_shutdown=5, **uvicorn_options(config.server))
     return 0
 
 

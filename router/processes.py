@@ -164,12 +164,12 @@ def child(index: int, share: ProcessShare, config: RouterConfig, host: str, port
         logging.getLogger("httpx").setLevel(logging.WARNING)
     import uvicorn
 
-    from kvlab.wire.http_server import steady_gc, uvicorn_settings
-    from router.server import create_app
+    from kvlab.wire.http_server import steady_gc
+    from router.server import create_app, uvicorn_options
     app = create_app(config, share.joined(index))
     sock = listening_socket(host, port, reuse_port=True)
     server = uvicorn.Server(uvicorn.Config(app, loop="uvloop", log_level=log_level, access_log=False,
-                                           timeout_graceful_shutdown=5, **uvicorn_settings(config.server)))
+                                           timeout_graceful_shutdown=5, **uvicorn_options(config.server)))
     steady_gc()
     server.run(sockets=[sock])
 

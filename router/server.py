@@ -29,11 +29,12 @@ from starlette.responses import Response
 
 from kvlab.wire.http_body import too_large
 from kvlab.wire.http_errors import error_response, install_error_handlers
+from kvlab.wire.http_server import HeaderDeadline, ServerLimits, uvicorn_settings
 from kvlab.wire.openai_api import ApiError, models_body
 from kvlab.wire.tokenizer import load_tokenizer
 from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_token
 from router.config import RouterConfig
-from router.forwarding.deadlines import Expiry
+from router.forwarding.deadlines import Deadlines, Expiry
 from router.forwarding.proxy import Proxy
 from router.forwarding.streaming import RelayResponse, unless_client_leaves
 from router.forwarding.transport import LeanTransport
@@ -278,6 +279,27 @@ class RouterApp(FastAPI):
             log.exception("unhandled error on POST %s", scope["path"])
             response = error_response(ApiError(500, "internal error in the router", type_="server_error"))
         await response(scope, receive, send)
+
+
+class _TickedHeaderDeadline(HeaderDeadline):
+    """HeaderDeadline with its per-request header deadline on the router's tick (router.forwarding.deadlines):
+    armed at every request's first byte and disarmed at its last header, a libuv timer each time would
+    cost ~5 us a request."""
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = Deadlines.of(self.loop).after(  # type: ignore[assignment]
+                self.header_timeout_s, self._headers_overdue)
+
+
+def uvicorn_options(limits: ServerLimits) -> dict:
+    """uvicorn settings for a router process: kvlab.wire.http_server's limits, the header deadline on the
+    tick, and no proxy-headers middleware (the router reads neither the client's address nor the scheme,
+    and the layer would parse X-Forwarded-* on every request)."""
+    settings = uvicorn_settings(limits)
+    settings["http"] = type("RouterProtocol", (_TickedHeaderDeadline, settings["http"]), {})
+    settings["proxy_headers"] = False
+    return settings
 
 
 def _add_ops_routes(app: FastAPI, router: Router) -> None:
