@@ -339,3 +339,51 @@ async def test_a_malformed_response_is_a_protocol_error_and_its_connection_is_dr
         assert await _body_of(transport, server.url) == b"ok"   # a fresh connection, not the broken one
         assert server.connections == 2
     await transport.aclose()
+
+
+# -- the proxied path: LeanTransport.post / Upstream.post ------------------------------------------------
+async def test_post_sends_the_request_httpx_would_and_reads_the_whole_body_over_one_connection():
+    seen: list[bytes] = []
+
+    async def echo(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                seen.append(head.lower() + body)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    url = httpx.URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions")
+    transport = LeanTransport()
+    upstream = Upstream(httpx.AsyncClient(), transport, Timeouts())
+    try:
+        assert await upstream.post("w", url, b'{"a":1}') == b"hello"
+        assert await upstream.post("w", url, b'{"b":22}') == b"hello"
+        response = await transport.handle_async_request(httpx.Request(
+            "POST", url, content=b'{"b":22}', headers={"content-type": "application/json"},
+            extensions={"timeout": TIMEOUT}))
+        assert await response.aread() == b"hello"
+        await response.aclose()
+    finally:
+        await transport.aclose()
+        server.close()
+    assert seen[0].startswith(b"post /v1/completions http/1.1\r\n") and seen[0].endswith(b'{"a":1}')
+    assert seen[1] == seen[2]   # the same request head and body as through httpx's interface
+    assert b"content-length: 8\r\n" in seen[1] and b"content-type: application/json\r\n" in seen[1]
+
+
+async def test_a_post_whose_worker_stays_silent_fails_with_a_timeout():
+    async def silent(writer) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    transport = LeanTransport()
+    async with RawServer(silent) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            await transport.post(httpx.URL(server.url + "/x"), b"{}", {"connect": 2.0, "read": 0.05})
+    await transport.aclose()

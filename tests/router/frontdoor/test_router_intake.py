@@ -58,6 +58,23 @@ def test_each_policy_says_how_many_leading_blocks_it_reads():
     assert PolicySet("prefix_bounded").prompt_blocks(None) is None   # with the KV index it matches past the key
 
 
+def test_prefix_bounded_without_a_kv_feed_reads_its_key_blocks_and_chooses_as_from_the_whole_prompt():
+    from router.policies import WorkerView
+
+    unfed = PolicySet("prefix_bounded", index_fed=False)
+    unfed.get("prefix_bounded")
+    assert unfed.prompt_blocks(None) == 4   # its index stays empty: a match past the key finds nothing
+    for w in ("w0", "w1", "w2"):
+        unfed.add_worker(w)
+    tokenizer = PromptTokenizer(load_tokenizer(None), BLOCK)
+    for i in range(30):
+        ids = BuiltinTokenizer().encode(f"prompt {i % 7} " + LONG[: 400 + 37 * i])
+        views = [WorkerView(f"w{k}", in_flight=(i + k) % 3) for k in range(3)]
+        whole = unfed.choose(tokenizer.route_request(ids, None, None), views)
+        head = unfed.choose(tokenizer.route_request(ids[: 4 * BLOCK], None, None), views)
+        assert (head.worker, head.overflow_skips) == (whole.worker, whole.overflow_skips)
+
+
 def test_round_robin_tokenizes_nothing_and_a_prefix_ring_only_its_key_blocks():
     for policy, head in (("round_robin", 0), ("prefix_ring", 4 * BLOCK), ("kv_aware", None)):
         take, _ = intake(policy, context=32_768)   # its characters fit: no count needed for the size checks

@@ -82,3 +82,18 @@ def test_the_prompt_size_bound_passes_the_limit_without_reading_a_huge_prompt_wh
     bound = tok.min_tokens([huge], 8192)
     assert 8192 < bound < 2_000_000   # past the limit, found from the first chunks only
     assert tok.min_tokens(["abcd " * 100], 8192) == 0   # too short to tell: no scan at all
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(["word", " Word", "12345", " \t\n ", " " * 40, "é", "日本", ".", "<|eot_id|>", "x"]),
+                max_size=40).map("".join))
+def test_remembered_piece_ids_are_the_tokenizers_and_long_pieces_are_not_kept(text):
+    from router.frontdoor.tokenize import PIECE_CHARS_KEPT, PieceIds, builtin_encoder
+
+    encode = builtin_encoder()
+    assert encode(text) == BuiltinTokenizer().encode(text)
+    assert encode(text) == BuiltinTokenizer().encode(text)   # from the remembered ids this time
+    ids = PieceIds()
+    ids[" " * 40]
+    ids["word"]
+    assert list(ids) == ["word"] and len(" " * 40) > PIECE_CHARS_KEPT   # a client cannot fill it with long runs
