@@ -36,7 +36,7 @@ from router.admin import ROUTER_ID_HEADER, add_admin_routes, require_metrics_tok
 from router.config import RouterConfig
 from router.forwarding.deadlines import Deadlines, Expiry
 from router.forwarding.proxy import Proxy
-from router.forwarding.streaming import RelayResponse, unless_client_leaves
+from router.forwarding.streaming import CLIENT_GONE_KEY, RelayResponse, unless_client_leaves
 from router.forwarding.transport import LeanTransport
 from router.forwarding.upstream import Upstream, WorkerRefused
 from router.frontdoor.gate import Gate
@@ -156,7 +156,8 @@ class Router:
             if job.stream:
                 response = await self.proxy.stream(job)
             else:
-                response = await unless_client_leaves(request.receive, self.proxy.complete(job)) or CLIENT_GONE
+                response = await unless_client_leaves(request.receive, self.proxy.complete(job),
+                                                      request.scope.get(CLIENT_GONE_KEY)) or CLIENT_GONE
         except ApiError as err:
             self._refused(endpoint, job, tenant, err.status, err.code or _GENERIC.get(err.status, "refused"))
             return error_response(err)
@@ -281,15 +282,45 @@ class RouterApp(FastAPI):
         await response(scope, receive, send)
 
 
-class _TickedHeaderDeadline(HeaderDeadline):
-    """HeaderDeadline with its per-request header deadline on the router's tick (router.forwarding.deadlines):
-    armed at every request's first byte and disarmed at its last header, a libuv timer each time would
-    cost ~5 us a request."""
+class _RouterProtocol(HeaderDeadline):
+    """HeaderDeadline for a router process, with two per-request costs taken off:
+    - its timers (the header deadline, armed at every request's first byte and disarmed at its last
+      header; uvicorn's keep-alive deadline, armed after every response) are on the router's tick
+      (router.forwarding.deadlines): a libuv timer each costs ~5 us a request;
+    - the client's leaving is a future in the scope (CLIENT_GONE_KEY), so a proxied call or stream is cut
+      short by a callback (router.forwarding.streaming.ClientWatch) rather than a watcher task per request.
+    on_response_complete is uvicorn 0.55's, with the keep-alive deadline on the tick."""
+
+    def connection_made(self, transport) -> None:
+        self.client_gone: asyncio.Future[None] = self.loop.create_future()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.client_gone.done():
+            self.client_gone.set_result(None)
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[CLIENT_GONE_KEY] = self.client_gone  # type: ignore[literal-required]
 
     def _arm(self) -> None:
         if self._header_timer is None:
             self._header_timer = Deadlines.of(self.loop).after(  # type: ignore[assignment]
                 self.header_timeout_s, self._headers_overdue)
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:   # pipelined requests: the next one starts
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.timeout_keep_alive_task = Deadlines.of(self.loop).after(  # type: ignore[assignment]
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def uvicorn_options(limits: ServerLimits) -> dict:
@@ -297,7 +328,7 @@ def uvicorn_options(limits: ServerLimits) -> dict:
     tick, and no proxy-headers middleware (the router reads neither the client's address nor the scheme,
     and the layer would parse X-Forwarded-* on every request)."""
     settings = uvicorn_settings(limits)
-    settings["http"] = type("RouterProtocol", (_TickedHeaderDeadline, settings["http"]), {})
+    settings["http"] = type("RouterProtocol", (_RouterProtocol, settings["http"]), {})
     settings["proxy_headers"] = False
     return settings
 

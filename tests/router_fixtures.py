@@ -1,7 +1,8 @@
 """Router test helpers on top of conftest's loopback servers (``serve``, ``start_worker``).
 
 - ``start_router(workers, **config) -> RunningRouter``: a router app over real worker URLs, served by
-  uvicorn on a free port; ``.router`` is the in-process Router (pool, policies, metrics) to inspect.
+  uvicorn on a free port with a router process's protocol (router.server.uvicorn_options); ``.router``
+  is the in-process Router (pool, policies, metrics) to inspect.
 - ``module_cluster(worker_fields, **config)``: the same, workers included, as a context manager for
   module-scoped fixtures (tests that do not change the cluster share one).
 - ``freeze(server, seconds)``: hang a server as SIGSTOP would.
@@ -21,7 +22,7 @@ import msgspec
 import pytest
 
 from router.config import HealthConfig, RouterConfig, WorkerConfig
-from router.server import create_app
+from router.server import create_app, uvicorn_options
 from tests.conftest import WORKER_TEST_DEFAULTS, RunningServer, RunningWorker
 from workers.config import worker_config
 
@@ -56,7 +57,7 @@ def router_app(workers, **fields):
 def start_router(serve):
     def _start(workers, **fields) -> RunningRouter:
         app = router_app(workers, **fields)
-        return RunningRouter(serve(app), app)
+        return RunningRouter(serve(app, **uvicorn_options(app.state.router.config.server)), app)
 
     return _start
 
@@ -66,7 +67,7 @@ def module_cluster(worker_fields: list[dict], **router_fields):
     """Workers and a router that live for a whole test module (for read-only tests: faster)."""
     workers = [RunningWorker(worker_config(**{**WORKER_TEST_DEFAULTS, **f})) for f in worker_fields]
     app = router_app(workers, **router_fields)
-    server = RunningServer(app)
+    server = RunningServer(app, **uvicorn_options(app.state.router.config.server))
     try:
         yield RunningRouter(server, app), workers
     finally:

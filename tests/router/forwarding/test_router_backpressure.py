@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from router.config import RouterConfig, WorkerConfig
-from router.server import create_app
+from router.server import create_app, uvicorn_options
 from tests.router_fixtures import MODEL
 
 EVENT = b"data: " + msgspec.json.encode({"id": "x", "created": 1, "choices": [
@@ -34,6 +34,8 @@ class EndlessWorker:
         return JSONResponse({"object": "list", "data": [{"id": MODEL}]})
 
     async def completions(self, request):
+        if not (await request.json()).get("stream"):
+            await asyncio.Event().wait()   # a non-streaming call that never gets its answer
         async def events():
             try:
                 while True:
@@ -45,14 +47,15 @@ class EndlessWorker:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def open_stream(url: str) -> socket.socket:
+def open_stream(url: str, stream: bool = True) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    body = msgspec.json.encode({"model": MODEL, "prompt": "endless", "max_tokens": 10**9, "stream": True})
+    body = msgspec.json.encode({"model": MODEL, "prompt": "endless", "max_tokens": 10**9, "stream": stream})
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    assert b"200 OK" in sock.recv(4096)
+    if stream:
+        assert b"200 OK" in sock.recv(4096)
     return sock
 
 
@@ -96,3 +99,22 @@ def test_a_client_that_stops_reading_stalls_the_worker_stream(serve):
     assert worker.produced > stalled_at, stalled_at
     sock.close()                           # the client leaves: the router closes the upstream stream
     assert wait_until(lambda: worker.closed)
+
+
+@pytest.mark.parametrize("protocol", ["uvicorn's", "a router process's"])
+def test_a_client_that_leaves_ends_its_stream_and_its_call_upstream(serve, protocol):
+    """Either way the server tells the router (a watcher task on ``receive``, or the router protocol's
+    future in the scope), the upstream side ends when the client goes."""
+    worker = EndlessWorker()
+    upstream = serve(worker.app)
+    app = create_app(RouterConfig(workers=[WorkerConfig(url=upstream.url, id="endless")]))
+    router = serve(app, **(uvicorn_options(app.state.router.config.server) if protocol != "uvicorn's" else {}))
+    pool = app.state.router.pool
+    in_flight = lambda: sum(v.in_flight for v in pool.views())   # noqa: E731
+    sock = open_stream(router.url)
+    sock.close()                           # mid-stream
+    assert wait_until(lambda: worker.closed) and wait_until(lambda: in_flight() == 0)
+    sock = open_stream(router.url, stream=False)
+    assert wait_until(lambda: in_flight() == 1)   # the call is with the worker, which never answers
+    sock.close()
+    assert wait_until(lambda: in_flight() == 0)   # cancelled: its worker's slot is free again
