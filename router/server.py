@@ -288,7 +288,8 @@ class _RouterProtocol(HeaderDeadline):
       header; uvicorn's keep-alive deadline, armed after every response) are on the router's tick
       (router.forwarding.deadlines): a libuv timer each costs ~5 us a request;
     - the client's leaving is a future in the scope (CLIENT_GONE_KEY), so a proxied call or stream is cut
-      short by a callback (router.forwarding.streaming.ClientWatch) rather than a watcher task per request.
+      short by a callback (router.forwarding.streaming.ClientWatch) rather than a watcher task per request;
+    - a POST's answer with a Content-Length leaves in one write, head and body together (_OneWrite).
     on_response_complete is uvicorn 0.55's, with the keep-alive deadline on the tick."""
 
     def connection_made(self, transport) -> None:
@@ -303,6 +304,12 @@ class _RouterProtocol(HeaderDeadline):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[CLIENT_GONE_KEY] = self.client_gone  # type: ignore[literal-required]
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if self.scope["method"] == "POST" and cycle is not None and cycle.scope is self.scope:
+            cycle.transport = _OneWrite(self.transport)  # type: ignore[assignment]
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -321,6 +328,32 @@ class _RouterProtocol(HeaderDeadline):
         else:
             self.timeout_keep_alive_task = Deadlines.of(self.loop).after(  # type: ignore[assignment]
                 self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
+class _OneWrite:
+    """A POST's transport as uvicorn's response cycle sees it: a response with a Content-Length has its
+    head held back until its body follows (uvicorn writes them one after the other, with nothing in
+    between), so both go out in one write: one syscall, and one segment for the client to wake up to.
+    Streamed (chunked) heads go out at once."""
+    __slots__ = ("_transport", "_head")
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif data.startswith(b"HTTP/1.1 ") and b"\r\ncontent-length: " in data:
+            self._head = data
+            return
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._transport.close()
 
 
 def uvicorn_options(limits: ServerLimits) -> dict:

@@ -1,0 +1,29 @@
+"""The protocol a router process serves with (router.server.uvicorn_options): one write per answer."""
+from router.server import _OneWrite
+
+
+class Recorder:
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_answer_with_a_length_leaves_in_one_write_and_a_stream_head_at_once():
+    transport = Recorder()
+    out = _OneWrite(transport)
+    out.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n")
+    assert transport.writes == []   # held for its body
+    out.write(b"{}")
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}"]
+    out.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    assert len(transport.writes) == 2   # a stream's head is not held until its first event
+    out.write(b"5\r\nhello\r\n")
+    assert transport.writes[-1] == b"5\r\nhello\r\n"
