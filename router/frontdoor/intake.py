@@ -66,8 +66,8 @@ class Intake:
         request = _decode(raw, endpoint)
         self._check_fields(request, policy)
         max_tokens = self._max_tokens(endpoint, request)
-        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(self._limits(), max_tokens)), max_tokens,
-                      self._limits())
+        limits = self._limits()   # reads the workers' context lengths: once a request
+        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(limits, max_tokens)), max_tokens, limits)
         # Token ids count themselves; text is guessed from the body's size at ~4 characters a token
         # (kvlab.wire.tokenizer.PIECE_CHARS), and the tenant's bucket is settled with the real count.
         prompt = request.prompt if isinstance(request, CompletionRequest) else None
