@@ -50,17 +50,24 @@ class Deadline:
 
 
 class Deadlines:
+    # Per loop, holding it weakly (a closed loop goes with its deadlines); the last one looked up is
+    # answered without a weak-reference look-up (a router process has one loop).
     _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = weakref.WeakKeyDictionary()
+    _last: Deadlines | None = None
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> Deadlines:
+        last = cls._last
+        if last is not None and last._loop() is loop:
+            return last
         own = cls._by_loop.get(loop)
         if own is None:
             own = cls._by_loop[loop] = cls(loop)
+        cls._last = own
         return own
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)
         self.live = 0   # deadlines neither fired nor cancelled
         self._heap: list[tuple[float, int, Deadline]] = []
         self._order = itertools.count()   # ties: first scheduled, first fired (and no Deadline comparisons)
@@ -78,6 +85,12 @@ class Deadlines:
 
     def after(self, seconds: float, callback: Callable[[], None]) -> Deadline:
         return self.at(self.loop.time() + seconds, callback)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        assert loop is not None, "deadlines of a loop that is gone"
+        return loop
 
     def _tick(self) -> None:
         heap = self._heap
