@@ -361,9 +361,20 @@ def uvicorn_options(limits: ServerLimits) -> dict:
     tick, and no proxy-headers middleware (the router reads neither the client's address nor the scheme,
     and the layer would parse X-Forwarded-* on every request)."""
     settings = uvicorn_settings(limits)
-    settings["http"] = type("RouterProtocol", (_RouterProtocol, settings["http"]), {})
+    if _fits(settings["http"]):
+        settings["http"] = type("RouterProtocol", (_RouterProtocol, settings["http"]), {})
     settings["proxy_headers"] = False
     return settings
+
+
+_BUILDS_ON = ("_unset_keepalive_if_required", "_start_asgi_task", "timeout_keep_alive_handler", "on_response_complete")
+
+
+def _fits(protocol: type) -> bool:
+    """Whether this uvicorn's protocol has the methods _RouterProtocol builds on (uvicorn 0.55's); a
+    uvicorn without them serves through its own protocol, whose per-request timers and disconnect watcher
+    cost more CPU but behave the same (streaming.ClientWatch falls back to watching `receive`)."""
+    return all(callable(getattr(protocol, name, None)) for name in _BUILDS_ON)
 
 
 def _add_ops_routes(app: FastAPI, router: Router) -> None:

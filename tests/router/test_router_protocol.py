@@ -27,3 +27,14 @@ def test_an_answer_with_a_length_leaves_in_one_write_and_a_stream_head_at_once()
     assert len(transport.writes) == 2   # a stream's head is not held until its first event
     out.write(b"5\r\nhello\r\n")
     assert transport.writes[-1] == b"5\r\nhello\r\n"
+
+
+def test_the_router_protocol_is_used_where_uvicorn_has_what_it_builds_on_and_uvicorns_own_elsewhere(monkeypatch):
+    import router.server as server
+    from kvlab.wire.http_server import ServerLimits
+    options = server.uvicorn_options(ServerLimits())
+    assert issubclass(options["http"], server._RouterProtocol) and options["proxy_headers"] is False
+    # A uvicorn whose protocol lacks on_response_complete & co. serves through that protocol itself.
+    older = type("OlderProtocol", (), {})
+    monkeypatch.setattr(server, "uvicorn_settings", lambda limits: {"http": older, "timeout_keep_alive": 5})
+    assert server.uvicorn_options(ServerLimits())["http"] is older
