@@ -18,7 +18,7 @@ VOCAB_SIZE = 128256          # Llama-3 vocabulary size (meta-llama/Llama-3.1-8B 
 SPECIAL_BASE = 128000        # Llama-3 puts its special tokens at 128000+
 PIECE_CHARS = 4              # ~4 characters per token for English BPE (OpenAI tokenizer guidance)
 _HASHED_RANGE = SPECIAL_BASE - 1024   # ids [1024, SPECIAL_BASE) for hashed pieces; [0, 1024) for output words
-_PIECE = re.compile(r" ?[A-Za-z]{1,4}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]|\s+")
+PIECE = re.compile(r" ?[A-Za-z]{1,4}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]|\s+")
 
 SPECIALS = {
     "<|begin_of_text|>": SPECIAL_BASE,
@@ -55,7 +55,7 @@ class BuiltinTokenizer:
             if part in SPECIALS:
                 ids.append(SPECIALS[part])
             else:
-                ids.extend(_piece_id(p) for p in _PIECE.findall(part))
+                ids.extend(piece_id(p) for p in PIECE.findall(part))
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -71,7 +71,7 @@ def token_text(token_id: int) -> str:
     return f" <{token_id}>"
 
 
-def _piece_id(piece: str) -> int:
+def piece_id(piece: str) -> int:
     return 1024 + xxhash.xxh32_intdigest(piece.encode()) % (_HASHED_RANGE)
 
 

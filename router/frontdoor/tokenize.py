@@ -24,13 +24,13 @@ import numpy as np
 
 from kvlab.wire.openai_api import MAX_TOKEN_ID, ApiError, ChatCompletionRequest, CompletionRequest, prompt_input
 from kvlab.wire.tokenizer import (
-    _PIECE,
     OUTPUT_WORDS,
+    PIECE,
     SPECIALS,
     BuiltinTokenizer,
     Tokenizer,
-    _piece_id,
     apply_chat_template,
+    piece_id,
     split_specials,
 )
 from router.policies.base import RouteRequest
@@ -40,7 +40,7 @@ TokenIds = Sequence[int] | np.ndarray   # a prompt's ids: as the client sent the
 _OUTPUT_IDS = {word: i for i, word in enumerate(OUTPUT_WORDS)}
 MEMO_MIN_CHARS = 512      # shorter segments are cheaper to encode than to look up and copy
 MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
-# The built-in tokenizer's pieces hold at most 4 non-space characters (kvlab.wire.tokenizer._PIECE: up to
+# The built-in tokenizer's pieces hold at most 4 non-space characters (kvlab.wire.tokenizer.PIECE: up to
 # 4 letters, 3 digits or 1 other character; whitespace runs are pieces of their own), so a text has
 # at least (non-space characters) / 4 tokens: a bound that costs a scan, not a tokenization.
 MAX_NONSPACE_PER_PIECE = 4
@@ -106,7 +106,7 @@ class PieceIds(dict):
     (words), and a lookup in C costs ~1/10 of hashing the piece again in Python."""
 
     def __missing__(self, piece: str) -> int:
-        token = _piece_id(piece)
+        token = piece_id(piece)
         if len(piece) <= PIECE_CHARS_KEPT:
             if len(self) >= PIECE_IDS:
                 self.clear()
@@ -118,7 +118,7 @@ def builtin_encoder():
     """BuiltinTokenizer.encode (the same ids), with its pieces' ids remembered. Safe on several threads:
     each dict operation holds the GIL, and a piece always gets the same id."""
     ids_of = PieceIds().__getitem__
-    find = _PIECE.findall
+    find = PIECE.findall
 
     def encode(text: str) -> list[int]:
         ids: list[int] = []
