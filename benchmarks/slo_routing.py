@@ -61,6 +61,9 @@ from emulator import workload
 from emulator.sim.policy_settings import policy_settings
 from emulator.sim.simulator import Simulator
 from loadtests.compare import whole_run
+from router.policies.base import healthy
+from router.policies.bounded_load import load_cap
+from router.policies.slo_aware import predict
 
 POLICIES = "kv_aware,prefix_bounded,slo_aware"
 MIX = "chat=0.5,rag=0.3,agentic=0.2"
@@ -91,8 +94,82 @@ def ttft_shares(records, ttft_slo: float) -> tuple[float, float, float]:
             refused / max(len(records), 1))
 
 
+class Pick(msgspec.Struct):
+    """One slo_aware decision as --explain sees it: what it predicted where it sent the request, the least
+    prediction anywhere, and whether it left the worker holding the longest cached prefix (and why)."""
+    arrival: float
+    prompt: int
+    predicted: float       # where it went
+    least: float           # the least predicted TTFT over the workers it could pick
+    moved_tokens: int      # uncached tokens more than at the longest cached prefix (0: it stayed)
+    moved_by: str          # "": it stayed; "cap" (bounded-load), "itl" (the home breaks the ITL SLO), "score"
+
+
+def watch(sim: Simulator, picks: list[Pick]) -> None:
+    """Record each of slo_aware's decisions in `sim` (re-predicting every worker with its pure predict();
+    the simulator's clock at a decision is the request's arrival)."""
+    policy = sim.policies.get("slo_aware")
+    inner = policy.choose
+
+    def choose(request, workers):
+        decision = inner(request, workers)
+        alive = healthy(workers)
+        tiers = policy.index.match_tiers(request.blocks)
+        preds = {w.id: predict(policy.table, w, request.prompt_tokens, *tiers.get(w.id, (0, 0))) for w in alive}
+        capped = set()
+        if policy.eps is not None:
+            cap = load_cap(sum(w.in_flight for w in alive), len(alive), policy.eps, policy.slack)
+            capped = {w.id for w in alive if w.in_flight >= cap}
+        fewest = min(p.new_tokens for p in preds.values())
+        homes = [w for w, p in preds.items() if p.new_tokens == fewest]
+        mine = preds[decision.worker]
+        moved_by = ""
+        if mine.new_tokens > fewest:
+            itl_slo = request.slo_tpot_s or policy.itl_slo_s or policy.table.itl_slo_s
+            moved_by = ("cap" if all(h in capped for h in homes) else
+                        "itl" if all(preds[h].itl_s > itl_slo for h in homes) else "score")
+        open_ = [p.ttft_s for w, p in preds.items() if w not in capped] or [p.ttft_s for p in preds.values()]
+        picks.append(Pick(sim.now, request.prompt_tokens, decision.predicted_ttft_s or mine.ttft_s, min(open_),
+                          mine.new_tokens - fewest, moved_by))
+        return decision
+
+    policy.choose = choose
+
+
+def explain(records, picks: list[Pick], ttft_slo: float) -> None:
+    """Why slo_aware's late requests were late, and what its moves off a cached prefix cost."""
+    by_arrival = {(p.arrival, p.prompt): p for p in picks}
+    late = [r for r in records if r.first is None or r.first - r.arrival > ttft_slo]
+    kinds = {"refused": 0, "late everywhere": 0, "mispredicted": 0, "sent late": 0}
+    errors = []
+    for r in late:
+        pick = by_arrival.get((r.arrival, r.prompt_tokens))
+        if pick is None or r.first is None:
+            kinds["refused"] += 1
+        elif pick.least > ttft_slo:
+            kinds["late everywhere"] += 1   # the backlog: no worker was predicted in time
+        elif pick.predicted <= ttft_slo:
+            kinds["mispredicted"] += 1      # predicted in time where it went, and late
+            errors.append((pick.predicted, r.first - r.arrival))
+        else:
+            kinds["sent late"] += 1         # the choice: another worker was predicted in time
+    arrivals = sorted(r.arrival for r in records)
+    last = arrivals[int(0.8 * (len(arrivals) - 1))] if arrivals else 0.0
+    tail = sum(1 for r in late if r.arrival >= last)
+    print(f"  late {len(late)}: " + ", ".join(f"{k} {v}" for k, v in kinds.items())
+          + f"; {tail} of them in the last 20% of arrivals")
+    if errors:
+        e = np.asarray(errors)
+        print(f"  mispredicted: predicted {1000 * np.median(e[:, 0]):.0f} ms, "
+              f"actual {1000 * np.median(e[:, 1]):.0f} ms (medians)")
+    moves = [p for p in picks if p.moved_by]
+    print(f"  moved off the longest cached prefix: {len(moves)} requests, "
+          f"{sum(p.moved_tokens for p in moves)} tokens more to prefill; "
+          + ", ".join(f"{k} {sum(1 for p in moves if p.moved_by == k)}" for k in ("cap", "itl", "score")))
+
+
 def run(rate: float, policies: list[str], requests: int, mix: dict[str, float], ttft_slo: float, seed: int,
-        overrides: list[str] = (), shedding: bool = True) -> None:
+        overrides: list[str] = (), shedding: bool = True, why: bool = False) -> None:
     spec = spec_with_workers(8)
     if not shedding:   # the router's load shedder off: every request is routed, however late
         spec = msgspec.structs.replace(spec, router=msgspec.structs.replace(spec.router, shedding=False))
@@ -107,7 +184,11 @@ def run(rate: float, policies: list[str], requests: int, mix: dict[str, float], 
         policy, *assignments = label.split(":")   # a variant: slo_aware:affinity=0
         extra = list(overrides) + [f"{policy}.{a}" for a in assignments]
         started = time.process_time()
-        sim = Simulator(spec, policy=policy, settings=policy_settings(spec, policy, overrides=extra)).run(reqs)
+        sim = Simulator(spec, policy=policy, settings=policy_settings(spec, policy, overrides=extra))
+        picks: list[Pick] = []
+        if why and policy == "slo_aware":
+            watch(sim, picks)
+        sim.run(reqs)
         s = sim.summary(window=whole_run(sim))
         ok, admitted, refused = ttft_shares(sim.log.records.values(), ttft_slo)
         e50, e90 = prediction_error(sim.ttft_predictions)
@@ -115,6 +196,8 @@ def run(rate: float, policies: list[str], requests: int, mix: dict[str, float], 
               f"{100 * s.slo_attainment:>9.1f}{100 * s.prefix_hit_rate:>7.1f}"
               f"{1000 * s.ttft.p50:>10.0f}{1000 * s.ttft.p99:>10.0f}{1000 * s.tpot.p50:>10.1f}"
               f"{100 * e50:>8.1f}%{100 * e90:>8.1f}%{time.process_time() - started:>7.1f}", flush=True)
+        if picks:
+            explain(list(sim.log.records.values()), picks, ttft_slo)
 
 
 def main() -> None:
@@ -127,11 +210,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shedding", action="store_true", help="route every request (the spec's shedder off)")
     parser.add_argument("--set", action="append", default=[], metavar="POLICY.KEY=VALUE")
+    parser.add_argument("--explain", action="store_true",
+                        help="slo_aware: classify its late requests and its moves off a cached prefix")
     args = parser.parse_args()
     mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
     slo = args.ttft_slo if args.ttft_slo is not None else spec_with_workers(8).slo.ttft_p99_s
     for rate in args.rates.split(","):
-        run(float(rate), args.policies.split(","), args.requests, mix, slo, args.seed, args.set, not args.no_shedding)
+        run(float(rate), args.policies.split(","), args.requests, mix, slo, args.seed, args.set, not args.no_shedding,
+            args.explain)
 
 
 if __name__ == "__main__":

@@ -282,3 +282,21 @@ def test_the_slo_benchmark_counts_a_refused_request_as_a_miss_and_apart():
     failed_late.first, failed_late.error = 1.3, "cancelled"   # a first token in time, then an error
     ok, of_admitted, refused_share = ttft_shares([timely, late, refused, failed_late], ttft_slo=0.5)
     assert (ok, of_admitted, refused_share) == (0.5, pytest.approx(2 / 3), 0.25)
+
+
+def test_the_slo_benchmark_tells_backlog_misprediction_and_choice_apart(capsys):
+    from benchmarks.slo_routing import Pick, explain
+    from emulator.sim.report import RequestRecord
+    records = [RequestRecord(float(t), 100) for t in range(5)]
+    for record, ttft in zip(records, (0.2, 0.9, 0.7, 0.8, None), strict=True):
+        record.first = None if ttft is None else record.arrival + ttft
+    records[4].error = "overloaded"
+    picks = [Pick(0.0, 100, 0.2, 0.1, 0, ""),          # in time
+             Pick(1.0, 100, 0.7, 0.6, 0, ""),          # late on every worker: the backlog
+             Pick(2.0, 100, 0.4, 0.3, 0, ""),          # predicted in time, late: the prediction
+             Pick(3.0, 100, 0.6, 0.2, 320, "cap")]     # sent late past a worker in time: the choice
+    explain(records, picks, ttft_slo=0.5)
+    out = capsys.readouterr().out
+    assert "late 4: refused 1, late everywhere 1, mispredicted 1, sent late 1" in out
+    assert "predicted 400 ms, actual 700 ms" in out
+    assert "1 requests, 320 tokens more to prefill; cap 1, itl 0, score 0" in out
