@@ -143,12 +143,13 @@ def watch(sim: Simulator, picks: list[Pick]) -> None:
         fewest = min(p.new_tokens for p in preds.values())
         homes = [w for w, p in preds.items() if p.new_tokens == fewest]
         mine = preds[decision.worker]
+        itl_slo = request.slo_tpot_s or policy.itl_slo_s or policy.table.itl_slo_s
         moved_by = ""
         if mine.new_tokens > fewest:
-            itl_slo = request.slo_tpot_s or policy.itl_slo_s or policy.table.itl_slo_s
             moved_by = ("cap" if all(h in capped for h in homes) else
                         "itl" if all(preds[h].itl_s > itl_slo for h in homes) else "score")
-        open_ = [p.ttft_s for w, p in preds.items() if w not in capped] or [p.ttft_s for p in preds.values()]
+        under = {w: p for w, p in preds.items() if w not in capped}   # the policy's candidates, as it filters
+        open_ = [p.ttft_s for p in under.values() if p.itl_s <= itl_slo] or [p.ttft_s for p in under.values()]
         picks.append(Pick(sim.now, request.prompt_tokens, decision.predicted_ttft_s or mine.ttft_s, min(open_),
                           mine.new_tokens - fewest, moved_by))
         return decision
