@@ -1,7 +1,7 @@
 """kvlab's step model against Vidur's H100 operator profiles: per row reference ms, kvlab ms, error; summary.
 
     .venv/bin/python benchmarks/fidelity.py [--catalog calibrated.toml] [--gpu H100-SXM] [--rows all|powers|none]
-        [--profiles PATH/TO/vidur] [--device h100|a100] [--ops] [--cross-validate K]
+        [--profiles PATH/TO/vidur] [--device h100|a100] [--ops] [--cross-validate K] [--refit]
 
 The A100 entry is compared the same way with Vidur's A100 files (not bundled: take data/profiling/compute/a100
 and data/profiling/network/a100_dgx from github.com/microsoft/vidur into one folder), e.g.
@@ -17,6 +17,9 @@ a calibrated catalog's profile tables (`kvlab calibrate --profile-tables`) are c
 interior token count is predicted from a table built without its fold ("held out"), next to the measured
 table interpolated alone ("raw table held out"). Each group's summary
 also says what any model non-decreasing in tokens or bytes could reach on it (reference non-monotonicity).
+With --refit, the GPU entry's kernel coefficients are refitted to the profiles first (the elementwise terms to their
+own kernels' columns, then the GEMM terms to the layer rows: emulator.calibrate.fit.fit_layer_shapes, a few
+minutes) and the rows compared with the refitted entry; the values are printed for the catalog.
 Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
 """
 from __future__ import annotations
@@ -24,9 +27,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from emulator.calibrate import fidelity
+import msgspec
+
+from emulator.calibrate import fidelity, fit
+from emulator.calibrate import measurements as ms
 from emulator.physics import roofline
-from emulator.physics.catalog import load_catalog
+from emulator.physics.catalog import Catalog, load_catalog
 from emulator.physics.steptime import step_time
 
 
@@ -45,12 +51,16 @@ def main() -> int:
     parser.add_argument("--cross-validate", type=int, metavar="K", default=0,
                         help="also: the calibrated model (roofline x a profile table's interpolated ratio) and the raw "
                              "table alone, each on the profiled token counts held out of its table (K folds)")
+    parser.add_argument("--refit", action="store_true",
+                        help="refit the GPU entry's kernel coefficients to the profiles first and print them")
     args = parser.parse_args()
     base = fidelity.profiles_dir(args.profiles)
     if base is None:
         print("no Vidur profiles found; pass --profiles", file=sys.stderr)
         return 2
     catalog = load_catalog(args.catalog)
+    if args.refit:
+        catalog = _refit(catalog, args.gpu, args.link, base, args.device)
     rows = []
     for model, folder in fidelity.VIDUR_MODELS.items():
         mlp = base / "compute" / args.device / folder / "mlp.csv"
@@ -68,6 +78,22 @@ def main() -> int:
                    args.tolerance)
     _print_step_figures(catalog, args.gpu)
     return 0
+
+
+def _refit(catalog, gpu_name: str, link_name: str, base, device: str):
+    """The catalog with the GPU entry's elementwise and GEMM terms refitted to both models' profiles."""
+    gpu, link = catalog.gpu(gpu_name), catalog.link(link_name)
+    layers, kernels = [], []
+    for model, folder in fidelity.VIDUR_MODELS.items():
+        mlp = base / "compute" / device / folder / "mlp.csv"
+        layers.append((catalog.model(model), ms.read_layer_profile(mlp)))
+        kernels.append((catalog.model(model), ms.read_operator_profile(mlp)))
+    gpu = msgspec.structs.replace(gpu, **fit.fit_elementwise(gpu, kernels))
+    result = fit.fit_layer_shapes(gpu, link, layers)
+    gpu = msgspec.structs.replace(gpu, **result.values)
+    print("refitted", gpu.name, {k: round(v, 4) for k, v in {**fit.fit_elementwise(gpu, kernels),
+                                                               **result.values}.items()})
+    return Catalog(gpus={**catalog.gpus, gpu.name: gpu}, links=catalog.links, models=catalog.models)
 
 
 def _is_power(label: str) -> bool:

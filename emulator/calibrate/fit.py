@@ -29,6 +29,10 @@ LAYER_FIELDS = ("compute_efficiency", "gemm_bandwidth_efficiency", "gemm_half_wo
 # Operator profiles time each GEMM and elementwise kernel apart: the GEMM terms are fitted to the GEMMs'
 # time, the elementwise terms to each kernel's own (fit_elementwise), so neither absorbs the other's misfit.
 GEMM_FIELDS = ("compute_efficiency", "gemm_bandwidth_efficiency", "gemm_half_work", "kernel_latency_us")
+# The built-in H100 fit (benchmarks/fidelity.py --refit): the GEMM terms, wave-fill and tile choice and the
+# overlap of compute with weight streaming included, to the per-layer rows once the elementwise terms are fitted.
+LAYER_SHAPE_FIELDS = ("compute_efficiency", "kernel_latency_us", "gemm_bandwidth_efficiency", "gemm_tail_fill",
+                      "gemm_alt_tile_efficiency", "gemm_overlap_norm")
 # Whole steps: batch-1 decode at several contexts (intercept: fixed step cost; slope: KV bandwidth),
 # decode batches (per-sequence cost), long prefills (GEMM and attention efficiency). The weight-read
 # efficiency is not separable from the fixed step cost by step times alone, so it stays as given.
@@ -109,11 +113,12 @@ def _start(gpu: Gpu, field: str) -> float:
                  "elementwise_bandwidth_efficiency": gpu.bandwidth_efficiency, "gemm_half_work": 1e6,
                  "norm_bandwidth_efficiency": elementwise, "activation_bandwidth_efficiency": elementwise,
                  "residual_bandwidth_efficiency": elementwise}
+    fallbacks.update({"gemm_tail_fill": 0.2, "gemm_overlap_norm": 3.0, "elementwise_row_ns": 0.5})
     return fallbacks.get(field, 5.0)   # microsecond terms start at a few us
 
 
 def _is_fraction(field: str) -> bool:
-    return field.endswith("efficiency")
+    return field.endswith("efficiency") or field == "gemm_tail_fill"
 
 
 def _encode(field: str, value: float) -> float:
@@ -131,8 +136,10 @@ def _decode(field: str, x: float) -> float:
 
 
 def fit(gpu: Gpu, fields: Sequence[str], rows: Sequence, predict: Callable, labels: Sequence[str],
-        minimax: float = 0.0, iters: int = 1500) -> FitResult:
-    """Fit `fields` of `gpu` so predict(gpu, row) matches row.ms; returns values and per-row errors."""
+        minimax: float = 0.0, iters: int = 1500, hinge: tuple[float, float] = (0.0, 0.0)) -> FitResult:
+    """Fit `fields` of `gpu` so predict(gpu, row) matches row.ms; returns values and per-row errors. The loss
+    is the mean squared log error, plus minimax x the worst row's, plus (with hinge = (weight, margin)) weight
+    x the mean squared excess of each row's |log error| over the margin (a pull on rows near a per-row bar)."""
     measured = np.array([r.ms for r in rows])
 
     def with_values(x: np.ndarray) -> Gpu:
@@ -140,7 +147,8 @@ def fit(gpu: Gpu, fields: Sequence[str], rows: Sequence, predict: Callable, labe
 
     def loss(x: np.ndarray) -> float:
         err = np.log(np.array([predict(with_values(x), r) for r in rows]) / measured)
-        return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2)
+        excess = np.maximum(np.abs(err) - hinge[1], 0.0)
+        return float(np.mean(err ** 2) + minimax * np.max(np.abs(err)) ** 2 + hinge[0] * np.mean(excess ** 2))
 
     x = minimize(loss, [_encode(f, _start(gpu, f)) for f in fields], iters=iters)
     fitted = with_values(x)
@@ -183,7 +191,10 @@ def fit_elementwise(gpu: Gpu, profiles: Sequence[tuple[Model, Sequence[OperatorR
     """Each elementwise kernel's time as one fixed cost (shared) plus its bytes over its own kind's bandwidth,
     by least squares on relative error over every kernel row: linear in (fixed s, 1 / bandwidth per kind), so
     exact and quick. Norms and the residual add both scale with the hidden size alone, so only their own
-    columns tell them apart."""
+    columns tell them apart. An entry with elementwise_row_ns (one thread block per token) is fitted in that
+    form instead (fit_elementwise_rows)."""
+    if gpu.elementwise_row_ns > 0:
+        return fit_elementwise_rows(gpu, profiles)
     design, ones = [], []
     for model, rows in profiles:
         for r in rows:
@@ -199,6 +210,53 @@ def fit_elementwise(gpu: Gpu, profiles: Sequence[tuple[Model, Sequence[OperatorR
     values = {"elementwise_kernel_us": float(sol[0]) * 1e6}
     values.update({f: float(1.0 / max(inv, 1.0)) for f, inv in zip(KIND_FIELDS, sol[1:], strict=True)})
     return values   # (1 / inv capped at 1: a kernel partly served from L2 is still priced at HBM peak)
+
+
+def _kernel_columns(profiles: Sequence[tuple[Model, Sequence[OperatorRow]]]):
+    """(kind, tokens, traffic bytes per token, row elements, measured s) of every elementwise kernel row."""
+    out = []
+    for model, rows in profiles:
+        for r in rows:
+            kind = KERNEL_KIND.get(r.op)
+            if kind is None or r.ms <= 0:
+                continue
+            traffic = OperatorModel.elementwise_traffic(model, r.tp)[kind] / (2 if kind == 0 else 1)  # 2 norms
+            out.append((kind, r.tokens, traffic, OperatorModel.elementwise_rows(model, r.tp)[kind], r.ms * 1e-3))
+    return np.array(out, dtype=float).reshape(-1, 5)
+
+
+def fit_elementwise_rows(gpu: Gpu, profiles: Sequence[tuple[Model, Sequence[OperatorRow]]]) -> dict[str, float]:
+    """Each kernel as max(fixed + row elements x row_ns, bytes / its kind's bandwidth) (one thread block per
+    token: a few tokens take one row's time), by Nelder-Mead on the squared log error over every kernel row."""
+    cols = _kernel_columns(profiles)
+    kind, tokens, traffic, row, measured = cols.T
+    kind = kind.astype(int)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        fixed, per_element = math.exp(x[0]) * 1e-6, math.exp(x[1]) * 1e-9
+        eff = 1.0 / (1.0 + np.exp(-x[2:]))
+        return np.maximum(fixed + per_element * row, tokens * traffic / (gpu.hbm_bytes_per_s * eff[kind]))
+
+    def loss(x: np.ndarray) -> float:
+        return float(np.mean(np.log(predict(x) / measured) ** 2))
+
+    start = [math.log(max(gpu.elementwise_kernel_us, 0.5)), math.log(gpu.elementwise_row_ns)]
+    start += [_encode(f, _start(gpu, f)) for f in KIND_FIELDS]
+    x = minimize(loss, start, iters=4000)
+    values = {"elementwise_kernel_us": math.exp(x[0]), "elementwise_row_ns": math.exp(x[1])}
+    values.update({f: _decode(f, v) for f, v in zip(KIND_FIELDS, x[2:], strict=True)})
+    return values
+
+
+def fit_layer_shapes(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],
+                     fields: Sequence[str] = LAYER_SHAPE_FIELDS, iters: int = 600) -> FitResult:
+    """The GEMM terms to whole per-layer rows (GEMMs + elementwise kernels as the entry prices them), squared
+    log error plus a pull on rows past 12% (weight 200): the bar is every row within 15%. Nelder-Mead from the
+    entry's values, so it refines a fit (the built-in H100 values came from a global search over this loss)."""
+    pairs = [(m, r) for m, rows in profiles for r in rows]
+    model_of = {id(r): m for m, r in pairs}
+    return fit(gpu, fields, [r for _, r in pairs], lambda g, r: predict_layer_ms(g, model_of[id(r)], link, r),
+               [f"{m.name} tp {r.tp} tokens {r.tokens}" for m, r in pairs], iters=iters, hinge=(200.0, 0.12))
 
 
 def fit_operator_profiles(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],

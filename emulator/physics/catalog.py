@@ -54,9 +54,20 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     gemm_tile_n: int = 0                       # the output tile's width (output features); with sm_count, GEMM
                                                # tiles run in whole waves over the SMs; 0: no wave model
     sm_count: int = 0                          # streaming multiprocessors (a GEMM wave is one tile per SM)
+    gemm_alt_tile_n: int = 0                   # a narrower output tile the GEMM library may pick instead (its waves
+                                               # fall elsewhere); each GEMM takes the faster tile. 0: one tile only
+    gemm_alt_tile_efficiency: float = 1.0      # the narrower tile's throughput relative to the wide one's
+    gemm_tail_fill: float = 0.0                # share of a partial last wave's idle SM time filled by work split
+                                               # across SMs (stream-K); 0: whole waves
+    gemm_overlap_norm: float = 0.0             # p: a GEMM's compute and weight streaming overlap as
+                                               # (compute^p + memory^p)^(1/p); 0: max(compute, memory)
     kernel_latency_us: float = 0.0             # fixed time of each GEMM / attention kernel
     attention_efficiency: float = 0.0          # attention FLOPs: fraction of peak; 0: compute_efficiency
     elementwise_kernel_us: float = 0.0         # fixed time of each norm / rope / activation / add kernel
+    elementwise_row_ns: float = 0.0            # per element of one token's row: norm, rope and activation kernels
+                                               # run one thread block per token, so a few tokens take one row's
+                                               # time; with it each such kernel takes max(fixed + row, traffic)
+                                               # instead of fixed + traffic
     elementwise_bandwidth_efficiency: float = 0.0  # their traffic: fraction of HBM peak; 0: bandwidth_efficiency
     norm_bandwidth_efficiency: float = 0.0     # RMSNorm kernels' traffic; 0: elementwise_bandwidth_efficiency
     activation_bandwidth_efficiency: float = 0.0   # SiLU-and-mul; 0: elementwise_bandwidth_efficiency

@@ -32,27 +32,32 @@ def test_parameter_counts_match_published_sizes():
     assert mixtral.active_params == pytest.approx(12.9e9, rel=0.01)
 
 
-# Built-in H100-SXM coefficients (emulator/physics/data/gpus.toml): GEMM tiles of 128 tokens x 256 features in
-# waves over 132 SMs, each at 0.837 of peak with half efficiency at 300,600 output elements; weight streaming
-# 0.872 x HBM, KV reads 0.85 x HBM, 5.49 us per GEMM/attention kernel, 1.58 us per elementwise kernel, 300 us
-# per step, 8 us per sampled sequence.
-KERNEL, ELEMENTWISE, STEP, SEQUENCE = 5.49e-6, 1.58e-6, 300e-6, 8e-6
-PEAK, E_MAX, HALF_WORK, SMS = 989.4e12, 0.837, 300_600, 132
+# Built-in H100-SXM coefficients (emulator/physics/data/gpus.toml): GEMM tiles of 128 tokens x 256 features (or
+# 128 x 128 at 0.732 of their throughput, whichever is faster) in waves over 132 SMs, 23% of a partial last
+# wave's idle time filled, the tiles' MACs at 0.784 of peak; compute and weight streaming (0.9455 x HBM) combined
+# as an L2.53 norm; KV reads 0.85 x HBM; 3.55 us per GEMM/attention kernel; each elementwise kernel 2.04 us plus
+# 0.438 ns per element of one token's row, or its traffic if longer; 300 us per step, 8 us per sampled sequence.
+KERNEL, ELEMENTWISE, ROW, STEP, SEQUENCE = 3.55e-6, 2.04e-6, 0.438e-9, 300e-6, 8e-6
+PEAK, E_MAX, SMS, TAIL, ALT, P, E_W = 989.4e12, 0.784, 132, 0.23, 0.732, 2.53, 0.9455
 
 
 def test_batch1_decode_is_weight_bandwidth_bound():
-    # Every operator is memory-bound at one token, so the step is the summed memory time plus the fixed
-    # costs: per layer 4 GEMMs + attention (5 kernels) and 5 elementwise kernels; the LM head GEMM and
-    # the final norm; the step and one sequence.
+    # Every operator is memory-bound at one token: the step is the summed memory time, ~8% more where a GEMM's
+    # compute (one token padded to a 128-token tile: about half its weight-streaming time) overlaps that
+    # streaming imperfectly (the L2.53 norm), plus the fixed costs: per layer 4 GEMMs
+    # + attention (5 kernels) and 5 elementwise kernels each taking one token's row (norms over 4096, rope over
+    # 40 heads x 128, SiLU-and-mul over 14336, the add none); the LM head GEMM and the final norm; the step and
+    # one sequence.
     step = r.decode_time(dep(), [0])
     assert step.bound == "memory"
-    fixed = 32 * (5 * KERNEL + 5 * ELEMENTWISE) + KERNEL + ELEMENTWISE + STEP + SEQUENCE
-    assert step.seconds == pytest.approx(step.memory_s + fixed, rel=1e-9)
+    rows = 2 * (ELEMENTWISE + ROW * 4096) + ELEMENTWISE + ROW * 40 * 128 + ELEMENTWISE + ROW * 14336 + ELEMENTWISE
+    fixed = 32 * (5 * KERNEL + rows) + KERNEL + ELEMENTWISE + STEP + SEQUENCE
+    assert 1.05 * step.memory_s + fixed < step.seconds < 1.12 * step.memory_s + fixed
     assert step.overhead_s == pytest.approx(STEP + SEQUENCE, rel=1e-9)
     # Weights dominate the memory time: 8.03e9 params less the 0.525e9 embedding table = 15.0 GB at
-    # 3.35e12 x 0.872 B/s = 5.14 ms (activations, elementwise and the KV write add < 1%).
+    # 3.35e12 x 0.9455 B/s = 4.74 ms (activations, elementwise and the KV write add < 1%).
     weights = (L8B.total_params - L8B.embedding_params) * 2
-    assert step.memory_s == pytest.approx(weights / (3.35e12 * 0.872), rel=0.01)
+    assert step.memory_s == pytest.approx(weights / (3.35e12 * E_W), rel=0.01)
 
 
 def test_decode_context_costs_kv_reads_and_each_sequence_costs_its_overhead():
@@ -91,33 +96,44 @@ def test_prefill_is_compute_bound_above_a_few_hundred_tokens():
 
 
 def tiled_gemm_s(tokens: int, k: int, n: int) -> float:
-    """GEMM compute by hand: tokens and features padded to the 128 x 256 tile; tiles in whole waves of 132 SMs
-    (fewer tiles than SMs: the K loop split over floor(132 / tiles) copies)."""
-    rows, cols = -(-tokens // 128), -(-n // 256)
+    """GEMM compute by hand: tokens padded to 128, features to the tile's width (256, or 128 at 0.732 of the
+    throughput: the faster of the two); tiles in waves of 132 SMs, 23% of a partial last wave's idle time
+    filled; with fewer tiles than SMs the K loop split over floor(132 / tiles) copies, whose fp32 partial sums
+    (tokens x n x 4 bytes each) are written and read back at the weight-streaming bandwidth."""
+    return min(_tile_compute(tokens, k, n, width, rel) for width, rel in ((256, 1.0), (128, ALT)))
+
+
+def _tile_compute(tokens: int, k: int, n: int, width: int, rel: float) -> float:
+    rows, cols = -(-tokens // 128), -(-n // width)
     tiles = rows * cols
-    busy = tiles * (SMS // tiles) / SMS if tiles < SMS else tiles / (-(-tiles // SMS) * SMS)
-    work = rows * 128 * n
-    return 2 * rows * 128 * k * cols * 256 / (PEAK * E_MAX * work / (work + HALF_WORK) * busy)
+    if tiles < SMS:
+        busy, split = tiles * (SMS // tiles) / SMS, SMS // tiles
+    else:
+        busy, split = tiles / (tiles + (1 - TAIL) * (-(-tiles // SMS) * SMS - tiles)), 1
+    partials = 2 * split * tokens * n * 4 / (3.35e12 * E_W) if split > 1 else 0.0
+    return 2 * rows * 128 * k * cols * width / (PEAK * E_MAX * rel * busy) + partials
 
 
 def test_small_gemms_run_below_peak_and_tokens_pad_to_the_tile():
     model = steptime.model_for(dep(tp=1))
     per_token = [model.linear_layer(n).compute_s / n for n in (256, 1024, 4096)]
     assert per_token[0] > per_token[1] > per_token[2]
-    # 129 tokens cost a second row of 128-token tiles: nearly twice the compute (each tile a little more
-    # efficient, the fused QKV GEMM's 48 tiles splitting K fewer ways)
-    assert model.linear_layer(129).compute_s > 1.8 * model.linear_layer(128).compute_s
+    # 129 tokens cost a second row of 128-token tiles: ~1.7x the compute (the fused QKV GEMM's 48 tiles split
+    # K fewer ways, and more rows of partial sums go through memory)
+    assert model.linear_layer(129).compute_s > 1.6 * model.linear_layer(128).compute_s
+    assert model.gemm(129, 4096, 6144).compute_s == pytest.approx(tiled_gemm_s(129, 4096, 6144), rel=1e-9)
 
 
-def test_gemm_tiles_run_in_whole_waves_over_the_sms():
+def test_gemm_tiles_run_in_waves_over_the_sms():
     # Llama-3.1-8B's down projection (K 14336, N 4096) has 16 tiles per 128 tokens: 1,024 tokens fill 128 of
-    # the 132 SMs in one wave; 1,152 tokens need a second wave for 12 tiles, which costs as much as 2,048
-    # tokens (256 tiles, also two waves).
+    # the 132 SMs in one wave; 1,152 tokens need a second wave for 12 tiles, whose idle SMs are 23% filled:
+    # ~1.8x the time of 1,024 tokens for 12.5% more tokens (128 x 128 tiles, three waves, are slower here).
     model = steptime.model_for(dep(tp=1))
     one, two, full = (model.gemm(n, 14336, 4096).compute_s for n in (1024, 1152, 2048))
-    assert two > 1.9 * one
-    assert two == pytest.approx(full, rel=0.03)
-    assert one == pytest.approx(tiled_gemm_s(1024, 14336, 4096), rel=1e-9)
+    assert two > 1.7 * one and full > two
+    for tokens, got in ((1024, one), (1152, two), (2048, full)):
+        assert got == pytest.approx(tiled_gemm_s(tokens, 14336, 4096), rel=1e-9)
+    assert two == pytest.approx(_tile_compute(1152, 14336, 4096, 256, 1.0), rel=1e-9)
 
 
 def test_a_mixed_step_pays_the_chunk_gemms_and_the_decodes_kv_reads_one_after_the_other():
