@@ -81,6 +81,28 @@ def test_one_kernel_fit_over_two_models_recovers_the_coefficients_behind_both():
     assert len(result.labels) == 20 and result.max_error < 0.01
 
 
+def test_the_one_row_per_block_elementwise_fit_recovers_the_kernels_behind_a_profile():
+    truth = msgspec.structs.replace(H100, elementwise_kernel_us=3.0, elementwise_row_ns=0.3,
+                                    norm_bandwidth_efficiency=0.5, elementwise_bandwidth_efficiency=0.6,
+                                    activation_bandwidth_efficiency=0.7, residual_bandwidth_efficiency=0.8)
+    kinds = {"input_layernorm": 0, "attn_rope": 1, "mlp_act": 2, "add": 3}
+    kernels = []
+    for name in ("Llama-2-7B", "Llama-2-70B"):
+        m = CAT.model(name)
+        rows = []
+        for tp in (1, 8):
+            op = OperatorModel(roofline.Deployment(model=m, gpu=truth, tp=tp, tp_link=NVLINK if tp > 1 else None))
+            for n in (1, 16, 256, 1024, 4096):
+                for name_, kind in kinds.items():   # each kernel alone: its row time or its traffic, the longer
+                    per_token = op.kind_token_s[kind] / (2 if kind == 0 else 1)
+                    rows.append(ms.OperatorRow(tp=tp, tokens=n, op=name_, ms=1e3 * max(op.kind_row_s[kind],
+                                                                                      n * per_token)))
+        kernels.append((m, rows))
+    fitted = cal.fit_elementwise(H100, kernels)
+    for field, value in fitted.items():
+        assert value == pytest.approx(getattr(truth, field), rel=0.02), field
+
+
 def test_a_step_table_with_a_bad_row_is_refused_with_its_line(tmp_path: Path, capsys):
     steps = tmp_path / "steps.csv"
     steps.write_text("phase,batch,tokens,context,tp,ms\ndecode,1,1,100,1,7.0\nwarmup,1,1,100,1,7.0\n")

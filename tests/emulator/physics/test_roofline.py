@@ -193,3 +193,15 @@ def test_kv_pool_and_model_fit():
     assert r.kv_capacity_tokens(dep(), e.gpu_memory_utilization, e.activation_reserve_gb) > 300_000
     # 141 GB of weights does not fit on one 80 GB GPU
     assert r.kv_pool_bytes_per_gpu(dep(L70B, tp=1), e.gpu_memory_utilization, e.activation_reserve_gb) < 0
+
+
+def test_elementwise_kernels_take_one_rows_time_until_their_traffic_is_longer():
+    # Norm, rope and SiLU-and-mul run one thread block per token: a few tokens cost one row's walk (Llama-3.1-70B
+    # at TP 1: norms over 8192, rope over (64 + 8) x 128, SiLU-and-mul over 28672; the add a flat kernel), and
+    # thousands of tokens cost their traffic at each kind's bandwidth.
+    model = steptime.model_for(dep(L70B, tp=1))
+    rows = 2 * (ELEMENTWISE + ROW * 8192) + ELEMENTWISE + ROW * 72 * 128 + ELEMENTWISE + ROW * 28672 + ELEMENTWISE
+    assert model.elementwise(1).seconds == pytest.approx(rows, rel=1e-9)
+    assert model.elementwise(2).seconds == model.elementwise(1).seconds
+    big = model.elementwise(8192)
+    assert big.seconds == pytest.approx(big.memory_s, rel=1e-9) and big.seconds > 20 * rows
