@@ -45,12 +45,12 @@ def test_error_2_prefill_throughput_exceeds_the_gpus_peak_flops():
     peak_tokens_per_s = 4 * 989.4e12 / (2 * L70.total_params)
     assert peak_tokens_per_s == pytest.approx(28_050, rel=0.01)
     assert 50_000 > 1.7 * peak_tokens_per_s
-    # Planner: a full 8,192-token prefill step on 70B TP=4 (GEMMs at ~80% of peak, 0.35 s; attention,
+    # Planner: a full 8,192-token prefill step on 70B TP=4 (GEMMs at ~76% of peak, 0.37 s; attention,
     # elementwise kernels and all-reduce included), costed as the separate prompts it packs (each attends
-    # to its own tokens only), takes 0.51 s -> ~16,100 tokens/s per TP group, under a third of the seed's figure.
+    # to its own tokens only), takes 0.54 s -> ~15,200 tokens/s per TP group, under a third of the seed's figure.
     prof = prefill.profile(context.build(REQ_70B, CHAT), 0)
     planner_tokens_per_s = prof.budget / prof.full_step.seconds
-    assert planner_tokens_per_s == pytest.approx(16_080, rel=0.01)
+    assert planner_tokens_per_s == pytest.approx(15_220, rel=0.01)
     assert 50_000 / planner_tokens_per_s > 3
 
 
@@ -58,31 +58,32 @@ def test_error_3_itl_formula_is_not_a_step_time():
     # Seed: itl_estimate = 1000 / (decode_throughput_tps / peak_qps) ms, i.e. qps / throughput. For the
     # chatbot: 1000 x 100 / 8000 = 12.5 ms, and it falls to 1.25 ms at 10 QPS and to 0 as traffic
     # vanishes. But a decode step must read every weight once: 70B bf16 / 4 GPUs = 35.3 GB per GPU at
-    # 3.35 TB/s x 0.872 = 12.1 ms, + 160 all-reduces at their ~40 us floor (6.4 ms) + kernel and step
-    # costs (2.9 ms) = 21.4 ms even for a single sequence.
+    # 3.35 TB/s x 0.9455 = 11.1 ms, + 160 all-reduces at their ~40 us floor (6.4 ms) + the GEMMs' overlap,
+    # kernel, elementwise and step costs (4.4 ms) = 21.9 ms even for a single sequence.
     def seed_itl_ms(qps):
         return 1000 / (8000 / qps)
 
     assert seed_itl_ms(100) == 12.5 and seed_itl_ms(10) == 1.25
     ctx = context.build(REQ_70B, CHAT)
     floor = decode.step(ctx, 1).seconds
-    assert floor == pytest.approx(21.4e-3, rel=0.01)
+    assert floor == pytest.approx(21.9e-3, rel=0.01)
     assert seed_itl_ms(100) / 1e3 < floor  # below the physical minimum
     # Planner: ITL is the step time at the batch Little's law gives. With the seed's 10 decode groups
-    # (10 QPS each): b = 10 x 511 x T(1 + b), T(n) ~= 21.4 ms + 38 us x n (plus the GEMMs' wave steps, and
-    # ~2 ms less from 66 sequences on, where the all-reduces' 1.1 MB payloads reach NCCL's faster band:
-    # ~44 us -> ~31 us each, 160 per step) -> b = 137, ITL = 26.8 ms.
+    # (10 QPS each): b = 10 x 511 x T(1 + b), T(n) ~= 21.9 ms + 44 us x n (plus the GEMMs' wave steps, +3.1 ms
+    # at 129 sequences, a second row of 128-token tiles, and ~2 ms less from 66 sequences on, where the
+    # all-reduces' 1.1 MB payloads reach NCCL's faster band: ~44 us -> ~31 us each, 160 per step)
+    # -> b = 153, ITL = 30.0 ms.
     pool = decode.disaggregated(context.build(REQ_70B, Workload(rate=10, prompt=LengthDist.fixed(256),
                                                                     output=LengthDist.fixed(512))), 10.0)
-    assert pool.batch == pytest.approx(137.0, rel=0.02)
-    assert pool.itl_mean == pytest.approx(26.8e-3, rel=0.02)
+    assert pool.batch == pytest.approx(153.4, rel=0.02)
+    assert pool.itl_mean == pytest.approx(30.0e-3, rel=0.02)
 
 
 def test_error_4_concurrency_ignores_littles_law():
     # Seed: max_concurrent_sequences = peak_qps x avg_output / decode_throughput_tps = 100 x 512 / 8000
     # = 6.4: it divides by the whole group's token rate, as if one sequence got all of it. Little's law
-    # needs each sequence's time in decode: 511 tokens x ITL. At 26.8 ms that is 13.7 s, so
-    # 100 QPS keeps ~1,370 sequences in flight (10 groups x 137), 210x the seed's figure.
+    # needs each sequence's time in decode: 511 tokens x ITL. At 30.0 ms that is 15.3 s, so
+    # 100 QPS keeps ~1,530 sequences in flight (10 groups x 153), 240x the seed's figure.
     seed = 100 * 512 / 8000
     assert seed == 6.4
     pool = decode.disaggregated(context.build(REQ_70B, Workload(rate=10, prompt=LengthDist.fixed(256),
