@@ -172,8 +172,8 @@ def markdown(report: dict) -> str:
            "caps it, many lifetimes just past C_max), so the rate's miss holds; halves that improve there are NO. "
            "A rate that met the SLO over its window while drifting towards worse is judged by where it was "
            "heading (from an idle cluster the queue only fills): a miss when its later half missed (`NO (2nd "
-           "half)`), or when its queue still grew after the warm-up while it served less than it was sent (`NO "
-           "(filling)`: held, the queue reaches the shedder's cap). "
+           "half)`), or when it served less than it was sent while its TTFT or queue still grew after the warm-up "
+           "(`NO (filling)`: held, the queue reaches the shedder's cap). "
            "TTFT p99 counts refused requests as misses.", "",
            "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     out += ["| " + " | ".join(row_cells(p)) + " |" for p in report["points"]]

@@ -9,8 +9,8 @@ requests in the system) and, below C_max, it serves what was sent. Past C_max a 
 drift only towards worse (queue and TTFT growing) is `overloaded`: the rate's steady state is at least
 as bad as its window, so the miss it reports cannot flip; one whose halves improve is not stationary.
 For the same reason a window that met the SLO while drifting towards worse is judged by what it was
-heading to (`steady_state_miss`): a miss when its later half misses or its queue still grows while it
-serves less than it was sent.
+heading to (`steady_state_miss`): a miss when its later half misses, or it serves less than it was
+sent while its TTFT or queue still grows.
 """
 from __future__ import annotations
 
@@ -161,8 +161,8 @@ def steady_state_miss(station: Stationarity, ttft_slo: float) -> str | None:
     Each rate starts from an idle cluster, which only fills towards its steady state (a queue started
     empty grows stochastically to its stationary law), and the warm-up lasted as long as the simulated
     cluster took to fill. So a window whose halves drift only towards worse is judged by what it was
-    heading to: a miss when its later half misses (refusals count), or when the requests in the system
-    still grow while it serves less than was sent (the rate is past what the cluster sustains: held,
+    heading to: a miss when its later half misses (refusals count), or when it serves less than was sent
+    while its TTFT or requests in the system grow (the rate is past what the cluster sustains: held,
     the queue reaches the shedder's cap). Only where the halves really disagree, so one half's sampling
     noise cannot flip the verdict the whole window gave."""
     if station.ttft_ok and station.queue_ok:
@@ -172,8 +172,8 @@ def steady_state_miss(station: Stationarity, ttft_slo: float) -> str | None:
         return None
     if not (math.isfinite(b) and b <= ttft_slo):
         return "later half"
-    if not station.queue_ok and not station.served_ok and station.served_rps < station.sent_rps:
-        return "queue growing"
+    if not station.served_ok and station.served_rps < station.sent_rps:
+        return "queue growing"   # what was sent and not served is in the system: its backlog grows
     return None
 
 
