@@ -3,6 +3,10 @@ clusters drawn at random (loadtests.planner_draws) with the simulator's own nois
 
     .venv/bin/python benchmarks/planner_vs_sim.py [default disagg-70b-h100 ...] [--requests 2000] [--steady]
     .venv/bin/python benchmarks/planner_vs_sim.py --draws 30 [--seed 12] [--requests 5000] [--local-prefill-tokens 512]
+        [--target-noise 0.03] [--max-requests 30000]
+
+A draw whose simulated C_max is noisier than --target-noise (block bootstrap) is simulated again with
+more requests per rate (planner_draws.quiet), up to --max-requests; the table says how many it took.
 """
 from __future__ import annotations
 
@@ -27,10 +31,15 @@ def main() -> None:
     parser.add_argument("--local-prefill-tokens", type=int, default=0,
                         help="disaggregated draws: pd_pair prefills prompts with fewer uncached tokens on the decode "
                              "worker (conditional disaggregation; 0, the drawn set: every prefill on the prefill pool)")
+    parser.add_argument("--target-noise", type=float, default=planner_draws.TARGET_NOISE,
+                        help="draws: simulate again with more requests while the simulated C_max's "
+                             "relative sd is above this")
+    parser.add_argument("--max-requests", type=int, default=planner_draws.MAX_REQUESTS,
+                        help="draws: at most this many measured requests per rate")
     args = parser.parse_args()
     if args.draws:
         random_draws(args.draws, args.seed, args.requests or planner_draws.MIN_REQUESTS, args.only,
-                     args.local_prefill_tokens)
+                     args.local_prefill_tokens, args.target_noise, args.max_requests)
     else:
         bundled(args.specs, args.requests or 2000, args.steady)
 
@@ -45,21 +54,23 @@ def bundled(names: list[str], requests: int, steady: bool = False) -> None:
         print(f"{c.spec:<20} {c.planner_c_max:>9.1f} {sim:>10} {gap:>7}  {time.process_time() - started:.0f}")
 
 
-def random_draws(n: int, seed: int, requests: int, only: list[int] | None, local_prefill_tokens: int = 0) -> None:
-    print(f"{n} draws, seed {seed}, {requests} measured requests per simulated rate")
+def random_draws(n: int, seed: int, requests: int, only: list[int] | None, local_prefill_tokens: int = 0,
+                 target_noise: float = planner_draws.TARGET_NOISE, most: int = planner_draws.MAX_REQUESTS) -> None:
+    print(f"{n} draws, seed {seed}, {requests} measured requests per simulated rate (more, up to {most}, "
+          f"where the simulated C_max's noise is over {target_noise:.0%})")
     print(f"{'#':>2} {'cluster':<58} {'TTFT SLO':>8} {'ITL SLO':>8} {'planned':>8} {'binds':<9} "
-          f"{'simulated':>9} {'by':<4} {'gap':>7} {'noise':>6} {'cpu s':>5}")
+          f"{'simulated':>9} {'by':<4} {'gap':>7} {'noise':>6} {'requests':>8} {'cpu s':>5}")
     gaps, noises = [], []
     for d in planner_draws.draws(seed, n):
         if only and d.index not in only or (local_prefill_tokens and d.mode != "disaggregated"):
             continue
         d = dataclasses.replace(d, local_prefill_tokens=local_prefill_tokens)
-        a = planner_draws.compare(d, requests)
+        a = planner_draws.quiet(d, requests, target_noise, most)
         gap = f"{a.gap:+.1%}" if a.gap is not None and a.bound == "interpolated" else a.bound
         noise = f"{a.noise:.1%}" if a.noise is not None else "n/a"
         sim = f"{a.simulated:.3g}" if a.simulated else "n/a"
         print(f"{d.index:>2} {d.label():<58} {d.ttft_slo:>8.3g} {d.itl_slo:>8.3g} {a.planned:>8.3g} "
-              f"{a.binding:<9} {sim:>9} {a.culprit:<4} {gap:>7} {noise:>6} {a.cpu_s:>5.0f}", flush=True)
+              f"{a.binding:<9} {sim:>9} {a.culprit:<4} {gap:>7} {noise:>6} {a.requests:>8} {a.cpu_s:>5.0f}", flush=True)
         if a.gap is not None and a.bound == "interpolated":
             gaps.append(abs(a.gap))
         if a.noise is not None:

@@ -76,3 +76,39 @@ def test_a_run_already_long_enough_is_kept(monkeypatch):
     monkeypatch.setattr(planner_draws, "warmup_s", lambda spec, rate: 100.0)
     planner_draws.simulate(None, 2.0, 3000)
     assert calls == [(100.0, 1500.0)]
+
+
+def agreement(requests: int, noise: float | None) -> planner_draws.Agreement:
+    return planner_draws.Agreement(draw=DRAW, planned=3.0, binding="ttft_slo", simulated=2.9, bound="interpolated",
+                                   culprit="ttft", noise=noise, requests=requests)
+
+
+def test_a_noisy_comparison_is_simulated_again_with_more_requests(monkeypatch):
+    """The simulated C_max's sd falls as 1 / sqrt(requests): at 8.8% on 3,000 requests the rerun takes
+    (8.8 / 3)^2 x 1.1 ~ 28,400, where the noise is 2.9%; no third run."""
+    calls = []
+
+    def fake(d, requests):
+        calls.append(requests)
+        return agreement(requests, 0.088 * math.sqrt(3000 / requests))
+    monkeypatch.setattr(planner_draws, "compare", fake)
+    found = planner_draws.quiet(DRAW, 3000, target=0.03, most=100_000)
+    assert calls[0] == 3000 and len(calls) == 2
+    assert 25_000 < calls[1] < 30_000
+    assert found.noise is not None and found.noise <= 0.03 and found.requests == calls[1]
+
+
+def test_a_comparison_stops_at_the_request_cap_or_when_quiet(monkeypatch):
+    calls = []
+
+    def fake(d, requests):
+        calls.append(requests)
+        return agreement(requests, 0.2)            # never quiet: the cap ends it
+    monkeypatch.setattr(planner_draws, "compare", fake)
+    assert planner_draws.quiet(DRAW, 3000, target=0.03, most=10_000).requests == 10_000
+    assert calls == [3000, 10_000]
+    for noise in (0.02, None):                     # quiet already; no interpolated C_max, so no noise to act on
+        calls.clear()
+        monkeypatch.setattr(planner_draws, "compare",
+                            lambda d, requests, n=noise: calls.append(requests) or agreement(requests, n))
+        assert planner_draws.quiet(DRAW, 3000).requests == 3000 and calls == [3000]
