@@ -242,6 +242,8 @@ class Agreement:
     runs: list[Run] = field(default_factory=list, repr=False)
     cpu_s: float = 0.0
     requests: int = MIN_REQUESTS   # measured requests per rate (at least)
+    earlier: list[tuple[int, float | None, float | None]] = field(default_factory=list)  # `quiet`'s noisier
+    # passes: (requests, gap, noise)
 
     @property
     def gap(self) -> float | None:
@@ -287,11 +289,13 @@ def quiet(d: Draw, requests: int = MIN_REQUESTS, target: float = TARGET_NOISE,
     takes (noise / target)^2 times as many (a tenth more, as the estimate is itself noisy)."""
     started = time.process_time()
     found = compare(d, requests)
+    earlier: list[tuple[int, float | None, float | None]] = []
     while found.noise is not None and found.noise > target and requests < most:
+        earlier.append((requests, found.gap, found.noise))
         requests = min(most, math.ceil(requests * 1.1 * (found.noise / target) ** 2))
         found = compare(d, requests)
     found.cpu_s = time.process_time() - started
-    found.requests = requests
+    found.requests, found.earlier = requests, earlier
     return found
 
 

@@ -96,6 +96,7 @@ def test_a_noisy_comparison_is_simulated_again_with_more_requests(monkeypatch):
     assert calls[0] == 3000 and len(calls) == 2
     assert 25_000 < calls[1] < 30_000
     assert found.noise is not None and found.noise <= 0.03 and found.requests == calls[1]
+    assert [n for n, _, _ in found.earlier] == [3000]
 
 
 def test_a_comparison_stops_at_the_request_cap_or_when_quiet(monkeypatch):
