@@ -5,7 +5,8 @@ decode worker), step budget (256-8192 tokens), max_num_seqs (32-1024), a mix of 
 archetypes, and SLOs from tight to loose (multiples of what an idle worker achieves, so every draw is
 feasible). Both sides read one spec. The simulator runs each rate alone (open-loop Poisson, warm-up
 excluded) and its C_max is where p99 TTFT or p99 ITL first crosses the SLO (loadtests.analysis.c_max,
-interpolated); its own noise is a block bootstrap of that crossing over time blocks of each run.
+interpolated); its own noise is a block bootstrap of that crossing over time blocks of each run, and a
+draw whose noise is over 3% is simulated again with more requests per rate (`quiet`).
 
 Every rate of a draw sees the same requests at scaled times (the workload's streams are common random
 numbers across rates, emulator.workload). Where a p99 is set by a few rare requests, independent draws
