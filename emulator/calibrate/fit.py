@@ -195,18 +195,11 @@ def fit_elementwise(gpu: Gpu, profiles: Sequence[tuple[Model, Sequence[OperatorR
     form instead (fit_elementwise_rows)."""
     if gpu.elementwise_row_ns > 0:
         return fit_elementwise_rows(gpu, profiles)
-    design, ones = [], []
-    for model, rows in profiles:
-        for r in rows:
-            kind = KERNEL_KIND.get(r.op)
-            if kind is None or r.ms <= 0:
-                continue
-            traffic = OperatorModel.elementwise_traffic(model, r.tp)[kind] / (2 if kind == 0 else 1)  # 2 norms
-            x = np.zeros(1 + len(KIND_FIELDS))
-            x[0], x[1 + kind] = 1.0, r.tokens * traffic / gpu.hbm_bytes_per_s
-            design.append(x / (r.ms * 1e-3))
-            ones.append(1.0)
-    sol = np.linalg.lstsq(np.array(design), np.array(ones), rcond=None)[0]
+    cols = _kernel_columns(profiles)
+    design = np.zeros((len(cols), 1 + len(KIND_FIELDS)))
+    design[:, 0] = 1.0
+    design[np.arange(len(cols)), 1 + cols[:, 0].astype(int)] = cols[:, 1] * cols[:, 2] / gpu.hbm_bytes_per_s
+    sol = np.linalg.lstsq(design / cols[:, 4:5], np.ones(len(cols)), rcond=None)[0]
     values = {"elementwise_kernel_us": float(sol[0]) * 1e6}
     values.update({f: float(1.0 / max(inv, 1.0)) for f, inv in zip(KIND_FIELDS, sol[1:], strict=True)})
     return values   # (1 / inv capped at 1: a kernel partly served from L2 is still priced at HBM peak)
