@@ -72,6 +72,22 @@ def free_port_block(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports in 20000-32000")
 
 
+def tiny_test_on_free_ports(time_scale: float = 1.0, engine_extra: str = "",
+                            eps: float = 0.25) -> tuple[str, list[int]]:
+    """tiny-test's spec text on free ports (`free_port_block`), so runs side by side cannot collide,
+    at `time_scale`, with `engine_extra` lines added to [engine] and the router's load bound `eps`:
+    (text, [router port, worker ports])."""
+    from emulator.spec import example_spec_path
+    base = free_port_block(3)
+    text = example_spec_path("tiny-test").read_text()
+    edits = (("base_port = 18100", f"base_port = {base + 1}"), ("port = 18000", f"port = {base}"),
+             ("time_scale = 1.0", f"time_scale = {time_scale}\n{engine_extra}"), ("eps = 0.25", f"eps = {eps}"))
+    for line, value in edits:
+        assert line in text, line
+        text = text.replace(line, value, 1)
+    return text, [base, base + 1, base + 2]
+
+
 class RunningServer:
     """An ASGI app served by uvicorn on its own event loop in a daemon thread."""
 

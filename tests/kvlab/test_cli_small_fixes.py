@@ -13,7 +13,7 @@ import pytest
 from kvlab.cli import main
 from loadtests.compare_live import replay_wall_s
 from tests import ROOT
-from tests.conftest import free_port_block
+from tests.conftest import tiny_test_on_free_ports
 
 
 @pytest.fixture
@@ -41,13 +41,8 @@ def test_compare_live_progress_counts_to_the_replays_length(tiny_trace):
 
 
 def _tiny_spec_on_free_ports(folder: Path) -> Path:
-    """tiny-test on ports nobody else holds (below the ephemeral range, checked by binding)."""
-    from emulator.spec import example_spec_path
-    base = free_port_block(3)
-    text = example_spec_path("tiny-test").read_text()
     path = folder / "tiny.toml"
-    path.write_text(text.replace("base_port = 18100", f"base_port = {base + 1}")
-                    .replace("port = 18000", f"port = {base}"))
+    path.write_text(tiny_test_on_free_ports()[0])
     return path
 
 

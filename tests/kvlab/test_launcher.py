@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from emulator.spec import example_specs, load_spec
-from tests.conftest import free_port_block, interruptible
+from tests.conftest import free_port_block, interruptible, tiny_test_on_free_ports
 
 
 def _descendants(pid: int) -> set[int]:
@@ -126,13 +126,10 @@ def _port_in_use(port: int) -> bool:
 
 def _tiny_spec_on_free_ports(tmp_path):
     """tiny-test on ports nobody else uses, so parallel test runs cannot collide: (path, ports)."""
-    from emulator.spec import example_spec_path
-    base = free_port_block(3)
-    text = example_spec_path("tiny-test").read_text()
-    text = text.replace("base_port = 18100", f"base_port = {base + 1}").replace("port = 18000", f"port = {base}")
+    text, ports = tiny_test_on_free_ports()
     path = tmp_path / "tiny.toml"
     path.write_text(text)
-    return path, [base, base + 1, base + 2]
+    return path, ports
 
 
 def _start_up(args: list[str]) -> tuple[subprocess.Popen, str]:

@@ -18,15 +18,16 @@ import pytest
 
 from emulator import workload
 from emulator.sim.simulator import Simulator
-from emulator.spec import example_spec_path, load_spec, parse_spec
+from emulator.spec import load_spec, parse_spec
 from kvlab.launcher import Cluster
+from tests.conftest import tiny_test_on_free_ports
 
 # Physics must dominate what is measured: HTTP and the router add a few wall milliseconds per request
 # that the emulated GPU does not, so prompts carry ~1k uncached tokens (tens of ms of prefill) and the
 # time scale divides the transport's share down further.
 TIME_SCALE = 3.0
 RATE = 10.0            # requests per emulated second
-COUNT = 150
+COUNT = 100
 
 
 def _requests():
@@ -71,7 +72,7 @@ def _hit_rate(urls) -> float:
 
 @pytest.mark.slow
 def test_live_cluster_and_simulator_agree(tmp_path):
-    text = open(example_spec_path("tiny-test")).read().replace("time_scale = 1.0", f"time_scale = {TIME_SCALE}")
+    text = tiny_test_on_free_ports(TIME_SCALE)[0]
     spec_path = tmp_path / "equivalence.toml"
     spec_path.write_text(text)
     spec = load_spec(spec_path)

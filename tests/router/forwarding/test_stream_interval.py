@@ -14,27 +14,22 @@ import numpy as np
 import pytest
 
 from emulator import workload
-from emulator.spec import example_spec_path, load_spec
+from emulator.spec import load_spec
 from kvlab.launcher import Cluster
 from loadtests.llm_measure import StreamResult, stream_request
 from router.forwarding.stream_timing import StreamTimings
-from tests.conftest import free_port_block
+from tests.conftest import tiny_test_on_free_ports
 
 TIME_SCALE = 16.0
-RATE = 12.0         # requests per emulated second: well below the tiny cluster's capacity
+RATE = 24.0         # requests per emulated second (twice that with the twins): well below the tiny cluster's capacity
 COUNT = 40
 
 
 def tiny_spec(tmp_path, time_scale: float, extra_engine: str = "") -> str:
-    """The tiny-test spec at `time_scale`, on free ports (other clusters may hold its own), routing purely by prefix."""
-    base = free_port_block(3)
-    text = open(example_spec_path("tiny-test")).read()
-    text = text.replace("time_scale = 1.0", f"time_scale = {time_scale}\n{extra_engine}")
-    # Loose load bounds: a request's twin (same prompt, same moment) follows it to the same worker.
-    text = text.replace("eps = 0.25", "eps = 100.0")
-    text = text.replace("base_port = 18100", f"base_port = {base + 1}").replace("port = 18000", f"port = {base}")
+    """The tiny-test spec at `time_scale`, on free ports, routing purely by prefix: loose load bounds,
+    so a request's twin (same prompt, same moment) follows it to the same worker."""
     path = tmp_path / "tiny.toml"
-    path.write_text(text)
+    path.write_text(tiny_test_on_free_ports(time_scale, extra_engine, eps=100.0)[0])
     return path
 
 
