@@ -24,6 +24,7 @@ import time
 import httpx
 import pytest
 import uvicorn
+from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from workers.config import WorkerConfig, worker_config
@@ -34,6 +35,11 @@ from workers.server import create_app
 # here is reset to the default in every child, so they all take Ctrl-C as a terminal would deliver it.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# Hypothesis' per-example deadline is a wall-clock bound, which a busy host can break: no test asserts one.
+settings.register_profile("kvlab", deadline=None)
+settings.load_profile("kvlab")
 
 
 def interruptible() -> None:
