@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import socket
@@ -40,6 +41,38 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # Hypothesis' per-example deadline is a wall-clock bound, which a busy host can break: no test asserts one.
 settings.register_profile("kvlab", deadline=None)
 settings.load_profile("kvlab")
+
+
+# scripts/test.sh runs the suite in two phases. Tests that mostly wait (on servers, subprocesses,
+# timeouts) run two at a time (pytest-xdist), which overlaps their waiting; then, alone, the tests that
+# keep the cores busy (the simulator, the planner, the static checks: PURE_PATHS, each already spreading
+# its runs over the cores) and those whose assertions read the wall clock closely (marked `solo`).
+# KVLAB_TEST_PHASE=parallel|serial selects one phase; unset, pytest runs every test in one process.
+PURE_PATHS = ("tests/emulator/", "tests/workers/core/", "tests/router/policies/", "tests/kvlab/wire/",
+              "tests/loadtests/test_steady.py", "tests/loadtests/test_planner_draws_bracket.py",
+              "tests/loadtests/test_parallel_runs.py", "tests/loadtests/test_cache_bounds.py",
+              "tests/repo/test_layering.py", "tests/repo/test_docs.py", "tests/repo/test_static_gate.py",
+              "tests/repo/test_phases.py")
+PHASES = ("parallel", "serial")
+
+
+def runs_alone(item: pytest.Item) -> bool:
+    """Whether a test runs in the serial phase: marked `solo`, or in a file or folder of PURE_PATHS."""
+    path = item.path.relative_to(item.config.rootpath).as_posix()
+    return item.get_closest_marker("solo") is not None or path.startswith(PURE_PATHS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    phase = os.environ.get("KVLAB_TEST_PHASE")
+    if not phase:
+        return
+    if phase not in PHASES:
+        raise pytest.UsageError(f"KVLAB_TEST_PHASE={phase!r}: use one of {', '.join(PHASES)} (or unset it for all)")
+    alone = phase == "serial"
+    dropped = [item for item in items if runs_alone(item) != alone]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if runs_alone(item) == alone]
 
 
 def interruptible() -> None:

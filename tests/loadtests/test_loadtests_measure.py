@@ -122,6 +122,7 @@ def test_record_is_json_ready_with_raw_gaps():
 
 
 @pytest.mark.slow
+@pytest.mark.solo
 def test_a_real_worker_measures_as_the_roofline_predicts(start_worker):
     """A time scale of 5 makes each emulated step 5x longer on the wall clock, so the client's TTFT and
     ITL divided by 5 must land on the roofline's prefill and decode times (HTTP adds a few wall ms)."""

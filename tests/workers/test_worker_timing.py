@@ -12,6 +12,7 @@ import statistics
 import time
 
 import httpx
+import pytest
 
 from emulator.physics import roofline
 
@@ -46,6 +47,7 @@ def measure_round(url: str, first_token_id: int) -> tuple[float, float]:
     return statistics.median(ttfts), statistics.median(itls)
 
 
+@pytest.mark.solo
 def test_ttft_and_itl_at_low_load_match_the_roofline_within_10_percent(start_worker):
     w = start_worker(num_blocks=2048)
     dep = w.runtime.engine.dep
@@ -73,6 +75,7 @@ class _within:
         return f"{self.target * 1e3:.2f} ms ± {self.tolerance:.0%}"
 
 
+@pytest.mark.solo
 def test_time_scale_stretches_wall_time_but_not_the_emulated_histograms(start_worker):
     w = start_worker(time_scale=2.0)
     dep = w.runtime.engine.dep

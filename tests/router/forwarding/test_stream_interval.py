@@ -95,6 +95,7 @@ def _send_pairs(url: str, model: str, reqs) -> dict[int, list[StreamResult]]:
 
 
 @pytest.mark.slow
+@pytest.mark.solo
 def test_coalesced_streams_give_the_same_ttft_and_itl_percentiles(tmp_path):
     spec_path = tiny_spec(tmp_path, TIME_SCALE)
     spec = load_spec(spec_path)

@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from kvlab.wire.http_server import ServerLimits, uvicorn_settings
 from router.config import Limits
@@ -68,6 +69,7 @@ def test_a_huge_text_prompt_is_refused_from_a_bound_without_tokenizing_it(start_
     assert len(router.router.tokenizer.memo._ids) == 0   # the text was never encoded (nor remembered)
 
 
+@pytest.mark.solo
 def test_health_keeps_answering_while_a_huge_prompt_is_tokenized(start_worker, serve):
     worker = start_worker()
     # ~2.5M tokens (5 a word) against a 2M-token input limit that the lower bound (~1.3M: 5.2M non-space
