@@ -19,7 +19,8 @@ table interpolated alone ("raw table held out"). Each group's summary
 also says what any model non-decreasing in tokens or bytes could reach on it (reference non-monotonicity).
 With --refit, the GPU entry's kernel coefficients are refitted to the profiles first (the elementwise terms to their
 own kernels' columns, then the GEMM terms to the layer rows: emulator.calibrate.fit.fit_layer_shapes, a few
-minutes) and the rows compared with the refitted entry; the values are printed for the catalog.
+minutes, and last the GEMM efficiency by the count of rows outside the tolerance: select_compute_efficiency) and the
+rows compared with the refitted entry; the values are printed for the catalog.
 Then a few whole-step figures kvlab predicts (decode intercept and slope, per-sequence cost, a mixed step).
 """
 from __future__ import annotations
@@ -91,8 +92,9 @@ def _refit(catalog, gpu_name: str, link_name: str, base, device: str):
     gpu = msgspec.structs.replace(gpu, **fit.fit_elementwise(gpu, kernels))
     result = fit.fit_layer_shapes(gpu, link, layers)
     gpu = msgspec.structs.replace(gpu, **result.values)
-    print("refitted", gpu.name, {k: round(v, 4) for k, v in {**fit.fit_elementwise(gpu, kernels),
-                                                               **result.values}.items()})
+    gpu = msgspec.structs.replace(gpu, compute_efficiency=fit.select_compute_efficiency(gpu, link, layers))
+    print("refitted", gpu.name, {k: round(v, 4) for k, v in {**fit.fit_elementwise(gpu, kernels), **result.values,
+                                                               "compute_efficiency": gpu.compute_efficiency}.items()})
     return Catalog(gpus={**catalog.gpus, gpu.name: gpu}, links=catalog.links, models=catalog.models)
 
 

@@ -252,6 +252,28 @@ def fit_layer_shapes(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model
                [f"{m.name} tp {r.tp} tokens {r.tokens}" for m, r in pairs], iters=iters, hinge=(200.0, 0.12))
 
 
+def select_compute_efficiency(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],
+                              tolerance: float = 0.15, span: float = 0.06, step: float = 0.0025) -> float:
+    """The GEMM efficiency (compute_efficiency) that leaves the fewest per-layer rows off by more than `tolerance`,
+    ties to the smaller rms log error, scanned over `step`-wide values within `span` of the entry's. The bar
+    is a per-row bound, which the smooth loss of fit_layer_shapes only approximates: the rows it leaves
+    just past the bar sit on either side of the library's kernel switches, and one efficiency moves them all."""
+    pairs = [(m, r) for m, rows in profiles for r in rows]
+    measured = np.array([r.ms for _, r in pairs])
+    centre = round(gpu.compute_efficiency / step) * step
+    best: tuple[int, float] | None = None
+    chosen = gpu.compute_efficiency
+    for value in centre + step * np.arange(-round(span / step), round(span / step) + 1):
+        if not 0.0 < value < 1.0:
+            continue
+        candidate = msgspec.structs.replace(gpu, compute_efficiency=float(value))
+        ratio = np.array([predict_layer_ms(candidate, m, link, r) for m, r in pairs]) / measured
+        score = (int(np.sum(np.abs(ratio - 1.0) > tolerance)), float(np.sqrt(np.mean(np.log(ratio) ** 2))))
+        if best is None or score < best:
+            best, chosen = score, float(value)
+    return chosen
+
+
 def fit_operator_profiles(gpu: Gpu, link: Link | None, profiles: Sequence[tuple[Model, Sequence[LayerRow]]],
                           kernels: Sequence[tuple[Model, Sequence[OperatorRow]]],
                           minimax: float = 0.0) -> tuple[FitResult, FitResult]:

@@ -34,11 +34,11 @@ def test_parameter_counts_match_published_sizes():
 
 # Built-in H100-SXM coefficients (emulator/physics/data/gpus.toml): GEMM tiles of 128 tokens x 256 features (or
 # 128 x 128 at 0.732 of their throughput, whichever is faster) in waves over 132 SMs, 23% of a partial last
-# wave's idle time filled, the tiles' MACs at 0.784 of peak; compute and weight streaming (0.9455 x HBM) combined
+# wave's idle time filled, the tiles' MACs at 0.80 of peak; compute and weight streaming (0.9455 x HBM) combined
 # as an L2.53 norm; KV reads 0.85 x HBM; 3.55 us per GEMM/attention kernel; each elementwise kernel 2.04 us plus
 # 0.438 ns per element of one token's row, or its traffic if longer; 300 us per step, 8 us per sampled sequence.
 KERNEL, ELEMENTWISE, ROW, STEP, SEQUENCE = 3.55e-6, 2.04e-6, 0.438e-9, 300e-6, 8e-6
-PEAK, E_MAX, SMS, TAIL, ALT, P, E_W = 989.4e12, 0.784, 132, 0.23, 0.732, 2.53, 0.9455
+PEAK, E_MAX, SMS, TAIL, ALT, P, E_W = 989.4e12, 0.80, 132, 0.23, 0.732, 2.53, 0.9455
 
 
 def test_batch1_decode_is_weight_bandwidth_bound():
