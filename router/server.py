@@ -19,6 +19,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 
 import httpx
 import msgspec
@@ -45,6 +46,7 @@ from router.frontdoor.job import Endpoint, Job
 from router.frontdoor.slo_headers import parse_slo_headers
 from router.frontdoor.tenants import Tenants
 from router.frontdoor.tokenize import PromptTokenizer
+from router.hot_cycle import HotRequest, fits, hot_endpoint, serve
 from router.observability.dashboard import mount_dashboard
 from router.observability.metrics import RouterMetrics
 from router.policies.kv_index import KvIndex
@@ -136,7 +138,7 @@ class Router:
         self.gate.release(job, completion_tokens)
 
     # -- the request path ------------------------------------------------------------------------
-    async def handle(self, request: Request, endpoint: Endpoint) -> Response | RelayResponse:
+    async def handle(self, request: Request | HotRequest, endpoint: Endpoint) -> Response | RelayResponse:
         received = time.perf_counter()
         job = tenant = None
         limits = self.config.limits
@@ -200,7 +202,7 @@ class Router:
         self.metrics.reject(status, reason, tenant)
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def _read_body(request: Request | HotRequest, limit: int, timeout_s: float) -> bytes:
     """kvlab.wire.http_body.read_body (413 past `limit` bytes, 408 past `timeout_s`, the same answers),
     with its deadline on the router's tick (router.forwarding.deadlines) rather than a timer of its own."""
     declared = request.headers.get("content-length", "")
@@ -208,6 +210,8 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         raise too_large(limit)
     chunks, size = [], 0
     try:
+        if isinstance(request, HotRequest):
+            return await request.body(limit, timeout_s)
         with Expiry(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
@@ -283,14 +287,17 @@ class RouterApp(FastAPI):
 
 
 class _RouterProtocol(HeaderDeadline):
-    """HeaderDeadline for a router process, with two per-request costs taken off:
+    """HeaderDeadline for a router process, with per-request costs taken off:
     - its timers (the header deadline, armed at every request's first byte and disarmed at its last
       header; uvicorn's keep-alive deadline, armed after every response) are on the router's tick
       (router.forwarding.deadlines): a libuv timer each costs ~5 us a request;
     - the client's leaving is a future in the scope (CLIENT_GONE_KEY), so a proxied call or stream is cut
       short by a callback (router.forwarding.streaming.ClientWatch) rather than a watcher task per request;
-    - a POST's answer with a Content-Length leaves in one write, head and body together (_OneWrite).
+    - a POST's answer with a Content-Length leaves in one write, head and body together (_OneWrite);
+    - the two proxied endpoints run on uvicorn's cycle without the ASGI layer (router.hot_cycle).
     on_response_complete is uvicorn 0.55's, with the keep-alive deadline on the tick."""
+
+    hot_cycle = False   # serve the proxied endpoints from uvicorn's cycle (router.hot_cycle), where it fits
 
     def connection_made(self, transport) -> None:
         self.client_gone: asyncio.Future[None] = self.loop.create_future()
@@ -308,8 +315,20 @@ class _RouterProtocol(HeaderDeadline):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
-        if self.scope["method"] == "POST" and cycle is not None and cycle.scope is self.scope:
+        if self.scope["method"] == "POST" and cycle is not None and cycle.scope is self.scope \
+                and not self._serves_hot(self.scope):   # those answer in one write themselves
             cycle.transport = _OneWrite(self.transport)  # type: ignore[assignment]
+
+    def _serves_hot(self, scope) -> bool:
+        return self.hot_cycle and hot_endpoint(self.app, scope) is not None
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        """A proxied endpoint's request runs router.hot_cycle.serve on uvicorn's task and cycle (its
+        error handling included); every other request, the app."""
+        hot = hot_endpoint(app, cycle.scope) if self.hot_cycle and app is self.app else None
+        if hot is not None:
+            app = partial(serve, *hot, cycle)
+        super()._start_asgi_task(cycle, app)
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -362,7 +381,7 @@ def uvicorn_options(limits: ServerLimits) -> dict:
     and the layer would parse X-Forwarded-* on every request)."""
     settings = uvicorn_settings(limits)
     if _fits(settings["http"]):
-        settings["http"] = type("RouterProtocol", (_RouterProtocol, settings["http"]), {})
+        settings["http"] = type("RouterProtocol", (_RouterProtocol, settings["http"]), {"hot_cycle": fits()})
     settings["proxy_headers"] = False
     return settings
 
