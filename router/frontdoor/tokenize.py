@@ -14,9 +14,11 @@ blocks hash differently from every other tenant's and no KV block is shared acro
 """
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import chain, islice
 from typing import Annotated
 
 import msgspec
@@ -114,19 +116,55 @@ class PieceIds(dict):
         return token
 
 
+WORD_IDS = 1 << 15    # distinct words remembered by WordIds before it starts over
+WORD_CHARS_KEPT = 24  # longer words are split each time: a client cannot fill memory
+_OTHER_SPACE = re.compile(r"[^\S ]")   # whitespace other than the space character
+
+
+class WordIds(dict):
+    """The ids of a word (a run of non-whitespace characters) and of the space before it (`lead`):
+    the pieces of a text split at a single space between two non-space characters are the pieces of
+    the parts (the space is the next piece's optional leading space, and no piece reaches back over
+    it: see _chunks), so a word's ids are the same wherever it stands, and are remembered."""
+
+    def __init__(self, lead: str, ids_of):
+        super().__init__()
+        self._lead = lead
+        self._ids_of = ids_of
+
+    def __missing__(self, word: str) -> list[int]:
+        ids = list(map(self._ids_of, PIECE.findall(self._lead + word)))
+        if len(word) <= WORD_CHARS_KEPT:
+            if len(self) >= WORD_IDS:
+                self.clear()
+            self[word] = ids
+        return ids
+
+
 def builtin_encoder():
-    """BuiltinTokenizer.encode (the same ids), with its pieces' ids remembered. Safe on several threads:
-    each dict operation holds the GIL, and a piece always gets the same id."""
+    """BuiltinTokenizer.encode (the same ids), with its pieces' and words' ids remembered. Safe on
+    several threads: each dict operation holds the GIL, and a piece or word always gets the same ids.
+
+    Text whose only whitespace is single spaces between words (most single-line prompts) is split at
+    them by str.split and each word's ids are looked up (WordIds): ~3x cheaper than the regex, whose
+    cost is per piece. Any other text goes through the regex, piece by piece."""
     ids_of = PieceIds().__getitem__
     find = PIECE.findall
+    first = WordIds("", ids_of).__getitem__
+    spaced = WordIds(" ", ids_of).__getitem__
+    other_space = _OTHER_SPACE.search
 
     def encode(text: str) -> list[int]:
         ids: list[int] = []
         for part in split_specials(text):
             if part in SPECIALS:
                 ids.append(SPECIALS[part])
-            else:
+            elif "  " in part or other_space(part):
                 ids += map(ids_of, find(part))
+            else:   # words, each after one space (the first: after none; an empty one: the space alone)
+                words = part.split(" ")
+                ids += first(words[0])
+                ids += chain.from_iterable(map(spaced, islice(words, 1, None)))
         return ids
     return encode
 

@@ -97,3 +97,17 @@ def test_remembered_piece_ids_are_the_tokenizers_and_long_pieces_are_not_kept(te
     ids[" " * 40]
     ids["word"]
     assert list(ids) == ["word"] and len(" " * 40) > PIECE_CHARS_KEPT   # a client cannot fill it with long runs
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(["word", "Wo", "12345", "a", " ", " ", "  ", "\n", "\u00a0", "\x1c", "é", "日本", ".",
+                                 "<|eot_id|>", "<", "x" * 30]), max_size=30).map("".join))
+def test_texts_split_at_single_spaces_get_the_tokenizers_ids_word_by_word(text):
+    from router.frontdoor.tokenize import WORD_CHARS_KEPT, WordIds, builtin_encoder
+
+    encode = builtin_encoder()
+    assert encode(text) == BuiltinTokenizer().encode(text)   # words split and looked up, or the regex
+    assert encode(text) == BuiltinTokenizer().encode(text)   # from the remembered words this time
+    words = WordIds(" ", lambda piece: len(piece))
+    assert words["x" * 30] == [5] + [4] * 6 + [2] and words["ab"] == [3]   # " xxxx", "xxxx", ..., " ab"
+    assert list(words) == ["ab"] and 30 > WORD_CHARS_KEPT   # a client cannot fill it with long words
