@@ -38,7 +38,7 @@ from kvlab.wire.tokenizer import (
 from router.policies.base import RouteRequest
 from router.policies.hash_memo import DEFAULT_RUNS, BlockHashMemo
 
-TokenIds = Sequence[int] | np.ndarray   # a prompt's ids: as the client sent them, or the tokenizer's array
+TokenIds = Sequence[int] | np.ndarray   # a prompt's ids: as the client sent them, or the tokenizer's (SegmentMemo)
 _OUTPUT_IDS = {word: i for i, word in enumerate(OUTPUT_WORDS)}
 MEMO_MIN_CHARS = 512      # shorter segments are cheaper to encode than to look up and copy
 MEMO_ENTRIES = 1024       # distinct long segments remembered (LRU)
@@ -172,8 +172,10 @@ def builtin_encoder():
 class SegmentMemo:
     """Token ids of long text segments (int32 arrays), least recently used first out.
 
-    Prompts come out as int32 arrays: a remembered 30K-token segment is then copied by one
-    concatenate, and block hashing reads the array's bytes without unboxing 30K Python ints.
+    Prompts with a long segment come out as int32 arrays: a remembered 30K-token segment is then
+    copied by one concatenate, and block hashing reads the array's bytes without unboxing 30K Python
+    ints. A text without one stays a list: converting a few hundred ids to an array (~40 ns each)
+    costs more than hashing reads from a list.
     Large prompts are encoded on a thread (router.server), so the LRU's updates hold a lock
     (encoding itself runs outside it).
     """
@@ -185,7 +187,7 @@ class SegmentMemo:
         self._lock = threading.Lock()
         self.hits = 0
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str) -> TokenIds:
         pieces: list[np.ndarray] = []
         short: list[int] = []       # ids of specials and short parts, flushed before each long part
         for part in split_specials(text):
@@ -198,6 +200,8 @@ class SegmentMemo:
                     pieces.append(np.array(short, dtype=np.int32))
                     short = []
                 pieces.append(self._long(part))
+        if not pieces:
+            return short
         pieces.append(np.array(short, dtype=np.int32))
         return np.concatenate(pieces)
 

@@ -111,3 +111,14 @@ def test_texts_split_at_single_spaces_get_the_tokenizers_ids_word_by_word(text):
     words = WordIds(" ", lambda piece: len(piece))
     assert words["x" * 30] == [5] + [4] * 6 + [2] and words["ab"] == [3]   # " xxxx", "xxxx", ..., " ab"
     assert list(words) == ["ab"] and 30 > WORD_CHARS_KEPT   # a client cannot fill it with long words
+
+
+def test_a_short_text_stays_a_list_and_routes_as_its_array_would():
+    text = "word " * 100   # under MEMO_MIN_CHARS: no remembered segment to concatenate
+    ids = PromptTokenizer(BuiltinTokenizer(), 16).encode(text)
+    assert isinstance(ids, list) and ids == BuiltinTokenizer().encode(text)
+    as_list = PromptTokenizer(BuiltinTokenizer(), 16).route_request(ids, "salt", None)
+    as_array = PromptTokenizer(BuiltinTokenizer(), 16).route_request(np.array(ids, dtype=np.int32), "salt", None)
+    assert len(as_list.blocks) == 101 // 16 and list(as_list.blocks) == list(as_array.blocks)
+    long = PromptTokenizer(BuiltinTokenizer(), 16).encode(text * 2)
+    assert isinstance(long, np.ndarray) and long.tolist() == BuiltinTokenizer().encode(text * 2)
