@@ -57,6 +57,9 @@ def decode_chunk(data: bytes) -> Chunk:
 
 def data_of(event: bytes) -> bytes | None:
     """The payload of a ``data:`` event (None for comments and keep-alives)."""
+    if event.startswith(b"data:"):   # nearly every event: its first line is the one (no split)
+        end = event.find(b"\n")
+        return (event[5:end] if end >= 0 else event[5:]).strip()
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             return line[5:].strip()
