@@ -56,6 +56,7 @@ class HeaderDeadline(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
+        self._in_headers = False   # a request's first bytes came, its headers are not complete yet
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             transport.write(TOO_MANY_CONNECTIONS)
@@ -63,11 +64,20 @@ class HeaderDeadline(HttpToolsProtocol):
             return
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # A keep-alive connection's next request: its headers get the same deadline from its first
+        # byte, armed only if they did not all come with it (nearly every request's do, and then a
+        # deadline set and cancelled within the same call would cost for nothing).
+        if self._in_headers and self._header_timer is None and not self.transport.is_closing():
+            self._arm()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()   # a keep-alive connection's next request: its headers get the same deadline
+        self._in_headers = True
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._disarm()
         super().on_headers_complete()
 
