@@ -7,6 +7,7 @@ blocks its policy reads (none for round robin and least loaded).
 """
 import httpx
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,3 +183,20 @@ def test_a_stream_asks_its_worker_for_usage_and_the_client_gets_none_it_did_not_
     _, events = stream_completion(router.url, {"model": MODEL, "prompt": LONG[:3000], "max_tokens": 3,
                                                "stream_options": {"include_usage": True}})
     assert [e["usage"]["prompt_tokens"] for e in events if isinstance(e, dict) and e.get("usage")] == [prompt]
+
+
+@pytest.mark.parametrize(("raw", "ids"), [
+    (b'{"model": "m", "prompt": [1, 2, 3]}', True),
+    (b'{"model": "m", "prompt" :\n [ 7 ]}', True),
+    (b'{"model": "m", "prompt": "three words here"}', False),
+    (b'{"model": "m", "prompt": [[1, 2]]}', False),   # a batch: looks like a list, the general decoder answers
+])
+def test_a_body_decodes_alike_whichever_decoder_is_tried_first(raw, ids):
+    from kvlab.wire.openai_api import CompletionRequest, decode_request
+    from router.frontdoor.intake import _decode, _prompt_is_list
+    from router.frontdoor.tokenize import TokenIdsCompletion
+
+    assert _prompt_is_list(raw) == raw.replace(b" ", b"").replace(b"\n", b"").startswith(b'{"model":"m","prompt":[')
+    request = _decode(raw, "completions")
+    assert isinstance(request, TokenIdsCompletion) == ids
+    assert request.prompt == decode_request(raw, CompletionRequest).prompt
