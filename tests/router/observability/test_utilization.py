@@ -129,6 +129,7 @@ def phase(router_url: str, make, seconds: float) -> dict:
         return httpx.get(router_url + "/cluster", params={"window": 1.0, "since": 1e9}, trust_env=False).json()
 
 
+@pytest.mark.solo   # utilization is busy time over wall time
 def test_live_cluster_endpoint_tracks_decode_then_prefill_load(start_worker, start_router):
     worker = start_worker(worker_id="w0", time_scale=2.0, num_blocks=2048)
     router = start_router([worker])
@@ -146,6 +147,7 @@ def test_live_cluster_endpoint_tracks_decode_then_prefill_load(start_worker, sta
     assert prefill["prefill_util"] > 0.3 and prefill["prefill_share"] > 0.9, prefill
 
 
+@pytest.mark.solo   # utilization is busy time over wall time
 def test_live_disaggregated_pools_split_the_phases(start_worker, start_router):
     """P/D: the prefill pool's busy time is all prefill, the decode pool's all decode."""
     prefill = start_worker(worker_id="p0", role="prefill", time_scale=2.0, num_blocks=2048)
