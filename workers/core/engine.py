@@ -14,7 +14,6 @@ import numpy as np
 from emulator.engine_config import ROLES, EngineConfig
 from emulator.physics import roofline, steptime
 from emulator.physics.catalog import Link
-from emulator.physics.deployment import causal_pairs
 from kvlab.wire.kv_events import KVEvent
 from workers.core import output
 from workers.core.block_manager import BlockManager, cache_computed_blocks
@@ -91,6 +90,35 @@ class _Merged:
         r.decode_steps += step.decode_steps
         r.flops += step.flops
         r.hbm_bytes += step.hbm_bytes
+
+
+def _batch_shapes(chunks: list[ScheduledChunk]) -> tuple[roofline.BatchShape, roofline.BatchShape]:
+    """The step's BatchShape and that of its decodes alone (chunks past the prompt), in one pass.
+
+    BatchShape.add's sums, in local ints: this runs per sequence of every step. A decode counts as
+    sampled in its own shape (as a decode-only step would sample it); in the whole step's shape a
+    chunk samples when it reaches the end of its tokens."""
+    prefill_new = prefill_context = prefill_pairs = 0
+    decode_new = decode_context = decode_pairs = decodes = sampled = 0
+    for chunk in chunks:
+        req, n = chunk.request, chunk.num_new
+        computed = req.num_computed
+        pairs = n * computed + n * (n + 1) // 2   # deployment.causal_pairs(n, computed), without the call
+        if computed + n >= len(req.tokens):
+            sampled += 1
+        if computed < req.num_prompt:
+            prefill_new += n
+            prefill_context += computed
+            prefill_pairs += pairs
+        else:
+            decode_new += n
+            decode_context += computed
+            decode_pairs += pairs
+            decodes += 1
+    whole = roofline.BatchShape(new_tokens=prefill_new + decode_new, context_tokens=prefill_context + decode_context,
+                                attention_pairs=prefill_pairs + decode_pairs, sampled=sampled)
+    return whole, roofline.BatchShape(new_tokens=decode_new, context_tokens=decode_context,
+                                      attention_pairs=decode_pairs, sampled=decodes)
 
 
 class Engine:
@@ -229,25 +257,13 @@ class Engine:
         return self._execute(now, sched)
 
     def _execute(self, now: float, sched: SchedulerOutput) -> StepResult:
-        # BatchShape.add's sums, in local ints: this loop and _advance_all run per token of the batch
-        new_tokens = context_tokens = attention_pairs = sampled = prefill_tokens = 0
-        for chunk in sched.chunks:
-            req, n = chunk.request, chunk.num_new
-            computed = req.num_computed
-            new_tokens += n
-            context_tokens += computed
-            attention_pairs += causal_pairs(n, computed)
-            if computed + n >= len(req.tokens):
-                sampled += 1
-            if computed < req.num_prompt:
-                prefill_tokens += n
-        shape = roofline.BatchShape(new_tokens=new_tokens, context_tokens=context_tokens,
-                                    attention_pairs=attention_pairs, sampled=sampled)
-        decode_tokens = new_tokens - prefill_tokens
+        shape, decodes = _batch_shapes(sched.chunks)
         timing = steptime.step_time(self.dep, shape)
         flops, hbm_bytes = roofline.step_traffic(self.dep, shape) if self.count_traffic else (0.0, 0.0)
         duration = timing.seconds + self._swap_time(sched)
-        decode_s = self._decode_share(sched, duration) if prefill_tokens else duration
+        decode_tokens = decodes.new_tokens
+        prefill_tokens = shape.new_tokens - decode_tokens
+        decode_s = self._decode_share(decodes, duration) if prefill_tokens else duration
         result = StepResult(start=now, duration=duration, bound=timing.bound, tokens=[], finished=[],
                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                             prefill_s=duration - decode_s, decode_s=decode_s, decode_steps=int(decode_tokens > 0),
@@ -257,13 +273,8 @@ class Engine:
         result.events = self.blocks.take_events()
         return result
 
-    def _decode_share(self, sched: SchedulerOutput, duration: float) -> float:
+    def _decode_share(self, decodes: roofline.BatchShape, duration: float) -> float:
         """Busy time of a mixed step attributed to decode: what its decodes alone would take."""
-        decodes = roofline.BatchShape()
-        for chunk in sched.chunks:
-            req = chunk.request
-            if req.num_computed >= req.num_prompt:
-                decodes.add(chunk.num_new, req.num_computed, True)
         return min(steptime.step_time(self.dep, decodes).seconds, duration) if decodes.new_tokens else 0.0
 
     def _advance_all(self, chunks: list[ScheduledChunk], end: float, result: StepResult) -> None:

@@ -14,10 +14,17 @@ from workers.core.request import Request
 
 _WORDS = len(OUTPUT_WORDS)
 _UNIT = float(2**32)
+# An output token's 4 little-endian bytes, built once: every generated token after the first follows
+# an output token, and int.to_bytes with keywords costs a call per token.
+_BYTES = [i.to_bytes(4, "little") for i in range(_WORDS)]
+
+
+def _token_bytes(token: int) -> bytes:
+    return _BYTES[token] if 0 <= token < _WORDS else token.to_bytes(4, "little", signed=False)
 
 
 def next_token(previous: int, position: int) -> int:
-    return xxhash.xxh32_intdigest(previous.to_bytes(4, "little", signed=False), position) % _WORDS
+    return xxhash.xxh32_intdigest(_token_bytes(previous), position) % _WORDS
 
 
 def _uniform(previous: int, position: int) -> float:
@@ -32,8 +39,10 @@ def sample(req: Request) -> tuple[int, str | None]:
     previous = tokens[-1] if tokens else 0
     position = len(tokens)                    # req.num_tokens
     produced = position - req.num_prompt + 1  # req.num_output + 1
-    can_stop = not params.ignore_eos and produced > params.min_tokens and params.eos_probability > 0
+    # eos_probability first: it is 0 for most requests, and the test ends there (runs per token)
+    can_stop = params.eos_probability > 0 and not params.ignore_eos and produced > params.min_tokens
     if can_stop and _uniform(previous, position) < params.eos_probability:
         return EOS_TOKEN_ID, "stop"
-    token = next_token(previous, position)
+    token = xxhash.xxh32_intdigest(_BYTES[previous] if 0 <= previous < _WORDS else _token_bytes(previous),
+                                   position) % _WORDS   # next_token, inlined
     return token, ("length" if produced >= params.max_tokens else None)

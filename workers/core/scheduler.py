@@ -70,7 +70,9 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed
-            num_new = min(len(req.tokens) - computed, budget)
+            num_new = len(req.tokens) - computed
+            if num_new > budget:   # min(), without the call: this loop runs per sequence of every step
+                num_new = budget
             # most steps a decode stays inside its last block: no call to _grow for it
             if -(-(computed + num_new) // block) <= len(req.block_ids) or self._grow(req, computed + num_new, out):
                 chunks.append(ScheduledChunk(req, num_new))
