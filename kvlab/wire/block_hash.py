@@ -8,7 +8,7 @@ Only full blocks are hashed: a partial last block is never cached.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NewType, cast
 
 import numpy as np
@@ -19,6 +19,8 @@ DEFAULT_BLOCK_SIZE = 16  # vLLM's default block size (tokens per KV block)
 # is a large allocation); a few hundred ids or more amortize the call.
 PACK_TOKENS = 1024
 _pack = struct.Struct(f"<{PACK_TOKENS}i").pack
+_tail_packs: dict[int, Callable[..., bytes]] = {}   # Struct.pack by id count: a decode's newly full block
+# is one short tail per call, and building its Struct (~0.5 us) would cost more than packing it
 
 # A chained block hash (xxh3_64 of a full block's token bytes, seeded by its parent's hash): the key of
 # the prefix cache, the KV events and the router's KV index. Distinct from block ids and token ids,
@@ -59,8 +61,15 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int
     whole = start + (stop - start) // PACK_TOKENS * PACK_TOKENS
     parts = [_pack(*token_ids[i:i + PACK_TOKENS]) for i in range(start, whole, PACK_TOKENS)]
     if whole < stop:
-        parts.append(struct.Struct(f"<{stop - whole}i").pack(*token_ids[whole:stop]))  # ~0.5 us to build
+        parts.append(_tail_pack(stop - whole)(*token_ids[whole:stop]))
     return b"".join(parts)
+
+
+def _tail_pack(count: int) -> Callable[..., bytes]:
+    pack = _tail_packs.get(count)
+    if pack is None:   # at most PACK_TOKENS - 1 sizes
+        pack = _tail_packs[count] = struct.Struct(f"<{count}i").pack
+    return pack
 
 
 def chain(data: bytes, width: int, parent: BlockHash) -> list[BlockHash]:

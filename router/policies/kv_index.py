@@ -155,25 +155,29 @@ class KvIndex:
     # ---- internals -----------------------------------------------------------------------------
 
     def _stored(self, worker_id: str, event: BlockStored) -> None:
-        if self.rehash:
-            groups = self._recompute(worker_id, event)
-        elif event.block_size != self.block_size:
-            raise ValueError(f"engine blocks of {event.block_size} tokens cannot match the router's "
-                             f"{self.block_size}-token hashes; use KvIndex(rehash=True)")
-        else:
-            groups = [(h, (h,)) for h in event.block_hashes]
-        refs = self._worker_refs(worker_id)
-        bit = 1 << self._slot[worker_id]
-        engine = self._engine.setdefault(worker_id, {}) if self.rehash else None
+        if not self.rehash:   # the common case (engine and router blocks alike): the hashes are ours
+            if event.block_size != self.block_size:
+                raise ValueError(f"engine blocks of {event.block_size} tokens cannot match the router's "
+                                 f"{self.block_size}-token hashes; use KvIndex(rehash=True)")
+            self._add_refs(worker_id, event.block_hashes)
+            return
+        groups = self._recompute(worker_id, event)
+        engine = self._engine.setdefault(worker_id, {})
         for engine_hash, ours in groups:
-            if engine is not None:
-                _, copies = engine.get(engine_hash, ((), 0))
-                engine[engine_hash] = (ours, copies + 1)
-            for h in ours:
-                count = refs.get(h, 0)
-                refs[h] = count + 1
-                if not count:
-                    self._owners[h] = self._owners.get(h, 0) | bit
+            _, copies = engine.get(engine_hash, ((), 0))
+            engine[engine_hash] = (ours, copies + 1)
+        self._add_refs(worker_id, [h for _, ours in groups for h in ours])
+
+    def _add_refs(self, worker_id: str, hashes: Sequence[BlockHash]) -> None:
+        """One more copy of each block on the worker; a block it did not hold gains the worker's bit."""
+        refs = self._worker_refs(worker_id)
+        owners = self._owners
+        bit = 1 << self._slot[worker_id]
+        for h in hashes:
+            count = refs.get(h, 0)
+            refs[h] = count + 1
+            if not count:
+                owners[h] = owners.get(h, 0) | bit
 
     def _recompute(self, worker_id: str, event: BlockStored) -> list[tuple[BlockHash, tuple[BlockHash, ...]]]:
         """Our hashes for each engine block of the event: (engine hash, our sub-block hashes)."""
