@@ -296,14 +296,15 @@ class Engine:
             if caching and computed // block_size > req.num_cached_blocks:
                 cache_computed_blocks(blocks, req)
             tokens = req.tokens
-            if computed < len(tokens):
+            length = len(tokens)
+            if computed < length:
                 continue  # a prefill chunk that did not reach the end of the prompt
             token, reason = sample(req)
             tokens.append(token)
             sampled.append((req.request_id, token))
             if req.first_token_time is None:
                 req.first_token_time = end
-            if reason is None and len(tokens) >= max_len:
+            if reason is None and length + 1 >= max_len:   # len(tokens), with the new token
                 reason = "length"
             if prefill_role and reason != "stop":
                 reason = "held"  # the first token is ours; the rest is the decode worker's

@@ -66,20 +66,25 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         block = self.blocks.block_size
-        running, chunks = self.running, out.chunks   # _grow's preemptions edit this same list
-        while i < len(running) and budget > 0:
+        running, append = self.running, out.chunks.append
+        count = len(running)   # _grow's preemptions shorten `running`: read again after each call
+        while i < count and budget > 0:
             req = running[i]
             computed = req.num_computed
             num_new = len(req.tokens) - computed
             if num_new > budget:   # min(), without the call: this loop runs per sequence of every step
                 num_new = budget
             # most steps a decode stays inside its last block: no call to _grow for it
-            if -(-(computed + num_new) // block) <= len(req.block_ids) or self._grow(req, computed + num_new, out):
-                chunks.append(ScheduledChunk(req, num_new))
-                budget -= num_new
-                i += 1
-            elif req.status is Status.PREEMPTED:
-                break  # it preempted itself: nothing lower-priority was left
+            if -(-(computed + num_new) // block) > len(req.block_ids):
+                grown = self._grow(req, computed + num_new, out)
+                count = len(running)
+                if not grown:
+                    if req.status is Status.PREEMPTED:
+                        break  # it preempted itself: nothing lower-priority was left
+                    continue
+            append(ScheduledChunk(req, num_new))
+            budget -= num_new
+            i += 1
         return budget
 
     def _grow(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
