@@ -58,6 +58,8 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int
     stop = len(token_ids) if stop is None else min(stop, len(token_ids))
     if isinstance(token_ids, np.ndarray):
         return token_ids[start:stop].astype("<i4", copy=False).tobytes()
+    if 0 < stop - start < PACK_TOKENS:   # one Struct call (a decode's newly full block): no parts to join
+        return _tail_pack(stop - start)(*token_ids[start:stop])
     whole = start + (stop - start) // PACK_TOKENS * PACK_TOKENS
     parts = [_pack(*token_ids[i:i + PACK_TOKENS]) for i in range(start, whole, PACK_TOKENS)]
     if whole < stop:

@@ -85,7 +85,7 @@ class Request:
 
     def extend_hashes(self, block_size: int) -> None:
         """Hash newly full blocks (outputs included) so they can be cached."""
-        full = self.num_tokens // block_size
+        full = len(self.tokens) // block_size   # self.num_tokens, without the property call
         if full > len(self.hashes):
             parent = self.hashes[-1] if self.hashes else root_hash(self.salt)
             start = len(self.hashes) * block_size
