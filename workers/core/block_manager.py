@@ -130,7 +130,9 @@ class BlockManager:
             raise ValueError("host_blocks must be >= 0")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        # A slot's Block is made at its first allocation (allocate): a large pool (60K blocks and more) is
+        # mostly untouched by a short simulation, and building it whole took ~30 ms per engine.
+        self.blocks: list[Block] = []
         self._empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free slots holding no cached KV
         self._evictable = EVICTION_ORDERS[eviction]()                  # free slots holding cached KV
         self._cached: dict[BlockHash, int] = {}                        # block hash -> block id
@@ -239,7 +241,12 @@ class BlockManager:
             self._report_evictions(evicted)
         blocks = self.blocks
         for block_id in ids:
-            block = blocks[block_id]
+            if block_id < len(blocks):
+                block = blocks[block_id]
+            else:   # untouched slots leave the bottom of the empty list in increasing order: the next one
+                assert block_id == len(blocks), "an untouched slot out of order"
+                block = Block(block_id)
+                blocks.append(block)
             block.ref_count = 1
             block.hits = 0
         self.num_used += count
