@@ -156,7 +156,6 @@ def sweep_report(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.solo
 def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
     report, stdout, out = sweep_report
     for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "rate-0/records.jsonl", "rate-3/records.jsonl"):
@@ -177,7 +176,6 @@ def test_sweep_writes_json_csv_markdown_and_plot(sweep_report):
 
 
 @pytest.mark.slow
-@pytest.mark.solo
 def test_throughput_rises_then_saturates_while_p99_ttft_climbs_past_the_knee(sweep_report):
     report = sweep_report[0]
     rates = [p["rate"] for p in report["points"]]
@@ -208,7 +206,6 @@ def tiny_steady_spec(path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.solo
 def test_served_tracks_offered_below_capacity_over_windows_sized_in_lifetimes(tmp_path):
     spec_path = tiny_steady_spec(tmp_path / "tiny.toml")
     c = predict(load_spec(spec_path), []).c_max
