@@ -12,6 +12,14 @@ server, c servers, ca2 / cs2 = squared coefficients of variation of interarrival
   residuals, P(N = n) = (1 - rho) rho^n, each with density (1 - F_S(x)) / E[S]. Computed on a time
   grid with an FFT; p99 TTFT comes from it, not from a mean-plus-sigma rule, because prompt lengths
   are heavy-tailed and an exponential tail of the right mean misses their p99 by 15-20%.
+- M/G/1 with an exceptional first service (Welch 1964; the customer that starts a busy period has
+  service S0, the rest S): W = W_M/G/1(S) + Y, independent (Fuhrmann-Cooper decomposition), where Y
+  is 0 with probability 1 / d and has density lam (P(S0 > t) - P(S > t)) / d elsewhere,
+  d = 1 - rho + lam E[S0]; E[W] = lam E[S^2] / (2 (1 - rho)) + lam (E[S0^2] - E[S^2]) / (2 d).
+  A chunked-prefill worker is one: a prompt arriving at an idle worker runs alone, one arriving in a
+  backlog is packed into full steps (the first-service law needs S0 >= S for each kind of request,
+  which a step's fixed costs give). Pooled servers: the services per server and S / c, S0 / c (the
+  stated approximation below).
 - G/G/1 and G/G/c variants of that law (stated approximations): the geometric parameter is set so the
   mean wait equals Kingman's (G/G/1); with c pooled servers the service is S / c and the chance of
   waiting Erlang C's (the M/M/c exact form, Allen-Cunneen's basis).
@@ -63,16 +71,19 @@ def allen_cunneen_wait(c: int, lam: float, es: float, ca2: float, cs2: float) ->
 
 
 def mg1_wait_pmf(service_values: np.ndarray, service_weights: np.ndarray, rho: float, h: float, cells: int,
-                 ca2: float = 1.0, servers: int = 1) -> np.ndarray:
+                 ca2: float = 1.0, servers: int = 1, extra: np.ndarray | None = None) -> np.ndarray:
     """Waiting time of M/G/1 (Benes) on a grid of step h, with the G/G/1 and G/G/c adjustments above.
 
     The service law is given as points (values, weights) and used at its mean-preserving scale; rho is
     the utilization it must produce (the caller's measure of load). Mass beyond the grid is dropped.
+    `extra`: an independent delay on the same grid added to the wait (`first_service_delay_pmf`),
+    convolved in the same transform.
     """
+    n = next_fast_len(2 * cells, real=True)
     if rho <= 0:
         pmf = np.zeros(cells)
         pmf[0] = 1.0
-        return pmf
+        return pmf if extra is None else extra.copy()
     s = np.asarray(service_values, dtype=float) / servers
     w = np.asarray(service_weights, dtype=float) / np.sum(service_weights)
     mean = float(s @ w)
@@ -83,14 +94,66 @@ def mg1_wait_pmf(service_values: np.ndarray, service_weights: np.ndarray, rho: f
     # the circular FFT folds the wait's mass past n cells back onto the grid: 2 x cells leaves only the
     # far tail to fold (the grid itself spans 12 mean waits, `prefill_queue`); a longer n folds less,
     # and a 2-3-5-smooth one is fast
-    n = next_fast_len(2 * cells, real=True)
     phi = np.fft.rfft(residual, n)
-    pmf = np.clip(np.fft.irfft((1 - geo) / (1 - geo * phi), n)[:cells], 0.0, None)
+    law = (1 - geo) / (1 - geo * phi)
+    if servers == 1 and extra is not None:
+        law *= np.fft.rfft(extra, n)
+    pmf = np.clip(np.fft.irfft(law, n)[:cells], 0.0, None)
     if servers > 1:
         waits = erlang_c(servers, servers * rho)
         pmf[1:] *= waits / max(pmf[1:].sum(), 1e-300)
         pmf[0] = 1.0 - waits
+        if extra is not None:
+            pmf = np.clip(np.fft.irfft(np.fft.rfft(pmf, n) * np.fft.rfft(extra, n), n)[:cells], 0.0, None)
     return pmf
+
+
+def first_service_delay_pmf(service: np.ndarray, first: np.ndarray, weights: np.ndarray, lam: float, h: float,
+                            cells: int, servers: int = 1) -> np.ndarray:
+    """Y of the exceptional-first-service decomposition above on a grid of step h: request kind i
+    (probability weights[i]) is served in service[i] in a backlog and in first[i] >= service[i] when
+    it starts a busy period; lam arrivals per server. Each kind's density is flat on
+    (service[i], first[i]], spread over the cells as `residual_pmf` spreads its masses."""
+    s = np.asarray(service, dtype=float) / servers
+    f = np.maximum(np.asarray(first, dtype=float) / servers, s)
+    w = np.asarray(weights, dtype=float) / np.sum(weights)
+    d = 1.0 - lam * float(s @ w) + lam * float(f @ w)
+    pmf = np.zeros(cells)
+    pmf[0] = 1.0 / d if lam > 0 else 1.0
+    spread = f > s
+    if lam <= 0 or not spread.any():
+        return pmf
+    edges = np.arange(cells + 1) * h
+    # mass of kind i on [0, e]: c_i ((e - s_i)^+ - (e - f_i)^+), c_i = lam w_i / d, summed over kinds
+    # as sorted cumulative sums (not a cells x kinds matrix: up to 65,536 cells)
+    c = lam * w[spread] / d
+    below = _ramps(edges, s[spread], c) - _ramps(edges, f[spread], c)
+    mass = np.diff(below)
+    pmf += 0.5 * mass
+    pmf[1:] += 0.5 * mass[:-1]
+    return pmf
+
+
+def _ramps(e: np.ndarray, at: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """sum_i c_i (e - at_i)^+ at each e."""
+    order = np.argsort(at, kind="stable")
+    a, c = at[order], c[order]
+    k = np.searchsorted(a, e, side="right")
+    weight = np.concatenate([[0.0], np.cumsum(c)])
+    moment = np.concatenate([[0.0], np.cumsum(c * a)])
+    return e * weight[k] - moment[k]
+
+
+def first_service_delay_mean(service: np.ndarray, first: np.ndarray, weights: np.ndarray, lam: float,
+                             servers: int = 1) -> float:
+    """Mean of Y above: lam (E[S0^2] - E[S^2]) / (2 d)."""
+    if lam <= 0:
+        return 0.0
+    s = np.asarray(service, dtype=float) / servers
+    f = np.maximum(np.asarray(first, dtype=float) / servers, s)
+    w = np.asarray(weights, dtype=float) / np.sum(weights)
+    d = 1.0 - lam * float(s @ w) + lam * float(f @ w)
+    return lam * float((f ** 2 - s ** 2) @ w) / (2.0 * d)
 
 
 def residual_pmf(s: np.ndarray, w: np.ndarray, h: float, cells: int) -> np.ndarray:

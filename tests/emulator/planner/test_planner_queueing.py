@@ -53,6 +53,32 @@ def test_benes_p99_matches_a_lindley_simulation_of_mg1():
     assert dist.grid_quantile(pmf, h, 0.9) == pytest.approx(np.quantile(w, 0.9), rel=0.05)
 
 
+def test_exceptional_first_service_law_matches_a_lindley_simulation():
+    # A short prompt costs 0.1 s when it starts a busy period (its step alone) and 0.02 s when it is
+    # packed into a backlog (w.p. 0.9); a long one 1.0 s either way. lam = 2/s: rho = 2 x 0.118.
+    rng = np.random.default_rng(2)
+    n, lam = 200_000, 2.0
+    long = rng.random(n) < 0.1
+    packed, alone = np.where(long, 1.0, 0.02), np.where(long, 1.0, 0.1)
+    a = rng.exponential(1 / lam, n)
+    w = np.zeros(n)
+    for i in range(1, n):  # Lindley, with the alone service for whoever found the server idle
+        w[i] = max(0.0, w[i - 1] + (alone[i - 1] if w[i - 1] == 0.0 else packed[i - 1]) - a[i])
+    h, cells = 0.002, 8192
+    kinds, weights = np.array([0.02, 1.0]), np.array([0.9, 0.1])
+    first = queueing.first_service_delay_pmf(kinds, np.array([0.1, 1.0]), weights, lam, h, cells)
+    pmf = queueing.mg1_wait_pmf(kinds, weights, lam * 0.118, h, cells, extra=first)
+    # P(W = 0) = (1 - rho) / (1 - rho + lam E[S0]) (Welch), not 1 - lam E[S0] = 0.62
+    assert pmf[0] == pytest.approx((1 - 0.236) / (1 - 0.236 + 0.38), abs=0.01)
+    assert pmf[0] == pytest.approx(np.mean(w == 0.0), abs=0.01)
+    mean = queueing.pk_wait(lam, 0.118, 0.9 * 0.02 ** 2 + 0.1) + queueing.first_service_delay_mean(
+        kinds, np.array([0.1, 1.0]), weights, lam)
+    assert float(pmf @ (np.arange(cells) * h)) == pytest.approx(mean, rel=0.02)
+    assert mean == pytest.approx(np.mean(w), rel=0.05)
+    assert dist.grid_quantile(pmf, h, 0.99) == pytest.approx(np.quantile(w, 0.99), rel=0.05)
+    assert dist.grid_quantile(pmf, h, 0.9) == pytest.approx(np.quantile(w, 0.9), rel=0.05)
+
+
 def test_lognormal_points_keep_the_mean_and_fit_the_tail():
     # mean 1000, p99 4000: ln(4) = 2.326 sigma - sigma^2 / 2 -> sigma = 0.673
     pts = LengthDist(mean=1000, p99=4000).points()
