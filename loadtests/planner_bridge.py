@@ -20,12 +20,13 @@ class Prediction:
     error: str | None = None      # why there is no prediction
 
 
-def planner_inputs(spec: ClusterSpec):
-    """(PlanRequest, Workload, Cluster, Slo) for a spec: its deployment, engine limits, workload, SLO."""
+def planner_inputs(spec: ClusterSpec, samples: int = planner_spec.SAMPLE_REQUESTS):
+    """(PlanRequest, Workload, Cluster, Slo) for a spec: its deployment, engine limits, workload (its
+    first `samples` requests), SLO."""
     from emulator.planner import Cluster, Slo
 
     request = planner_spec.plan_request(spec)
-    workload = planner_spec.sampled_workload(spec, 1.0)
+    workload = planner_spec.sampled_workload(spec, 1.0, samples)
     cluster = Cluster(workers=_count(spec, "both"), prefill=_count(spec, "prefill"), decode=_count(spec, "decode"))
     slo = Slo(ttft_p99=spec.slo.ttft_p99_s, itl_p99=spec.slo.itl_p99_s, e2e_p99=spec.slo.e2e_p99_s)
     return request, workload, cluster, slo
