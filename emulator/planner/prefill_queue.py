@@ -2,8 +2,8 @@
 
 Load: `busy` from `prefill.packing` (packed steps share their fixed costs). Wait: M/G/1 with an
 exceptional first service (Welch 1964): a prompt that finds the worker idle runs alone and pays each
-of its steps' fixed costs (`alone`), one that finds a backlog is packed into full-budget steps with
-the prompts around it and costs its token share of them (`share`). Its law is the standard M/G/1 law
+of its steps' fixed costs (`alone`), one that finds a backlog is packed into steps with the prompts
+around it and costs its token share of them (`_backlog_service`). Its law is the standard M/G/1 law
 of the packed services (`queueing.mg1_wait_pmf`, Pollaczek-Khinchine/Benes, with Kingman's and
 Erlang C's corrections for burstiness and pooling) plus an independent delay for the alone services'
 excess (`queueing.first_service_delay_pmf`), plus, on a colocated worker, the residual of a
@@ -40,7 +40,7 @@ def servers_and_ca2(ctx: Context, workers: int) -> tuple[int, float]:
 class PrefillQueue:
     rho: float              # rate x full-batch share: the throughput ceiling is rho = 1
     busy: float             # share of time a server runs prefill-carrying steps (the queue's load)
-    service: dist.Points    # per-request server time in a backlog: its token share of full-budget steps
+    service: dist.Points    # per-request server time in a backlog: its token share of packed steps
     first: dist.Points      # ... and when it finds the worker idle: its own steps alone
     rate: float             # arrivals per server (the first-service delay's lam)
     servers: int
@@ -56,7 +56,7 @@ class PrefillQueue:
 
     @property
     def stable(self) -> bool:
-        return self.rho < 1 and self.busy < 1
+        return self.rho < 1 and self.busy < 1 and self.rate * self.service.mean() < 1
 
     @property
     def mean_wait(self) -> float:
@@ -68,7 +68,13 @@ class PrefillQueue:
 
     @property
     def _standard_mean_wait(self) -> float:
-        return queueing.mg1_mean_wait(self.service.values, self.service.weights, self.rho, self.ca2, self.servers)
+        return queueing.mg1_mean_wait(self.service.values, self.service.weights, self._backlog_load, self.ca2,
+                                      self.servers)
+
+    @property
+    def _backlog_load(self) -> float:
+        """Utilization of the packed services alone (the standard part of the first-service law)."""
+        return self.rate * self.service.mean()
 
     @property
     def _first_service_mean(self) -> float:
@@ -119,7 +125,7 @@ class PrefillQueue:
         h = extent / cells
         first = queueing.first_service_delay_pmf(self.service.values, self.first.values, self.service.weights,
                                                  self.rate, h, cells, self.servers)
-        wait = queueing.mg1_wait_pmf(self.service.values, self.service.weights, self.rho, h, cells,
+        wait = queueing.mg1_wait_pmf(self.service.values, self.service.weights, self._backlog_load, h, cells,
                                      self.ca2, self.servers, extra=first)
         if wait.sum() < 1 - 1e-3:   # so close to saturation that the FFT loses mass: the heavy-traffic law
             wait = queueing.exponential_wait_pmf(1 - wait[0], self._standard_mean_wait, h, cells)
@@ -183,10 +189,10 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
 
     The load is `busy` from `packing` (packed steps share their fixed costs); the wait is M/G/1 with
     an exceptional first service (module docstring): a prompt served in a backlog costs its token
-    share of full-budget steps, one that starts a busy period its steps alone. Scaling every prompt's
-    alone time to the load instead gave a short prompt that waits in a backlog its alone step (a 60-token
-    chunk costs 29 ms alone and 7 ms of a full step on a 70B TP2 H200) and put the wait's p99 7% above
-    the simulator's at 30% load (1.44 s planned, 1.34 s simulated), where this law gives 1.38 s.
+    share of steps packed as `packing` finds them, one that starts a busy period its steps alone.
+    Scaling every prompt's alone time to the load instead gave a short prompt that waits in a backlog
+    its alone step (a 60-token chunk costs 29 ms alone and 7 ms of a full step on a 70B TP2 H200):
+    p99 TTFT 1.444 s at 1.45 req/s where this law gives 1.412 s (simulated: 1.343 s).
     vacation = (probability, length): a colocated arrival first waits out a decode-only step in
     progress (the M/G/1-with-vacations decomposition: W = W_M/G/1 + residual vacation).
     """
@@ -194,7 +200,7 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
     servers, ca2 = servers_and_ca2(ctx, workers)
     rho = per_worker * prof.mean_share(ctx)
     packed, busy = prefill.packing(ctx, prof, per_worker, before=vacation[1])
-    service = dist.Points(prof.share, ctx.prompts.weights)
+    service = dist.Points(_backlog_service(ctx, prof, packed), ctx.prompts.weights)
     first = dist.Points(np.maximum(prof.alone, prof.share), ctx.prompts.weights)
     slope = prefill.token_seconds(ctx, prof)
     flow = per_worker * float(ctx.new_tokens @ ctx.prompts.weights)
@@ -203,6 +209,16 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
     return PrefillQueue(rho=rho, busy=busy, service=service, first=first, rate=per_worker, servers=servers,
                         ca2=ca2, vacation=vacation, own=own, packed=packed, stretch=flow * slope,
                         stretch_cap=max(0.0, cap))
+
+
+def _backlog_service(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> np.ndarray:
+    """Each prompt point's server time in a backlog: its token share of steps packed to the mean fill
+    (`prefill.packing`), at most its steps alone. Full-budget steps overstate what a backlog packs
+    where the budget is many prompts long (8,192 tokens, prompts of ~1,000)."""
+    full = prof.full_step.seconds / prof.budget
+    at_fill = prefill.packed_step(ctx, prof.decodes, prefill.packed_tokens(ctx, prof, packed)).seconds
+    per_token = at_fill / prefill.packed_tokens(ctx, prof, packed)
+    return np.minimum(prof.alone, prof.share * max(1.0, per_token / full))
 
 
 def _own_latency(ctx: Context, prof: prefill.PrefillProfile, flow: float) -> dist.Points:
