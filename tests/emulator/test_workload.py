@@ -191,3 +191,17 @@ def test_warp_inverts_the_integrated_rate(spans, s):
     profile = W.RateProfile(starts=starts, rates=tuple(r for _, r in spans[:-1]) + (max(spans[-1][1], 0.5),))
     t = float(profile.warp(np.array([s]))[0])
     assert profile.expected(t) == pytest.approx(s, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("count,popularity", [(1, 1.0), (4, 0.0), (16, 1.0), (16, 1.3)])
+def test_a_library_picks_the_prefix_rng_choice_picks_from_the_same_stream(count, popularity):
+    # pick() reads p's CDF directly instead of calling rng.choice per request: the same prefixes,
+    # and the stream left where rng.choice leaves it (the requests after it unchanged)
+    arch = W.make_archetype("chat", {"shared_count": count, "popularity": popularity})
+    library = W._Library(arch, seed=3)
+    fast, slow = np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(500):
+        (got,) = library.pick(fast, 1)
+        (want,) = slow.choice(count, size=1, replace=False, p=library.p)
+        assert got is library.items[want]
+        assert fast.integers(0, 1 << 30) == slow.integers(0, 1 << 30)
