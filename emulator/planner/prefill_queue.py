@@ -3,12 +3,12 @@
 Load: `busy` from `prefill.packing` (packed steps share their fixed costs). Wait: M/G/1 with an
 exceptional first service (Welch 1964): a prompt that finds the worker idle runs alone and pays each
 of its steps' fixed costs (`alone`), one that finds a backlog is packed into steps with the prompts
-around it and costs its token share of them (`_backlog_service`). Its law is the standard M/G/1 law
-of the packed services (`queueing.mg1_wait_pmf`, Pollaczek-Khinchine/Benes, with Kingman's and
-Erlang C's corrections for burstiness and pooling) plus an independent delay for the alone services'
-excess (`queueing.first_service_delay_pmf`), plus, on a colocated worker, the residual of a
-decode-only step in progress. TTFT = wait + own steps, where FCFS packing makes a prompt's last step
-also carry prompts that arrived behind it.
+around it and costs its token share of them, at the load `prefill.packing` finds (`_backlog_service`).
+Its law is the standard M/G/1 law of the packed services (`queueing.mg1_wait_pmf`,
+Pollaczek-Khinchine/Benes, with Kingman's and Erlang C's corrections for burstiness and pooling)
+plus an independent delay for the alone services' excess (`queueing.first_service_delay_pmf`), plus,
+on a colocated worker, the residual of a decode-only step in progress. TTFT = wait + own steps, where
+FCFS packing makes a prompt's last step also carry prompts that arrived behind it.
 """
 from __future__ import annotations
 
@@ -189,10 +189,10 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
 
     The load is `busy` from `packing` (packed steps share their fixed costs); the wait is M/G/1 with
     an exceptional first service (module docstring): a prompt served in a backlog costs its token
-    share of steps packed as `packing` finds them, one that starts a busy period its steps alone.
-    Scaling every prompt's alone time to the load instead gave a short prompt that waits in a backlog
-    its alone step (a 60-token chunk costs 29 ms alone and 7 ms of a full step on a 70B TP2 H200):
-    p99 TTFT 1.444 s at 1.45 req/s where this law gives 1.412 s (simulated: 1.343 s).
+    share of full-budget steps scaled to the load `packing` finds, one that starts a busy period its
+    steps alone. Scaling every prompt's alone time to the load instead gave a short prompt that waits
+    in a backlog its alone step (a 60-token chunk costs 29 ms alone and 7 ms of a full step on a 70B
+    TP2 H200): p99 TTFT 1.444 s at 1.45 req/s where this law gives 1.41 s (simulated: 1.343 s).
     vacation = (probability, length): a colocated arrival first waits out a decode-only step in
     progress (the M/G/1-with-vacations decomposition: W = W_M/G/1 + residual vacation).
     """
@@ -200,7 +200,7 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
     servers, ca2 = servers_and_ca2(ctx, workers)
     rho = per_worker * prof.mean_share(ctx)
     packed, busy = prefill.packing(ctx, prof, per_worker, before=vacation[1])
-    service = dist.Points(_backlog_service(ctx, prof, packed), ctx.prompts.weights)
+    service = dist.Points(_backlog_service(ctx, prof, per_worker, busy), ctx.prompts.weights)
     first = dist.Points(np.maximum(prof.alone, prof.share), ctx.prompts.weights)
     slope = prefill.token_seconds(ctx, prof)
     flow = per_worker * float(ctx.new_tokens @ ctx.prompts.weights)
@@ -211,14 +211,15 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
                         stretch_cap=max(0.0, cap))
 
 
-def _backlog_service(ctx: Context, prof: prefill.PrefillProfile, packed: float) -> np.ndarray:
-    """Each prompt point's server time in a backlog: its token share of steps packed to the mean fill
-    (`prefill.packing`), at most its steps alone. Full-budget steps overstate what a backlog packs
-    where the budget is many prompts long (8,192 tokens, prompts of ~1,000)."""
-    full = prof.full_step.seconds / prof.budget
-    at_fill = prefill.packed_step(ctx, prof.decodes, prefill.packed_tokens(ctx, prof, packed)).seconds
-    per_token = at_fill / prefill.packed_tokens(ctx, prof, packed)
-    return np.minimum(prof.alone, prof.share * max(1.0, per_token / full))
+def _backlog_service(ctx: Context, prof: prefill.PrefillProfile, rate: float, busy: float) -> np.ndarray:
+    """Each prompt point's server time in a backlog: its token share of full-budget steps, scaled so
+    that they load the worker as `prefill.packing` finds (busy / rate x mean share), at most its steps
+    alone. Full-budget steps overstate what a backlog packs where the budget is many prompts long (an
+    8,192-token budget, prompts of ~1,000 tokens); costing each prompt at the mean fill's step instead
+    made the services jump with the fill's GEMM tiles and the p99 fall as the rate rose."""
+    mean_share = prof.mean_share(ctx)
+    scale = busy / (rate * mean_share) if rate > 0 and mean_share > 0 else 1.0
+    return np.minimum(prof.alone, prof.share * max(1.0, scale))
 
 
 def _own_latency(ctx: Context, prof: prefill.PrefillProfile, flow: float) -> dist.Points:
