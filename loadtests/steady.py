@@ -164,9 +164,13 @@ def steady_state_miss(station: Stationarity, ttft_slo: float) -> str | None:
     heading to: a miss when its later half misses (refusals count), or when it serves less than was sent
     while its TTFT or requests in the system grow (the rate is past what the cluster sustains: held,
     the queue reaches the shedder's cap). Only where the halves really disagree, so one half's sampling
-    noise cannot flip the verdict the whole window gave."""
+    noise cannot flip the verdict the whole window gave; where they agree, only a backlog does: served
+    short of sent while neither half improves (54.7 req/s on default: served 53.0 of 55.3/s sent, p99 TTFT
+    halves 76 -> 297 ms and 393 -> 453 requests in the system, each inside its noise)."""
     if station.ttft_ok and station.queue_ok:
-        return None
+        backlog = not station.served_ok and station.served_rps < station.sent_rps
+        rising = _rising(station.ttft_p99_halves) and _rising(station.in_system_halves)
+        return "queue growing" if backlog and rising else None
     a, b = station.ttft_p99_halves
     if not (_grows((a, b), station.ttft_ok) and _grows(station.in_system_halves, station.queue_ok)):
         return None
@@ -175,6 +179,12 @@ def steady_state_miss(station: Stationarity, ttft_slo: float) -> str | None:
     if not station.served_ok and station.served_rps < station.sent_rps:
         return "queue growing"   # what was sent and not served is in the system: its backlog grows
     return None
+
+
+def _rising(halves: tuple[float | None, float | None]) -> bool:
+    """A second half at least as large as the first (both known)."""
+    a, b = halves
+    return a is not None and b is not None and not (math.isnan(a) or math.isnan(b)) and b >= a
 
 
 def _grows(halves: tuple[float | None, float | None], agree: bool) -> bool:

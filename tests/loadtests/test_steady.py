@@ -100,6 +100,13 @@ def test_a_window_that_met_the_slo_while_drifting_worse_is_judged_by_where_it_wa
     # within its noise over 5 lifetimes a half, 52.8/s served of 55.2/s sent: the backlog still grows.
     backlog = check((0.077, 0.490), (398.0, 461.0), 55.2, 52.8, ttft_slo=0.5, below_c_max=True, queue_samples=5)
     assert backlog.queue_ok and not backlog.ttft_ok and steady_state_miss(backlog, 0.5) == "queue growing"
+    # Halves that agree within their noise (76 -> 297 ms, 393 -> 453 requests), 53.0/s served of 55.3/s
+    # sent: the backlog alone says it fills; with TTFT's later half lower it does not.
+    agree = check((0.076, 0.297), (393.0, 453.0), 55.3, 53.0, ttft_slo=0.5, below_c_max=True, queue_samples=5)
+    assert agree.ttft_ok and agree.queue_ok and not agree.served_ok
+    assert steady_state_miss(agree, 0.5) == "queue growing"
+    easing = check((0.297, 0.276), (393.0, 453.0), 55.3, 53.0, ttft_slo=0.5, below_c_max=True, queue_samples=5)
+    assert easing.ttft_ok and steady_state_miss(easing, 0.5) is None
     # Judged a miss, the same window is overloaded, not invalid.
     assert check((0.074, 0.427), (389.0, 459.0), 56.5, 54.4, 0.5, below_c_max=False, queue_samples=50).state \
         == "overloaded"
