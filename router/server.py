@@ -301,6 +301,7 @@ class _RouterProtocol(HeaderDeadline):
 
     def connection_made(self, transport) -> None:
         self.client_gone: asyncio.Future[None] = self.loop.create_future()
+        self._hot: tuple[object, tuple | None] = (None, None)   # (scope, its hot endpoint), per request
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -314,19 +315,25 @@ class _RouterProtocol(HeaderDeadline):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        cycle = self.cycle
-        if self.scope["method"] == "POST" and cycle is not None and cycle.scope is self.scope \
-                and not self._serves_hot(self.scope):   # those answer in one write themselves
+        cycle, scope = self.cycle, self.scope
+        if scope["method"] == "POST" and cycle is not None and cycle.scope is scope \
+                and self._hot_endpoint(scope) is None:   # the proxied endpoints answer in one write themselves
             cycle.transport = _OneWrite(self.transport)  # type: ignore[assignment]
 
-    def _serves_hot(self, scope) -> bool:
-        return self.hot_cycle and hot_endpoint(self.app, scope) is not None
+    def _hot_endpoint(self, scope):
+        """The (router, endpoint) a request goes to directly (router.hot_cycle), or None: looked up once
+        a request, by _start_asgi_task (which uvicorn's on_headers_complete calls, unless pipelined)."""
+        found, hot = self._hot
+        if found is not scope:
+            hot = hot_endpoint(self.app, scope) if self.hot_cycle else None
+            self._hot = (scope, hot)
+        return hot
 
     def _start_asgi_task(self, cycle, app) -> None:
         """A proxied endpoint's request runs router.hot_cycle.serve on uvicorn's task and cycle (its
         error handling included); every other request, the app."""
-        hot = hot_endpoint(app, cycle.scope) if self.hot_cycle and app is self.app else None
-        if hot is not None:
+        hot = self._hot_endpoint(cycle.scope)
+        if hot is not None and app is self.app:
             app = partial(serve, *hot, cycle)
         super()._start_asgi_task(cycle, app)
 

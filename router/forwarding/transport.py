@@ -42,19 +42,24 @@ class _Connection(asyncio.Protocol):
         self._deadlines = Deadlines.of(self._loop)
         self.closed = False
         self.idle_since = 0.0
+        # One parser and buffer for the connection's life: a response read to its end leaves the parser
+        # at a message boundary, and only such connections are reused (``reusable``).
+        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
+        self.chunks: deque[bytes] = deque()
+        self._wake = self._loop.create_future()
         self._reset()
 
     def _reset(self) -> None:
-        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []   # a new list: the last response keeps its own
         self.head_done = False
         self.complete = False
         self.keep_alive = False
         self.received = False           # any byte of this response
-        self.chunks: deque[bytes] = deque()
+        self.chunks.clear()
         self.buffered = 0
         self.error: Exception | None = None
-        self._wake = self._loop.create_future()
+        if self._wake.done():           # woken after its last wait: a fresh one for this response
+            self._wake = self._loop.create_future()
         self._paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
@@ -62,6 +67,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:   # bytes after a whole response (none was asked for): never reuse the connection
+            self.close()
+            return
         self.received = True
         try:
             self._parser.feed_data(data)

@@ -85,10 +85,11 @@ class Upstream:
         # chunks UpstreamStream applies the shorter idle bound itself.
         self._timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.first_byte_s,
                                       write=timeouts.idle_s, pool=timeouts.connect_s).as_dict()
+        self._lean = transport.post if isinstance(transport, LeanTransport) else None
 
     async def _send(self, url: httpx.URL, body: bytes) -> httpx.Response | LeanResponse:
-        if isinstance(self.transport, LeanTransport):   # the router's own: no httpx models on the hot path
-            return await self.transport.post(url, body, self._timeout)
+        if self._lean is not None:   # the router's own transport: no httpx models on the hot path
+            return await self._lean(url, body, self._timeout)
         request = httpx.Request("POST", url, content=body, headers=JSON_HEADERS, extensions={"timeout": self._timeout})
         return await self.transport.handle_async_request(request)
 
@@ -96,7 +97,9 @@ class Upstream:
         """A non-streaming call; the worker's 200 body, or UpstreamFailure."""
         try:
             with Expiry(self.timeouts.total_s):
-                response = await self._send(url, body)
+                # LeanTransport.post awaited here directly: one coroutine less per request than _send
+                response = await (self._lean(url, body, self._timeout) if self._lean is not None
+                                  else self._send(url, body))
                 try:
                     content = await response.aread()
                 finally:

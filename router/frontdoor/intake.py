@@ -70,6 +70,7 @@ class Intake:
         self.models = models                   # () -> list of served model names (empty: accept any)
         self.context_length = context_length   # () -> the model's context in tokens, or None (unknown)
         self.prompt_blocks = prompt_blocks     # (policy name or None) -> leading blocks it reads; None: all
+        self._last_limits: RequestLimits | None = None
 
     def job(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None = None,
             tenant: str | None = None, tenant_salt: str | None = None) -> Job:
@@ -77,8 +78,9 @@ class Intake:
         request = _decode(raw, endpoint)
         self._check_fields(request, policy)
         max_tokens = self._max_tokens(endpoint, request)
-        limits = self._limits()   # reads the workers' context lengths: once a request
-        _refuse_early(self._min_tokens(endpoint, request, _prompt_cap(limits, max_tokens)), max_tokens, limits)
+        limits = self._limits()   # reads the workers' context lengths: once a request (tokenize reuses them)
+        cap = _prompt_cap(limits, max_tokens)
+        _refuse_early(self._min_tokens(endpoint, request, cap), cap, limits)
         # Token ids count themselves; text is guessed from the body's size at ~4 characters a token
         # (kvlab.wire.tokenizer.PIECE_CHARS), and the tenant's bucket is settled with the real count.
         prompt = request.prompt if isinstance(request, CompletionRequest) else None
@@ -88,6 +90,7 @@ class Intake:
             estimate = -(-len(raw) // PIECE_CHARS)
         job = Job(endpoint, raw, request, max_tokens, _salt(request.cache_salt, tenant_salt), tenant, received,
                   prompt_estimate=estimate)
+        job.limits, job.prompt_cap = limits, cap
         job.route = RouteRequest(blocks=[], prompt_tokens=0, policy=policy)   # its policy, until tokenized
         if request.stream and not job.include_usage:
             # The worker's usage settles the tenant's tokens and counts the prompt, which routing may
@@ -101,7 +104,11 @@ class Intake:
         """Tokenize as much of the prompt as the routing policy reads (all of it where the size limits
         cannot be checked otherwise), check its size, and build the policy's RouteRequest."""
         started = time.perf_counter()
-        request, limits = job.request, self._limits()
+        request = job.request
+        if job.limits is None:
+            job.limits = self._limits()
+            job.prompt_cap = _prompt_cap(job.limits, job.max_tokens)
+        limits = job.limits
         if isinstance(request, ChatCompletionRequest):
             given: str | Sequence[int] = self.tokenizer.chat_input(request)
             asked_completion = request.max_completion_tokens is not None
@@ -109,7 +116,7 @@ class Intake:
             given, asked_completion = self.tokenizer.completion_input(request), False
         blocks = self.prompt_blocks(job.route.policy)
         at_most = self.tokenizer.max_tokens(given)
-        if blocks is None or at_most is None or at_most > _prompt_cap(limits, job.max_tokens):
+        if blocks is None or at_most is None or at_most > job.prompt_cap:
             job.set_prompt(self.tokenizer.encode(given))
             count = len(job.prompt)
         else:   # fits whatever it tokenizes to: only the head the policy reads
@@ -122,8 +129,14 @@ class Intake:
         job.tokenize_s = time.perf_counter() - started
 
     def _limits(self) -> RequestLimits:
-        return RequestLimits(max_input_tokens=self.limits.max_input_tokens,
-                             max_tokens_limit=self.limits.max_tokens_limit, max_model_len=self.context_length())
+        """The size limits now (the workers' context length may change): the last ones while it has not."""
+        context = self.context_length()
+        last = self._last_limits
+        if last is None or last.max_model_len != context:
+            last = self._last_limits = RequestLimits(max_input_tokens=self.limits.max_input_tokens,
+                                                     max_tokens_limit=self.limits.max_tokens_limit,
+                                                     max_model_len=context)
+        return last
 
     def _check_fields(self, request, policy: str | None) -> None:
         self._check_model(request.model)
@@ -166,15 +179,18 @@ class Intake:
 
 
 def _prompt_cap(limits: RequestLimits, max_tokens: int) -> int:
-    """The most prompt tokens the limits let through (a huge number when none applies)."""
-    caps = [limits.max_input_tokens or 0, (limits.max_model_len or 0) - max(max_tokens, 0)]
-    caps = [c for c in caps if c > 0]
-    return min(caps) if caps else 1 << 62
+    """The most prompt tokens the limits let through (a huge number when none applies): the smaller of
+    max_input_tokens and the context left after max_tokens, each where positive."""
+    cap = 1 << 62
+    if limits.max_input_tokens is not None and limits.max_input_tokens > 0:
+        cap = limits.max_input_tokens
+    room = (limits.max_model_len or 0) - max(max_tokens, 0)
+    return room if 0 < room < cap else cap
 
 
-def _refuse_early(at_least: int, max_tokens: int, limits: RequestLimits) -> None:
-    """Refuse a prompt whose lower-bound token count already breaks a limit, before tokenizing it."""
-    cap = _prompt_cap(limits, max_tokens)
+def _refuse_early(at_least: int, cap: int, limits: RequestLimits) -> None:
+    """Refuse a prompt whose lower-bound token count already breaks a limit (`cap`: _prompt_cap's),
+    before tokenizing it."""
     if at_least > cap:
         within = limits.max_input_tokens is not None and cap == limits.max_input_tokens
         code = "prompt_too_long" if within else "context_length_exceeded"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kvlab.wire.openai_api import ChatCompletionRequest, CompletionRequest
-from router.frontdoor.admission import Admission
+from router.frontdoor.admission import Admission, RequestLimits
 from router.frontdoor.body import rebuilt, with_fields
 from router.frontdoor.tokenize import TokenIds
 from router.policies.base import RouteRequest
@@ -30,7 +30,8 @@ _CHAT_ONLY = ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "
 
 class Job:
     __slots__ = ("endpoint", "raw", "request", "_prompt", "_whole", "salt", "route", "tenant", "max_tokens",
-                 "received", "fields", "tokenize_s", "ticket", "prompt_estimate", "reported_prompt_tokens")
+                 "received", "fields", "tokenize_s", "ticket", "prompt_estimate", "reported_prompt_tokens",
+                 "limits", "prompt_cap")
 
     def __init__(self, endpoint: Endpoint, raw: bytes, request: CompletionRequest | ChatCompletionRequest,
                  max_tokens: int, salt: str | None = None, tenant: str | None = None,
@@ -50,6 +51,8 @@ class Job:
         self.ticket: Admission | None = None  # admission's record of this request, settled at the end
         self.prompt_estimate = prompt_estimate         # prompt tokens guessed before tokenizing (admission)
         self.reported_prompt_tokens: int | None = None  # prompt tokens in the worker's usage, once it came
+        self.limits: RequestLimits | None = None   # the size limits it was checked against (intake)
+        self.prompt_cap = 1 << 62                  # the most prompt tokens they let through
 
     @property
     def prompt(self) -> TokenIds:

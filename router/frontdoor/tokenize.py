@@ -142,8 +142,25 @@ class WordIds(dict):
 
 
 def builtin_encoder():
-    """BuiltinTokenizer.encode (the same ids), with its pieces' and words' ids remembered. Safe on
-    several threads: each dict operation holds the GIL, and a piece or word always gets the same ids.
+    """BuiltinTokenizer.encode (the same ids), with its pieces' and words' ids remembered
+    (builtin_part_encoder, for each part between special tokens)."""
+    encode_part = builtin_part_encoder()
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = []
+        for part in split_specials(text):
+            if part in SPECIALS:
+                ids.append(SPECIALS[part])
+            else:
+                ids += encode_part(part)
+        return ids
+    return encode
+
+
+def builtin_part_encoder():
+    """BuiltinTokenizer.encode of text without special tokens (a part split_specials cuts out; such a
+    part tokenizes on its own), with its pieces' and words' ids remembered. Safe on several threads:
+    each dict operation holds the GIL, and a piece or word always gets the same ids.
 
     Text whose only whitespace is single spaces between words (most single-line prompts) is split at
     them by str.split and each word's ids are looked up (WordIds): ~3x cheaper than the regex, whose
@@ -154,19 +171,15 @@ def builtin_encoder():
     spaced = WordIds(" ", ids_of).__getitem__
     other_space = _OTHER_SPACE.search
 
-    def encode(text: str) -> list[int]:
+    def encode_part(part: str) -> list[int]:
+        if "  " in part or other_space(part):
+            return list(map(ids_of, find(part)))
+        words = part.split(" ")   # words, each after one space (the first: after none; an empty one: the space alone)
         ids: list[int] = []
-        for part in split_specials(text):
-            if part in SPECIALS:
-                ids.append(SPECIALS[part])
-            elif "  " in part or other_space(part):
-                ids += map(ids_of, find(part))
-            else:   # words, each after one space (the first: after none; an empty one: the space alone)
-                words = part.split(" ")
-                ids += first(words[0])
-                ids += chain.from_iterable(map(spaced, islice(words, 1, None)))
+        ids += first(words[0])
+        ids += chain.from_iterable(map(spaced, islice(words, 1, None)))
         return ids
-    return encode
+    return encode_part
 
 
 class SegmentMemo:
@@ -181,7 +194,7 @@ class SegmentMemo:
     """
 
     def __init__(self, encode, entries: int = MEMO_ENTRIES):
-        self._encode = encode
+        self._encode = encode   # ids of text without special tokens (builtin_part_encoder)
         self._entries = entries
         self._ids: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -235,7 +248,8 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.hashes = BlockHashMemo(block_size, hash_memo_runs) if hash_memo_runs else None
-        self.memo = SegmentMemo(builtin_encoder()) if isinstance(tokenizer, BuiltinTokenizer) else None
+        # The memo splits out special tokens itself, so it encodes the parts between them directly.
+        self.memo = SegmentMemo(builtin_part_encoder()) if isinstance(tokenizer, BuiltinTokenizer) else None
 
     def completion(self, request: CompletionRequest) -> TokenIds:
         """Token ids pass through as the list msgspec decoded; text is tokenized (an int32 array)."""

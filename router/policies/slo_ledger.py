@@ -72,7 +72,8 @@ class PrefillLedger:
             q.idle = view.in_flight == 0
             view.prefill_queue, view.prefill_queue_tokens = q.requests, q.tokens
             view.prefill_queue_s, view.decode_context_tokens = max(0.0, q.seconds), q.context
-            view.prefill_rate = q.rate_now(now) if now is not None else 0.0
+            # A zero rate stays zero (its clock is moved by ``sent``, which reads rate_now first).
+            view.prefill_rate = q.rate_now(now) if now is not None and q.rate else 0.0
             seen = now is not None and q.step_end is not None and q.step_end <= now
             view.step_age_s = now - q.step_end if seen else None   # type: ignore[operator]
 
