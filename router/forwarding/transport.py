@@ -38,15 +38,15 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
-        self._deadlines = Deadlines.of(self._loop)
+        self.loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines.of(self.loop)
         self.closed = False
         self.idle_since = 0.0
         # One parser and buffer for the connection's life: a response read to its end leaves the parser
         # at a message boundary, and only such connections are reused (``reusable``).
         self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
         self.chunks: deque[bytes] = deque()
-        self._wake = self._loop.create_future()
+        self._wake = self.loop.create_future()
         self._reset()
 
     def _reset(self) -> None:
@@ -59,7 +59,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.error: Exception | None = None
         if self._wake.done():           # woken after its last wait: a fresh one for this response
-            self._wake = self._loop.create_future()
+            self._wake = self.loop.create_future()
         self._paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
@@ -118,19 +118,23 @@ class _Connection(asyncio.Protocol):
             self.error = exc
         self._notify()
 
-    async def wait(self, timeout: float | None) -> None:
-        """Until the next parser event (or failure); ReadTimeout past `timeout`."""
+    async def wait(self, timeout: float | None, until: float | None = None) -> None:
+        """Until the next parser event (or failure); ReadTimeout past `timeout` seconds, or past loop time
+        `until` if that comes first."""
         if self.error is not None:
             raise self.error
-        if timeout is None:
+        if timeout is None and until is None:
             await self._wake
         else:   # one heap entry, not a libuv timer per wait (router.forwarding.deadlines)
-            deadline = self._deadlines.after(timeout, self._read_overdue)
+            when = self.loop.time() + timeout if timeout is not None else until
+            if until is not None and until < when:   # type: ignore[operator]
+                when = until
+            deadline = self._deadlines.at(when, self._read_overdue)   # type: ignore[arg-type]
             try:
                 await self._wake
             finally:
                 deadline.cancel()
-        self._wake = self._loop.create_future()
+        self._wake = self.loop.create_future()
         if self.error is not None and not (self.chunks or self.complete):
             raise self.error
 
@@ -250,6 +254,55 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def post(self, url: httpx.URL, body: bytes, timeouts: dict) -> LeanResponse:
         """POST `body` (JSON) to `url`, with httpx's timeout keys (connect, read) in `timeouts`: the
         same bytes on the wire as ``handle_async_request`` sends for such a request."""
+        _, origin, head = self._target(url)
+        return await self._send(origin, head + b"%d\r\n\r\n" % len(body), body, timeouts)
+
+    async def fetch(self, url: httpx.URL, body: bytes, timeouts: dict, total: float) -> tuple[int, bytes]:
+        """``post``, answered whole: (status, body). `total` seconds bound the whole exchange (connect
+        and every wait for the worker's bytes end by then, with ConnectTimeout or ReadTimeout), so the
+        call needs no deadline of its own, and no response objects are made."""
+        _, origin, head = self._target(url)
+        head += b"%d\r\n\r\n" % len(body)
+        conn = self._checkout(origin)
+        loop = conn.loop if conn is not None else asyncio.get_running_loop()
+        until = loop.time() + total
+        if conn is not None:
+            try:
+                return await self._whole(conn, origin, head, body, timeouts.get("read"), until)
+            except (httpx.RemoteProtocolError, httpx.WriteError):
+                if conn.received:
+                    raise
+                # Closed under us before any answer: a stale idle connection, not a dead worker.
+        connect = timeouts.get("connect")
+        left = max(0.0, until - loop.time())
+        conn = await self._connect(origin, left if connect is None else min(connect, left))
+        return await self._whole(conn, origin, head, body, timeouts.get("read"), until)
+
+    async def _whole(self, conn: _Connection, origin, head: bytes, body: bytes, read: float | None,
+                     until: float) -> tuple[int, bytes]:
+        """Send the request on `conn` and read its whole answer (as ``_Body.read``); the connection goes
+        back to the pool when it can be reused, and is closed otherwise."""
+        parts: list[bytes] = []
+        try:
+            conn.start_request(head, body)
+            while True:
+                if conn.chunks:
+                    parts.append(conn.take())
+                if conn.complete:
+                    break
+                await conn.wait(read, until)
+        except BaseException:
+            conn.close()
+            raise
+        status = conn.status
+        if conn.reusable:
+            self.checkin(origin, conn)
+        else:
+            conn.close()
+        return status, b"".join(parts)   # one part: that part itself, not a copy
+
+    def _target(self, url: httpx.URL) -> tuple[httpx.URL, tuple, bytes]:
+        """`url`'s origin and request head up to the content length's value (made once per URL object)."""
         known = self._targets.get(id(url))
         if known is None or known[0] is not url:   # an id is reused only after its URL is gone
             if len(self._targets) >= 4096:
@@ -258,7 +311,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
                                                           "content-length": "0"})
             known = self._targets[id(url)] = (url, (url.host, url.port or 80),
                                                _encode(request).removesuffix(b"0\r\n\r\n"))
-        return await self._send(known[1], known[2] + b"%d\r\n\r\n" % len(body), body, timeouts)
+        return known
 
     async def _send(self, origin, head: bytes, body: bytes, timeouts) -> LeanResponse:
         conn = self._checkout(origin)

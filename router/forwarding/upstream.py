@@ -72,7 +72,8 @@ class Upstream:
     straight to that client's transport with the same timeouts: the client layer (URL merging, cookie
     jar, auth and redirect hooks) costs ~70 us a request and does nothing for a proxy, whose URLs are
     absolute and whose worker sets no cookies; the router's LeanTransport also skips httpx's request
-    and response models (``LeanTransport.post``), any other transport gets httpx Requests.
+    and response models (``LeanTransport.post``; a non-streaming call, ``LeanTransport.fetch``, which
+    also bounds the whole call by its own waits), any other transport gets httpx Requests.
     """
 
     def __init__(self, client: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, timeouts: Timeouts):
@@ -85,7 +86,9 @@ class Upstream:
         # chunks UpstreamStream applies the shorter idle bound itself.
         self._timeout = httpx.Timeout(connect=timeouts.connect_s, read=timeouts.first_byte_s,
                                       write=timeouts.idle_s, pool=timeouts.connect_s).as_dict()
-        self._lean = transport.post if isinstance(transport, LeanTransport) else None
+        lean = transport if isinstance(transport, LeanTransport) else None
+        self._lean = lean.post if lean is not None else None
+        self._fetch = lean.fetch if lean is not None else None
 
     async def _send(self, url: httpx.URL, body: bytes) -> httpx.Response | LeanResponse:
         if self._lean is not None:   # the router's own transport: no httpx models on the hot path
@@ -96,19 +99,20 @@ class Upstream:
     async def post(self, worker_id: str, url: httpx.URL, body: bytes) -> bytes:
         """A non-streaming call; the worker's 200 body, or UpstreamFailure."""
         try:
-            with Expiry(self.timeouts.total_s):
-                # LeanTransport.post awaited here directly: one coroutine less per request than _send
-                response = await (self._lean(url, body, self._timeout) if self._lean is not None
-                                  else self._send(url, body))
-                try:
-                    content = await response.aread()
-                finally:
-                    await response.aclose()
+            if self._fetch is not None:   # the whole call bounded inside the transport's own waits
+                status, content = await self._fetch(url, body, self._timeout, self.timeouts.total_s)
+            else:
+                with Expiry(self.timeouts.total_s):
+                    response = await self._send(url, body)
+                    try:
+                        content = await response.aread()
+                    finally:
+                        await response.aclose()
+                status = response.status_code
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             raise _failure(worker_id, exc) from exc
-        if response.status_code != 200:
-            raise UpstreamFailure(worker_id, f"status {response.status_code}", dead=False,
-                                  status=response.status_code, body=content)
+        if status != 200:
+            raise UpstreamFailure(worker_id, f"status {status}", dead=False, status=status, body=content)
         return content
 
     async def open_stream(self, worker_id: str, url: httpx.URL, body: bytes) -> UpstreamStream:

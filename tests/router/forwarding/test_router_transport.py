@@ -6,7 +6,7 @@ import pytest
 
 from router.config import Timeouts
 from router.forwarding.transport import LeanTransport
-from router.forwarding.upstream import Upstream
+from router.forwarding.upstream import Upstream, UpstreamFailure
 
 TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
 
@@ -215,6 +215,16 @@ async def _body_of(transport, url) -> bytes:
         await response.aclose()
 
 
+async def _fetched(transport, url) -> bytes:
+    """The same request through ``fetch`` (the proxied non-streaming path): the body, whole."""
+    _, body = await transport.fetch(httpx.URL(url + "/x"), b"{}", TIMEOUT, 600.0)
+    return body
+
+
+# Conformance holds on both ways of reading an answer: httpx's interface and the proxied path's fetch.
+BOTH_READERS = pytest.mark.parametrize("body_of", [_body_of, _fetched], ids=["httpx", "fetch"])
+
+
 @pytest.mark.parametrize("writes", [
     # size lines, data and CRLFs split across TCP segments
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5", b"\r\nhel", b"lo\r", b"\n0\r\n", b"\r\n"),
@@ -225,35 +235,39 @@ async def _body_of(transport, url) -> bytes:
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(b"1\r\n%c\r\n" % c for c in b"hello")
      + b"0\r\n\r\n",),
 ])
-async def test_chunked_bodies_in_any_framing_are_read_whole_and_the_connection_reused(writes):
+@BOTH_READERS
+async def test_chunked_bodies_in_any_framing_are_read_whole_and_the_connection_reused(writes, body_of):
     transport = LeanTransport()
     async with RawServer(scripted(*writes, pause=0.01)) as server:
         for _ in range(2):
-            assert await _body_of(transport, server.url) == b"hello"
+            assert await body_of(transport, server.url) == b"hello"
         assert server.connections == 1
     await transport.aclose()
 
 
-async def test_a_large_chunk_past_the_high_water_mark_arrives_whole():
+@BOTH_READERS
+async def test_a_large_chunk_past_the_high_water_mark_arrives_whole(body_of):
     data = bytes(range(256)) * 4096   # 1 MiB, four times the transport's high-water mark
     transport = LeanTransport()
     async with RawServer(scripted(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(data),
                                   data, b"\r\n0\r\n\r\n")) as server:
-        assert await _body_of(transport, server.url) == data
+        assert await body_of(transport, server.url) == data
     await transport.aclose()
 
 
-async def test_connection_close_in_the_headers_is_never_reused():
+@BOTH_READERS
+async def test_connection_close_in_the_headers_is_never_reused(body_of):
     transport = LeanTransport()
     async with RawServer(scripted(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
                                   keep=True)) as server:
         for _ in range(3):
-            assert await _body_of(transport, server.url) == b"ok"
+            assert await body_of(transport, server.url) == b"ok"
         assert server.connections == 3   # each request on a new connection, though the server kept them open
     await transport.aclose()
 
 
-async def test_a_reused_connection_cut_after_part_of_the_answer_is_an_error_not_a_resend():
+@BOTH_READERS
+async def test_a_reused_connection_cut_after_part_of_the_answer_is_an_error_not_a_resend(body_of):
     """A resend is safe only while the server has said nothing: once a byte of the answer came, the
     worker may be running the request, and sending it again would run it twice."""
     answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\nContent-Le"])
@@ -266,19 +280,20 @@ async def test_a_reused_connection_cut_after_part_of_the_answer_is_an_error_not_
 
     transport = LeanTransport()
     async with RawServer(first_whole_then_cut) as server:
-        assert await _body_of(transport, server.url) == b"ok"
+        assert await body_of(transport, server.url) == b"ok"
         with pytest.raises(httpx.RemoteProtocolError):
-            await _body_of(transport, server.url)
+            await body_of(transport, server.url)
         assert server.connections == 1   # no second connection: nothing was sent again
     await transport.aclose()
 
 
-async def test_a_server_that_closes_every_idle_connection_at_once_costs_no_request():
+@BOTH_READERS
+async def test_a_server_that_closes_every_idle_connection_at_once_costs_no_request(body_of):
     """The close races each reuse: whichever wins, every request gets its answer (a resend on a fresh
     connection where the reused one died before answering)."""
     transport = LeanTransport()
     async with RawServer(scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=False)) as server:
-        bodies = [await _body_of(transport, server.url) for _ in range(20)]
+        bodies = [await body_of(transport, server.url) for _ in range(20)]
         assert bodies == [b"ok"] * 20
         assert server.connections == 20
     await transport.aclose()
@@ -324,7 +339,8 @@ async def test_a_reader_that_stops_reading_stops_the_socket_and_so_the_server():
     b"HTTP/1.1 200 OK\r\nBad Header Without Colon\r\nContent-Length: 2\r\n\r\nok",
     b"SSH-2.0-OpenSSH_9.6\r\n",                                               # not HTTP at all
 ])
-async def test_a_malformed_response_is_a_protocol_error_and_its_connection_is_dropped(garbage):
+@BOTH_READERS
+async def test_a_malformed_response_is_a_protocol_error_and_its_connection_is_dropped(garbage, body_of):
     answers = iter([garbage, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
 
     async def bad_then_good(writer) -> bool:
@@ -335,8 +351,8 @@ async def test_a_malformed_response_is_a_protocol_error_and_its_connection_is_dr
     transport = LeanTransport()
     async with RawServer(bad_then_good) as server:
         with pytest.raises(httpx.RemoteProtocolError):
-            await _body_of(transport, server.url)
-        assert await _body_of(transport, server.url) == b"ok"   # a fresh connection, not the broken one
+            await body_of(transport, server.url)
+        assert await body_of(transport, server.url) == b"ok"   # a fresh connection, not the broken one
         assert server.connections == 2
     await transport.aclose()
 
@@ -386,4 +402,50 @@ async def test_a_post_whose_worker_stays_silent_fails_with_a_timeout():
     async with RawServer(silent) as server:
         with pytest.raises(httpx.ReadTimeout):
             await transport.post(httpx.URL(server.url + "/x"), b"{}", {"connect": 2.0, "read": 0.05})
+    await transport.aclose()
+
+
+async def test_a_whole_answer_is_bounded_by_its_total_time_while_its_bytes_keep_coming():
+    """Each wait for bytes has the read timeout; the whole call has the total: a worker that trickles
+    its answer (a byte well within every read timeout) still fails once the total is spent."""
+    sent = []
+
+    async def trickle(writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(200):
+            writer.write(b"1\r\nx\r\n")
+            sent.append(1)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        return False
+
+    transport = LeanTransport()
+    upstream = Upstream(httpx.AsyncClient(), transport, Timeouts(first_byte_s=2.0, total_s=0.3))
+    async with RawServer(trickle) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            await transport.fetch(httpx.URL(server.url + "/x"), b"{}", TIMEOUT, 0.3)
+        assert len(sent) < 200   # failed while the answer was still coming
+        sent.clear()
+        with pytest.raises(UpstreamFailure) as failure:
+            await upstream.post("w", httpx.URL(server.url + "/x"), b"{}")
+        assert failure.value.reason == "timeout" and failure.value.dead and len(sent) < 200
+    await transport.aclose()
+
+
+@pytest.mark.parametrize("body_of", [_body_of, _fetched], ids=["httpx", "fetch"])
+async def test_bytes_after_a_whole_answer_keep_its_connection_from_being_reused(body_of):
+    async def answer_then_stray(writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")   # nobody asked: the connection is not to be trusted
+        await writer.drain()
+        return True
+
+    transport = LeanTransport()
+    async with RawServer(answer_then_stray) as server:
+        assert await body_of(transport, server.url) == b"ok"
+        await asyncio.sleep(0.15)
+        assert await body_of(transport, server.url) == b"ok"
+        assert server.connections == 2
     await transport.aclose()
