@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 
 from router.policies.base import Decision, RouteRequest, WorkerView, prefix_key
 from router.policies.hash_ring import DEFAULT_VNODES
@@ -48,6 +49,7 @@ DEFAULT_EPS = 0.5
 # Requests a worker may hold above the average share whatever the total; 0 is the paper's cap.
 # 2: measured best of 0-4 on the Mooncake trace and the synthetic mixes (benchmarks/routing_quality.py).
 DEFAULT_SLACK = 2
+_in_flight = attrgetter("in_flight")
 
 
 def load_cap(total_load: int, workers: int, eps: float, slack: int = 0) -> int:
@@ -77,15 +79,17 @@ class PrefixBounded(RingPolicy):
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         alive = self._alive(workers)
         cap = load_cap(sum(w.in_flight for w in alive.values()), len(alive), self.eps, self.slack)
-        order = [alive[w] for w in self.ring.walk(prefix_key(request, self.prefix_blocks)) if w in alive]
+        order = [alive[w] for w in self.ring.order(prefix_key(request, self.prefix_blocks)) if w in alive]
         under = [w for w in order if w.in_flight < cap]
         if not under:
             raise AssertionError("the caps sum past the total load, so some worker is under its cap")
         winner, matched = under[0], None   # without an index: the key's owner, else clockwise
         if self.index is not None:
             matched = self.index.credited_match(request.blocks)   # host-held blocks at their credit
-            # Python's min keeps the first of equal keys, so ring order breaks the last ties.
-            winner = min(under, key=lambda w: (-self._credit(matched, w), w.in_flight))
+            # Python's min keeps the first of equal keys, so ring order breaks the last ties. With no
+            # match anywhere every credit is 0, and the key is the in-flight count alone.
+            winner = min(under, key=lambda w: (-self._credit(matched, w), w.in_flight)) if matched \
+                else min(under, key=_in_flight)
         skips = order.index(under[0])   # workers at the cap passed over on the walk
         self.overflow_total += skips
         return Decision(worker=winner.id, policy=self.name, overflow_skips=skips,

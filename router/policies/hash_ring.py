@@ -12,6 +12,9 @@ from collections.abc import Iterator
 import xxhash
 
 DEFAULT_VNODES = 128
+# Walk orders remembered (one per ring position a key landed on): every position of a 16-worker ring at
+# the default vnodes, ~2 MB of tuples at most; past it they are forgotten and found again.
+ORDERS_KEPT = 2048
 
 
 class HashRing:
@@ -23,6 +26,7 @@ class HashRing:
         self._members: set[str] = set()
         self._points: list[int] = []   # sorted ring positions
         self._owners: list[str] = []   # owner of each position
+        self._orders: dict[int, tuple[str, ...]] = {}   # order()'s answers by start position
 
     def __contains__(self, worker_id: object) -> bool:
         return worker_id in self._members
@@ -67,7 +71,22 @@ class HashRing:
                 if len(seen) == len(self._members):
                     return
 
+    def order(self, key: int) -> tuple[str, ...]:
+        """``walk(key)`` whole: it depends only on the position the key lands on, so it is remembered
+        per position (a decision then costs a bisect and a look-up) until membership changes."""
+        points = self._points
+        start = bisect_right(points, key)
+        if start == len(points):
+            start = 0   # past the last point: the walk wraps to the first
+        found = self._orders.get(start)
+        if found is None:
+            if len(self._orders) >= ORDERS_KEPT:
+                self._orders.clear()
+            found = self._orders[start] = tuple(self.walk(key))
+        return found
+
     def _rebuild(self) -> None:
+        self._orders = {}
         # Membership changes are rare; a full sort keeps the code obvious (10K points sort in ~2 ms).
         points = sorted((self._position(w, i), w) for w in self._members for i in range(self.vnodes))
         self._points = [p for p, _ in points]

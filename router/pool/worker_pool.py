@@ -162,6 +162,8 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._views: list[WorkerView] = []
         self._roles: set[str] = set()
+        self._version = 0   # bumped by _changed; _served_cache is (version, models, context length)
+        self._served_cache: tuple[int, list[str], int | None] | None = None
         self._background = Background(self._run)
         # See every /load body (router.observability.dashboard).
         self.load_hooks: list[Callable[[str, bytes], None]] = []
@@ -203,16 +205,33 @@ class WorkerPool:
         return role in self._roles
 
     def models(self) -> list[str]:
-        names: dict[str, None] = {}
-        for worker in list(self._workers.values()):   # a copy: also read from the intake thread
-            if worker.up:
-                names.update(dict.fromkeys(worker.models))
-        return list(names)
+        """The up workers' models, each once (the same list until they change: read, never changed)."""
+        return self._served()[1]
 
     def context_length(self) -> int | None:
         """The largest context an up worker reported: a longer request fits none of them."""
-        lengths = [w.max_model_len for w in list(self._workers.values()) if w.up and w.max_model_len]
-        return max(lengths) if lengths else None
+        return self._served()[2]
+
+    def _served(self) -> tuple[int, list[str], int | None]:
+        """(version, models, context length) of the up workers, derived once per change (``_changed``):
+        every request reads them. Also read from the intake thread: a result derived while the loop
+        changed the workers carries the version it started from, so the next read derives it again."""
+        served = self._served_cache
+        version = self._version
+        if served is None or served[0] != version:
+            names: dict[str, None] = {}
+            lengths = []
+            for worker in list(self._workers.values()):   # a copy: also read from the intake thread
+                if worker.up:
+                    names.update(dict.fromkeys(worker.models))
+                    if worker.max_model_len:
+                        lengths.append(worker.max_model_len)
+            served = self._served_cache = (version, list(names), max(lengths) if lengths else None)
+        return served
+
+    def _changed(self) -> None:
+        """A worker came or went, went up or down, or reported its models: derive what they serve again."""
+        self._version += 1
 
     async def add(self, config: WorkerConfig) -> Worker:
         """Register a worker and probe it once, so a live worker is routable when this returns."""
@@ -237,6 +256,7 @@ class WorkerPool:
         self._membership_changed()
         if worker.up:
             worker.set_up(False)
+            self._changed()
             self._notify("worker_down", worker)
         self._notify("worker_removed", worker)
         return worker
@@ -245,6 +265,7 @@ class WorkerPool:
         # Derived once per change, not per request: the hot path reads these on every decision.
         self._views = [w.view for w in self._workers.values()]
         self._roles = {w.config.role for w in self._workers.values()}
+        self._changed()
 
     # -- health ----------------------------------------------------------------------------------
     def report_failure(self, worker_id: str, reason: str) -> None:
@@ -307,11 +328,14 @@ class WorkerPool:
             worker.max_model_len = min(lengths) if lengths else None
         except (httpx.HTTPError, msgspec.MsgspecError, TypeError):
             pass  # the model list is advisory; an unknown list accepts any model name
+        finally:
+            self._changed()
 
     def _mark(self, worker: Worker, up: bool) -> None:
         if self._workers.get(worker.id) is not worker:
             return  # removed while a probe was in flight
         worker.set_up(up)
+        self._changed()
         log.info("worker %s is %s", worker.id, "up" if up else "down")
         self._notify("worker_up" if up else "worker_down", worker)
 

@@ -81,3 +81,13 @@ def test_empty_ring_has_no_owner():
     with pytest.raises(LookupError):
         HashRing().owner(1)
     assert list(HashRing().walk(1)) == []
+
+
+def test_order_is_the_whole_walk_from_every_position_and_follows_membership_changes():
+    ring = HashRing(vnodes=8)
+    rng = random.Random(7)
+    for step, change in enumerate(["a", "b", "c", "-b", "d", "-a"]):
+        ring.remove(change[1:]) if change.startswith("-") else ring.add(change)
+        keys = [rng.getrandbits(64) for _ in range(300)] + ring._points + [0, 2**64 - 1]
+        for key in keys:
+            assert ring.order(key) == tuple(ring.walk(key)), (step, key)
