@@ -145,13 +145,20 @@ class Router:
         try:
             tenant = self.gate.tenant_of(request.headers.get("authorization"))
             self.gate.precheck(tenant)   # before the body is read or tokenized: a refused tenant costs ~nothing
-            policy = self._policy_override(request.headers.get(POLICY_HEADER), tenant)
+            policy = request.headers.get(POLICY_HEADER)
+            if policy is not None:
+                policy = self._policy_override(policy, tenant)
             slo = parse_slo_headers(request.headers)   # x-slo-ttft-ms / x-slo-tpot-ms: a bad value is a 400 now
             raw = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s)
-            job = await self._off_loop(raw, self.intake.job, endpoint, raw, received, policy, tenant,
-                                       self.gate.salt(tenant))
+            small = len(raw) < limits.offload_bytes   # decoded and tokenized right here, else on a thread
+            salt = self.gate.salt(tenant)
+            job = self.intake.job(endpoint, raw, received, policy, tenant, salt) if small else \
+                await self._on_thread(self.intake.job, endpoint, raw, received, policy, tenant, salt)
             self.gate.admit(job)   # before tokenizing: a shed or over-limit request costs no tokenizer time
-            await self._off_loop(raw, self.intake.tokenize, job)
+            if small:
+                self.intake.tokenize(job)
+            else:
+                await self._on_thread(self.intake.tokenize, job)
             self.proxy.slo.targets(job.route, slo)
             self._force_priority(job, tenant)
             response: Response | RelayResponse
@@ -172,12 +179,10 @@ class Router:
         self.metrics.request_count(endpoint, str(response.status_code)).inc()
         return response
 
-    async def _off_loop(self, raw: bytes, step, *args):
-        """Run an intake step (decoding, tokenizing) on a thread when the body is large, so the event
-        loop (every other stream, /health) keeps running meanwhile. One thread: large prompts queue
-        behind each other instead of taking every core."""
-        if len(raw) < self.config.limits.offload_bytes:
-            return step(*args)
+    async def _on_thread(self, step, *args):
+        """Run an intake step (decoding, tokenizing) of a large body on a thread, so the event loop
+        (every other stream, /health) keeps running meanwhile. One thread: large prompts queue behind
+        each other instead of taking every core."""
         return await asyncio.get_running_loop().run_in_executor(self._large_intake, step, *args)
 
     def _force_priority(self, job: Job, tenant: str | None) -> None:
@@ -187,9 +192,10 @@ class Router:
         if priority or job.request.priority:
             job.fields["priority"] = priority
 
-    def _policy_override(self, policy: str | None, tenant: str | None) -> str | None:
-        """A request may pick the routing policy only where the config or its tenant allows it."""
-        if policy is None or self.config.policy_header or self.gate.tenants.may_choose_policy(tenant):
+    def _policy_override(self, policy: str, tenant: str | None) -> str:
+        """A request may pick the routing policy (`policy`: its header's) only where the config or its
+        tenant allows it."""
+        if self.config.policy_header or self.gate.tenants.may_choose_policy(tenant):
             return policy
         raise ApiError(403, f"this key may not choose the routing policy ({POLICY_HEADER})", param=POLICY_HEADER,
                        code="policy_override_forbidden")

@@ -10,6 +10,9 @@ which is nothing against the router's timeouts (seconds; see router.config.Timeo
 ``Deadlines.of(loop)`` is the loop's instance. ``at(when, callback)`` schedules; ``Deadline.cancel``
 drops it (cancelled entries leave the heap when they reach its top, or all at once when they
 outnumber the live ones, so a long timeout that is cancelled at once costs no memory for long).
+A new deadline waits in a plain list until the next tick and enters the heap only if it is still
+pending then: most are cancelled within a tick (a worker's answer, a request's next bytes), and those
+never cost a heap push and pop.
 ``Expiry`` is ``asyncio.timeout``'s behaviour on top: the task is cancelled when the deadline passes
 and the block raises TimeoutError.
 """
@@ -70,13 +73,14 @@ class Deadlines:
         self._loop = weakref.ref(loop)
         self.live = 0   # deadlines neither fired nor cancelled
         self._heap: list[tuple[float, int, Deadline]] = []
+        self._fresh: list[Deadline] = []   # scheduled since the last tick, not yet in the heap
         self._order = itertools.count()   # ties: first scheduled, first fired (and no Deadline comparisons)
         self._ticking = False
 
     def at(self, when: float, callback: Callable[[], None]) -> Deadline:
         """Call `callback` at loop time `when` (up to TICK_S later) unless cancelled first."""
         deadline = Deadline(when, callback, self)
-        heapq.heappush(self._heap, (when, next(self._order), deadline))
+        self._fresh.append(deadline)
         self.live += 1
         if not self._ticking:
             self._ticking = True
@@ -94,6 +98,13 @@ class Deadlines:
 
     def _tick(self) -> None:
         heap = self._heap
+        fresh = self._fresh
+        if fresh:   # in the order scheduled, so equal times still fire first scheduled, first fired
+            order = self._order
+            for deadline in fresh:
+                if deadline._callback is not None:
+                    heapq.heappush(heap, (deadline.when, next(order), deadline))
+            fresh.clear()
         if len(heap) - self.live > max(_COMPACT_AT, 2 * self.live):
             heap[:] = [entry for entry in heap if entry[2].pending]
             heapq.heapify(heap)

@@ -76,6 +76,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(httpx.RemoteProtocolError(f"malformed response: {exc}"))
             return
+        # Bytes came (a head, body or end, or part of one): the waiter looks at what it has now, once
+        # for everything this feed parsed rather than once per parser event.
+        wake = self._wake
+        if not wake.done():
+            wake.set_result(None)
         if self.buffered > HIGH_WATER and not self._paused:
             assert self.transport is not None   # set by connection_made, before any data
             self._paused = True
@@ -94,19 +99,17 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
+    # (each runs inside data_received's feed_data, which wakes the waiter once they have all run)
     def on_headers_complete(self) -> None:
         self.head_done = True
-        self._notify()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        self._notify()
 
     def on_message_complete(self) -> None:
         self.complete = True
         self.keep_alive = self._parser.should_keep_alive()   # only meaningful inside the callbacks
-        self._notify()
 
     # -- used by the transport ---------------------------------------------------------------------
     def _notify(self) -> None:
@@ -119,8 +122,8 @@ class _Connection(asyncio.Protocol):
         self._notify()
 
     async def wait(self, timeout: float | None, until: float | None = None) -> None:
-        """Until the next parser event (or failure); ReadTimeout past `timeout` seconds, or past loop time
-        `until` if that comes first."""
+        """Until more bytes come (parsed: look at head_done, chunks, complete) or the connection fails;
+        ReadTimeout past `timeout` seconds, or past loop time `until` if that comes first."""
         if self.error is not None:
             raise self.error
         if timeout is None and until is None:
@@ -294,7 +297,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except BaseException:
             conn.close()
             raise
-        status = conn.status
+        status = conn._parser.get_status_code()
         if conn.reusable:
             self.checkin(origin, conn)
         else:

@@ -70,3 +70,12 @@ async def test_a_cancellation_from_outside_is_not_turned_into_a_timeout():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_deadline_cancelled_before_the_next_tick_never_enters_the_heap():
+    deadlines = Deadlines.of(asyncio.get_running_loop())
+    keep = deadlines.after(0.2, lambda: None)
+    deadlines.after(0.1, lambda: None).cancel()   # a worker answered at once
+    await asyncio.sleep(0.03)
+    assert [entry[2] for entry in deadlines._heap] == [keep] and deadlines.live == 1
+    keep.cancel()
