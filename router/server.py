@@ -307,7 +307,7 @@ class _RouterProtocol(HeaderDeadline):
 
     def connection_made(self, transport) -> None:
         self.client_gone: asyncio.Future[None] = self.loop.create_future()
-        self._hot: tuple[object, tuple | None] = (None, None)   # (scope, its hot endpoint), per request
+        self._hot: tuple[object, tuple[Router, Endpoint] | None] = (None, None)   # (scope, its hot endpoint)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -326,7 +326,7 @@ class _RouterProtocol(HeaderDeadline):
                 and self._hot_endpoint(scope) is None:   # the proxied endpoints answer in one write themselves
             cycle.transport = _OneWrite(self.transport)  # type: ignore[assignment]
 
-    def _hot_endpoint(self, scope):
+    def _hot_endpoint(self, scope) -> tuple[Router, Endpoint] | None:
         """The (router, endpoint) a request goes to directly (router.hot_cycle), or None: looked up once
         a request, by _start_asgi_task (which uvicorn's on_headers_complete calls, unless pipelined)."""
         found, hot = self._hot
