@@ -78,7 +78,7 @@ class PrefixBounded(RingPolicy):
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         alive = self._alive(workers)
-        cap = load_cap(sum(w.in_flight for w in alive.values()), len(alive), self.eps, self.slack)
+        cap = load_cap(sum(map(_in_flight, alive.values())), len(alive), self.eps, self.slack)
         order = [alive[w] for w in self.ring.order(prefix_key(request, self.prefix_blocks)) if w in alive]
         under = [w for w in order if w.in_flight < cap]
         if not under:

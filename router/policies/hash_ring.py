@@ -7,7 +7,7 @@ clockwise from it. More virtual nodes even out the shares (the spread of a share
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import xxhash
 
@@ -33,6 +33,10 @@ class HashRing:
 
     def __len__(self) -> int:
         return len(self._members)
+
+    def holds(self, worker_ids: Iterable[str]) -> bool:
+        """Whether every one of `worker_ids` is on the ring."""
+        return self._members.issuperset(worker_ids)
 
     @property
     def members(self) -> frozenset[str]:

@@ -33,10 +33,13 @@ class RingPolicy:
         self.ring.remove(worker_id)
 
     def _alive(self, workers: Sequence[WorkerView]) -> dict[str, WorkerView]:
-        alive = {w.id: w for w in healthy(workers)}
-        for worker_id in alive:
-            if worker_id not in self.ring:
-                self.ring.add(worker_id)
+        alive = {w.id: w for w in workers if w.healthy}
+        if not alive:
+            healthy(workers)   # raises NoWorkerAvailable, as for every policy
+        if not self.ring.holds(alive):   # one set comparison a decision while none is missing
+            for worker_id in alive:
+                if worker_id not in self.ring:
+                    self.ring.add(worker_id)
         return alive
 
 

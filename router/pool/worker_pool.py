@@ -60,7 +60,11 @@ class Worker:
         self._in_flight_at_poll = 0            # view.in_flight when the last /load was read
         self.in_transit = 0                    # streams sent here whose response headers have not come back
         self._urls: dict[str, httpx.URL] = {}
-        self._gauge = metrics.in_flight.labels(config.id)
+        gauge = metrics.in_flight.labels(config.id)
+        if load is None:   # one process: the gauge reads the count when scraped, not at every change
+            gauge.set_function(lambda: self.view.in_flight)
+        # Several: each process's count goes to its file (prometheus_client's multiprocess mode), summed.
+        self._gauge = gauge if load is not None else None
         self._health_gauge = metrics.healthy.labels(config.id)
         self._health_gauge.set(0)
 
@@ -85,15 +89,17 @@ class Worker:
 
     def charge(self) -> None:
         self.view.in_flight += 1
-        self._gauge.inc()
-        if self._slot is not None:
-            self._load.add(self._slot, 1)   # type: ignore[union-attr]
+        if self._gauge is not None:
+            self._gauge.inc()
+            if self._slot is not None:
+                self._load.add(self._slot, 1)   # type: ignore[union-attr]
 
     def release(self) -> None:
         self.view.in_flight -= 1
-        self._gauge.dec()
-        if self._slot is not None:
-            self._load.add(self._slot, -1)   # type: ignore[union-attr]
+        if self._gauge is not None:
+            self._gauge.dec()
+            if self._slot is not None:
+                self._load.add(self._slot, -1)   # type: ignore[union-attr]
 
     def refresh(self) -> None:
         """Take the in-flight count of every router process (only with a shared load)."""

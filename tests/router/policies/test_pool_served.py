@@ -1,10 +1,11 @@
-"""What the pool's up workers serve (models, context length) follows their health and model reports,
-though it is derived once per change rather than per request (router.pool.worker_pool)."""
+"""The pool's bookkeeping read on every request, kept current though it is not recomputed per request
+(router.pool.worker_pool): what the up workers serve (models, context length) follows their health and
+model reports; the in-flight gauge shows the counts when scraped."""
 import httpx
 
 from router.config import HealthConfig, Timeouts, WorkerConfig
 from router.observability.metrics import RouterMetrics
-from router.pool.worker_pool import WorkerPool
+from router.pool.worker_pool import Worker, WorkerPool
 
 CARDS = {"a": [{"id": "m1", "max_model_len": 4096}], "b": [{"id": "m2", "max_model_len": 8192}, {"id": "m1"}]}
 
@@ -37,3 +38,13 @@ async def test_served_models_and_context_follow_workers_going_down_coming_back_a
     await pool.probe(pool["a"])
     pool.remove("b")
     assert pool.models() == ["m1"] and pool.context_length() == 4096
+
+
+def test_the_in_flight_gauge_shows_each_workers_count_when_scraped():
+    metrics = RouterMetrics()
+    worker = Worker(WorkerConfig(url="http://a", id="a"), metrics)
+    worker.charge()
+    worker.charge()
+    assert b'kvlab_router_in_flight{worker="a"} 2.0' in metrics.render()
+    worker.release()
+    assert b'kvlab_router_in_flight{worker="a"} 1.0' in metrics.render()
