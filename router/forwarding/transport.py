@@ -264,7 +264,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         """``post``, answered whole: (status, body). `total` seconds bound the whole exchange (connect
         and every wait for the worker's bytes end by then, with ConnectTimeout or ReadTimeout), so the
         call needs no deadline of its own, and no response objects are made."""
-        _, origin, head = self._target(url)
+        known = self._targets.get(id(url))
+        _, origin, head = known if known is not None and known[0] is url else self._target(url)
         head += b"%d\r\n\r\n" % len(body)
         conn = self._checkout(origin)
         loop = conn.loop if conn is not None else asyncio.get_running_loop()

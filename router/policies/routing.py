@@ -93,8 +93,9 @@ class Lease(Generic[W]):
             worker.release()
 
     def release_all(self) -> None:
-        for worker in list(self.workers):
-            self.release(worker)
+        workers, self.workers = self.workers, []
+        for worker in workers:
+            worker.release()
 
 
 class Plan(NamedTuple):
@@ -111,4 +112,6 @@ def plan(decision: Decision) -> Plan:
 
 def charge(decision: Decision, worker: Callable[[str], W]) -> Lease[W]:
     """Charge every worker the decision names (`worker` looks one up by id) until its part ends."""
+    if decision.prefill_worker is None:   # the common case: one worker, named directly
+        return Lease((worker(decision.worker),))
     return Lease([worker(worker_id) for worker_id in decision.charged])
