@@ -17,10 +17,13 @@ Two ways in: ``handle_async_request`` (httpx's transport interface, for the cont
 AsyncClient) and ``post`` (the proxied requests): a JSON POST whose request head is cached per URL and
 whose answer is a ``LeanResponse``, with none of httpx's Request, Headers and Response models (building
 and reading them cost ~40 us a request, a sixth of the router's whole CPU per proxied request).
+``fetch`` is ``post`` for a non-streaming request: the answer comes back whole, as (status, body),
+and the call's total time bound is kept by the waits for bytes themselves.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 
@@ -129,10 +132,10 @@ class _Connection(asyncio.Protocol):
         if timeout is None and until is None:
             await self._wake
         else:   # one heap entry, not a libuv timer per wait (router.forwarding.deadlines)
-            when = self.loop.time() + timeout if timeout is not None else until
-            if until is not None and until < when:   # type: ignore[operator]
+            when = self.loop.time() + timeout if timeout is not None else math.inf
+            if until is not None and until < when:
                 when = until
-            deadline = self._deadlines.at(when, self._read_overdue)   # type: ignore[arg-type]
+            deadline = self._deadlines.at(when, self._read_overdue)
             try:
                 await self._wake
             finally:
