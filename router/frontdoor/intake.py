@@ -70,7 +70,7 @@ class Intake:
         self.models = models                   # () -> list of served model names (empty: accept any)
         self.context_length = context_length   # () -> the model's context in tokens, or None (unknown)
         self.prompt_blocks = prompt_blocks     # (policy name or None) -> leading blocks it reads; None: all
-        self._last_limits: RequestLimits | None = None
+        self._last_limits: tuple[Limits, RequestLimits] | None = None   # (from these limits, the last made)
 
     def job(self, endpoint: Endpoint, raw: bytes, received: float, policy: str | None = None,
             tenant: str | None = None, tenant_salt: str | None = None) -> Job:
@@ -129,14 +129,15 @@ class Intake:
         job.tokenize_s = time.perf_counter() - started
 
     def _limits(self) -> RequestLimits:
-        """The size limits now (the workers' context length may change): the last ones while it has not."""
-        context = self.context_length()
+        """The size limits now (the workers' context length may change): the last ones while neither it
+        nor the configured limits have."""
+        context, limits = self.context_length(), self.limits
         last = self._last_limits
-        if last is None or last.max_model_len != context:
-            last = self._last_limits = RequestLimits(max_input_tokens=self.limits.max_input_tokens,
-                                                     max_tokens_limit=self.limits.max_tokens_limit,
-                                                     max_model_len=context)
-        return last
+        if last is None or last[0] is not limits or last[1].max_model_len != context:
+            last = self._last_limits = (limits, RequestLimits(max_input_tokens=limits.max_input_tokens,
+                                                              max_tokens_limit=limits.max_tokens_limit,
+                                                              max_model_len=context))
+        return last[1]
 
     def _check_fields(self, request, policy: str | None) -> None:
         self._check_model(request.model)

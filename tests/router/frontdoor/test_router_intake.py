@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvlab.wire.openai_api import ApiError
 from kvlab.wire.tokenizer import SPECIALS, BuiltinTokenizer, load_tokenizer
 from router.config import Limits, SheddingConfig
 from router.frontdoor.gate import Gate
@@ -200,3 +201,20 @@ def test_a_body_decodes_alike_whichever_decoder_is_tried_first(raw, ids):
     request = _decode(raw, "completions")
     assert isinstance(request, TokenIdsCompletion) == ids
     assert request.prompt == decode_request(raw, CompletionRequest).prompt
+
+
+def test_each_request_is_checked_against_the_context_length_the_workers_report_now():
+    context = [8192]
+    policies = PolicySet("round_robin")
+    take = Intake(Limits(), PromptTokenizer(load_tokenizer(None), BLOCK), lambda: [], lambda: context[0],
+                  policies.prompt_blocks)
+    raw = body(prompt=" ".join(["ab"] * 3000), max_tokens=10)   # 3,000 tokens
+    take.tokenize(take.job("completions", raw, 0.0))
+    context[0] = 2048   # the workers now report a shorter context
+    with pytest.raises(ApiError) as refused:
+        take.tokenize(take.job("completions", raw, 0.0))
+    assert refused.value.status == 400
+    take.limits = Limits(max_input_tokens=100)   # and limits set anew apply at once
+    context[0] = 8192
+    with pytest.raises(ApiError):
+        take.tokenize(take.job("completions", raw, 0.0))
