@@ -308,6 +308,7 @@ class _RouterProtocol(HeaderDeadline):
     def connection_made(self, transport) -> None:
         self.client_gone: asyncio.Future[None] = self.loop.create_future()
         self._hot: tuple[object, tuple[Router, Endpoint] | None] = (None, None)   # (scope, its hot endpoint)
+        self._deadlines = Deadlines.of(self.loop)   # looked up once a connection, not at every response
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -345,7 +346,7 @@ class _RouterProtocol(HeaderDeadline):
 
     def _arm(self) -> None:
         if self._header_timer is None:
-            self._header_timer = Deadlines.of(self.loop).after(  # type: ignore[assignment]
+            self._header_timer = self._deadlines.after(  # type: ignore[assignment]
                 self.header_timeout_s, self._headers_overdue)
 
     def on_response_complete(self) -> None:
@@ -358,8 +359,8 @@ class _RouterProtocol(HeaderDeadline):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         else:
-            self.timeout_keep_alive_task = Deadlines.of(self.loop).after(  # type: ignore[assignment]
-                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self._deadlines.at(  # type: ignore[assignment]
+                self.loop.time() + self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 class _OneWrite:
