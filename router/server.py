@@ -25,7 +25,7 @@ import httpx
 import msgspec
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from kvlab.wire.http_body import too_large
@@ -173,6 +173,9 @@ class Router:
         except WorkerRefused as refused:
             self._refused(endpoint, job, tenant, refused.status, "worker_refused")
             return Response(refused.body, status_code=refused.status, media_type="application/json")
+        except ClientDisconnect:   # left before its body was all in: the client's doing, not a failure
+            log.debug("client left mid-body on POST %s", request.scope["path"])
+            response = CLIENT_GONE
         except BaseException:
             self._refused(endpoint, job, tenant, 500, "internal_error")
             raise
