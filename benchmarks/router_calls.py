@@ -1,126 +1,175 @@
-"""Python calls per proxied request: a timing-free measure of the router's CPU per request.
+"""Python calls per request in one router process: a timing-free measure of what the router does.
 
-One router process (in this process, on uvloop, as `kvlab router` runs it: prefix_bounded, no KV events)
-in front of two stub OpenAI servers (benchmarks/openai_stub.py), and a client process sending
-non-streaming requests one at a time (router_peers' ~64-token text prompts, max_tokens 1). After the
-warm-up the client signals the router, which profiles (cProfile) exactly the next `--requests` requests,
-then prints the calls per request and the functions called most. Call counts do not depend on how busy
-the host is, so two checkouts compare closely where CPU-time A/Bs on a shared host are noisy; the
-router's background work (health probes, the deadline tick) adds a few calls a request, the fewer the
-more requests are profiled (compare runs of the same length).
+A stub OpenAI server (benchmarks/openai_stub.py, a process of its own) sits behind a router run in
+this process on uvloop, as `kvlab router` runs it (httptools, the router's protocol, prefix_bounded,
+no KV events); a client thread sends requests one at a time over one keep-alive connection. cProfile
+watches only the router's event-loop thread, and only after a warm-up, so the counts are the router's
+own steady-state work: they do not move with host load, unlike CPU time.
 
-Run: .venv/bin/python benchmarks/router_calls.py [--requests 2000] [--warmup 300] [--top 40]
-     (another checkout's router: PYTHONPATH=<checkout> with this script's path)
+Prints, per request, every call cProfile sees (Python functions and C builtins alike) and the Python
+functions alone, for a non-streaming request (max_tokens 1) and streaming ones at two lengths (usage
+requested, as benchmarks/router_peers.py asks); the difference between the two lengths over their token
+difference is the relay's cost per SSE event. With --top N, the N functions called most per request.
+
+Run: PYTHONPATH=. .venv/bin/python benchmarks/router_calls.py [--requests 200] [--top 25]
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
-import os
 import pstats
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import msgspec
+import uvicorn
+import uvloop
+
+from router.config import RouterConfig, WorkerConfig
+from router.server import create_app, uvicorn_options
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from router_overhead import Connection, _address, free_port  # noqa: E402 (benchmarks/ on the path first)
-from router_peers import text_body  # noqa: E402
-
-
-def client(url: str, warmup: int, requests: int, signal_fd: int) -> None:
-    """Send the requests one at a time; write b"1" to `signal_fd` after the warm-up, b"0" at the end."""
-    async def run() -> None:
-        conn = Connection(*_address(url))
-        for i in range(warmup + requests):
-            if i == warmup:
-                os.write(signal_fd, b"1")
-                await asyncio.sleep(0.2)   # the router starts profiling before the next request
-            status, _, _ = await conn.post("/v1/completions", text_body(i, False, 1))
-            assert status == 200, status
-        await asyncio.sleep(0.05)          # the last answer's bookkeeping ends
-        os.write(signal_fd, b"0")
-        conn.close()
-    asyncio.run(run())
+MODEL = "Llama-3.1-8B"
+WARM_UP = 50
+SHORT, LONG = 16, 64   # streamed tokens: the per-event cost is the difference over LONG - SHORT
 
 
-async def profile_router(stubs: list[str], args) -> tuple[pstats.Stats, int]:
-    """(the profile of `args.requests` requests, the requests the router completed meanwhile)."""
-    import uvicorn
-
-    from router.cli import add_arguments, config_from_args
-    from router.server import create_app, uvicorn_options
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    flags = parser.parse_args(["--workers", ",".join(f"s{i}={u}" for i, u in enumerate(stubs)), "--policy",
-                               "prefix_bounded", "--kv-events", "off", "--host", "127.0.0.1",
-                               "--port", str(free_port())])
-    config, host, port = config_from_args(flags)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host=host, port=port, loop="none",
-                                           log_level="warning", access_log=False, **uvicorn_options(config.server)))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    read_fd, write_fd = os.pipe()
-    proc = subprocess.Popen([sys.executable, __file__, "--client", f"http://{host}:{port}", str(args.warmup),
-                             str(args.requests), str(write_fd)], pass_fds=(write_fd,))
-    os.close(write_fd)
-    profile, loop, done = cProfile.Profile(), asyncio.get_running_loop(), asyncio.Event()
-    counted: list[int] = []
-
-    def on_signal() -> None:
-        counted.append(server.server_state.total_requests)
-        if os.read(read_fd, 1) == b"1":
-            profile.enable()
-        else:
-            profile.disable()
-            loop.remove_reader(read_fd)
-            done.set()
-    loop.add_reader(read_fd, on_signal)
-    await done.wait()
-    proc.wait()
-    server.should_exit = True
-    await serving
-    return pstats.Stats(profile), counted[1] - counted[0]
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def report(stats: pstats.Stats, requests: int, top: int) -> None:
-    rows = sorted(((calls / requests, f"{Path(file).name}:{line}({name})" if file != "~" else name)
-                   for (file, line, name), (_, calls, *_rest) in stats.stats.items()),   # type: ignore[attr-defined]
-                  reverse=True)
-    print(f"{stats.total_calls / requests:.1f} Python calls a request ({requests} requests)")   # type: ignore[attr-defined]
-    for per_request, where in rows[:top]:
-        print(f"  {per_request:6.2f}  {where}")
+def body(i: int, stream: bool, max_tokens: int) -> bytes:
+    """A ~64-token prompt, distinct per request (as benchmarks/router_peers.py sends)."""
+    payload: dict = {"model": MODEL, "prompt": f"request {i}: " + " ".join(f"w{(i * 7 + k) % 997}" for k in range(60)),
+                     "max_tokens": max_tokens, "stream": stream}
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    return msgspec.json.encode(payload)
+
+
+class Client:
+    """Blocking HTTP/1.1 over one keep-alive connection: whole answers, Content-Length or chunked."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def post(self, payload: bytes) -> bytes:
+        self.sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        head = self._until(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode("latin-1"))
+        if b"transfer-encoding: chunked" in head.lower():
+            return self._until(b"\r\n0\r\n\r\n")
+        size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(self.buf) < size:
+            self._fill()
+        out, self.buf = self.buf[:size], self.buf[size:]
+        return out
+
+    def _until(self, end: bytes) -> bytes:
+        while (at := self.buf.find(end)) < 0:
+            self._fill()
+        out, self.buf = self.buf[:at + len(end)], self.buf[at + len(end):]
+        return out
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("router closed the connection")
+        self.buf += chunk
+
+
+class RouterThread:
+    """The router app served by uvicorn on uvloop in a thread of its own, profiled on demand."""
+
+    def __init__(self, stub_url: str):
+        self.port = free_port()
+        app = create_app(RouterConfig(workers=[WorkerConfig(url=stub_url, id="stub")], policy="prefix_bounded",
+                                      kv_events="off"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="none", log_level="warning",
+                                access_log=False, **uvicorn_options(app.state.router.config.server))
+        self.server = uvicorn.Server(config)
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.profile: cProfile.Profile | None = None
+
+    def _in_loop(self, fn) -> None:
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: (fn(), done.set()))
+        done.wait(5)
+
+    def start_profile(self) -> None:
+        self.profile = cProfile.Profile()
+        self._in_loop(self.profile.enable)
+
+    def stop_profile(self) -> pstats.Stats:
+        assert self.profile is not None
+        self._in_loop(self.profile.disable)
+        return pstats.Stats(self.profile)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def calls(stats: pstats.Stats) -> tuple[int, int]:
+    """(every call, Python functions only) in a profile."""
+    python = sum(nc for (file, _, _), (_, nc, *_r) in stats.stats.items() if file != "~")  # type: ignore[attr-defined]
+    return stats.total_calls, python  # type: ignore[attr-defined]
+
+
+def measure(router: RouterThread, client: Client, n: int, stream: bool, tokens: int, top: int) -> tuple[float, float]:
+    for i in range(WARM_UP):
+        client.post(body(i, stream, tokens))
+    router.start_profile()
+    for i in range(WARM_UP, WARM_UP + n):
+        client.post(body(i, stream, tokens))
+    stats = router.stop_profile()
+    total, python = calls(stats)
+    if top:
+        print(f"  top {top} by calls per request ({'stream ' + str(tokens) if stream else 'non-streaming'}):")
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])[:top]  # type: ignore[attr-defined]
+        for (file, line, name), (_, nc, *_r) in rows:
+            print(f"    {nc / n:8.2f}  {Path(file).name}:{line}({name})")
+    return total / n, python / n
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--client"]:
-        url, warmup, requests, fd = sys.argv[2:6]
-        client(url, int(warmup), int(requests), int(fd))
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000, help="requests profiled")
-    parser.add_argument("--warmup", type=int, default=300, help="requests sent before profiling")
-    parser.add_argument("--top", type=int, default=40, help="functions listed, most called first")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--top", type=int, default=0, help="list the N most-called functions per request")
     args = parser.parse_args()
-    stubs, procs = [], []
+    stub_port = free_port()
+    stub = subprocess.Popen([sys.executable, str(HERE / "openai_stub.py"), "--port", str(stub_port)])
     try:
-        for _ in range(2):
-            port = free_port()
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "openai_stub.py"), "--port", str(port)]))
-            stubs.append(f"http://127.0.0.1:{port}")
-        time.sleep(1.0)   # the stubs listen
-        import uvloop
-        stats, served = uvloop.run(profile_router(stubs, args))
+        time.sleep(0.5)
+        router = RouterThread(f"http://127.0.0.1:{stub_port}")
+        time.sleep(0.5)   # the first health probe
+        client = Client(router.port)
+        plain = measure(router, client, args.requests, False, 1, args.top)
+        short = measure(router, client, args.requests, True, SHORT, args.top)
+        long = measure(router, client, args.requests, True, LONG, args.top)
+        router.stop()
     finally:
-        for proc in procs:
-            proc.terminate()
-    if served != args.requests:
-        print(f"warning: the router completed {served} requests while profiling, not {args.requests}")
-    report(stats, args.requests, args.top)
+        stub.terminate()
+    per_event = [(b - a) / (LONG - SHORT) for a, b in zip(short, long, strict=True)]
+    print(f"calls per request (all / Python functions), {args.requests} requests each:")
+    print(f"  non-streaming:              {plain[0]:8.1f} / {plain[1]:8.1f}")
+    print(f"  streaming, {SHORT} tokens:       {short[0]:8.1f} / {short[1]:8.1f}")
+    print(f"  streaming, {LONG} tokens:       {long[0]:8.1f} / {long[1]:8.1f}")
+    print(f"  per SSE event:              {per_event[0]:8.2f} / {per_event[1]:8.2f}")
 
 
 if __name__ == "__main__":

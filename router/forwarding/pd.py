@@ -133,19 +133,16 @@ class DisaggregatedSource:
     def prefill_only(self) -> bool:
         return not self._decode_needed
 
-    @property
-    def buffered(self) -> bool:
-        return self._stream is not None and self._stream.buffered
-
-    async def next_event(self) -> bytes | None:
+    async def next_events(self) -> list[bytes]:
         if self._pending:
-            return self._pending.pop(0)
+            pending, self._pending = self._pending, []
+            return pending
         if not self._decode_needed:
-            return None
+            return []
         if self._stream is None:
             body = decode_body(self._body, self._answer)
             self._stream = await self.upstream.open_stream(self.decode.id, self.decode.endpoint(self._path), body)
-        return await self._stream.next_event()
+        return await self._stream.next_events()
 
     async def aclose(self) -> None:
         if self._closed:

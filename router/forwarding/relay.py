@@ -43,6 +43,10 @@ class StreamRelay:
         self.cached_tokens = 0          # reported by the first source that sent usage
         self.role_sent = False          # chat: the assistant role went out in some delta
         self.gaps: list[float] = []     # emulated gaps of coalesced tokens not yet timed (take_gaps)
+        # Fixed once the job reaches the relay (router.frontdoor.intake set its fields): read per event
+        self._include_usage = job.include_usage
+        self._upstream_usage = job.upstream_usage
+        self._chat = job.endpoint == "chat"
 
     @property
     def started(self) -> bool:
@@ -53,10 +57,13 @@ class StreamRelay:
     def generated(self) -> list[int]:
         """Every output token id so far (encodes the text still pending, once)."""
         if self._pending:
-            for piece in self._pending:
-                self._ids += self.tokenizer.output_ids(piece)
-            self._pending = []
+            self._encode_pending()
         return self._ids
+
+    def _encode_pending(self) -> None:
+        for piece in self._pending:
+            self._ids += self.tokenizer.output_ids(piece)
+        self._pending = []
 
     @property
     def completion_tokens(self) -> int:
@@ -75,23 +82,59 @@ class StreamRelay:
     def remaining(self) -> int:
         return self.job.max_tokens - len(self.generated)
 
+    def take(self, events: list[bytes], rewrite: bool, out: list[bytes]) -> None:
+        """Record what `events` (those that arrived together) carried and append the bytes for the
+        client to `out`, up to [DONE]. Raises BadEvent; `out` then holds what the events before it gave.
+
+        One loop for a read's events, with the first source's plain token event (nearly every event)
+        handled inline: a call per event was most of what relaying one cost."""
+        for event in events:
+            data: bytes | None
+            if event.startswith(b"data:") and (end := event.find(b"\n")) >= 0:   # its first line is the data
+                data = event[5:end].strip()
+            else:
+                data = data_of(event)
+                if data is None:
+                    continue           # a comment or keep-alive
+            if data == DONE:
+                self.done = True
+                out.append(SSE_DONE)
+                return
+            try:
+                chunk = decode_chunk(data)
+            except msgspec.MsgspecError as exc:
+                raise BadEvent(f"unreadable event: {exc}") from None
+            if chunk.error is not None:
+                raise BadEvent(f"error event: {chunk.error.get('message', chunk.error)}")
+            if not self.rid:
+                self.rid, self.created = chunk.id, chunk.created or self.created
+            if rewrite:
+                text = self._record(chunk, False)
+                self._gaps_and_usage(chunk, True)
+                if (rebuilt := self._rebuilt(chunk, text)) is not None:
+                    out.append(rebuilt)
+                continue
+            self._record(chunk, self._upstream_usage or chunk.usage is not None)
+            if chunk.token_gaps or chunk.usage is not None:
+                self._gaps_and_usage(chunk, False)
+                if not chunk.choices and chunk.usage is not None and not self._include_usage:
+                    continue   # usage the router asked for itself (router.frontdoor.intake)
+            if self._chat:
+                self.role_sent = True   # the worker's first chat chunk carries the role
+            out.append(event)
+
     def accept(self, event: bytes, rewrite: bool) -> bytes | None:
-        """Bytes for the client (None: nothing), after recording what the event carried."""
-        data = data_of(event)
-        if data is None:
-            return None            # a comment or keep-alive
-        if data == DONE:
-            self.done = True
-            return SSE_DONE
-        try:
-            chunk = decode_chunk(data)
-        except msgspec.MsgspecError as exc:
-            raise BadEvent(f"unreadable event: {exc}") from None
-        if chunk.error is not None:
-            raise BadEvent(f"error event: {chunk.error.get('message', chunk.error)}")
-        if not self.rid:
-            self.rid, self.created = chunk.id, chunk.created or self.created
-        text = self._record(chunk, defer=not rewrite and (self.job.upstream_usage or chunk.usage is not None))
+        """Bytes for the client from one event (None: nothing), after recording what it carried."""
+        out: list[bytes] = []
+        self.take([event], rewrite, out)
+        return b"".join(out) or None
+
+    def take_gaps(self) -> list[float]:
+        """The per-token gaps that upstream chunks carried since the last call."""
+        gaps, self.gaps = self.gaps, []
+        return gaps
+
+    def _gaps_and_usage(self, chunk: Chunk, rewrite: bool) -> None:
         if chunk.token_gaps:
             self.gaps += chunk.token_gaps
         if chunk.usage is not None:
@@ -99,28 +142,20 @@ class StreamRelay:
                 self.cached_tokens = chunk.usage.cached_tokens
             if not rewrite:
                 self._reported = chunk.usage.completion_tokens
-        if not rewrite:
-            if chunk.usage is not None:
                 self.job.reported_prompt_tokens = chunk.usage.prompt_tokens   # the first attempt's own prompt
-                if not chunk.choices and not self.job.include_usage:
-                    return None   # usage the router asked for itself (router.frontdoor.intake)
-            if self.job.endpoint == "chat":
-                self.role_sent = True   # the worker's first chat chunk carries the role
-            return event
-        return self._rebuilt(chunk, text)
-
-    def take_gaps(self) -> list[float]:
-        """The per-token gaps that upstream chunks carried since the last call."""
-        gaps, self.gaps = self.gaps, []
-        return gaps
 
     def _record(self, chunk: Chunk, defer: bool) -> str:
+        """The chunk's text, after recording its token ids (or its text, to be counted or encoded)."""
         text = ""
         for choice in chunk.choices:
-            piece = choice.content()
+            # a completion's text or a chat delta's content (read here, not in a method: once per event)
+            piece = choice.text if choice.text is not None else \
+                (choice.delta.content or "") if choice.delta is not None else ""
             text += piece
             if choice.token_ids is not None:
-                self.generated.extend(choice.token_ids)   # after any pending text: the order is kept
+                if self._pending:
+                    self._encode_pending()   # the ids go after the pending text's: the order is kept
+                self._ids += choice.token_ids
             elif piece:
                 if defer:
                     self._pending.append(piece)   # counted by the usage to come, encoded only if needed
@@ -140,7 +175,7 @@ class StreamRelay:
 
     # -- events the router writes itself ---------------------------------------------------------
     def content(self, text: str, finish_reason: str | None, token_gaps: list[float] | None = None) -> bytes:
-        if self.job.endpoint == "chat":
+        if self._chat:
             delta = {"content": text}
             if not self.role_sent:
                 delta = {"role": "assistant", "content": text}

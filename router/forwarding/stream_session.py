@@ -86,34 +86,35 @@ class StreamSession:
         relay = self.relay
         while not relay.done:
             out = await self._step()
-            # Events that came in the same read go out in one write: each send is a syscall for the
-            # router, and the client, which would get them back to back, loses nothing.
-            while not relay.done and self.current.buffered:
-                more = await self._step()
-                if more:
-                    out = out + more if out else more
             if self.clock is not None and self.source is not None:
-                self.clock.seen(self.source.worker_id, relay.streamed, relay.take_gaps())
-            if not self._first and relay.streamed and self.source is not None and self.decision is not None:
+                self.clock.seen(self.source.worker_id, relay.streamed, relay.take_gaps() if relay.gaps else None)
+            if not self._first and self.source is not None and self.decision is not None and relay.streamed:
                 self._first = True   # slo_aware: predicted against actual TTFT
                 self.proxy.first_token(self.job, self.source.worker_id, self.decision.policy)
             if out:
                 yield out
 
     async def _step(self) -> bytes | None:
+        """Bytes for the client from the events that have arrived (waiting for some). Events that came
+        in the same read go out in one write: each send is a syscall for the router, and the client,
+        which would get them back to back, loses nothing."""
+        out: list[bytes] = []
         try:
-            return await self._next()
+            await self._next(out)
         except (UpstreamFailure, BadEvent) as exc:
-            return await self._recover(exc)
+            if (after := await self._recover(exc)) is not None:
+                out.append(after)
+        return b"".join(out) if out else None
 
-    async def _next(self) -> bytes | None:
+    async def _next(self, out: list[bytes]) -> None:
         source = self.current
-        event = await source.next_event()
-        if event is None:
-            if self.relay.finish_reason is not None:
-                return self.relay.finish_done()
+        events = await source.next_events()
+        if events:
+            self.relay.take(events, source.rewrite, out)
+        elif self.relay.finish_reason is not None:
+            out.append(self.relay.finish_done())
+        else:
             raise UpstreamFailure(source.worker_id, "stream ended before [DONE]", dead=True)
-        return self.relay.accept(event, source.rewrite)
 
     async def _recover(self, exc: Exception) -> bytes | None:
         """After a failed source: finish, migrate, or end the stream with an error event."""

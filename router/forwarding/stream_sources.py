@@ -13,9 +13,7 @@ class Source(Protocol):
     worker_id: str
     rewrite: bool
 
-    @property
-    def buffered(self) -> bool: ...    # next_event would return without waiting
-    async def next_event(self) -> bytes | None: ...
+    async def next_events(self) -> list[bytes]: ...   # those that arrived, after waiting; []: ended cleanly
     async def aclose(self) -> None: ...
 
 
@@ -30,12 +28,8 @@ class ColocatedSource:
         self._release = release
         self._closed = False
 
-    @property
-    def buffered(self) -> bool:
-        return self.stream.buffered
-
-    async def next_event(self) -> bytes | None:
-        return await self.stream.next_event()
+    async def next_events(self) -> list[bytes]:
+        return await self.stream.next_events()
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -7,7 +7,6 @@ worker but keep this one; 4xx: the request is at fault, so the client gets the w
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import cast
 
 import httpx
@@ -170,14 +169,26 @@ class UpstreamStream:
         # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
         self._parts = aiter(cast(httpx.AsyncByteStream, response.stream))
         self._splitter = EventSplitter()
-        self._ready: deque[bytes] = deque()
+        self._ready: list[bytes] = []   # whole events not yet taken
         self._first_s = timeouts.first_byte_s
         self._idle_s = timeouts.idle_s
         self._started = False
         self._done = False          # the worker sent [DONE]: the stream ended as it should
 
-    async def next_event(self) -> bytes | None:
-        """The next whole SSE event; None when the worker closed the stream cleanly."""
+    async def next_events(self) -> list[bytes]:
+        """Every whole SSE event received and not yet taken, after waiting for one; [] when the worker
+        closed the stream cleanly. A read's events come together: a call per read, not per event."""
+        if not self._ready and not await self._receive():
+            return []
+        events, self._ready = self._ready, []
+        self._started = True
+        last = events[-1]
+        if len(last) < 32 and data_of(last) == DONE:   # last: events after [DONE] leave it unfinished
+            self._done = True
+        return events
+
+    async def _receive(self) -> bool:
+        """Wait for whole events (into _ready); False when the worker closed the stream cleanly."""
         while not self._ready:
             if self._abandoned is not None:
                 raise UpstreamFailure(self.worker_id, self._abandoned, dead=True)
@@ -187,19 +198,15 @@ class UpstreamStream:
             except StopAsyncIteration:
                 if self._splitter.pending:
                     raise UpstreamFailure(self.worker_id, "stream cut mid-event", dead=True) from None
-                return None
+                return False
             except (httpx.HTTPError, TimeoutError, OSError) as exc:
                 if self._abandoned is not None:
                     raise UpstreamFailure(self.worker_id, self._abandoned, dead=True) from exc
                 raise _failure(self.worker_id, exc) from exc
             finally:
                 self._wait = None
-            self._ready.extend(self._splitter.feed(part))
-        self._started = True
-        event = self._ready.popleft()
-        if len(event) < 32 and data_of(event) == DONE:
-            self._done = True
-        return event
+            self._ready = self._splitter.feed(part)
+        return True
 
     def silent_for(self) -> float:
         """Seconds the pending read has waited since the stream's last bytes (0: no read pending, or
@@ -217,11 +224,6 @@ class UpstreamStream:
         self._abandoned = reason
         if self._wait is not None:
             self._wait.expire_now()   # a no-op where its deadline is already passing: the read fails anyway
-
-    @property
-    def buffered(self) -> bool:
-        """Whole events are already here: the next ``next_event`` returns without waiting."""
-        return bool(self._ready)
 
     async def aclose(self) -> None:
         """Close. A stream that ended with [DONE] is read to its end first, so its connection is

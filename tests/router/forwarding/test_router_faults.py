@@ -217,7 +217,7 @@ def test_a_stalled_stream_abandoned_twice_fails_once_cleanly():
         response.stream = never()
         stream = UpstreamStream("w0", response, Timeouts(idle_s=30.0))
         stream._started = True
-        read = asyncio.ensure_future(stream.next_event())
+        read = asyncio.ensure_future(stream.next_events())
         await asyncio.sleep(0.05)
         assert stream.silent_for() > 0
         stream.abandon("worker stalled")
