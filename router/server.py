@@ -84,6 +84,7 @@ class Router:
         self.config = config
         self.instance_id = secrets.token_hex(16)   # lets the admin API recognise this router's own URL
         self.metrics = RouterMetrics(multiprocess=share is not None)
+        self._flusher: asyncio.Task | None = None
         # One client for every upstream call, on the lean keep-alive transport (see router.forwarding.transport);
         # trust_env=False: no proxy variables consulted on the hot path.
         self.transport = LeanTransport()
@@ -113,12 +114,17 @@ class Router:
     async def start(self) -> None:
         await asyncio.gather(*(self.pool.add(w) for w in self.config.workers))
         self.pool.start()
+        if self.metrics.multiprocess_dir is not None:   # its siblings' scrapes read its batched counts
+            self._flusher = asyncio.create_task(self.metrics.flush_every())
 
     async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
         await self.pool.stop()
         await self.subscriber.stop()
         await self.client.aclose()
         self._large_intake.shutdown(wait=False, cancel_futures=True)
+        self.metrics.flush()
 
     def context_length(self) -> int | None:
         return self.config.limits.max_model_len or self.pool.context_length()
@@ -179,7 +185,7 @@ class Router:
         except BaseException:
             self._refused(endpoint, job, tenant, 500, "internal_error")
             raise
-        self.metrics.request_count(endpoint, str(response.status_code)).inc()
+        self.metrics.answered(endpoint, response.status_code)
         return response
 
     async def _on_thread(self, step, *args):
@@ -207,7 +213,7 @@ class Router:
         """Account a refused request."""
         if job is not None:
             self.gate.release(job, 0, served=False)   # admitted but never served: free its slot, refund its tokens
-        self.metrics.request_count(endpoint, str(status)).inc()
+        self.metrics.answered(endpoint, status)
         self.metrics.reject(status, reason, tenant)
 
 

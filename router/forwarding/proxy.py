@@ -87,9 +87,8 @@ class Proxy:
             reason = "no other worker is left to try" if exclude else "no healthy worker can take the request"
             raise ApiError(503, reason, type_="server_error", code="no_worker_available",
                            headers={"Retry-After": "1"}) from None
-        if job is not None:
-            self.metrics.decision_time.observe(job.tokenize_s + time.perf_counter() - started)
-        self.metrics.decision_count(decision.policy, decision.worker).inc()
+        self.metrics.decided(decision.policy, decision.worker,
+                             None if job is None else job.tokenize_s + time.perf_counter() - started)
         if decision.overflow_skips:
             self.metrics.overflow.labels(decision.policy).inc(decision.overflow_skips)
         if decision.line_full is not None:
@@ -113,7 +112,7 @@ class Proxy:
     def _sent_upstream(self, job: Job, decision: Decision, first: bool) -> None:
         self.slo.sent(slo_key(job), decision, lambda: len(job.prompt))
         if first:
-            self.metrics.added_latency.observe(time.perf_counter() - job.received)
+            self.metrics.sent(time.perf_counter() - job.received)
             # After the request is on its way (call_soon runs once this task yields to send it), so
             # the estimate costs the request nothing, and before the worker's new KV events arrive.
             asyncio.get_running_loop().call_soon(self._estimate_hit, job, decision)
@@ -190,9 +189,7 @@ class Proxy:
 
     def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
         self.slo.ended(slo_key(job))
-        self.metrics.prompt_token_count(policy).inc(job.prompt_tokens)
-        if cached:
-            self.metrics.cached_token_count(policy).inc(cached)
+        self.metrics.served(policy, job.prompt_tokens, cached)
         self.on_finish(job, completion, cached)
 
     # -- streaming -------------------------------------------------------------------------------

@@ -12,11 +12,21 @@ Several router processes (router.processes) write their metrics to files in PROM
 ``render`` and ``aggregate`` then sum every process's counters and histograms, in-flight gauges are
 summed over live processes and health gauges show the latest probe. The hash-memo counts, read from
 one process's memory, are left out of that aggregate.
+
+What every proxied request counts (its answer, decision, decision and added latency, prompt and cached
+tokens, its worker's in-flight count) is batched: a method call per request adds to plain sums, and
+those go into the Prometheus metrics when they are read (a first collector in the registry flushes them,
+so every reader sees them, /metrics and tests alike) and, with several processes, every FLUSH_S, so a
+scrape that a sibling process answers sees them that late at most. prometheus_client's own calls cost
+about thirty Python calls a request (label lookup, checks, a lock per value); the exposition is the
+same metrics, names and labels.
 """
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import Any
+import threading
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -25,6 +35,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 # Sub-millisecond buckets: the added latency target is < 1 ms at p50.
 _ERROR_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 _LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 350e-6, 500e-6, 750e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0)
+# Several processes: how often each adds its batched counts to the shared files. Well under Prometheus'
+# default 15 s scrape interval, and one wake-up a second costs a process nothing.
+FLUSH_S = 1.0
 
 
 class RouterMetrics:
@@ -32,6 +45,8 @@ class RouterMetrics:
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if multiprocess else None
         self.registry = CollectorRegistry()
         r = self.registry
+        self._batch = _Batch()
+        r.register(self._batch)   # first: a read of the registry flushes the batch before any metric is read
         self.decisions = Counter("kvlab_router_decisions", "Routing decisions", ["policy", "worker"], registry=r)
         self.overflow = Counter("kvlab_router_overflow",
                                 "Workers skipped because they were at the bounded-load cap", ["policy"], registry=r)
@@ -68,18 +83,71 @@ class RouterMetrics:
                                                "Relative error of the predicted TTFT", ["policy"],
                                                buckets=_ERROR_BUCKETS, registry=r)
 
-        # The children every proxied request counts in, remembered by label values: labels() checks its
-        # arguments and takes the metric's lock on every call (~2 us each, four to six a request).
-        self.request_count = _Children(self.requests)
-        self.decision_count = _Children(self.decisions)
-        self.prompt_token_count = _Children(self.prompt_tokens)
-        self.cached_token_count = _Children(self.cached_tokens)
+        self._batched = _fits(self.added_latency) and _fits(self.decision_time)
+
+    # -- what every proxied request counts (batched: see the module doc) ---------------------------
+    def answered(self, endpoint: str, status: int) -> None:
+        """kvlab_router_requests{endpoint, status} += 1."""
+        with self._batch.lock:
+            key = (self.requests, endpoint, status)
+            self._batch.counts[key] = self._batch.counts.get(key, 0) + 1
+
+    def decided(self, policy: str, worker: str, seconds: float | None) -> None:
+        """A routing decision, and its time (tokenizing included) on a request's first attempt."""
+        batch = self._batch
+        with batch.lock:
+            key = (self.decisions, policy, worker)
+            batch.counts[key] = batch.counts.get(key, 0) + 1
+            if seconds is not None and self._batched:
+                bucket = (self.decision_time, bisect_left(self.decision_time._upper_bounds, seconds))
+                batch.buckets[bucket] = batch.buckets.get(bucket, 0) + 1
+                batch.sums[self.decision_time] = batch.sums.get(self.decision_time, 0.0) + seconds
+        if seconds is not None and not self._batched:
+            self.decision_time.observe(seconds)
+
+    def sent(self, seconds: float) -> None:
+        """A request's added latency (handler start to upstream send)."""
+        if not self._batched:
+            return self.added_latency.observe(seconds)
+        batch = self._batch
+        with batch.lock:
+            bucket = (self.added_latency, bisect_left(self.added_latency._upper_bounds, seconds))
+            batch.buckets[bucket] = batch.buckets.get(bucket, 0) + 1
+            batch.sums[self.added_latency] = batch.sums.get(self.added_latency, 0.0) + seconds
+        return None
+
+    def served(self, policy: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """A request's prompt tokens, and those the worker reported as prefix-cache hits."""
+        batch = self._batch
+        with batch.lock:
+            key = (self.prompt_tokens, policy)
+            batch.counts[key] = batch.counts.get(key, 0) + prompt_tokens
+            if cached_tokens:
+                key = (self.cached_tokens, policy)
+                batch.counts[key] = batch.counts.get(key, 0) + cached_tokens
+
+    def in_flight_by(self, worker: str, change: int) -> None:
+        """kvlab_router_in_flight{worker} += change (a request charged to the worker, or released)."""
+        with self._batch.lock:
+            key = (self.in_flight, worker)
+            self._batch.counts[key] = self._batch.counts.get(key, 0) + change
+
+    def flush(self) -> None:
+        """Add the batched counts to the Prometheus metrics (done before every read)."""
+        self._batch.flush()
+
+    async def flush_every(self, seconds: float = FLUSH_S) -> None:
+        """Flush periodically, for the scrapes that sibling processes answer (router.processes)."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.flush()
 
     def watch_hash_memo(self, memo) -> None:
         """Export a BlockHashMemo's hit and miss counts (read at scrape time; the memo stays pure)."""
         self.registry.register(_HashMemoCollector(memo))
 
     def render(self) -> bytes:
+        self.flush()   # this process's own batch: its siblings flush theirs every FLUSH_S
         return generate_latest(self.aggregate())
 
     def aggregate(self) -> CollectorRegistry:
@@ -94,23 +162,40 @@ class RouterMetrics:
         self.rejections.labels(str(status), reason, tenant or "-").inc()
 
 
-class _Children:
-    """``metric.labels(*values)``, remembered per label values (a bounded set: endpoints, statuses,
-    policies and workers, all named by the router, never by a client)."""
-    __slots__ = ("metric", "known")
-    LIMIT = 4096   # past this many label sets (a long-lived router with many worker changes), start over
+class _Batch:
+    """Counts since the last flush, under one lock (the registry may be read from another thread):
+    counter and gauge increments by (metric, *label values), histogram observations by (histogram,
+    bucket index) and their sums by histogram. A collector that yields nothing: collecting flushes."""
 
-    def __init__(self, metric) -> None:
-        self.metric = metric
-        self.known: dict[tuple[str, ...], Any] = {}
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[tuple, float] = {}
+        self.buckets: dict[tuple[Histogram, int], int] = {}
+        self.sums: dict[Histogram, float] = {}
 
-    def __call__(self, *values: str):
-        child = self.known.get(values)
-        if child is None:
-            if len(self.known) >= self.LIMIT:
-                self.known.clear()
-            child = self.known[values] = self.metric.labels(*values)
-        return child
+    def flush(self) -> None:
+        with self.lock:
+            counts, buckets, sums = self.counts, self.buckets, self.sums
+            self.counts, self.buckets, self.sums = {}, {}, {}
+        for (metric, *labels), amount in counts.items():   # a 0 too: the child is exported from then on
+            metric.labels(*[str(v) for v in labels]).inc(amount)
+        for histogram, total in sums.items():
+            histogram._sum.inc(total)
+        for (histogram, bucket), count in buckets.items():
+            histogram._buckets[bucket].inc(count)
+
+    def collect(self):
+        self.flush()
+        return iter(())
+
+
+def _fits(histogram: Histogram) -> bool:
+    """Whether an unlabelled histogram keeps its bounds, bucket values and sum as prometheus_client
+    0.26 does (what _Batch adds its observations to); if not, observations go through observe()."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    values = getattr(histogram, "_buckets", None)
+    return isinstance(bounds, list) and isinstance(values, list) and len(bounds) == len(values) \
+        and all(hasattr(v, "inc") for v in values) and hasattr(getattr(histogram, "_sum", None), "inc")
 
 
 class _HashMemoCollector:

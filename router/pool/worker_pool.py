@@ -60,11 +60,12 @@ class Worker:
         self._in_flight_at_poll = 0            # view.in_flight when the last /load was read
         self.in_transit = 0                    # streams sent here whose response headers have not come back
         self._urls: dict[str, httpx.URL] = {}
-        gauge = metrics.in_flight.labels(config.id)
+        gauge = metrics.in_flight.labels(config.id)   # exported (at 0) from the start
         if load is None:   # one process: the gauge reads the count when scraped, not at every change
             gauge.set_function(lambda: self.view.in_flight)
-        # Several: each process's count goes to its file (prometheus_client's multiprocess mode), summed.
-        self._gauge = gauge if load is not None else None
+        # Several: each process's count goes to its file (prometheus_client's multiprocess mode), summed,
+        # through the metrics' batched sums (in_flight_by)
+        self._metrics = metrics if load is not None else None
         self._health_gauge = metrics.healthy.labels(config.id)
         self._health_gauge.set(0)
 
@@ -89,15 +90,15 @@ class Worker:
 
     def charge(self) -> None:
         self.view.in_flight += 1
-        if self._gauge is not None:
-            self._gauge.inc()
+        if self._metrics is not None:
+            self._metrics.in_flight_by(self.config.id, 1)
             if self._slot is not None:
                 self._load.add(self._slot, 1)   # type: ignore[union-attr]
 
     def release(self) -> None:
         self.view.in_flight -= 1
-        if self._gauge is not None:
-            self._gauge.dec()
+        if self._metrics is not None:
+            self._metrics.in_flight_by(self.config.id, -1)
             if self._slot is not None:
                 self._load.add(self._slot, -1)   # type: ignore[union-attr]
 
