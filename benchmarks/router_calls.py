@@ -9,9 +9,12 @@ own steady-state work: they do not move with host load, unlike CPU time.
 Prints, per request, every call cProfile sees (Python functions and C builtins alike) and the Python
 functions alone, for a non-streaming request (max_tokens 1) and streaming ones at two lengths (usage
 requested, as benchmarks/router_peers.py asks); the difference between the two lengths over their token
-difference is the relay's cost per SSE event. With --top N, the N functions called most per request.
+difference is the relay's cost per SSE event. The stub writes a stream in one go (the router reads its
+events together) unless --event-gap-ms paces it, an event per write, as workers stream: then the cost per
+event includes a read, a relay step and a write to the client. With --top N, the N functions called most
+per request.
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/router_calls.py [--requests 200] [--top 25]
+Run: PYTHONPATH=. .venv/bin/python benchmarks/router_calls.py [--requests 200] [--top 25] [--event-gap-ms 1]
 """
 from __future__ import annotations
 
@@ -150,9 +153,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--top", type=int, default=0, help="list the N most-called functions per request")
+    parser.add_argument("--event-gap-ms", type=float, default=0.0, help="the stub's pace: an event per write")
     args = parser.parse_args()
     stub_port = free_port()
-    stub = subprocess.Popen([sys.executable, str(HERE / "openai_stub.py"), "--port", str(stub_port)])
+    stub = subprocess.Popen([sys.executable, str(HERE / "openai_stub.py"), "--port", str(stub_port),
+                             "--event-gap-ms", str(args.event_gap_ms)])
     try:
         time.sleep(0.5)
         router = RouterThread(f"http://127.0.0.1:{stub_port}")
@@ -165,7 +170,8 @@ def main() -> None:
     finally:
         stub.terminate()
     per_event = [(b - a) / (LONG - SHORT) for a, b in zip(short, long, strict=True)]
-    print(f"calls per request (all / Python functions), {args.requests} requests each:")
+    paced = f", events {args.event_gap_ms:g} ms apart" if args.event_gap_ms else ", events in one write"
+    print(f"calls per request (all / Python functions), {args.requests} requests each{paced}:")
     print(f"  non-streaming:              {plain[0]:8.1f} / {plain[1]:8.1f}")
     print(f"  streaming, {SHORT} tokens:       {short[0]:8.1f} / {short[1]:8.1f}")
     print(f"  streaming, {LONG} tokens:       {long[0]:8.1f} / {long[1]:8.1f}")

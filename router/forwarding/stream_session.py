@@ -99,22 +99,19 @@ class StreamSession:
         in the same read go out in one write: each send is a syscall for the router, and the client,
         which would get them back to back, loses nothing."""
         out: list[bytes] = []
+        source = self.current
         try:
-            await self._next(out)
+            events = await source.next_events()
+            if events:
+                self.relay.take(events, source.rewrite, out)
+            elif self.relay.finish_reason is not None:
+                out.append(self.relay.finish_done())
+            else:
+                raise UpstreamFailure(source.worker_id, "stream ended before [DONE]", dead=True)
         except (UpstreamFailure, BadEvent) as exc:
             if (after := await self._recover(exc)) is not None:
                 out.append(after)
         return b"".join(out) if out else None
-
-    async def _next(self, out: list[bytes]) -> None:
-        source = self.current
-        events = await source.next_events()
-        if events:
-            self.relay.take(events, source.rewrite, out)
-        elif self.relay.finish_reason is not None:
-            out.append(self.relay.finish_done())
-        else:
-            raise UpstreamFailure(source.worker_id, "stream ended before [DONE]", dead=True)
 
     async def _recover(self, exc: Exception) -> bytes | None:
         """After a failed source: finish, migrate, or end the stream with an error event."""

@@ -194,6 +194,11 @@ class LeanResponse:
     async def aread(self) -> bytes:
         return await self.stream.read()
 
+    def untimed_reads(self) -> None:
+        """From now on the body's reads wait without the read timeout: for a reader that bounds each
+        read itself (router.forwarding.upstream.UpstreamStream), whose deadline would be a second one."""
+        self.stream.read_timeout = None
+
     async def aclose(self) -> None:
         await self.stream.aclose()
 
@@ -202,7 +207,7 @@ class _Body(httpx.AsyncByteStream):
     """A response body read from its connection, returned to the pool when fully read."""
 
     def __init__(self, pool: LeanTransport, origin, conn: _Connection, read_timeout: float | None):
-        self._pool, self._origin, self._timeout = pool, origin, read_timeout
+        self._pool, self._origin, self.read_timeout = pool, origin, read_timeout
         self._conn: _Connection | None = conn   # None once closed
         self._done = False
 
@@ -217,7 +222,7 @@ class _Body(httpx.AsyncByteStream):
             if conn.complete:
                 self._done = True
                 return
-            await conn.wait(self._timeout)
+            await conn.wait(self.read_timeout)
 
     async def read(self) -> bytes:
         """The whole body (the same bytes as iterating, in one piece)."""
@@ -231,7 +236,7 @@ class _Body(httpx.AsyncByteStream):
             if conn.complete:
                 self._done = True
                 return b"".join(parts)   # one part: that part itself, not a copy
-            await conn.wait(self._timeout)
+            await conn.wait(self.read_timeout)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None

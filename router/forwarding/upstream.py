@@ -168,6 +168,8 @@ class UpstreamStream:
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
         # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
         self._parts = aiter(cast(httpx.AsyncByteStream, response.stream))
+        if isinstance(response, LeanResponse):
+            response.untimed_reads()   # each read has its Expiry (_receive): one deadline a read, not two
         self._splitter = EventSplitter()
         self._ready: list[bytes] = []   # whole events not yet taken
         self._first_s = timeouts.first_byte_s

@@ -14,7 +14,6 @@ GET /dashboard                  the page (router/observability/static/dashboard.
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from collections import Counter
@@ -65,19 +64,6 @@ def read_counters(registry: CollectorRegistry) -> Counters:
     return out
 
 
-def observe_many(hist: Histogram, value: float, n: int) -> None:
-    """`n` observations of `value` (prometheus_client observes one at a time; its bucket and sum
-    values are what observe() updates, so the exposition is the same)."""
-    buckets, bounds = getattr(hist, "_buckets", None), getattr(hist, "_upper_bounds", None)
-    total = getattr(hist, "_sum", None)
-    if buckets is None or bounds is None or total is None:
-        for _ in range(n):
-            hist.observe(value)
-        return
-    total.inc(value * n)
-    buckets[min(bisect.bisect_left(bounds, value), len(buckets) - 1)].inc(n)
-
-
 class Observatory:
     """Feeds one router's ClusterView and answers for it."""
 
@@ -109,11 +95,11 @@ class Observatory:
 
     def ttft(self, seconds: float) -> None:
         self.view.observe_ttft(self.clock(), seconds)
-        self._ttft.observe(seconds)
+        self.router.metrics.observe(self._ttft, seconds)   # batched with the router's own counts
 
     def itl(self, seconds: float) -> None:
         self.view.observe_itl(self.clock(), seconds)
-        self._itl.observe(seconds)
+        self.router.metrics.observe(self._itl, seconds)
 
     def itls(self, gaps: list[float]) -> None:
         """Many gaps at once (a coalesced chunk's tokens, mostly one decode step's length each): one
@@ -121,7 +107,7 @@ class Observatory:
         now = self.clock()
         for value, n in Counter(gaps).items():
             self.view.observe_itl(now, value, n)
-            observe_many(self._itl, value, n)
+            self.router.metrics.observe(self._itl, value, n)
 
     # -- answers ---------------------------------------------------------------------------------
     def members(self) -> list[Member]:

@@ -84,6 +84,7 @@ class RouterMetrics:
                                                buckets=_ERROR_BUCKETS, registry=r)
 
         self._batched = _fits(self.added_latency) and _fits(self.decision_time)
+        self._fitting: dict[Histogram, bool] = {}   # observe()'s histograms, and whether each fits
 
     # -- what every proxied request counts (batched: see the module doc) ---------------------------
     def answered(self, endpoint: str, status: int) -> None:
@@ -131,6 +132,22 @@ class RouterMetrics:
         with self._batch.lock:
             key = (self.in_flight, worker)
             self._batch.counts[key] = self._batch.counts.get(key, 0) + change
+
+    def observe(self, histogram: Histogram, value: float, n: int = 1) -> None:
+        """`n` observations of `value` in an unlabelled histogram of this registry (the dashboard's
+        TTFT and ITL: one or more a streamed token), batched where the histogram fits."""
+        fits = self._fitting.get(histogram)
+        if fits is None:
+            fits = self._fitting[histogram] = _fits(histogram)
+        if not fits:
+            for _ in range(n):
+                histogram.observe(value)
+            return
+        batch = self._batch
+        with batch.lock:
+            bucket = (histogram, bisect_left(histogram._upper_bounds, value))
+            batch.buckets[bucket] = batch.buckets.get(bucket, 0) + n
+            batch.sums[histogram] = batch.sums.get(histogram, 0.0) + value * n
 
     def flush(self) -> None:
         """Add the batched counts to the Prometheus metrics (done before every read)."""

@@ -122,18 +122,3 @@ def test_coalesced_streams_give_the_same_ttft_and_itl_percentiles(tmp_path):
             a, b = (np.mean(one), np.mean(coalesced)) if q == "mean" else (np.percentile(one, q),
                                                                           np.percentile(coalesced, q))
             assert b == pytest.approx(a, rel=rel), f"{name} p{q}: one-token chunks {a:.4f} s, coalesced {b:.4f} s"
-
-def test_many_observations_at_once_expose_what_one_at_a_time_does():
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
-
-    from router.observability.dashboard import observe_many
-    one, many = CollectorRegistry(), CollectorRegistry()
-    h1 = Histogram("gap_seconds", "gaps", registry=one, buckets=(0.01, 0.1, 1.0))
-    h2 = Histogram("gap_seconds", "gaps", registry=many, buckets=(0.01, 0.1, 1.0))
-    for value, n in ((0.005, 3), (0.1, 2), (0.5, 4), (7.0, 1)):
-        for _ in range(n):
-            h1.observe(value)
-        observe_many(h2, value, n)
-    def samples(registry):   # the _created line differs: each histogram's own creation time
-        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
-    assert samples(many) == samples(one)

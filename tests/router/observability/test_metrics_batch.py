@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import Histogram
+
 from router.observability.metrics import RouterMetrics
 
 # On bucket bounds, between them and past the last one (prometheus_client puts a value on a bound in that bucket)
@@ -73,3 +75,16 @@ def test_a_read_from_another_thread_loses_no_count():
         reader.join()
     assert metrics.registry.get_sample_value("kvlab_router_requests_total",
                                              {"endpoint": "chat", "status": "200"}) == 20_000
+
+
+def test_many_observations_at_once_expose_what_one_at_a_time_does():
+    """RouterMetrics.observe (the dashboard's TTFT and ITL: a coalesced chunk's gaps, n at a time)."""
+    one, many = RouterMetrics(), RouterMetrics()
+    h1 = Histogram("gap_seconds", "gaps", registry=one.registry, buckets=(0.01, 0.1, 1.0))
+    h2 = Histogram("gap_seconds", "gaps", registry=many.registry, buckets=(0.01, 0.1, 1.0))
+    for value, n in ((0.005, 3), (0.1, 2), (0.5, 4), (7.0, 1)):
+        for _ in range(n):
+            h1.observe(value)
+        many.observe(h2, value, n)
+    assert _exposition(many) == _exposition(one)
+    assert many.registry.get_sample_value("gap_seconds_bucket", {"le": "0.1"}) == 5
