@@ -15,6 +15,8 @@ pending then: most are cancelled within a tick (a worker's answer, a request's n
 never cost a heap push and pop.
 ``Expiry`` is ``asyncio.timeout``'s behaviour on top: the task is cancelled when the deadline passes
 and the block raises TimeoutError.
+``Watchdog`` is the same for one task's successive waits (a stream's reads), each with its own bound,
+on one heap entry that is moved only when it fires early.
 """
 from __future__ import annotations
 
@@ -108,11 +110,12 @@ class Deadlines:
         if len(heap) - self.live > max(_COMPACT_AT, 2 * self.live):
             heap[:] = [entry for entry in heap if entry[2].pending]
             heapq.heapify(heap)
-        now = self.loop.time()
+        loop = self.loop   # a property: read once a tick (a stream's watchdog keeps the tick running)
+        now = loop.time()
         while heap and (heap[0][0] <= now or not heap[0][2].pending):
             heapq.heappop(heap)[2]._fire()
         if self.live:
-            self.loop.call_later(TICK_S, self._tick)
+            loop.call_later(TICK_S, self._tick)
         else:
             heap.clear()   # only cancelled entries are left
             self._ticking = False
@@ -156,3 +159,74 @@ class Expiry:
             self._deadline = None
         if self._expired and self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
             raise TimeoutError from exc
+
+
+class Watchdog:
+    """``Expiry`` for one task's successive waits (a stream's reads), each bounded by ``seconds``.
+
+    An Expiry per wait puts a heap entry in and takes it out again, ten Python calls a read. A watchdog
+    keeps one entry: armed at a wait's start when none is pending (or when it would come too late for
+    this wait's bound), and when it fires during a later wait it is moved to that wait's own deadline.
+    A wait therefore costs a clock read, and a stream one entry per ``seconds`` or so. As with Expiry,
+    an overdue wait's task is cancelled and the wait raises TimeoutError; ``expire_now`` does that at
+    once (from any task); ``since`` is the current wait's start (None between waits).
+    Use: set ``seconds``, then ``with watchdog: await ...``; always from the same task.
+    """
+    __slots__ = ("seconds", "since", "_task", "_loop", "_deadlines", "_deadline", "_cancelling", "_expired")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.since: float | None = None
+        self._task: asyncio.Task | None = None
+        self._deadline: Deadline | None = None
+        self._expired = False
+
+    def __enter__(self) -> Watchdog:
+        task = self._task
+        if task is None:
+            task = self._task = asyncio.current_task()
+            assert task is not None, "Watchdog is used inside a task"
+            self._loop = task.get_loop()
+            self._deadlines = Deadlines.of(self._loop)
+        self._cancelling = task.cancelling()
+        self.since = now = self._loop.time()
+        due = now + self.seconds
+        deadline = self._deadline
+        if deadline is None or deadline.when > due:   # none pending, or too late for this wait's bound
+            if deadline is not None:
+                deadline.cancel()
+            self._deadline = self._deadlines.at(due, self._check)
+        return self
+
+    def _check(self) -> None:
+        self._deadline = None
+        if self.since is None:
+            return   # between waits: the next one arms it again
+        due = self.since + self.seconds
+        if self._loop.time() >= due:
+            self._expire()
+        else:
+            self._deadline = self._deadlines.at(due, self._check)
+
+    def expire_now(self) -> None:
+        if self.since is not None and not self._expired:
+            self._expire()
+
+    def _expire(self) -> None:
+        assert self._task is not None   # set by the first wait; expiring happens only during one
+        self._expired = True
+        self._task.cancel()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.since = None
+        if self._expired:
+            self._expired = False
+            assert self._task is not None
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
+
+    def close(self) -> None:
+        """No more waits: drop the pending entry."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None

@@ -13,7 +13,7 @@ import httpx
 
 from kvlab.wire.openai_api import ApiError
 from router.config import Timeouts
-from router.forwarding.deadlines import Expiry
+from router.forwarding.deadlines import Expiry, Watchdog
 from router.forwarding.sse import DONE, EventSplitter, data_of
 from router.forwarding.transport import LeanResponse, LeanTransport
 
@@ -163,13 +163,13 @@ class UpstreamStream:
         self.response = response
         self._registry = registry if registry is not None else set()
         self._registry.add(self)
-        self._wait: Expiry | None = None   # the pending read's deadline (abandon() moves it to now)
+        self._watch = Watchdog(timeouts.first_byte_s)   # each read's deadline (abandon() moves it to now)
         self._abandoned: str | None = None
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
         # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
         self._parts = aiter(cast(httpx.AsyncByteStream, response.stream))
         if isinstance(response, LeanResponse):
-            response.untimed_reads()   # each read has its Expiry (_receive): one deadline a read, not two
+            response.untimed_reads()   # each read is bounded by the watchdog (_receive): one deadline, not two
         self._splitter = EventSplitter()
         self._ready: list[bytes] = []   # whole events not yet taken
         self._first_s = timeouts.first_byte_s
@@ -194,8 +194,10 @@ class UpstreamStream:
         while not self._ready:
             if self._abandoned is not None:
                 raise UpstreamFailure(self.worker_id, self._abandoned, dead=True)
+            watch = self._watch
+            watch.seconds = self._idle_s if self._started else self._first_s
             try:
-                with Expiry(self._idle_s if self._started else self._first_s) as self._wait:
+                with watch:
                     part = await anext(self._parts)
             except StopAsyncIteration:
                 if self._splitter.pending:
@@ -205,18 +207,16 @@ class UpstreamStream:
                 if self._abandoned is not None:
                     raise UpstreamFailure(self.worker_id, self._abandoned, dead=True) from exc
                 raise _failure(self.worker_id, exc) from exc
-            finally:
-                self._wait = None
             self._ready = self._splitter.feed(part)
         return True
 
     def silent_for(self) -> float:
         """Seconds the pending read has waited since the stream's last bytes (0: no read pending, or
         no token yet)."""
-        when = self._wait.when if self._wait is not None else None
-        if when is None or not self._started:
+        since = self._watch.since
+        if since is None or not self._started:
             return 0.0
-        return asyncio.get_running_loop().time() - (when - self._idle_s)
+        return asyncio.get_running_loop().time() - since
 
     def abandon(self, reason: str) -> None:
         """Fail the stream now: the pending read (if any) ends at once, later reads raise. Events
@@ -224,13 +224,13 @@ class UpstreamStream:
         if self._abandoned is not None:
             return   # already failing (suspected, then marked down)
         self._abandoned = reason
-        if self._wait is not None:
-            self._wait.expire_now()   # a no-op where its deadline is already passing: the read fails anyway
+        self._watch.expire_now()   # a no-op between reads, or where the read is already failing
 
     async def aclose(self) -> None:
         """Close. A stream that ended with [DONE] is read to its end first, so its connection is
         reused; an unfinished one's connection is dropped, so the worker aborts the request."""
         self._registry.discard(self)
+        self._watch.close()
         try:
             if self._done and not self._ready:
                 with Expiry(DRAIN_S):

@@ -1,9 +1,10 @@
-"""Deadlines on one ticking timer: never early, cancelled ones never fire, and asyncio.timeout's behaviour."""
+"""Deadlines on one ticking timer: never early, cancelled ones never fire, and asyncio.timeout's behaviour
+(per block: Expiry; per wait of a series: Watchdog)."""
 import asyncio
 
 import pytest
 
-from router.forwarding.deadlines import Deadlines, Expiry
+from router.forwarding.deadlines import Deadlines, Expiry, Watchdog
 
 
 async def test_deadlines_fire_in_order_never_early_and_cancelled_ones_never():
@@ -79,3 +80,55 @@ async def test_a_deadline_cancelled_before_the_next_tick_never_enters_the_heap()
     await asyncio.sleep(0.03)
     assert [entry[2] for entry in deadlines._heap] == [keep] and deadlines.live == 1
     keep.cancel()
+
+
+async def test_a_watchdog_bounds_each_wait_not_their_sum():
+    watch = Watchdog(0.05)
+    for _ in range(6):   # 0.12 s in all, 0.02 s a wait: none overdue
+        with watch:
+            await asyncio.sleep(0.02)
+    with pytest.raises(TimeoutError):
+        with watch:
+            await asyncio.sleep(5)
+    with watch:   # and it goes on bounding the next waits
+        await asyncio.sleep(0)
+    watch.close()
+    assert Deadlines.of(asyncio.get_running_loop()).live == 0
+
+
+async def test_a_watchdog_keeps_a_shorter_bound_set_after_a_longer_one():
+    async def waits() -> str:
+        watch = Watchdog(30.0)
+        with watch:
+            await asyncio.sleep(0)
+        watch.seconds = 0.05   # a stream's idle bound, after its first-byte one
+        try:
+            with watch:
+                await asyncio.sleep(30)
+        except TimeoutError:
+            return "timed out"
+        return "finished"
+
+    assert await asyncio.wait_for(waits(), 5) == "timed out"
+
+
+async def test_a_watchdogs_expire_now_cuts_the_current_wait_only():
+    watch = Watchdog(30.0)
+    watch.expire_now()   # between waits: nothing to cut
+
+    async def wait() -> str:
+        with watch:
+            await asyncio.sleep(0)   # unaffected by the call above
+        try:
+            with watch:
+                await asyncio.sleep(30)
+        except TimeoutError:
+            return "timed out"
+        return "finished"
+
+    task = asyncio.ensure_future(wait())
+    await asyncio.sleep(0.01)
+    watch.expire_now()
+    watch.expire_now()   # twice: still one cancellation
+    assert await asyncio.wait_for(task, 5) == "timed out"
+    watch.close()
