@@ -155,7 +155,7 @@ class Upstream:
 
 
 class UpstreamStream:
-    """A worker's SSE response, read one event at a time with first-event and idle timeouts."""
+    """A worker's SSE response, read as whole events (a read's together) with first-event and idle timeouts."""
 
     def __init__(self, worker_id: str, response: httpx.Response | LeanResponse, timeouts: Timeouts,
                  registry: set | None = None):
