@@ -149,6 +149,21 @@ def measure(router: RouterThread, client: Client, n: int, stream: bool, tokens: 
     return total / n, python / n
 
 
+def wait_healthy(port: int, seconds: float = 60.0) -> None:
+    """Until the router's health probe has found the stub up (a busy host starts both slowly)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if b'"workers_up":1' in sock.recv(4096):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the router found no healthy stub within a minute")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -159,9 +174,8 @@ def main() -> None:
     stub = subprocess.Popen([sys.executable, str(HERE / "openai_stub.py"), "--port", str(stub_port),
                              "--event-gap-ms", str(args.event_gap_ms)])
     try:
-        time.sleep(0.5)
         router = RouterThread(f"http://127.0.0.1:{stub_port}")
-        time.sleep(0.5)   # the first health probe
+        wait_healthy(router.port)
         client = Client(router.port)
         plain = measure(router, client, args.requests, False, 1, args.top)
         short = measure(router, client, args.requests, True, SHORT, args.top)
