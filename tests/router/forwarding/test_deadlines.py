@@ -96,37 +96,31 @@ async def test_a_watchdog_bounds_each_wait_not_their_sum():
     assert Deadlines.of(asyncio.get_running_loop()).live == 0
 
 
-async def test_a_watchdog_keeps_a_shorter_bound_set_after_a_longer_one():
-    async def waits() -> str:
-        watch = Watchdog(30.0)
+async def _a_short_wait_then_a_long_one(watch: Watchdog, between=lambda: None) -> str:
+    with watch:
+        await asyncio.sleep(0)
+    between()
+    try:
         with watch:
-            await asyncio.sleep(0)
-        watch.seconds = 0.05   # a stream's idle bound, after its first-byte one
-        try:
-            with watch:
-                await asyncio.sleep(30)
-        except TimeoutError:
-            return "timed out"
-        return "finished"
+            await asyncio.sleep(30)
+    except TimeoutError:
+        return "timed out"
+    return "finished"
 
-    assert await asyncio.wait_for(waits(), 5) == "timed out"
+
+async def test_a_watchdog_keeps_a_shorter_bound_set_after_a_longer_one():
+    watch = Watchdog(30.0)
+
+    def idle_bound() -> None:   # a stream's idle bound, after its first-byte one
+        watch.seconds = 0.05
+
+    assert await asyncio.wait_for(_a_short_wait_then_a_long_one(watch, idle_bound), 5) == "timed out"
 
 
 async def test_a_watchdogs_expire_now_cuts_the_current_wait_only():
     watch = Watchdog(30.0)
-    watch.expire_now()   # between waits: nothing to cut
-
-    async def wait() -> str:
-        with watch:
-            await asyncio.sleep(0)   # unaffected by the call above
-        try:
-            with watch:
-                await asyncio.sleep(30)
-        except TimeoutError:
-            return "timed out"
-        return "finished"
-
-    task = asyncio.ensure_future(wait())
+    watch.expire_now()   # between waits: nothing to cut (the short wait after it is unaffected)
+    task = asyncio.ensure_future(_a_short_wait_then_a_long_one(watch))
     await asyncio.sleep(0.01)
     watch.expire_now()
     watch.expire_now()   # twice: still one cancellation
