@@ -90,7 +90,8 @@ def _sub(ctx: Context, prompts: np.ndarray, cached: np.ndarray, weights: np.ndar
     """The context of one class's prompts. Its decodes stay the whole mix's (every request decodes on
     the decode pool), so the decode profile (and with it every step's decode part) is the parent's."""
     return dataclasses.replace(ctx, prompts=dist.Points(prompts, weights), cached=cached,
-                               memo={"decode_profile": decode.profile(ctx)}, sample_point=None, sample_hits=None)
+                               memo={"decode_profile": decode.profile(ctx), **decode.carried(ctx)}, sample_point=None,
+                               sample_hits=None)
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,7 @@ def decode_only_gaps(ctx: Context, others: float, law: dist.Points | None = None
 
 CONTEXT_CELLS = 128    # grid cells over one sequence's context range (the sum's law is convolved on it)
 CONTEXT_GRAIN = 256    # tokens: step times of total contexts are computed to this grain (memo key)
+TRIM = 1e-9            # mass the sum's law may drop at either end (FFT round-off is ~1e-16 a cell)
 
 
 def total_context(ctx: Context, n: int) -> dist.Points:
@@ -188,39 +189,60 @@ def total_context(ctx: Context, n: int) -> dist.Points:
     context at a random step (its prompt plus the tokens it has made, each request weighted by its
     decode steps), on the quantile grid. A sum of a few heavy-tailed contexts is skewed: its tail,
     which sets the decode-only gaps' p99, lies well past a normal's."""
-    key = ("decode_total_context", n)
-    if key not in ctx.memo:
+    memo = shared(ctx)
+    key = ("total_context", n)
+    if key not in memo:
         pmf, h = _context_pmf(ctx)
         size = next_fast_len(n * len(pmf), real=True)
         total = np.clip(np.fft.irfft(np.fft.rfft(pmf, size) ** n, size)[:n * len(pmf)], 0.0, None)
-        ctx.memo[key] = dist.bin_pmf(np.arange(len(total)) * h, total / total.sum())
-    return ctx.memo[key]
+        total /= total.sum()
+        cum = np.cumsum(total)   # the sum sits within a few sd of its mean: bin only the cells that hold mass
+        lo, hi = np.searchsorted(cum, TRIM), np.searchsorted(cum, 1.0 - TRIM) + 1
+        memo[key] = dist.bin_pmf(np.arange(lo, hi) * h, total[lo:hi] / total[lo:hi].sum())
+    return memo[key]
 
 
 def _context_pmf(ctx: Context) -> tuple[np.ndarray, float]:
     """One decoding sequence's context on a grid: (pmf, cell width in tokens). A request of prompt P
     and m decode steps reads P .. P + m - 1 cached tokens, one per step (four points stand for that
     range)."""
-    if "decode_context_pmf" not in ctx.memo:
+    memo = shared(ctx)
+    if "context_pmf" not in memo:
         p, m, w, _ = _requests(ctx)
         p, m, w = (np.broadcast_to(a, np.broadcast_shapes(p.shape, m.shape, w.shape)).ravel() for a in (p, m, w))
         quarters = (np.arange(4) + 0.5) / 4
         contexts = (p[:, None] + (m[:, None] - 1.0).clip(0, None) * quarters[None, :]).ravel()
         weights = np.repeat(w, 4)
         h = max(1.0, float(contexts.max()) / (CONTEXT_CELLS - 1))
-        ctx.memo["decode_context_pmf"] = (dist.on_grid(dist.Points(contexts, weights), h, CONTEXT_CELLS), h)
-    return ctx.memo["decode_context_pmf"]
+        memo["context_pmf"] = (dist.on_grid(dist.Points(contexts, weights), h, CONTEXT_CELLS), h)
+    return memo["context_pmf"]
 
 
 def _step_at(ctx: Context, n: int, total: float) -> float:
     """Decode step time of n sequences with `total` cached tokens of context between them."""
+    memo = shared(ctx)
     grain = int(round(total / CONTEXT_GRAIN))
-    key = ("decode_step_total", n, grain)
-    if key not in ctx.memo:
+    key = ("step_total", n, grain)
+    if key not in memo:
         tokens = grain * CONTEXT_GRAIN
         shape = roofline.BatchShape(new_tokens=n, context_tokens=tokens, attention_pairs=tokens + n, sampled=n)
-        ctx.memo[key] = roofline.step_time(ctx.dep, shape).seconds
-    return ctx.memo[key]
+        memo[key] = roofline.step_time(ctx.dep, shape).seconds
+    return memo[key]
+
+
+def shared(ctx: Context) -> dict:
+    """Results that depend only on the decodes' lengths and the deployment, not on prefix-cache hits or
+    on which prompts a worker prefills: a context derived with the same decodes (the LRU's hits at a
+    rate, `prefix_cache.at_rate`; a prompt class, `conditional`) carries this dict, so its sums of
+    contexts are convolved once per plan, not once per rate."""
+    return ctx.memo.setdefault("decode_shared", {})
+
+
+def carried(ctx: Context) -> dict:
+    """The memo a context derived from `ctx` with the same decodes starts from (see `shared`); one
+    sequence's context law is taken from `ctx` now, before a prompt class could stand in for it."""
+    _context_pmf(ctx)
+    return {"decode_shared": shared(ctx)}
 
 
 @dataclass(frozen=True)

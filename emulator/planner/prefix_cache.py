@@ -28,7 +28,7 @@ import math
 import msgspec
 import numpy as np
 
-from emulator.planner import context
+from emulator.planner import context, decode
 from emulator.planner.context import Context
 
 
@@ -113,4 +113,4 @@ def at_rate(ctx: Context, rate: float, workers: int, held_tokens: float) -> Cont
     hits_now = pre.full_hit * found      # expected hits: a group's prefix is held with probability `found`
     cached = context.per_point(ctx.sample_point, hits_now, ctx.prompts)
     workload = msgspec.structs.replace(ctx.workload, prefix_groups=None)   # this context's hits are final
-    return dataclasses.replace(ctx, workload=workload, cached=cached, memo={}, sample_hits=hits_now)
+    return dataclasses.replace(ctx, workload=workload, cached=cached, memo=decode.carried(ctx), sample_hits=hits_now)
