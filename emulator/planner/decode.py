@@ -165,7 +165,7 @@ def decode_only_gaps(ctx: Context, others: float, law: dist.Points | None = None
     With the mean context alone the gaps' tail was too narrow (8B, 12 running: p99 3% low); with the
     sum as a normal (three points, the highest 1.7 sd up) it was still too narrow where a few long
     prompts decode together: 8B on an MI300X, code prompts, ~5 running, the engine's decode-only
-    gaps past 5.45 ms were 0.22% of all at 1.73 req/s where that law put 0.013%, and the draw's
+    gaps past 5.45 ms were 0.108% of all at 1.73 req/s where that law put 0.013%, and the draw's
     ITL-bound C_max came out 11% high."""
     batches = batch_spread(ctx, others, law)
     if profile(ctx).context_var <= 0:
