@@ -48,8 +48,12 @@ def test_a_queue_past_the_slo_sheds_new_requests_early_and_abandoned_requests_ar
     assert int(r.headers["Retry-After"]) >= 1
     assert router.metric("kvlab_router_rejections_total", status="503", reason="overloaded", tenant="-") == shed + 1
     background.join()
+    gave_up = time.monotonic()
     # The flood's clients gave up: the router closed their upstream requests and the worker dropped them.
-    assert wait_for(lambda: worker.load()["running"] + worker.load()["waiting"] == 0, timeout=5)
+    held = lambda: worker.load()["running"] + worker.load()["waiting"]   # noqa: E731
+    assert wait_for(lambda: held() == 0, timeout=5), (   # what a failure needs to be told apart
+        f"{time.monotonic() - gave_up:.1f} s after the clients left: worker {worker.load()}, "
+        f"router in flight {router.in_flight()}")
 
 
 def test_the_queue_estimate_counts_what_was_sent_since_the_last_load_report():
