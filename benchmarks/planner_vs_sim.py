@@ -5,8 +5,10 @@ clusters drawn at random (loadtests.planner_draws) with the simulator's own nois
     .venv/bin/python benchmarks/planner_vs_sim.py --draws 30 [--seed 12] [--requests 5000] [--local-prefill-tokens 512]
         [--target-noise 0.03] [--max-requests 30000]
 
-A draw whose simulated C_max is noisier than --target-noise (block bootstrap) is simulated again with
-more requests per rate (planner_draws.quiet), up to --max-requests; the table says how many it took.
+A draw whose simulated C_max is noisier than --target-noise (block bootstrap, or half the disagreement
+of the windows' two halves, whichever is larger) is simulated again with more requests per rate
+(planner_draws.quiet), up to --max-requests; the table says how many it took. `halves`: the C_max of the
+windows' second halves over their first halves' (a stationarity check).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def random_draws(n: int, seed: int, requests: int, only: list[int] | None, local
     print(f"{n} draws, seed {seed}, {requests} measured requests per simulated rate (more, up to {most}, "
           f"where the simulated C_max's noise is over {target_noise:.0%})")
     print(f"{'#':>2} {'cluster':<58} {'TTFT SLO':>8} {'ITL SLO':>8} {'planned':>8} {'binds':<9} "
-          f"{'simulated':>9} {'by':<4} {'gap':>7} {'noise':>6} {'requests':>8} {'cpu s':>5}")
+          f"{'simulated':>9} {'by':<4} {'gap':>7} {'noise':>6} {'halves':>7} {'requests':>8} {'cpu s':>5}")
     gaps, noises = [], []
     for d in planner_draws.draws(seed, n):
         if only and d.index not in only or (local_prefill_tokens and d.mode != "disaggregated"):
@@ -68,9 +70,10 @@ def random_draws(n: int, seed: int, requests: int, only: list[int] | None, local
         a = planner_draws.quiet(d, requests, target_noise, most)
         gap = f"{a.gap:+.1%}" if a.gap is not None and a.bound == "interpolated" else a.bound
         noise = f"{a.noise:.1%}" if a.noise is not None else "n/a"
+        halves = f"{a.halves:+.1%}" if a.halves is not None else "n/a"
         sim = f"{a.simulated:.3g}" if a.simulated else "n/a"
         print(f"{d.index:>2} {d.label():<58} {d.ttft_slo:>8.3g} {d.itl_slo:>8.3g} {a.planned:>8.3g} "
-              f"{a.binding:<9} {sim:>9} {a.culprit:<4} {gap:>7} {noise:>6} {a.requests:>8} {a.cpu_s:>5.0f}"
+              f"{a.binding:<9} {sim:>9} {a.culprit:<4} {gap:>7} {noise:>6} {halves:>7} {a.requests:>8} {a.cpu_s:>5.0f}"
               f"{_earlier(a)}", flush=True)
         if a.gap is not None and a.bound == "interpolated":
             gaps.append(abs(a.gap))

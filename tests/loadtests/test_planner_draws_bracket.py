@@ -113,3 +113,44 @@ def test_a_comparison_stops_at_the_request_cap_or_when_quiet(monkeypatch):
         monkeypatch.setattr(planner_draws, "compare",
                             lambda d, requests, n=noise: calls.append(requests) or agreement(requests, n))
         assert planner_draws.quiet(DRAW, 3000).requests == 3000 and calls == [3000]
+
+
+def halved(rate: float, early: float, late: float) -> Run:
+    """A run at `rate` whose p99 TTFT reads `early` in the first half of its window and `late` in the second."""
+    at = np.linspace(0.0, 200.0, 400, endpoint=False)
+    ttft = np.where(at < 100.0, early, late)
+    return Run(rate=rate, ttft=ttft, ttft_at=at, gaps=np.full(400, 0.01), gaps_at=at, window=(0.0, 200.0))
+
+
+def test_a_windows_halves_are_its_requests_split_at_its_middle():
+    run = halved(10.0, 0.1, 0.2)
+    first, second = run.half(0), run.half(1)
+    assert first.window == (0.0, 100.0) and second.window == (100.0, 200.0)
+    assert first.ttft.size == second.ttft.size == 200
+    assert set(first.ttft) == {0.1} and set(second.ttft) == {0.2}
+    assert first.gaps_at.max() < 100.0 <= second.gaps_at.min()
+
+
+def test_halves_that_cross_the_slo_at_different_rates_are_reported():
+    # both halves meet the 0.24 s SLO at 10 req/s and miss it at 20; the second half crosses sooner
+    runs = [halved(10.0, 0.12, 0.12), halved(20.0, 0.30, 0.60)]
+    found = planner_draws._halves(runs, DRAW)
+    assert found is not None and found < -0.05
+    steady = [halved(10.0, 0.12, 0.12), halved(20.0, 0.40, 0.40)]
+    assert planner_draws._halves(steady, DRAW) == 0.0
+
+
+def test_quiet_reruns_a_draw_whose_halves_disagree_though_its_bootstrap_is_quiet(monkeypatch):
+    """The bootstrap alone (1%) would stop at the first pass; the halves' 12% disagreement (noise of
+    about 6%) sends it on with (6% / 3%)^2 x 1.1 times the requests."""
+    passes = []
+
+    def fake(d, requests):
+        passes.append(requests)
+        halves = 0.12 if len(passes) == 1 else 0.02
+        return planner_draws.Agreement(draw=d, planned=10.0, binding="ttft_slo", simulated=10.0,
+                                       bound="interpolated", culprit="ttft", noise=0.01, halves=halves)
+    monkeypatch.setattr(planner_draws, "compare", fake)
+    found = planner_draws.quiet(DRAW, requests=1000, target=0.03)
+    assert passes == [1000, 4400]
+    assert found.requests == 4400 and found.earlier == [(1000, 0.0, 0.06)]
