@@ -105,7 +105,9 @@ def test_open_loop_locustfile_writes_one_record_per_scheduled_request(fake, tmp_
 
 @pytest.mark.slow
 def test_closed_loop_locustfile_reports_ttft_itl_e2e_and_tokens_rows(fake, tmp_path):
-    done = locust("-f", "loadtests/locustfile.py", "--host", fake.url, "-u", "4", "-r", "4", "-t", "4s",
+    # An agent's second turn starts within ~3.5 s (first turn, then 0.5-2 s of thinking): 7 s leave a
+    # busy host's slow start room (4 s once ended before any agent got there).
+    done = locust("-f", "loadtests/locustfile.py", "--host", fake.url, "-u", "4", "-r", "4", "-t", "7s",
                   "--mix", "chat=1,agentic=1", "--csv", str(tmp_path / "s"), "--api-key", "sk-test")
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "s_stats.csv") as f:
