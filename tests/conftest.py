@@ -43,23 +43,29 @@ settings.register_profile("kvlab", deadline=None)
 settings.load_profile("kvlab")
 
 
-# scripts/test.sh runs the suite in two phases. Tests that mostly wait (on servers, subprocesses,
-# timeouts) run two at a time (pytest-xdist), which overlaps their waiting; then, alone, the tests that
-# keep the cores busy (the simulator, the planner, the static checks: PURE_PATHS, each already spreading
-# its runs over the cores) and those whose assertions read the wall clock closely (marked `solo`).
-# KVLAB_TEST_PHASE=parallel|serial selects one phase; unset, pytest runs every test in one process.
+# scripts/test.sh runs the suite in three phases, each test in one (`phase_of`):
+# - parallel: tests that mostly wait (on servers, subprocesses, timeouts), two at a time (pytest-xdist),
+#   which overlaps their waiting;
+# - pure: the tests that keep a core busy (the simulator, the planner, the static checks: PURE_PATHS),
+#   two at a time, one a core (those that spread runs over the cores themselves only share them: the
+#   work is the same, and a single-process test no longer leaves a core idle);
+# - serial: alone, the tests whose assertions read the wall clock closely (marked `solo`).
+# KVLAB_TEST_PHASE=parallel|pure|serial selects one phase; unset, pytest runs every test in one process.
 PURE_PATHS = ("tests/emulator/", "tests/workers/core/", "tests/router/policies/", "tests/kvlab/wire/",
               "tests/loadtests/test_steady.py", "tests/loadtests/test_planner_draws_bracket.py",
               "tests/loadtests/test_parallel_runs.py", "tests/loadtests/test_cache_bounds.py",
               "tests/repo/test_layering.py", "tests/repo/test_docs.py", "tests/repo/test_static_gate.py",
               "tests/repo/test_phases.py")
-PHASES = ("parallel", "serial")
+PHASES = ("parallel", "pure", "serial")
 
 
-def runs_alone(item: pytest.Item) -> bool:
-    """Whether a test runs in the serial phase: marked `solo`, or in a file or folder of PURE_PATHS."""
+def phase_of(item: pytest.Item) -> str:
+    """The phase a test runs in: serial if marked `solo`, pure if in a file or folder of PURE_PATHS,
+    else parallel."""
+    if item.get_closest_marker("solo") is not None:
+        return "serial"
     path = item.path.relative_to(item.config.rootpath).as_posix()
-    return item.get_closest_marker("solo") is not None or path.startswith(PURE_PATHS)
+    return "pure" if path.startswith(PURE_PATHS) else "parallel"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -68,11 +74,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     if phase not in PHASES:
         raise pytest.UsageError(f"KVLAB_TEST_PHASE={phase!r}: use one of {', '.join(PHASES)} (or unset it for all)")
-    alone = phase == "serial"
-    dropped = [item for item in items if runs_alone(item) != alone]
+    dropped = [item for item in items if phase_of(item) != phase]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if runs_alone(item) == alone]
+        items[:] = [item for item in items if phase_of(item) == phase]
+    if phase == "pure":   # the long simulations first: none is left to run alone at the end
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def interruptible() -> None:

@@ -359,6 +359,7 @@ def cal_render(gpu) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.solo   # probes a live worker's step times on the wall clock: alone
 def test_calibrating_against_a_live_kvlab_worker_fits_its_step_times(start_worker, tmp_path: Path):
     """The live path end to end through `kvlab calibrate --endpoint`: crafted probes over HTTP against an
     emulated worker (run 5x slower than real time so the host's scheduling jitter stays small next to a

@@ -71,6 +71,7 @@ def _hit_rate(urls) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.solo   # a live cluster on a scaled wall clock: alone, not beside a CPU-bound test
 def test_live_cluster_and_simulator_agree(tmp_path):
     text = tiny_test_on_free_ports(TIME_SCALE)[0]
     spec_path = tmp_path / "equivalence.toml"
