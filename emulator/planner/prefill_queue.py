@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emulator.planner import dist, prefill, queueing
+from emulator.planner import batch_queue, dist, prefill, queueing
 from emulator.planner.context import Context
 
 
@@ -50,6 +50,9 @@ class PrefillQueue:
     packed: float           # mean prefill tokens in a prefill-carrying step
     stretch: float          # extra step time per second waited: later prompts packed into its step
     stretch_cap: float      # ... at most a step filled to the budget
+    # a prefill worker's own queue under Poisson arrivals: the batch server itself (`batch_queue`)
+    # gives the TTFT law in place of the M/G/1 one
+    batches: batch_queue.BatchServer | None = None
     # laws already computed, by the identity of their shift (the SLO checks read p50, p99, the mean and
     # the CDF of one law: each FFT convolution once per point, not four times)
     _laws: dict = field(default_factory=dict, compare=False, repr=False)
@@ -123,6 +126,11 @@ class PrefillQueue:
         extent = top + self.vacation[1] + 12 * self.mean_wait + 2 * self.first.values.max()
         cells = _cells(extent, self.service.mean() / self.servers, self.own.values.min())
         h = extent / cells
+        if self.batches is not None:
+            laws = [_histogram(*self._batch_points(), h, cells)]
+            if shift is not None:
+                laws.append(dist.on_grid(shift, h, cells))
+            return dist.convolve(*laws) if len(laws) > 1 else laws[0], h
         first = queueing.first_service_delay_pmf(self.service.values, self.first.values, self.service.weights,
                                                  self.rate, h, cells, self.servers)
         wait = queueing.mg1_wait_pmf(self.service.values, self.service.weights, self._backlog_load, h, cells,
@@ -143,6 +151,13 @@ class PrefillQueue:
             laws.append(dist.on_grid(shift, h, cells))
         return dist.convolve(*laws), h
 
+    def _batch_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """The batch server's TTFT points, once per queue (each shift puts them on its own grid)."""
+        found = self._laws.get("batch")
+        if found is None:
+            found = self._laws["batch"] = batch_queue.ttft(self.batches, self.own)[:2]
+        return found
+
     def _packed_behind(self, wait: np.ndarray, h: float) -> np.ndarray:
         """A request that waits runs in a step that also takes the prompts that arrived behind it while
         the step in progress finished: stretch x (that step's residual, an equilibrium residual of the
@@ -162,6 +177,16 @@ class PrefillQueue:
         out = dist.convolve(waited, extra)
         out[0] += wait[0]
         return out
+
+
+def _histogram(values: np.ndarray, weights: np.ndarray, h: float, cells: int) -> np.ndarray:
+    """Many weighted points on a grid of step h, each split linearly between its two cells (mass past
+    the grid at its edge)."""
+    x = np.clip(values / h, 0, cells - 1.000001)
+    i = np.floor(x).astype(int)
+    frac = x - i
+    pmf = np.bincount(i, weights * (1 - frac), cells) + np.bincount(i + 1, weights * frac, cells)[:cells]
+    return pmf / pmf.sum()
 
 
 FINE = 256          # cells per fastest own latency (a quantile in the body to ~0.4%, interpolated finer)
@@ -206,9 +231,15 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
     flow = per_worker * float(ctx.new_tokens @ ctx.prompts.weights)
     cap = prof.full_step.seconds - float(prof.last_step @ ctx.prompts.weights)
     own = _own_latency(ctx, prof, flow)
+    batches = None
+    if prof.decodes == 0 and vacation == (0.0, 0.0) and servers == 1 and ca2 == 1.0 and per_worker > 0:
+        mg1 = queueing.mg1_mean_wait(service.values, service.weights, per_worker * service.mean())
+        if math.isfinite(mg1):
+            reach = 2 * float(ctx.new_tokens.max()) + 2 * prof.budget + 12 * flow * mg1
+            batches = batch_queue.server(ctx, prof, per_worker, reach)
     return PrefillQueue(rho=rho, busy=busy, service=service, first=first, rate=per_worker, servers=servers,
                         ca2=ca2, vacation=vacation, own=own, packed=packed, stretch=flow * slope,
-                        stretch_cap=max(0.0, cap))
+                        stretch_cap=max(0.0, cap), batches=batches)
 
 
 def _backlog_service(ctx: Context, prof: prefill.PrefillProfile, rate: float, busy: float) -> np.ndarray:

@@ -1,0 +1,168 @@
+"""A prefill worker's queue as the batch server it is: Poisson arrivals, and FCFS steps that each take
+every queued prompt's tokens up to the step budget (`workers.core.scheduler`, chunked prefill).
+
+The M/G/1 law (`prefill_queue`) costs each queued prompt its token share of steps at the mean packing,
+so every prompt in a backlog pays the mean step's fixed costs (weight reads, per-layer overhead) again.
+In the engine the prompts queued together share one step and its fixed costs: a prompt that arrives
+during a step runs in the next one, with everyone else who arrived during it. Where steps rarely fill
+the budget (8,192 tokens, prompts of ~620 new tokens: 1.9 prompts a step) that overstated the wait.
+Llama-3.1-70B TP8 on A100-80GB, agentic, 9.5 req/s, the prefill worker 83% busy: the M/G/1 law gave
+TTFT mean 0.448 s, p50 0.340 s; the simulator 0.386 s and 0.279 s (6,128 requests); this server
+replayed exactly on the simulated arrivals and prompts 0.386 s and 0.269 s, the M/G/1 law on the same
+ones 0.474 s and 0.312 s.
+
+The chain: B, the queued prefill tokens when a step starts. The step takes m = min(B, budget) and lasts
+T(m) (`prefill.packed_step`: typical chunks); the arrivals meanwhile add X(T(m)), compound Poisson, so
+B' = B - m + X. At B' = 0 the worker idles until the next arrival, whose prompt starts the next step.
+Its stationary law (a linear solve on a token grid) gives what an arrival finds (PASTA): the worker idle
+(it runs its own steps: `prefill_queue._own_latency`), or in a step of m tokens at a uniform point of
+it, with A = B - m + X(elapsed) tokens queued ahead. Its first token then comes after the step's
+residual r, ceil((A + n) / budget) - 1 full steps, and the step with its last token, which also carries
+what arrived behind it (at its mean, as `prefill_queue._packed_behind` takes it) up to the budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.fft import next_fast_len
+
+from emulator.planner import dist, prefill
+from emulator.planner.context import Context
+
+CELLS_PER_BUDGET = 64   # token cells per step budget: a step's fill to 1/64 of the budget
+MAX_STATES = 1024       # backlog cells at most: one dense solve of this size per rate (~0.03 s); a
+                        # longer backlog coarsens the cells
+PHASES = 8              # points at which an arrival finds the step in progress (midpoints of equal parts)
+NEGLIGIBLE = 1e-13      # probability below which a found state is left out
+
+
+@dataclass(frozen=True)
+class BatchServer:
+    rate: float             # arrivals per second
+    cell: float             # tokens per cell
+    k: int                  # cells per budget
+    step: np.ndarray        # T(m) for m = 0..k cells (m = 0: one token)
+    sizes: np.ndarray       # prompt points' new tokens, in cells (fractional)
+    weights: np.ndarray     # their probabilities
+    own_excess: np.ndarray  # a prompt's own last step beyond a typical step of as many tokens
+    states: int             # backlog cells
+
+    @property
+    def flow(self) -> float:
+        """Prefill cells arriving per second."""
+        return self.rate * float(self.sizes @ self.weights)
+
+
+def server(ctx: Context, prof: prefill.PrefillProfile, rate: float, extent_tokens: float) -> BatchServer:
+    """The server of a prefill worker (no decodes in its steps) at `rate`, on a grid whose backlog
+    reaches `extent_tokens`."""
+    k = max(1, min(CELLS_PER_BUDGET, prof.budget))
+    states = math.ceil(extent_tokens / (prof.budget / k))
+    if states > MAX_STATES:
+        k = max(1, int(k * MAX_STATES / states))
+    cell = prof.budget / k
+    states = int(min(MAX_STATES, max(2 * k + 2, math.ceil(extent_tokens / cell))))
+    tokens = [max(1, min(prof.budget, int(round(m * cell)))) for m in range(k + 1)]
+    step = np.asarray([prefill.packed_step(ctx, 0, t).seconds for t in tokens])
+    grid = np.arange(k + 1)
+    own_excess = prof.last_step - np.interp(prof.last_tokens / cell, grid, step)
+    w = ctx.prompts.weights / ctx.prompts.weights.sum()
+    return BatchServer(rate=rate, cell=cell, k=k, step=step, sizes=np.asarray(ctx.new_tokens, float) / cell,
+                       weights=w, own_excess=own_excess, states=states)
+
+
+def ttft(s: BatchServer, own: dist.Points) -> tuple[np.ndarray, np.ndarray, float]:
+    """(values, weights, busy) of the TTFT law: an idle worker's arrivals take `own`."""
+    if s.rate <= 0:
+        return own.values, own.weights, 0.0
+    L, k = s.states, s.k
+    n_fft = next_fast_len(2 * L, real=True)
+    phi = np.fft.rfft(_size_pmf(s, L), n_fft)
+    arrivals = _arrivals(s, phi, n_fft, s.step[1:])          # X(T(m)), m = 1..k
+    pi, empty = _stationary(s, arrivals)
+    busy_time = float(pi @ s.step[np.minimum(np.arange(L), k)]) if L else 0.0
+    cycle = busy_time + empty / s.rate
+    idle = empty / s.rate / cycle
+    values, weights = [own.values], [own.weights * idle]
+    for m_values, m_weights in _found(s, pi, phi, n_fft, cycle):
+        values.append(m_values)
+        weights.append(m_weights)
+    return np.concatenate(values), np.concatenate(weights), 1.0 - idle
+
+
+def _size_pmf(s: BatchServer, L: int) -> np.ndarray:
+    """One prompt's new tokens on the cell grid, each point split between its two cells (mean kept)."""
+    x = np.minimum(s.sizes, L - 1.000001)
+    lo = np.floor(x).astype(int)
+    frac = x - lo
+    pmf = np.bincount(lo, s.weights * (1 - frac), L) + np.bincount(lo + 1, s.weights * frac, L)
+    return pmf[:L]
+
+
+def _arrivals(s: BatchServer, phi: np.ndarray, n_fft: int, times: np.ndarray) -> np.ndarray:
+    """Cells arriving in each of `times` (compound Poisson), one row each, mass past the grid at its edge."""
+    law = np.fft.irfft(np.exp(s.rate * np.asarray(times)[:, None] * (phi[None, :] - 1.0)), n_fft, axis=1)
+    law = np.clip(law, 0.0, None)
+    out = law[:, :s.states].copy()
+    out[:, -1] += np.maximum(0.0, 1.0 - out.sum(axis=1))
+    return out
+
+
+def _stationary(s: BatchServer, arrivals: np.ndarray) -> tuple[np.ndarray, float]:
+    """The backlog's law at step starts (index = cells; 0 holds nothing) and the probability a step
+    ends with nothing queued (the worker then idles until the next arrival)."""
+    L, k = s.states, s.k
+    P = np.zeros((L, L))
+    P[1:k, :] = arrivals[:k - 1]                     # B < budget: all taken, next = X(T(B))
+    full = arrivals[k - 1]
+    for b in range(k, L):                            # B >= budget: B - budget stays, X(T(budget)) joins
+        P[b, b - k:] = full[:L - (b - k)]
+        P[b, -1] += full[L - (b - k):].sum()
+    empty_from = P[:, 0].copy()
+    restart = _size_pmf(s, L)
+    restart[0] = 0.0
+    restart /= restart.sum()
+    P += empty_from[:, None] * restart[None, :]      # idle until an arrival, whose prompt starts a step
+    P[:, 0] = 0.0
+    A = P[1:, 1:].T - np.eye(L - 1)
+    A[-1, :] = 1.0                                   # one balance equation replaced by sum(pi) = 1
+    rhs = np.zeros(L - 1)
+    rhs[-1] = 1.0
+    pi = np.concatenate([[0.0], np.clip(np.linalg.solve(A, rhs), 0.0, None)])
+    pi /= pi.sum()
+    return pi, float(pi @ empty_from)
+
+
+def _found(s: BatchServer, pi: np.ndarray, phi: np.ndarray, n_fft: int, cycle: float):
+    """TTFT points of arrivals that find a step in progress, per kind of step (m cells taken)."""
+    k = s.k
+    phases = (np.arange(PHASES) + 0.5) / PHASES
+    over = pi[k:].sum()
+    excess = pi[k:] / over if over > 0 else None
+    for m in range(1, k + 1):
+        weight = (pi[m] if m < k else over) * s.step[m] / cycle
+        if weight <= NEGLIGIBLE:
+            continue
+        ahead = _arrivals(s, phi, n_fft, phases * s.step[m])          # X(elapsed) per phase
+        if m == k and excess is not None:
+            n = next_fast_len(2 * s.states, real=True)
+            ahead = np.fft.irfft(np.fft.rfft(ahead, n, axis=1) * np.fft.rfft(excess, n)[None, :], n,
+                                 axis=1)[:, :s.states].clip(0.0, None)
+        yield _after(s, m, phases, ahead * (weight / PHASES))
+
+
+def _after(s: BatchServer, m: int, phases: np.ndarray, ahead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TTFT of an arrival of each prompt point that finds a step of m cells at each phase with the
+    given law of cells queued ahead (rows: phases)."""
+    phase_i, cells = np.nonzero(ahead > NEGLIGIBLE)
+    mass = ahead[phase_i, cells]
+    residual = (1.0 - phases[phase_i]) * s.step[m]
+    total = cells[:, None] + s.sizes[None, :]                          # cells to its last token
+    steps_before = np.maximum(np.ceil(total / s.k - 1e-9), 1.0) - 1.0   # full steps ahead of its last one
+    waited = residual[:, None] + steps_before * s.step[s.k]
+    fill = np.minimum(s.k, total - steps_before * s.k + s.flow * waited)
+    last = np.interp(fill, np.arange(s.k + 1), s.step) + s.own_excess[None, :]
+    values = waited + last
+    return values.ravel(), (mass[:, None] * s.weights[None, :]).ravel()
