@@ -32,8 +32,10 @@ from emulator.planner import dist, prefill
 from emulator.planner.context import Context
 
 CELLS_PER_BUDGET = 64   # token cells per step budget: a step's fill to 1/64 of the budget
-MAX_STATES = 1024       # backlog cells at most: one dense solve of this size per rate (~0.03 s); a
-                        # longer backlog coarsens the cells
+MAX_STATES = 1024       # backlog cells at most (16 budgets at 64 a budget): one dense solve of this
+                        # size per rate (~10 ms on one core)
+MIN_CELLS = 16          # ... down to this many cells a budget (a step's fill to 1/16 of it)
+ROOM = 4                # the largest prompt and a budget take at most 1/ROOM of the states (`server`)
 PHASES = 8              # points at which an arrival finds the step in progress (midpoints of equal parts)
 NEGLIGIBLE = 1e-13      # probability below which a found state is left out
 
@@ -55,19 +57,26 @@ class BatchServer:
         return self.rate * float(self.sizes @ self.weights)
 
 
-def server(ctx: Context, prof: prefill.PrefillProfile, rate: float, extent_tokens: float) -> BatchServer:
+def server(ctx: Context, prof: prefill.PrefillProfile, rate: float, extent_tokens: float) -> BatchServer | None:
     """The server of a prefill worker (no decodes in its steps) at `rate`, on a grid whose backlog
-    reaches `extent_tokens`."""
+    reaches `extent_tokens` (cells coarsened from CELLS_PER_BUDGET to MIN_CELLS a budget to hold it in
+    MAX_STATES); None where even the coarsest cannot, or where the largest prompt and a budget take over
+    1/ROOM of the states at CELLS_PER_BUDGET. There prompts span many budgets, or the backlog does: a
+    backlog runs full steps, and the M/G/1 law of full steps' shares (`prefill_queue`) is this
+    server's (its heavy-traffic limit). It also lies above this law, so a rate that crosses into it
+    raises the percentiles, never lowers them."""
     k = max(1, min(CELLS_PER_BUDGET, prof.budget))
-    states = math.ceil(extent_tokens / (prof.budget / k))
-    if states > MAX_STATES:
-        k = max(1, int(k * MAX_STATES / states))
+    if (float(ctx.new_tokens.max()) + prof.budget) / (prof.budget / k) > MAX_STATES / ROOM:
+        return None
+    while k > MIN_CELLS and math.ceil(extent_tokens * k / prof.budget) > MAX_STATES:
+        k //= 2                                      # a longer backlog: coarser cells
     cell = prof.budget / k
-    states = int(min(MAX_STATES, max(2 * k + 2, math.ceil(extent_tokens / cell))))
+    states = max(2 * k + 2, math.ceil(extent_tokens / cell))
+    if states > MAX_STATES:
+        return None
     tokens = [max(1, min(prof.budget, int(round(m * cell)))) for m in range(k + 1)]
     step = np.asarray([prefill.packed_step(ctx, 0, t).seconds for t in tokens])
-    grid = np.arange(k + 1)
-    own_excess = prof.last_step - np.interp(prof.last_tokens / cell, grid, step)
+    own_excess = prof.last_step - np.interp(prof.last_tokens / cell, np.arange(k + 1), step)
     w = ctx.prompts.weights / ctx.prompts.weights.sum()
     return BatchServer(rate=rate, cell=cell, k=k, step=step, sizes=np.asarray(ctx.new_tokens, float) / cell,
                        weights=w, own_excess=own_excess, states=states)

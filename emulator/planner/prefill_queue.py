@@ -9,6 +9,10 @@ Pollaczek-Khinchine/Benes, with Kingman's and Erlang C's corrections for burstin
 plus an independent delay for the alone services' excess (`queueing.first_service_delay_pmf`), plus,
 on a colocated worker, the residual of a decode-only step in progress. TTFT = wait + own steps, where
 FCFS packing makes a prompt's last step also carry prompts that arrived behind it.
+
+A prefill worker with Poisson arrivals of its own (no decodes in its steps, one queue per worker) is
+solved as the batch server it is instead (`batch_queue`): the prompts queued together share one step
+and its fixed costs, which the M/G/1 law charges each of them at the mean packing's rate.
 """
 from __future__ import annotations
 
@@ -127,7 +131,7 @@ class PrefillQueue:
         cells = _cells(extent, self.service.mean() / self.servers, self.own.values.min())
         h = extent / cells
         if self.batches is not None:
-            laws = [_histogram(*self._batch_points(), h, cells)]
+            laws = [_histogram(*self._batch_points(self.batches), h, cells)]
             if shift is not None:
                 laws.append(dist.on_grid(shift, h, cells))
             return dist.convolve(*laws) if len(laws) > 1 else laws[0], h
@@ -151,11 +155,11 @@ class PrefillQueue:
             laws.append(dist.on_grid(shift, h, cells))
         return dist.convolve(*laws), h
 
-    def _batch_points(self) -> tuple[np.ndarray, np.ndarray]:
+    def _batch_points(self, batches: batch_queue.BatchServer) -> tuple[np.ndarray, np.ndarray]:
         """The batch server's TTFT points, once per queue (each shift puts them on its own grid)."""
         found = self._laws.get("batch")
         if found is None:
-            found = self._laws["batch"] = batch_queue.ttft(self.batches, self.own)[:2]
+            found = self._laws["batch"] = batch_queue.ttft(batches, self.own)[:2]
         return found
 
     def _packed_behind(self, wait: np.ndarray, h: float) -> np.ndarray:
@@ -231,15 +235,25 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
     flow = per_worker * float(ctx.new_tokens @ ctx.prompts.weights)
     cap = prof.full_step.seconds - float(prof.last_step @ ctx.prompts.weights)
     own = _own_latency(ctx, prof, flow)
-    batches = None
-    if prof.decodes == 0 and vacation == (0.0, 0.0) and servers == 1 and ca2 == 1.0 and per_worker > 0:
-        mg1 = queueing.mg1_mean_wait(service.values, service.weights, per_worker * service.mean())
-        if math.isfinite(mg1):
-            reach = 2 * float(ctx.new_tokens.max()) + 2 * prof.budget + 12 * flow * mg1
-            batches = batch_queue.server(ctx, prof, per_worker, reach)
+    batches = _batch_server(ctx, prof, per_worker, service, flow) \
+        if prof.decodes == 0 and vacation == (0.0, 0.0) and servers == 1 and ca2 == 1.0 else None
     return PrefillQueue(rho=rho, busy=busy, service=service, first=first, rate=per_worker, servers=servers,
                         ca2=ca2, vacation=vacation, own=own, packed=packed, stretch=flow * slope,
                         stretch_cap=max(0.0, cap), batches=batches)
+
+
+def _batch_server(ctx: Context, prof: prefill.PrefillProfile, rate: float, service: dist.Points,
+                  flow: float) -> batch_queue.BatchServer | None:
+    """A prefill worker's own queue under Poisson arrivals as the batch server (`batch_queue`), on a
+    grid that reaches 12 of the M/G/1 law's mean waits of backlog (which it overstates) past two of the
+    largest prompts and two budgets; None where that grid is too large (the M/G/1 law holds there)."""
+    if rate <= 0:
+        return None
+    mean_wait = queueing.mg1_mean_wait(service.values, service.weights, rate * service.mean())
+    if not math.isfinite(mean_wait):
+        return None
+    reach = 2 * float(ctx.new_tokens.max()) + 2 * prof.budget + 12 * flow * mean_wait
+    return batch_queue.server(ctx, prof, rate, reach)
 
 
 def _backlog_service(ctx: Context, prof: prefill.PrefillProfile, rate: float, busy: float) -> np.ndarray:
