@@ -48,3 +48,36 @@ def test_mixed_steps_spread_at_least_as_the_decode_only_steps_do(ctx, point):
     assert mixed.quantile(0.99) - mixed.quantile(0.5) >= 0.95 * (steady.quantile(0.99) - steady.quantile(0.5))
     chunk_steps = prefill.profile(ctx, int(round(point.batch))).chunks.seconds
     assert mixed.quantile(0.99) > chunk_steps.max()     # decodes above the mean batch lengthen the costliest chunk
+
+
+def _chunk_by_chunk(ctx, decodes: int) -> tuple[float, float, float]:
+    """(chunks per prompt, mean share, mean alone time) with every chunk costed on its own."""
+    budget = prefill._budget(ctx, decodes)
+    count = share = alone = 0.0
+    for new, cached, weight in zip(ctx.new_tokens, ctx.cached, ctx.prompts.weights, strict=True):
+        done = 0
+        while done < int(new):
+            chunk = min(budget, int(new) - done)
+            final = done + chunk >= int(new)
+            t = prefill.step_with(ctx, decodes, chunk, int(cached) + done, final).seconds
+            full = prefill.step_with(ctx, decodes, chunk, int(cached) + done, final, budget - chunk).seconds
+            count, share, alone = count + weight, share + weight * full * chunk / budget, alone + weight * t
+            done += chunk
+    total = float(ctx.prompts.weights.sum())
+    return count / total, share / total, alone / total
+
+
+@pytest.mark.parametrize("decodes", [20, 240])
+def test_a_nearly_used_budget_costs_few_chunk_rows_and_the_same_prefill_work(ctx, decodes):
+    """Beside 240 decodes a 256-token budget leaves 16 tokens a chunk: ~140 chunks for a 2.2K-token
+    prompt. The profile costs a prompt's full chunks in at most MAX_CHUNK_GROUPS groups (at 1,024
+    sequences on this budget one capacity search took 168 CPU s and 3 GB); the chunk count, the
+    prefill work and the time alone stay those of costing every chunk."""
+    prof = prefill.profile(ctx, decodes)
+    points = len(ctx.prompts.values)
+    assert len(prof.chunks.tokens) <= points * (prefill.MAX_CHUNK_GROUPS + 1)
+    per_prompt, share, alone = _chunk_by_chunk(ctx, decodes)
+    w = ctx.prompts.weights / ctx.prompts.weights.sum()
+    assert float(prof.chunks.weight.sum() / ctx.prompts.weights.sum()) == pytest.approx(per_prompt, rel=1e-9)
+    assert float(prof.share @ w) == pytest.approx(share, rel=0.005)
+    assert float(prof.alone @ w) == pytest.approx(alone, rel=0.005)
