@@ -8,12 +8,14 @@ clusters drawn at random (loadtests.planner_draws) with the simulator's own nois
 A draw whose simulated C_max is noisier than --target-noise (block bootstrap, or half the disagreement
 of the windows' two halves, whichever is larger) is simulated again with more requests per rate
 (planner_draws.quiet), up to --max-requests; the table says how many it took. `halves`: the C_max of the
-windows' second halves over their first halves' (a stationarity check).
+windows' second halves over their first halves' (a stationarity check; "apart": a half's p99s do not
+cross the SLO between the rates the whole's do).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 
 from emulator.spec import load_spec
@@ -70,7 +72,7 @@ def random_draws(n: int, seed: int, requests: int, only: list[int] | None, local
         a = planner_draws.quiet(d, requests, target_noise, most)
         gap = f"{a.gap:+.1%}" if a.gap is not None and a.bound == "interpolated" else a.bound
         noise = f"{a.noise:.1%}" if a.noise is not None else "n/a"
-        halves = f"{a.halves:+.1%}" if a.halves is not None else "n/a"
+        halves = "n/a" if a.halves is None else f"{a.halves:+.1%}" if math.isfinite(a.halves) else "apart"
         sim = f"{a.simulated:.3g}" if a.simulated else "n/a"
         print(f"{d.index:>2} {d.label():<58} {d.ttft_slo:>8.3g} {d.itl_slo:>8.3g} {a.planned:>8.3g} "
               f"{a.binding:<9} {sim:>9} {a.culprit:<4} {gap:>7} {noise:>6} {halves:>7} {a.requests:>8} {a.cpu_s:>5.0f}"

@@ -254,7 +254,8 @@ class Agreement:
     bound: str                 # analysis.c_max's: "interpolated", "bracket", "at_least", "below"
     culprit: str               # which p99 crosses first in the simulator
     noise: float | None        # relative sd of the simulated C_max (block bootstrap)
-    halves: float | None = None  # C_max from the windows' second halves / from their first halves - 1
+    halves: float | None = None  # C_max from the windows' second halves / from their first halves - 1;
+    # inf where a half's runs do not cross the SLO between the rates the whole's do (`_halves`)
     runs: list[Run] = field(default_factory=list, repr=False)
     cpu_s: float = 0.0
     requests: int = MIN_REQUESTS   # measured requests per rate (at least)
@@ -314,7 +315,8 @@ def quiet(d: Draw, requests: int = MIN_REQUESTS, target: float = TARGET_NOISE,
     earlier: list[tuple[int, float | None, float | None]] = []
     while (spread := _spread(found)) is not None and spread > target and requests < most:
         earlier.append((requests, found.gap, spread))
-        requests = min(most, math.ceil(requests * 1.1 * (spread / target) ** 2))
+        more = (spread / target) ** 2 if math.isfinite(spread) else HALVES_APART
+        requests = min(most, math.ceil(requests * 1.1 * more))
         found = compare(d, requests)
     found.cpu_s = time.process_time() - started
     found.requests, found.earlier = requests, earlier
@@ -374,12 +376,19 @@ def _noise(runs: list[Run], d: Draw, seed: int) -> float | None:
     return float(np.std(found) / base.rate) if len(found) > 1 else None
 
 
+HALVES_APART = 4.0   # times the requests `quiet` takes when a half does not even cross where the whole does
+
+
 def _halves(runs: list[Run], d: Draw) -> float | None:
     """C_max measured on the windows' second halves over that on their first halves, minus 1: a
-    stationarity check (a run still drifting, or a tail set by a few rare prompts, reads differently)."""
+    stationarity check (a run still drifting, or a tail set by a few rare prompts, reads differently).
+    None where the whole's C_max is not interpolated; inf where a half's is not (its p99s meet the SLO
+    at every rate, or at none: the halves disagree past what a ratio says)."""
+    if _c_max(runs, d).bound != "interpolated":
+        return None
     first, second = (_c_max([r.half(k) for r in runs], d) for k in (0, 1))
     if first.bound != "interpolated" or second.bound != "interpolated" or not first.rate or not second.rate:
-        return None
+        return math.inf
     return second.rate / first.rate - 1
 
 

@@ -154,3 +154,18 @@ def test_quiet_reruns_a_draw_whose_halves_disagree_though_its_bootstrap_is_quiet
     found = planner_draws.quiet(DRAW, requests=1000, target=0.03)
     assert passes == [1000, 4400]
     assert found.requests == 4400 and found.earlier == [(1000, 0.0, 0.06)]
+
+
+def test_a_half_that_never_crosses_the_slo_reads_as_apart_and_quiet_takes_four_times_the_requests(monkeypatch):
+    # the whole crosses between 10 and 20 req/s; its first half meets the SLO at both rates
+    runs = [halved(10.0, 0.12, 0.12), halved(20.0, 0.20, 0.60)]
+    assert planner_draws._c_max(runs, DRAW).bound == "interpolated"
+    assert planner_draws._halves(runs, DRAW) == math.inf
+    passes = []
+
+    def fake(d, requests):
+        passes.append(requests)
+        return planner_draws.Agreement(draw=d, planned=10.0, binding="ttft_slo", simulated=10.0, bound="interpolated",
+                                       culprit="ttft", noise=0.01, halves=math.inf if len(passes) == 1 else 0.0)
+    monkeypatch.setattr(planner_draws, "compare", fake)
+    assert planner_draws.quiet(DRAW, requests=1000, target=0.03).requests == 4400
