@@ -17,6 +17,7 @@ share's prompts are prefilled in its steps (`Prefills`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -132,9 +133,52 @@ def evaluate(ctx: Context, rate: float, workers: int = 1, prefills: Prefills | N
     limit = "" if stable else _limit(ctx, pre, q, b)
     running = decode.running_law(ctx, per_worker, lambda n: _state_itl(ctx, pre, rate, workers, n)) \
         if stable else None
-    return ColocatedPoint(rate=per_worker, batch=b, itl_mean=itl, mixed_share=min(1.0, share), queue=q,
-                          mixed_steps=mixed, stable=stable, limit=limit, running=running, prefills=prefills,
-                          prefill_rate=per_worker * pre.share)
+    point = ColocatedPoint(rate=per_worker, batch=b, itl_mean=itl, mixed_share=min(1.0, share), queue=q,
+                           mixed_steps=mixed, stable=stable, limit=limit, running=running, prefills=prefills,
+                           prefill_rate=per_worker * pre.share)
+    return dataclasses.replace(point, queue=_stepping(ctx, point, prof)) if stable else point
+
+
+def _stepping(ctx: Context, point: ColocatedPoint, prof: prefill.PrefillProfile) -> prefill_queue.PrefillQueue:
+    """The prefill queue of a worker that steps without pause while decodes run.
+
+    The engine takes every queued prompt into its next step, up to the budget its decodes leave
+    (workers.core.scheduler), so an arrival waits out the step in progress, decode-only or mixed, and
+    runs in the next one: a prompt ahead of it delays it only where the backlog passes that budget,
+    and a backlog drains a full budget a step. So the wait is the residual of the step in progress
+    (the steps' equilibrium residual, over the steps' spread) and an M/G/1 wait whose services are
+    each prompt's token share of a full step (`prof.share`, the load `rho` already reads), with no
+    exceptional first service (the step in progress is that residual). The prefill worker's law
+    (`prefill_queue.queue`) serialized prompts instead: each cost the mixed step it rode in (the
+    decodes' part included), and a residual of a decode-only step was added on top of the wait for a
+    mixed step in progress, so a tenth of arrivals waited two steps. Its own steps also take the
+    running batch's spread (`_decode_spread`), as the ITL's mixed steps do.
+
+    8B MI300X, decode worker prefilling rag prompts of 76 uncached tokens (4096 budget, 18 decodes),
+    17.9 req/s: the engine's TTFT is exactly the step in progress's residual plus the next step for
+    every request; p99 13.65 ms (residual p99 6.33 ms, own step p99 8.37 ms), where the prefill
+    worker's law gave 15.93 ms (no double wait, no spread: 11.95 ms) and this one 13.5 ms."""
+    q, pre_ctx = point.queue, point.prefill_ctx or ctx
+    running = q.vacation[0]          # P(a decode runs): else the worker is idle and a prompt runs alone
+    alone = np.maximum(prof.alone, prof.share)
+    first = dist.Points(running * prof.share + (1.0 - running) * alone, pre_ctx.prompts.weights)
+    residual = dist.mixture([(running, _residual(gaps(ctx, point))), (1.0 - running, dist.Points.fixed(0.0))])
+    own = dist.outer_sum(q.own, _decode_spread(ctx, point, prof.decodes))
+    return dataclasses.replace(q, service=dist.Points(prof.share, pre_ctx.prompts.weights), first=first,
+                               vacation=(0.0, 0.0), own=dist.rebin(dist.outer_sum(dist.rebin(own), residual)),
+                               _laws={})
+
+
+RESIDUAL_POINTS = 16   # points per step length in its residual (uniform over the step)
+
+
+def _residual(steps: dist.Points) -> dist.Points:
+    """The equilibrium residual of a step in progress: a step of length s is found with odds s x its
+    share of steps, and uniformly along it (density P(S > t) / E[S])."""
+    u = (np.arange(RESIDUAL_POINTS) + 0.5) / RESIDUAL_POINTS
+    values = np.outer(steps.values, u).ravel()
+    weights = np.repeat(steps.values * steps.weights / RESIDUAL_POINTS, RESIDUAL_POINTS)
+    return dist.rebin(dist.Points(values, weights))
 
 
 def slot_wait(ctx: Context, rate: float, workers: int = 1, prefills: Prefills | None = None) -> dist.Points | None:
