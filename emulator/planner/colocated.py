@@ -169,9 +169,8 @@ def _stepping(ctx: Context, point: ColocatedPoint, prof: prefill.PrefillProfile)
                           (point.mixed_share, point.mixed_steps)])
     waited = _waited(steps, _decode_spread(ctx, point, prof.decodes))
     residual = dist.mixture([(running, waited), (1.0 - running, dist.Points.fixed(0.0))])
-    return dataclasses.replace(q, service=dist.Points(prof.share, pre_ctx.prompts.weights), first=first,
-                               vacation=(0.0, 0.0), own=dist.rebin(dist.outer_sum(dist.rebin(q.own), residual)),
-                               _laws={})
+    return q.stepping(dist.Points(prof.share, pre_ctx.prompts.weights), first,
+                      dist.rebin(dist.outer_sum(dist.rebin(q.own), residual)))
 
 
 RESIDUAL_POINTS = 16   # points per step length in its residual (uniform over the step)

@@ -17,7 +17,7 @@ and its fixed costs, which the M/G/1 law charges each of them at the mean packin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -60,6 +60,12 @@ class PrefillQueue:
     # laws already computed, by the identity of their shift (the SLO checks read p50, p99, the mean and
     # the CDF of one law: each FFT convolution once per point, not four times)
     _laws: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def stepping(self, service: dist.Points, first: dist.Points, own: dist.Points) -> PrefillQueue:
+        """This queue on a worker whose steps run back to back, taking every queued prompt into the next
+        one (`colocated._stepping`): its services, first services and own latencies, no vacation, and
+        its laws computed afresh (not the memo of the queue it came from)."""
+        return replace(self, service=service, first=first, own=own, vacation=(0.0, 0.0), _laws={})
 
     @property
     def stable(self) -> bool:
