@@ -306,10 +306,11 @@ def quiet(d: Draw, requests: int = MIN_REQUESTS, target: float = TARGET_NOISE,
     takes (noise / target)^2 times as many (a tenth more, as the estimate is itself noisy).
 
     The bootstrap reads the spread of the blocks it has; where the tail is set by prompts rarer than
-    one a block, it understates (an 8B A100 draw read 3.2% at 7,663 requests and a gap of +12.9%,
-    then +3.7% at 20,000). So the two halves of each window are also compared (`_halves`): their
+    one a block, it understates (draw #25 read 1.7% at 7,663 requests and a gap of +12.9%, then
+    +3.7% at 20,000 and +2.4% at 30,000). So the two halves of each window are also compared (`_halves`): their
     C_maxs differ by about 2 sd of the whole's (each half has sqrt(2) times its sd), and a
-    disagreement past that counts as noise too (`_spread`)."""
+    disagreement past that counts as noise too (`_spread`); halves that do not even cross the SLO
+    where the whole does send it on with HALVES_APART times the requests."""
     started = time.process_time()
     found = compare(d, requests)
     earlier: list[tuple[int, float | None, float | None]] = []
@@ -376,7 +377,8 @@ def _noise(runs: list[Run], d: Draw, seed: int) -> float | None:
     return float(np.std(found) / base.rate) if len(found) > 1 else None
 
 
-HALVES_APART = 4.0   # times the requests `quiet` takes when a half does not even cross where the whole does
+HALVES_APART = 4.0   # times the requests `quiet` takes when a half does not even cross where the whole
+                     # does: what a spread of twice the target asks ((2 x target / target)^2)
 
 
 def _halves(runs: list[Run], d: Draw) -> float | None:
