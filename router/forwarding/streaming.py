@@ -71,7 +71,9 @@ class ClientWatch:
         self.gone = False
         self._signal = gone
         self._watcher: asyncio.Task | None = None
-        task = asyncio.current_task()
+        # The signal's loop, where there is one: Python 3.11 looks the running loop up with a getpid()
+        # system call, as much CPU as a request's read or write (strace, benchmarks/router_calls.py).
+        task = asyncio.current_task(gone.get_loop() if gone is not None else None)
         assert task is not None, "ClientWatch is used inside a task"
         self._task = task
 
