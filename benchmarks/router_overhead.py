@@ -237,13 +237,20 @@ def _client_proc(args) -> int:
 
 def throughput(url: str, procs: int, connections: int, seconds: float, stream: bool, max_tokens: int,
                make_body=None, headers: bytes = b"") -> float:
+    served, serving_s = closed_loop(url, procs, connections, seconds, stream, max_tokens, make_body, headers)
+    return served / serving_s
+
+
+def closed_loop(url: str, procs: int, connections: int, seconds: float, stream: bool, max_tokens: int,
+                make_body=None, headers: bytes = b"") -> tuple[int, float]:
+    """(requests answered, serving seconds) of `connections` closed loops from `procs` client processes."""
     per = max(1, connections // procs)
     with mp.get_context("spawn").Pool(procs) as pool:
         started = time.perf_counter()
         counts = pool.map(_client_proc, [(url, per, seconds, stream, max_tokens, s, make_body, headers)
                                          for s in range(procs)])
         elapsed = time.perf_counter() - started
-    return sum(counts) / max(seconds, elapsed - 1.0)   # pool start-up (~1 s) is not serving time
+    return sum(counts), max(seconds, elapsed - 1.0)   # pool start-up (~1 s) is not serving time
 
 
 # -- 3. routing decision -------------------------------------------------------------------------------

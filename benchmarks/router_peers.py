@@ -10,7 +10,9 @@ median of the reps:
   - max req/s / direct: a closed loop of many connections, non-streaming, over the same loop against one
     stub directly in the same rep (the client shares the host: a ratio, not an absolute);
   - router CPU per request (user + system of the router's processes, all of them, during the latency
-    passes): immune to the other processes' load, unlike the latencies.
+    passes): immune to the other processes' load, unlike the latencies; and the same over the closed
+    loop, where a saturated router reads many requests a wake-up (and several processes contend for
+    the cores with the client and the stubs).
 kvlab runs as one process and as one per core (--processes), and once more with aiohttp's client in
 place of its own HTTP transport (benchmarks/aiohttp_router.py), which is the transport comparison; with
 --before, a second kvlab checkout (e.g. main) runs as one more contender in the same run.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
-from router_overhead import MODEL, free_port, latency_pass, pct, throughput
+from router_overhead import MODEL, closed_loop, free_port, latency_pass, pct, throughput
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -215,12 +217,16 @@ def measure(c: Contender, direct: str, args, direct_rps: float) -> dict:
     streamed = asyncio.run(latency_pass(direct, c.url, n, True, STREAM_TOKENS, make_body=text_body,
                                         headers=c.headers))
     cpu2 = tree_cpu_seconds(c.proc.pid)
-    rps = throughput(c.url, args.client_procs, args.connections, args.seconds, False, 1, text_body, c.headers)
+    served, serving_s = closed_loop(c.url, args.client_procs, args.connections, args.seconds, False, 1, text_body,
+                                    c.headers)
+    cpu3 = tree_cpu_seconds(c.proc.pid)
+    rps = served / serving_s
     sent = n + 50   # latency_pass's warm-up requests count for CPU too
     return {"added_ms": (pct(plain["router"][1], 0.5) - pct(plain["direct"][1], 0.5)) * 1e3,
             "added_ttft_ms": (pct(streamed["router"][0], 0.5) - pct(streamed["direct"][0], 0.5)) * 1e3,
             "rps": rps, "rps_ratio": rps / direct_rps,
-            "cpu_us": (cpu1 - cpu0) / sent * 1e6, "cpu_stream_us": (cpu2 - cpu1) / sent * 1e6}
+            "cpu_us": (cpu1 - cpu0) / sent * 1e6, "cpu_stream_us": (cpu2 - cpu1) / sent * 1e6,
+            "cpu_loaded_us": (cpu3 - cpu2) / max(1, served) * 1e6}
 
 
 def median_of(c: Contender, key: str) -> float:
@@ -235,7 +241,8 @@ def table(cs: list[Contender]) -> str:
             ("max req/s / direct, non-streaming",
              lambda c: f"{median_of(c, 'rps_ratio'):.3f} ({median_of(c, 'rps'):,.0f} req/s)"),
             ("router CPU per request, non-streaming / streaming",
-             lambda c: f"{median_of(c, 'cpu_us'):,.0f} / {median_of(c, 'cpu_stream_us'):,.0f} us")]
+             lambda c: f"{median_of(c, 'cpu_us'):,.0f} / {median_of(c, 'cpu_stream_us'):,.0f} us"),
+            ("router CPU per request at max req/s", lambda c: f"{median_of(c, 'cpu_loaded_us'):,.0f} us")]
     lines = ["| | " + " | ".join(c.name for c in ran) + " |", "|---|" + "---:|" * len(ran)]
     lines += [f"| {label} | " + " | ".join(cell(c) for c in ran) + " |" for label, cell in rows]
     skipped = [f"- {c.name}: {c.skipped}" for c in cs if c.skipped]
