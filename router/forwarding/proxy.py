@@ -213,7 +213,7 @@ class Proxy:
             self.slo.ended(slo_key(job))
             raise
         headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(decision).items()]
-        return RelayResponse(session.events(), on_close=session.close, headers=headers)
+        return RelayResponse(session.events(), on_close=session.close, headers=headers, ended=session.ended)
 
     async def open_source(self, job: Job, decision: Decision, path: str, body: bytes, relay: StreamRelay,
                           first: bool) -> Source:

@@ -82,6 +82,10 @@ class StreamSession:
         route = self.proxy.tokenizer.route_request(job.tokens_after(relay.generated), job.salt, job.route.policy)
         return route, PATHS["completions"], job.continuation(relay.generated)
 
+    def ended(self) -> bool:
+        """Whether the stream has ended: the events' last chunk carried [DONE] (or what ends it)."""
+        return self.relay.done
+
     async def events(self):
         relay = self.relay
         while not relay.done:

@@ -28,12 +28,17 @@ SHUTTING_DOWN = sse_error(ApiError(503, "server shutting down", type_="server_er
 
 
 class RelayResponse:
+    """`ended`, where given, tells whether the chunk just taken ends the stream: it then goes out with the
+    body's end (one write for the last events and the chunked terminator, not two)."""
+
     def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]] | None = None,
-                 status: int = 200, headers: list[tuple[bytes, bytes]] | None = None):
+                 status: int = 200, headers: list[tuple[bytes, bytes]] | None = None,
+                 ended: Callable[[], bool] = lambda: False):
         self.chunks = chunks
         self.on_close = on_close
         self.status_code = status
         self.headers = headers or SSE_HEADERS
+        self.ended = ended
 
     async def __call__(self, scope, receive, send) -> None:
         started = False
@@ -42,6 +47,9 @@ class RelayResponse:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
                 started = True
                 async for chunk in self.chunks:
+                    if self.ended():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                        return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:   # not the client leaving (ClientWatch ends that quietly): a shutdown
