@@ -180,12 +180,12 @@ class Watchdog:
     once (from any task); ``since`` is the current wait's start (None between waits).
     Use: set ``seconds``, then ``with watchdog: await ...``; always from the same task.
     """
-    __slots__ = ("seconds", "since", "_task", "_loop", "_deadlines", "_deadline", "_cancelling", "_expired")
+    __slots__ = ("seconds", "since", "_hint", "_task", "_loop", "_deadlines", "_deadline", "_cancelling", "_expired")
 
     def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop | None = None):
         self.seconds = seconds
         self.since: float | None = None
-        self._loop = loop   # the running loop, where the caller knows it (see _current_task)
+        self._hint = loop   # the running loop, where the caller knows it (see _current_task)
         self._task: asyncio.Task | None = None
         self._deadline: Deadline | None = None
         self._expired = False
@@ -193,7 +193,7 @@ class Watchdog:
     def __enter__(self) -> Watchdog:
         task = self._task
         if task is None:
-            task = self._task = _current_task(self._loop)
+            task = self._task = _current_task(self._hint)
             assert task is not None, "Watchdog is used inside a task"
             self._loop = task.get_loop()
             self._deadlines = Deadlines.of(self._loop)
