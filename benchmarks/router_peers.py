@@ -166,6 +166,8 @@ def contenders(args, stubs: list[str], work: Path) -> list[Contender]:
                                                             str(cores)], here))
     aio = Contender("kvlab, 1 process, aiohttp client", [PYTHON, str(HERE / "aiohttp_router.py"), *kvlab[1:]], here)
     try:
+        if "aiohttp" in args.skip:
+            raise RuntimeError("skipped (--skip)")
         extra = _aiohttp_path(Path(args.aiohttp_target))
         aio.env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra) if p)}
     except (RuntimeError, subprocess.SubprocessError) as exc:
@@ -291,7 +293,8 @@ def main() -> None:
     parser.add_argument("--before-label", default="before")
     parser.add_argument("--peers-venv", default=str(Path(tempfile.gettempdir()) / "kvpeers"))
     parser.add_argument("--aiohttp-target", default=str(Path(tempfile.gettempdir()) / "kvbench-aiohttp"))
-    parser.add_argument("--skip", nargs="*", default=[], choices=sorted(PEERS), help="peers not to run")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[*sorted(PEERS), "aiohttp"],
+                        help="peers not to run (aiohttp: kvlab with aiohttp's client)")
     parser.add_argument("--doc", help="write the table to this markdown file (docs/perf.md)")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
