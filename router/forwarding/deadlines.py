@@ -121,7 +121,7 @@ class Deadlines:
             self._ticking = False
 
 
-def _current_task(loop: asyncio.AbstractEventLoop | None) -> asyncio.Task | None:
+def task_on(loop: asyncio.AbstractEventLoop | None) -> asyncio.Task | None:
     """The task running on `loop` (the running loop, given by a caller that knows it), else on the
     running loop: Python 3.11 looks that up with a getpid() system call, which costs as much CPU as a
     request's read or write (strace of a router at saturation: as many getpid calls as writes)."""
@@ -136,13 +136,13 @@ class Expiry:
 
     def __init__(self, seconds: float | None, loop: asyncio.AbstractEventLoop | None = None):
         self._seconds = seconds
-        self._loop = loop   # the running loop, where the caller knows it (see _current_task)
+        self._loop = loop   # the running loop, where the caller knows it (see task_on)
         self._deadline: Deadline | None = None
         self._expired = False
         self.when: float | None = None
 
     def __enter__(self) -> Expiry:
-        task = _current_task(self._loop)
+        task = task_on(self._loop)
         assert task is not None, "Expiry is used inside a task"
         self._task = task
         self._cancelling = task.cancelling()
@@ -185,7 +185,7 @@ class Watchdog:
     def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop | None = None):
         self.seconds = seconds
         self.since: float | None = None
-        self._hint = loop   # the running loop, where the caller knows it (see _current_task)
+        self._hint = loop   # the running loop, where the caller knows it (see task_on)
         self._task: asyncio.Task | None = None
         self._deadline: Deadline | None = None
         self._expired = False
@@ -193,7 +193,7 @@ class Watchdog:
     def __enter__(self) -> Watchdog:
         task = self._task
         if task is None:
-            task = self._task = _current_task(self._hint)
+            task = self._task = task_on(self._hint)
             assert task is not None, "Watchdog is used inside a task"
             self._loop = task.get_loop()
             self._deadlines = Deadlines.of(self._loop)

@@ -120,8 +120,7 @@ class Proxy:
                 self._running_loop().call_soon(self._estimate_hit, job, decision)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
-        """The loop this proxy serves on, remembered: Python 3.11 looks the running loop up with a
-        getpid() system call, as much CPU as a request's read or write."""
+        """The loop this proxy serves on, remembered (looking it up costs a getpid(): deadlines.task_on)."""
         loop = self._loop
         if loop is None or not loop.is_running():   # the first request, or a proxy reused on a new loop
             loop = self._loop = asyncio.get_running_loop()
