@@ -10,7 +10,7 @@ from kvlab.wire.kv_events import BlockStored, KVEventBatch
 from router.policies.base import Decision, RouteRequest, WorkerView
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet, build_policy
-from router.policies.slo_aware import PHASE_STEPS, SloAware, SloUnmet, predict, step_left
+from router.policies.slo_aware import PHASE_STEPS, SloAware, SloUnmet, predict, step_left, waivable
 from router.policies.slo_ledger import PrefillLedger
 from router.policies.slo_table import from_spec
 
@@ -300,3 +300,33 @@ def test_the_slo_benchmark_tells_backlog_misprediction_and_choice_apart(capsys):
     assert "late 4: refused 1, late everywhere 1, mispredicted 1, sent late 1" in out
     assert "predicted 400 ms, actual 700 ms" in out
     assert "1 requests, 320 tokens more to prefill; cap 1, itl 0, score 0" in out
+
+
+def test_waive_within_lets_the_prefix_holder_past_the_cap_only_when_well_within_the_slo():
+    index = KvIndex()
+    cached_on(index, "b", PROMPT)
+    cached_on(index, "c", PROMPT[:1024])
+    home = WorkerView("b", in_flight=3, decode_context_tokens=3_000)   # at the cap: load_cap(5, 3, 0, 0) = 2
+    shorter = WorkerView("c", in_flight=2, decode_context_tokens=2_000)
+    workers = [WorkerView("a"), home, shorter]
+    predicted = predict(TABLE, home, len(PROMPT), 256, 0).ttft_s
+    assert predicted < 0.5 * TABLE.ttft_slo_s
+    capped = SloAware(index, TABLE, eps=0.0, slack=0)
+    assert capped.choose(route(), workers).worker == "a"
+    waived = SloAware(index, TABLE, eps=0.0, slack=0, waive_within=0.5)
+    assert waived.choose(route(), workers).worker == "b"
+    # predicted past the share of the SLO: the cap holds
+    strict = SloAware(index, TABLE, eps=0.0, slack=0, waive_within=0.9 * predicted / TABLE.ttft_slo_s)
+    assert strict.choose(route(), workers).worker == "a"
+    # only for the longest cached prefix's holders: "c" (a shorter prefix, at the cap) stays out
+    assert {w.id for _, w in waived.under_cap(
+        [(predict(TABLE, w, len(PROMPT), m, 0), w) for w, m in zip(workers, (0, 256, 64), strict=True)],
+        TABLE.ttft_slo_s, TABLE.itl_slo_s)} == {"a", "b"}
+    # a holder under the cap keeps the prompt on its prefix: nothing past the cap is waived
+    twin = WorkerView("d", in_flight=0)
+    cached_on(index, "d", PROMPT)
+    assert waived.choose(route(), [*workers, twin]).worker == "d"
+    assert waivable([(predict(TABLE, w, len(PROMPT), m, 0), w) for w, m in ((home, 256), (twin, 256))],
+                    {"d"}) == []
+    with pytest.raises(ValueError, match="waive_within"):
+        SloAware(index, TABLE, waive_within=1.5)
