@@ -66,10 +66,12 @@ in the run's last 20%), 19 were predicted in time and late (459 ms predicted, 53
 but balance: its queues pass the SLO together, while kv_aware, which weighs load less, starts missing
 5 s sooner but at some 35 of the 255 arrivals a second, keeping the rest in time until the last 4 s.
 Sacrificing workers to the backlog (concentrate, or the variants in router.policies.slo_aware) gains up
-to 6 points there at 1-2 points of hit rate; so does refusing what is late everywhere (measured before:
-95.7/89.5% in time at 240/255 on seed 0, refusing 2.1/5.9%), which is the shedder's job.
+to 6 points there at 1-2 points of hit rate; sacrificing only holders of the prompt's longest cached
+prefix (concentrate_held) up to 7.5 at 0-0.7 points (seeds 0-5, on the roofline as revised since); so
+does refusing what is late everywhere (measured before: 95.7/89.5% in time at 240/255 on seed 0, refusing
+2.1/5.9%), which is the shedder's job.
 Run: .venv/bin/python benchmarks/slo_routing.py [--rates 225,240,255] [--requests 6000] [--ttft-slo 0.5]
-     [--policies kv_aware,prefix_bounded,slo_aware,slo_aware:concentrate=true] [--mix chat=0.5,rag=0.3,agentic=0.2]
+     [--policies kv_aware,prefix_bounded,slo_aware,slo_aware:concentrate_held=true] [--mix chat=0.5,rag=0.3,agentic=0.2]
      [--seed 0] [--no-shedding] [--set POLICY.KEY=VALUE] [--explain]
 """
 from __future__ import annotations

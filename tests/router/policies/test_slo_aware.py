@@ -273,6 +273,22 @@ def test_with_concentrate_a_request_late_everywhere_joins_the_latest_queue():
     assert SloAware(index, TABLE, concentrate=True).choose(route(), late).worker == "a"
 
 
+def test_with_concentrate_held_a_request_late_everywhere_joins_the_latest_queue_holding_its_prefix():
+    def queued(worker: str, tokens: int) -> WorkerView:
+        return WorkerView(worker, in_flight=4, prefill_queue=4, prefill_queue_tokens=tokens,
+                          prefill_queue_s=TABLE.prefill_work(tokens, 0))
+    late = [queued("a", 60_000), queued("b", 62_000), queued("c", 64_000), queued("d", 66_000)]
+    index = KvIndex()
+    for worker in "abc":
+        cached_on(index, worker, PROMPT[:512])
+    assert min(predict(TABLE, w, len(PROMPT), 32, 0).ttft_s for w in late) > TABLE.ttft_slo_s
+    assert SloAware(index, TABLE).choose(route(), late).worker == "a"                          # the least late
+    assert SloAware(index, TABLE, concentrate=True).choose(route(), late).worker == "d"        # the latest, cold
+    held = SloAware(index, TABLE, concentrate_held=True).choose(route(), late)
+    assert held.worker == "c" and held.matched_blocks == 32   # the latest of the holders: no prefix lost
+    in_time = [queued("a", 1_000), *late[1:]]
+    assert SloAware(index, TABLE, concentrate_held=True).choose(route(), in_time).worker == "a"
+
 def test_the_slo_benchmark_counts_a_refused_request_as_a_miss_and_apart():
     from benchmarks.slo_routing import ttft_shares
     from emulator.sim.report import RequestRecord
