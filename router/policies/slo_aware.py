@@ -51,8 +51,8 @@ and fell behind the score with it on (93.3/98.9%).
 The bounded-load cap (`eps`, `slack`; the simulator passes the spec's router settings, eps 0.25 and
 slack 2 on the benchmark's spec) costs slo_aware its small hit-rate deficit at light load: at 225 req/s,
 seed 2 (shedder on or off), 22 of its 39 moves off the longest cached prefix were the cap's, 37k of the 39k
-tokens re-prefilled (benchmarks/slo_routing.py --explain; on the roofline as revised since: 20 of 36 moves,
-20k tokens in all). The moves pay: they keep a hot prefix's
+tokens re-prefilled (benchmarks/slo_routing.py --explain; re-measured after changes elsewhere: 20 of 36
+moves, 20k tokens in all). The moves pay: they keep a hot prefix's
 holder from piling up work that the prediction, taken from its state now, does not see coming (the
 decode batch those requests join, KV filling). Measured against the cap as it is, same mix, seed 0
 (TTFT ok % shedder off / on, hit %), and not adopted:
