@@ -38,44 +38,47 @@ late, 8 of them refused by the shedder, 5 predicted in time and late: 447 ms pre
 medians). At 225/2 (--explain) 20 of its 36 moves off the longest cached prefix were the bounded-load
 cap's (the spec's eps 0.25, slack 2), 20k tokens re-prefilled in all; waiving the cap for the prefix's
 holder lost in-time share and gained no hit rate, and so did waiving it only where the holder is
-predicted well within the SLOs (waive_within, router.policies.slo_aware). Of the admitted requests
+predicted well within the SLOs (router.policies.slo_aware's docstring). Of the admitted requests
 98.7-100% are in time with any policy: past capacity the shedder keeps the admitted in time (requests
 state no SLO here, so slo_aware's 429 never fires); slo_aware gains by being refused less, as
 keep_in_line moves the others' choices off full lines, each move leaving a cached prefix behind.
-With --no-shedding every request is routed (TTFT ok %, hit %):
-  rate/seed  kv_aware      prefix_bounded  slo_aware
-  225/0       98.9 (88.8)    99.3 (88.8)    99.9 (88.5)
-  240/0       87.0 (88.6)    88.9 (88.5)    88.6 (88.2)
-  255/0       79.8 (88.7)    80.8 (88.6)    76.4 (88.1)
-  270/0       71.8 (88.4)    70.0 (88.4)    69.3 (88.0)
-  225/1       89.1 (88.0)   100.0 (87.9)   100.0 (87.8)
-  240/1       86.8 (88.1)    97.3 (88.1)    98.3 (87.9)
-  255/1       81.1 (87.8)    82.3 (87.9)    79.0 (87.5)
-  270/1       77.4 (88.2)    72.7 (88.1)    70.5 (87.7)
-  225/2       86.1 (87.9)    99.0 (87.8)   100.0 (87.6)
-  240/2       82.9 (88.0)    89.9 (87.9)    93.8 (87.5)
-  255/2       82.6 (88.0)    83.6 (87.9)    81.4 (87.6)
-  270/2       79.8 (88.0)    73.2 (88.0)    71.0 (87.6)
-  225/3       94.8 (87.2)   100.0 (87.2)   100.0 (86.9)
-  240/3       78.9 (87.1)    93.0 (87.2)    95.1 (86.9)
-  255/3       81.5 (87.4)    84.2 (87.3)    84.5 (87.0)
-  270/3       71.2 (87.3)    73.2 (87.3)    72.7 (87.0)
-At 225-240 req/s slo_aware keeps the most in time on 6 of the 12 rows of seeds 0-5, as many on 5, 0.3
-fewer than prefix_bounded at 240/0, at 0.1-0.5 points of hit rate less; past saturation (255-270) it
-loses on 10 of 12 rows (ahead at 255/3 and 255/4). --explain at 255/0: of its 1,416 late requests 1,318
+With --no-shedding every request is routed (TTFT ok %, hit %); slo_aware as by default (concentrate_held:
+a request predicted late on every worker joins the latest queue holding its longest cached prefix),
+and, last, the score alone (slo_aware:concentrate_held=false):
+  rate/seed  kv_aware      prefix_bounded  slo_aware     score alone
+  225/0       98.9 (88.8)    99.3 (88.8)    99.9 (88.5)    99.9 (88.5)
+  240/0       87.0 (88.6)    88.9 (88.5)    91.2 (88.1)    88.6 (88.2)
+  255/0       79.8 (88.7)    80.8 (88.6)    81.2 (87.9)    76.4 (88.1)
+  270/0       71.8 (88.4)    70.0 (88.4)    73.2 (87.7)    69.3 (88.0)
+  225/1       89.1 (88.0)   100.0 (87.9)   100.0 (87.8)   100.0 (87.8)
+  240/1       86.8 (88.1)    97.3 (88.1)    98.1 (87.8)    98.3 (87.9)
+  255/1       81.1 (87.8)    82.3 (87.9)    82.0 (87.4)    79.0 (87.5)
+  270/1       77.4 (88.2)    72.7 (88.1)    77.0 (87.5)    70.5 (87.7)
+  225/2       86.1 (87.9)    99.0 (87.8)   100.0 (87.6)   100.0 (87.6)
+  240/2       82.9 (88.0)    89.9 (87.9)    94.9 (87.6)    93.8 (87.5)
+  255/2       82.6 (88.0)    83.6 (87.9)    85.3 (87.3)    81.4 (87.6)
+  270/2       79.8 (88.0)    73.2 (88.0)    78.5 (86.9)    71.0 (87.6)
+  225/3       94.8 (87.2)   100.0 (87.2)   100.0 (86.9)   100.0 (86.9)
+  240/3       78.9 (87.1)    93.0 (87.2)    95.7 (86.8)    95.1 (86.9)
+  255/3       81.5 (87.4)    84.2 (87.3)    87.6 (86.7)    84.5 (87.0)
+  270/3       71.2 (87.3)    73.2 (87.3)    78.8 (86.5)    72.7 (87.0)
+With the shedder on the two slo_aware columns are the same on every row of seeds 0-5 (the shedder
+refuses what is late everywhere first). Shedder off, over seeds 0-5 slo_aware keeps as many in time as
+the best of the other two or more on 21 of 24 rows (behind at 255/1 by 0.3, 270/1 by 0.4, 270/2 by 1.3
+points), at 0.3-1.1 points of hit rate below the best; the score alone loses past saturation on 10 of 12
+rows (ahead at 255/3 and 255/4). --explain at 255/0, the score alone: of its 1,416 late requests 1,318
 were predicted late on every worker (1,200 of the late arrived in the run's last 20%), 21 were predicted
 in time and late (460 ms predicted, 600 ms actual, medians), 77 were sent to a worker predicted late while
 another was predicted in time. Not the prediction, then, but balance: its queues pass the SLO together,
-while kv_aware, which weighs load less, starts missing 5 s sooner but at some 35 of the 255 arrivals a
-second, keeping the rest in time until the last 4 s (measured before the re-measurement).
-Sacrificing workers to the backlog (concentrate, or the variants in router.policies.slo_aware) gains up
-to 6 points there at 1-2 points of hit rate; sacrificing only holders of the prompt's longest cached
-prefix (concentrate_held) up to 7.5 at 0-0.7 points (seeds 0-5, re-measured); so
-does refusing what is late everywhere (measured before: 95.7/89.5% in time at 240/255 on seed 0, refusing
-2.1/5.9%), which is the shedder's job.
+while kv_aware, which weighs load less, starts missing sooner but at a fraction of the arrivals, keeping
+the rest in time. Sacrificing the latest queue to the backlog (concentrate) gains up to 10.2 points at
+up to 3.4 points of hit rate; sacrificing only holders of the prompt's longest cached prefix (the
+default) up to 7.5 at 0-0.7 points (and a later tail: TTFT p99 at 240/2 0.93 -> 1.62 s, at 270/2
+2.8 -> 6.5 s); so does refusing what is late everywhere (measured before: 95.7/89.5%
+in time at 240/255 on seed 0, refusing 2.1/5.9%), which is the shedder's job.
 Run: .venv/bin/python benchmarks/slo_routing.py [--rates 225,240,255] [--requests 6000] [--ttft-slo 0.5]
-     [--policies kv_aware,prefix_bounded,slo_aware,slo_aware:concentrate_held=true] [--mix chat=0.5,rag=0.3,agentic=0.2]
-     [--seed 0] [--no-shedding] [--set POLICY.KEY=VALUE] [--explain]
+     [--policies kv_aware,prefix_bounded,slo_aware,slo_aware:concentrate_held=false]
+     [--mix chat=0.5,rag=0.3,agentic=0.2] [--seed 0] [--no-shedding] [--set POLICY.KEY=VALUE] [--explain]
 """
 from __future__ import annotations
 

@@ -25,18 +25,18 @@ where steps = ceil((queued + uncached tokens) / max_num_batched_tokens). The cho
      wins, then the rendezvous hash of the prompt's leading blocks, as in kv_aware, so the same cold
      prefix starts its locality on one worker whatever phase the workers' steps are in.
 The TTFT SLO is the request's (x-slo-ttft-ms), else the spec's; a stated one the best worker's
-prediction exceeds is refused. With `concentrate` (off by default), a request that states no SLO and is
-predicted late on every worker joins the latest queue instead (the least of miss_cost x work - TTFT),
-sparing the workers where later requests can still be in time: past saturation it keeps more requests
-within the SLO, at the cost of the hit rate and the TTFT tail (benchmarks/slo_routing.py). With
-`concentrate_held` (off by default) it joins the latest of the queues holding its longest cached prefix,
-so that it leaves no cached prefix behind. On the chat + RAG + agentic mix, seeds 0-5 at 225-270 req/s,
-against the score: with the load shedder on both change nothing (it refuses such requests first: the same
-figures on all 24 rows); with it off, concentrate keeps up to 10.2 points more in time at up to 3.4
-points of hit rate, concentrate_held more on 15 rows (up to 7.5 points: 270/2 71.0 -> 78.5%), fewer on
-1 (240/1 98.3 -> 98.1%), at -0.7 to +0.1 points of hit rate; at 255-270 req/s that keeps more in time
-than kv_aware and prefix_bounded on 9 of 12 rows (the score: 2). Moving only prompts no worker holds a
-block of changed nothing: every prompt of the mix starts with a shared system prompt or document.
+prediction exceeds is refused. A request that states no SLO and is predicted late on every worker
+joins instead the latest of the queues holding its longest cached prefix (`concentrate_held`, on by
+default; the least of miss_cost x work - TTFT), sparing the workers where later requests can still be
+in time, and leaving no cached prefix behind; with `concentrate` (off by default) the latest of all
+queues. On the chat + RAG + agentic mix, seeds 0-5 at 225-270 req/s, against the score alone (neither):
+with the load shedder on neither changes anything (it refuses such requests first: the same figures on
+all 24 rows); with it off, concentrate_held keeps more in time on 15 rows (up to 7.5 points: 270/2
+71.0 -> 78.5%), fewer on 1 (240/1 98.3 -> 98.1%), at -0.7 to +0.1 points of hit rate and a later tail
+(what is late waits longer: TTFT p99 at 240/2 0.93 -> 1.62 s, at 270/2 2.8 -> 6.5 s), and at 255-270
+req/s more than kv_aware and prefix_bounded on 9 of 12 rows (the score alone: 2); concentrate up to 10.2
+points more at up to 3.4 points of hit rate. Moving only prompts no worker holds a block of changed
+nothing: every prompt of the mix starts with a shared system prompt or document.
 
 Measured and not adopted: refining prefix_bounded's choice instead (keep it unless it is predicted
 late while another worker is predicted in time, then the least predicted TTFT; keep it where none is).
@@ -61,7 +61,7 @@ decode batch those requests join, KV filling). Measured against the cap as it is
   - the cap waived for the holder of the longest cached prefix: 225/240/255 req/s 99.5/86.8/77.0 and
     99.2/95.7/92.9 (the cap: 100.0/92.0/82.2 and 100.0/97.0/93.9), hit no higher (88.4/87.8/88.0);
   - the same waiver only where the holder is predicted within 0.8 x the TTFT SLO and within the ITL SLO
-    (waive_within=0.8: 1 / 1.25, the p90 of actual / predicted TTFT for predictions of 0.4-1.0 x the SLO
+    (0.8: 1 / 1.25, the p90 of actual / predicted TTFT for predictions of 0.4-1.0 x the SLO
     at 225-240 req/s, seeds 0-1, shedder on), seeds 0-5 at 225-270 req/s against the cap: hit within
     -0.3..+0.3 points, yet still 0.1-0.3 below the best other policy's in 5 of the 8 cells where all
     keep (nearly) all in time (225 req/s; 240 on seeds 4-5); shedder on, fewer in time on 13 of 24 rows
@@ -128,11 +128,6 @@ DEFAULT_TIE_STEPS = 0.5
 # of error in the predicted step (decoders' context, chunks of other prompts) grows by a step's worth each
 # step. 3: the median |error| is flat from 3 steps on (benchmarks/slo_routing.py, 240 req/s).
 PHASE_STEPS = 3
-# With the bounded-load cap on (eps), it is waived for the holders of the longest cached prefix, all at
-# the cap, that are predicted within this share of the TTFT SLO and within the ITL SLO. Off by default:
-# at 0.8 (1 / the p90 of actual / predicted TTFT near the SLO) it lost in-time share, shedder on and
-# off, and still hit below the best other policy where all kept in time (the list in the docstring).
-DEFAULT_WAIVE_WITHIN = 0.0
 
 
 class SloUnmet(NoWorkerAvailable):
@@ -196,7 +191,7 @@ class SloAware(StatelessPolicy):
                  affinity: float = DEFAULT_AFFINITY, miss_cost: float = DEFAULT_MISS_COST,
                  tie_steps: float = DEFAULT_TIE_STEPS, concentrate: bool = False, eps: float | None = None,
                  slack: int = DEFAULT_SLACK, prefix_blocks: int = DEFAULT_PREFIX_BLOCKS,
-                 waive_within: float = DEFAULT_WAIVE_WITHIN, concentrate_held: bool = False) -> None:
+                 concentrate_held: bool = True) -> None:
         if itl_slo_s is not None and itl_slo_s <= 0:
             raise ValueError(f"slo_aware itl_slo_s must be > 0, got {itl_slo_s}")
         if not 0.0 <= affinity <= 1.0:
@@ -209,9 +204,6 @@ class SloAware(StatelessPolicy):
         self.concentrate = concentrate
         self.concentrate_held = concentrate_held
         self.eps, self.slack = eps, slack
-        if not 0.0 <= waive_within <= 1.0:
-            raise ValueError(f"slo_aware waive_within must be in [0, 1], got {waive_within}")
-        self.waive_within = waive_within
         self.index = index
         self.table = table   # None only while settings are checked; PolicySet passes the spec's
         self.itl_slo_s = itl_slo_s
@@ -222,12 +214,12 @@ class SloAware(StatelessPolicy):
         if table is None:
             raise RuntimeError("slo_aware needs the spec's roofline table (router.policies.slo_table.from_spec)")
         alive = healthy(workers)
+        if self.eps is not None:   # optional: the bounded-load cap first (off: measured no better)
+            cap = load_cap(sum(w.in_flight for w in alive), len(alive), self.eps, self.slack)
+            alive = [w for w in alive if w.in_flight < cap]
         tiers = self.index.match_tiers(request.blocks)
         preds = [(predict(table, w, request.prompt_tokens, *tiers.get(w.id, (0, 0))), w) for w in alive]
         itl_slo = request.slo_tpot_s or self.itl_slo_s or table.itl_slo_s
-        ttft_slo = request.slo_ttft_s or table.ttft_slo_s
-        if self.eps is not None:   # optional: the bounded-load cap first (off: measured no better)
-            preds = self.under_cap(preds, ttft_slo, itl_slo)
         fits = [(p, w) for p, w in preds if p.itl_s <= itl_slo]
         if not fits:
             if request.slo_tpot_s is not None:
@@ -235,6 +227,7 @@ class SloAware(StatelessPolicy):
                 raise SloUnmet(f"no worker can keep the time per output token within {_ms(itl_slo)} "
                                f"(best predicted {_ms(best_itl)})")
             fits = [min(preds, key=lambda pw: pw[0].itl_s)]
+        ttft_slo = request.slo_ttft_s or table.ttft_slo_s
         roomy = [(p, w) for p, w in fits if p.ttft_s <= self.affinity * ttft_slo]
         if roomy:   # comfortably within the SLO: the longest cached prefix, then the least TTFT
             fewest = min(p.new_tokens for p, _ in roomy)
@@ -257,18 +250,6 @@ class SloAware(StatelessPolicy):
                         prefill_work_s=pred.work_s, prefill_tokens=pred.new_tokens)
 
 
-    def under_cap(self, preds: list[tuple[Prediction, WorkerView]], ttft_slo: float,
-                  itl_slo: float) -> list[tuple[Prediction, WorkerView]]:
-        """The workers under the bounded-load cap; with `waive_within` > 0, also the holders of the
-        longest cached prefix when all of them are at the cap and one is predicted within waive_within x
-        the TTFT SLO and within the ITL SLO (those holders only)."""
-        cap = load_cap(sum(w.in_flight for _, w in preds), len(preds), self.eps or 0.0, self.slack)
-        keep = {w.id for _, w in preds if w.in_flight < cap}
-        if self.waive_within > 0:
-            keep |= {w.id for p, w in waivable(preds, keep)
-                     if p.ttft_s <= self.waive_within * ttft_slo and p.itl_s <= itl_slo}
-        return [(p, w) for p, w in preds if w.id in keep]
-
     def _least(self, request: RouteRequest, fits: list[tuple[Prediction, WorkerView]]) -> tuple[Prediction, WorkerView]:
         """The least score, scores within tie_steps decode steps of it tied: the longest cached prefix
         among them, then the prefix's rendezvous owner."""
@@ -287,14 +268,6 @@ def held(preds: list[tuple[Prediction, WorkerView]]) -> list[tuple[Prediction, W
     """The workers among `preds` left with the fewest of the prompt's tokens to compute."""
     fewest = min(p.new_tokens for p, _ in preds)
     return [(p, w) for p, w in preds if p.new_tokens == fewest]
-
-
-def waivable(preds: list[tuple[Prediction, WorkerView]], under: set[str]) -> list[tuple[Prediction, WorkerView]]:
-    """The holders of the longest cached prefix of the prompt, when none of them is in `under` (the
-    workers under the cap): the cap is what moves the prompt off its prefix. None without a cached prefix."""
-    fewest = min(p.new_tokens for p, _ in preds)
-    homes = [(p, w) for p, w in preds if p.new_tokens == fewest and p.gpu_blocks + p.host_blocks > 0]
-    return [] if any(w.id in under for _, w in homes) else homes
 
 
 def _ms(seconds: float) -> str:

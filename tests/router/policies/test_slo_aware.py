@@ -10,7 +10,7 @@ from kvlab.wire.kv_events import BlockStored, KVEventBatch
 from router.policies.base import Decision, RouteRequest, WorkerView
 from router.policies.kv_index import KvIndex
 from router.policies.registry import PolicySet, build_policy
-from router.policies.slo_aware import PHASE_STEPS, SloAware, SloUnmet, predict, step_left, waivable
+from router.policies.slo_aware import PHASE_STEPS, SloAware, SloUnmet, predict, step_left
 from router.policies.slo_ledger import PrefillLedger
 from router.policies.slo_table import from_spec
 
@@ -260,7 +260,8 @@ def test_with_concentrate_a_request_late_everywhere_joins_the_latest_queue():
                           prefill_queue_s=TABLE.prefill_work(tokens, 0))
     late = [queued("a", 60_000), queued("b", 64_000)]
     assert min(predict(TABLE, w, len(PROMPT), 0, 0).ttft_s for w in late) > TABLE.ttft_slo_s
-    assert SloAware(KvIndex(), TABLE).choose(route(), late).worker == "a"            # the least late
+    score = SloAware(KvIndex(), TABLE, concentrate_held=False)
+    assert score.choose(route(), late).worker == "a"                                  # the least late
     assert SloAware(KvIndex(), TABLE, concentrate=True).choose(route(), late).worker == "b"
     # while some worker is in time, or when the request states its SLO (refused instead), no change
     in_time = [queued("a", 1_000), queued("b", 120_000)]
@@ -282,12 +283,12 @@ def test_with_concentrate_held_a_request_late_everywhere_joins_the_latest_queue_
     for worker in "abc":
         cached_on(index, worker, PROMPT[:512])
     assert min(predict(TABLE, w, len(PROMPT), 32, 0).ttft_s for w in late) > TABLE.ttft_slo_s
-    assert SloAware(index, TABLE).choose(route(), late).worker == "a"                          # the least late
+    assert SloAware(index, TABLE, concentrate_held=False).choose(route(), late).worker == "a"   # the least late
     assert SloAware(index, TABLE, concentrate=True).choose(route(), late).worker == "d"        # the latest, cold
-    held = SloAware(index, TABLE, concentrate_held=True).choose(route(), late)
+    held = SloAware(index, TABLE).choose(route(), late)                                        # the default
     assert held.worker == "c" and held.matched_blocks == 32   # the latest of the holders: no prefix lost
     in_time = [queued("a", 1_000), *late[1:]]
-    assert SloAware(index, TABLE, concentrate_held=True).choose(route(), in_time).worker == "a"
+    assert SloAware(index, TABLE).choose(route(), in_time).worker == "a"
 
 def test_the_slo_benchmark_counts_a_refused_request_as_a_miss_and_apart():
     from benchmarks.slo_routing import ttft_shares
@@ -316,33 +317,3 @@ def test_the_slo_benchmark_tells_backlog_misprediction_and_choice_apart(capsys):
     assert "late 4: refused 1, late everywhere 1, mispredicted 1, sent late 1" in out
     assert "predicted 400 ms, actual 700 ms" in out
     assert "1 requests, 320 tokens more to prefill; cap 1, itl 0, score 0" in out
-
-
-def test_waive_within_lets_the_prefix_holder_past_the_cap_only_when_well_within_the_slo():
-    index = KvIndex()
-    cached_on(index, "b", PROMPT)
-    cached_on(index, "c", PROMPT[:1024])
-    home = WorkerView("b", in_flight=3, decode_context_tokens=3_000)   # at the cap: load_cap(5, 3, 0, 0) = 2
-    shorter = WorkerView("c", in_flight=2, decode_context_tokens=2_000)
-    workers = [WorkerView("a"), home, shorter]
-    predicted = predict(TABLE, home, len(PROMPT), 256, 0).ttft_s
-    assert predicted < 0.5 * TABLE.ttft_slo_s
-    capped = SloAware(index, TABLE, eps=0.0, slack=0)
-    assert capped.choose(route(), workers).worker == "a"
-    waived = SloAware(index, TABLE, eps=0.0, slack=0, waive_within=0.5)
-    assert waived.choose(route(), workers).worker == "b"
-    # predicted past the share of the SLO: the cap holds
-    strict = SloAware(index, TABLE, eps=0.0, slack=0, waive_within=0.9 * predicted / TABLE.ttft_slo_s)
-    assert strict.choose(route(), workers).worker == "a"
-    # only for the longest cached prefix's holders: "c" (a shorter prefix, at the cap) stays out
-    assert {w.id for _, w in waived.under_cap(
-        [(predict(TABLE, w, len(PROMPT), m, 0), w) for w, m in zip(workers, (0, 256, 64), strict=True)],
-        TABLE.ttft_slo_s, TABLE.itl_slo_s)} == {"a", "b"}
-    # a holder under the cap keeps the prompt on its prefix: nothing past the cap is waived
-    twin = WorkerView("d", in_flight=0)
-    cached_on(index, "d", PROMPT)
-    assert waived.choose(route(), [*workers, twin]).worker == "d"
-    assert waivable([(predict(TABLE, w, len(PROMPT), m, 0), w) for w, m in ((home, 256), (twin, 256))],
-                    {"d"}) == []
-    with pytest.raises(ValueError, match="waive_within"):
-        SloAware(index, TABLE, waive_within=1.5)
