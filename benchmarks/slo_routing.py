@@ -93,6 +93,7 @@ from emulator.sim.policy_settings import policy_settings
 from emulator.sim.simulator import Simulator
 from loadtests.compare import whole_run
 from router.policies.base import healthy
+from router.policies.bounded_load import load_cap
 from router.policies.slo_aware import predict
 
 POLICIES = "kv_aware,prefix_bounded,slo_aware"
@@ -145,13 +146,12 @@ def watch(sim: Simulator, picks: list[Pick]) -> None:
         decision = inner(request, workers)
         alive = healthy(workers)
         tiers = policy.index.match_tiers(request.blocks)
-        pairs = [(predict(policy.table, w, request.prompt_tokens, *tiers.get(w.id, (0, 0))), w) for w in alive]
-        preds = {w.id: p for p, w in pairs}
+        preds = {w.id: predict(policy.table, w, request.prompt_tokens, *tiers.get(w.id, (0, 0))) for w in alive}
         itl_slo = request.slo_tpot_s or policy.itl_slo_s or policy.table.itl_slo_s
-        ttft_slo = request.slo_ttft_s or policy.table.ttft_slo_s
         capped = set()
-        if policy.eps is not None:   # past the cap, and not waived for it
-            capped = set(preds) - {w.id for _, w in policy.under_cap(pairs, ttft_slo, itl_slo)}
+        if policy.eps is not None:
+            cap = load_cap(sum(w.in_flight for w in alive), len(alive), policy.eps, policy.slack)
+            capped = {w.id for w in alive if w.in_flight >= cap}
         fewest = min(p.new_tokens for p in preds.values())
         homes = [w for w, p in preds.items() if p.new_tokens == fewest]
         mine = preds[decision.worker]
