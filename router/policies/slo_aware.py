@@ -230,14 +230,13 @@ class SloAware(StatelessPolicy):
         ttft_slo = request.slo_ttft_s or table.ttft_slo_s
         roomy = [(p, w) for p, w in fits if p.ttft_s <= self.affinity * ttft_slo]
         if roomy:   # comfortably within the SLO: the longest cached prefix, then the least TTFT
-            fewest = min(p.new_tokens for p, _ in roomy)
-            fits = [(p, w) for p, w in roomy if p.new_tokens == fewest]
+            fits = held(roomy)
         cost = self.miss_cost
         late = request.slo_ttft_s is None and min(p.ttft_s for p, _ in fits) > ttft_slo
         if late and (self.concentrate or self.concentrate_held):
-            # Late everywhere: it joins the latest queue (its cache hits still count), sparing the
-            # workers where later requests can still be in time; with concentrate_held only, the latest
-            # of the queues holding its longest cached prefix, so that no cached prefix is left behind.
+            # Late everywhere: it joins the latest of the queues holding its longest cached prefix (so
+            # no cached prefix is left behind), or with `concentrate` the latest of all (its cache hits
+            # still count), sparing the workers where later requests can still be in time.
             pool = fits if self.concentrate else held(fits)
             pred, winner = max(pool, key=lambda pw: pw[0].ttft_s - cost * pw[0].work_s)
         else:
