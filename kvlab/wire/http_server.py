@@ -35,12 +35,6 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: appl
 
 # Full (generation-2) collections are considered after this many generation-1 ones (CPython's default: 10).
 FULL_GC_EVERY = 1000
-# Young (generation-0) passes come after this many more container allocations than frees (CPython's
-# default: 700). A pass scans the young objects still alive, on a busy router mostly the in-flight
-# requests' whatever the threshold, so fewer passes cost less in all: a 1-process router at saturation
-# (64 connections) spent 3.5% of its CPU in young and middle passes at 700 (1,068 + 97 passes over 34k
-# requests, 0.22 s by gc.callbacks), 0.05 s over 27k requests at 7,000.
-YOUNG_GC_EVERY = 10_000
 
 
 def steady_gc() -> None:
@@ -49,11 +43,11 @@ def steady_gc() -> None:
     reach the oldest generation) grow to ~200 MB, and with CPython's default thresholds a full pass ran
     every ~7 s, pausing the event loop 90-210 ms (default spec, 57.3 req/s: gc.callbacks timings in a
     worker), which the workers report as step lag. Objects from start-up are frozen out of every pass
-    (gc.freeze), full passes come 100x less often and young ones ~14x less often (YOUNG_GC_EVERY);
+    (gc.freeze) and full passes come 100x less often; young generations are collected as before, and
     reference counting frees everything acyclic at once, so only cyclic garbage waits longer."""
     gc.freeze()
-    _, middle, _ = gc.get_threshold()
-    gc.set_threshold(YOUNG_GC_EVERY, middle, FULL_GC_EVERY)
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_GC_EVERY)
 
 
 class HeaderDeadline(HttpToolsProtocol):

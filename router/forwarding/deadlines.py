@@ -121,28 +121,20 @@ class Deadlines:
             self._ticking = False
 
 
-def task_on(loop: asyncio.AbstractEventLoop | None) -> asyncio.Task | None:
-    """The task running on `loop` (the running loop, given by a caller that knows it), else on the
-    running loop: Python 3.11 looks that up with a getpid() system call, which costs as much CPU as a
-    request's read or write (strace of a router at saturation: as many getpid calls as writes)."""
-    return asyncio.current_task(loop)
-
-
 class Expiry:
     """``async with asyncio.timeout(seconds)`` on a Deadlines tick: past the deadline the current task is
     cancelled and the block raises TimeoutError; ``expire_now`` cuts it short the same way (from any
     task); ``when`` is the deadline's loop time. A sync context manager: entering awaits nothing."""
-    __slots__ = ("_seconds", "_loop", "_task", "_deadline", "_cancelling", "_expired", "when")
+    __slots__ = ("_seconds", "_task", "_deadline", "_cancelling", "_expired", "when")
 
-    def __init__(self, seconds: float | None, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, seconds: float | None):
         self._seconds = seconds
-        self._loop = loop   # the running loop, where the caller knows it (see task_on)
         self._deadline: Deadline | None = None
         self._expired = False
         self.when: float | None = None
 
     def __enter__(self) -> Expiry:
-        task = task_on(self._loop)
+        task = asyncio.current_task()
         assert task is not None, "Expiry is used inside a task"
         self._task = task
         self._cancelling = task.cancelling()
@@ -180,12 +172,11 @@ class Watchdog:
     once (from any task); ``since`` is the current wait's start (None between waits).
     Use: set ``seconds``, then ``with watchdog: await ...``; always from the same task.
     """
-    __slots__ = ("seconds", "since", "_hint", "_task", "_loop", "_deadlines", "_deadline", "_cancelling", "_expired")
+    __slots__ = ("seconds", "since", "_task", "_loop", "_deadlines", "_deadline", "_cancelling", "_expired")
 
-    def __init__(self, seconds: float, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, seconds: float):
         self.seconds = seconds
         self.since: float | None = None
-        self._hint = loop   # the running loop, where the caller knows it (see task_on)
         self._task: asyncio.Task | None = None
         self._deadline: Deadline | None = None
         self._expired = False
@@ -193,7 +184,7 @@ class Watchdog:
     def __enter__(self) -> Watchdog:
         task = self._task
         if task is None:
-            task = self._task = task_on(self._hint)
+            task = self._task = asyncio.current_task()
             assert task is not None, "Watchdog is used inside a task"
             self._loop = task.get_loop()
             self._deadlines = Deadlines.of(self._loop)

@@ -64,7 +64,6 @@ class Proxy:
         self.tokenizer = tokenizer
         self.on_finish = on_finish or (lambda job, completion, cached: None)
         self.estimate_hits = config.kv_events != "off"   # the KV index is fed, so it can estimate
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._timings: StreamTimings | None = None   # TTFT/ITL of relayed streams, once someone watches
         self.slo = SloTracker(metrics, policies.table.time_scale if policies.table else 1.0)   # slo_aware's ledger
 
@@ -114,17 +113,9 @@ class Proxy:
         self.slo.sent(slo_key(job), decision, lambda: len(job.prompt))
         if first:
             self.metrics.sent(time.perf_counter() - job.received)
-            if decision.matched_blocks or (decision.matched_blocks is None and self.estimate_hits):
-                # After the request is on its way (call_soon runs once this task yields to send it),
-                # so the estimate costs the request nothing, and before the worker's new KV events.
-                self._running_loop().call_soon(self._estimate_hit, job, decision)
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        """The loop this proxy serves on, remembered (looking it up costs a getpid(): deadlines.task_on)."""
-        loop = self._loop
-        if loop is None or not loop.is_running():   # the first request, or a proxy reused on a new loop
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
+            # After the request is on its way (call_soon runs once this task yields to send it), so
+            # the estimate costs the request nothing, and before the worker's new KV events arrive.
+            asyncio.get_running_loop().call_soon(self._estimate_hit, job, decision)
 
     def _estimate_hit(self, job: Job, decision: Decision) -> None:
         """Router-side prefix-hit estimate: the policy's own match, else the KV index's (when fed)."""

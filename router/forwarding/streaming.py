@@ -21,7 +21,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from kvlab.wire.openai_api import SSE_DONE, ApiError, sse_error
-from router.forwarding.deadlines import task_on
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 SHUTTING_DOWN = sse_error(ApiError(503, "server shutting down", type_="server_error",
@@ -80,7 +79,7 @@ class ClientWatch:
         self.gone = False
         self._signal = gone
         self._watcher: asyncio.Task | None = None
-        task = task_on(gone.get_loop() if gone is not None else None)   # the signal's loop: no getpid()
+        task = asyncio.current_task()
         assert task is not None, "ClientWatch is used inside a task"
         self._task = task
 

@@ -184,14 +184,12 @@ class LeanResponse:
     """A worker's answer to ``LeanTransport.post``: status, raw headers and the body (read it whole with
     ``aread`` or in parts by iterating ``stream``; ``aclose`` returns the connection to the pool when the
     body was read to its end)."""
-    __slots__ = ("status_code", "headers", "stream", "loop")
+    __slots__ = ("status_code", "headers", "stream")
 
-    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], stream: _Body,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], stream: _Body):
         self.status_code = status_code
         self.headers = headers
         self.stream = stream
-        self.loop = loop   # its connection's, where its reads wait
 
     async def aread(self) -> bytes:
         return await self.stream.read()
@@ -347,7 +345,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except BaseException:
             conn.close()
             raise
-        return LeanResponse(conn.status, conn.headers, _Body(self, origin, conn, timeouts.get("read")), conn.loop)
+        return LeanResponse(conn.status, conn.headers, _Body(self, origin, conn, timeouts.get("read")))
 
     async def _connect(self, origin, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -163,8 +163,7 @@ class UpstreamStream:
         self.response = response
         self._registry = registry if registry is not None else set()
         self._registry.add(self)
-        self._loop = response.loop if isinstance(response, LeanResponse) else None
-        self._watch = Watchdog(timeouts.first_byte_s, self._loop)   # each read's deadline (abandon() moves it to now)
+        self._watch = Watchdog(timeouts.first_byte_s)   # each read's deadline (abandon() moves it to now)
         self._abandoned: str | None = None
         # The transport's byte stream itself: httpx's aiter_raw adds three generator layers per chunk.
         # An AsyncClient's response (or a test's async iterator): its stream is asynchronous.
@@ -234,7 +233,7 @@ class UpstreamStream:
         self._watch.close()
         try:
             if self._done and not self._ready:
-                with Expiry(DRAIN_S, self._loop):
+                with Expiry(DRAIN_S):
                     async for _ in self._parts:
                         pass
         except (httpx.HTTPError, TimeoutError, OSError):
