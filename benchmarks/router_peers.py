@@ -15,7 +15,8 @@ median of the reps:
     the cores with the client and the stubs).
 kvlab runs as one process and as one per core (--processes), and once more with aiohttp's client in
 place of its own HTTP transport (benchmarks/aiohttp_router.py), which is the transport comparison; with
---before, a second kvlab checkout (e.g. main) runs as one more contender in the same run.
+--before, a second kvlab checkout (e.g. main) runs as one more contender, as one process (beside "kvlab, 1 process": the
+pair compares code), in the same run.
 
 The peers install from PyPI into a throwaway venv (--peers-venv; made when missing), aiohttp into a
 --target folder; one that does not install or start is skipped, and the table says so.
@@ -156,8 +157,9 @@ def contenders(args, stubs: list[str], work: Path) -> list[Contender]:
              "--log-level", "warning"]
     cores = len(os.sched_getaffinity(0))
     out = []
-    if args.before:
-        out.append(Contender(f"kvlab {args.before_label}", [PYTHON, "-m", "kvlab.cli", *kvlab],
+    if args.before:   # one process, as "kvlab, 1 process": the pair compares code, not process counts
+        out.append(Contender(f"kvlab {args.before_label}, 1 process",
+                             [PYTHON, "-m", "kvlab.cli", *kvlab, "--processes", "1"],
                              {"PYTHONPATH": args.before, "KVLAB_BENCH_CWD": args.before}))
     here = {"PYTHONPATH": str(REPO)}
     out.append(Contender("kvlab, 1 process", [PYTHON, "-m", "kvlab.cli", *kvlab, "--processes", "1"], here))
