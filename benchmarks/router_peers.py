@@ -15,8 +15,8 @@ median of the reps:
     the cores with the client and the stubs).
 kvlab runs as one process and as one per core (--processes), and once more with aiohttp's client in
 place of its own HTTP transport (benchmarks/aiohttp_router.py), which is the transport comparison; with
---before, a second kvlab checkout (e.g. main) runs as one more contender, as one process (beside "kvlab, 1 process": the
-pair compares code), in the same run.
+--before, a second kvlab checkout (e.g. main) runs as one more contender in the same run, as one process
+(beside "kvlab, 1 process", so the pair compares code, not process counts).
 
 The peers install from PyPI into a throwaway venv (--peers-venv; made when missing), aiohttp into a
 --target folder; one that does not install or start is skipped, and the table says so.

@@ -254,9 +254,7 @@ class SloAware(StatelessPolicy):
         among them, then the prefix's rendezvous owner."""
         scored = [(p.ttft_s + self.miss_cost * p.work_s, p, w) for p, w in fits]
         least, best, _ = min(scored, key=lambda spw: spw[0])
-        tied = [(p, w) for s, p, w in scored if s <= least + self.tie_steps * best.step_s + 1e-9]
-        fewest = min(p.new_tokens for p, _ in tied)
-        tied = [(p, w) for p, w in tied if p.new_tokens == fewest]
+        tied = held([(p, w) for s, p, w in scored if s <= least + self.tie_steps * best.step_s + 1e-9])
         if len(tied) == 1:
             return tied[0]
         key = prefix_key(request, self.prefix_blocks)
