@@ -126,13 +126,29 @@ def _batch_grid(cap: float):
 def batch_spread(ctx: Context, others: float, law: dist.Points | None = None) -> dist.Points:
     """Batch sizes a decode token sees: itself + the others running (`law`, see `running_law`; else
     Poisson), spread by burstiness."""
-    if law is None:
-        spread = dist.poisson(others, queueing.infinite_server_dispersion(ctx.ca2))
-    else:
-        mean = law.mean()
-        stretched = mean + math.sqrt(queueing.infinite_server_dispersion(ctx.ca2)) * (law.values - mean)
-        spread = dist.Points(np.maximum(stretched, 0.0), law.weights)
+    spread = _running(ctx, others, law)
     return dist.Points(1.0 + spread.values, spread.weights)
+
+
+def arrival_batches(ctx: Context, others: float, law: dist.Points | None = None) -> dist.Points:
+    """Batch sizes the steps an arriving prompt waits out and runs in carry, given some decode runs: the
+    sequences running as a Poisson arrival finds them (the time average, PASTA), without the +1 a
+    decode token adds for itself (`batch_spread`), and without the idle worker (counted apart)."""
+    spread = _running(ctx, others, law)
+    # A point below 1 is a bin mixing idle (0) with one running: its share of one running is its value.
+    weights = np.where(spread.values >= 1.0, spread.weights, spread.weights * spread.values)
+    if weights.sum() <= 0:
+        return dist.Points.fixed(1.0)
+    return dist.Points(np.maximum(spread.values, 1.0), weights)
+
+
+def _running(ctx: Context, others: float, law: dist.Points | None) -> dist.Points:
+    """The number of sequences running (`law`, else Poisson of mean `others`), spread by burstiness."""
+    if law is None:
+        return dist.poisson(others, queueing.infinite_server_dispersion(ctx.ca2))
+    mean = law.mean()
+    stretched = mean + math.sqrt(queueing.infinite_server_dispersion(ctx.ca2)) * (law.values - mean)
+    return dist.Points(np.maximum(stretched, 0.0), law.weights)
 
 
 def running_law(ctx: Context, rate: float, itl: Callable[[float], float]) -> dist.Points | None:
@@ -158,7 +174,8 @@ def running_law(ctx: Context, rate: float, itl: Callable[[float], float]) -> dis
     return dist.bin_pmf(np.arange(cap + 1, dtype=float), pmf)
 
 
-def decode_only_gaps(ctx: Context, others: float, law: dist.Points | None = None) -> dist.Points:
+def decode_only_gaps(ctx: Context, others: float, law: dist.Points | None = None,
+                     batches: dist.Points | None = None) -> dist.Points:
     """Inter-token gaps from decode-only steps, over the batch sizes a token sees and, for each, the
     batch's total context: the n sequences' contexts summed (`total_context`), each sum's step time
     off the mean-context step by what its extra or missing KV reads cost.
@@ -167,7 +184,7 @@ def decode_only_gaps(ctx: Context, others: float, law: dist.Points | None = None
     prompts decode together: 8B on an MI300X, code prompts, ~5 running, the engine's decode-only
     gaps past 5.45 ms were 0.108% of all at 1.73 req/s where that law put 0.013%, and the draw's
     ITL-bound C_max came out 11% high."""
-    batches = batch_spread(ctx, others, law)
+    batches = batch_spread(ctx, others, law) if batches is None else batches
     if profile(ctx).context_var <= 0:
         return batches.map(lambda n: step_seconds(ctx, n))
     parts = []

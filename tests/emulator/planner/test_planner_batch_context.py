@@ -3,6 +3,7 @@ decoding together that sum is skewed, and its tail sets how often a decode-only 
 ITL SLO."""
 import math
 
+import numpy as np
 import pytest
 
 from emulator.planner import context, decode, dist
@@ -49,3 +50,16 @@ def test_decode_only_gaps_read_the_batch_context_tail(ctx):
     at_mean_context = batches.map(lambda n: decode.step_seconds(ctx, n))
     assert gaps.quantile(0.99) > at_mean_context.quantile(0.99)
     assert gaps.mean() == pytest.approx(at_mean_context.mean(), rel=0.02)   # step time is linear in context
+
+
+def test_an_arrival_finds_the_running_sequences_without_itself(ctx):
+    """A decode token sees itself and the others (1 + N); an arriving prompt finds N (PASTA), and
+    the idle worker, where its prompt runs alone, is counted apart: the law is N given N >= 1."""
+    law = dist.poisson(1.5)   # idle a fifth of the time
+    token, arrival = decode.batch_spread(ctx, 1.5, law), decode.arrival_batches(ctx, 1.5, law)
+    running = token.values - 1.0                              # N, as the token law spreads it
+    idle = float(np.dot(1.0 - np.minimum(running, 1.0), token.weights))   # a point below 1 mixes 0 and 1
+    assert 0.1 < idle < 0.3
+    assert arrival.values.min() == 1.0
+    assert arrival.mean() == pytest.approx(float(np.dot(running, token.weights)) / (1.0 - idle))
+    assert arrival.mean() < token.mean() - 0.5
