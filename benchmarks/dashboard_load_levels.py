@@ -4,8 +4,9 @@ Starts the spec's cluster, drives it open-loop with Locust at each fraction of t
 after a ramp (long enough for the running batch to settle) saves a headless-Chromium screenshot of
 /dashboard and prints what /cluster shows: decode busy time, decode batch occupancy, MBU, MFU, the prefix
 hit rate, TTFT and the workers' step lag (a lagging host makes every figure suspect). Needs /usr/bin/chromium.
+Run as a module from the repository's root: it borrows the tests' headless-Chromium driver.
 
-    .venv/bin/python benchmarks/dashboard_load_levels.py --out shots [--spec default] [--loads 0.1 0.9]
+    .venv/bin/python -m benchmarks.dashboard_load_levels --out shots [--spec default] [--loads 0.1 0.9]
 """
 from __future__ import annotations
 

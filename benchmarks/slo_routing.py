@@ -101,7 +101,10 @@ MIX = "chat=0.5,rag=0.3,agentic=0.2"
 
 
 def spec_with_workers(n: int):
-    from benchmarks.routing_quality import spec_with_workers as same  # one spec for both benchmarks
+    try:   # one spec for both benchmarks; run as a script, benchmarks/ is on sys.path
+        from routing_quality import spec_with_workers as same
+    except ImportError:
+        from benchmarks.routing_quality import spec_with_workers as same
     return same(n)
 
 
