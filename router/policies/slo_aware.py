@@ -38,6 +38,15 @@ req/s more than kv_aware and prefix_bounded on 9 of 12 rows (the score alone: 2)
 points more at up to 3.4 points of hit rate. Moving only prompts no worker holds a block of changed
 nothing: every prompt of the mix starts with a shared system prompt or document.
 
+Measured and not adopted: `affinity` restricted to the holders of the longest cached prefix (they keep
+the request when one is predicted within affinity x the TTFT SLO; as it is, comfortable workers without
+the prefix can push the holder out). At 0.2, seeds 0-5 at 225-270 req/s: shedder on, more in time on 6
+of 24 rows, fewer on 9 (-1.0 to +0.8 points), hit -0.3 to +0.2; shedder off, more on 9, fewer on 7
+(255/5 93.3 -> 88.6%, 255/1 82.0 -> 84.4%); 225/0 99.7 -> 99.8%. Its late requests there come in the
+run's last three seconds (a queue of ~0.5 s on the one holder of a 4,208-token agentic prefix, 23.9-24.1 s;
+kv_aware had spread that prefix to a second worker). Nor did keeping only workers predicted in time
+while any is: 225/0 99.8%, seeds 0 and 2 at 225-270 within -0.1..+0.5 points.
+
 Measured and not adopted: refining prefix_bounded's choice instead (keep it unless it is predicted
 late while another worker is predicted in time, then the least predicted TTFT; keep it where none is).
 On the chat + RAG + agentic mix at 240 req/s it kept 89.4/98.8% of requests in time on seeds 0/1 with
