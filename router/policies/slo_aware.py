@@ -45,7 +45,9 @@ of 24 rows, fewer on 9 (-1.0 to +0.8 points), hit -0.3 to +0.2; shedder off, mor
 (255/5 93.3 -> 88.6%, 255/1 82.0 -> 84.4%); 225/0 99.7 -> 99.8%. Its late requests there come in the
 run's last three seconds (a queue of ~0.5 s on the one holder of a 4,208-token agentic prefix, 23.9-24.1 s;
 kv_aware had spread that prefix to a second worker). Nor did keeping only workers predicted in time
-while any is: 225/0 99.8%, seeds 0 and 2 at 225-270 within -0.1..+0.5 points.
+while any is: 225/0 99.8%, seeds 0 and 2 at 225-270 within -0.1..+0.5 points. Nor counting a move's
+prefill once, not miss_cost times, where every holder is predicted past 0.4 x the SLO (to replicate a hot
+prefix): seed 0, 225/240/255/270 req/s, 99.4/95.4/91.8/88.3% in time, hit 88.0-86.9 (fewer, lower).
 
 Measured and not adopted: refining prefix_bounded's choice instead (keep it unless it is predicted
 late while another worker is predicted in time, then the least predicted TTFT; keep it where none is).
