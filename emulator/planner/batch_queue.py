@@ -15,12 +15,24 @@ Agentic turns ride on the workload's Poisson arrivals (`emulator.workload`), so 
 
 The chain: B, the queued prefill tokens when a step starts. The step takes m = min(B, budget) and lasts
 T(m) (`prefill.packed_step`: typical chunks); the arrivals meanwhile add X(T(m)), compound Poisson, so
-B' = B - m + X. At B' = 0 the worker idles until the next arrival, whose prompt starts the next step.
+B' = B - m + X. With nothing left and nothing arrived the worker idles until the next arrival, whose
+prompt starts the next step. Empty is a state of its own, not "0 cells": a prompt shorter than a cell
+puts part of its mass in cell 0, and reading that as empty lost the steps of short prompts that
+arrive alone (prompts of 30 and 45 tokens in 64-token cells at 30 req/s: the worker 59% busy by the
+chain, 64% once empty stood apart).
 Its stationary law on a token grid (`_stationary`) gives what an arrival finds (PASTA): the worker idle
 (it runs its own steps: `prefill_queue._own_latency`), or in a step of m tokens at a uniform point of
 it, with A = B - m + X(elapsed) tokens queued ahead. Its first token then comes after the step's
 residual r, ceil((A + n) / budget) - 1 full steps, and the step with its last token, which also carries
-what arrived behind it (at its mean, as `prefill_queue._packed_behind` takes it) up to the budget.
+what arrived behind it meanwhile up to the budget. Those arrivals are a compound Poisson sum too:
+none with probability e^(-lambda w), else a two-node Gauss rule matching their first three moments
+(`_behind`). Their mean alone (as `prefill_queue._packed_behind` takes them) left the tail short: the
+one 500-token prompt that lands behind a 36-token one is what makes its step long. Prompts of 200
+new tokens on the prefill worker of draw #6 (`benchmarks/planner_vs_sim.py --seed 13`, 70B TP4 H100)
+at 10 req/s: TTFT p99 61.1 ms by the mean, 66.6 ms by the rule, 67.1 ms with the arrivals' whole law,
+67.7 ms replayed event by event. With the prompt points binned from the simulator's own prefill hits
+at 21 req/s, these fixes and `_cell_step` moved the planned p99 from 111.6 ms to 120.4 ms; the
+simulator's is 120.4 ms (20,299 requests), an event-by-event replay of the points 118.1 ms.
 """
 from __future__ import annotations
 
@@ -42,6 +54,8 @@ PHASES = 8              # points at which an arrival finds the step in progress 
 ITERATIONS = 400        # power-iteration steps before the dense solve (`_stationary`)
 CONVERGED = 1e-11       # ... done when one step moves less probability than this
 NEGLIGIBLE = 1e-13      # probability below which a found state is left out
+CELL_SAMPLES = (-0.75, -0.25, 0.25, 0.75)   # a cell's token counts its step time averages (`_cell_step`)
+FINE_PER_FASTEST = 1024 # cells of the gathered law per fastest own latency (4x finer than any law's grid)
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,7 @@ class BatchServer:
     rate: float             # arrivals per second
     cell: float             # tokens per cell
     k: int                  # cells per budget
-    step: np.ndarray        # T(m) for m = 0..k cells (m = 0: one token)
+    step: np.ndarray        # T(m) for m = 0..k cells, each over the token counts it stands for
     sizes: np.ndarray       # prompt points' new tokens, in cells (fractional)
     weights: np.ndarray     # their probabilities
     own_excess: np.ndarray  # a prompt's own last step beyond a typical step of as many tokens
@@ -79,12 +93,26 @@ def server(ctx: Context, prof: prefill.PrefillProfile, rate: float, extent_token
     states = max(2 * k + 2, math.ceil(extent_tokens / cell))
     if states > MAX_STATES:
         return None
-    tokens = [max(1, min(prof.budget, int(round(m * cell)))) for m in range(k + 1)]
-    step = np.asarray([prefill.packed_step(ctx, 0, t).seconds for t in tokens])
+    step = np.asarray([_cell_step(ctx, m * cell, cell, prof.budget) for m in range(k + 1)])
     own_excess = prof.last_step - np.interp(prof.last_tokens / cell, np.arange(k + 1), step)
     w = ctx.prompts.weights / ctx.prompts.weights.sum()
     return BatchServer(rate=rate, cell=cell, k=k, step=step, sizes=np.asarray(ctx.new_tokens, float) / cell,
                        weights=w, own_excess=own_excess, states=states)
+
+
+def _cell_step(ctx: Context, centre: float, cell: float, budget: int) -> float:
+    """The step time of a cell: T over the token counts the cell stands for, weighted as a prompt's
+    tokens are split between two cells (a triangle one cell wide each side). T has stairs where the
+    GEMMs take another tile (+7% every 128 tokens on a 70B TP8 A100 step), and cell multiples can sit
+    on every stair's low end: reading T there alone left the worker 3% less busy than its steps
+    (draw #4 of `test_planner_prefill_batches`, 9.5 req/s: 0.799 against 0.823 replayed)."""
+    times, weights = [], []
+    for u in CELL_SAMPLES:
+        tokens = centre + u * cell
+        if 0 < tokens <= budget:
+            times.append(prefill.packed_step(ctx, 0, max(1, min(budget, int(round(tokens))))).seconds)
+            weights.append(1.0 - abs(u))
+    return float(np.dot(times, weights) / sum(weights))
 
 
 def ttft(s: BatchServer, own: dist.Points) -> tuple[np.ndarray, np.ndarray, float]:
@@ -94,16 +122,40 @@ def ttft(s: BatchServer, own: dist.Points) -> tuple[np.ndarray, np.ndarray, floa
     L, k = s.states, s.k
     n_fft = next_fast_len(2 * L, real=True)
     phi = np.fft.rfft(_size_pmf(s, L), n_fft)
-    arrivals = _arrivals(s, phi, n_fft, s.step[1:])          # X(T(m)), m = 1..k
+    arrivals = _arrivals(s, phi, n_fft, s.step)              # X(T(m)), m = 0..k
     pi, empty = _stationary(s, arrivals)
     busy_time = float(pi @ s.step[np.minimum(np.arange(L), k)]) if L else 0.0
     cycle = busy_time + empty / s.rate
     idle = empty / s.rate / cycle
-    values, weights = [own.values], [own.weights * idle]
+    law = _Fine(float(own.values.min()) / FINE_PER_FASTEST)
+    law.add(own.values, own.weights * idle)
     for m_values, m_weights in _found(s, pi, phi, n_fft, cycle):
-        values.append(m_values)
-        weights.append(m_weights)
-    return np.concatenate(values), np.concatenate(weights), 1.0 - idle
+        law.add(m_values, m_weights)
+    values, weights = law.points()
+    return values, weights, 1.0 - idle
+
+
+class _Fine:
+    """Weighted points gathered on a fine grid as they come (each split between its two cells, mean
+    kept): the found steps give millions of points, the laws read them on grids hundreds of times
+    coarser (`prefill_queue._cells`), and every law would histogram all of them again."""
+
+    def __init__(self, width: float):
+        self.width = width
+        self.mass = np.zeros(0)
+
+    def add(self, values: np.ndarray, weights: np.ndarray) -> None:
+        x = np.asarray(values, float) / self.width
+        lo = np.floor(x).astype(int)
+        frac = x - lo
+        n = int(lo.max()) + 2 if len(lo) else 0
+        if n > len(self.mass):
+            self.mass = np.concatenate([self.mass, np.zeros(n - len(self.mass))])
+        self.mass[:n] += np.bincount(lo, weights * (1 - frac), n) + np.bincount(lo + 1, weights * frac, n)
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        cells = np.flatnonzero(self.mass)
+        return cells * self.width, self.mass[cells]
 
 
 def _size_pmf(s: BatchServer, L: int) -> np.ndarray:
@@ -125,63 +177,80 @@ def _arrivals(s: BatchServer, phi: np.ndarray, n_fft: int, times: np.ndarray) ->
 
 
 def _stationary(s: BatchServer, arrivals: np.ndarray) -> tuple[np.ndarray, float]:
-    """The backlog's law at step starts (index = cells; 0 holds nothing) and the probability a step
-    ends with nothing queued (the worker then idles until the next arrival, whose prompt starts the
-    next step: `restart`). Power iteration first (a few hundred steps of the chain where steps rarely
-    fill the budget: ~3 ms), the dense linear solve where it has not converged."""
+    """The backlog's law at step starts (index = cells, every state holding something: cell 0 is a
+    prompt shorter than a cell) and the probability a step ends with nothing queued (the worker then
+    idles until the next arrival, whose prompt starts the next step: `restart`). Power iteration first
+    (a few hundred steps of the chain where steps rarely fill the budget: ~3 ms), the dense linear
+    solve where it has not converged."""
     restart = _size_pmf(s, s.states)
-    restart[0] = 0.0
-    restart /= restart.sum()
-    pi = _iterate(s, arrivals, restart)
+    none = _nothing_arrives(s)
+    pi = _iterate(s, arrivals, none, restart)
     if pi is None:
-        pi = _solve(s, arrivals, restart)
+        pi = _solve(s, arrivals, none, restart)
+    return pi, _empty(s, pi, none)
+
+
+def _nothing_arrives(s: BatchServer) -> np.ndarray:
+    """P(no arrival during a step of m cells), m = 0..k."""
+    return np.exp(-s.rate * s.step)
+
+
+def _empty(s: BatchServer, pi: np.ndarray, none: np.ndarray) -> float:
+    """P(a step ends with nothing queued): it took all (B < budget, or B = budget) and nothing arrived."""
     k = s.k
-    empty = float(pi[1:k] @ arrivals[:k - 1, 0]) + (float(pi[k] * arrivals[k - 1, 0]) if s.states > k else 0.0)
-    return pi, empty
+    return float(pi[:k] @ none[:k]) + (float(pi[k] * none[k]) if s.states > k else 0.0)
 
 
 def _advance(s: BatchServer, pi: np.ndarray, arrivals: np.ndarray, full: np.ndarray, n: int,
-             restart: np.ndarray) -> np.ndarray:
+             none: np.ndarray, restart: np.ndarray) -> np.ndarray:
     """The backlog's law one step on: B < budget leaves X(T(B)); B >= budget leaves B - budget +
-    X(T(budget)) (mass past the grid at its last cell); nothing left: the next arrival's prompt."""
+    X(T(budget)) (mass past the grid at its last cell); nothing left and nothing arrived: the next
+    arrival's prompt."""
     L, k = s.states, s.k
-    out = pi[1:k] @ arrivals[:k - 1]
+    out = pi[:k] @ arrivals[:k]
     if L > k:
         over = np.fft.irfft(np.fft.rfft(pi[k:], n) * full, n)
         out += over[:L]
         out[-1] += over[L:].sum()
     out = np.clip(out, 0.0, None)
-    out += out[0] * restart
-    out[0] = 0.0
+    empty = _empty(s, pi, none)
+    out[0] -= empty
+    out += empty * restart
+    out = np.clip(out, 0.0, None)
     return out / out.sum()
 
 
-def _iterate(s: BatchServer, arrivals: np.ndarray, restart: np.ndarray) -> np.ndarray | None:
+def _iterate(s: BatchServer, arrivals: np.ndarray, none: np.ndarray, restart: np.ndarray) -> np.ndarray | None:
     n = next_fast_len(2 * s.states, real=True)
-    full = np.fft.rfft(arrivals[s.k - 1], n)
+    full = np.fft.rfft(arrivals[s.k], n)
     pi = restart
     for _ in range(ITERATIONS):
-        nxt = _advance(s, pi, arrivals, full, n, restart)
+        nxt = _advance(s, pi, arrivals, full, n, none, restart)
         if np.abs(nxt - pi).sum() < CONVERGED:
             return nxt
         pi = nxt
     return None
 
 
-def _solve(s: BatchServer, arrivals: np.ndarray, restart: np.ndarray) -> np.ndarray:
+def _solve(s: BatchServer, arrivals: np.ndarray, none: np.ndarray, restart: np.ndarray) -> np.ndarray:
     L, k = s.states, s.k
     P = np.zeros((L, L))
-    P[1:k, :] = arrivals[:k - 1]                     # B < budget: all taken, next = X(T(B))
-    full = arrivals[k - 1]
+    P[:k, :] = arrivals[:k]                          # B < budget: all taken, next = X(T(B))
+    full = arrivals[k]
     for b in range(k, L):                            # B >= budget: B - budget stays, X(T(budget)) joins
         P[b, b - k:] = full[:L - (b - k)]
         P[b, -1] += full[L - (b - k):].sum()
-    P += P[:, :1] * restart[None, :]                 # idle until an arrival, whose prompt starts a step
-    A = P[1:, 1:].T - np.eye(L - 1)
+    idle = np.zeros(L)                               # nothing left, nothing arrived: idle until an
+    idle[:k] = none[:k]                              # arrival, whose prompt starts the next step
+    if L > k:
+        idle[k] = none[k]
+    P[:, 0] -= idle
+    P += idle[:, None] * restart[None, :]
+    A = P.T - np.eye(L)
     A[-1, :] = 1.0                                   # one balance equation replaced by sum(pi) = 1
-    rhs = np.zeros(L - 1)
+    rhs = np.zeros(L)
     rhs[-1] = 1.0
-    pi = np.concatenate([[0.0], np.clip(np.linalg.solve(A, rhs), 0.0, None)])
+    pi = np.clip(np.linalg.solve(A, rhs), 0.0, None)
     return pi / pi.sum()
 
 
@@ -191,7 +260,7 @@ def _found(s: BatchServer, pi: np.ndarray, phi: np.ndarray, n_fft: int, cycle: f
     phases = (np.arange(PHASES) + 0.5) / PHASES
     over = pi[k:].sum()
     excess = pi[k:] / over if over > 0 else None
-    for m in range(1, k + 1):
+    for m in range(k + 1):
         weight = (pi[m] if m < k else over) * s.step[m] / cycle
         if weight <= NEGLIGIBLE:
             continue
@@ -212,7 +281,33 @@ def _after(s: BatchServer, m: int, phases: np.ndarray, ahead: np.ndarray) -> tup
     total = cells[:, None] + s.sizes[None, :]                          # cells to its last token
     steps_before = np.maximum(np.ceil(total / s.k - 1e-9), 1.0) - 1.0   # full steps ahead of its last one
     waited = residual[:, None] + steps_before * s.step[s.k]
-    fill = np.minimum(s.k, total - steps_before * s.k + s.flow * waited)
-    last = np.interp(fill, np.arange(s.k + 1), s.step) + s.own_excess[None, :]
-    values = waited + last
-    return values.ravel(), (mass[:, None] * s.weights[None, :]).ravel()
+    base = total - steps_before * s.k
+    found = mass[:, None] * s.weights[None, :]
+    grid = np.arange(s.k + 1)
+    values, weights = [], []
+    for behind, p in _behind(s, waited):
+        last = np.interp(np.minimum(s.k, base + behind), grid, s.step) + s.own_excess[None, :]
+        values.append((waited + last).ravel())
+        weights.append((found * p).ravel())
+    return np.concatenate(values), np.concatenate(weights)
+
+
+def _behind(s: BatchServer, waited: np.ndarray) -> list[tuple[np.ndarray | float, np.ndarray]]:
+    """Cells arriving during `waited` as three (cells, probability) nodes: none (e^(-lambda w)), and
+    given any, the two-node Gauss rule of their law (exact for its moments 0..3, nodes inside its
+    support): from the compound Poisson cumulants lambda w E[S^j]."""
+    lam_w = s.rate * waited
+    none = np.exp(-lam_w)
+    some = np.maximum(-np.expm1(-lam_w), 1e-300)
+    e1, e2, e3 = (float(s.sizes ** j @ s.weights) for j in (1, 2, 3))
+    k1, k2, k3 = lam_w * e1, lam_w * e2, lam_w * e3
+    mu1 = k1 / some                                          # raw moments given one or more arrivals
+    mu2 = (k2 + k1 ** 2) / some
+    mu3 = (k3 + 3 * k2 * k1 + k1 ** 3) / some
+    var = np.maximum(mu2 - mu1 ** 2, 1e-12)
+    alpha = (mu1 * mu2 - mu3) / var                          # nodes: roots of x^2 + alpha x + beta
+    beta = -mu2 - alpha * mu1
+    half = np.sqrt(np.maximum(alpha ** 2 / 4 - beta, 0.0))
+    low, high = np.maximum(-alpha / 2 - half, 0.0), -alpha / 2 + half
+    w_low = np.clip((high - mu1) / np.maximum(high - low, 1e-9), 0.0, 1.0)
+    return [(0.0, none), (low, (1 - none) * w_low), (high, (1 - none) * (1 - w_low))]

@@ -50,8 +50,32 @@ def test_batch_law_matches_an_exact_replay_of_the_batch_server():
     replay = _replay(rate, sizes, weights, budget, lambda tokens: a + b * tokens, 100_000, seed=7)
     assert 0.75 < busy < 0.8
     assert law.mean() == pytest.approx(replay.mean(), rel=0.03)
-    for q, tol in ((0.5, 0.1), (0.9, 0.06), (0.99, 0.05)):   # the arrivals behind a prompt at their mean
-        assert law.quantile(q) == pytest.approx(np.quantile(replay, q), rel=tol), q
+    for q in (0.5, 0.9, 0.99):
+        assert law.quantile(q) == pytest.approx(np.quantile(replay, q), rel=0.05), q
+
+
+@pytest.mark.parametrize("sizes, weights, rate", [
+    ((36, 500), (0.8, 0.2), 15.0),    # a long prompt behind a short one makes its step long
+    ((36, 500), (0.8, 0.2), 25.0),
+    ((30, 45), (0.5, 0.5), 30.0),     # every prompt shorter than a cell (64 tokens)
+])
+def test_short_prompts_and_the_prompts_behind_them_as_the_exact_replay_finds(sizes, weights, rate):
+    # A small step (22 ms fixed, 0.1 ms a token), a 4,096-token budget in 64-token cells. By the
+    # arrivals behind a prompt at their mean, and "0 cells" read as an empty worker, the law's median
+    # was 13-19% above the replay's, its p99 5% below, and its 90th percentile of sub-cell prompts 6%
+    # above.
+    a, b, budget = 0.022, 1e-4, 4096
+    k = batch_queue.CELLS_PER_BUDGET
+    cell = budget / k
+    sizes, weights = np.asarray(sizes, float), np.asarray(weights)
+    s = batch_queue.BatchServer(rate=rate, cell=cell, k=k, step=a + b * np.maximum(1, np.arange(k + 1) * cell),
+                                sizes=sizes / cell, weights=weights, own_excess=np.zeros(len(sizes)), states=400)
+    values, w, _ = batch_queue.ttft(s, dist.Points(a + b * sizes, weights))
+    law = dist.Points(values, w)
+    replay = _replay(rate, sizes, weights, budget, lambda tokens: a + b * tokens, 100_000, seed=7)
+    assert law.mean() == pytest.approx(replay.mean(), rel=0.03)
+    for q in (0.5, 0.9, 0.99):
+        assert law.quantile(q) == pytest.approx(np.quantile(replay, q), rel=0.05), q
 
 
 DRAW = planner_draws.Draw(index=4, model="Llama-3.1-70B", gpu="A100-80GB-SXM", tp=8, mode="disaggregated",
@@ -63,9 +87,12 @@ SIMULATED = {"p50": 0.28, "p99": 1.404}
 
 
 def test_planned_ttft_where_prompts_share_steps_is_the_simulators():
-    # The M/G/1 law planned p50 0.340 s and p99 1.795 s (C_max 8.87 req/s; simulated 10.0).
+    # The M/G/1 law planned p50 0.340 s and p99 1.795 s (C_max 8.87 req/s; simulated 10.0). The batch
+    # law with each cell's step read at its token multiple, on the low end of the GEMM tiles' stairs,
+    # and the prompts behind at their mean: 0.271 s and 1.303 s (-7%), the worker 0.799 busy where
+    # an event-by-event replay of the same prompt points is 0.823 busy.
     spec = DRAW.spec()
     req, work, cluster, slo = planner_bridge.planner_inputs(spec)
     point = operating.evaluate(context.build(req, work, spec.catalog_data()), cluster, 9.5, slo)
-    assert point.ttft_p50 == pytest.approx(SIMULATED["p50"], rel=0.06)
-    assert point.ttft_p99 == pytest.approx(SIMULATED["p99"], rel=0.10)
+    assert point.ttft_p50 == pytest.approx(SIMULATED["p50"], rel=0.04)
+    assert point.ttft_p99 == pytest.approx(SIMULATED["p99"], rel=0.04)
