@@ -103,6 +103,7 @@ class Simulator:
         self._seq = itertools.count()
         self._pending_decode: dict[str, tuple[str, SamplingParams, list[int], str | None]] = {}
         self._prefill_of: dict[str, str] = {}   # P/D: request -> prefill worker holding its KV
+        self._remote_prefilled: set[str] = set()   # P/D: requests whose hit came from a prefill worker
         self._leases: dict[str, Lease[SimWorker]] = {}   # request -> its in-flight charges, as the proxy holds
         self.now = 0.0
         self.overflow_skips = 0
@@ -275,9 +276,16 @@ class Simulator:
         self.ledger.ended(fin.request_id)
         record = self.log.records[fin.request_id]
         if fin.reason == "held":
+            # P/D: the prefill worker's hit is the request's, as the router's answer reports it
+            # (router.forwarding.pd); the decode worker's own hit only shortens the KV pull
+            record.cached_tokens, record.host_cached_tokens = fin.cached_tokens, fin.host_cached_tokens
+            self._remote_prefilled.add(fin.request_id)
             self._hand_off(worker, fin.request_id, result)
             return
         self._done(fin.request_id)
+        if fin.request_id in self._remote_prefilled:
+            self._remote_prefilled.discard(fin.request_id)
+            return
         record.cached_tokens = max(record.cached_tokens, fin.cached_tokens)
         record.host_cached_tokens = max(record.host_cached_tokens, fin.host_cached_tokens)
 
@@ -287,6 +295,7 @@ class Simulator:
         first_token = next(t for rid, t in result.tokens if rid == request_id)
         if params.max_tokens <= 1:
             prefill.engine.release(request_id)
+            self._remote_prefilled.discard(request_id)
             self._done(request_id)
             return
         self._prefill_of[request_id] = prefill.id

@@ -72,6 +72,16 @@ def test_disaggregated_first_token_from_prefill_then_transfer_then_decode():
     assert all(w.engine.blocks.num_used == 0 for w in sim.workers.values())   # held KV was released
 
 
+def test_a_disaggregated_requests_hit_is_its_prefill_workers():
+    # The prefill worker computes the prompt's last token, so it reuses whole blocks before it only;
+    # the decode worker holding the first answer's 4,000 prompt tokens would count all 250 blocks.
+    spec = parse_spec(open(example_spec_path("disagg-70b-h100")).read().replace(
+        "local_prefill_tokens = 512", "local_prefill_tokens = 0"))
+    sim = Simulator(spec).run([one(4000, 3, rid="a"), one(4000, 3, rid="b", t=5.0)])
+    assert sim.log.records["a"].cached_tokens == 0
+    assert sim.log.records["b"].cached_tokens == 3984   # as router.forwarding.pd answers the client
+
+
 def test_overload_queues_or_rejects_but_accounts_for_every_request():
     spec = parse_spec(open(example_spec_path("tiny-test")).read().replace("max_waiting = 256", "max_waiting = 4"))
     reqs = [one(2000, 200, rid=f"r{i}", t=i * 0.001, base=i * 10_000) for i in range(200)]
