@@ -8,7 +8,8 @@ lambda_g is found with probability 1 - exp(-lambda_g T), where T solves
     sum_g s_g (1 - exp(-lambda_g T)) + u T = C
 
 with s_g the prefix's size, u the tokens per second of blocks nobody asks for again (each finished
-request's own prompt part and its output) and C the pool less what running requests hold.
+request's own prompt part and its output; on a prefill worker, which never computes the output, the
+prompt part alone) and C the pool less what running requests hold.
 
 With cache affinity a prefix's whole rate reaches one worker, which holds its 1/N share of the
 prefixes; spread dispatch sends each worker 1/N of every prefix's rate, so every worker must cache
@@ -40,7 +41,7 @@ class Prefixes:
     group: np.ndarray       # group index per sample (-1: no shared prefix; -2: its session's history, held)
     sizes: np.ndarray       # tokens of each group's prefix
     shares: np.ndarray      # share of requests starting with each group
-    unique: float           # mean tokens per request cached for nobody else (own prompt part + output)
+    unique: float           # mean tokens per request cached for nobody else (own prompt part, + output colocated)
 
 
 def prefixes(ctx: Context) -> Prefixes:
@@ -56,7 +57,9 @@ def _prefixes(ctx: Context) -> Prefixes:
     outputs = np.asarray(w.output.samples, dtype=float)
     full_hit = context.sample_hits(prompts, w.shared, block)
     group, counts, sizes = _groups(np.asarray(w.prefix_groups), full_hit)
-    own = np.floor((prompts + outputs) / block) * block - full_hit   # full blocks only are cached
+    # full blocks only are cached; a prefill worker never computes the output, so caches none of it
+    cached = prompts if ctx.mode != "colocated" else prompts + outputs
+    own = np.floor(cached / block) * block - full_hit
     return Prefixes(prompts=prompts, full_hit=full_hit, group=group, sizes=sizes,
                     shares=counts / len(prompts), unique=float(np.maximum(own, 0).mean()))
 

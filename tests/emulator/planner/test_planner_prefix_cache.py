@@ -59,3 +59,19 @@ def test_spreading_prefixes_over_every_worker_costs_hits_as_the_simulator_finds(
     assert simulated["spread"] < simulated["affine"] - 0.03
     for how in planned:
         assert planned[how] == pytest.approx(simulated[how], abs=0.03), (how, planned, simulated)
+
+
+def test_a_prefill_worker_caches_its_prompts_blocks_not_the_outputs():
+    # The decode worker computes the output; the prefill worker's LRU sees each prompt's own full
+    # blocks only, so its single-use flux is that, where a colocated worker's also has the output's.
+    colocated = load_spec(example_spec_path("colocated-8b-h100"))
+    disaggregated = load_spec(example_spec_path("disagg-70b-h100"))
+    for spec, with_outputs in ((colocated, True), (disaggregated, False)):
+        req, wl, _, _ = planner_bridge.planner_inputs(spec)
+        pre = prefix_cache.prefixes(context.build(req, wl))
+        block = spec.engine.block_size
+        outputs = np.asarray(wl.output.samples, float)
+        cached = pre.prompts + outputs if with_outputs else pre.prompts
+        own = np.maximum(np.floor(cached / block) * block - pre.full_hit, 0).mean()
+        assert pre.unique == pytest.approx(own)
+        assert outputs.mean() > 50   # so the two differ
