@@ -56,6 +56,7 @@ CONVERGED = 1e-11       # ... done when one step moves less probability than thi
 NEGLIGIBLE = 1e-13      # probability below which a found state is left out
 CELL_SAMPLES = (-0.75, -0.25, 0.25, 0.75)   # a cell's token counts its step time averages (`_cell_step`)
 FINE_PER_FASTEST = 1024 # cells of the gathered law per fastest own latency (4x finer than any law's grid)
+MAX_FINE_CELLS = 1 << 20   # ... at most (16x the finest law's grid, `prefill_queue.MAX_CELLS`)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,10 @@ def ttft(s: BatchServer, own: dist.Points) -> tuple[np.ndarray, np.ndarray, floa
     busy_time = float(pi @ s.step[np.minimum(np.arange(L), k)]) if L else 0.0
     cycle = busy_time + empty / s.rate
     idle = empty / s.rate / cycle
-    law = _Fine(float(own.values.min()) / FINE_PER_FASTEST)
+    # the latest first token: a step's residual, the whole backlog's full steps and the last one
+    top = s.step[k] * ((L + float(s.sizes.max())) / k + 3) + max(0.0, float(s.own_excess.max())) \
+        + float(own.values.max())
+    law = _Fine(max(float(own.values.min()) / FINE_PER_FASTEST, top / MAX_FINE_CELLS), top)
     law.add(own.values, own.weights * idle)
     for m_values, m_weights in _found(s, pi, phi, n_fft, cycle):
         law.add(m_values, m_weights)
@@ -140,18 +144,17 @@ class _Fine:
     kept): the found steps give millions of points, the laws read them on grids hundreds of times
     coarser (`prefill_queue._cells`), and every law would histogram all of them again."""
 
-    def __init__(self, width: float):
+    def __init__(self, width: float, top: float):
         self.width = width
-        self.mass = np.zeros(0)
+        self.mass = np.zeros(int(math.ceil(top / width)) + 2)
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
-        x = np.asarray(values, float) / self.width
+        n = len(self.mass)
+        x = np.clip(np.asarray(values, float) / self.width, 0.0, n - 2.000001)   # past the top: at its edge
         lo = np.floor(x).astype(int)
         frac = x - lo
-        n = int(lo.max()) + 2 if len(lo) else 0
-        if n > len(self.mass):
-            self.mass = np.concatenate([self.mass, np.zeros(n - len(self.mass))])
-        self.mass[:n] += np.bincount(lo, weights * (1 - frac), n) + np.bincount(lo + 1, weights * frac, n)
+        used = int(lo.max()) + 2 if len(lo) else 0
+        self.mass[:used] += np.bincount(lo, weights * (1 - frac), used) + np.bincount(lo + 1, weights * frac, used)
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
         cells = np.flatnonzero(self.mass)
