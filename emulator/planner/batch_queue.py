@@ -149,12 +149,11 @@ class _Fine:
         self.mass = np.zeros(int(math.ceil(top / width)) + 2)
 
     def add(self, values: np.ndarray, weights: np.ndarray) -> None:
-        n = len(self.mass)
-        x = np.clip(np.asarray(values, float) / self.width, 0.0, n - 2.000001)   # past the top: at its edge
-        lo = np.floor(x).astype(int)
-        frac = x - lo
-        used = int(lo.max()) + 2 if len(lo) else 0
-        self.mass[:used] += np.bincount(lo, weights * (1 - frac), used) + np.bincount(lo + 1, weights * frac, used)
+        if not len(values):
+            return
+        top = float(np.max(values)) / self.width          # only the cells these reach (past the top: its edge)
+        used = min(len(self.mass), int(top) + 2)
+        self.mass[:used] += dist.split_onto(values, weights, self.width, used)
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
         cells = np.flatnonzero(self.mass)
@@ -163,11 +162,7 @@ class _Fine:
 
 def _size_pmf(s: BatchServer, L: int) -> np.ndarray:
     """One prompt's new tokens on the cell grid, each point split between its two cells (mean kept)."""
-    x = np.minimum(s.sizes, L - 1.000001)
-    lo = np.floor(x).astype(int)
-    frac = x - lo
-    pmf = np.bincount(lo, s.weights * (1 - frac), L) + np.bincount(lo + 1, s.weights * frac, L)
-    return pmf[:L]
+    return dist.split_onto(s.sizes, s.weights, 1.0, L)
 
 
 def _arrivals(s: BatchServer, phi: np.ndarray, n_fft: int, times: np.ndarray) -> np.ndarray:

@@ -189,13 +189,16 @@ GRID_CELLS = 4096   # time-grid cells for convolved latency laws: p99 to ~0.1% o
 
 def on_grid(pts: Points, h: float, cells: int) -> np.ndarray:
     """Put point masses on a grid of step h (each split linearly between its two nearest cells)."""
-    pmf = np.zeros(cells)
-    x = np.clip(pts.values / h, 0, cells - 1.000001)
+    return split_onto(pts.values, pts.weights, h, cells)
+
+
+def split_onto(values: np.ndarray, weights: np.ndarray, h: float, cells: int) -> np.ndarray:
+    """Weighted points on a grid of step h, each split linearly between its two nearest cells (the
+    mean kept; mass past the grid at its last cell)."""
+    x = np.clip(np.asarray(values, dtype=float) / h, 0, cells - 1.000001)
     i = np.floor(x).astype(int)
     frac = x - i
-    np.add.at(pmf, i, pts.weights * (1 - frac))
-    np.add.at(pmf, i + 1, pts.weights * frac)
-    return pmf
+    return np.bincount(i, weights * (1 - frac), cells) + np.bincount(i + 1, weights * frac, cells)
 
 
 def convolve(*pmfs: np.ndarray) -> np.ndarray:

@@ -190,12 +190,8 @@ class PrefillQueue:
 
 
 def _histogram(values: np.ndarray, weights: np.ndarray, h: float, cells: int) -> np.ndarray:
-    """Many weighted points on a grid of step h, each split linearly between its two cells (mass past
-    the grid at its edge)."""
-    x = np.clip(values / h, 0, cells - 1.000001)
-    i = np.floor(x).astype(int)
-    frac = x - i
-    pmf = np.bincount(i, weights * (1 - frac), cells) + np.bincount(i + 1, weights * frac, cells)[:cells]
+    """Many weighted points on a grid of step h, normalized (mass past the grid at its edge)."""
+    pmf = dist.split_onto(values, weights, h, cells)
     return pmf / pmf.sum()
 
 
