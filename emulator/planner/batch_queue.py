@@ -30,9 +30,11 @@ none with probability e^(-lambda w), else a two-node Gauss rule matching their f
 one 500-token prompt that lands behind a 36-token one is what makes its step long. Prompts of 200
 new tokens on the prefill worker of draw #6 (`benchmarks/planner_vs_sim.py --seed 13`, 70B TP4 H100)
 at 10 req/s: TTFT p99 61.1 ms by the mean, 66.6 ms by the rule, 67.1 ms with the arrivals' whole law,
-67.7 ms replayed event by event. With the prompt points binned from the simulator's own prefill hits
-at 21 req/s, these fixes and `_cell_step` moved the planned p99 from 111.6 ms to 120.4 ms; the
-simulator's is 120.4 ms (20,299 requests), an event-by-event replay of the points 118.1 ms.
+67.7 ms replayed event by event (each cell's step read at its token multiple; `_cell_step`'s average
+reads 69.3 ms there, every prompt sitting mid-stair). With the prompt points binned from the
+simulator's own prefill hits at 21 req/s, these fixes and `_cell_step` moved the planned p99 from
+111.6 ms to 120.4 ms (117.9 without `_cell_step`); the simulator's is 120.4 ms (20,299 requests), an
+event-by-event replay of the points under Poisson arrivals 118.1 ms.
 """
 from __future__ import annotations
 
@@ -106,7 +108,9 @@ def _cell_step(ctx: Context, centre: float, cell: float, budget: int) -> float:
     tokens are split between two cells (a triangle one cell wide each side). T has stairs where the
     GEMMs take another tile (+7% every 128 tokens on a 70B TP8 A100 step), and cell multiples can sit
     on every stair's low end: reading T there alone left the worker 3% less busy than its steps
-    (draw #4 of `test_planner_prefill_batches`, 9.5 req/s: 0.799 against 0.823 replayed)."""
+    (draw #4 of `test_planner_prefill_batches`, 9.5 req/s: 0.799 against 0.823 replayed; 0.819 so).
+    The triangle assumes a cell's token counts spread evenly: prompts that all sit mid-stair read
+    busier than they are (200-token prompts on a 70B TP4 H100 at 10 req/s: 0.282 against 0.273)."""
     times, weights = [], []
     for u in CELL_SAMPLES:
         tokens = centre + u * cell
