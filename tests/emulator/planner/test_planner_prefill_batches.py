@@ -6,34 +6,7 @@ import pytest
 
 from emulator.planner import batch_queue, context, dist, operating
 from loadtests import planner_bridge, planner_draws
-
-
-def _replay(rate, sizes, weights, budget, step, n, seed):
-    """FCFS chunked prefill, exactly: each step takes the queued tokens up to the budget."""
-    rng = np.random.default_rng(seed)
-    arrival = np.cumsum(rng.exponential(1 / rate, n))
-    left = rng.choice(sizes, n, p=weights)
-    first = np.zeros(n)
-    t, head, queue = 0.0, 0, []
-    while head < n or queue:
-        if not queue:
-            t = max(t, arrival[head])
-        while head < n and arrival[head] <= t:
-            queue.append(head)
-            head += 1
-        room, done = budget, []
-        for j in queue:
-            take = min(left[j], room)
-            left[j] -= take
-            room -= take
-            if left[j] <= 0:
-                done.append(j)
-            if room <= 0:
-                break
-        t += step(budget - room)
-        first[done] = t
-        queue = [j for j in queue if left[j] > 0]
-    return (first - arrival)[n // 20:]   # the first 5% warm the queue up
+from loadtests.batch_replay import replay as _replay
 
 
 def test_batch_law_matches_an_exact_replay_of_the_batch_server():
