@@ -15,7 +15,8 @@ def replay(rate: float, sizes: np.ndarray, weights: np.ndarray, budget: int, ste
     arrival = np.cumsum(rng.exponential(1 / rate, n))
     left = rng.choice(np.asarray(sizes, float), n, p=np.asarray(weights) / np.sum(weights))
     first = np.zeros(n)
-    t, head, queue = 0.0, 0, []
+    t, head = 0.0, 0
+    queue: list[int] = []
     while head < n or queue:
         if not queue:
             t = max(t, arrival[head])
