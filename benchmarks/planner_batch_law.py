@@ -22,20 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emulator.planner import batch_queue, context, dist, operating, prefill, prefill_queue  # noqa: E402
 from loadtests import planner_bridge, planner_draws  # noqa: E402
-from loadtests.batch_replay import replay  # noqa: E402
+from loadtests.batch_replay import linear_server, replay  # noqa: E402
 
 QUANTILES = (0.5, 0.9, 0.99)
 
 
 def linear_case(sizes, weights, rate, a, b, budget):
-    """(server, own latencies, step function) of a worker whose step is a + b x tokens."""
-    k = batch_queue.CELLS_PER_BUDGET
-    cell = budget / k
-    sizes, weights = np.asarray(sizes, float), np.asarray(weights, float)
-    s = batch_queue.BatchServer(rate=rate, cell=cell, k=k, step=a + b * np.maximum(1, np.arange(k + 1) * cell),
-                                sizes=sizes / cell, weights=weights / weights.sum(),
-                                own_excess=np.zeros(len(sizes)), states=400)
-    return s, dist.Points(a + b * sizes, weights), (lambda tokens: a + b * tokens), sizes, weights, budget
+    """(server, own latencies, step function, sizes, weights, budget) of a worker whose step is a + b x tokens."""
+    return (*linear_server(sizes, weights, rate, a, b, budget), np.asarray(sizes, float), weights, budget)
 
 
 def drawn_case(draw, rate):

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from emulator.planner import batch_queue, dist
+
 
 def replay(rate: float, sizes: np.ndarray, weights: np.ndarray, budget: int, step: Callable[[float], float],
            n: int, seed: int) -> np.ndarray:
@@ -36,3 +38,14 @@ def replay(rate: float, sizes: np.ndarray, weights: np.ndarray, budget: int, ste
         first[done] = t
         queue = [j for j in queue if left[j] > 0]
     return (first - arrival)[n // 20:]
+
+
+def linear_server(sizes, weights, rate: float, a: float, b: float, budget: int):
+    """(the batch law's server, own latencies, step function) of a worker whose step lasts a + b x tokens."""
+    k = batch_queue.CELLS_PER_BUDGET
+    cell = budget / k
+    sizes, weights = np.asarray(sizes, float), np.asarray(weights, float)
+    s = batch_queue.BatchServer(rate=rate, cell=cell, k=k, step=a + b * np.maximum(1, np.arange(k + 1) * cell),
+                                sizes=sizes / cell, weights=weights / weights.sum(),
+                                own_excess=np.zeros(len(sizes)), states=400)
+    return s, dist.Points(a + b * sizes, weights), (lambda tokens: a + b * tokens)

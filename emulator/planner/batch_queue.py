@@ -33,7 +33,7 @@ at 10 req/s: TTFT p99 61.1 ms by the mean, 66.6 ms by the rule, 67.1 ms with the
 67.7 ms replayed event by event (each cell's step read at its token multiple; `_cell_step`'s average
 reads 69.3 ms there, every prompt sitting mid-stair). With the prompt points binned from the
 simulator's own prefill hits at 21 req/s, these fixes and `_cell_step` moved the planned p99 from
-111.6 ms to 120.4 ms (117.9 without `_cell_step`); the simulator's is 120.4 ms (20,299 requests), an
+112.0 ms to 120.4 ms (117.9 without `_cell_step`); the simulator's is 120.4 ms (20,299 requests), an
 event-by-event replay of the points under Poisson arrivals 118.1 ms.
 """
 from __future__ import annotations

@@ -6,6 +6,7 @@ import pytest
 
 from emulator.planner import batch_queue, context, dist, operating
 from loadtests import planner_bridge, planner_draws
+from loadtests.batch_replay import linear_server
 from loadtests.batch_replay import replay as _replay
 
 
@@ -14,13 +15,10 @@ def test_batch_law_matches_an_exact_replay_of_the_batch_server():
     # prompts of ~600 tokens: 1-2 prompts a step, the worker 78% busy.
     a, b, budget, rate = 0.024, 1.18e-4, 8192, 9.5
     sizes, weights = np.array([150, 300, 600, 1200, 3000.0]), np.array([0.3, 0.3, 0.2, 0.15, 0.05])
-    k = batch_queue.CELLS_PER_BUDGET
-    cell = budget / k
-    s = batch_queue.BatchServer(rate=rate, cell=cell, k=k, step=a + b * np.maximum(1, np.arange(k + 1) * cell),
-                                sizes=sizes / cell, weights=weights, own_excess=np.zeros(len(sizes)), states=400)
-    values, w, busy = batch_queue.ttft(s, dist.Points(a + b * sizes, weights))
+    s, own, step = linear_server(sizes, weights, rate, a, b, budget)
+    values, w, busy = batch_queue.ttft(s, own)
     law = dist.Points(values, w)
-    replay = _replay(rate, sizes, weights, budget, lambda tokens: a + b * tokens, 100_000, seed=7)
+    replay = _replay(rate, sizes, weights, budget, step, 100_000, seed=7)
     assert 0.75 < busy < 0.8
     assert law.mean() == pytest.approx(replay.mean(), rel=0.03)
     for q in (0.5, 0.9, 0.99):
@@ -38,14 +36,10 @@ def test_short_prompts_and_the_prompts_behind_them_as_the_exact_replay_finds(siz
     # was 13-19% above the replay's, its p99 5% below, and its 90th percentile of sub-cell prompts 6%
     # above.
     a, b, budget = 0.022, 1e-4, 4096
-    k = batch_queue.CELLS_PER_BUDGET
-    cell = budget / k
-    sizes, weights = np.asarray(sizes, float), np.asarray(weights)
-    s = batch_queue.BatchServer(rate=rate, cell=cell, k=k, step=a + b * np.maximum(1, np.arange(k + 1) * cell),
-                                sizes=sizes / cell, weights=weights, own_excess=np.zeros(len(sizes)), states=400)
-    values, w, _ = batch_queue.ttft(s, dist.Points(a + b * sizes, weights))
+    s, own, step = linear_server(sizes, weights, rate, a, b, budget)
+    values, w, _ = batch_queue.ttft(s, own)
     law = dist.Points(values, w)
-    replay = _replay(rate, sizes, weights, budget, lambda tokens: a + b * tokens, 100_000, seed=7)
+    replay = _replay(rate, np.asarray(sizes, float), weights, budget, step, 100_000, seed=7)
     assert law.mean() == pytest.approx(replay.mean(), rel=0.03)
     for q in (0.5, 0.9, 0.99):
         assert law.quantile(q) == pytest.approx(np.quantile(replay, q), rel=0.05), q
