@@ -1,0 +1,108 @@
+"""The planner's latency curve below capacity against the simulator's, on clusters drawn at random.
+
+benchmarks/planner_vs_sim.py checks where the planner puts C_max (one point of each curve, where a
+p99 crosses its SLO); this checks the curve it draws on the way there. Per draw (loadtests.planner_draws,
+the same sets) and per fraction of the planned C_max: the planner's TTFT p50 / p99 and ITL p99 at that
+rate against a long simulation's (planner_draws.simulate: a warm-up of ten request lifetimes, a window
+of at least a hundred, and at least --requests measured requests). Beside each simulated p99, its own
+noise: half the relative difference between the window's two halves' p99s (each half has sqrt(2)
+times the whole's sd, so their difference has 2x). A gap well inside that noise is not the planner's.
+
+Rates are fractions of the *planned* C_max: where the planner overestimates C_max, its top fraction
+lies closer to the simulated knee, and the tails there differ by more than the curve's shape does.
+
+    .venv/bin/python benchmarks/planner_curve.py [--draws 10] [--seed 13] [--only 6 9]
+        [--fractions 0.5,0.8,0.95] [--requests 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+
+from emulator import planner
+from emulator.planner import context
+from emulator.planner.operating import evaluate
+from loadtests import parallel_runs, planner_bridge, planner_draws
+
+
+def p(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else math.inf
+
+
+def halves_noise(run: planner_draws.Run, which: str) -> float:
+    """Half the relative difference of the window's halves' p99 (`which`: ttft or gaps)."""
+    a, b = (p(getattr(run.half(k), which), 99) for k in (0, 1))
+    whole = p(getattr(run, which), 99)
+    return abs(a - b) / 2 / whole if whole and math.isfinite(a + b + whole) else math.inf
+
+
+def gap(planned: float, simulated: float) -> float:
+    return planned / simulated - 1 if simulated > 0 and math.isfinite(planned + simulated) else math.inf
+
+
+def cell(planned: float, simulated: float) -> str:
+    g = gap(planned, simulated)
+    return f"{planned * 1e3:8.1f} {simulated * 1e3:8.1f} {g:+7.1%}" if math.isfinite(g) else \
+        f"{planned * 1e3:8.1f} {simulated * 1e3:8.1f} {'n/a':>7}"
+
+
+def curve(d: planner_draws.Draw, fractions: list[float], requests: int) -> list[dict]:
+    spec = d.spec()
+    req, work, cluster, slo = planner_bridge.planner_inputs(spec)
+    cap = planner.capacity(req, work, slo, cluster, catalog=spec.catalog_data())
+    ctx = context.build(req, work, spec.catalog_data())
+    rates = [cap.max_rate * f for f in fractions]
+    runs = parallel_runs.run_all(planner_draws.simulate, [(spec, r, requests) for r in rates])
+    rows = []
+    for f, rate, run in zip(fractions, rates, runs, strict=True):
+        plan = evaluate(ctx, cluster, rate, slo)
+        rows.append(dict(f=f, rate=rate, n=run.ttft.size, plan=plan,
+                         ttft50=p(run.ttft, 50), ttft99=p(run.ttft, 99), itl99=p(run.gaps, 99),
+                         ttft_noise=halves_noise(run, "ttft"), itl_noise=halves_noise(run, "gaps")))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=13, help="seed of the draws (planner_vs_sim's sets)")
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="draw indices to run")
+    parser.add_argument("--fractions", default="0.5,0.8,0.95", help="rates, as fractions of the planned C_max")
+    parser.add_argument("--requests", type=int, default=20000, help="measured requests per rate (at least)")
+    args = parser.parse_args()
+    fractions = [float(x) for x in args.fractions.split(",")]
+    print(f"{args.draws} draws, seed {args.seed}; rates at {args.fractions} x planned C_max; "
+          f">= {args.requests} measured requests a rate. Milliseconds: planned, simulated, gap; "
+          "noise: half the halves' p99 difference")
+    print(f"{'#':>2} {'f':>4} {'req/s':>6} {'n':>6} | {'TTFT p50 plan / sim / gap':>25} | "
+          f"{'TTFT p99 plan / sim / gap':>25} {'noise':>6} | {'ITL p99 plan / sim / gap':>25} {'noise':>6}")
+    gaps: dict[tuple[str, float], list[float]] = {}
+    for d in planner_draws.draws(args.seed, args.draws):
+        if args.only and d.index not in args.only:
+            continue
+        started = time.time()
+        print(f"-- draw {d.index}: {d.label()}, TTFT SLO {d.ttft_slo:.3g} s, ITL SLO {d.itl_slo:.3g} s", flush=True)
+        for r in curve(d, fractions, args.requests):
+            plan = r["plan"]
+            print(f"{d.index:>2} {r['f']:>4.2f} {r['rate']:>6.3g} {r['n']:>6} | {cell(plan.ttft_p50, r['ttft50'])} | "
+                  f"{cell(plan.ttft_p99, r['ttft99'])} {r['ttft_noise']:>6.1%} | "
+                  f"{cell(plan.itl_p99, r['itl99'])} {r['itl_noise']:>6.1%}", flush=True)
+            for name, pl, sim in (("TTFT p50", plan.ttft_p50, r["ttft50"]), ("TTFT p99", plan.ttft_p99, r["ttft99"]),
+                                  ("ITL p99", plan.itl_p99, r["itl99"])):
+                g = gap(pl, sim)
+                if math.isfinite(g):
+                    gaps.setdefault((name, r["f"]), []).append(g)
+        print(f"   ({time.time() - started:.0f} s)", flush=True)
+    print("summary: median gap [min, max], share within 10% / 20%")
+    for (name, f), gs in sorted(gaps.items()):
+        within = (sum(abs(g) <= 0.1 for g in gs) / len(gs), sum(abs(g) <= 0.2 for g in gs) / len(gs))
+        print(f"  {name:<8} at {f:.2f}: {statistics.median(gs):+.1%} [{min(gs):+.1%}, {max(gs):+.1%}], "
+              f"{within[0]:.0%} / {within[1]:.0%} of {len(gs)}")
+
+
+if __name__ == "__main__":
+    main()
