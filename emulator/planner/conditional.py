@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulator.planner import colocated, decode, dist, queueing
+from emulator.planner import colocated, context, decode, dist, queueing
 from emulator.planner.context import Context
 
 
@@ -53,19 +53,20 @@ def _classes(ctx: Context, limit: int) -> tuple[Class | None, Class | None]:
     binned by new tokens may straddle the limit (disagg-70b-h100: one point of 10% with 433 new tokens
     on average holds 80.5% local samples), so each class's samples are binned on a quantile grid of
     their own (`_binned`)."""
-    if ctx.sample_point is None or ctx.sample_hits is None:
+    if ctx.sample_hits is None:
         local = ctx.new_tokens < limit
         return (_points(ctx.prompts.values[local], ctx.cached[local], ctx.prompts.weights[local]),
                 _points(ctx.prompts.values[~local], ctx.cached[~local], ctx.prompts.weights[~local]))
-    x = np.asarray(ctx.workload.prompt.samples, dtype=float)
-    hits = ctx.sample_hits
+    x, hits, weights = context.hit_or_miss(np.asarray(ctx.workload.prompt.samples, dtype=float), ctx.sample_hits,
+                                           ctx.sample_held)
     local = x - hits < limit
-    return _binned(ctx, x, hits, local), _binned(ctx, x, hits, ~local)
+    return _binned(x, hits, weights, local), _binned(x, hits, weights, ~local)
 
 
-def _binned(ctx: Context, x: np.ndarray, hits: np.ndarray, mask: np.ndarray) -> Class | None:
-    """The samples in `mask` binned by their new tokens on a quantile grid of their own (fine in the
-    class's tail, as the whole mix's points are in its tail): each bin's mean prompt and hit.
+def _binned(x: np.ndarray, hits: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> Class | None:
+    """The (prompt, hit, weight) entries in `mask` binned by their new tokens on a quantile grid of their
+    own (fine in the class's tail, as the whole mix's points are in its tail): each bin's mean prompt and
+    hit, weighted by the class's share of all requests.
 
     Not the whole mix's points cut at the limit: the local class then kept the mix's coarse body bins,
     and its top point (disagg draw, 70B H100 TP8, limit 512) stood for every local prompt from 400 to
@@ -75,11 +76,8 @@ def _binned(ctx: Context, x: np.ndarray, hits: np.ndarray, mask: np.ndarray) -> 
     (p99 crossing) came out late."""
     if not mask.any():
         return None
-    index = dist.point_of_each(x[mask] - hits[mask])
-    counts = np.bincount(index).astype(float)
-    prompts = np.round(np.bincount(index, weights=x[mask]) / counts)
-    cached = np.round(np.bincount(index, weights=hits[mask]) / counts)
-    return _points(prompts, np.minimum(cached, prompts - 1), counts / len(x))
+    points, cached = context.entry_points(x[mask], hits[mask], weights[mask])
+    return _points(points.values, cached, points.weights * float(weights[mask].sum()))
 
 
 def _points(prompts: np.ndarray, cached: np.ndarray, weights: np.ndarray) -> Class | None:
@@ -91,7 +89,7 @@ def _sub(ctx: Context, prompts: np.ndarray, cached: np.ndarray, weights: np.ndar
     the decode pool), so the decode profile (and with it every step's decode part) is the parent's."""
     return dataclasses.replace(ctx, prompts=dist.Points(prompts, weights), cached=cached,
                                memo={"decode_profile": decode.profile(ctx), **decode.carried(ctx)}, sample_point=None,
-                               sample_hits=None)
+                               sample_hits=None, sample_held=None)
 
 
 @dataclass(frozen=True)

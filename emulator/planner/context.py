@@ -29,7 +29,8 @@ class Context:
     pool_tokens: int               # KV pool of one worker, tokens
     memo: dict = field(default_factory=dict)  # rate-independent results keyed by name and arguments
     sample_point: np.ndarray | None = None    # which prompt point each prompt sample is binned into
-    sample_hits: np.ndarray | None = None     # each prompt sample's cached tokens (the points' `cached` averages them)
+    sample_hits: np.ndarray | None = None     # each prompt sample's cached tokens when its prefix is held
+    sample_held: np.ndarray | None = None     # the chance each sample finds its prefix held (None: always)
 
     @property
     def ca2(self) -> float:
@@ -93,6 +94,28 @@ def _joint_points(samples, shared, block: int) -> tuple[dist.Points, np.ndarray,
 def sample_hits(prompts: np.ndarray, shared, block: int) -> np.ndarray:
     """Each sample's shared prefix as a hit: whole blocks, never its last token (as in vLLM)."""
     return np.floor(np.minimum(np.asarray(shared, dtype=float), prompts - 1) / block) * block
+
+
+def hit_or_miss(prompts: np.ndarray, hits: np.ndarray, held: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Each prompt sample as it arrives: (prompt, cached tokens, weight) entries, a sample whose prefix is
+    held with probability h < 1 standing as two, all of `hits` with weight h and none with 1 - h (an
+    LRU keeps a prefix's blocks or has evicted them). Weights sum to 1."""
+    n = len(prompts)
+    if held is None:
+        return prompts, hits, np.full(n, 1.0 / n)
+    found = np.where(hits > 0, held, 1.0)   # a sample with nothing cached to find finds all of it
+    both = (found > 0) & (found < 1)
+    return (np.concatenate([prompts, prompts[both]]),
+            np.concatenate([np.where(found > 0, hits, 0.0), np.zeros(int(both.sum()))]),
+            np.concatenate([np.where(both, found, 1.0), 1.0 - found[both]]) / n)
+
+
+def entry_points(prompts: np.ndarray, hits: np.ndarray, weights: np.ndarray) -> tuple[dist.Points, np.ndarray]:
+    """Weighted (prompt, cached) entries as prompt points binned by new tokens, and each point's cached
+    tokens (whole tokens, never the last)."""
+    mass, (mean_prompt, mean_hit) = dist.weighted_bins(prompts - hits, weights, prompts, hits)
+    points = dist.Points(np.round(mean_prompt), mass)
+    return points, np.minimum(np.round(mean_hit), points.values - 1)
 
 
 def per_point(index: np.ndarray, tokens: np.ndarray, prompts: dist.Points) -> np.ndarray:

@@ -63,8 +63,11 @@ def _requests(ctx: Context):
     if wl.paired and wl.prompt.max is None and wl.output.max is None and wl.prompt.samples:
         prompts = np.asarray(wl.prompt.samples, dtype=float)
         m = np.maximum(np.asarray(wl.output.samples, dtype=float) - 1.0, 0.0)
-        point = ctx.sample_point if ctx.sample_point is not None else dist.point_of_each(prompts)
-        cached = ctx.cached[point]                       # the sample's prompt point's hit
+        if ctx.sample_point is None and ctx.sample_hits is not None:   # hits at a rate: each sample's expected one
+            cached = ctx.sample_hits * (1.0 if ctx.sample_held is None else ctx.sample_held)
+        else:
+            point = ctx.sample_point if ctx.sample_point is not None else dist.point_of_each(prompts)
+            cached = ctx.cached[point]                   # the sample's prompt point's hit
         return np.round(prompts), m, m / len(m), cached
     p = ctx.prompts.values[:, None]
     m = np.maximum(ctx.outputs.values[None, :] - 1.0, 0.0)      # decode steps per request

@@ -124,6 +124,28 @@ def point_of_each(samples: Sequence[float] | np.ndarray) -> np.ndarray:
     return bins[rank]
 
 
+def weighted_bins(keys: np.ndarray, weights: np.ndarray,
+                  *companions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Weighted samples binned by `keys` on the quantile grid: each bin's weight (summing to 1) and
+    the weighted mean of each companion over it. A sample whose weight straddles a bin edge is split
+    across the two bins (as `bin_pmf` splits an atom); empty bins are dropped."""
+    order = np.argsort(keys, kind="stable")
+    w = np.asarray(weights, dtype=float)[order]
+    cum_hi = np.cumsum(w / w.sum())
+    cum_lo = np.concatenate(([0.0], cum_hi[:-1]))
+    sorted_companions = [np.asarray(c, dtype=float)[order] for c in companions]
+    masses: list[float] = []
+    means: list[list[float]] = [[] for _ in companions]
+    for lo, hi in _bins():
+        share = np.clip(np.minimum(cum_hi, hi) - np.maximum(cum_lo, lo), 0.0, None)
+        mass = float(share.sum())
+        if mass > 0:
+            masses.append(mass)
+            for out, c in zip(means, sorted_companions, strict=True):
+                out.append(float(share @ c) / mass)
+    return np.asarray(masses), [np.asarray(m) for m in means]
+
+
 def lognormal(mu: float, sigma: float) -> Points:
     """Lognormal exp(mu + sigma Z) as conditional means of its quantile bins (the mean is exact).
 

@@ -75,3 +75,26 @@ def test_a_prefill_worker_caches_its_prompts_blocks_not_the_outputs():
         own = np.maximum(np.floor(cached / block) * block - pre.full_hit, 0).mean()
         assert pre.unique == pytest.approx(own)
         assert outputs.mean() > 50   # so the two differ
+
+
+def test_a_prefix_is_found_whole_or_not_at_all():
+    # Two samples: a 1,000-token prompt whose 800-token prefix is held a quarter of the time, and a
+    # 2,000-token one with nothing to find. The first arrives as two prompts: 200 new tokens (weight
+    # 0.25 x 1/2) or all 1,000 (0.75 x 1/2); never as one with 200 of its prefix's tokens cached on average.
+    x, hits, weights = context.hit_or_miss(np.array([1000.0, 2000.0]), np.array([800.0, 0.0]), np.array([0.25, 1.0]))
+    assert sorted(zip(x, hits, weights, strict=True)) == [(1000.0, 0.0, 0.375), (1000.0, 800.0, 0.125),
+                                                          (2000.0, 0.0, 0.5)]
+    assert context.hit_or_miss(np.array([1000.0]), np.array([800.0]), None)[1].tolist() == [800.0]
+
+
+def test_binned_hit_or_miss_points_keep_the_expected_hit_and_the_misses_tail():
+    # 10,000 prompts of 4,000 tokens whose 3,600-token prefixes are held 95% of the time: the planned
+    # points hold 400 new tokens for 95% of requests and 4,000 for the 5% whose prefix is gone (the
+    # expected hit, 3,420 cached, would give every request 580 new tokens and no tail at all).
+    n = 10_000
+    x, hits, weights = context.hit_or_miss(np.full(n, 4000.0), np.full(n, 3600.0), np.full(n, 0.95))
+    points, cached = context.entry_points(x, hits, weights)
+    new = points.values - cached
+    assert float(cached @ points.weights) == pytest.approx(0.95 * 3600, rel=1e-9)
+    assert points.weights[new >= 4000].sum() == pytest.approx(0.05, abs=1e-9)
+    assert points.weights[new <= 400].sum() == pytest.approx(0.95, abs=1e-9)
