@@ -19,8 +19,8 @@ from router.frontdoor.tenants import bursts
 from router.policies.pd_pair import DEFAULT_LOCAL_PREFILL_TOKENS
 
 # Generated requests whose lengths and prefixes the planner's laws come from. The laws bin them on
-# dist.LEVEL_EDGES, whose top bins (0.07% and 0.13% of requests) set the tail services that p99 TTFT
-# reads: 4,000 samples put 3 and 5 requests in them. On a 70B draw with 9-16K-token code prompts, whose
+# dist.LEVEL_EDGES, whose top bins (0.05% and 0.1% of requests) set the tail services that p99 TTFT
+# reads: 4,000 samples put 2 and 4 requests in them. On a 70B draw with 9-16K-token code prompts, whose
 # p99 TTFT sits just under its SLO over a wide range of rates, 4,000 samples read a p99 prompt of
 # 9,878 tokens where 20,000 and 60,000 read 9,170 and 9,156, and C_max 18% lower (1.31 vs 1.59
 # req/s, the simulator 1.66); consecutive 4,000-request windows of that stream had p99 prompts of

@@ -128,8 +128,10 @@ def test_each_prompt_is_served_its_own_shared_prefix_not_the_average_share():
     # shared). Overall 780 / 8500 = 9.2% of prompt tokens are shared; spread evenly, the long prompt
     # would get 0.092 x 8000 = 734 cached tokens. Its own prefix gives floor(300 / 16) x 16 = 288,
     # and the chat prompt its 480 (30 blocks).
-    prompts, shared = [500] * 50 + [8000] * 50, [480] * 50 + [300] * 50
-    workload = Workload.from_samples(10.0, prompts, [100] * 100, shared=shared)
+    # 60 samples: few enough to be the points themselves (dist.EXACT_SAMPLES_MAX), so no quantile bin
+    # mixes the two kinds
+    prompts, shared = [500] * 30 + [8000] * 30, [480] * 30 + [300] * 30
+    workload = Workload.from_samples(10.0, prompts, [100] * 60, shared=shared)
     ctx = context.build(PlanRequest(model="Llama-3.1-8B", gpu=H100), workload)
     cached = dict(zip(ctx.prompts.values, ctx.cached, strict=True))
     assert cached == {500: 480, 8000: 288}
@@ -143,7 +145,7 @@ def test_the_decode_batch_weights_each_prompt_by_its_own_output():
     #   paired:      (10 x 104.5 + 100 x 1049.5) / 110 = 963.6 tokens
     #   independent: every prompt with every output, (10 x 104.5 + 100 x 149.5 + 10 x 1004.5
     #                + 100 x 1049.5) / 220 = 595.4 tokens, too few for this mix.
-    paired = Workload.from_samples(10.0, [100, 1000] * 50, [11, 101] * 50)
+    paired = Workload.from_samples(10.0, [100, 1000] * 30, [11, 101] * 30)   # 60: the points themselves
     independent = msgspec.structs.replace(paired, paired=False)
     req = PlanRequest(model="Llama-3.1-8B", gpu=H100)
     assert decode.profile(context.build(req, paired)).context == pytest.approx(963.6, abs=0.1)

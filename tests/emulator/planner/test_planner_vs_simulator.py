@@ -41,7 +41,7 @@ def test_planner_cmax_within_10_percent_on_drawn_clusters(index):
     4-6 times draw #11's CPU for the same check)."""
     from loadtests import planner_draws
     draw = planner_draws.draws(12, index + 1)[index]
-    result = planner_draws.compare(draw, requests=2000)
+    result = planner_draws.quiet(draw, requests=2000, target=0.03)   # more requests while noisier than 3%
     assert result.bound == "interpolated", result
     assert result.noise is not None and result.noise < 0.03, result
     assert abs(result.gap) <= 0.10, result
@@ -55,7 +55,7 @@ def test_planner_cmax_within_10_percent_with_conditional_disaggregation():
 
     from loadtests import planner_draws
     draw = dataclasses.replace(planner_draws.draws(12, 8)[7], local_prefill_tokens=512)
-    result = planner_draws.compare(draw, requests=2000)
+    result = planner_draws.quiet(draw, requests=2000, target=0.03)   # more requests while noisier than 3%
     assert result.bound == "interpolated", result
     assert result.noise is not None and result.noise < 0.03, result
     assert abs(result.gap) <= 0.10, result
