@@ -141,12 +141,13 @@ def weighted_bins(keys: np.ndarray, weights: np.ndarray,
     masses: list[float] = []
     means: list[list[float]] = [[] for _ in companions]
     for lo, hi in _bins():
-        share = np.clip(np.minimum(cum_hi, hi) - np.maximum(cum_lo, lo), 0.0, None)
+        i, j = int(np.searchsorted(cum_hi, lo, side="right")), int(np.searchsorted(cum_lo, hi, side="left"))
+        share = np.clip(np.minimum(cum_hi[i:j], hi) - np.maximum(cum_lo[i:j], lo), 0.0, None)  # the bin's samples
         mass = float(share.sum())
         if mass > 0:
             masses.append(mass)
             for out, c in zip(means, sorted_companions, strict=True):
-                out.append(float(share @ c) / mass)
+                out.append(float(share @ c[i:j]) / mass)
     return np.asarray(masses), [np.asarray(m) for m in means]
 
 
