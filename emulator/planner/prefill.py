@@ -121,28 +121,15 @@ def _budget(ctx: Context, decodes: int) -> int:
 
 
 MAX_CHUNK_GROUPS = 16   # a prompt's full chunks are costed in at most this many groups (`_chunking`)
-# Where in its prompt point's bin a last chunk is costed, as fractions of the bin's half-width (the mean
-# stays the point's): the point stands for prompts spread over its bin (`_half_widths`, `_chunking`).
-LAST_CHUNK_SPREAD = (-0.5, 0.5)
 
 
 def _chunking(ctx: Context, budget: int):
-    """(prompt point, chunk tokens, cached before it, weight, final, count, centre) for the chunks of every
+    """(prompt point, chunk tokens, cached before it, weight, final, count) for the chunks of every
     point: its full chunks in at most MAX_CHUNK_GROUPS runs of `count` consecutive ones, each costed at
     its mean cached context (a step's time is close to linear in the context it attends over), then
     its last chunk. A budget that decodes have nearly used up leaves chunks of a few tokens (8B,
     256-token budget, 250 decodes: 667 chunks for a 4,000-token prompt), and costing each of them
-    made one capacity search take minutes and gigabytes; the sizes, counts and mean context are kept.
-
-    The last chunk comes as LAST_CHUNK_SPREAD rows across the prompts its point stands for, each with
-    that share of the weight and a fractional `count`, and `centre`, the chunk at the point's mean: a
-    step's time has stairs (the GEMMs take another tile every 128 tokens; +26% from 508 to 511 prefill
-    tokens beside 4 decodes on an 8B H100), and one chunk size read them at a single count, so a point
-    a token either side of a stair read its step that far apart (a 70B TP4 H100 point of 506 or 507
-    new tokens beside 6 decodes: TTFT p50 54.0 or 58.0 ms, ITL p99 44.2 or 49.5 ms). Two rows, not
-    four: four cost the capacity search twice the CPU (the profile is taken at every decode count)
-    and read the bins' mean steps no closer (max error 3.1% against 2.6%, the stair test)."""
-    spread = _half_widths(ctx.new_tokens)
+    made one capacity search take minutes and gigabytes; the sizes, counts and mean context are kept."""
     for i, (new, cached, weight) in enumerate(zip(ctx.new_tokens, ctx.cached, ctx.prompts.weights, strict=True)):
         new, cached = int(new), int(cached)
         full, last = divmod(new, budget)
@@ -152,26 +139,9 @@ def _chunking(ctx: Context, budget: int):
         for g in range(groups):
             first, end = full * g // groups, full * (g + 1) // groups    # chunks first..end-1
             mean_done = budget * (first + end - 1) / 2
-            yield i, budget, cached + int(round(mean_done)), weight, False, end - first, budget
+            yield i, budget, cached + int(round(mean_done)), weight, False, end - first
         if last:
-            width = min(spread[i], last - 1, budget - last)   # symmetric, within one chunk: the mean stays
-            for u in LAST_CHUNK_SPREAD if width >= 1 else (0.0,):
-                share = 1.0 / len(LAST_CHUNK_SPREAD) if width >= 1 else 1.0
-                yield i, last + int(round(u * width)), cached + full * budget, weight, True, share, last
-
-
-def _half_widths(new_tokens: np.ndarray) -> np.ndarray:
-    """Per prompt point, half the distance to the nearer neighbouring point in new tokens: the range of
-    prompts it stands for, taken symmetric about it."""
-    order = np.argsort(new_tokens, kind="stable")
-    v = np.asarray(new_tokens, dtype=float)[order]
-    gaps = np.diff(v)
-    left = np.concatenate(([np.inf], gaps))
-    right = np.concatenate((gaps, [np.inf]))
-    near = np.minimum(left, right)
-    out = np.empty(len(v))
-    out[order] = np.where(np.isfinite(near), near / 2, 0.0)
-    return out
+            yield i, last, cached + full * budget, weight, True, 1
 
 
 def _profile(ctx: Context, decodes: int) -> PrefillProfile:
@@ -180,15 +150,12 @@ def _profile(ctx: Context, decodes: int) -> PrefillProfile:
     alone, share = np.zeros(points), np.zeros(points)
     last_tokens, last_step = np.zeros(points), np.zeros(points)
     rows: list[tuple[int, int, bool, float, float]] = []
-    for i, chunk, cached, weight, final, count, centre in _chunking(ctx, budget):
+    for i, chunk, cached, weight, final, count in _chunking(ctx, budget):
         t = step_with(ctx, decodes, chunk, cached, final).seconds
-        # a full step's time hardly depends on how its budget is split: the row's centre chunk stands in
-        full = step_with(ctx, decodes, centre, cached, final, extra=budget - centre).seconds
+        full = step_with(ctx, decodes, chunk, cached, final, extra=budget - chunk).seconds
         alone[i] += t * count
         share[i] += full * chunk / budget * count
-        if final:   # the last chunk's rows: their share-weighted means
-            last_tokens[i] += chunk * count
-            last_step[i] += t * count
+        last_tokens[i], last_step[i] = chunk, t
         rows.append((chunk, cached, final, weight * count, t))
     tokens, cached_tokens, finals, weights, seconds = zip(*rows, strict=True)
     chunks = Chunks(np.asarray(tokens, dtype=float), np.asarray(cached_tokens, dtype=float),

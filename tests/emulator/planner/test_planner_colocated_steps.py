@@ -1,10 +1,8 @@
 """Colocated mixed steps as the engine runs them: never past the step budget, and spread as the
 decodes and the chunk's place in its prompt spread them (the colocated ITL p99 reads their tail)."""
-import numpy as np
 import pytest
 
-from emulator.planner import colocated, context, dist, prefill
-from emulator.planner.inputs import PlanRequest, Workload
+from emulator.planner import colocated, context, prefill
 from loadtests import planner_bridge
 from loadtests.planner_draws import Draw
 
@@ -77,25 +75,9 @@ def test_a_nearly_used_budget_costs_few_chunk_rows_and_the_same_prefill_work(ctx
     prefill work and the time alone stay those of costing every chunk."""
     prof = prefill.profile(ctx, decodes)
     points = len(ctx.prompts.values)
-    assert len(prof.chunks.tokens) <= points * (prefill.MAX_CHUNK_GROUPS + len(prefill.LAST_CHUNK_SPREAD))
+    assert len(prof.chunks.tokens) <= points * (prefill.MAX_CHUNK_GROUPS + 1)
     per_prompt, share, alone = _chunk_by_chunk(ctx, decodes)
     w = ctx.prompts.weights / ctx.prompts.weights.sum()
     assert float(prof.chunks.weight.sum() / ctx.prompts.weights.sum()) == pytest.approx(per_prompt, rel=1e-9)
     assert float(prof.share @ w) == pytest.approx(share, rel=0.005)
     assert float(prof.alone @ w) == pytest.approx(alone, rel=0.005)
-
-
-def test_a_prompt_points_last_step_is_the_mean_over_the_prompts_it_stands_for():
-    """A step's time has stairs where the GEMMs take another tile: beside 4 decodes on an 8B H100,
-    508 prefill tokens take 14.4 ms and 511 take 18.2. A prompt point stands for a bin of prompts; its
-    last step is costed across the bin, not at the bin's mean, so a bin that straddles a stair reads
-    between the two (costed at the mean alone, one point read 8.7% off the bin's own mean step; so
-    2.6%)."""
-    samples = list(range(384, 640)) * 2
-    work = Workload.from_samples(1.0, samples, [50] * len(samples))
-    ctx = context.build(PlanRequest(model="Llama-3.1-8B", gpu="H100-SXM"), work)
-    prof = prefill.profile(ctx, 4)
-    point = dist.point_of_each(np.asarray(samples, dtype=float))
-    for i in range(len(ctx.prompts.values)):
-        own = [prefill.step_with(ctx, 4, n, 0, True).seconds for n in np.asarray(samples)[point == i]]
-        assert prof.alone[i] == pytest.approx(float(np.mean(own)), rel=0.05)
