@@ -13,6 +13,20 @@ median of the reps:
     passes): immune to the other processes' load, unlike the latencies; and the same over the closed
     loop, where a saturated router reads many requests a wake-up (and several processes contend for
     the cores with the client and the stubs).
+By default every process runs in Linux's normal scheduling class, where a stub woken by a router's
+write preempts the router on its CPU: on a host where the apparatus (the stubs and the client) shares
+the cores with the router, that is the largest cost a multi-process router pays. With --apparatus batch
+the stubs and the client run in the SCHED_BATCH class instead (a batch task that wakes does not preempt
+the one running; the contenders stay normal), which shows each router's own cost at saturation. On
+this 2-core host (2026-12-07, one run of 3 reps each way, --skip litellm aiohttp; max req/s and CPU per
+request at max req/s, medians):
+                                normal apparatus        batch apparatus
+  kvlab, 1 process              8,006 req/s, 124 us     7,842 req/s, 127 us
+  kvlab, 2 processes            8,082 req/s, 166 us     10,352 req/s, 140 us
+  sglang-router 0.3.2           10,316 req/s, 114 us    13,051 req/s,  96 us
+  vllm-router 0.1.17            5,084 req/s, 212 us     7,482 req/s, 162 us
+(kvlab with 2 processes, perf stat over 4 s of the loop: 0.80 context switches a request with the
+apparatus normal, 0.07 batch; 6.0 system calls a request either way.)
 kvlab runs as one process and as one per core (--processes), and once more with aiohttp's client in
 place of its own HTTP transport (benchmarks/aiohttp_router.py), which is the transport comparison; with
 --before, a second kvlab checkout (e.g. main) runs as one more contender in the same run, as one process
@@ -49,6 +63,8 @@ PEERS = {   # the versions the side-by-side was first measured with
     "vllm-router": ("vllm-router==0.1.17", "vllm-router 0.1.17"),
     "litellm": ("litellm[proxy]==1.108.7", "LiteLLM 1.108.7"),
 }
+APPARATUS_NOTE = {"batch": " (SCHED_BATCH: woken, they do not preempt the routers; the module's docstring "
+                            "says why)", "normal": ", as the routers"}
 LITELLM_KEY = "sk-kvlab-bench-0123456789abcdef"   # LiteLLM refuses to start without a master key
 STREAM_TOKENS = 16
 
@@ -78,6 +94,11 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def normal_class() -> None:
+    """Put this process in the normal scheduling class (a contender, when the apparatus runs in batch)."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 @dataclass
 class Contender:
     name: str
@@ -93,7 +114,8 @@ class Contender:
         self.url = f"http://127.0.0.1:{port}"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=out, stderr=out,
-                                         cwd=self.env.get("KVLAB_BENCH_CWD", str(REPO)), start_new_session=True)
+                                         cwd=self.env.get("KVLAB_BENCH_CWD", str(REPO)), start_new_session=True,
+                                         preexec_fn=normal_class)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -277,6 +299,7 @@ Measured {started} on a host with {os.cpu_count()} CPUs shared with other work: 
 CPU per request much less so. {args.reps} reps, medians; {args.requests} requests per latency pass; closed loops of
 {args.seconds:g} s, {args.connections} connections from {args.client_procs} client process(es). Two stub OpenAI
 servers (benchmarks/openai_stub.py) behind every contender; "direct" is the same client against one stub.
+Stubs and client in the {args.apparatus} scheduling class{APPARATUS_NOTE[args.apparatus]}.
 
 {table(cs)}
 
@@ -297,8 +320,12 @@ def main() -> None:
     parser.add_argument("--aiohttp-target", default=str(Path(tempfile.gettempdir()) / "kvbench-aiohttp"))
     parser.add_argument("--skip", nargs="*", default=[], choices=[*sorted(PEERS), "aiohttp"],
                         help="peers not to run (aiohttp: kvlab with aiohttp's client)")
+    parser.add_argument("--apparatus", choices=("normal", "batch"), default="normal",
+                        help="scheduling class of the stubs and the client (the module's docstring says why)")
     parser.add_argument("--doc", help="write the table to this markdown file (docs/perf.md)")
     args = parser.parse_args()
+    if args.apparatus == "batch":   # inherited by the stubs and the client processes; contenders reset it
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="kvlab-peers-") as tmp:
         work = Path(tmp)
