@@ -52,8 +52,9 @@ class PrefillQueue:
     vacation: tuple[float, float]  # (probability, length) of a decode-only step an arrival waits out
     own: dist.Points        # an arrival's own prefill latency (its steps, with what packs in behind it)
     packed: float           # mean prefill tokens in a prefill-carrying step
-    stretch: float          # extra step time per second waited: later prompts packed into its step
-    stretch_cap: float      # ... at most a step filled to the budget
+    # (waits, seconds): what a prompt that waited that long gains in its last step from the prompts that
+    # arrived behind it meanwhile (`_behind_waiting`), on a grid of waits
+    behind: tuple[np.ndarray, np.ndarray]
     # a prefill worker's own queue under Poisson arrivals: the batch server itself (`batch_queue`)
     # gives the TTFT law in place of the M/G/1 one
     batches: batch_queue.BatchServer | None = None
@@ -169,23 +170,18 @@ class PrefillQueue:
         return found
 
     def _packed_behind(self, wait: np.ndarray, h: float) -> np.ndarray:
-        """A request that waits runs in a step that also takes the prompts that arrived behind it while
-        the step in progress finished: stretch x (that step's residual, an equilibrium residual of the
-        service law, independent of the rest of the wait), at most a step filled to the budget."""
-        if self.stretch <= 0 or wait[0] >= 1:
+        """A prompt that waited w gets a last step that also packs what arrived behind it during w (FCFS:
+        they queue after it, and fill the room its last chunk leaves): each wait cell moves by that
+        step's extra seconds (`behind`, an expectation over the arrivals), split between the two
+        cells it lands between."""
+        waits, extra = self.behind
+        if wait[0] >= 1 or not extra.any():
             return wait
-        s, w = self.service.values, self.service.weights
-        grid = np.arange(len(wait)) * h
-        order = np.argsort(s, kind="stable")          # P(S > t) from sorted tail sums
-        tail = np.concatenate([np.cumsum(w[order][::-1])[::-1], [0.0]])
-        residual = tail[np.searchsorted(s[order], grid, side="right")]
-        residual /= residual.sum()
-        extra = dist.on_grid(dist.Points(np.minimum(grid * self.stretch, self.stretch_cap), residual + 1e-300),
-                             h, len(wait))
-        waited = wait.copy()
-        waited[0] = 0.0
-        out = dist.convolve(waited, extra)
-        out[0] += wait[0]
+        at = np.arange(len(wait)) + np.interp(np.arange(len(wait)) * h, waits, extra) / h
+        lo = np.minimum(at.astype(int), len(wait) - 1)
+        frac = np.where(lo < len(wait) - 1, at - lo, 0.0)
+        out = np.bincount(lo, weights=wait * (1 - frac), minlength=len(wait))
+        out += np.bincount(np.minimum(lo + 1, len(wait) - 1), weights=wait * frac, minlength=len(wait))
         return out
 
 
@@ -233,15 +229,16 @@ def queue(ctx: Context, prof: prefill.PrefillProfile, rate: float, workers: int 
     packed, busy = prefill.packing(ctx, prof, per_worker, before=vacation[1])
     service = dist.Points(_backlog_service(ctx, prof, per_worker, busy), ctx.prompts.weights)
     first = dist.Points(np.maximum(prof.alone, prof.share), ctx.prompts.weights)
-    slope = prefill.token_seconds(ctx, prof)
     flow = per_worker * float(ctx.new_tokens @ ctx.prompts.weights)
-    cap = prof.full_step.seconds - float(prof.last_step @ ctx.prompts.weights)
-    own = _own_latency(ctx, prof, flow)
+    arrivals = queueing.CappedArrivals(ctx.new_tokens, ctx.prompts.weights, prof.budget)
+    spans = np.maximum(prof.alone - prof.last_step, 0.0)   # its earlier chunks: arrivals meanwhile queue behind
+    rooms = np.maximum(prof.budget - prof.last_tokens, 0.0)
+    own = _own_latency(ctx, prof, arrivals.mean(per_worker * spans, rooms))
+    behind = _behind_waiting(ctx, arrivals, per_worker, spans, rooms, prefill.token_seconds(ctx, prof))
     batches = _batch_server(ctx, prof, per_worker, service, flow) \
         if prof.decodes == 0 and vacation == (0.0, 0.0) and servers == 1 and ca2 == 1.0 else None
     return PrefillQueue(rho=rho, busy=busy, service=service, first=first, rate=per_worker, servers=servers,
-                        ca2=ca2, vacation=vacation, own=own, packed=packed, stretch=flow * slope,
-                        stretch_cap=max(0.0, cap), batches=batches)
+                        ca2=ca2, vacation=vacation, own=own, packed=packed, behind=behind, batches=batches)
 
 
 def _batch_server(ctx: Context, prof: prefill.PrefillProfile, rate: float, service: dist.Points,
@@ -269,13 +266,30 @@ def _backlog_service(ctx: Context, prof: prefill.PrefillProfile, rate: float, bu
     return np.minimum(prof.alone, prof.share * max(1.0, scale))
 
 
-def _own_latency(ctx: Context, prof: prefill.PrefillProfile, flow: float) -> dist.Points:
+def _own_latency(ctx: Context, prof: prefill.PrefillProfile, behind: np.ndarray) -> dist.Points:
     """Own steps. FCFS fills each step's budget with whoever is queued next, so a prompt's last step
-    also carries prompts that arrived behind it: those that came during its earlier chunks are added
-    here; those that came while the step before it finished are `PrefillQueue._packed_behind`."""
+    also carries prompts that arrived behind it: `behind` per point, the tokens expected to arrive during
+    its earlier chunks and fit in the room its last chunk leaves (`queueing.CappedArrivals`: as Poisson
+    arrivals, not a fluid flow, which fills that room whenever its mean does: a 70B L40S worker of
+    ~4,000-token code prompts at 0.8 req/s, 1,024-token budget, packed its last step full where 70% of
+    prompts find none behind, and read TTFT p50 669 ms against 519 replayed, 502 simulated). Those that
+    came while it waited are `PrefillQueue._packed_behind`."""
     values = []
     for i, (alone, last, last_s) in enumerate(zip(prof.alone, prof.last_tokens, prof.last_step, strict=True)):
-        behind = flow * (alone - last_s)
         cached = ctx.cached[i] + ctx.new_tokens[i] - last
-        values.append(alone - last_s + prefill.with_packing(ctx, prof, last, cached, True, last_s, last + behind))
+        values.append(alone - last_s + prefill.with_packing(ctx, prof, last, cached, True, last_s, last + behind[i]))
     return dist.Points(values, ctx.prompts.weights)
+
+
+WAITS = np.concatenate([[0.0], np.geomspace(1e-4, 1e4, 81)])   # seconds: the grid `behind` is kept on
+
+
+def _behind_waiting(ctx: Context, arrivals: queueing.CappedArrivals, rate: float, spans: np.ndarray,
+                    rooms: np.ndarray, slope: float) -> tuple[np.ndarray, np.ndarray]:
+    """(waits, seconds): the mean extra time of a prompt's last step when it waited w, over what it
+    packs with no wait (`_own_latency`): the tokens arriving over w + its earlier chunks, fit in its
+    room, minus those over its earlier chunks alone, at the step's marginal seconds a token."""
+    mus = rate * (spans[None, :] + WAITS[:, None])
+    packed = arrivals.mean(mus.ravel(), np.tile(rooms, len(WAITS))).reshape(mus.shape)
+    w = ctx.prompts.weights / ctx.prompts.weights.sum()
+    return WAITS, slope * ((packed - packed[0][None, :]) @ w)

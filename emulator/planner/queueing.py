@@ -20,6 +20,12 @@ server, c servers, ca2 / cs2 = squared coefficients of variation of interarrival
   backlog is packed into full steps (the first-service law needs S0 >= S for each kind of request,
   which a step's fixed costs give). Pooled servers: the services per server and S / c, S0 / c (the
   stated approximation below).
+- Work arriving in a window, capped (exact for Poisson arrivals, on a grid): the sizes that arrive in a
+  window where Poisson(mu) arrivals are expected form a compound Poisson sum X; its law on a grid
+  follows Panjer's recursion, f_0 = e^-mu, f_n = mu / n sum_j j s_j f_(n-j), and E[min(r, X)] is the
+  sum of P(X > x) over the grid below r. A step with room for r more tokens packs that much of what
+  arrived behind a prompt: mu x E[min(r, S)] while arrivals are rare, r once they are many, where a
+  fluid flow x window gives r as soon as the *mean* fills it.
 - G/G/1 and G/G/c variants of that law (stated approximations): the geometric parameter is set so the
   mean wait equals Kingman's (G/G/1); with c pooled servers the service is S / c and the chance of
   waiting Erlang C's (the M/M/c exact form, Allen-Cunneen's basis).
@@ -218,3 +224,38 @@ def infinite_server_dispersion(ca2: float) -> float:
     exponential service times; used here as the stated approximation for any output-length law).
     """
     return (1.0 + ca2) / 2.0
+
+
+class CappedArrivals:
+    """E[min(r, X)] for X the sizes of Poisson(mu) arrivals (compound Poisson; module docstring), as a
+    table over a geometric grid of mu and a grid of caps r, read by interpolation in mu."""
+
+    MUS = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)])   # 1.26x apart: E moves smoothly in mu
+
+    def __init__(self, sizes: np.ndarray, weights: np.ndarray, top: float, cells: int = 128) -> None:
+        self.cell = max(1.0, top / cells)
+        k = int(math.ceil(top / self.cell))
+        w = np.asarray(weights, float) / np.sum(weights)
+        at = np.maximum(1, np.round(np.asarray(sizes, float) / self.cell)).astype(int)
+        s = np.bincount(np.minimum(at, k + 1), weights=w, minlength=k + 2)[: k + 1]   # sizes past k: defective
+        mu = self.MUS[:, None]
+        f = np.zeros((len(self.MUS), k + 1))
+        f[:, 0] = np.exp(-self.MUS)
+        js = np.arange(1, k + 1) * s[1:]
+        for n in range(1, k + 1):   # Panjer: f_n = mu / n sum_j j s_j f_(n-j)
+            f[:, n] = mu[:, 0] / n * (f[:, n - 1::-1] @ js[:n])
+        survival = 1.0 - np.cumsum(f, axis=1)    # P(X > c cells), c = 0..k
+        self.below = np.concatenate([np.zeros((len(self.MUS), 1)), np.cumsum(survival, axis=1)], axis=1) * self.cell
+        self.k = k
+
+    def mean(self, mus: np.ndarray, caps: np.ndarray) -> np.ndarray:
+        """E[min(cap, X)] for each (mu, cap) pair (caps up to the table's top)."""
+        mus = np.clip(np.asarray(mus, float), 0.0, self.MUS[-1])
+        cols = np.clip(np.asarray(caps, float) / self.cell, 0.0, self.k + 1)
+        lo = np.minimum(cols.astype(int), self.k)
+        frac = cols - lo
+        hi = np.minimum(lo + 1, self.k + 1)
+        i = np.clip(np.searchsorted(self.MUS, mus, side="right") - 1, 0, len(self.MUS) - 2)
+        t = (mus - self.MUS[i]) / (self.MUS[i + 1] - self.MUS[i])
+        at = [self.below[j, lo] * (1 - frac) + self.below[j, hi] * frac for j in (i, i + 1)]
+        return at[0] * (1 - t) + at[1] * t

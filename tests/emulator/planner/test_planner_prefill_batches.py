@@ -4,7 +4,7 @@ prompt its share of a mean step (the M/G/1 law) overstated the wait by a fifth."
 import numpy as np
 import pytest
 
-from emulator.planner import batch_queue, context, dist, operating
+from emulator.planner import batch_queue, context, dist, operating, prefill, prefill_queue
 from loadtests import planner_bridge, planner_draws
 from loadtests.batch_replay import linear_server
 from loadtests.batch_replay import replay as _replay
@@ -63,3 +63,30 @@ def test_planned_ttft_where_prompts_share_steps_is_the_simulators():
     point = operating.evaluate(context.build(req, work, spec.catalog_data()), cluster, 9.5, slo)
     assert point.ttft_p50 == pytest.approx(SIMULATED["p50"], rel=0.04)
     assert point.ttft_p99 == pytest.approx(SIMULATED["p99"], rel=0.04)
+
+
+CODE_DRAW = planner_draws.Draw(index=4, model="Llama-3.1-70B", gpu="L40S", tp=8, mode="disaggregated",
+                               budget=1024, max_num_seqs=512, mix={"code": 1.0}, ttft_slo=6.417, itl_slo=0.068)
+
+
+def test_long_prompts_find_prompts_behind_them_as_rarely_as_poisson_arrivals_do():
+    # Code prompts of ~4,000 new tokens at 0.82 req/s on one 70B L40S TP8 prefill worker, 1,024-token
+    # budget (36% busy; its batch law's grid is too large, so the M/G/1 law serves). A prompt's last
+    # step packs what arrived behind it during its earlier chunks: with the fluid flow x time, always a
+    # full budget, where 70% of prompts find no one behind: TTFT p50 669 ms planned against 519 ms in an
+    # event-by-event replay of the same prompt points (the simulator: 502 ms), p99 +3.5%.
+    spec = CODE_DRAW.spec()
+    req, work, cluster, slo = planner_bridge.planner_inputs(spec)
+    rate = 0.82
+    ctx = operating.at_rate(context.build(req, work, spec.catalog_data()), cluster, rate)
+    prof = prefill.profile(ctx, 0)
+    queue = prefill_queue.queue(ctx, prof, rate, cluster.prefill)
+    assert queue.batches is None
+
+    def step(tokens: float) -> float:
+        return prefill.packed_step(ctx, 0, max(1, int(tokens))).seconds
+
+    replay = _replay(rate / cluster.prefill, np.asarray(ctx.new_tokens, float), ctx.prompts.weights, prof.budget,
+                     step, 100_000, seed=7)
+    assert queue.ttft_quantile(0.5) == pytest.approx(np.quantile(replay, 0.5), rel=0.10)
+    assert queue.ttft_quantile(0.99) == pytest.approx(np.quantile(replay, 0.99), rel=0.05)

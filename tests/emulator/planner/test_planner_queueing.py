@@ -107,3 +107,29 @@ def test_slot_waits_with_a_constant_step_time_are_erlang_c():
     assert 1 - wait.weights[0] == pytest.approx(erlang_c, rel=1e-6)
     assert float(wait.values @ wait.weights) == pytest.approx(erlang_c / (c * mu - 30.0), rel=1e-6)
     assert seq_slots.wait(rate=30.0, steps=100.0, itl=lambda n: 0.05, cap=150) is None   # a = c: no steady state
+
+
+@pytest.mark.parametrize("mu", [0.01, 0.3, 1.0, 3.0, 30.0])
+def test_capped_arrivals_of_one_size_are_the_poisson_sum(mu):
+    # Every arrival brings 200 tokens: E[min(r, 200 N)], N ~ Poisson(mu), summed term by term.
+    arrivals = queueing.CappedArrivals(np.array([200.0]), np.array([1.0]), 1024)
+    n = np.arange(200)
+    pn = np.exp(-mu + n * math.log(mu) - np.array([math.lgamma(k + 1) for k in n]))
+    for room in (100, 500, 1024):
+        exact = float(pn @ np.minimum(room, 200 * n))
+        assert arrivals.mean(np.array([mu]), np.array([room]))[0] == pytest.approx(exact, rel=0.01), room
+
+
+def test_capped_arrivals_of_mixed_sizes_match_sampled_ones():
+    # Rare arrivals pack mu x E[min(r, S)], not min(r, mu E[S]) (a fluid flow fills r as soon as its
+    # mean does: at mu = 0.3 and r = 1,024 that is 1,024 tokens where 138 arrive on average).
+    sizes, weights = np.array([48.0, 296, 904, 2496, 6000]), np.array([0.3, 0.3, 0.2, 0.15, 0.05])
+    arrivals = queueing.CappedArrivals(sizes, weights, 1024)
+    rng = np.random.default_rng(3)
+    for mu in (0.3, 1.0, 3.0):
+        counts = rng.poisson(mu, 40_000)
+        x = np.array([rng.choice(sizes, k, p=weights).sum() for k in counts])
+        for room in (100, 1024):
+            sampled = float(np.minimum(room, x).mean())
+            assert arrivals.mean(np.array([mu]), np.array([room]))[0] == pytest.approx(sampled, rel=0.03), (mu, room)
+    assert arrivals.mean(np.array([0.3]), np.array([1024]))[0] < 150
