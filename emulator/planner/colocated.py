@@ -164,14 +164,21 @@ def _stepping(ctx: Context, point: ColocatedPoint, prof: prefill.PrefillProfile)
     every request; p99 13.65 ms (residual p99 6.33 ms, own step p99 8.37 ms), where the prefill
     worker's law gave 15.93 ms (no double wait, no spread: 11.95 ms; the spread drawn for each step
     independently: 13.32 ms) and this one 13.87 ms with a token's batches, 13.66 with an arrival's
-    (8,000 simulated requests: 13.72 ms; at 22.8 req/s 16.48 simulated, 16.35 -> 16.15 planned)."""
+    (8,000 simulated requests: 13.72 ms; at 22.8 req/s 16.48 simulated, 16.35 -> 16.15 planned).
+    The step in progress packs a random number of prompts (`_mixed_packing`), not the mean packing,
+    and the prompts that arrive while it runs join the arrival's own step (`PrefillQueue.behind`): 70B
+    TP8 H100, chat + RAG prompts of ~70 new tokens, 8,192-token budget, 69 decodes, 18.2 req/s (seed-14
+    draw #5 of benchmarks/planner_curve.py): the engine's mixed steps p90 / p99 29.0 / 44.8 ms against
+    24.1 / 33.9 at the mean packing; TTFT p99 planned 52.7 -> 55.5 ms, simulated 59.9 ms."""
     q, pre_ctx = point.queue, point.prefill_ctx or ctx
     running = q.vacation[0]          # P(a decode runs): else the worker is idle and a prompt runs alone
     alone = np.maximum(prof.alone, prof.share)
     first = dist.Points(running * prof.share + (1.0 - running) * alone, pre_ctx.prompts.weights)
     steps = dist.mixture([(1.0 - point.mixed_share, dist.Points.fixed(decode.step_seconds(ctx, max(prof.decodes, 1)))),
-                          (point.mixed_share, point.mixed_steps)])
+                          (point.mixed_share, _mixed_packing(ctx, point))])
     waited = _waited(steps, _decode_spread(ctx, point, prof.decodes, arrival=True))
+    waits, behind = q.behind                     # what arrives meanwhile packs into its step too
+    waited = dist.Points(waited.values + np.interp(waited.values, waits, behind), waited.weights)
     residual = dist.mixture([(running, waited), (1.0 - running, dist.Points.fixed(0.0))])
     return q.stepping(dist.Points(prof.share, pre_ctx.prompts.weights), first,
                       dist.rebin(dist.outer_sum(dist.rebin(q.own), residual)))
@@ -215,17 +222,22 @@ def gaps(ctx: Context, point: ColocatedPoint) -> dist.Points:
 
 
 def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
-    """Mixed-step durations as a decode token sees them; their tail is the colocated ITL p99.
-
-    Prefill part, with the packing random as in `prefill.packing`: a step carries K >= 1 chunks
-    (zero-truncated Poisson: chunks that arrived during the step before, a decode-only step for the
-    first of a run, a prefill step after that). The first is any chunk at its own place in its prompt
-    (a late chunk of a long prompt attends over thousands of cached tokens: 8B TP2, 256-token budget,
-    8.6 to 9.6 ms), the other K - 1 are packed behind it up to the budget.
+    """Mixed-step durations as a decode token sees them; their tail is the colocated ITL p99: the
+    prefill part with its packing random (`_mixed_packing`), and the decode part's spread.
     Decode part: the running batch and its total context vary from step to step as they do in
     decode-only steps, and the decodes' cost adds to the step's (their attention reads their own KV),
     so the decode-only gaps' spread around their step at the mean batch is added. A point mass here
     put every mixed step at its mean: the ITL p99 came out 9.4 ms where the engine's is 10.2 ms."""
+    return dist.outer_sum(_mixed_packing(ctx, point), _decode_spread(ctx, point, int(round(point.batch))))
+
+
+def _mixed_packing(ctx: Context, point: ColocatedPoint) -> dist.Points:
+    """Mixed-step durations at the mean batch, with the packing random as in `prefill.packing`: a step
+    carries K >= 1 chunks (zero-truncated Poisson: chunks that arrived during the step before, a
+    decode-only step for the first of a run, a prefill step after that). The first is any chunk at
+    its own place in its prompt (a late chunk of a long prompt attends over thousands of cached
+    tokens: 8B TP2, 256-token budget, 8.6 to 9.6 ms), the other K - 1 are packed behind it up to the
+    budget."""
     dctx, ctx = ctx, point.prefill_ctx or ctx       # decodes: every arrival; prefills: those prefilled here
     prof = prefill.profile(ctx, int(round(point.batch)))
     ch = prof.chunks
@@ -239,8 +251,7 @@ def _mixed_spread(ctx: Context, point: ColocatedPoint) -> dist.Points:
     for p_k in counts[1:]:
         others = sizes if others is None else dist.outer_sum(others, sizes)
         parts.append((p_k, _led_by_each_chunk(ctx, prof, others)))
-    steps = dist.rebin(dist.mixture(parts))
-    return dist.outer_sum(steps, _decode_spread(dctx, point, prof.decodes))
+    return dist.rebin(dist.mixture(parts))
 
 
 def _led_by_each_chunk(ctx: Context, prof: prefill.PrefillProfile, others: dist.Points) -> dist.Points:
