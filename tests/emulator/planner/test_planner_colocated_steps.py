@@ -2,9 +2,10 @@
 decodes and the chunk's place in its prompt spread them (the colocated ITL p99 reads their tail)."""
 import pytest
 
-from emulator.planner import colocated, context, operating, prefill
+from emulator.planner import colocated, context, prefill
 from loadtests import planner_bridge
 from loadtests.planner_draws import Draw
+from tests.emulator.planner.drawn import context_at
 
 # benchmarks/planner_vs_sim.py's draw 22 (seed 12): a 256-token budget beside ~20 decodes of code
 # prompts (2.2K tokens on average: nine chunks each, the late ones attending over thousands of tokens)
@@ -94,10 +95,8 @@ SHORT_PROMPTS_BIG_BUDGET = Draw(index=5, model="Llama-3.1-70B", gpu="H100-SXM", 
 def test_the_step_an_arrival_waits_out_packs_as_many_prompts_as_arrive():
     # At the mean packing the step in progress had a p99 of 33.9 ms and the arrival's own step took
     # no one who came while it waited: TTFT p99 planned 52.7 ms, 12% under the simulator's 59.9.
-    spec = SHORT_PROMPTS_BIG_BUDGET.spec()
-    req, work, cluster, slo = planner_bridge.planner_inputs(spec)
     rate = 18.2
-    ctx = operating.at_rate(context.build(req, work, spec.catalog_data()), cluster, rate)
+    ctx, cluster = context_at(SHORT_PROMPTS_BIG_BUDGET, rate)
     point = colocated.evaluate(ctx, rate, cluster.workers)
     assert colocated._mixed_packing(ctx, point).quantile(0.9) > 1.1 * point.mixed_steps.quantile(0.9)
     assert point.queue.ttft_quantile(0.99) == pytest.approx(0.0599, rel=0.10)

@@ -8,6 +8,7 @@ from emulator.planner import batch_queue, context, dist, operating, prefill, pre
 from loadtests import planner_bridge, planner_draws
 from loadtests.batch_replay import linear_server
 from loadtests.batch_replay import replay as _replay
+from tests.emulator.planner.drawn import context_at
 
 
 def test_batch_law_matches_an_exact_replay_of_the_batch_server():
@@ -75,19 +76,8 @@ def test_long_prompts_find_prompts_behind_them_as_rarely_as_poisson_arrivals_do(
     # step packs what arrived behind it during its earlier chunks: with the fluid flow x time, always a
     # full budget, where 70% of prompts find no one behind: TTFT p50 669 ms planned against 519 ms in an
     # event-by-event replay of the same prompt points (the simulator: 502 ms), p99 +3.5%.
-    spec = CODE_DRAW.spec()
-    req, work, cluster, slo = planner_bridge.planner_inputs(spec)
-    rate = 0.82
-    ctx = operating.at_rate(context.build(req, work, spec.catalog_data()), cluster, rate)
-    prof = prefill.profile(ctx, 0)
-    queue = prefill_queue.queue(ctx, prof, rate, cluster.prefill)
+    queue, replay = _law_and_replay(CODE_DRAW, 0.82, 100_000, seed=7)
     assert queue.batches is None
-
-    def step(tokens: float) -> float:
-        return prefill.packed_step(ctx, 0, max(1, int(tokens))).seconds
-
-    replay = _replay(rate / cluster.prefill, np.asarray(ctx.new_tokens, float), ctx.prompts.weights, prof.budget,
-                     step, 100_000, seed=7)
     assert queue.ttft_quantile(0.5) == pytest.approx(np.quantile(replay, 0.5), rel=0.10)
     assert queue.ttft_quantile(0.99) == pytest.approx(np.quantile(replay, 0.99), rel=0.05)
 
@@ -120,18 +110,21 @@ def test_the_tail_of_a_prefill_worker_is_its_event_replays():
     # moment-matched pair of nodes for what arrives behind read p99 TTFT 3.3% above an event replay of
     # the same prompt points (126.2 ms; five 400,000-arrival replays 121.9-123.6 ms), and C_max 12% under
     # the simulator's; the law's quantile bins read 122.0 ms.
-    spec = DRAW_6.spec()
-    req, work, cluster, _ = planner_bridge.planner_inputs(spec)
-    rate = 21.0
-    ctx = operating.at_rate(context.build(req, work, spec.catalog_data()), cluster, rate)
+    queue, replay = _law_and_replay(DRAW_6, 21.0, 200_000, seed=2)
+    assert queue.batches is not None
+    assert queue.ttft_quantile(0.5) == pytest.approx(np.quantile(replay, 0.5), rel=0.03)
+    assert queue.ttft_quantile(0.99) == pytest.approx(np.quantile(replay, 0.99), rel=0.02)
+
+
+def _law_and_replay(draw: planner_draws.Draw, rate: float, arrivals: int, seed: int):
+    """(the prefill worker's queue, an event-by-event replay of TTFT on its own prompt points)."""
+    ctx, cluster = context_at(draw, rate)
     prof = prefill.profile(ctx, 0)
     queue = prefill_queue.queue(ctx, prof, rate, cluster.prefill)
-    assert queue.batches is not None
 
     def step(tokens: float) -> float:
         return prefill.packed_step(ctx, 0, max(1, int(tokens))).seconds
 
     replay = _replay(rate / cluster.prefill, np.asarray(ctx.new_tokens, float), ctx.prompts.weights, prof.budget,
-                     step, 200_000, seed=2)
-    assert queue.ttft_quantile(0.5) == pytest.approx(np.quantile(replay, 0.5), rel=0.03)
-    assert queue.ttft_quantile(0.99) == pytest.approx(np.quantile(replay, 0.99), rel=0.02)
+                     step, arrivals, seed)
+    return queue, replay
