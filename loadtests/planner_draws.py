@@ -371,7 +371,7 @@ def _noise(runs: list[Run], d: Draw, seed: int) -> float | None:
     rng = np.random.default_rng(seed)
     found = []
     for _ in range(BOOTSTRAP):
-        cap = _c_max(runs, d, [_resampled(r, rng) for r in runs])
+        cap = _c_max(runs, d, [resampled(r, rng) for r in runs])
         if cap.bound == "interpolated" and cap.rate:
             found.append(cap.rate)
     return float(np.std(found) / base.rate) if len(found) > 1 else None
@@ -402,7 +402,7 @@ def _spread(found: Agreement) -> float | None:
     return max(found.noise, abs(found.halves) / 2) if found.halves is not None else found.noise
 
 
-def _resampled(run: Run, rng: np.random.Generator) -> tuple[float, float]:
+def resampled(run: Run, rng: np.random.Generator) -> tuple[float, float]:
     """(p99 TTFT, p99 ITL) of the run with its time blocks drawn with replacement."""
     lo, hi = run.window
     edges = np.linspace(lo, hi, BLOCKS + 1)
