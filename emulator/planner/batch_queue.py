@@ -51,7 +51,7 @@ from functools import cached_property
 import numpy as np
 from scipy.fft import next_fast_len
 
-from emulator.planner import dist, prefill
+from emulator.planner import dist, prefill, queueing
 from emulator.planner.context import Context
 
 CELLS_PER_BUDGET = 64   # token cells per step budget: a step's fill to 1/64 of the budget
@@ -88,15 +88,10 @@ class BatchServer:
     def behind_nodes(self) -> np.ndarray:
         """Per expected count of arrivals (BEHIND_MUS) and bin of BEHIND_EDGES: the mean cells that
         bin of their compound Poisson sum holds, given any arrived (past the budget: k + 1, as the step
-        takes no more). Panjer's recursion on the cell grid: f_0 = e^(-mu (1 - s_0)),
-        f_n = mu / n sum_j j s_j f_(n-j)."""
+        takes no more), from its law on the cell grid (`queueing.compound_poisson_pmf`)."""
         k, mus = self.k, BEHIND_MUS
         size = dist.split_onto(np.minimum(self.sizes, k + 1), self.weights, 1.0, k + 2)
-        f = np.zeros((len(mus), k + 1))
-        f[:, 0] = np.exp(-mus * (1.0 - size[0]))
-        js = np.arange(1, k + 1) * size[1:k + 1]
-        for n in range(1, k + 1):
-            f[:, n] = mus / n * (f[:, n - 1::-1] @ js[:n])
+        f = queueing.compound_poisson_pmf(size[:k + 1], mus)
         f[:, 0] -= np.exp(-mus)                       # X = 0 with no arrival is the "none" node
         some = np.concatenate([np.clip(f, 0.0, None), np.zeros((len(mus), 1))], axis=1)
         some[:, -1] = np.clip(-np.expm1(-mus) - some.sum(axis=1), 0.0, None)   # past the budget

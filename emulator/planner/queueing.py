@@ -226,6 +226,20 @@ def infinite_server_dispersion(ca2: float) -> float:
     return (1.0 + ca2) / 2.0
 
 
+def compound_poisson_pmf(size: np.ndarray, mus: np.ndarray) -> np.ndarray:
+    """P(X = n cells) for n = 0..len(size) - 1, one row per expected count in `mus`, X the sum of
+    Poisson(mu) sizes whose law on the cell grid is `size` (mass past its last cell, if any, is left
+    out, and the rows sum to less than 1): Panjer's recursion, f_0 = e^(-mu (1 - s_0)),
+    f_n = mu / n sum_j j s_j f_(n-j)."""
+    k = len(size) - 1
+    f = np.zeros((len(mus), k + 1))
+    f[:, 0] = np.exp(-np.asarray(mus) * (1.0 - size[0]))
+    js = np.arange(1, k + 1) * size[1:]
+    for n in range(1, k + 1):
+        f[:, n] = mus / n * (f[:, n - 1::-1] @ js[:n])
+    return f
+
+
 class CappedArrivals:
     """E[min(r, X)] for X the sizes of Poisson(mu) arrivals (compound Poisson; module docstring), as a
     table over a geometric grid of mu and a grid of caps r, read by interpolation in mu."""
@@ -238,13 +252,7 @@ class CappedArrivals:
         w = np.asarray(weights, float) / np.sum(weights)
         at = np.maximum(1, np.round(np.asarray(sizes, float) / self.cell)).astype(int)
         s = np.bincount(np.minimum(at, k + 1), weights=w, minlength=k + 2)[: k + 1]   # sizes past k: defective
-        mu = self.MUS[:, None]
-        f = np.zeros((len(self.MUS), k + 1))
-        f[:, 0] = np.exp(-self.MUS)
-        js = np.arange(1, k + 1) * s[1:]
-        for n in range(1, k + 1):   # Panjer: f_n = mu / n sum_j j s_j f_(n-j)
-            f[:, n] = mu[:, 0] / n * (f[:, n - 1::-1] @ js[:n])
-        survival = 1.0 - np.cumsum(f, axis=1)    # P(X > c cells), c = 0..k
+        survival = 1.0 - np.cumsum(compound_poisson_pmf(s, self.MUS), axis=1)    # P(X > c cells), c = 0..k
         self.below = np.concatenate([np.zeros((len(self.MUS), 1)), np.cumsum(survival, axis=1)], axis=1) * self.cell
         self.k = k
 
