@@ -196,14 +196,7 @@ def poisson(mean: float, dispersion: float = 1.0) -> Points:
 
 def bin_pmf(k: np.ndarray, pmf: np.ndarray) -> Points:
     """Group a pmf into the quantile bins (splitting an atom across bins where it straddles them)."""
-    cum_hi = np.cumsum(pmf)
-    cum_lo = cum_hi - pmf
-    values, weights = [], []
-    for lo, hi in _bins():
-        share = np.clip(np.minimum(cum_hi, hi) - np.maximum(cum_lo, lo), 0.0, None)
-        if share.sum() > 0:
-            values.append(float(share @ k / share.sum()))
-            weights.append(float(share.sum()))
+    weights, (values,) = weighted_bins(k, pmf, k)
     return Points(values, weights)
 
 
