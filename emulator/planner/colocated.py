@@ -180,8 +180,9 @@ def _stepping(ctx: Context, point: ColocatedPoint, prof: prefill.PrefillProfile)
     waits, behind = q.behind                     # what arrives meanwhile packs into its step too
     waited = dist.Points(waited.values + np.interp(waited.values, waits, behind), waited.weights)
     residual = dist.mixture([(running, waited), (1.0 - running, dist.Points.fixed(0.0))])
-    return q.stepping(dist.Points(prof.share, pre_ctx.prompts.weights), first,
-                      dist.rebin(dist.outer_sum(dist.rebin(q.own), residual)))
+    own = dist.Points((q.own.values[:, None] + residual.values[None, :]).ravel(),
+                      (q.own.weights[:, None] * residual.weights[None, :]).ravel())
+    return q.stepping(dist.Points(prof.share, pre_ctx.prompts.weights), first, dist.rebin(own, dist.TAIL_EDGES))
 
 
 RESIDUAL_POINTS = 16   # points per step length in its residual (uniform over the step)

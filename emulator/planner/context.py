@@ -96,6 +96,21 @@ def sample_hits(prompts: np.ndarray, shared, block: int) -> np.ndarray:
     return np.floor(np.minimum(np.asarray(shared, dtype=float), prompts - 1) / block) * block
 
 
+def fine_new_tokens(ctx: Context) -> dist.Points | None:
+    """The new tokens of the context's prompt samples binned on the tail-refined grid (dist.TAIL_EDGES),
+    as they arrive (held prefixes hit, evicted ones miss); None where the context keeps no samples
+    (summary lengths, or one class's points of a mix)."""
+    if ctx.sample_hits is None:
+        return None
+    found = ctx.memo.get("fine_new_tokens")
+    if found is None:
+        x, hits, weights = hit_or_miss(np.asarray(ctx.workload.prompt.samples, dtype=float), ctx.sample_hits,
+                                       ctx.sample_held)
+        mass, (new,) = dist.weighted_bins(x - hits, weights, x - hits, edges=dist.TAIL_EDGES)
+        found = ctx.memo["fine_new_tokens"] = dist.Points(new, mass)
+    return found
+
+
 def hit_or_miss(prompts: np.ndarray, hits: np.ndarray, held: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """Each prompt sample as it arrives: (prompt, cached tokens, weight) entries, a sample whose prefix is
     held with probability h < 1 standing as two, all of `hits` with weight h and none with 1 - h (an

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from emulator.planner import batch_queue, dist, prefill, queueing
+from emulator.planner import batch_queue, context, dist, prefill, queueing
 from emulator.planner.context import Context
 
 
@@ -273,12 +273,31 @@ def _own_latency(ctx: Context, prof: prefill.PrefillProfile, behind: np.ndarray)
     arrivals, not a fluid flow, which fills that room whenever its mean does: a 70B L40S worker of
     ~4,000-token code prompts at 0.8 req/s, 1,024-token budget, packed its last step full where 70% of
     prompts find none behind, and read TTFT p50 669 ms against 519 replayed, 502 simulated). Those that
-    came while it waited are `PrefillQueue._packed_behind`."""
+    came while it waited are `PrefillQueue._packed_behind`.
+    The law is read on the tail-refined grid where the context keeps its samples (`_finer`)."""
     values = []
     for i, (alone, last, last_s) in enumerate(zip(prof.alone, prof.last_tokens, prof.last_step, strict=True)):
         cached = ctx.cached[i] + ctx.new_tokens[i] - last
         values.append(alone - last_s + prefill.with_packing(ctx, prof, last, cached, True, last_s, last + behind[i]))
-    return dist.Points(values, ctx.prompts.weights)
+    return _finer(ctx, np.asarray(values))
+
+
+def _finer(ctx: Context, own: np.ndarray) -> dist.Points:
+    """Own latencies costed at the prompt points, read at the new tokens of the tail-refined grid
+    (context.fine_new_tokens) by interpolating between the points (linear past the last two): costing
+    every refined point would double the planner's step-time work, and own latency is smooth in new
+    tokens between points, where the spread a point's mean stands for is not (dist.TAIL_EDGES)."""
+    fine = context.fine_new_tokens(ctx)
+    new = ctx.new_tokens
+    if fine is None or len(new) < 2:
+        return dist.Points(own, ctx.prompts.weights)
+    order = np.argsort(new, kind="stable")
+    x, y = new[order], own[order]
+    values = np.interp(fine.values, x, y)
+    if x[-1] > x[-2]:
+        past = fine.values > x[-1]
+        values[past] = y[-1] + (fine.values[past] - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return dist.Points(values, fine.weights)
 
 
 WAITS = np.concatenate([[0.0], np.geomspace(1e-4, 1e4, 81)])   # seconds: the grid `behind` is kept on
