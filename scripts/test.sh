@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a virtual environment (once) and run the whole test suite, in three phases (tests/conftest.py
-# says which test goes where): the tests that mostly wait on servers two at a time, the ones that keep a
+# says which test goes where): the tests that mostly wait on servers four at a time, the ones that keep a
 # core busy two at a time, then alone the ones that read the wall clock closely. Arguments go to every
 # phase's pytest.
 set -euo pipefail
@@ -13,7 +13,7 @@ phase() {   # pytest's exit status, 5 (no test of this phase selected) counted a
   return "$status"
 }
 parallel=0 pure=0 serial=0
-phase parallel -n 2 "$@" || parallel=$?
+phase parallel -n 4 "$@" || parallel=$?
 phase pure -n 2 --dist worksteal "$@" || pure=$?
 phase serial "$@" || serial=$?
 if [ "$parallel" -ne 0 ]; then exit "$parallel"; fi

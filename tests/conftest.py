@@ -44,8 +44,8 @@ settings.load_profile("kvlab")
 
 
 # scripts/test.sh runs the suite in three phases, each test in one (`phase_of`):
-# - parallel: tests that mostly wait (on servers, subprocesses, timeouts), two at a time (pytest-xdist),
-#   which overlaps their waiting;
+# - parallel: tests that mostly wait (on servers, subprocesses, timeouts), four at a time (pytest-xdist),
+#   which overlaps their waiting (on a 2-core host: 120 s, where two at a time took 160 s);
 # - pure: the tests that keep a core busy (the simulator, the planner, the static checks: PURE_PATHS),
 #   two at a time, one a core (those that spread runs over the cores themselves only share them: the
 #   work is the same, and a single-process test no longer leaves a core idle);

@@ -1,4 +1,4 @@
-"""The suite's three phases (tests/conftest.py): tests that mostly wait two at a time, CPU-bound ones two
+"""The suite's three phases (tests/conftest.py): tests that mostly wait four at a time, CPU-bound ones two
 at a time, wall-clock-sensitive ones alone."""
 from __future__ import annotations
 
