@@ -94,10 +94,12 @@ class Client:
 class RouterThread:
     """The router app served by uvicorn on uvloop in a thread of its own, profiled on demand."""
 
-    def __init__(self, stub_url: str):
+    def __init__(self, stub_urls: str | list[str]):
         self.port = free_port()
-        app = create_app(RouterConfig(workers=[WorkerConfig(url=stub_url, id="stub")], policy="prefix_bounded",
-                                      kv_events="off"))
+        urls = [stub_urls] if isinstance(stub_urls, str) else stub_urls
+        workers = [WorkerConfig(url=url, id="stub" if len(urls) == 1 else f"stub{i}") for i, url in enumerate(urls)]
+        app = create_app(RouterConfig(workers=workers, policy="prefix_bounded", kv_events="off"))
+        self.router = app.state.router
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, loop="none", log_level="warning",
                                 access_log=False, **uvicorn_options(app.state.router.config.server))
         self.server = uvicorn.Server(config)
@@ -149,19 +151,19 @@ def measure(router: RouterThread, client: Client, n: int, stream: bool, tokens: 
     return total / n, python / n
 
 
-def wait_healthy(port: int, seconds: float = 60.0) -> None:
-    """Until the router's health probe has found the stub up (a busy host starts both slowly)."""
+def wait_healthy(port: int, seconds: float = 60.0, workers: int = 1) -> None:
+    """Until the router's health probe has found the stubs up (a busy host starts them slowly)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if b'"workers_up":1' in sock.recv(4096):
+                if b'"workers_up":%d' % workers in sock.recv(4096):
                     return
         except OSError:
             pass
         time.sleep(0.1)
-    raise RuntimeError("the router found no healthy stub within a minute")
+    raise RuntimeError("the router found its stubs not all healthy within a minute")
 
 
 def main() -> None:
