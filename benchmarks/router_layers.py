@@ -54,7 +54,7 @@ def lighter(router, variant: str):
 
     async def handle(request, endpoint):
         raw = await request.body(router.config.limits.max_body_bytes, router.config.limits.body_timeout_s)
-        worker = stubs[len(raw) % len(stubs)]
+        worker = stubs[len(raw) % len(stubs)]   # both stubs in use, as the full router's choices spread them
         if variant != "forward":
             job = router.intake.job(endpoint, raw, 0.0)
             router.intake.tokenize(job)

@@ -180,9 +180,8 @@ def _stepping(ctx: Context, point: ColocatedPoint, prof: prefill.PrefillProfile)
     waits, behind = q.behind                     # what arrives meanwhile packs into its step too
     waited = dist.Points(waited.values + np.interp(waited.values, waits, behind), waited.weights)
     residual = dist.mixture([(running, waited), (1.0 - running, dist.Points.fixed(0.0))])
-    own = dist.Points((q.own.values[:, None] + residual.values[None, :]).ravel(),
-                      (q.own.weights[:, None] * residual.weights[None, :]).ravel())
-    return q.stepping(dist.Points(prof.share, pre_ctx.prompts.weights), first, dist.rebin(own, dist.TAIL_EDGES))
+    own = dist.outer_sum(q.own, residual, dist.TAIL_EDGES)
+    return q.stepping(dist.Points(prof.share, pre_ctx.prompts.weights), first, own)
 
 
 RESIDUAL_POINTS = 16   # points per step length in its residual (uniform over the step)

@@ -93,11 +93,11 @@ def mixture(parts: Sequence[tuple[float, Points]]) -> Points:
     return Points(values, weights)
 
 
-def outer_sum(a: Points, b: Points) -> Points:
-    """Distribution of X + Y for independent X ~ a, Y ~ b (re-binned on the quantile grid)."""
+def outer_sum(a: Points, b: Points, edges: Sequence[float] = LEVEL_EDGES) -> Points:
+    """Distribution of X + Y for independent X ~ a, Y ~ b (re-binned on the quantile grid `edges`)."""
     values = (a.values[:, None] + b.values[None, :]).ravel()
     weights = (a.weights[:, None] * b.weights[None, :]).ravel()
-    return rebin(Points(values, weights))
+    return rebin(Points(values, weights), edges)
 
 
 def rebin(pts: Points, edges: Sequence[float] = LEVEL_EDGES) -> Points:
