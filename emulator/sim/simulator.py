@@ -204,8 +204,9 @@ class Simulator:
             view, engine = w.view, w.engine
             view.running, view.waiting, view.kv_usage = engine.num_running, engine.num_waiting, engine.blocks.usage
             view.queued = engine.num_waiting   # what the router's pool.queued() tracks
-        self.ledger.fill(self._views, self.now)
         route = RouteRequest.from_tokens(tokens, block_size=self.block_size, salt=salt, memo=self.hash_memo)
+        if self.policies.reads_queues(route.policy):
+            self.ledger.fill(self._views, self.now)
         decision = routing.choose(self.policies, route, self._views, line=self.line)
         self.overflow_skips += decision.overflow_skips
         return decision, routing.charge(decision, self.workers.__getitem__)

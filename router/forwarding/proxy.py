@@ -77,7 +77,8 @@ class Proxy:
         attempt) the decision time, tokenizing included, goes to the metrics."""
         started = time.perf_counter()
         views = self.pool.views(queued=self.line is not None)
-        self.slo.fill(views)
+        if self.policies.reads_queues(route.policy):
+            self.slo.fill(views)
         try:
             decision = routing.choose(self.policies, route, views, exclude, self.line)
         except SloUnmet as unmet:
@@ -110,12 +111,14 @@ class Proxy:
         self.metrics.retries.labels("migration" if started else "retry").inc()
 
     def _sent_upstream(self, job: Job, decision: Decision, first: bool) -> None:
-        self.slo.sent(slo_key(job), decision, lambda: len(job.prompt))
+        if decision.predicted_ttft_s is not None or self.slo.ledger.entries:   # else the ledger has nothing to do
+            self.slo.sent(slo_key(job), decision, lambda: len(job.prompt))
         if first:
             self.metrics.sent(time.perf_counter() - job.received)
-            # After the request is on its way (call_soon runs once this task yields to send it), so
-            # the estimate costs the request nothing, and before the worker's new KV events arrive.
-            asyncio.get_running_loop().call_soon(self._estimate_hit, job, decision)
+            if decision.matched_blocks or self.estimate_hits:   # else there is no hit to count
+                # After the request is on its way (call_soon runs once this task yields to send it),
+                # so the estimate costs the request nothing, and before the worker's new KV events arrive.
+                asyncio.get_running_loop().call_soon(self._estimate_hit, job, decision)
 
     def _estimate_hit(self, job: Job, decision: Decision) -> None:
         """Router-side prefix-hit estimate: the policy's own match, else the KV index's (when fed)."""
@@ -131,7 +134,7 @@ class Proxy:
         try:
             return await self._complete(job)
         finally:
-            self.slo.ended(slo_key(job))
+            self._forget(job)
 
     async def _complete(self, job: Job) -> Response:
         exclude: set[str] = set()
@@ -182,13 +185,18 @@ class Proxy:
             job.reported_prompt_tokens = usage.prompt_tokens
         self.account(job, decision.policy, completion, cached)
 
+    def _forget(self, job: Job) -> None:
+        """The job ended: out of slo_aware's ledger (which holds only requests with a predicted TTFT)."""
+        if self.slo.ledger.entries:
+            self.slo.ended(slo_key(job))
+
     def first_token(self, job: Job, worker_id: str, policy: str) -> None:
         """A stream's first token reached the client: settle its predicted TTFT against the actual."""
         scale = self._timings.scale_of(worker_id) if self._timings else None
         self.slo.first_token(slo_key(job), worker_id, job.received, policy, scale)
 
     def account(self, job: Job, policy: str, completion: int, cached: int) -> None:
-        self.slo.ended(slo_key(job))
+        self._forget(job)
         self.metrics.served(policy, job.prompt_tokens, cached)
         self.on_finish(job, completion, cached)
 
@@ -200,7 +208,7 @@ class Proxy:
         try:
             decision = await session.open()
         except BaseException:
-            self.slo.ended(slo_key(job))
+            self._forget(job)
             raise
         headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in worker_headers(decision).items()]
         return RelayResponse(session.events(), on_close=session.close, headers=headers, ended=session.ended)

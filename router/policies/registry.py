@@ -117,6 +117,11 @@ class PolicySet:
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Decision:
         return self.get(request.policy or self.default).choose(request, workers)
 
+    def reads_queues(self, name: str | None) -> bool:
+        """Whether policy `name` (None: the default) reads the queue figures slo_ledger.fill gives the
+        views (slo_aware alone): the drivers fill them only for a decision that reads them."""
+        return getattr(self.get(name or self.default), "reads_queues", False)
+
     def prompt_blocks(self, name: str | None) -> int | None:
         """Leading prompt blocks policy `name` (None: the default) reads; None: all. A policy not yet
         built counts as reading all (this may run off the event loop, where nothing is built)."""

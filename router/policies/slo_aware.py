@@ -197,6 +197,7 @@ def step_left(step: float, view: WorkerView) -> float:
 
 class SloAware(StatelessPolicy):
     name = "slo_aware"
+    reads_queues = True   # its prediction reads the ledger's queue figures (router.policies.slo_ledger.fill)
 
     def __init__(self, index: KvIndex, table: SloTable | None = None, itl_slo_s: float | None = None,
                  affinity: float = DEFAULT_AFFINITY, miss_cost: float = DEFAULT_MISS_COST,

@@ -62,7 +62,7 @@ class _Entry:
 class PrefillLedger:
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
-        self._entries: dict[str, _Entry] = {}
+        self.entries: dict[str, _Entry] = {}   # requests sent with a predicted TTFT, until they end
 
     def fill(self, views: Iterable[WorkerView], now: float | None = None) -> None:
         for view in views:
@@ -78,11 +78,11 @@ class PrefillLedger:
             view.step_age_s = now - q.step_end if seen else None   # type: ignore[operator]
 
     def sent(self, request_id: str, decision: Decision, prompt_tokens: int, now: float | None = None) -> None:
-        if decision.predicted_ttft_s is None or request_id in self._entries:
+        if decision.predicted_ttft_s is None or request_id in self.entries:
             return
         entry = _Entry(decision.worker, decision.prefill_tokens or 0, decision.prefill_work_s or 0.0,
                        prompt_tokens, decision.predicted_ttft_s, now)
-        self._entries[request_id] = entry
+        self.entries[request_id] = entry
         q = self._queues.setdefault(entry.worker, _Queue())
         if q.idle and now is not None:   # an idle engine starts its first step on arrival
             q.step_end, q.idle = now, False
@@ -94,7 +94,7 @@ class PrefillLedger:
 
     def first_token(self, request_id: str, actual_ttft_s: float) -> tuple[float, float] | None:
         """Move the request from its worker's prefill queue to its decode batch; (predicted, actual)."""
-        entry = self._entries.get(request_id)
+        entry = self.entries.get(request_id)
         if entry is None or not entry.prefilling:
             return None
         self._settle(entry)
@@ -107,7 +107,7 @@ class PrefillLedger:
         return entry.predicted, actual_ttft_s
 
     def ended(self, request_id: str) -> None:
-        entry = self._entries.pop(request_id, None)
+        entry = self.entries.pop(request_id, None)
         if entry is None:
             return
         if entry.prefilling:
@@ -118,8 +118,8 @@ class PrefillLedger:
     def forget_worker(self, worker_id: str) -> None:
         """A worker left: its requests are gone with it."""
         self._queues.pop(worker_id, None)
-        for request_id in [r for r, e in self._entries.items() if e.worker == worker_id]:
-            del self._entries[request_id]
+        for request_id in [r for r, e in self.entries.items() if e.worker == worker_id]:
+            del self.entries[request_id]
 
     def _settle(self, entry: _Entry) -> None:
         q = self._queues[entry.worker]
@@ -128,4 +128,4 @@ class PrefillLedger:
         q.seconds -= entry.seconds
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
