@@ -172,7 +172,9 @@ def builtin_part_encoder():
     other_space = _OTHER_SPACE.search
 
     def encode_part(part: str) -> list[int]:
-        if "  " in part or other_space(part):
+        # isprintable: one C pass, ~20x cheaper than the regex's search, and true only where no
+        # character is whitespace but the space (every other one is a control or separator character)
+        if "  " in part or (not part.isprintable() and other_space(part)):
             return list(map(ids_of, find(part)))
         words = part.split(" ")   # words, each after one space (the first: after none; an empty one: the space alone)
         ids: list[int] = []

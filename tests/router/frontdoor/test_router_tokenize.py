@@ -113,6 +113,16 @@ def test_texts_split_at_single_spaces_get_the_tokenizers_ids_word_by_word(text):
     assert list(words) == ["ab"] and 30 > WORD_CHARS_KEPT   # a client cannot fill it with long words
 
 
+def test_only_text_that_is_not_printable_can_hold_whitespace_other_than_the_space():
+    """encode_part skips its regex search where str.isprintable holds: every character the regex finds
+    (whitespace but the space) must make a text unprintable."""
+    from router.frontdoor.tokenize import _OTHER_SPACE
+
+    found = [c for c in map(chr, range(0x110000)) if _OTHER_SPACE.search(c)]
+    assert found and " " not in found and "\n" in found and "\u3000" in found
+    assert not any(c.isprintable() for c in found)
+
+
 def test_a_short_text_stays_a_list_and_routes_as_its_array_would():
     text = "word " * 100   # under MEMO_MIN_CHARS: no remembered segment to concatenate
     ids = PromptTokenizer(BuiltinTokenizer(), 16).encode(text)
