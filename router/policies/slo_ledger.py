@@ -1,7 +1,7 @@
 """The router-side queue estimate slo_aware reads, and its predicted-vs-actual TTFT, one glue for the
 simulator and the HTTP proxy alike (pure: the caller says when things happen and what they measured).
 
-    ledger.fill(views, now)                         # before policies.choose: per-worker queue figures
+    ledger.fill(views, now)                         # before a choice that reads them (PolicySet.reads_queues)
     ledger.sent(request_id, decision, prompt_tokens, now)   # the request went to decision.worker
     ledger.first_token(request_id, actual_ttft_s)   # -> (predicted, actual) or None: settles its prefill
     ledger.ended(request_id)                        # finished, failed or cancelled: forget it
@@ -18,7 +18,9 @@ nothing in flight (its engine starts a step at once). fill() gives each view the
 step end (step_age_s), from which slo_aware places the step in progress instead of assuming half a step.
 
 Only decisions that carry a prediction (slo_aware's) enter the ledger; the others' queues are invisible
-to it. slo_aware keeps its own figures rather than trusting scraped engine counts (stale by a scrape).
+to it, and the drivers fill the views only for slo_aware's choices (a router whose requests name other
+policies spends nothing here; where policies mix, a worker's idle flag is as of the last slo_aware choice).
+slo_aware keeps its own figures rather than trusting scraped engine counts (stale by a scrape).
 """
 from __future__ import annotations
 
