@@ -45,8 +45,10 @@ def test_open_loop_sends_on_schedule_however_slow_the_responses():
     schedule = [(i * 0.02, i) for i in range(40)]   # 50/s for 0.8 s
     stats = OpenLoop(slow_send).run(schedule)
     assert stats.sent == 40 and stats.dropped == 0 and stats.in_flight == 0
-    assert max(abs(s - i * 0.02) for i, s in enumerate(sent)) < 0.02
-    assert stats.max_lag_s < 0.02
+    # A send that waited for a response would be 0.5 s late or more (a closed loop: 20 s for all 40);
+    # half that leaves a busy host's scheduling delays room without letting one through.
+    assert max(abs(s - i * 0.02) for i, s in enumerate(sent)) < 0.25
+    assert stats.max_lag_s < 0.25
 
 
 def test_open_loop_drops_and_counts_arrivals_beyond_its_in_flight_cap():
