@@ -98,14 +98,23 @@ def _mean_mixed_step(ctx: Context, prof: prefill.PrefillProfile, per_worker: flo
     the engine's, the batch with it (89 against 93), and the share of arrivals that wait for a sequence
     slot at 0.16% against the engine's ~0.6% (now 0.33%)."""
     ch = prof.chunks
-    chunk_rate = per_worker * float(ch.weight.sum() / ctx.prompts.weights.sum())
+    counts = _chunk_counts(ctx, prof, per_worker, t_run, before)
+    alone = float(ch.seconds @ ch.weight) / float(ch.weight.sum())
+    # packings under 0.1% of steps are left out: each costs a step a chunk, and would move the mean by
+    # well under 1%
+    return alone + sum(p * _packed_behind(ctx, prof.decodes, k) for k, p in enumerate(counts[1:], start=2) if p > 1e-3)
+
+
+def _chunk_counts(ctx: Context, prof: prefill.PrefillProfile, prefill_rate: float, t_run: float,
+                  before: float) -> list[float]:
+    """P(a prefill-carrying step packs K = 1, 2, 3, >= 4 chunks): those that arrived during the step
+    before it, a prefill step (`t_run`) within a run, a decode-only one (`before`) for the first of a
+    run (the share of steps that start one: e^-mu_run); `prefill_rate`: prompts a second prefilled here."""
+    ch = prof.chunks
+    chunk_rate = prefill_rate * float(ch.weight.sum() / ctx.prompts.weights.sum())
     mu_run, mu_start = chunk_rate * t_run, chunk_rate * before
     first = math.exp(-min(mu_run, 50.0))
-    counts = [first * a + (1 - first) * c for a, c in zip(_ztp(mu_start), _ztp(mu_run), strict=True)]
-    alone = float(ch.seconds @ ch.weight) / float(ch.weight.sum())
-    # packings rarer than 0.1% of steps are left out: each would move the mean by well under 1%, at a
-    # costing of every chunk
-    return alone + sum(p * _packed_behind(ctx, prof.decodes, k) for k, p in enumerate(counts[1:], start=2) if p > 1e-3)
+    return [first * a + (1 - first) * c for a, c in zip(_ztp(mu_start), _ztp(mu_run), strict=True)]
 
 
 def _packed_behind(ctx: Context, decodes: int, k: int) -> float:
@@ -307,11 +316,8 @@ def _mixed_packing(ctx: Context, point: ColocatedPoint) -> dist.Points:
     dctx, ctx = ctx, point.prefill_ctx or ctx       # decodes: every arrival; prefills: those prefilled here
     prof = prefill.profile(ctx, int(round(point.batch)))
     ch = prof.chunks
-    chunk_rate = point.prefill_rate * float(ch.weight.sum() / ctx.prompts.weights.sum())
-    mu_run = chunk_rate * _packed_step(ctx, prof, point.queue.packed)
-    mu_start = chunk_rate * decode.step_seconds(dctx, max(point.batch, 1.0))
-    first = math.exp(-min(mu_run, 50.0))                        # share of steps that start a run
-    counts = [first * a + (1 - first) * b for a, b in zip(_ztp(mu_start), _ztp(mu_run), strict=True)]
+    counts = _chunk_counts(ctx, prof, point.prefill_rate, _packed_step(ctx, prof, point.queue.packed),
+                           decode.step_seconds(dctx, max(point.batch, 1.0)))
     sizes = dist.Points(ch.tokens, ch.weight)
     parts, others = [(counts[0], dist.Points(ch.seconds, ch.weight))], None
     for p_k in counts[1:]:
