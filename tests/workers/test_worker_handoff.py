@@ -70,7 +70,11 @@ def test_prefill_then_decode_hands_over_the_kv_and_releases_it(pair):
                                            builtin_catalog().link(KV_LINK))
     step_s = roofline.decode_time(dep, [2001]).seconds
     assert prefill_elapsed >= prefill_s
-    assert transfer_s + step_s <= second_token <= 2 * (transfer_s + step_s) + 0.01   # lower bound is physics
+    assert second_token >= transfer_s + step_s   # physics: the KV crosses the link, then a decode step
+    # ...and the decode worker did not prefill the prompt again: its emulated prefill time is the one
+    # step that takes the KV in (a step's length, 6.9 ms here), not a whole prefill (46 ms). Read off the
+    # engine, not the wall clock, which a busy host stretches (0.27 s seen against a 0.07 s bound).
+    assert decode.runtime.metrics.busy_prefill_s < 0.5 * prefill_s
     assert len(texts) == 9 and usage["completion_tokens"] == 10
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
 
